@@ -1,0 +1,222 @@
+"""Configuration: one TOML file plus environment overrides (pydantic-settings).
+
+Precedence (highest first): keyword arguments, environment variables
+(`ATELIER_<SECTION>__<KEY>`, e.g. `ATELIER_LIMITS__MAX_NEW_TOKENS=64`), the TOML
+file (`--config FILE`, else `$ATELIER_CONFIG`, else `./atelier.toml` if it
+exists), then the defaults below. Every key is documented in the README.
+An invalid value raises `ConfigError` naming the key; the server refuses to start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ALL_TOOLS = (
+    "generate_text",
+    "recommend_topk",
+    "catalog_upsert",
+    "catalog_info",
+    "generate_image",
+    "detail_image",
+    "color_compare",
+    "mask_edit",
+    "engine_status",
+    "job_status",
+    "job_cancel",
+)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineSection(_Section):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    memory_budget_mb: int = Field(0, ge=0, description="0 = 60% of device (or system) memory")
+    cache_dir: Path = Path("~/.cache/atelier-mcp")
+    hf_offline: bool = True
+    kernel_backend: Literal["auto", "triton", "torch"] = "auto"
+    torch_threads: int = Field(0, ge=0, description="0 = torch default")
+
+
+class ModelsSection(_Section):
+    llm: str = Field("", description="HF model folder (Llama family / GPT-2) or .gguf; '' = embedded SmolLM2")
+    embedding: str = Field("", description="sentence-transformers folder; '' = embedded all-MiniLM-L6-v2")
+    diffusion: str = Field("", description="diffusers pipeline folder; '' = none configured")
+    detectors: dict[str, str] = Field(default_factory=dict, description="name -> ultralytics .pt path")
+    catalog: str = Field("", description="default catalogue file; '' = the bundled demo catalogue")
+    llm_compile: bool = False
+    embedding_dtype: Literal["float32", "float16"] = "float32"
+
+
+class PathsSection(_Section):
+    output_dir: Path = Path("./atelier-output")
+    read_roots: list[Path] = Field(default_factory=lambda: [Path(".")])
+
+
+class ToolsSection(_Section):
+    enabled: list[str] = Field(default_factory=lambda: ["*"])
+    disabled: list[str] = Field(default_factory=list)
+
+    @field_validator("enabled", "disabled")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name != "*" and name not in ALL_TOOLS:
+                raise ValueError(f"unknown tool {name!r}; known: {', '.join(ALL_TOOLS)}")
+        return v
+
+
+class LimitsSection(_Section):
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_image_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_base64_chars: int = Field(24 * 1024 * 1024, gt=0)
+    max_new_tokens: int = Field(1024, gt=0)
+    max_prompt_chars: int = Field(100_000, gt=0)
+    max_stop_strings: int = Field(8, gt=0)
+    max_diffusion_steps: int = Field(100, gt=0)
+    max_image_side: int = Field(2048, ge=64)
+    max_images_per_call: int = Field(4, gt=0)
+    max_k: int = Field(1000, gt=0)
+    max_catalog_rows: int = Field(2_000_000, gt=0)
+    max_expression_chars: int = Field(2000, gt=0)
+    max_expression_depth: int = Field(32, gt=0)
+    deadline_s: float = Field(45.0, gt=0, le=3600)
+    queue_length: int = Field(16, gt=0)
+    job_ttl_s: float = Field(3600.0, gt=0)
+    max_jobs: int = Field(256, gt=0)
+
+
+class HttpSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    auth_token: str = ""
+    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+
+
+class LoggingSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ATELIER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    engine: EngineSection = Field(default_factory=EngineSection)
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    paths: PathsSection = Field(default_factory=PathsSection)
+    tools: ToolsSection = Field(default_factory=ToolsSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    http: HttpSection = Field(default_factory=HttpSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    # not a config key: where the settings came from (set by load_settings)
+    config_file: Path | None = Field(default=None, exclude=True)
+
+    _toml_path: str | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_path))
+        return tuple(sources)
+
+    # -- derived ------------------------------------------------------------
+    def enabled_tools(self) -> list[str]:
+        wanted = set(ALL_TOOLS) if "*" in self.tools.enabled else set(self.tools.enabled)
+        wanted -= set(self.tools.disabled)
+        return [t for t in ALL_TOOLS if t in wanted]
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(os.path.expanduser(str(self.engine.cache_dir))).resolve()
+
+    def resolved_output_dir(self) -> Path:
+        return Path(os.path.expanduser(str(self.paths.output_dir))).resolve()
+
+    def resolved_read_roots(self) -> list[Path]:
+        return [Path(os.path.expanduser(str(p))).resolve() for p in self.paths.read_roots]
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  {key} = {shown}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def find_config_file(path: str | os.PathLike[str] | None) -> Path | None:
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist or is not a file")
+        return p.resolve()
+    env = os.environ.get("ATELIER_CONFIG")
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"ATELIER_CONFIG={env!r}: file does not exist")
+        return p.resolve()
+    default = Path("atelier.toml")
+    return default.resolve() if default.is_file() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings; raise `ConfigError` with the offending key on failure."""
+    cfg = find_config_file(path)
+    source = str(cfg) if cfg else "defaults + environment"
+    if cfg is not None:
+        import tomllib
+
+        try:
+            tomllib.loads(cfg.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"invalid configuration ({cfg}): not valid TOML: {exc}") from exc
+    Settings._toml_path = str(cfg) if cfg else None
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from exc
+    finally:
+        Settings._toml_path = None
+    object.__setattr__(settings, "config_file", cfg)
+    return settings
