@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     # not a config key: where the settings came from (set by load_settings)
     config_file: Path | None = Field(default=None, exclude=True)
 
-    _toml_path: str | None = None
+    _toml_path: ClassVar[str | None] = None
 
     @classmethod
     def settings_customise_sources(
@@ -170,6 +170,12 @@ class Settings(BaseSettings):
 
     def resolved_read_roots(self) -> list[Path]:
         return [Path(os.path.expanduser(str(p))).resolve() for p in self.paths.read_roots]
+
+    def model_post_init(self, __context: Any) -> None:
+        for p in self.resolved_read_roots():
+            if p == Path(p.anchor):
+                raise ValueError(f"paths.read_roots contains {str(p)!r} (from the entry resolving to the filesystem "
+                                 f"root): that would expose the whole filesystem; name a project folder instead")
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

@@ -1,0 +1,554 @@
+"""The MCP application: tool registration, the call pipeline, resources and jobs.
+
+`build_server(settings)` returns an `AtelierServer` (an `MCPServer`) whose
+tools come from `tools.load_specs()` filtered by `tools.enabled/disabled`
+(a tool that is not enabled is neither listed nor callable) plus the
+server-level `job_status` / `job_cancel`.
+
+The call pipeline, for every tool:
+1. validate the arguments against the tool's pydantic input model;
+2. log `start` (request id, tool, argument sizes — never content);
+3. run `spec.run` on a worker thread: the engine's device worker for
+   `execution="device"` (bounded queue: a full queue answers "busy" at once),
+   a bounded thread pool otherwise; images are saved and delivered there too;
+4. forward progress to the client (`notifications/progress`) and to job status;
+5. a long-running call still running at the deadline returns a job id;
+   a client cancel (`notifications/cancelled`, a closed HTTP stream) cancels
+   the work, which stops at its next step;
+6. map errors to tool errors a model can read; tracebacks stay in the log;
+7. log `end` with duration_ms and the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import mcp_types as mt
+from mcp.server.mcpserver import MCPServer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine import Engine, EngineConfig
+from engine.errors import Busy, Cancelled, EngineError, InsufficientMemory, InvalidInput, ModelUnavailable
+from engine.registry import free_memory, is_oom
+from engine.scheduler import CancelToken
+from tools import load_specs
+from tools.base import ToolError, ToolOutput, ToolSpec
+
+from . import __version__
+from .config import Settings
+from .jobs import Job, JobManager
+from .logs import request_id, summarize_args
+from .media import MediaStore
+from .sandbox import Sandbox
+
+log = logging.getLogger("atelier.server")
+
+INSTRUCTIONS = (
+    "atelier-mcp runs AI operations on a local engine: text generation, recommendations, image "
+    "generation and detailing, colour difference and mask edits. Long calls report progress; if one "
+    "outlasts the deadline it returns a job_id: poll job_status(job_id) and cancel with job_cancel. "
+    "Images are returned as a thumbnail plus an image:// link to the full file."
+)
+
+_LEVELS = ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"]
+
+
+# --------------------------------------------------------------------------- state
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    sandbox: Sandbox
+    media: MediaStore
+    jobs: JobManager
+    specs: dict[str, ToolSpec]
+    pool: ThreadPoolExecutor
+    thread_slots: threading.BoundedSemaphore
+    client_log_levels: dict[int, str] = field(default_factory=dict)
+    closed: bool = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.jobs.cancel_all()
+        self.engine.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_state(settings: Settings, extra_specs: list[ToolSpec] | None = None) -> AppState:
+    engine = Engine(EngineConfig(
+        device=settings.engine.device,
+        dtype=settings.engine.dtype,
+        memory_budget_bytes=(settings.engine.memory_budget_mb * 1024 * 1024) or None,
+        cache_dir=settings.resolved_cache_dir(),
+        hf_offline=settings.engine.hf_offline,
+        queue_length=settings.limits.queue_length,
+        kernel_backend=settings.engine.kernel_backend,
+        torch_threads=settings.engine.torch_threads,
+    ))
+    sandbox = Sandbox(settings.resolved_read_roots(), settings.resolved_output_dir())
+    swept = sandbox.sweep_temp_files()
+    if swept:
+        log.info("swept stale temp files", extra={"count": swept})
+    enabled = set(settings.enabled_tools())
+    specs: dict[str, ToolSpec] = {}
+    for spec in [*load_specs(), *_server_specs(), *(extra_specs or [])]:
+        if spec.name in enabled or (extra_specs and spec in extra_specs):
+            specs[spec.name] = spec
+    workers = max(2, settings.limits.queue_length)
+    return AppState(
+        settings=settings, engine=engine, sandbox=sandbox,
+        media=MediaStore(sandbox, settings.limits),
+        jobs=JobManager(settings.limits.job_ttl_s, settings.limits.max_jobs),
+        specs=specs,
+        pool=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atelier-tool"),
+        thread_slots=threading.BoundedSemaphore(settings.limits.queue_length + 1),
+    )
+
+
+# --------------------------------------------------------------------------- run context
+class RunContext:
+    """The ToolContext a running tool gets (see tools.base.ToolContext)."""
+
+    def __init__(self, state: AppState, token: CancelToken) -> None:
+        self.settings = state.settings
+        self.engine = state.engine
+        self._state = state
+        self._token = token
+
+    def check(self) -> None:
+        self._token.check()
+
+    def report(self, progress: float, total: float | None = None, message: str | None = None) -> None:
+        self._token.report(progress, total, message)
+
+    def cancel_token(self) -> CancelToken:
+        return self._token
+
+    def load_image(self, ref: str, argument: str, *, mode: str = "keep") -> Any:
+        return self._state.media.load_image(ref, argument, mode)
+
+    def resolve_input(self, path: str, argument: str) -> Any:
+        return self._state.sandbox.resolve_input(path, argument)
+
+
+# --------------------------------------------------------------------------- server-level tools
+class JobIdInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    job_id: str = Field(description="The job id a long-running tool call returned.", min_length=1, max_length=64)
+
+
+class JobStatusOutput(BaseModel):
+    job_id: str
+    tool: str
+    status: str = Field(description="queued | running | done | error | cancelled")
+    progress: float
+    total: float | None
+    message: str | None
+    elapsed_s: float
+    error: str | None
+    result: dict[str, Any] | None = Field(None, description="the tool's structured result once done")
+
+
+def _server_specs() -> list[ToolSpec]:
+    # run() is replaced by the server (these need the job manager); the specs carry the schemas.
+    def _unused(args: Any, ctx: Any) -> ToolOutput:  # pragma: no cover
+        raise RuntimeError("handled by the server")
+
+    return [
+        ToolSpec("job_status", "Job status",
+                 "Progress of a long-running call that returned a job_id, or its result once finished "
+                 "(the same content the original call would have returned).",
+                 JobIdInput, JobStatusOutput, _unused, execution="inline", priority=0),
+        ToolSpec("job_cancel", "Cancel a job",
+                 "Ask a running job to stop; it stops at its next step (decode step, diffusion step, "
+                 "catalogue chunk). Returns the job's status.",
+                 JobIdInput, JobStatusOutput, _unused, execution="inline", read_only=False, priority=0),
+    ]
+
+
+# --------------------------------------------------------------------------- helpers
+def _validation_message(tool: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:8]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(arguments)"
+        value = err.get("input")
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        if err["type"] == "missing":
+            parts.append(f"{loc}: required argument is missing")
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"{loc}={shown}: unknown argument for {tool}")
+        else:
+            parts.append(f"{loc}={shown}: {err['msg']}")
+    return f"invalid arguments for {tool}: " + "; ".join(parts)
+
+
+def _error_result(text: str, structured: dict[str, Any] | None = None) -> mt.CallToolResult:
+    return mt.CallToolResult(content=[mt.TextContent(type="text", text=text)], is_error=True,
+                             structured_content=structured)
+
+
+def _output_schema(spec: ToolSpec) -> dict[str, Any]:
+    schema = spec.output_model.model_json_schema(mode="serialization")
+    props = schema.setdefault("properties", {})
+    props.setdefault("images", {
+        "type": "array",
+        "description": "images this call saved: name, image:// uri, file path, size",
+        "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "uri": {"type": "string"}, "path": {"type": "string"},
+            "width": {"type": "integer"}, "height": {"type": "integer"}}},
+    })
+    props.setdefault("job_id", {"type": "string", "description": "set when the call outlasted the deadline"})
+    props.setdefault("status", {"type": "string"})
+    # a call that became a job returns only job fields, so nothing is required
+    schema.pop("required", None)
+    return schema
+
+
+def _outcome_of(exc: BaseException) -> str:
+    if isinstance(exc, Busy):
+        return "rejected"
+    if isinstance(exc, Cancelled):
+        return "cancelled"
+    if isinstance(exc, InsufficientMemory) or is_oom(exc):
+        return "oom"
+    if isinstance(exc, (ToolError, EngineError)):
+        return "tool_error"
+    return "error"
+
+
+# --------------------------------------------------------------------------- the server
+class AtelierServer(MCPServer):
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_: MCPServer) -> AsyncIterator[AppState]:
+            log.info("server ready", extra={"tools": sorted(state.specs), "device": str(state.engine.device)})
+            try:
+                yield state
+            finally:
+                pass
+
+        super().__init__(
+            name="atelier-mcp", title="atelier-mcp", version=__version__, instructions=INSTRUCTIONS,
+            lifespan=lifespan, log_level=state.settings.logging.level,
+        )
+        self._register_resources()
+        self._register_logging()
+
+    # ---------------------------------------------------------------- logging to clients
+    def _register_logging(self) -> None:
+        levels = self.state.client_log_levels
+
+        async def set_level(ctx: Any, params: mt.SetLevelRequestParams) -> mt.EmptyResult:
+            levels[id(ctx.session)] = str(params.level)
+            return mt.EmptyResult()
+
+        self._lowlevel_server.add_request_handler("logging/setLevel", mt.SetLevelRequestParams, set_level)
+
+    async def _client_log(self, context: Any, level: str, data: Any) -> None:
+        """Send a log notification to clients that asked for them (setLevel or per-request opt-in)."""
+        try:
+            session = context.session
+        except Exception:
+            return
+        version = getattr(context, "protocol_version", None) or ""
+        wanted = self.state.client_log_levels.get(id(session))
+        if version >= "2026-07-28":
+            pass  # the SDK filters by the request's own opt-in
+        elif wanted is None or _LEVELS.index(level) < _LEVELS.index(wanted):
+            return
+        with contextlib.suppress(Exception):
+            await context.log(level, data, logger_name="atelier")
+
+    # ---------------------------------------------------------------- tools
+    async def list_tools(self) -> list[mt.Tool]:
+        out = []
+        for spec in self.state.specs.values():
+            out.append(mt.Tool(
+                name=spec.name, title=spec.title, description=spec.description,
+                input_schema=spec.input_model.model_json_schema(),
+                output_schema=_output_schema(spec),
+                annotations=mt.ToolAnnotations(title=spec.title, read_only_hint=spec.read_only,
+                                               destructive_hint=False if spec.read_only else None,
+                                               open_world_hint=False),
+            ))
+        return out
+
+    def _tool_input_schema(self, name: str) -> dict[str, Any] | None:
+        spec = self.state.specs.get(name)
+        return None if spec is None else spec.input_model.model_json_schema()
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> mt.CallToolResult:
+        rid = secrets.token_hex(6)
+        rtoken = request_id.set(rid)
+        t0 = time.perf_counter()
+        outcome = "error"
+        extra: dict[str, Any] = {}
+        try:
+            spec = self.state.specs.get(name)
+            if spec is None:
+                outcome = "rejected"
+                log.info("start", extra={"event": "start", "tool": name})
+                return _error_result(f"unknown tool {name!r}; available: {', '.join(sorted(self.state.specs))}")
+            args_in = arguments or {}
+            log.info("start", extra={"event": "start", "tool": name, "arguments": summarize_args(args_in)})
+            try:
+                args = spec.input_model.model_validate(args_in)
+            except ValidationError as exc:
+                outcome = "tool_error"
+                return _error_result(_validation_message(name, exc))
+            if name in ("job_status", "job_cancel"):
+                result, outcome = self._job_tool(name, args)
+                return result
+            result, outcome, extra = await self._run_spec(spec, args, context)
+            return result
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()) or isinstance(exc, asyncio.CancelledError):
+                outcome = "cancelled"
+                raise
+            outcome = _outcome_of(exc)
+            log.exception("unexpected failure in the call pipeline")
+            return _error_result(f"internal error in {name} (request {rid}); details are in the server log")
+        finally:
+            log.info("end", extra={"event": "end", "tool": name, "outcome": outcome,
+                                   "duration_ms": round((time.perf_counter() - t0) * 1000, 2), **extra})
+            request_id.reset(rtoken)
+
+    # ---------------------------------------------------------------- jobs
+    def _job_tool(self, name: str, args: JobIdInput) -> tuple[mt.CallToolResult, str]:
+        jobs = self.state.jobs
+        job = jobs.cancel(args.job_id) if name == "job_cancel" else jobs.get(args.job_id)
+        if job is None:
+            return _error_result(f"job_id={args.job_id!r}: no such job (unknown, or expired after "
+                                 f"{self.state.settings.limits.job_ttl_s:.0f} s)"), "tool_error"
+        snap = job.snapshot()
+        if name == "job_cancel" and snap["status"] in ("queued", "running"):
+            snap["message"] = "cancellation requested; the job stops at its next step"
+        res = job.result if job.state in ("done", "error", "cancelled") else None
+        structured = dict(snap)
+        content: list[Any] = []
+        if isinstance(res, mt.CallToolResult):
+            structured["result"] = res.structured_content
+            content.extend(res.content)
+        head = (f"job {job.id} ({job.tool}): {snap['status']}"
+                + (f", {snap['progress']:.0f}/{snap['total']:.0f}" if snap["total"] else "")
+                + (f" — {snap['message']}" if snap["message"] else ""))
+        content.insert(0, mt.TextContent(type="text", text=head))
+        is_error = bool(isinstance(res, mt.CallToolResult) and res.is_error)
+        return mt.CallToolResult(content=content, structured_content=structured, is_error=is_error), "ok"
+
+    # ---------------------------------------------------------------- execution
+    def _execute(self, spec: ToolSpec, args: BaseModel, token: CancelToken) -> mt.CallToolResult:
+        """Runs on a worker thread: the tool, then image delivery."""
+        token.check()
+        out = spec.run(args, RunContext(self.state, token))
+        if not isinstance(out, ToolOutput):
+            raise TypeError(f"tool {spec.name} returned {type(out).__name__}, not ToolOutput")
+        content: list[Any] = [mt.TextContent(type="text", text=out.text)]
+        delivered = []
+        inline_full = bool(getattr(args, "inline_full", False))
+        for img in out.images:
+            blocks, summary = self.state.media.deliver(img, inline_full=inline_full)
+            content.extend(blocks)
+            delivered.append(summary)
+        structured = out.structured.model_dump(mode="json")
+        if delivered:
+            structured["images"] = delivered
+        return mt.CallToolResult(content=content, structured_content=structured)
+
+    def _submit(self, spec: ToolSpec, args: BaseModel, token: CancelToken) -> Future:
+        fn = lambda tok: self._execute(spec, args, tok)  # noqa: E731
+        if spec.execution == "device":
+            fut, _ = self.state.engine.scheduler.submit(fn, token=token, label=spec.name, priority=spec.priority)
+            return fut
+        slots = self.state.thread_slots
+        if not slots.acquire(blocking=False):
+            raise Busy(f"server busy: {self.state.settings.limits.queue_length} calls already in progress; retry later")
+
+        def run() -> mt.CallToolResult:
+            try:
+                return fn(token)
+            finally:
+                slots.release()
+
+        try:
+            return self.state.pool.submit(run)
+        except RuntimeError as exc:  # pool shut down
+            slots.release()
+            raise Busy("server is shutting down") from exc
+
+    def _map_error(self, exc: BaseException, name: str) -> tuple[mt.CallToolResult, str]:
+        outcome = _outcome_of(exc)
+        if isinstance(exc, (ToolError, InvalidInput)):
+            return _error_result(str(exc)), outcome
+        if isinstance(exc, ModelUnavailable):
+            return _error_result(f"model unavailable: {exc}"), outcome
+        if isinstance(exc, Busy):
+            return _error_result(f"busy: {exc}", {"status": "busy"}), outcome
+        if isinstance(exc, Cancelled):
+            return _error_result(f"cancelled: {exc}", {"status": "cancelled"}), outcome
+        if outcome == "oom":
+            free_memory()
+            return _error_result(f"insufficient memory while running {name}; memory was freed, the server keeps "
+                                 f"serving — retry with a smaller request ({exc})"), outcome
+        if isinstance(exc, EngineError):
+            return _error_result(str(exc)), outcome
+        log.error("tool raised an unexpected exception", exc_info=exc, extra={"tool": name})
+        return _error_result(f"internal error in {name} (request {request_id.get()}); details are in the server "
+                             f"log"), outcome
+
+    def _finish_job(self, job: Job, fut: Future) -> None:
+        """Record a job's final state when its future completes (any thread)."""
+        exc = fut.exception()
+        if exc is None:
+            result = fut.result()
+            self.state.jobs.finish(job, "done", result)
+            outcome = "ok"
+        else:
+            result, outcome = self._map_error(exc, job.tool)
+            state = {"cancelled": "cancelled"}.get(outcome, "error")
+            self.state.jobs.finish(job, state, result, error=str(exc))
+        if job.detached:
+            log.info("job end", extra={"event": "job_end", "job_id": job.id, "tool": job.tool, "outcome": outcome,
+                                       "duration_ms": round((time.time() - job.created) * 1000, 2)})
+
+    async def _run_spec(self, spec: ToolSpec, args: BaseModel, context: Any) -> tuple[mt.CallToolResult, str, dict]:
+        if spec.execution == "inline" and not spec.long_running:
+            token = CancelToken()
+            try:
+                result = await anyio.to_thread.run_sync(self._execute, spec, args, token)
+                return result, "ok", {}
+            except Exception as exc:
+                res, outcome = self._map_error(exc, spec.name)
+                return res, outcome, {}
+
+        token = CancelToken()
+        job = self.state.jobs.create(spec.name, token)
+        loop = asyncio.get_running_loop()
+        progress_token = None
+        with contextlib.suppress(Exception):
+            meta = context.request_context.meta if context is not None else None
+            progress_token = getattr(meta, "progress_token", None) if meta is not None else None
+        last_sent = [0.0]
+
+        def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            if job.state == "queued":
+                job.state = "running"
+            if progress_token is None or job.detached:
+                return
+            now = time.monotonic()
+            final = total is not None and progress >= total
+            if not final and now - last_sent[0] < 0.1:
+                return
+            last_sent[0] = now
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(context.report_progress(progress, total, message), loop)
+
+        token.add_listener(on_progress)
+        try:
+            fut = self._submit(spec, args, token)
+        except Exception as exc:
+            self.state.jobs.forget(job)
+            res, outcome = self._map_error(exc, spec.name)
+            return res, outcome, {}
+        job.future = fut
+        fut.add_done_callback(lambda f: self._finish_job(job, f))
+        deadline = self.state.settings.limits.deadline_s if spec.long_running else None
+        try:
+            with anyio.CancelScope(shield=False):
+                done = await _wait_future(fut, deadline)
+        except BaseException:
+            # client cancelled the request (or the connection closed): stop the work
+            token.cancel("cancelled by the client")
+            job.detached = False
+            raise
+        if not done:
+            job.detached = True
+            job.state = "running" if job.state == "queued" and self.state.engine.scheduler.running_label else job.state
+            snap = job.snapshot()
+            text = (f"{spec.name} is still running after {deadline:.0f} s; it continues as job {job.id}. "
+                    f"Call job_status with job_id={job.id!r} for progress and the result, or job_cancel to stop it.")
+            await self._client_log(context, "info", {"event": "job_detached", "job_id": job.id, "tool": spec.name})
+            return (mt.CallToolResult(content=[mt.TextContent(type="text", text=text)],
+                                      structured_content={"job_id": job.id, "status": snap["status"]}),
+                    "timeout", {"job_id": job.id})
+        self.state.jobs.forget(job)
+        token.remove_listener(on_progress)
+        exc = fut.exception()
+        if exc is None:
+            return fut.result(), "ok", {}
+        res, outcome = self._map_error(exc, spec.name)
+        return res, outcome, {}
+
+    # ---------------------------------------------------------------- resources
+    def _register_resources(self) -> None:
+        pass
+
+    async def list_resources(self) -> list[mt.Resource]:
+        base = await super().list_resources()
+        for rec in self.state.media.records():
+            base.append(mt.Resource(uri=rec.uri, name=rec.path.name, mime_type=rec.mime_type,
+                                    description=f"{rec.name} image produced by atelier-mcp"))
+        return base
+
+    async def list_resource_templates(self) -> list[mt.ResourceTemplate]:
+        base = await super().list_resource_templates()
+        base.append(mt.ResourceTemplate(uri_template="image://{id}", name="image",
+                                        description="An image produced by this server (full resolution PNG)",
+                                        mime_type="image/png"))
+        return base
+
+    async def read_resource(self, uri: Any, context: Any = None) -> Any:
+        text = str(uri)
+        if text.startswith("image://"):
+            from mcp.server.lowlevel.helper_types import ReadResourceContents
+            from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+
+            image_id = text[len("image://"):]
+            rec = self.state.media.get(image_id)
+            if rec is None:
+                raise ResourceNotFoundError(f"unknown image resource {text}")
+            try:
+                data = await anyio.to_thread.run_sync(self.state.media.read_bytes, image_id)
+            except ToolError as exc:
+                raise ResourceNotFoundError(f"image resource {text} cannot be read: {exc}") from None
+            return [ReadResourceContents(content=data, mime_type="image/png")]
+        return await super().read_resource(uri, context)
+
+
+async def _wait_future(fut: Future, timeout: float | None) -> bool:
+    """Wait for a concurrent future without blocking the loop; False on timeout."""
+    wrapped = asyncio.wrap_future(fut)
+    try:
+        if timeout is None:
+            await asyncio.shield(wrapped)
+        else:
+            await asyncio.wait_for(asyncio.shield(wrapped), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False
+    except Exception:
+        return True  # the future finished with an exception; the caller reads it
+
+
+def build_server(settings: Settings, extra_specs: list[ToolSpec] | None = None) -> AtelierServer:
+    return AtelierServer(make_state(settings, extra_specs))
+
+
+__all__ = ["AtelierServer", "AppState", "build_server", "make_state", "base64"]

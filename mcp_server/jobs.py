@@ -1,0 +1,98 @@
+"""Jobs: long work that outlives a tool call's deadline.
+
+A long-running tool call waits up to the deadline (`limits.deadline_s`); if the
+work is still running the call returns a job id and the work goes on.
+`job_status(id)` reports progress or, once finished, the result;
+`job_cancel(id)` asks the work to stop at its next step. Finished jobs are
+kept for `limits.job_ttl_s` seconds; at most `limits.max_jobs` are kept.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.scheduler import CancelToken
+
+
+@dataclass
+class Job:
+    id: str
+    tool: str
+    token: CancelToken
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    state: str = "queued"  # queued | running | done | error | cancelled
+    detached: bool = False  # the original call returned a job id
+    result: Any = None  # mcp CallToolResult once finished
+    error: str | None = None
+    future: Future | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        t = self.token
+        return {
+            "job_id": self.id,
+            "tool": self.tool,
+            "status": self.state,
+            "progress": t.progress,
+            "total": t.total,
+            "message": t.message,
+            "elapsed_s": round((self.finished or time.time()) - self.created, 3),
+            "error": self.error,
+        }
+
+
+class JobManager:
+    def __init__(self, ttl_s: float = 3600.0, max_jobs: int = 256) -> None:
+        self.ttl_s = ttl_s
+        self.max_jobs = max_jobs
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def create(self, tool: str, token: CancelToken) -> Job:
+        job = Job(id=secrets.token_hex(8), tool=tool, token=token)
+        with self._lock:
+            self._purge_locked()
+            self._jobs[job.id] = job
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            self._purge_locked()
+            return self._jobs.get(job_id)
+
+    def finish(self, job: Job, state: str, result: Any = None, error: str | None = None) -> None:
+        job.state, job.result, job.error = state, result, error
+        job.finished = time.time()
+
+    def forget(self, job: Job) -> None:
+        """Drop a job that completed within its call (nobody will ask for it)."""
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def cancel(self, job_id: str) -> Job | None:
+        job = self.get(job_id)
+        if job is not None and job.state in ("queued", "running"):
+            job.token.cancel("cancelled by job_cancel")
+        return job
+
+    def active(self) -> list[Job]:
+        with self._lock:
+            return [j for j in self._jobs.values() if j.state in ("queued", "running")]
+
+    def cancel_all(self, reason: str = "server shutting down") -> None:
+        for job in self.active():
+            job.token.cancel(reason)
+
+    def _purge_locked(self) -> None:
+        now = time.time()
+        for jid in [j.id for j in self._jobs.values() if j.finished and now - j.finished > self.ttl_s]:
+            del self._jobs[jid]
+        if len(self._jobs) >= self.max_jobs:
+            done = sorted((j for j in self._jobs.values() if j.finished), key=lambda j: j.finished or 0)
+            for j in done[: len(self._jobs) - self.max_jobs + 1]:
+                del self._jobs[j.id]

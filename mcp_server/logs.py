@@ -1,0 +1,105 @@
+"""Structured logging: JSON lines (or plain text) on stderr, never stdout.
+
+Every tool call logs one `start` and one `end` event with the same request id
+(`request_id` contextvar), the tool, `duration_ms`, the outcome
+(ok | tool_error | cancelled | timeout | rejected | oom | error) and sizes —
+never prompts or image bytes (lengths and hashes instead).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as _dt
+import hashlib
+import json
+import logging
+import sys
+from typing import Any
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("atelier_request_id", default=None)
+
+_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime", "taskName"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STD_ATTRS and not k.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = request_id.get()
+        if rid is not None:
+            out["request_id"] = rid
+        for k, v in _extras(record).items():
+            out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = _dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        rid = request_id.get()
+        head = f"{ts} {record.levelname:<7} {record.name}"
+        if rid:
+            head += f" [{rid}]"
+        line = f"{head}: {record.getMessage()}" + (f" {extras}" if extras else "")
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _FlushingHandler(logging.StreamHandler):
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        self.flush()
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json", stream: Any = None) -> None:
+    """Route every logger (ours and libraries') to stderr in the configured format."""
+    handler = _FlushingHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("atelier").setLevel(level)
+    # libraries that are chatty at INFO
+    for noisy in ("httpx", "httpcore", "uvicorn.access", "mcp", "sse_starlette", "PIL", "urllib3",
+                  "diffusers", "transformers", "ultralytics", "matplotlib"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)
+                                              if isinstance(logging.getLevelName(level), int) else logging.WARNING))
+    logging.captureWarnings(True)
+
+
+def digest(data: bytes | str) -> str:
+    """A short content hash to log instead of content."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def summarize_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Sizes and hashes of tool arguments, never their content."""
+    out: dict[str, Any] = {}
+    for k, v in args.items():
+        if isinstance(v, str):
+            out[k] = {"len": len(v), "sha": digest(v)}
+        elif isinstance(v, (int, float, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = {"items": len(v)}
+        elif isinstance(v, dict):
+            out[k] = {"keys": len(v)}
+        else:
+            out[k] = type(v).__name__
+    return out

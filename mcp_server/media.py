@@ -1,0 +1,256 @@
+"""Media delivery: one module every image tool goes through.
+
+Inputs (`load_image`): a path inside the read roots, an `image://ID` URI of an
+image this server produced, or base64 data (a `data:image/...;base64,` URI, or
+bare base64 of at least 512 characters). Decoding is defensive: the byte size
+is checked before anything is opened, the format must be PNG, JPEG or WEBP
+(checked on the magic bytes, then Pillow is told to accept only those), the
+pixel count is checked from the header before pixels are decoded, images must
+be single-frame, and Pillow's decompression-bomb warnings are errors.
+
+Outputs (`deliver`): each image is saved as PNG (with text chunks for its
+metadata) into the output directory atomically and registered as
+`image://ID`; the client gets (a) a thumbnail `ImageContent` at most 512 px on
+the long side and 100 000 base64 characters, (b) a `resource_link` to
+`image://ID` and (c) the saved file path. Full resolution goes inline only when
+asked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import secrets
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mcp_types import ImageContent, ResourceLink, TextContent
+from PIL import Image, ImageFile, PngImagePlugin
+
+from tools.base import ImageOut, ToolError
+
+from .sandbox import Sandbox
+
+THUMB_SIDE = 512
+THUMB_MAX_B64 = 100_000
+_B64_RE = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
+_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def sniff_format(head: bytes) -> str | None:
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+@dataclass
+class ImageRecord:
+    id: str
+    path: Path
+    width: int
+    height: int
+    name: str
+    created: float
+    mime_type: str = "image/png"
+
+    @property
+    def uri(self) -> str:
+        return f"image://{self.id}"
+
+
+class MediaStore:
+    def __init__(self, sandbox: Sandbox, limits: Any) -> None:
+        self.sandbox = sandbox
+        self.limits = limits
+        self._records: dict[str, ImageRecord] = {}
+        self._lock = threading.Lock()
+        self._scan_existing()
+
+    # -- registry -----------------------------------------------------------
+    def _scan_existing(self) -> None:
+        for p in sorted(self.sandbox.output_dir.glob("*.png")):
+            m = re.search(r"-([0-9a-f]{12})\.png$", p.name)
+            if not m or p.is_symlink():
+                continue
+            self._records[m.group(1)] = ImageRecord(m.group(1), p, 0, 0, p.stem, p.stat().st_mtime)
+
+    def records(self) -> list[ImageRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.created)
+
+    def get(self, image_id: str) -> ImageRecord | None:
+        if not _ID_RE.match(image_id or ""):
+            return None
+        with self._lock:
+            rec = self._records.get(image_id)
+        if rec is None or not rec.path.is_file() or rec.path.is_symlink():
+            return None
+        return rec
+
+    def read_bytes(self, image_id: str) -> bytes:
+        rec = self.get(image_id)
+        if rec is None:
+            raise ToolError.invalid("uri", f"image://{image_id}", "no image with that id was produced by this server")
+        _, data = self.sandbox.read_bytes(str(rec.path), "uri", self.limits.max_image_bytes)
+        return data
+
+    # -- inputs -------------------------------------------------------------
+    def _decode_b64(self, text: str, argument: str) -> bytes:
+        if len(text) > self.limits.max_base64_chars:
+            raise ToolError.invalid(argument, text[:40], f"base64 data is {len(text)} characters; "
+                                    f"the limit is {self.limits.max_base64_chars}")
+        payload = text
+        if text.startswith("data:"):
+            head, sep, payload = text.partition(",")
+            if not sep or ";base64" not in head:
+                raise ToolError.invalid(argument, text[:40], "a data: URI must be base64 encoded (data:image/png;base64,...)")
+        try:
+            return base64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ToolError.invalid(argument, text[:40], "is not valid base64") from None
+
+    def fetch_bytes(self, ref: str, argument: str) -> bytes:
+        """The raw bytes an image reference points at (path, image:// or base64)."""
+        if not isinstance(ref, str) or not ref:
+            raise ToolError.invalid(argument, ref, "expected an image path, an image://ID URI or base64 data")
+        if ref.startswith("image://"):
+            return self.read_bytes_for(ref[len("image://"):], argument)
+        if ref.startswith("data:") or (len(ref) >= 512 and "\x00" not in ref and _B64_RE.match(ref[:4096])
+                                       and not ref.startswith("/")):
+            return self._decode_b64(ref, argument)
+        _, data = self.sandbox.read_bytes(ref, argument, self.limits.max_image_bytes)
+        return data
+
+    def read_bytes_for(self, image_id: str, argument: str) -> bytes:
+        rec = self.get(image_id)
+        if rec is None:
+            raise ToolError.invalid(argument, f"image://{image_id}", "no image with that id was produced by this server")
+        _, data = self.sandbox.read_bytes(str(rec.path), argument, self.limits.max_image_bytes)
+        return data
+
+    def decode(self, data: bytes, argument: str, mode: str = "keep") -> np.ndarray:
+        if len(data) > self.limits.max_image_bytes:
+            raise ToolError.invalid(argument, f"<{len(data)} bytes>", f"image is over the limit of "
+                                    f"{self.limits.max_image_bytes} bytes")
+        fmt = sniff_format(data[:16])
+        if fmt is None:
+            raise ToolError.invalid(argument, f"<{len(data)} bytes>",
+                                    "unsupported image format; accepted: PNG, JPEG, WEBP")
+        max_px = int(self.limits.max_image_pixels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            old_max, old_trunc = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+            try:
+                Image.MAX_IMAGE_PIXELS = max_px
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+                img = Image.open(io.BytesIO(data), formats=[fmt])
+                w, h = img.size
+                if w <= 0 or h <= 0 or w * h > max_px:
+                    raise ToolError.invalid(argument, f"{w}x{h}", f"image has {w * h} pixels; the limit is {max_px}")
+                if getattr(img, "n_frames", 1) != 1:
+                    raise ToolError.invalid(argument, f"{img.n_frames} frames",
+                                            "animated images are not accepted; send a single frame")
+                img.load()
+            except ToolError:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise ToolError.invalid(argument, f"<{len(data)} bytes>", f"rejected as a decompression bomb: {exc}") from None
+            except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as exc:
+                raise ToolError.invalid(argument, f"<{len(data)} bytes>", f"cannot decode image: {exc}") from None
+            finally:
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_max, old_trunc
+        return to_array(img, mode, argument)
+
+    def load_image(self, ref: str, argument: str, mode: str = "keep") -> np.ndarray:
+        return self.decode(self.fetch_bytes(ref, argument), argument, mode)
+
+    # -- outputs ------------------------------------------------------------
+    def save(self, out: ImageOut) -> ImageRecord:
+        arr = np.ascontiguousarray(out.array)
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+            raise ValueError(f"ImageOut {out.name!r}: expected uint8 [H,W], [H,W,3] or [H,W,4], got {arr.dtype} {arr.shape}")
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        img = Image.fromarray(arr)
+        info = PngImagePlugin.PngInfo()
+        for k, v in out.metadata.items():
+            info.add_text(str(k)[:79], str(v))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", pnginfo=info, compress_level=3)
+        image_id = secrets.token_hex(6)
+        path = self.sandbox.fresh_output_path(out.name, f"-{image_id}.png")
+        # fresh_output_path adds its own random token; keep the id last for lookups after restart
+        self.sandbox.write_atomic(path, buf.getvalue())
+        rec = ImageRecord(image_id, path, img.width, img.height, out.name, time.time())
+        with self._lock:
+            self._records[image_id] = rec
+        return rec
+
+    def deliver(self, out: ImageOut, inline_full: bool = False) -> tuple[list[Any], dict[str, Any]]:
+        """Save an output image; return MCP content blocks and a structured summary."""
+        rec = self.save(out)
+        blocks: list[Any] = []
+        if inline_full:
+            data = rec.path.read_bytes()
+            blocks.append(ImageContent(type="image", data=base64.b64encode(data).decode(), mime_type="image/png"))
+        else:
+            data, mime = thumbnail(out.array)
+            blocks.append(ImageContent(type="image", data=data, mime_type=mime))
+        blocks.append(ResourceLink(type="resource_link", uri=rec.uri, name=rec.path.name, mime_type="image/png",
+                                   size=rec.path.stat().st_size,
+                                   description=f"{out.name}: {rec.width}x{rec.height} PNG (full resolution)"))
+        blocks.append(TextContent(type="text", text=f"{out.name}: saved {rec.width}x{rec.height} to {rec.path} ({rec.uri})"))
+        summary = {"name": out.name, "uri": rec.uri, "path": str(rec.path), "width": rec.width, "height": rec.height}
+        return blocks, summary
+
+
+def to_array(img: Image.Image, mode: str, argument: str) -> np.ndarray:
+    """Pillow image -> uint8 array in the requested mode ("keep" = RGB or RGBA)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F", "CMYK;16"):
+        raise ToolError.invalid(argument, img.mode, "unsupported image mode; use 8-bit RGB, RGBA, L or P images")
+    if mode == "keep":
+        has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+        target = "RGBA" if has_alpha else "RGB"
+    elif mode in ("RGB", "RGBA", "L"):
+        target = mode
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    if img.mode != target:
+        img = img.convert(target)
+    return np.asarray(img).copy()
+
+
+def thumbnail(arr: np.ndarray) -> tuple[str, str]:
+    """A base64 thumbnail <= THUMB_SIDE px and <= THUMB_MAX_B64 characters: (data, mime)."""
+    img = Image.fromarray(np.ascontiguousarray(arr))
+    side = THUMB_SIDE
+    while True:
+        t = img.copy()
+        t.thumbnail((side, side), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        t.save(buf, format="PNG", optimize=True)
+        data = base64.b64encode(buf.getvalue()).decode()
+        if len(data) <= THUMB_MAX_B64:
+            return data, "image/png"
+        flat = t.convert("RGBA")
+        bg = Image.new("RGBA", flat.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(bg, flat).convert("RGB")
+        for q in (85, 70, 55, 40):
+            buf = io.BytesIO()
+            rgb.save(buf, format="JPEG", quality=q)
+            data = base64.b64encode(buf.getvalue()).decode()
+            if len(data) <= THUMB_MAX_B64:
+                return data, "image/jpeg"
+        side = int(side * 0.75)

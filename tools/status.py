@@ -1,0 +1,88 @@
+"""engine_status: what the engine is running on and what it holds."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.defaults import embedded_status
+
+from .base import ToolContext, ToolOutput, ToolSpec
+
+
+class EngineStatusInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoadedModel(BaseModel):
+    key: str
+    family: str
+    bytes: int
+    source: str
+
+
+class EngineStatusOutput(BaseModel):
+    device: str
+    dtype: str
+    kernel_backend: str = Field(description="triton or torch: what `auto` resolves to on this device")
+    torch_version: str
+    python: str
+    loaded_models: list[LoadedModel]
+    models_bytes: int
+    memory_budget_bytes: int | None
+    device_total_bytes: int | None
+    device_allocated_bytes: int | None
+    queue_depth: int
+    queue_capacity: int
+    worker_busy: bool
+    running: str | None
+    embedded_defaults: dict[str, dict[str, Any]]
+    configured_models: dict[str, Any]
+    torchvision: str = Field(description="native, shim (pure-torch nms) or missing")
+
+
+def _run(args: EngineStatusInput, ctx: ToolContext) -> ToolOutput:
+    import torch
+
+    eng = ctx.engine
+    mem = eng.memory()
+    loaded = [LoadedModel(key=e.key, family=e.family, bytes=e.nbytes, source=e.source) for e in eng.registry.loaded()]
+    models = ctx.settings.models
+    configured = {"llm": models.llm or "(embedded SmolLM2-135M-Instruct)",
+                  "embedding": models.embedding or "(embedded all-MiniLM-L6-v2)",
+                  "diffusion": models.diffusion or "(none configured: set models.diffusion to a diffusers folder)",
+                  "detectors": dict(models.detectors),
+                  "catalog": models.catalog or "(bundled demo catalogue)"}
+    out = EngineStatusOutput(
+        device=str(eng.device), dtype=str(eng.dtype).removeprefix("torch."), kernel_backend=eng.kernel_backend,
+        torch_version=torch.__version__, python=platform.python_version(), loaded_models=loaded,
+        models_bytes=mem["models_bytes"] or 0, memory_budget_bytes=mem["budget_bytes"],
+        device_total_bytes=mem["device_total_bytes"], device_allocated_bytes=mem["device_allocated_bytes"],
+        queue_depth=eng.scheduler.depth, queue_capacity=eng.scheduler.max_queue, worker_busy=eng.scheduler.busy,
+        running=eng.scheduler.running_label, embedded_defaults=embedded_status(), configured_models=configured,
+        torchvision=eng.torchvision_state,
+    )
+    avail = [k for k, v in out.embedded_defaults.items() if v["available"]]
+    text = (f"device {out.device} ({out.dtype}), kernels: {out.kernel_backend}; "
+            f"{len(loaded)} model(s) loaded, {out.models_bytes / 1e6:.1f} MB of "
+            f"{(out.memory_budget_bytes or 0) / 1e6:.0f} MB budget; queue {out.queue_depth}/{out.queue_capacity}; "
+            f"embedded defaults available: {', '.join(avail) or 'none'}")
+    return ToolOutput(text=text, structured=out)
+
+
+TOOLS = [
+    ToolSpec(
+        name="engine_status",
+        title="Engine status",
+        description="Report the engine's device, dtype, kernel backend (triton|torch), loaded models and their "
+                    "bytes, memory used against the budget, queue depth, and which embedded default models are "
+                    "installed. Cheap; call it to diagnose slowness or missing models.",
+        input_model=EngineStatusInput,
+        output_model=EngineStatusOutput,
+        run=_run,
+        execution="inline",
+        priority=0,
+    )
+]
