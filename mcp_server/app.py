@@ -28,6 +28,7 @@ import logging
 import secrets
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from tools.base import ToolError, ToolOutput, ToolSpec
 from . import __version__
 from .config import Settings
 from .jobs import Job, JobManager
-from .logs import request_id, summarize_args
+from .logs import request_id, setup_logging, summarize_args
 from .media import MediaStore
 from .sandbox import Sandbox
 
@@ -75,7 +76,7 @@ class AppState:
     specs: dict[str, ToolSpec]
     pool: ThreadPoolExecutor
     thread_slots: threading.BoundedSemaphore
-    client_log_levels: dict[int, str] = field(default_factory=dict)
+    client_log_levels: dict[int, str] = field(default_factory=dict)  # connection -> level
     closed: bool = False
 
     def close(self) -> None:
@@ -244,10 +245,13 @@ class AtelierServer(MCPServer):
             finally:
                 pass
 
+        had_handlers = bool(logging.getLogger().handlers)
         super().__init__(
             name="atelier-mcp", title="atelier-mcp", version=__version__, instructions=INSTRUCTIONS,
             lifespan=lifespan, log_level=state.settings.logging.level,
         )
+        if not had_handlers:  # MCPServer installed a rich console handler: use ours (stderr, JSON/text)
+            setup_logging(state.settings.logging.level, state.settings.logging.format)
         self._register_resources()
         self._register_logging()
 
@@ -256,7 +260,7 @@ class AtelierServer(MCPServer):
         levels = self.state.client_log_levels
 
         async def set_level(ctx: Any, params: mt.SetLevelRequestParams) -> mt.EmptyResult:
-            levels[id(ctx.session)] = str(params.level)
+            levels[_connection_key(ctx.session)] = str(params.level)
             return mt.EmptyResult()
 
         self._lowlevel_server.add_request_handler("logging/setLevel", mt.SetLevelRequestParams, set_level)
@@ -268,12 +272,13 @@ class AtelierServer(MCPServer):
         except Exception:
             return
         version = getattr(context, "protocol_version", None) or ""
-        wanted = self.state.client_log_levels.get(id(session))
+        wanted = self.state.client_log_levels.get(_connection_key(session))
         if version >= "2026-07-28":
             pass  # the SDK filters by the request's own opt-in
         elif wanted is None or _LEVELS.index(level) < _LEVELS.index(wanted):
             return
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             await context.log(level, data, logger_name="atelier")
 
     # ---------------------------------------------------------------- tools
@@ -441,16 +446,12 @@ class AtelierServer(MCPServer):
         token = CancelToken()
         job = self.state.jobs.create(spec.name, token)
         loop = asyncio.get_running_loop()
-        progress_token = None
-        with contextlib.suppress(Exception):
-            meta = context.request_context.meta if context is not None else None
-            progress_token = getattr(meta, "progress_token", None) if meta is not None else None
         last_sent = [0.0]
 
         def on_progress(progress: float, total: float | None, message: str | None) -> None:
             if job.state == "queued":
                 job.state = "running"
-            if progress_token is None or job.detached:
+            if context is None or job.detached:
                 return
             now = time.monotonic()
             final = total is not None and progress >= total
@@ -532,6 +533,11 @@ class AtelierServer(MCPServer):
         return await super().read_resource(uri, context)
 
 
+def _connection_key(session: Any) -> int:
+    """Sessions are per request; the connection under them is per client."""
+    return id(getattr(session, "_connection", session))
+
+
 async def _wait_future(fut: Future, timeout: float | None) -> bool:
     """Wait for a concurrent future without blocking the loop; False on timeout."""
     wrapped = asyncio.wrap_future(fut)
@@ -542,6 +548,8 @@ async def _wait_future(fut: Future, timeout: float | None) -> bool:
             await asyncio.wait_for(asyncio.shield(wrapped), timeout)
         return True
     except asyncio.TimeoutError:
+        # nobody awaits the wrapper any more: retrieve its outcome so asyncio does not complain
+        wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())
         return False
     except Exception:
         return True  # the future finished with an exception; the caller reads it

@@ -18,7 +18,21 @@ from typing import Any
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("atelier_request_id", default=None)
 
-_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime", "taskName"}
+_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime", "taskName",
+                                                                               "request_id"}
+
+_base_factory = logging.getLogRecordFactory()
+
+
+def _record_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    """Stamp every record with the request id current where it was created (any thread)."""
+    record = _base_factory(*args, **kwargs)
+    record.request_id = request_id.get()
+    return record
+
+
+if getattr(logging.getLogRecordFactory(), "__name__", "") != "_record_factory":
+    logging.setLogRecordFactory(_record_factory)
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -33,7 +47,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        rid = request_id.get()
+        rid = getattr(record, "request_id", None) or request_id.get()
         if rid is not None:
             out["request_id"] = rid
         for k, v in _extras(record).items():
@@ -47,7 +61,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = _dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
         extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        rid = request_id.get()
+        rid = getattr(record, "request_id", None) or request_id.get()
         head = f"{ts} {record.levelname:<7} {record.name}"
         if rid:
             head += f" [{rid}]"

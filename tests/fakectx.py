@@ -59,12 +59,18 @@ class FakeContext:
 
 
 def make_context(tmp_path: Path | None = None, **settings_overrides: Any) -> FakeContext:
-    """A FakeContext over a CPU engine whose cache dir is under tmp_path."""
+    """A FakeContext over a CPU engine.
+
+    The engine cache dir is shared by the whole test session (`ATELIER_TEST_CACHE`,
+    set in conftest.py) so converted models and embedding caches are built once.
+    """
+    import os
+
     from engine import Engine, EngineConfig
     from mcp_server.config import Settings
 
     settings = Settings(**settings_overrides)
-    cache = (tmp_path or Path("/tmp")) / "atelier-cache"
+    cache = Path(os.environ.get("ATELIER_TEST_CACHE") or ((tmp_path or Path("/tmp")) / "atelier-cache"))
     eng = Engine(EngineConfig(device="cpu", cache_dir=cache, queue_length=settings.limits.queue_length))
     return FakeContext(eng, settings)
 

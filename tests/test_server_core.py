@@ -1,0 +1,340 @@
+"""Server core through the official in-memory client: listing, validation, errors,
+jobs, progress, cancellation, the busy queue, media delivery, resources, logging."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+from mcp import Client
+from PIL import Image
+
+from mcp_server.app import build_server
+from mcp_server.config import Settings
+from mcp_server.logs import JsonFormatter
+from tests.tooling import TEST_TOOLS
+
+
+def make_settings(tmp_path: Path, **over) -> Settings:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    base = {
+        "paths": {"output_dir": str(tmp_path / "out"), "read_roots": [str(data)]},
+        "engine": {"cache_dir": os.environ["ATELIER_TEST_CACHE"], "device": "cpu"},
+    }
+    for k, v in over.items():
+        base.setdefault(k, {}).update(v)
+    return Settings(**base)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with_client(settings: Settings, fn, extra=TEST_TOOLS):
+    server = build_server(settings, extra_specs=extra)
+    try:
+        async with Client(server) as client:
+            return await fn(client, server)
+    finally:
+        server.state.close()
+
+
+def test_lists_enabled_tools_only(tmp_path):
+    s = make_settings(tmp_path, tools={"disabled": ["job_cancel"]})
+
+    async def body(c, srv):
+        names = [t.name for t in (await c.list_tools()).tools]
+        assert "engine_status" in names and "job_status" in names
+        assert "job_cancel" not in names
+        r = await c.call_tool("job_cancel", {"job_id": "x"})
+        assert r.is_error and "unknown tool 'job_cancel'" in r.content[0].text
+        for t in (await c.list_tools()).tools:
+            assert t.input_schema["type"] == "object"
+            assert t.output_schema is not None
+
+    run(_with_client(s, body, extra=None))
+
+
+def test_engine_status_reports_device_and_defaults(tmp_path):
+    async def body(c, srv):
+        r = await c.call_tool("engine_status", {})
+        assert not r.is_error
+        st = r.structured_content
+        assert st["device"] == "cpu" and st["kernel_backend"] in ("torch", "triton")
+        assert st["queue_capacity"] == srv.state.settings.limits.queue_length
+        assert set(st["embedded_defaults"]) >= {"llm", "embedding", "person_detector", "haar_cascades"}
+        assert st["torchvision"] in ("native", "shim")
+
+    run(_with_client(make_settings(tmp_path), body, extra=None))
+
+
+def test_validation_errors_name_the_argument(tmp_path):
+    async def body(c, srv):
+        r = await c.call_tool("test_steps", {"steps": -3})
+        assert r.is_error
+        assert "steps=-3" in r.content[0].text and "greater than or equal to 1" in r.content[0].text
+        r = await c.call_tool("test_steps", {"bogus": 1})
+        assert r.is_error and "bogus" in r.content[0].text and "unknown argument" in r.content[0].text
+        r = await c.call_tool("test_load", {})
+        assert r.is_error and "image: required argument is missing" in r.content[0].text
+
+    run(_with_client(make_settings(tmp_path), body))
+
+
+def test_unexpected_exception_hides_internals(tmp_path, caplog):
+    async def body(c, srv):
+        r = await c.call_tool("test_boom", {})
+        assert r.is_error
+        text = r.content[0].text
+        assert "internal error in test_boom" in text
+        assert "/etc/shadow" not in text and "Traceback" not in text
+        # the server keeps serving
+        r2 = await c.call_tool("engine_status", {})
+        assert not r2.is_error
+
+    with caplog.at_level(logging.ERROR):
+        run(_with_client(make_settings(tmp_path), body))
+    assert any("secret internal detail" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_oom_becomes_insufficient_memory_and_server_keeps_serving(tmp_path):
+    async def body(c, srv):
+        r = await c.call_tool("test_oom", {})
+        assert r.is_error and "insufficient memory" in r.content[0].text
+        r2 = await c.call_tool("test_steps", {"steps": 1, "step_s": 0})
+        assert not r2.is_error and r2.structured_content["done_steps"] == 1
+
+    run(_with_client(make_settings(tmp_path), body))
+
+
+def test_progress_notifications_reach_the_client(tmp_path):
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append((progress, total, message))
+
+    async def body(c, srv):
+        r = await c.call_tool("test_steps", {"steps": 5, "step_s": 0.12}, progress_callback=on_progress)
+        assert not r.is_error and r.structured_content["done_steps"] == 5
+
+    run(_with_client(make_settings(tmp_path), body))
+    assert seen, "no progress notification arrived"
+    assert seen[-1][0] == 5 and seen[-1][1] == 5
+    assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
+
+
+def test_job_after_deadline_then_status_then_result(tmp_path):
+    s = make_settings(tmp_path, limits={"deadline_s": 0.3})
+
+    async def body(c, srv):
+        r = await c.call_tool("test_steps", {"steps": 8, "step_s": 0.1})
+        assert not r.is_error
+        job_id = r.structured_content["job_id"]
+        assert job_id and "job_status" in r.content[0].text
+        st = await c.call_tool("job_status", {"job_id": job_id})
+        assert st.structured_content["status"] in ("queued", "running")
+        for _ in range(100):
+            st = await c.call_tool("job_status", {"job_id": job_id})
+            if st.structured_content["status"] == "done":
+                break
+            await anyio.sleep(0.05)
+        assert st.structured_content["status"] == "done"
+        assert st.structured_content["result"]["done_steps"] == 8
+        assert st.structured_content["progress"] == 8
+
+    run(_with_client(s, body))
+
+
+def test_job_cancel_stops_within_a_step_and_frees_the_worker(tmp_path):
+    s = make_settings(tmp_path, limits={"deadline_s": 0.2})
+
+    async def body(c, srv):
+        r = await c.call_tool("test_steps", {"steps": 1000, "step_s": 0.05})
+        job_id = r.structured_content["job_id"]
+        await anyio.sleep(0.2)
+        cancelled = await c.call_tool("job_cancel", {"job_id": job_id})
+        assert not cancelled.is_error
+        for _ in range(60):
+            st = await c.call_tool("job_status", {"job_id": job_id})
+            if st.structured_content["status"] == "cancelled":
+                break
+            await anyio.sleep(0.05)
+        assert st.structured_content["status"] == "cancelled"
+        assert st.structured_content["progress"] < 1000
+        assert not srv.state.engine.scheduler.busy
+        r2 = await c.call_tool("test_steps", {"steps": 2, "step_s": 0})
+        assert r2.structured_content["done_steps"] == 2
+
+    run(_with_client(s, body))
+
+
+def test_client_cancel_stops_the_work(tmp_path):
+    async def body(c, srv):
+        tok = srv.state.engine.scheduler
+        with anyio.move_on_after(0.4):
+            await c.call_tool("test_steps", {"steps": 1000, "step_s": 0.05})
+        for _ in range(100):
+            if not tok.busy:
+                break
+            await anyio.sleep(0.02)
+        assert not tok.busy, "the worker kept running after the client cancelled"
+        r = await c.call_tool("test_steps", {"steps": 1, "step_s": 0})
+        assert r.structured_content["done_steps"] == 1
+
+    run(_with_client(make_settings(tmp_path), body))
+
+
+def test_full_queue_answers_busy_at_once(tmp_path):
+    s = make_settings(tmp_path, limits={"queue_length": 1, "deadline_s": 0.2})
+
+    async def body(c, srv):
+        first = await c.call_tool("test_steps", {"steps": 40, "step_s": 0.05})  # running, becomes a job
+        second = await c.call_tool("test_steps", {"steps": 40, "step_s": 0.05})  # queued, becomes a job
+        assert "job_id" in first.structured_content and "job_id" in second.structured_content
+        t0 = anyio.current_time()
+        third = await c.call_tool("test_steps", {"steps": 1, "step_s": 0})
+        assert third.is_error and third.content[0].text.startswith("busy")
+        assert anyio.current_time() - t0 < 1.0
+        for jid in (first.structured_content["job_id"], second.structured_content["job_id"]):
+            await c.call_tool("job_cancel", {"job_id": jid})
+
+    run(_with_client(s, body))
+
+
+def test_image_delivery_thumbnail_link_and_resource(tmp_path):
+    async def body(c, srv):
+        r = await c.call_tool("test_image", {"width": 1500, "height": 700})
+        assert not r.is_error
+        kinds = [b.type for b in r.content]
+        assert kinds.count("image") == 1 and "resource_link" in kinds
+        img_block = next(b for b in r.content if b.type == "image")
+        assert len(img_block.data) <= 100_000
+        thumb = Image.open(io.BytesIO(base64.b64decode(img_block.data)))
+        assert max(thumb.size) <= 512
+        link = next(b for b in r.content if b.type == "resource_link")
+        assert link.uri.startswith("image://")
+        info = r.structured_content["images"][0]
+        saved = Path(info["path"])
+        assert saved.is_file() and saved.parent == Path(srv.state.settings.resolved_output_dir())
+        full = Image.open(saved)
+        assert full.size == (1500, 700) and full.text.get("source") == "test"
+        listed = [str(x.uri) for x in (await c.list_resources()).resources]
+        assert link.uri in listed
+        rr = await c.read_resource(link.uri)
+        blob = base64.b64decode(rr.contents[0].blob)
+        assert blob == saved.read_bytes()
+        # an image:// produced here is a valid input
+        r2 = await c.call_tool("test_load", {"image": link.uri})
+        assert not r2.is_error and r2.structured_content["shape"] == [700, 1500, 3]
+        # no temp files left behind
+        assert not list(saved.parent.glob(".atelier-tmp-*"))
+
+    run(_with_client(make_settings(tmp_path), body))
+
+
+def test_full_resolution_inline_only_when_asked(tmp_path):
+    async def body(c, srv):
+        r = await c.call_tool("test_image", {"width": 600, "height": 600, "inline_full": True})
+        data = next(b for b in r.content if b.type == "image").data
+        assert Image.open(io.BytesIO(base64.b64decode(data))).size == (600, 600)
+
+    run(_with_client(make_settings(tmp_path), body))
+
+
+def test_unknown_image_resource_is_an_error(tmp_path):
+    async def body(c, srv):
+        with pytest.raises(Exception):
+            await c.read_resource("image://0123456789ab")
+
+    run(_with_client(make_settings(tmp_path), body))
+
+
+def test_start_and_end_log_lines_share_a_request_id(tmp_path):
+    records: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    h = Catch()
+    fmt = JsonFormatter()
+    logger = logging.getLogger("atelier.server")
+    logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    try:
+        async def body(c, srv):
+            await c.call_tool("test_load", {"image": "secret-prompt-text.png"})
+        run(_with_client(make_settings(tmp_path), body))
+    finally:
+        logger.removeHandler(h)
+    lines = [json.loads(fmt.format(r)) for r in records if r.getMessage() in ("start", "end")]
+    lines = [ln for ln in lines if ln.get("tool") == "test_load"]
+    assert [ln["event"] for ln in lines] == ["start", "end"]
+    assert lines[0]["request_id"] == lines[1]["request_id"]
+    assert lines[1]["outcome"] == "tool_error" and lines[1]["duration_ms"] >= 0
+    assert "secret-prompt-text" not in json.dumps(lines)
+
+
+def test_client_log_notifications_after_set_level(tmp_path):
+    got = []
+
+    async def on_log(params):
+        got.append(params)
+
+    async def body_factory():
+        server = build_server(make_settings(tmp_path, limits={"deadline_s": 0.1}), extra_specs=TEST_TOOLS)
+        try:
+            async with Client(server, logging_callback=on_log, mode="legacy") as c:
+                await c.set_logging_level("info")
+                r = await c.call_tool("test_steps", {"steps": 5, "step_s": 0.05})
+                assert "job_id" in r.structured_content
+        finally:
+            server.state.close()
+
+    run(body_factory())
+    assert any(getattr(p, "data", {}).get("event") == "job_detached" for p in got)
+
+
+def test_invalid_config_names_the_key(tmp_path):
+    from mcp_server.config import ConfigError, load_settings
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[limits]\nmax_new_tokens = -5\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(cfg)
+    assert "limits.max_new_tokens" in str(ei.value)
+    cfg.write_text("[engine]\ndevice = 'tpu'\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(cfg)
+    assert "engine.device" in str(ei.value)
+    cfg.write_text("[tools]\nenabled = ['nope']\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(cfg)
+    assert "tools.enabled" in str(ei.value)
+    cfg.write_text("[paths]\nread_roots = ['/']\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(cfg)
+    assert "read_roots" in str(ei.value)
+    cfg.write_text("this is = not toml [")
+    with pytest.raises(ConfigError):
+        load_settings(cfg)
+
+
+def test_env_overrides_toml(tmp_path, monkeypatch):
+    from mcp_server.config import load_settings
+
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text("[limits]\nmax_new_tokens = 100\nmax_k = 7\n[logging]\nlevel = 'debug'\n")
+    monkeypatch.setenv("ATELIER_LIMITS__MAX_NEW_TOKENS", "64")
+    s = load_settings(cfg)
+    assert s.limits.max_new_tokens == 64 and s.limits.max_k == 7 and s.logging.level == "DEBUG"
+    assert s.config_file == cfg.resolve()
