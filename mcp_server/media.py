@@ -166,7 +166,9 @@ class MediaStore:
             except ToolError:
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise ToolError.invalid(argument, f"<{len(data)} bytes>", f"rejected as a decompression bomb: {exc}") from None
+                raise ToolError.invalid(argument, f"<{len(data)} bytes>",
+                                        f"rejected as a decompression bomb: over the pixel limit of {max_px} "
+                                        f"({exc})") from None
             except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as exc:
                 raise ToolError.invalid(argument, f"<{len(data)} bytes>", f"cannot decode image: {exc}") from None
             finally:

@@ -144,7 +144,19 @@ def serve_http(server: AtelierServer, transport: str, host: str, port: int) -> N
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=5,
                             limit_concurrency=256)
-    uv = uvicorn.Server(config)
+    state = server.state
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # in-flight calls are cancelled at once: they stop at their next step and answer "cancelled"
+            state.jobs.cancel_all("server shutting down")
+            super().handle_exit(sig, frame)
+
+    uv = _Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down; let that reach a no-op
+    # handler so the clean-up below runs and the last log line is written.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     log.info("listening", extra={"transport": transport, "url": f"http://{host}:{port}{path}"})
     try:
         uv.run()
