@@ -1,5 +1,6 @@
 # atelier-mcp: the two commands a newcomer needs
-#   make serve   install (if needed) and start the MCP server on stdio (ARGS="--transport http" for HTTP)
+#   make serve   install (if needed) and start the MCP server over streamable HTTP on
+#                http://127.0.0.1:8000/mcp (ARGS="--transport stdio" or "--transport sse" for the others)
 #   make test    install (if needed) and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,8 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+SERVE_ARGS ?= --transport http --host 127.0.0.1 --port 8000
 serve: $(STAMP)
-	$(BIN)/atelier serve $(ARGS)
+	$(BIN)/atelier serve $(if $(ARGS),$(ARGS),$(SERVE_ARGS))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 $(ARGS)
