@@ -321,7 +321,10 @@ class AtelierServer(MCPServer):
             if name in ("job_status", "job_cancel"):
                 result, outcome = self._job_tool(name, args)
                 return result
+            await self._client_log(context, "debug", {"event": "start", "tool": name, "request_id": rid})
             result, outcome, extra = await self._run_spec(spec, args, context)
+            await self._client_log(context, "debug" if outcome == "ok" else "warning",
+                                   {"event": "end", "tool": name, "request_id": rid, "outcome": outcome})
             return result
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()) or isinstance(exc, asyncio.CancelledError):

@@ -219,3 +219,34 @@ def test_sigterm_with_call_in_flight_exits_quickly(http_server):
     err = proc.stderr.read().decode()
     last = [ln for ln in err.splitlines() if ln.startswith("{")][-3:]
     assert "server stopped" in [json.loads(ln)["msg"] for ln in last], err[-3000:]
+
+
+def test_http_client_cancel_frees_the_worker(http_server):
+    port, _ = http_server("http")
+    url = f"http://127.0.0.1:{port}/mcp"
+
+    async def long_call():
+        async with Client(url) as c:
+            await c.call_tool("test_steps", {"steps": 2000, "step_s": 0.05})
+
+    async def main():
+        task = asyncio.create_task(long_call())
+        await asyncio.sleep(1.5)
+        async with Client(url) as c:
+            st = await c.call_tool("engine_status", {})
+            assert st.structured_content["worker_busy"] is True
+            task.cancel()  # the client gives up: cancels the request and closes its stream
+            with __import__("contextlib").suppress(BaseException):
+                await task
+            busy = True
+            for _ in range(50):
+                st = await c.call_tool("engine_status", {})
+                busy = st.structured_content["worker_busy"]
+                if not busy:
+                    break
+                await asyncio.sleep(0.1)
+            assert busy is False, "the work kept running after the client went away"
+            r = await c.call_tool("test_steps", {"steps": 1, "step_s": 0})
+            assert r.structured_content["done_steps"] == 1
+
+    asyncio.run(main())
