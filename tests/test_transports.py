@@ -110,13 +110,33 @@ def test_stdio_stdout_is_only_protocol(tmp_path):
         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "test_noisy", "arguments": {}}},
         {"jsonrpc": "2.0", "id": 3, "method": "tools/list"},
     ]
-    data = "".join(json.dumps(m) + "\n" for m in msgs).encode()
+    import threading
+
+    lines: list[str] = []
+    got_all = threading.Event()
+
+    def reader():
+        for raw in proc.stdout:
+            lines.append(raw.decode())
+            ids_now = {json.loads(x).get("id") for x in lines if x.strip()}
+            if {1, 2, 3} <= ids_now:
+                got_all.set()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    for m in msgs:
+        proc.stdin.write((json.dumps(m) + "\n").encode())
+        proc.stdin.flush()
+    assert got_all.wait(60), f"no answer to every request: {lines}"
+    proc.stdin.close()  # EOF: the server shuts down
     try:
-        out, err = proc.communicate(data, timeout=60)
+        proc.wait(30)
+        err = proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-    lines = [ln for ln in out.decode().splitlines() if ln.strip()]
+    t.join(5)
+    lines = [ln for ln in lines if ln.strip()]
     parsed = [json.loads(ln) for ln in lines]
     assert all(p.get("jsonrpc") == "2.0" for p in parsed)
     ids = {p.get("id") for p in parsed}
