@@ -206,7 +206,7 @@ def _error_result(text: str, structured: dict[str, Any] | None = None) -> mt.Cal
 def _output_schema(spec: ToolSpec) -> dict[str, Any]:
     schema = spec.output_model.model_json_schema(mode="serialization")
     props = schema.setdefault("properties", {})
-    props.setdefault("images", {
+    props.setdefault("saved_images", {
         "type": "array",
         "description": "images this call saved: name, image:// uri, file path, size",
         "items": {"type": "object", "properties": {
@@ -377,7 +377,7 @@ class AtelierServer(MCPServer):
             delivered.append(summary)
         structured = out.structured.model_dump(mode="json")
         if delivered:
-            structured["images"] = delivered
+            structured["saved_images"] = delivered
         return mt.CallToolResult(content=content, structured_content=structured)
 
     def _submit(self, spec: ToolSpec, args: BaseModel, token: CancelToken) -> Future:

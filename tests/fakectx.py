@@ -41,7 +41,11 @@ class FakeContext:
         return p
 
     def load_image(self, ref: str, argument: str, *, mode: str = "keep") -> np.ndarray:
-        if ref.startswith("data:") or not Path(ref).exists():
+        try:
+            is_file = not ref.startswith("data:") and Path(ref).exists()
+        except OSError:  # e.g. a long base64 string is not a valid file name
+            is_file = False
+        if not is_file:
             try:
                 raw = base64.b64decode(ref.split(",", 1)[-1], validate=True)
                 img = Image.open(io.BytesIO(raw))

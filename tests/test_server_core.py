@@ -222,7 +222,7 @@ def test_image_delivery_thumbnail_link_and_resource(tmp_path):
         assert max(thumb.size) <= 512
         link = next(b for b in r.content if b.type == "resource_link")
         assert link.uri.startswith("image://")
-        info = r.structured_content["images"][0]
+        info = r.structured_content["saved_images"][0]
         saved = Path(info["path"])
         assert saved.is_file() and saved.parent == Path(srv.state.settings.resolved_output_dir())
         full = Image.open(saved)

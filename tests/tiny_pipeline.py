@@ -42,7 +42,8 @@ def _prepare() -> None:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The reversible byte -> printable-character table of GPT-2 / CLIP BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -123,6 +124,17 @@ def build_tiny_sd(folder: str | Path, *, inpainting: bool = False, seed: int = 0
     pipe = cls(**tiny_components(inpainting=inpainting, seed=seed), requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+_CACHE: dict[bool, Path] = {}
+
+
+def cached_tiny_sd(*, inpainting: bool = False) -> Path:
+    """One tiny pipeline folder per kind per process (tests share it; it is read-only after saving)."""
+    if inpainting not in _CACHE:
+        root = Path(tempfile.mkdtemp(prefix="atelier-tiny-sd-"))
+        _CACHE[inpainting] = build_tiny_sd(root / ("sd-inpaint" if inpainting else "sd"), inpainting=inpainting)
+    return _CACHE[inpainting]
 
 
 if __name__ == "__main__":  # python tests/tiny_pipeline.py OUT_DIR [--inpainting]

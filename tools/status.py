@@ -41,6 +41,16 @@ class EngineStatusOutput(BaseModel):
     embedded_defaults: dict[str, dict[str, Any]]
     configured_models: dict[str, Any]
     torchvision: str = Field(description="native, shim (pure-torch nms) or missing")
+    diffusion: dict[str, Any] = Field(default_factory=dict,
+                                      description="the configured diffusion pipeline (or how to configure one)")
+
+
+def _diffusion_status(eng: Any, path: str) -> dict[str, Any]:
+    try:
+        from engine import diffusion
+    except Exception as exc:  # pragma: no cover - diffusers broken
+        return {"configured": bool(path), "error": f"diffusion engine unavailable: {exc}"}
+    return diffusion.status(eng, path)
 
 
 def _run(args: EngineStatusInput, ctx: ToolContext) -> ToolOutput:
@@ -63,6 +73,7 @@ def _run(args: EngineStatusInput, ctx: ToolContext) -> ToolOutput:
         queue_depth=eng.scheduler.depth, queue_capacity=eng.scheduler.max_queue, worker_busy=eng.scheduler.busy,
         running=eng.scheduler.running_label, embedded_defaults=embedded_status(), configured_models=configured,
         torchvision=eng.torchvision_state,
+        diffusion=_diffusion_status(eng, models.diffusion),
     )
     avail = [k for k, v in out.embedded_defaults.items() if v["available"]]
     text = (f"device {out.device} ({out.dtype}), kernels: {out.kernel_backend}; "
