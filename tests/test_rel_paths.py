@@ -92,6 +92,9 @@ def vectors(tmp: Path) -> list[str]:
 PATH_ARGS: list[tuple[str, str, dict]] = [
     ("test_load", "image", {}),
     ("detail_image", "image", {"detect_only": True}),
+    ("mask_edit", "image", {"operation": "none", "expression": "r > 0"}),
+    ("mask_edit", "mask_image", {"image": "ok.png", "operation": "none"}),
+    ("mask_edit", "replace_with", {"image": "ok.png", "operation": "replace", "expression": "r > 0"}),
 ]
 
 

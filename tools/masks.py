@@ -1,0 +1,292 @@
+"""mask_edit: select pixels (expression, mask image, shapes, detections), refine, edit.
+
+Order of work: every given source becomes a bool mask; the sources are
+combined with `combine` (and | or | xor), then `invert`, `dilate`, `erode`,
+`remove_small_objects`, `fill_holes` and finally `feather` (a soft edge) are
+applied; the operation runs through that mask. The engine (`engine.masks`)
+documents the exact semantics of every step; the expression language is
+documented in `engine.mask_expr`.
+
+Results: the edited image ("edited"; RGBA when the input, the colour or the
+operation involves transparency, RGB otherwise), the mask preview ("mask",
+grey levels = mask weight) and stats of the mask before feathering. An empty
+selection is not an error: the image comes back unchanged with a note.
+Pixels where the final mask is 0 are the input's, byte for byte.
+
+Limits: expressions obey limits.max_expression_chars / max_expression_depth;
+inpaint needs models.diffusion and obeys limits.max_diffusion_steps and
+limits.max_prompt_chars.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine import masks
+from engine.errors import InvalidInput, ModelUnavailable
+
+from .base import ImageOut, ToolContext, ToolError, ToolOutput, ToolSpec
+
+Operation = Literal["fill", "replace", "blur", "pixelate", "grayscale", "adjust", "hue_shift", "transparent",
+                    "inpaint", "none"]
+
+
+class Shape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["rect", "ellipse", "polygon"] = Field(description="rect, ellipse (inscribed in box) or polygon.")
+    box: list[float] | None = Field(None, description="For rect / ellipse: [x1, y1, x2, y2] (x2, y2 exclusive).")
+    points: list[list[float]] | None = Field(None, description="For polygon: [[x, y], ...], at least 3 points.")
+    units: Literal["px", "relative"] = Field("px", description="px, or relative (fractions 0..1 of the width / "
+                                                               "height: [0.25, 0.25, 0.75, 0.75] = centre half).")
+
+
+class DetectSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[str] = Field(description="What to select: face, person, hand, or a configured detector's class.")
+    threshold: float = Field(0.3, ge=0.0, le=1.0, description="Minimum detection confidence.")
+    use_masks: bool = Field(True, description="Use segmentation masks when the detector gives them, else boxes.")
+
+
+class MaskEditInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="The image to edit: a path in the read roots, an image:// URI, or base64 PNG/JPEG.")
+    operation: Operation = Field(description=(
+        "What to do with the selected pixels: fill (with color), replace (with replace_with's pixels), blur "
+        "(blur_radius), pixelate (pixel_size), grayscale, adjust (brightness, contrast), hue_shift (degrees), "
+        "transparent (alpha 0), inpaint (prompt; needs models.diffusion), none (only return the mask)."))
+    expression: str | None = Field(None, description=(
+        "Select pixels by a condition over channels r g b a (0-255), h (hue degrees), s v (0-1), l lab_a lab_b "
+        "(CIELAB), gray, x y (pixel column/row), width height, delta_e(#rrggbb) (CIEDE2000 distance to a colour); "
+        "numbers, + - * /, abs/min/max, comparisons, & | ^ ~ (or and or xor not), parentheses. Example: "
+        "'(r > 200) & (g < 50) & (b < 50)' or 'delta_e(#1e90ff) < 12'."))
+    mask_image: str | None = Field(None, description="A mask image of the same size; non-zero pixels are selected.")
+    shapes: list[Shape] | None = Field(None, description="Rectangles, ellipses and polygons; their union is selected.")
+    detect: DetectSource | None = Field(None, description="Select detected objects (faces, persons, ...).")
+    combine: Literal["and", "or", "xor"] = Field("and", description="How several sources combine.")
+    invert: bool = Field(False, description="Select the opposite (applied right after combining).")
+    dilate: int = Field(0, ge=0, le=512, description="Grow the selection by this many px (disk).")
+    erode: int = Field(0, ge=0, le=512, description="Shrink the selection by this many px (disk).")
+    remove_small_objects: int = Field(0, ge=0, description="Drop selected blobs of fewer pixels than this.")
+    fill_holes: int = Field(0, ge=0, description="Fill unselected holes of fewer pixels than this.")
+    feather: float = Field(0.0, ge=0.0, le=512.0, description="Soft edge width in px (0 = hard edge).")
+    color: str | None = Field(None, description="For fill: a colour: #rrggbb, #rrggbbaa, rgb(...), or a CSS name.")
+    replace_with: str | None = Field(None, description="For replace: an image of the same size (path, URI, base64).")
+    blur_radius: float = Field(8.0, gt=0.0, le=256.0, description="For blur: Gaussian sigma in px.")
+    pixel_size: int = Field(16, ge=1, le=1024, description="For pixelate: the cell size in px.")
+    brightness: float = Field(1.0, ge=0.0, le=10.0, description="For adjust: brightness factor (1 = unchanged).")
+    contrast: float = Field(1.0, ge=0.0, le=10.0, description="For adjust: contrast factor around mid-grey (1 = "
+                                                              "unchanged).")
+    degrees: float = Field(0.0, ge=-360.0, le=360.0, description="For hue_shift: hue rotation in degrees.")
+    prompt: str | None = Field(None, description="For inpaint: what to paint into the selection.")
+    negative_prompt: str = Field("", description="For inpaint: what not to paint.")
+    strength: float = Field(0.75, gt=0.0, le=1.0, description="For inpaint: how much to change (0..1].")
+    steps: int = Field(20, ge=1, description="For inpaint: denoising steps.")
+    guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="For inpaint: classifier-free guidance.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="For inpaint: random seed (None = random).")
+    inline_full: bool = Field(False, description="Return the full-resolution edited PNG inline instead of a "
+                                                 "thumbnail.")
+
+
+class MaskEditOutput(BaseModel):
+    width: int = Field(description="Image width in px.")
+    height: int = Field(description="Image height in px.")
+    operation: str = Field(description="The operation applied.")
+    selected_pixels: int = Field(description="Pixels selected (before feathering).")
+    fraction: float = Field(description="selected_pixels / (width * height).")
+    bbox: list[int] | None = Field(description="[x1, y1, x2, y2] of the selection (x2, y2 exclusive), or null.")
+    components: int = Field(description="Number of 8-connected selected regions.")
+    feathered: bool = Field(description="Whether a soft edge was applied.")
+    mode: Literal["RGB", "RGBA"] = Field(description="Channels of the edited image.")
+    note: str = Field("", description="Anything worth knowing (empty selection, ...).")
+
+
+def _engine_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except InvalidInput as exc:
+        raise ToolError(str(exc)) from exc
+
+
+def _parse_color(text: str) -> tuple[int, ...]:
+    from PIL import ImageColor
+
+    try:
+        rgba = ImageColor.getcolor(text.strip(), "RGBA")
+    except (ValueError, AttributeError) as exc:
+        raise ToolError.invalid("color", text, "not a colour: use #rrggbb, #rrggbbaa, rgb(r, g, b) or a CSS name"
+                                ) from exc
+    return tuple(rgba) if rgba[3] != 255 else tuple(rgba[:3])
+
+
+def _detections(ctx: ToolContext, rgb: Any, spec: DetectSource) -> list[Any]:
+    try:
+        detect_engine = importlib.import_module("engine.detect")
+    except ImportError as exc:
+        raise ToolError("detect: detections need the detector engine (engine.detect), which is not installed in "
+                        "this build") from exc
+    detectors = dict(getattr(ctx.settings.models, "detectors", {}) or {})
+    try:
+        return detect_engine.detect(ctx.engine, rgb, spec.targets, threshold=spec.threshold, detectors=detectors)
+    except (InvalidInput, ModelUnavailable) as exc:
+        raise ToolError(f"detect: {exc}") from exc
+
+
+def _build_mask(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any) -> Any:
+    h, w = arr.shape[:2]
+    device = image.device
+    sources = []
+    if args.expression is not None:
+        lim = ctx.settings.limits
+        sources.append(_engine_call(masks.evaluate_expression, args.expression, image,
+                                    max_chars=lim.max_expression_chars, max_depth=lim.max_expression_depth))
+        ctx.check()
+    if args.mask_image is not None:
+        arr = ctx.load_image(args.mask_image, "mask_image", mode="keep")
+        sources.append(_engine_call(masks.image_mask, arr, h, w, device=device))
+    if args.shapes is not None:
+        if not args.shapes:
+            raise ToolError.invalid("shapes", [], "give at least one shape, or leave shapes out")
+        shapes = [s.model_dump(exclude_none=True) for s in args.shapes]
+        sources.append(_engine_call(masks.shape_mask, shapes, h, w, device=device))
+    if args.detect is not None:
+        dets = _detections(ctx, arr[..., :3].copy(), args.detect)
+        sources.append(masks.detection_mask(dets, h, w, use_masks=args.detect.use_masks, device=device))
+        ctx.check()
+    if not sources:
+        raise ToolError.invalid("expression", None, "give at least one mask source: expression, mask_image, shapes "
+                                "or detect")
+    mask = masks.combine(sources, args.combine)
+    if args.invert:
+        mask = masks.invert(mask)
+    if args.dilate:
+        mask = masks.dilate(mask, args.dilate)
+    if args.erode:
+        mask = masks.erode(mask, args.erode)
+    if args.remove_small_objects:
+        mask = masks.remove_small_objects(mask, args.remove_small_objects)
+    if args.fill_holes:
+        mask = masks.fill_small_holes(mask, args.fill_holes)
+    ctx.check()
+    return mask
+
+
+def _inpaint(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, soft: Any) -> Any:
+    if not args.prompt:
+        raise ToolError.invalid("prompt", args.prompt, "operation=inpaint needs a prompt")
+    if len(args.prompt) > ctx.settings.limits.max_prompt_chars or \
+            len(args.negative_prompt) > ctx.settings.limits.max_prompt_chars:
+        raise ToolError.invalid("prompt", args.prompt, f"longer than limits.max_prompt_chars="
+                                                        f"{ctx.settings.limits.max_prompt_chars}")
+    if args.steps > ctx.settings.limits.max_diffusion_steps:
+        raise ToolError.invalid("steps", args.steps, f"more than limits.max_diffusion_steps="
+                                                      f"{ctx.settings.limits.max_diffusion_steps}")
+    model_path = str(ctx.settings.models.diffusion or "")
+    if not model_path:
+        raise ToolError("operation=inpaint needs a diffusion model: set models.diffusion to a local diffusers "
+                        "inpainting pipeline folder in atelier.toml")
+    try:
+        diffusion = importlib.import_module("engine.diffusion")
+    except ImportError as exc:
+        raise ToolError("operation=inpaint needs the diffusion engine (engine.diffusion), which is not installed "
+                        "in this build") from exc
+    rgb = arr[..., :3].copy()
+    weight = masks.mask_weights(soft)
+    try:
+        painted = diffusion.inpaint(ctx.engine, model_path, rgb, weight, args.prompt,
+                                    negative_prompt=args.negative_prompt, strength=args.strength, steps=args.steps,
+                                    guidance_scale=args.guidance_scale, seed=args.seed, token=ctx.cancel_token(),
+                                    progress=lambda done, total: ctx.report(done, total, "inpainting"))
+    except (InvalidInput, ModelUnavailable) as exc:
+        raise ToolError(str(exc)) from exc
+    other = masks.as_image_tensor(painted, image.device)
+    # diffusion.inpaint already blends; composite again so alpha and unmasked pixels stay exact
+    return masks.apply_replace(image, soft, other)
+
+
+def _apply(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, soft: Any) -> Any:
+    op = args.operation
+    if op == "fill":
+        if args.color is None:
+            raise ToolError.invalid("color", None, "operation=fill needs a color")
+        return _engine_call(masks.apply_fill, image, soft, _parse_color(args.color))
+    if op == "replace":
+        if args.replace_with is None:
+            raise ToolError.invalid("replace_with", None, "operation=replace needs replace_with (an image)")
+        other = masks.as_image_tensor(ctx.load_image(args.replace_with, "replace_with", mode="RGBA"), image.device)
+        return _engine_call(masks.apply_replace, image, soft, other)
+    if op == "blur":
+        return _engine_call(masks.apply_blur, image, soft, args.blur_radius)
+    if op == "pixelate":
+        return _engine_call(masks.apply_pixelate, image, soft, args.pixel_size)
+    if op == "grayscale":
+        return _engine_call(masks.apply_grayscale, image, soft)
+    if op == "adjust":
+        return _engine_call(masks.apply_adjust, image, soft, args.brightness, args.contrast)
+    if op == "hue_shift":
+        return _engine_call(masks.apply_hue_shift, image, soft, args.degrees)
+    if op == "transparent":
+        return _engine_call(masks.apply_transparent, image, soft)
+    if op == "inpaint":
+        return _inpaint(args, ctx, arr, image, soft)
+    return image  # "none"
+
+
+def run(args: MaskEditInput, ctx: ToolContext) -> ToolOutput:
+    if args.operation == "fill" and args.color is None:
+        raise ToolError.invalid("color", None, "operation=fill needs a color")
+    arr = ctx.load_image(args.image, "image", mode="RGBA")  # uint8 [H, W, 4]
+    h, w = arr.shape[:2]
+    image = masks.as_image_tensor(arr, ctx.engine.device)
+    ctx.check()
+    hard = _build_mask(args, ctx, arr, image)
+    stats = masks.mask_stats(hard)
+    soft = masks.feather(hard, args.feather) if args.feather > 0 else hard
+    note = ""
+    if stats["selected_pixels"] == 0:
+        note = "the mask selects no pixels; the image is returned unchanged"
+        edited = image
+    else:
+        ctx.check()
+        edited = _apply(args, ctx, arr, image, soft)
+    out = masks.to_numpy(edited)
+    opaque = bool((out[..., 3] == 255).all())
+    keep_alpha = args.operation == "transparent" or not opaque
+    if not keep_alpha:
+        out = out[..., :3].copy()
+    mode = "RGBA" if keep_alpha else "RGB"
+    structured = MaskEditOutput(width=w, height=h, operation=args.operation, selected_pixels=stats["selected_pixels"],
+                                fraction=stats["fraction"], bbox=stats["bbox"], components=stats["components"],
+                                feathered=args.feather > 0, mode=mode, note=note)
+    text = (f"mask_edit {args.operation}: {stats['selected_pixels']} of {w * h} pixels selected "
+            f"({100.0 * stats['fraction']:.2f}%, {stats['components']} region(s))"
+            + (f", bbox {stats['bbox']}" if stats["bbox"] else "") + (f". Note: {note}" if note else "") + ".")
+    images = [ImageOut(out, "edited", {"operation": args.operation}), ImageOut(masks.mask_preview(soft), "mask")]
+    return ToolOutput(text=text, structured=structured, images=images)
+
+
+TOOLS = [
+    ToolSpec(
+        name="mask_edit",
+        title="Edit the pixels selected by a mask",
+        description=(
+            "Select pixels with a safe expression over channels (e.g. '(r > 200) & (g < 50) & (b < 50)' for red, "
+            "'delta_e(#1e90ff) < 12' for colours near dodger blue, 'x < width / 2' for the left half), a mask "
+            "image, shapes (rect / ellipse / polygon, px or relative) or detections (faces, persons); refine "
+            "(invert, dilate, erode, remove small objects, fill holes, feather) and apply an operation: fill, "
+            "replace, blur, pixelate, grayscale, adjust, hue_shift, transparent, inpaint. Returns the edited "
+            "image, a mask preview and the selection's stats."),
+        input_model=MaskEditInput,
+        output_model=MaskEditOutput,
+        run=run,
+        execution="device",
+        long_running=True,  # only inpaint takes long; the rest finishes well inside the deadline
+        read_only=True,
+        priority=0,
+    ),
+]
