@@ -125,6 +125,10 @@ def configure_offline(cache_dir: str | os.PathLike[str], hf_offline: bool = True
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "False")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(yolo_dir))
@@ -143,6 +147,17 @@ def _ultralytics_settings() -> None:
                          "neptune": False, "raytune": False})
     except Exception:
         log.debug("could not update ultralytics settings", exc_info=True)
+
+
+def quiet_progress_bars() -> None:
+    """tqdm bars of transformers/diffusers go to stderr; in a server they are noise."""
+    for mod_name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and hasattr(mod, "disable_progress_bar"):
+            try:
+                mod.disable_progress_bar()
+            except Exception:
+                pass
 
 
 def prepare(cache_dir: str | os.PathLike[str], hf_offline: bool = True) -> str:

@@ -72,7 +72,10 @@ class Sandbox:
         candidates = [Path(text)] if os.path.isabs(text) else [root / text for root in self.read_roots]
         outside = None
         for cand in candidates:
-            real = os.path.realpath(cand)
+            try:
+                real = os.path.realpath(cand)
+            except OSError as exc:  # e.g. a /proc link we may not read
+                raise ToolError.invalid(argument, path, f"cannot be resolved: {exc.strerror}") from None
             if self._root_of(real) is None:
                 outside = real
                 continue
@@ -86,7 +89,7 @@ class Sandbox:
                 kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (FIFO, socket or device)"
                 raise ToolError.invalid(argument, path, f"is {kind}; only regular files can be read")
             return Path(real)
-        if outside is not None and all(self._root_of(os.path.realpath(c)) is None for c in candidates):
+        if outside is not None:
             raise ToolError.invalid(
                 argument, path,
                 "resolves outside the allowed read roots (paths must stay inside the configured read roots; "

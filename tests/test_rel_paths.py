@@ -39,6 +39,8 @@ def build_tree(tmp: Path) -> Path:
     root = tmp / "data"
     root.mkdir(exist_ok=True)
     _png(root / "ok.png")
+    (root / "cat.jsonl").write_text('{"id": "a", "title": "x", "category": "c", "embedding": [1.0, 0.0]}\n'
+                                    '{"id": "b", "title": "y", "category": "c", "embedding": [0.0, 1.0]}\n')
     (root / "sub").mkdir()
     _png(root / "sub" / "ok2.png")
     outside = tmp / "outside"
@@ -95,6 +97,9 @@ PATH_ARGS: list[tuple[str, str, dict]] = [
     ("mask_edit", "image", {"operation": "none", "expression": "r > 0"}),
     ("mask_edit", "mask_image", {"image": "ok.png", "operation": "none"}),
     ("mask_edit", "replace_with", {"image": "ok.png", "operation": "replace", "expression": "r > 0"}),
+    ("recommend_topk", "catalog", {"vector": [1.0, 0.0], "k": 1}),
+    ("catalog_info", "catalog", {}),
+    ("catalog_upsert", "catalog", {"delete": ["a"]}),
 ]
 
 
@@ -127,7 +132,8 @@ def test_every_path_argument_refuses_every_vector(tmp_path):
                         assert r.is_error, f"{tool}.{arg}={v!r} was accepted: {text[:200]}"
                         assert "Traceback" not in text
                         stats["refused"] += 1
-                    ok = await c.call_tool(tool, {**extra, arg: "ok.png"})
+                    good = "cat.jsonl" if arg == "catalog" else "ok.png"
+                    ok = await c.call_tool(tool, {**extra, arg: good})
                     assert not ok.is_error, ok.content[0].text
         finally:
             server.state.close()

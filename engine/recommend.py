@@ -1,0 +1,801 @@
+"""Recommendation: an embedding catalogue on the engine device with exact top-k search.
+
+    svc = engine.service("catalog", CatalogService)
+    cat, report = svc.open(path_or_None, model="", dtype="float32", max_rows=2_000_000, token=token)
+    hits = cat.search(Query(vector=v, k=5, category_limit=2))      # v: [dim] float, any norm
+
+What it knows: rows (an `id`, a `category`, any other fields), a row-major
+matrix of L2-normalised embeddings `[capacity, dim]` (fp32, or fp16) on the
+engine device, and cosine scores. It does not know MCP, JSON arguments or
+client paths: the tool layer resolves paths and limits.
+
+Exactness: results equal a brute-force sort of all valid rows by (score
+descending, row ascending), where a row's position is its order in the file,
+then upserts in arrival order (an update keeps its row). Filters, `exclude`
+and deleted rows are masked to -inf before the top-k, so they never cost
+exactness; `min_score` cuts the sorted list; `category_limit` is a greedy
+walk down the sorted list, and the search widens (k' doubles) until k items
+pass or every valid row was seen.
+
+Scanning: the matrix is scanned `chunk_rows` rows at a time (never more
+than one chunk of scores `[B, chunk]` in memory), each chunk's top-k merged
+into a running top-k with `kernels.topk` (lower position wins ties).
+Concurrent `search` calls coalesce: requests that arrive while a product is
+running are served together by the next one (`Coalescer`).
+
+Online updates: `upsert` overwrites a row in place or appends (capacity
+doubles when full); `delete` leaves a tombstone (masked); tombstones are
+compacted (order kept) when they outnumber live rows.
+
+Files: JSONL, CSV or Parquet; malformed rows are reported with their line
+(row) number and skipped. Embeddings of a file are cached beside it (or in
+the engine cache dir when that folder is read-only) as `.npy`, keyed by
+model and a hash of the embedded texts, written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kernels.topk import topk
+
+from .errors import InvalidInput
+
+DEMO_CATALOG = Path(__file__).resolve().parent / "data" / "demo_catalog.jsonl"
+TEXT_FIELDS = ("name", "title", "brand", "category", "description", "text", "tags")
+VECTOR_FIELDS = ("embedding", "vector")
+DEFAULT_CHUNK_ROWS = 1 << 17
+FILTER_OPS = ("eq", "in", "min", "max")
+MAX_FILTER_VALUES = 256
+
+
+# -- rows ------------------------------------------------------------------
+def clean_row(raw: Any, where: str) -> tuple[dict[str, Any], list[float] | None]:
+    """Validate one raw row -> (fields with a str `id`, its embedding or None). ValueError names `where`."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: expected an object with an 'id', got {type(raw).__name__}")
+    row = dict(raw)
+    rid = row.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid).strip() == "":
+        raise ValueError(f"{where}: 'id' must be a non-empty string or integer, got {rid!r}")
+    row["id"] = str(rid).strip()
+    cat = row.get("category", "")
+    if cat is None:
+        cat = ""
+    if not isinstance(cat, str):
+        raise ValueError(f"{where}: 'category' must be a string, got {cat!r}")
+    row["category"] = cat
+    vec = None
+    for name in VECTOR_FIELDS:
+        if name in row:
+            v = row.pop(name)
+            if isinstance(v, str):
+                try:
+                    v = json.loads(v) if v.strip().startswith("[") else [float(t) for t in v.split()]
+                except ValueError as exc:
+                    raise ValueError(f"{where}: '{name}' is not a list of numbers") from exc
+            if not isinstance(v, (list, tuple, np.ndarray)) or len(v) == 0:
+                raise ValueError(f"{where}: '{name}' must be a non-empty list of numbers")
+            try:
+                vec = [float(x) for x in v]
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}: '{name}' must be a list of numbers") from exc
+            if not all(math.isfinite(x) for x in vec) or not any(vec):
+                raise ValueError(f"{where}: '{name}' must be finite and not all zero")
+    for key, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: field {key!r} is {value!r}")
+    return row, vec
+
+
+def row_text(row: Mapping[str, Any]) -> str:
+    """The text a row is embedded from: its text fields, in TEXT_FIELDS order."""
+    parts = []
+    for f in TEXT_FIELDS:
+        v = row.get(f)
+        if isinstance(v, (list, tuple)):
+            v = ", ".join(str(x) for x in v)
+        if v not in (None, ""):
+            parts.append(str(v))
+    return ". ".join(parts) if parts else str(row["id"])
+
+
+def _csv_value(v: str) -> Any:
+    s = v.strip()
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    low = s.lower()
+    return {"true": True, "false": False}.get(low, s) if low in ("true", "false") else s
+
+
+def _raw_rows(path: Path) -> Iterable[tuple[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        with path.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {i}", json.loads(line)
+                except ValueError as exc:
+                    yield f"line {i}", ValueError(f"line {i}: not valid JSON ({exc.msg})")
+    elif suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            for rec in reader:
+                where = f"line {reader.line_num}"
+                if None in rec or any(v is None for v in rec.values()):
+                    yield where, ValueError(f"{where}: wrong number of columns")
+                    continue
+                yield where, {k: (v if k in ("id", "category") + VECTOR_FIELDS else _csv_value(v))
+                              for k, v in rec.items() if not (v == "" and k not in ("id",))}
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        i = 0
+        for batch in pf.iter_batches(batch_size=65536):
+            for rec in batch.to_pylist():
+                i += 1
+                yield f"row {i}", rec
+    else:
+        raise InvalidInput("catalog", str(path), "unsupported format: expected .jsonl, .csv or .parquet")
+
+
+def read_catalog(path: Path, *, max_rows: int, max_errors: int = 50
+                 ) -> tuple[list[dict[str, Any]], list[list[float] | None], list[str]]:
+    """Read a catalogue file -> (rows, vectors (None where absent), error messages). Raises InvalidInput
+    when the file has more than `max_rows` rows or no valid row."""
+    rows: list[dict[str, Any]] = []
+    vecs: list[list[float] | None] = []
+    errors: list[str] = []
+    n_err = 0
+    seen: set[str] = set()
+    try:
+        for where, raw in _raw_rows(path):
+            try:
+                if isinstance(raw, Exception):
+                    raise raw
+                row, vec = clean_row(raw, where)
+                if row["id"] in seen:
+                    raise ValueError(f"{where}: duplicate id {row['id']!r}")
+            except ValueError as exc:
+                n_err += 1
+                if len(errors) < max_errors:
+                    errors.append(str(exc))
+                continue
+            seen.add(row["id"])
+            rows.append(row)
+            vecs.append(vec)
+            if len(rows) > max_rows:
+                raise InvalidInput("catalog", str(path), f"has more than {max_rows} rows (limits.max_catalog_rows)")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput("catalog", str(path), f"cannot be read: {exc}") from exc
+    except InvalidInput:
+        raise
+    except Exception as exc:  # pyarrow / csv format errors
+        raise InvalidInput("catalog", str(path), f"cannot be parsed: {exc}") from exc
+    if n_err > len(errors):
+        errors.append(f"... and {n_err - len(errors)} more malformed rows")
+    if not rows:
+        raise InvalidInput("catalog", str(path), "no valid rows" + (f" ({errors[0]})" if errors else ""))
+    with_vec = sum(v is not None for v in vecs)
+    if 0 < with_vec < len(rows):
+        raise InvalidInput("catalog", str(path), f"{with_vec} of {len(rows)} rows have an embedding: "
+                           "either every row or none must have one")
+    if with_vec:
+        dims = Counter(len(v) for v in vecs if v is not None)
+        if len(dims) > 1:
+            raise InvalidInput("catalog", str(path), f"embeddings of different lengths: {dict(dims)}")
+    return rows, vecs, errors
+
+
+# -- queries and coalescing --------------------------------------------------
+@dataclass
+class Query:
+    vector: torch.Tensor  # [dim] float, any norm (normalised here)
+    k: int
+    filters: Mapping[str, Any] | None = None
+    category_limit: int | None = None
+    exclude_rows: frozenset[int] = frozenset()
+    min_score: float | None = None
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    row: int
+    fields: dict[str, Any]
+
+
+@dataclass
+class _Slot:
+    request: Any
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
+class Coalescer:
+    """Serves concurrent requests in batches: whoever finds no batch running runs the next one.
+
+    `submit` blocks until its request is served. While a batch runs, new
+    requests queue; when it ends, one waiting caller takes everything queued
+    (up to `max_batch`, oldest first) and runs it as one batch. Deterministic
+    for tests: `pending` and `wait_pending(n)` expose the queue, `batches`
+    records each batch's size.
+    """
+
+    def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch: int = 64) -> None:
+        self._run = run_batch
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._queue: list[_Slot] = []
+        self._running = False
+        self.batches: list[int] = []
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def wait_pending(self, n: int, timeout: float = 10.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._queue) >= n, timeout)
+
+    def submit(self, request: Any) -> Any:
+        slot = _Slot(request)
+        with self._cond:
+            self._queue.append(slot)
+            self._cond.notify_all()
+            while not slot.done:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                batch = self._queue[:self.max_batch]
+                del self._queue[:self.max_batch]
+                self._running = True
+                self._cond.release()
+                try:
+                    try:
+                        results = self._run([s.request for s in batch])
+                        for s, r in zip(batch, results, strict=True):
+                            s.result = r
+                    except BaseException as exc:  # every caller of the batch sees the error
+                        for s in batch:
+                            s.error = exc
+                finally:
+                    self._cond.acquire()
+                    for s in batch:
+                        s.done = True
+                    self.batches.append(len(batch))
+                    self._running = False
+                    self._cond.notify_all()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+
+# -- the catalogue -----------------------------------------------------------
+class Catalog:
+    """Rows + a normalised embedding matrix on `device`. Thread-safe (one lock; queries coalesce)."""
+
+    def __init__(self, dim: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, model: str = "", source: str = "",
+                 capacity: int = 1024) -> None:
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"dtype={dtype}: expected float32 or float16")
+        self.dim = int(dim)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.chunk_rows = int(chunk_rows)
+        self.model = model
+        self.source = source
+        self._lock = threading.RLock()
+        self._matrix = torch.zeros((max(1, capacity), self.dim), dtype=dtype, device=self.device)
+        self._np: np.ndarray | None = None  # zero-copy view for the CPU fp32 product
+        self._n = 0  # rows used, tombstones included
+        self._alive = np.zeros(max(1, capacity), dtype=bool)
+        self._alive_t: torch.Tensor | None = None  # device copy of _alive[:n], rebuilt on change
+        self._ids: list[str] = []
+        self._rows: list[dict[str, Any] | None] = []
+        self._row_of: dict[str, int] = {}
+        self._cats: Counter[str] = Counter()
+        self._columns: dict[str, np.ndarray] = {}
+        self._numeric: dict[str, np.ndarray] = {}
+        self._dead = 0
+        self.version = 0
+        self._batcher = Coalescer(self._search_batch)
+        self._refresh_views()
+
+    # -- size and info -------------------------------------------------------
+    def __len__(self) -> int:
+        return self._n - self._dead
+
+    @property
+    def capacity(self) -> int:
+        return self._matrix.shape[0]
+
+    @property
+    def device_bytes(self) -> int:
+        return self._matrix.numel() * self._matrix.element_size()
+
+    def categories(self) -> dict[str, int]:
+        with self._lock:
+            return {c: n for c, n in sorted(self._cats.items(), key=lambda kv: (-kv[1], kv[0])) if n > 0}
+
+    def fields(self) -> list[str]:
+        with self._lock:
+            return sorted(self._columns)
+
+    def has(self, item_id: str) -> bool:
+        return item_id in self._row_of
+
+    def row_of(self, item_id: str) -> int:
+        row = self._row_of.get(item_id)
+        if row is None:
+            raise InvalidInput("item_id", item_id, "unknown item id in this catalogue")
+        return row
+
+    def vector(self, item_id: str) -> torch.Tensor:
+        """The stored (normalised) vector of an item: [dim] float32."""
+        with self._lock:
+            return self._matrix[self.row_of(item_id)].float().clone()
+
+    def item(self, item_id: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._rows[self.row_of(item_id)]
+            assert row is not None
+            return dict(row)
+
+    # -- updates -------------------------------------------------------------
+    def _refresh_views(self) -> None:
+        self._np = self._matrix.numpy() if (self.device.type == "cpu" and self.dtype == torch.float32) else None
+        self._alive_t = None
+
+    def _grow(self, need: int) -> None:
+        cap = self.capacity
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap if cap < (1 << 20) else cap + cap // 4)
+        m = torch.zeros((new_cap, self.dim), dtype=self.dtype, device=self.device)
+        m[:self._n] = self._matrix[:self._n]
+        self._matrix = m
+        alive = np.zeros(new_cap, dtype=bool)
+        alive[:self._n] = self._alive[:self._n]
+        self._alive = alive
+        for name, col in list(self._columns.items()):
+            self._columns[name] = np.concatenate([col, np.full(new_cap - len(col), None, dtype=object)])
+        self._numeric.clear()
+        self._refresh_views()
+
+    def upsert(self, rows: Sequence[Mapping[str, Any]], vectors: torch.Tensor) -> tuple[int, int]:
+        """Add or replace rows (each with a str `id`); vectors: [n, dim] any float (normalised here).
+        Returns (added, updated). The next search sees the change."""
+        if vectors.dim() != 2 or vectors.shape[0] != len(rows) or vectors.shape[1] != self.dim:
+            raise InvalidInput("vectors", tuple(vectors.shape), f"expected [{len(rows)}, {self.dim}]")
+        v = torch.nn.functional.normalize(vectors.float(), dim=-1).to(self.device, self.dtype)
+        added = updated = 0
+        with self._lock:
+            ids = [str(r["id"]) for r in rows]
+            new = sum(1 for r in set(ids) if r not in self._row_of)
+            self._grow(self._n + new)
+            if new == len(rows) and len(set(ids)) == len(ids):  # bulk append (a file load)
+                return self._append(rows, ids, v), 0
+            for i, raw in enumerate(rows):
+                row = dict(raw)
+                rid = str(row["id"])
+                row.setdefault("category", "")
+                pos = self._row_of.get(rid)
+                if pos is None:
+                    pos = self._n
+                    self._n += 1
+                    self._ids.append(rid)
+                    self._rows.append(None)
+                    self._row_of[rid] = pos
+                    added += 1
+                else:
+                    old = self._rows[pos]
+                    assert old is not None
+                    self._cats[old["category"]] -= 1
+                    for name in old:
+                        if name not in row:
+                            self._columns[name][pos] = None
+                    updated += 1
+                self._rows[pos] = row
+                self._alive[pos] = True
+                self._cats[row["category"]] += 1
+                for name, value in row.items():
+                    col = self._columns.get(name)
+                    if col is None:
+                        col = self._columns[name] = np.full(self.capacity, None, dtype=object)
+                    col[pos] = value
+                self._matrix[pos] = v[i]
+            self._numeric.clear()
+            self._alive_t = None
+            self.version += 1
+        return added, updated
+
+    def _append(self, rows: Sequence[Mapping[str, Any]], ids: list[str], v: torch.Tensor) -> int:
+        lo, hi = self._n, self._n + len(rows)
+        clean = [dict(r) for r in rows]
+        for row, rid in zip(clean, ids):
+            row["id"] = rid
+            row.setdefault("category", "")
+        names = {name for row in clean for name in row}
+        for name in names:
+            col = self._columns.get(name)
+            if col is None:
+                col = self._columns[name] = np.full(self.capacity, None, dtype=object)
+            for i, row in enumerate(clean, lo):  # element-wise: list values must stay single objects
+                col[i] = row.get(name)
+        self._matrix[lo:hi] = v
+        self._alive[lo:hi] = True
+        self._ids.extend(ids)
+        self._rows.extend(clean)
+        self._row_of.update((rid, lo + i) for i, rid in enumerate(ids))
+        self._cats.update(row["category"] for row in clean)
+        self._n = hi
+        self._numeric.clear()
+        self._alive_t = None
+        self.version += 1
+        return len(rows)
+
+    def delete(self, ids: Iterable[str]) -> int:
+        """Remove items by id (unknown ids raise InvalidInput before anything changes)."""
+        with self._lock:
+            ids = list(dict.fromkeys(str(i) for i in ids))
+            for rid in ids:
+                if rid not in self._row_of:
+                    raise InvalidInput("delete", rid, "unknown item id in this catalogue")
+            for rid in ids:
+                pos = self._row_of.pop(rid)
+                row = self._rows[pos]
+                assert row is not None
+                self._cats[row["category"]] -= 1
+                self._rows[pos] = None
+                self._alive[pos] = False
+                for col in self._columns.values():
+                    col[pos] = None
+                self._dead += 1
+            self._numeric.clear()
+            self._alive_t = None
+            self.version += 1
+            if self._dead > 1024 and self._dead * 2 > self._n:
+                self._compact()
+            return len(ids)
+
+    def _compact(self) -> None:
+        keep = np.flatnonzero(self._alive[:self._n])
+        keep_t = torch.from_numpy(keep).to(self.device)
+        n = len(keep)
+        self._matrix[:n] = self._matrix[keep_t].clone()
+        self._matrix[n:self._n] = 0
+        for name, col in self._columns.items():
+            col[:n] = col[keep]
+            col[n:self._n] = None
+        self._ids = [self._ids[i] for i in keep]
+        self._rows = [self._rows[i] for i in keep]
+        self._row_of = {rid: i for i, rid in enumerate(self._ids)}
+        self._alive[:n] = True
+        self._alive[n:self._n] = False
+        self._n, self._dead = n, 0
+        self._refresh_views()
+
+    # -- search --------------------------------------------------------------
+    def search(self, q: Query) -> list[Hit]:
+        """Exact top-k for one query; concurrent callers share one matrix product."""
+        return self._batcher.submit(q)
+
+    def search_many(self, qs: Sequence[Query]) -> list[list[Hit]]:
+        """Exact top-k for several queries in one product (no queueing)."""
+        return self._search_batch(list(qs))
+
+    def _check_query(self, q: Query) -> torch.Tensor:
+        v = q.vector
+        if v.dim() != 1 or v.shape[0] != self.dim:
+            raise InvalidInput("vector", f"{tuple(v.shape)}", f"expected {self.dim} numbers (the catalogue's dimension)")
+        v = v.float()
+        if not bool(torch.isfinite(v).all()) or float(v.abs().max()) == 0.0:
+            raise InvalidInput("vector", "...", "must be finite and not all zero")
+        if q.k < 1:
+            raise InvalidInput("k", q.k, "must be >= 1")
+        if q.category_limit is not None and q.category_limit < 1:
+            raise InvalidInput("category_limit", q.category_limit, "must be >= 1")
+        return torch.nn.functional.normalize(v, dim=0)
+
+    def _filter_mask(self, filters: Mapping[str, Any]) -> np.ndarray:
+        n = self._n
+        mask = np.ones(n, dtype=bool)
+        for name, cond in filters.items():
+            if name not in self._columns:
+                raise InvalidInput("filters", name, f"unknown field; known fields: {', '.join(self.fields())}")
+            col = self._columns[name][:n]
+            if isinstance(cond, Mapping):
+                bad = [k for k in cond if k not in FILTER_OPS]
+                if bad or not cond:
+                    raise InvalidInput(f"filters.{name}", dict(cond), f"expected a value, a list, or an object "
+                                       f"with keys among {FILTER_OPS}")
+                if "eq" in cond:
+                    mask &= _equals(col, cond["eq"], f"filters.{name}.eq")
+                if "in" in cond:
+                    mask &= _member(col, cond["in"], f"filters.{name}.in")
+                for op in ("min", "max"):
+                    if op in cond:
+                        bound = cond[op]
+                        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+                            raise InvalidInput(f"filters.{name}.{op}", bound, "must be a number")
+                        num = self._numeric_column(name)[:n]
+                        with np.errstate(invalid="ignore"):
+                            mask &= (num >= bound) if op == "min" else (num <= bound)
+            elif isinstance(cond, (list, tuple)):
+                mask &= _member(col, cond, f"filters.{name}")
+            else:
+                mask &= _equals(col, cond, f"filters.{name}")
+        return mask
+
+    def _numeric_column(self, name: str) -> np.ndarray:
+        num = self._numeric.get(name)
+        if num is None:
+            col = self._columns[name]
+            num = np.array([float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else np.nan
+                            for x in col[:self._n]], dtype=np.float64)
+            self._numeric[name] = num
+        return num
+
+    def _valid(self, q: Query) -> tuple[torch.Tensor | None, int]:
+        """(bool mask [n] on device, or None when every row is valid; number of valid rows)."""
+        n = self._n
+        if not q.filters and not q.exclude_rows:
+            if self._dead == 0:
+                return None, n
+            if self._alive_t is None:
+                self._alive_t = torch.from_numpy(self._alive[:n].copy()).to(self.device)
+            return self._alive_t, n - self._dead
+        mask = self._alive[:n].copy()
+        if q.filters:
+            mask &= self._filter_mask(q.filters)
+        for r in q.exclude_rows:
+            if 0 <= r < n:
+                mask[r] = False
+        return torch.from_numpy(mask).to(self.device), int(mask.sum())
+
+    def _scores(self, qm: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """qm: [B, dim] in the matrix dtype -> scores [B, hi - lo] float32 for rows lo..hi."""
+        if self._np is not None:  # CPU fp32: numpy's BLAS is the fastest sgemm/sgemv here
+            q_np = qm.numpy()
+            s = (self._np[lo:hi] @ q_np[0])[None] if q_np.shape[0] == 1 else q_np @ self._np[lo:hi].T
+            return torch.from_numpy(s)
+        chunk = self._matrix[lo:hi]
+        if qm.shape[0] == 1:
+            return (chunk @ qm[0]).float()[None]
+        return (qm @ chunk.T).float()
+
+    def _scan(self, vecs: torch.Tensor, masks: list[torch.Tensor | None], kmax: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Running top-`kmax` over all chunks. vecs: [B, dim] float32 normalised -> (values [B, kmax'],
+        rows [B, kmax']) with kmax' = min(kmax, n); masked rows score -inf."""
+        n = self._n
+        qm = vecs.to(self.device, self.dtype)
+        best_v: torch.Tensor | None = None
+        best_i: torch.Tensor | None = None
+        for lo in range(0, n, self.chunk_rows):
+            hi = min(n, lo + self.chunk_rows)
+            s = self._scores(qm, lo, hi)  # [B, c] float32
+            if any(m is not None for m in masks):
+                s = s.clone() if self._np is not None else s
+                for b, m in enumerate(masks):
+                    if m is not None:
+                        s[b].masked_fill_(~m[lo:hi], float("-inf"))
+            v, i = topk(s, min(kmax, hi - lo))
+            i = i + lo
+            if best_v is not None:
+                assert best_i is not None
+                v, j = topk(torch.cat([best_v, v], dim=1), min(kmax, best_v.shape[1] + v.shape[1]))
+                i = torch.gather(torch.cat([best_i, i], dim=1), 1, j)
+            best_v, best_i = v, i
+        assert best_v is not None and best_i is not None
+        return best_v.cpu(), best_i.cpu()
+
+    def _walk(self, q: Query, vals: list[float], rows: list[int]) -> tuple[list[Hit], bool]:
+        """Greedy pass down the sorted candidates -> (hits, final). Not final: more candidates needed."""
+        hits: list[Hit] = []
+        per_cat: Counter[str] = Counter()
+        for v, r in zip(vals, rows):
+            if v == float("-inf") or (q.min_score is not None and v < q.min_score):
+                return hits, True
+            row = self._rows[r]
+            assert row is not None
+            if q.category_limit is not None:
+                cat = row["category"]
+                if per_cat[cat] >= q.category_limit:
+                    continue
+                per_cat[cat] += 1
+            hits.append(Hit(id=self._ids[r], score=float(v), row=r, fields=dict(row)))
+            if len(hits) == q.k:
+                return hits, True
+        return hits, False
+
+    def _search_batch(self, qs: list[Query]) -> list[list[Hit]]:
+        vecs = [self._check_query(q) for q in qs]
+        with self._lock:
+            if self._n == 0 or len(self) == 0:
+                return [[] for _ in qs]
+            valid = [self._valid(q) for q in qs]
+            want = [min(nv, q.k if q.category_limit is None else 2 * q.k) for q, (_, nv) in zip(qs, valid)]
+            out: list[list[Hit]] = [[] for _ in qs]
+            live = [b for b in range(len(qs)) if want[b] > 0]
+            if not live:
+                return out
+            vals, rows = self._scan(torch.stack([vecs[b] for b in live]), [valid[b][0] for b in live],
+                                    max(want[b] for b in live))
+            for j, b in enumerate(live):
+                q, (mask, n_valid), k_b = qs[b], valid[b], want[b]
+                hits, final = self._walk(q, vals[j, :k_b].tolist(), rows[j, :k_b].tolist())
+                while not final and k_b < n_valid:  # the category limit skipped some: widen, stay exact
+                    k_b = min(n_valid, 2 * k_b)
+                    v1, r1 = self._scan(vecs[b][None], [mask], k_b)
+                    hits, final = self._walk(q, v1[0].tolist(), r1[0].tolist())
+                out[b] = hits
+            return out
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            return {"rows": len(self), "dims": self.dim, "model": self.model,
+                    "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                    "bytes_on_device": self.device_bytes, "capacity": self.capacity, "source": self.source,
+                    "categories": self.categories(), "fields": self.fields()}
+
+
+def _equals(col: np.ndarray, value: Any, argument: str) -> np.ndarray:
+    if isinstance(value, (Mapping, list, tuple)):
+        raise InvalidInput(argument, value, "expected a string, number or boolean")
+    if isinstance(value, bool):
+        return np.fromiter((x is value for x in col), dtype=bool, count=len(col))
+    return np.fromiter((x == value and not isinstance(x, bool) for x in col), dtype=bool, count=len(col))
+
+
+def _member(col: np.ndarray, values: Any, argument: str) -> np.ndarray:
+    if not isinstance(values, (list, tuple)) or not values or len(values) > MAX_FILTER_VALUES:
+        raise InvalidInput(argument, values, f"expected a non-empty list of at most {MAX_FILTER_VALUES} values")
+    mask = np.zeros(len(col), dtype=bool)
+    for v in values:
+        mask |= _equals(col, v, argument)
+    return mask
+
+
+# -- the per-engine service: catalogues by source, with an embedding cache ------
+def _atomic_save(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, arr)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def content_hash(model: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    h = hashlib.sha256(model.encode())
+    for row in rows:
+        h.update(b"\x1e" + str(row["id"]).encode() + b"\x1f" + row_text(row).encode())
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class LoadReport:
+    source: str
+    rows: int
+    errors: list[str] = field(default_factory=list)
+    embedded: int = 0  # rows embedded now (0 when the cache or the file had them)
+    cache_file: str | None = None
+
+
+class CatalogService:
+    """The engine's catalogues, keyed by (source, model, dtype). Get it with `engine.service("catalog", CatalogService)`."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._catalogs: dict[tuple[str, str, str], tuple[Catalog, LoadReport]] = {}
+        self.chunk_rows = DEFAULT_CHUNK_ROWS
+
+    def embedder(self, model: str) -> Any:
+        from .embed import get_embedder
+
+        return get_embedder(self.engine, model)
+
+    def cache_path(self, source: Path | None, model_id: str, digest: str) -> Path:
+        name = f"{source.name if source else 'demo_catalog.jsonl'}.{model_id}.{digest}.emb.npy"
+        if source is not None and os.access(source.parent, os.W_OK):
+            return source.parent / f".{name}"
+        return Path(self.engine.config.cache_dir) / "catalog-embeddings" / name
+
+    def open(self, source: Path | None, *, model: str = "", dtype: str = "float32", max_rows: int = 2_000_000,
+             token: Any = None, progress: Callable[[int, int], None] | None = None) -> tuple[Catalog, LoadReport]:
+        """The catalogue of `source` (None = the bundled demo), loading and embedding it on first use."""
+        path = (source or DEMO_CATALOG).resolve()
+        key = (str(path), model, dtype)
+        with self._lock:
+            hit = self._catalogs.get(key)
+            if hit is not None:
+                return hit
+            cat, report = self._load(path, source is None, model, dtype, max_rows, token, progress)
+            self._catalogs[key] = (cat, report)
+            return cat, report
+
+    def _load(self, path: Path, is_demo: bool, model: str, dtype: str, max_rows: int, token: Any,
+              progress: Callable[[int, int], None] | None) -> tuple[Catalog, LoadReport]:
+        rows, vecs, errors = read_catalog(path, max_rows=max_rows)
+        report = LoadReport(source="demo" if is_demo else str(path), rows=len(rows), errors=errors)
+        torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+        if vecs[0] is not None:
+            matrix = torch.tensor(np.asarray(vecs, dtype=np.float32))
+            model_id = "provided"
+        else:
+            emb = self.embedder(model)
+            model_id = emb.name
+            digest = content_hash(model_id, rows)
+            cache = self.cache_path(None if is_demo else path, model_id, digest)
+            report.cache_file = str(cache)
+            matrix = None
+            if cache.is_file():
+                try:
+                    arr = np.load(cache, allow_pickle=False)
+                    if arr.shape == (len(rows), emb.dim):
+                        matrix = torch.from_numpy(arr)
+                except (OSError, ValueError):
+                    matrix = None
+            if matrix is None:
+                matrix = emb.encode([row_text(r) for r in rows], token=token, progress=progress)
+                report.embedded = len(rows)
+                try:
+                    _atomic_save(cache, matrix.numpy())
+                except OSError:
+                    fallback = self.cache_path(None, model_id, digest)
+                    if fallback != cache:
+                        _atomic_save(fallback, matrix.numpy())
+                        report.cache_file = str(fallback)
+        cat = Catalog(matrix.shape[1], device=self.engine.device, dtype=torch_dtype, chunk_rows=self.chunk_rows,
+                      model=model_id, source=report.source, capacity=max(1024, len(rows)))
+        cat.upsert(rows, matrix)
+        return cat, report
+
+    def embed_texts(self, catalog: Catalog, model: str, texts: Sequence[str], argument: str,
+                    token: Any = None) -> torch.Tensor:
+        """Embed texts with the catalogue's model -> [n, dim] float32. A catalogue whose vectors came with
+        the file can only take text when the configured model has the same dimension."""
+        emb = self.embedder(model)
+        if emb.dim != catalog.dim:
+            raise InvalidInput(argument, texts[0] if texts else "", f"the catalogue holds {catalog.dim}-d vectors "
+                               f"but the embedding model gives {emb.dim}-d: query by vector or item_id instead")
+        return emb.encode(list(texts), token=token)
+
+    def catalogs(self) -> list[tuple[Catalog, LoadReport]]:
+        with self._lock:
+            return list(self._catalogs.values())

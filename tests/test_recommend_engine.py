@@ -1,0 +1,318 @@
+"""engine.recommend: exact search vs a NumPy brute force, online updates, coalescing, catalogue files.
+
+The oracle normalises in float64, sorts every valid row by (score desc, row
+asc) with np.lexsort, then applies min_score and the greedy category limit.
+Tie tests use rows that are positive multiples of +-e_j: normalised they are
+exactly +-e_j, so every score is one product and ties are exact in fp32 too.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.errors import InvalidInput
+from engine.recommend import Catalog, CatalogService, Coalescer, Query, read_catalog
+
+CATS = ["a", "b", "c"]
+
+
+def oracle(mat: np.ndarray, rows: list[dict], q: np.ndarray, k: int, *, valid: np.ndarray | None = None,
+           category_limit: int | None = None, min_score: float | None = None) -> tuple[list[int], np.ndarray]:
+    m = mat / np.linalg.norm(mat, axis=1, keepdims=True)
+    s = m @ (q / np.linalg.norm(q))
+    order = np.lexsort((np.arange(len(s)), -s))
+    out: list[int] = []
+    per: Counter = Counter()
+    for r in order:
+        if valid is not None and not valid[r]:
+            continue
+        if min_score is not None and s[r] < min_score:
+            break
+        if category_limit is not None:
+            if per[rows[r]["category"]] >= category_limit:
+                continue
+            per[rows[r]["category"]] += 1
+        out.append(int(r))
+        if len(out) == k:
+            break
+    return out, s
+
+
+def one_hot_catalog(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray, list[dict]]:
+    j = rng.integers(0, d, n)
+    sign = rng.choice([-1.0, 1.0], n)
+    scale = rng.integers(1, 5, n)
+    mat = np.zeros((n, d))
+    mat[np.arange(n), j] = sign * scale
+    rows = [{"id": f"i{i}", "category": CATS[rng.integers(0, 3)], "price": int(rng.integers(0, 10)),
+             "in_stock": bool(rng.integers(0, 2))} for i in range(n)]
+    return mat, rows
+
+
+def build(mat: np.ndarray, rows: list[dict], chunk_rows: int = 7, capacity: int = 4) -> Catalog:
+    cat = Catalog(mat.shape[1], chunk_rows=chunk_rows, capacity=capacity)
+    cat.upsert(rows, torch.tensor(mat, dtype=torch.float32))
+    return cat
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(1, 60), d=st.integers(2, 6), k=st.integers(1, 12),
+       limit=st.sampled_from([None, 1, 2]), use_filter=st.booleans(), n_excl=st.integers(0, 5),
+       min_score=st.sampled_from([None, 0.0, 0.3]))
+def test_property_exact_with_ties(seed: int, n: int, d: int, k: int, limit: int | None, use_filter: bool,
+                                  n_excl: int, min_score: float | None) -> None:
+    rng = np.random.default_rng(seed)
+    mat, rows = one_hot_catalog(rng, n, d)
+    cat = build(mat, rows, chunk_rows=int(rng.integers(1, 20)))
+    q = rng.integers(-3, 4, d).astype(np.float64)
+    if not q.any():
+        q[0] = 1.0
+    excl = set(rng.integers(0, n, n_excl).tolist())
+    valid = np.array([i not in excl for i in range(n)])
+    filters = None
+    if use_filter:
+        filters = {"price": {"max": 6}, "category": ["a", "b"]}
+        valid &= np.array([r["price"] <= 6 and r["category"] in ("a", "b") for r in rows])
+    want, s = oracle(mat, rows, q, k, valid=valid, category_limit=limit, min_score=min_score)
+    hits = cat.search(Query(vector=torch.tensor(q, dtype=torch.float32), k=k, filters=filters, category_limit=limit,
+                            exclude_rows=frozenset(excl), min_score=min_score))
+    assert [h.row for h in hits] == want
+    assert [h.id for h in hits] == [f"i{r}" for r in want]
+    np.testing.assert_allclose([h.score for h in hits], s[want], atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(1, 80), k=st.integers(1, 10), limit=st.sampled_from([None, 1, 3]))
+def test_property_gaussian(seed: int, n: int, k: int, limit: int | None) -> None:
+    rng = np.random.default_rng(seed)
+    mat = rng.standard_normal((n, 8))
+    rows = [{"id": str(i), "category": CATS[rng.integers(0, 3)]} for i in range(n)]
+    cat = build(mat, rows, chunk_rows=int(rng.integers(1, 30)))
+    q = rng.standard_normal(8)
+    want, s = oracle(mat, rows, q, k, category_limit=limit)
+    hits = cat.search(Query(vector=torch.tensor(q, dtype=torch.float32), k=k, category_limit=limit))
+    np.testing.assert_allclose([h.score for h in hits], s[want], atol=1e-5)
+    gaps = np.diff(np.sort(s))
+    if gaps.size == 0 or gaps.min() > 1e-5:  # no near-ties: the ids must agree exactly
+        assert [h.row for h in hits] == want
+
+
+def test_category_limit_needs_widening() -> None:
+    # the 30 best rows are all category "a": a limit of 1 must reach far down the list
+    n = 40
+    mat = np.zeros((n, 2))
+    mat[:, 0] = np.linspace(2.0, 1.0, n)
+    mat[:, 1] = np.linspace(0.0, 1.0, n)
+    rows = [{"id": str(i), "category": "a" if i < 30 else f"c{i}"} for i in range(n)]
+    cat = build(mat, rows, chunk_rows=8)
+    hits = cat.search(Query(vector=torch.tensor([1.0, 0.0]), k=4, category_limit=1))
+    want, _ = oracle(mat, rows, np.array([1.0, 0.0]), 4, category_limit=1)
+    assert [h.row for h in hits] == want == [0, 30, 31, 32]
+
+
+def test_upsert_delete_visible_and_growth() -> None:
+    rng = np.random.default_rng(1)
+    mat, rows = one_hot_catalog(rng, 10, 3)
+    cat = build(mat, rows, capacity=2)
+    q = torch.tensor([1.0, 0.0, 0.0])
+    cat.upsert([{"id": "new", "category": "z", "name": "x"}], torch.tensor([[5.0, 0.0, 0.0]]))
+    assert cat.capacity >= 11 and len(cat) == 11
+    top = cat.search(Query(vector=q, k=20))
+    assert top[0].score == pytest.approx(1.0)
+    first_tie = [h for h in top if h.score == top[0].score]
+    assert first_tie[-1].id == "new"  # ties: earlier rows first, the new row last
+    cat.upsert([{"id": "i0", "category": "z"}], torch.tensor([[0.0, 0.0, -1.0]]))  # update in place
+    hits = cat.search(Query(vector=torch.tensor([0.0, 0.0, -1.0]), k=1))
+    assert hits[0].id == "i0" and hits[0].row == 0 and hits[0].fields.get("price") is None
+    cat.delete(["new", "i0"])
+    ids = [h.id for h in cat.search(Query(vector=q, k=20))]
+    assert "new" not in ids and "i0" not in ids and len(ids) == 9
+    assert cat.categories().get("z") is None
+    with pytest.raises(InvalidInput, match="unknown item id"):
+        cat.delete(["i0"])
+
+
+def test_compaction_keeps_order() -> None:
+    rng = np.random.default_rng(2)
+    n = 2600
+    mat = rng.standard_normal((n, 4))
+    rows = [{"id": str(i), "category": CATS[i % 3]} for i in range(n)]
+    cat = build(mat, rows, chunk_rows=500)
+    gone = [str(i) for i in range(0, n, 2)] + [str(i) for i in range(1, 600, 2)]
+    cat.delete(gone)
+    assert cat.capacity >= len(cat) == n - len(set(gone))
+    assert cat._dead == 0  # compacted
+    keep = np.array([str(i) not in set(gone) for i in range(n)])
+    q = rng.standard_normal(4)
+    want, _ = oracle(mat, rows, q, 15, valid=keep)
+    assert [h.id for h in cat.search(Query(vector=torch.tensor(q, dtype=torch.float32), k=15))] == \
+        [str(r) for r in want]
+
+
+def test_bad_queries() -> None:
+    cat = build(np.eye(3), [{"id": str(i), "category": "a", "price": i} for i in range(3)])
+    with pytest.raises(InvalidInput, match="vector"):
+        cat.search(Query(vector=torch.ones(4), k=1))
+    with pytest.raises(InvalidInput, match="not all zero"):
+        cat.search(Query(vector=torch.zeros(3), k=1))
+    with pytest.raises(InvalidInput, match="unknown field"):
+        cat.search(Query(vector=torch.ones(3), k=1, filters={"colour": "red"}))
+    with pytest.raises(InvalidInput, match="must be a number"):
+        cat.search(Query(vector=torch.ones(3), k=1, filters={"price": {"max": "9"}}))
+    with pytest.raises(InvalidInput, match="k"):
+        cat.search(Query(vector=torch.ones(3), k=0))
+
+
+def test_fp16_matrix_halves_bytes_and_ranks() -> None:
+    rng = np.random.default_rng(3)
+    mat = rng.standard_normal((50, 16))
+    rows = [{"id": str(i), "category": "a"} for i in range(50)]
+    c32 = Catalog(16, capacity=50)
+    c16 = Catalog(16, dtype=torch.float16, capacity=50)
+    for c in (c32, c16):
+        c.upsert(rows, torch.tensor(mat, dtype=torch.float32))
+    assert c16.device_bytes * 2 == c32.device_bytes
+    q = rng.standard_normal(16)
+    want, s = oracle(mat, rows, q, 5)
+    hits = c16.search(Query(vector=torch.tensor(q, dtype=torch.float32), k=5))
+    np.testing.assert_allclose([h.score for h in hits], s[want], atol=5e-3)
+
+
+def test_coalescer_serves_waiting_requests_together() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def run(batch: list[int]) -> list[int]:
+        if batch == [0]:
+            started.set()
+            release.wait(10)
+        return [x * 10 for x in batch]
+
+    co = Coalescer(run)
+    results: dict[int, int] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, co.submit(i))) for i in range(6)]
+    threads[0].start()
+    assert started.wait(10)
+    for t in threads[1:]:
+        t.start()
+    assert co.wait_pending(5)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert results == {i: i * 10 for i in range(6)}
+    assert co.batches == [1, 5]
+
+
+def test_catalog_queries_coalesce_into_one_product() -> None:
+    rng = np.random.default_rng(4)
+    mat = rng.standard_normal((100, 8))
+    rows = [{"id": str(i), "category": CATS[i % 3]} for i in range(100)]
+    cat = build(mat, rows, chunk_rows=64)
+    qs = rng.standard_normal((5, 8))
+    got: dict[int, list[str]] = {}
+    with cat._lock:  # a writer holds the catalogue: the first query blocks inside its product
+        t0 = threading.Thread(target=lambda: got.__setitem__(0, [h.id for h in cat.search(
+            Query(vector=torch.tensor(qs[0], dtype=torch.float32), k=3))]))
+        t0.start()
+        deadline = time.monotonic() + 10
+        while not cat._batcher._running and time.monotonic() < deadline:
+            time.sleep(0.001)
+        others = [threading.Thread(target=lambda i=i: got.__setitem__(i, [h.id for h in cat.search(
+            Query(vector=torch.tensor(qs[i], dtype=torch.float32), k=3, category_limit=1))])) for i in range(1, 5)]
+        for t in others:
+            t.start()
+        assert cat._batcher.wait_pending(4)
+    for t in [t0, *others]:
+        t.join(10)
+    assert cat._batcher.batches == [1, 4]
+    for i in range(5):
+        want, _ = oracle(mat, rows, qs[i], 3, category_limit=None if i == 0 else 1)
+        assert got[i] == [str(r) for r in want]
+
+
+# -- files ---------------------------------------------------------------------
+def test_read_jsonl_reports_malformed_lines(tmp_path: Path) -> None:
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"id": "a", "category": "x", "name": "A"}\n'
+                 'not json\n'
+                 '\n'
+                 '{"name": "no id"}\n'
+                 '{"id": "a", "name": "dup"}\n'
+                 '[1, 2]\n'
+                 '{"id": 7, "category": 3}\n'
+                 '{"id": "b", "price": 2.5}\n', encoding="utf-8")
+    rows, vecs, errors = read_catalog(p, max_rows=100)
+    assert [r["id"] for r in rows] == ["a", "b"] and vecs == [None, None]
+    assert [e.split(":")[0] for e in errors] == ["line 2", "line 4", "line 5", "line 6", "line 7"]
+    with pytest.raises(InvalidInput, match="more than 1 rows"):
+        read_catalog(p, max_rows=1)
+
+
+def test_read_csv_and_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    c = tmp_path / "c.csv"
+    c.write_text('id,category,price,embedding\nx,a,3,"[1, 0]"\ny,b,oops,"[0, 1]"\n,b,1,"[1,1]"\nz,a,2,"bad"\n',
+                 encoding="utf-8")
+    rows, vecs, errors = read_catalog(c, max_rows=10)
+    assert [r["id"] for r in rows] == ["x", "y"] and rows[0]["price"] == 3 and rows[1]["price"] == "oops"
+    assert vecs == [[1.0, 0.0], [0.0, 1.0]]
+    assert [e.split(":")[0] for e in errors] == ["line 4", "line 5"]
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": ["p", "q"], "category": ["a", "b"], "embedding": [[1.0, 2.0], [3.0, 4.0]]}), p)
+    rows, vecs, errors = read_catalog(p, max_rows=10)
+    assert [r["id"] for r in rows] == ["p", "q"] and vecs[1] == [3.0, 4.0] and not errors
+
+
+class _FakeEmbedder:
+    """Deterministic bag-of-letters embedder: lets the cache be tested without a model."""
+
+    name, dim = "fake-letters", 26
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, texts, *, token=None, progress=None, batch_size=64):  # noqa: ANN001, ANN201
+        self.calls += 1
+        out = torch.zeros(len(texts), 26)
+        for i, t in enumerate(texts):
+            for ch in t.lower():
+                if "a" <= ch <= "z":
+                    out[i, ord(ch) - 97] += 1
+        if progress:
+            progress(len(texts), len(texts))
+        return torch.nn.functional.normalize(out + 1e-3, dim=-1)
+
+
+def test_embedding_cache_survives_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import Engine, EngineConfig
+
+    p = tmp_path / "shop.jsonl"
+    p.write_text("".join(json.dumps({"id": f"r{i}", "category": "c", "name": w}) + "\n"
+                         for i, w in enumerate(["red cable", "blue case", "green charger"])), encoding="utf-8")
+    fake = _FakeEmbedder()
+    monkeypatch.setattr(CatalogService, "embedder", lambda self, model: fake)
+    eng = Engine(EngineConfig(device="cpu", cache_dir=tmp_path / "cache"))
+    try:
+        progress: list[tuple[int, int]] = []
+        cat, rep = CatalogService(eng).open(p, progress=lambda d, t: progress.append((d, t)))
+        assert rep.embedded == 3 and fake.calls == 1 and progress[-1] == (3, 3)
+        assert rep.cache_file and Path(rep.cache_file).parent == tmp_path
+        cat2, rep2 = CatalogService(eng).open(p)  # a fresh service = a restart
+        assert rep2.embedded == 0 and fake.calls == 1
+        assert torch.equal(cat._matrix[:3], cat2._matrix[:3])
+        p.write_text(p.read_text() + json.dumps({"id": "r9", "name": "pink cable"}) + "\n")
+        _, rep3 = CatalogService(eng).open(p)  # content changed: new key, recomputed
+        assert rep3.embedded == 4 and fake.calls == 2
+    finally:
+        eng.close()
