@@ -1,0 +1,77 @@
+"""kernels.deltae: the Triton kernel (interpreter) vs the torch twin vs scikit-image, on irregular N."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import deltaE_ciede2000, rgb2lab
+
+from kernels import deltae as K
+from kernels._backend import interpret_mode, triton_available
+
+needs_interpreter = pytest.mark.skipif(not (triton_available() and interpret_mode()),
+                                       reason="Triton interpreter not active (TRITON_INTERPRET=1 before import)")
+
+
+def _pairs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, size=(n, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, size=(n, 3), dtype=np.uint8)
+    specials = np.array([[0, 0, 0], [255, 255, 255], [128, 128, 128], [1, 0, 0], [255, 0, 0], [0, 0, 255]],
+                        dtype=np.uint8)
+    k = min(n, len(specials))
+    a[:k] = specials[:k]
+    b[:k] = specials[::-1][:k]
+    if n > 10:
+        b[6:10] = a[6:10]  # identical pairs
+    return a, b
+
+
+def _skimage(a: np.ndarray, b: np.ndarray, **kw: float) -> np.ndarray:
+    return deltaE_ciede2000(rgb2lab(a[None]), rgb2lab(b[None]), **kw)[0]
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 4099])
+def test_reference_vs_skimage(n: int) -> None:
+    a, b = _pairs(n, n)
+    out = K.deltae2000_rgb8_reference(torch.from_numpy(a), torch.from_numpy(b))
+    assert out.shape == (n,) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), _skimage(a, b), atol=1e-3, rtol=0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n", [1, 7, 1000, 4099])
+def test_kernel_vs_reference_interpreter(n: int) -> None:
+    a, b = _pairs(n, 100 + n)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    got = K.deltae2000_rgb8(ta, tb, backend="triton")
+    ref = K.deltae2000_rgb8_reference(ta, tb)
+    assert got.shape == (n,) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(got.numpy(), _skimage(a, b), atol=1e-3, rtol=0)
+
+
+@needs_interpreter
+def test_kernel_weights_interpreter() -> None:
+    a, b = _pairs(333, 7)
+    got = K.deltae2000_rgb8(torch.from_numpy(a), torch.from_numpy(b), 2.0, 1.5, 0.5, backend="triton")
+    np.testing.assert_allclose(got.numpy(), _skimage(a, b, kL=2.0, kC=1.5, kH=0.5), atol=1e-3, rtol=0)
+
+
+def test_auto_backend_on_cpu_is_reference_and_inputs_untouched() -> None:
+    a, b = _pairs(50, 3)
+    a0, b0 = a.copy(), b.copy()
+    out = K.deltae2000_rgb8(torch.from_numpy(a), torch.from_numpy(b))
+    np.testing.assert_array_equal(out.numpy(), K.deltae2000_rgb8_reference(torch.from_numpy(a),
+                                                                           torch.from_numpy(b)).numpy())
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
+
+
+def test_bad_shapes() -> None:
+    with pytest.raises(ValueError):
+        K.deltae2000_rgb8(torch.zeros(4, 3, dtype=torch.uint8), torch.zeros(5, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        K.deltae2000_rgb8(torch.zeros(4, 3), torch.zeros(4, 3))
+    assert K.deltae2000_rgb8(torch.zeros(0, 3, dtype=torch.uint8), torch.zeros(0, 3, dtype=torch.uint8)).numel() == 0
