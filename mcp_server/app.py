@@ -382,7 +382,8 @@ class AtelierServer(MCPServer):
 
     def _submit(self, spec: ToolSpec, args: BaseModel, token: CancelToken) -> Future:
         fn = lambda tok: self._execute(spec, args, tok)  # noqa: E731
-        if spec.execution == "device":
+        execution = spec.execution_for(args) if spec.execution_for is not None else spec.execution
+        if execution == "device":
             fut, _ = self.state.engine.scheduler.submit(fn, token=token, label=spec.name, priority=spec.priority)
             return fut
         slots = self.state.thread_slots
@@ -544,6 +545,9 @@ def _connection_key(session: Any) -> int:
 async def _wait_future(fut: Future, timeout: float | None) -> bool:
     """Wait for a concurrent future without blocking the loop; False on timeout."""
     wrapped = asyncio.wrap_future(fut)
+    # whoever stops waiting (deadline, client cancel), the outcome is read later from `fut`;
+    # retrieve it here so asyncio does not report "exception was never retrieved"
+    wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
         if timeout is None:
             await asyncio.shield(wrapped)
@@ -551,8 +555,6 @@ async def _wait_future(fut: Future, timeout: float | None) -> bool:
             await asyncio.wait_for(asyncio.shield(wrapped), timeout)
         return True
     except asyncio.TimeoutError:
-        # nobody awaits the wrapper any more: retrieve its outcome so asyncio does not complain
-        wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())
         return False
     except Exception:
         return True  # the future finished with an exception; the caller reads it

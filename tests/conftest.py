@@ -18,3 +18,10 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 # one engine cache (converted models, embedding caches) for the whole session
 os.environ.setdefault("ATELIER_TEST_CACHE", os.path.join(tempfile.gettempdir(), "atelier-test-cache"))
+
+# Import hypothesis (and the module its pytest plugin imports at the end of the
+# session) up front: CPython 3.11.7's ast.parse can fail with "AST constructor
+# recursion depth mismatch" late in a session that ran deep recursions in other
+# threads, and pytest's assertion rewriting parses modules on first import.
+import hypothesis  # noqa: E402,F401
+import hypothesis.internal.observability  # noqa: E402,F401

@@ -99,3 +99,6 @@ class ToolSpec:
     long_running: bool = False  # may outlast the deadline and become a job
     read_only: bool = True  # MCP annotation: does not modify its environment
     priority: int = 1  # scheduler priority for execution="device": 0 = cheap / interactive
+    # per-call override of `execution`: e.g. mask_edit needs the device worker only for inpaint/detections,
+    # so a plain colour-range fill does not wait behind a running diffusion job
+    execution_for: Callable[[Any], Literal["device", "thread", "inline"]] | None = None

@@ -485,7 +485,7 @@ TOOLS = [
         input_model=ColorCompareInput,
         output_model=ColorCompareOutput,
         run=_run,
-        execution="device",
+        execution="thread",  # no model: runs beside the device worker, never queued behind long jobs
         priority=0,
     )
 ]

@@ -285,6 +285,9 @@ TOOLS = [
         output_model=MaskEditOutput,
         run=run,
         execution="device",
+        # models (diffusion, detectors) are used only by inpaint and detections: those go through the
+        # device worker; pure tensor edits run beside it and do not queue behind a long diffusion job
+        execution_for=lambda a: "device" if (a.operation == "inpaint" or a.detect is not None) else "thread",
         long_running=True,  # only inpaint takes long; the rest finishes well inside the deadline
         read_only=True,
         priority=0,
