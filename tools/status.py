@@ -41,8 +41,25 @@ class EngineStatusOutput(BaseModel):
     embedded_defaults: dict[str, dict[str, Any]]
     configured_models: dict[str, Any]
     torchvision: str = Field(description="native, shim (pure-torch nms) or missing")
+    services: dict[str, Any] = Field(default_factory=dict,
+                                     description="live engine services (text batcher: active/waiting sequences, "
+                                                 "cache pools; catalogues)")
     diffusion: dict[str, Any] = Field(default_factory=dict,
                                       description="the configured diffusion pipeline (or how to configure one)")
+
+
+def _services(eng: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, svc in eng.services().items():
+        stats = getattr(svc, "stats", None)
+        if callable(stats):
+            try:
+                out[name] = stats()
+            except Exception as exc:  # a status call must not fail on one service
+                out[name] = {"error": str(exc)}
+        else:
+            out[name] = {"type": type(svc).__name__}
+    return out
 
 
 def _diffusion_status(eng: Any, path: str) -> dict[str, Any]:
@@ -74,6 +91,7 @@ def _run(args: EngineStatusInput, ctx: ToolContext) -> ToolOutput:
         running=eng.scheduler.running_label, embedded_defaults=embedded_status(), configured_models=configured,
         torchvision=eng.torchvision_state,
         diffusion=_diffusion_status(eng, models.diffusion),
+        services=_services(eng),
     )
     avail = [k for k, v in out.embedded_defaults.items() if v["available"]]
     text = (f"device {out.device} ({out.dtype}), kernels: {out.kernel_backend}; "
