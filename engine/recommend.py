@@ -683,9 +683,26 @@ def _member(col: np.ndarray, values: Any, argument: str) -> np.ndarray:
 
 
 # -- the per-engine service: catalogues by source, with an embedding cache ------
+_TMP_PREFIX = ".atelier-tmp-emb-"
+
+
+def sweep_temp_files(folder: Path) -> int:
+    """Remove embedding-cache temp files a crash left in `folder` (ours only, by prefix)."""
+    n = 0
+    try:
+        for p in folder.glob(f"{_TMP_PREFIX}*"):
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                n += 1
+    except OSError:
+        pass
+    return n
+
+
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
+    """Write the cache file whole or not at all: temp file in the same folder, fsync, os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".npy", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, arr)
@@ -763,6 +780,7 @@ class CatalogService:
             digest = content_hash(model_id, rows)
             cache = self.cache_path(None if is_demo else path, model_id, digest)
             report.cache_file = str(cache)
+            sweep_temp_files(cache.parent)
             matrix = None
             if cache.is_file():
                 try:
