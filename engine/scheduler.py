@@ -182,15 +182,21 @@ class Scheduler:
             if item.future.cancelled() or item.token.cancelled:
                 if not item.future.done():
                     item.future.set_exception(Cancelled(item.token.reason or "cancelled before start"))
+                item = None  # type: ignore[assignment]
                 continue
             if not item.future.set_running_or_notify_cancel():
+                item = None  # type: ignore[assignment]
                 continue
             self._running = item
+            result = None
             try:
                 result = item.fn(item.token)
             except BaseException as exc:  # delivered to the waiting caller
                 item.future.set_exception(exc)
+                del exc
             else:
                 item.future.set_result(result)
             finally:
+                # while idle, hold nothing of the last work (its tensors, its exception's frames)
                 self._running = None
+                item = result = None  # type: ignore[assignment]

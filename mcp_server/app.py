@@ -433,6 +433,8 @@ class AtelierServer(MCPServer):
             result, outcome = self._map_error(exc, job.tool)
             state = {"cancelled": "cancelled"}.get(outcome, "error")
             self.state.jobs.finish(job, state, result, error=str(exc))
+            exc.__traceback__ = None  # logged already; its frames may hold large tensors
+        job.future = None
         if job.detached:
             log.info("job end", extra={"event": "job_end", "job_id": job.id, "tool": job.tool, "outcome": outcome,
                                        "duration_ms": round((time.time() - job.created) * 1000, 2)})

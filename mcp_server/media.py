@@ -23,9 +23,11 @@ import binascii
 import io
 import re
 import secrets
+import struct
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,36 @@ THUMB_MAX_B64 = 100_000
 _B64_RE = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
 _ID_RE = re.compile(r"^[0-9a-f]{12}$")
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def png_data_short(data: bytes) -> bool:
+    """True when a (non-interlaced) PNG's IDAT stream inflates to less than its header implies.
+
+    Pillow fills missing rows with zeros instead of failing, so a tiny file can
+    claim a huge image and be "decoded". Inflates at most 1 MiB per step and
+    stops as soon as enough data is seen.
+    """
+    pos, need, got = 8, None, 0
+    d = zlib.decompressobj()
+    while pos + 8 <= len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+        if kind == b"IHDR" and len(body) >= 13:
+            w, h, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body[:13])
+            if interlace:
+                return False  # Adam7: left to Pillow
+            channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color, 1)
+            need = h * (1 + (w * channels * depth + 7) // 8)
+        elif kind == b"IDAT" and need is not None:
+            while body and got < need and not d.eof:
+                got += len(d.decompress(body, 1 << 20))
+                body = d.unconsumed_tail
+            if got >= need:
+                return False
+        elif kind == b"IEND":
+            break
+    return need is not None and got < need
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -162,6 +194,15 @@ class MediaStore:
                 if getattr(img, "n_frames", 1) != 1:
                     raise ToolError.invalid(argument, f"{img.n_frames} frames",
                                             "animated images are not accepted; send a single frame")
+                if fmt == "PNG":
+                    try:
+                        short = png_data_short(data)
+                    except (zlib.error, struct.error) as exc:
+                        raise ToolError.invalid(argument, f"<{len(data)} bytes>",
+                                                f"cannot decode image: {exc}") from None
+                    if short:
+                        raise ToolError.invalid(argument, f"<{len(data)} bytes>",
+                                                "cannot decode image: the PNG pixel data is truncated")
                 img.load()
             except ToolError:
                 raise
@@ -204,10 +245,14 @@ class MediaStore:
         """Save an output image; return MCP content blocks and a structured summary."""
         rec = self.save(out)
         blocks: list[Any] = []
+        full_b64 = None
         if inline_full:
-            data = rec.path.read_bytes()
-            blocks.append(ImageContent(type="image", data=base64.b64encode(data).decode(), mime_type="image/png"))
-        else:
+            raw = rec.path.read_bytes()
+            if (len(raw) + 2) // 3 * 4 <= self.limits.max_base64_chars:
+                full_b64 = base64.b64encode(raw).decode()
+        if full_b64 is not None:
+            blocks.append(ImageContent(type="image", data=full_b64, mime_type="image/png"))
+        else:  # a thumbnail (also when the full image is over limits.max_base64_chars: use the link)
             data, mime = thumbnail(out.array)
             blocks.append(ImageContent(type="image", data=data, mime_type=mime))
         blocks.append(ResourceLink(type="resource_link", uri=rec.uri, name=rec.path.name, mime_type="image/png",

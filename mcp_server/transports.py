@@ -19,6 +19,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from typing import Any
 
 import anyio
@@ -84,27 +86,35 @@ class GuardMiddleware:
             if n > self.max_body:
                 await _plain(send, 413, b"request body too large")
                 return
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        # read the whole body here (chunked bodies have no Content-Length) and answer 413 as soon as it
+        # passes the limit; then replay it to the app
+        chunks: list[bytes] = []
         received = 0
-        too_big = False
-
-        async def limited_receive() -> dict:
-            nonlocal received, too_big
+        trailing = None
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.max_body:
-                    too_big = True
-                    raise _BodyTooLarge()
-            return msg
+            if msg["type"] != "http.request":
+                trailing = msg
+                break
+            body = msg.get("body", b"")
+            received += len(body)
+            if received > self.max_body:
+                await _plain(send, 413, b"request body too large")
+                return
+            chunks.append(body)
+            if not msg.get("more_body"):
+                break
+        queue: list[dict] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        if trailing is not None:
+            queue.append(trailing)
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _plain(send, 413, b"request body too large")
+        async def replay() -> dict:
+            return queue.pop(0) if queue else await receive()
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _plain(send: Send, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
@@ -166,9 +176,40 @@ def serve_http(server: AtelierServer, transport: str, host: str, port: int) -> N
 
 
 def serve_stdio(server: AtelierServer) -> None:
-    """Serve over stdin/stdout; returns on stdin EOF or SIGTERM."""
+    """Serve over stdin/stdout; returns on stdin EOF, exits on SIGTERM.
+
+    On SIGTERM in-flight calls are cancelled (they answer "cancelled" at their
+    next step); a second later the state is closed, the last log line written
+    and the process exits: the SDK's stdin reader sits in a blocking readline()
+    that no signal interrupts.
+    """
+    state = server.state
+    lock = threading.Lock()
+    finished: list[bool] = []
+
+    def finish() -> None:
+        with lock:
+            if finished:
+                return
+            finished.append(True)
+            state.close()
+            log.info("server stopped", extra={"transport": "stdio"})
+            for h in logging.getLogger().handlers:
+                try:
+                    h.flush()
+                except Exception:
+                    pass
+            sys.stderr.flush()
+
     def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        state.jobs.cancel_all("server shutting down")
+
+        def later() -> None:
+            time.sleep(1.0)
+            finish()
+            os._exit(0)
+
+        threading.Thread(target=later, name="atelier-shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_term)
     try:
@@ -176,12 +217,4 @@ def serve_stdio(server: AtelierServer) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        server.state.close()
-        log.info("server stopped", extra={"transport": "stdio"})
-        for h in logging.getLogger().handlers:
-            try:
-                h.flush()
-            except Exception:
-                pass
-        sys.stderr.flush()
-        os.environ.pop("ATELIER_STDIO", None)
+        finish()

@@ -1,0 +1,233 @@
+"""generate_text benchmark: our KV-cached decoder vs transformers on SmolLM2-135M-Instruct (fp32, CPU).
+
+    python benchmarks/text_bench.py            # the issue's sizes (several minutes on 2 cores)
+    python benchmarks/text_bench.py --quick    # smoke run
+
+Prints, measured in this run on this machine:
+- batch 1, 32-token prompt, 256 new greedy tokens: ours vs transformers `generate(use_cache=True)`
+  tokens/s (target >= 2x);
+- ms per token at 128 / 512 / 1024 tokens of context, and the no-cache figure (a full forward
+  over the context per token);
+- achieved GB/s (weights + KV bytes read per token) against a measured read bandwidth;
+- 8 concurrent requests: aggregate tokens/s vs single stream (target >= 4x);
+- int8 cache: greedy agreement and mean KL vs the full cache over 10 prompts x 256 tokens, and
+  its bytes per token vs an fp16 cache (targets >= 95%, <= 0.02, <= 0.55x);
+- load time of the converted model, peak RSS, cache bytes; llama-cpp-python if importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engine import _compat  # noqa: E402
+
+
+def _bandwidth() -> float:
+    x = torch.ones(64 * 1024 * 1024)  # 256 MB
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    ap.add_argument("--cache-dir", default=os.environ.get("ATELIER_BENCH_CACHE", str(Path.home() / ".cache" /
+                                                                                     "atelier-mcp")))
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the decode step")
+    args = ap.parse_args()
+    cache_dir = Path(args.cache_dir).expanduser()
+    _compat.prepare(cache_dir)
+
+    from engine.llm.batcher import GenerationRequest, LLMService
+    from engine.llm.cache import FullCache, Int8Cache
+    from engine.llm.load import load_llm
+
+    n_new = 32 if args.quick else 256
+    contexts = (128, 256) if args.quick else (128, 512, 1024)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, quick={args.quick}")
+
+    t = time.perf_counter()
+    m = load_llm("", cache_dir)
+    first = time.perf_counter() - t
+    warms = []
+    for _ in range(3):
+        del m
+        t = time.perf_counter()
+        m = load_llm("", cache_dir)
+        warms.append(time.perf_counter() - t)
+    warm = sorted(warms)[1]
+    print(f"load: first call {first:.2f} s (converts the GGUF once if not yet in the cache), later loads "
+          f"{', '.join(f'{w:.2f}' for w in warms)} s, median {warm:.2f} s [target < 2 s: {_verdict(warm < 2)}]")
+    model, tok = m.model, m.tokenizer
+    a = model.args
+    text = ("The ocean covers most of the planet and shapes its weather, its coasts and the lives of the "
+            "people who live beside it, from fishermen to sailors and ")
+    prompt = tok.encode(text * 2, add_special_tokens=False)[:32]
+    assert len(prompt) == 32
+
+    # -- batch 1: ours vs transformers ---------------------------------------------------------
+    svc = LLMService(lambda: m, max_slots=8, max_len=2048)
+    req = GenerationRequest(prompt, max_new_tokens=n_new, ignore_eos=True, reuse_prefix=False)
+    svc.generate(GenerationRequest(prompt, max_new_tokens=4, ignore_eos=True, reuse_prefix=False))  # warm-up
+    t = time.perf_counter()
+    ours = svc.generate(req)
+    ours_tps = n_new / (time.perf_counter() - t)
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(m.folder, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=True)
+        t = time.perf_counter()
+        ref = hf.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, use_cache=True)
+        hf_tps = n_new / (time.perf_counter() - t)
+    same = ref[0, 32:].tolist() == ours.token_ids
+    ratio = ours_tps / hf_tps
+    svc.speculate = False
+    t = time.perf_counter()
+    plain = svc.generate(req)
+    plain_tps = n_new / (time.perf_counter() - t)
+    svc.speculate = True
+    print(f"prompt-lookup drafts: {svc.spec_accepted}/{svc.spec_drafted} accepted; without them ours "
+          f"{plain_tps:.1f} tok/s ({plain_tps / hf_tps:.2f}x), same tokens: {plain.token_ids == ours.token_ids}")
+    print(f"batch 1, 32-token prompt, {n_new} new tokens, greedy fp32: ours {ours_tps:.1f} tok/s, "
+          f"transformers {hf_tps:.1f} tok/s -> {ratio:.2f}x [target >= 2x: {_verdict(ratio >= 2)}] "
+          f"(same tokens: {same})")
+    del hf
+
+    # -- ms per token vs context; no-cache figure; GB/s ------------------------------------------
+    bw = _bandwidth()
+    wbytes = model.size_bytes()
+    kv_tok = 2 * a.n_layers * a.n_kv_heads * a.head_dim * 4
+    cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, max(contexts) + 64)
+    g = torch.Generator().manual_seed(0)
+    steps = 8 if args.quick else 24
+    print(f"measured read bandwidth {bw:.1f} GB/s; weights {wbytes / 1e6:.0f} MB")
+    for ctx in contexts:
+        ctx_ids = torch.randint(0, a.vocab_size, (ctx,), generator=g).tolist()
+        cache.reset(0)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            model.prefill(cache, 0, ctx_ids)
+            nocache_ms = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            for i in range(steps):
+                model.decode(cache, [0], [ctx_ids[i]])
+            ms = (time.perf_counter() - t) * 1000 / steps
+        gbs = (wbytes + kv_tok * ctx) / (ms / 1000) / 1e9
+        print(f"context {ctx:5d}: {ms:6.1f} ms/token with the KV cache, {nocache_ms:7.1f} ms/token without "
+              f"(full forward); {gbs:.1f} GB/s = {100 * gbs / bw:.0f}% of measured bandwidth")
+
+    # -- 8 concurrent requests --------------------------------------------------------------------
+    topics = ["the sea", "mountains", "a robot", "coffee", "the moon", "trains", "music", "winter"]
+    reqs = [GenerationRequest(tok.encode(tok.render_chat([{"role": "user", "content": f"Write about {x}."}]),
+                                         add_special_tokens=False), max_new_tokens=n_new, ignore_eos=True,
+                              reuse_prefix=False) for x in topics]
+    t = time.perf_counter()
+    single = svc.generate(reqs[0])
+    single_tps = single.completion_tokens / (time.perf_counter() - t)
+    results: list = [None] * 8
+
+    def run(i: int) -> None:
+        results[i] = svc.generate(reqs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    agg = sum(r.completion_tokens for r in results) / (time.perf_counter() - t)
+    r8 = agg / single_tps
+    print(f"8 concurrent requests: {agg:.1f} tok/s aggregate vs {single_tps:.1f} tok/s single stream -> "
+          f"{r8:.2f}x [target >= 4x: {_verdict(r8 >= 4)}]")
+    print(f"cache bytes: {svc.cache_bytes() / 1e6:.0f} MB allocated for {svc.stats()['pools']['full']['slots']} "
+          f"slots x 2048 tokens ({kv_tok} B/token fp32)")
+    svc.close()
+
+    # -- int8 cache quality -------------------------------------------------------------------------
+    qs = ["the sea", "a city at night", "how vaccines work", "the history of Rome", "baking bread",
+          "black holes", "learning to code", "a walk in the forest", "the moon landing", "chess strategy"]
+    n_q = 3 if args.quick else 10
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": f"Write a long essay about {x}."}]),
+                          add_special_tokens=False) for x in qs[:n_q]]
+    n_tok = 160 if args.quick else 256
+    L = max(len(p) for p in prompts) + n_tok + 1
+    full = FullCache(a.n_layers, n_q, a.n_kv_heads, a.head_dim, L)
+    q8 = Int8Cache(a.n_layers, n_q, a.n_kv_heads, a.head_dim, L)
+    agree = total = 0
+    kl = 0.0
+    t = time.perf_counter()
+    with torch.inference_mode():
+        cur = []
+        for i, p in enumerate(prompts):
+            cur.append(int(model.prefill(full, i, p).argmax()))
+            model.prefill(q8, i, p)
+        for _ in range(n_tok - 1):
+            lf = model.decode(full, list(range(n_q)), cur).log_softmax(-1)
+            lq = model.decode(q8, list(range(n_q)), cur).log_softmax(-1)
+            nxt = lf.argmax(-1)
+            agree += int((lq.argmax(-1) == nxt).sum())
+            total += n_q
+            kl += float((lf.exp() * (lf - lq)).sum())
+            cur = nxt.tolist()
+    fp16_tok = 2 * a.n_layers * a.n_kv_heads * a.head_dim * 2
+    bpt = q8.bytes_per_token() / fp16_tok
+    print(f"int8 cache, {n_q} prompts x {n_tok} greedy tokens ({time.perf_counter() - t:.0f} s): agreement "
+          f"{100 * agree / total:.2f}% [>= 95%: {_verdict(agree / total >= 0.95)}], mean KL {kl / total:.5f} "
+          f"[<= 0.02: {_verdict(kl / total <= 0.02)}], bytes/token {bpt:.3f}x fp16 [<= 0.55: {_verdict(bpt <= 0.55)}]"
+          f" (plus a fixed {q8.recent}-token full-precision ring per slot)")
+
+    if args.compile:
+        from engine.llm.model import compile_decode
+
+        compile_decode(model)
+        cache.reset(0)
+        with torch.inference_mode():
+            model.prefill(cache, 0, prompt)
+            t = time.perf_counter()
+            for i in range(3):
+                model.decode(cache, [0], [prompt[i]])
+            print(f"torch.compile warm-up {time.perf_counter() - t:.1f} s")
+            t = time.perf_counter()
+            for i in range(steps):
+                model.decode(cache, [0], [prompt[i % 32]])
+            print(f"compiled decode step: {(time.perf_counter() - t) * 1000 / steps:.1f} ms/token")
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python: not installed (optional reference skipped)")
+    else:
+        from engine.llm.load import embedded_gguf
+
+        llm = llama_cpp.Llama(model_path=str(embedded_gguf()), n_ctx=512, verbose=False)
+        t = time.perf_counter()
+        out = llm(text, max_tokens=n_new, temperature=0.0)
+        print(f"llama-cpp-python (Q4_1 GGUF): {out['usage']['completion_tokens'] / (time.perf_counter() - t):.1f} "
+              f"tok/s")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

