@@ -29,7 +29,7 @@ def _lab(rgb) -> np.ndarray:
 
 
 def test_spec() -> None:
-    assert SPEC.name == "color_compare" and SPEC.execution == "device" and SPEC.priority == 0
+    assert SPEC.name == "color_compare" and SPEC.execution == "thread" and SPEC.priority == 0
     schema = ColorCompareInput.model_json_schema()
     assert all(p.get("description") for p in schema["properties"].values())
 
