@@ -589,10 +589,60 @@ class Catalog:
             return (chunk @ qm[0]).float()[None]
         return (qm @ chunk.T).float()
 
+    def _scan_numpy(self, vecs: torch.Tensor, masks: list[torch.Tensor | None], kmax: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPU fp32: the same running top-k with NumPy's BLAS product and an O(n) selection per chunk
+        (argpartition, then the lower-index tie rule made exact), chunk scores staying in cache."""
+        assert self._np is not None
+        n = self._n
+        q = vecs.numpy().astype(np.float32, copy=False)
+        B = q.shape[0]
+        np_masks = [None if m is None else m.numpy() for m in masks]
+        best_v = np.empty((B, 0), np.float32)
+        best_i = np.empty((B, 0), np.int64)
+        for lo in range(0, n, self.chunk_rows):
+            hi = min(n, lo + self.chunk_rows)
+            chunk = self._np[lo:hi]
+            s = (chunk @ q[0])[None] if B == 1 else q @ chunk.T  # [B, c] float32
+            for b, m in enumerate(np_masks):
+                if m is not None:
+                    s[b][~m[lo:hi]] = -np.inf
+            kk = min(kmax, hi - lo)
+            vals = np.empty((B, kk), np.float32)
+            rows = np.empty((B, kk), np.int64)
+            for b in range(B):
+                sb = s[b]
+                if kk < sb.shape[0]:
+                    part = np.argpartition(sb, sb.shape[0] - kk)[sb.shape[0] - kk:]
+                    t = sb[part].min()
+                    above = np.flatnonzero(sb > t)
+                    ties = np.flatnonzero(sb == t)[: kk - above.shape[0]]
+                    cand = np.concatenate([above, ties])
+                else:
+                    cand = np.arange(sb.shape[0])
+                order = np.lexsort((cand, -sb[cand]))  # score descending, then index ascending
+                rows[b] = cand[order] + lo
+                vals[b] = sb[cand[order]]
+            if best_v.shape[1]:
+                allv = np.concatenate([best_v, vals], 1)
+                alli = np.concatenate([best_i, rows], 1)
+                keep = min(kmax, allv.shape[1])
+                nv = np.empty((B, keep), np.float32)
+                ni = np.empty((B, keep), np.int64)
+                for b in range(B):
+                    order = np.lexsort((alli[b], -allv[b]))[:keep]
+                    nv[b], ni[b] = allv[b][order], alli[b][order]
+                best_v, best_i = nv, ni
+            else:
+                best_v, best_i = vals, rows
+        return torch.from_numpy(best_v), torch.from_numpy(best_i)
+
     def _scan(self, vecs: torch.Tensor, masks: list[torch.Tensor | None], kmax: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Running top-`kmax` over all chunks. vecs: [B, dim] float32 normalised -> (values [B, kmax'],
         rows [B, kmax']) with kmax' = min(kmax, n); masked rows score -inf."""
+        if self._np is not None and kernel_backend_env() != "triton":
+            return self._scan_numpy(vecs, masks, kmax)
         n = self._n
         qm = vecs.to(self.device, self.dtype)
         best_v: torch.Tensor | None = None
@@ -684,6 +734,11 @@ def _member(col: np.ndarray, values: Any, argument: str) -> np.ndarray:
 
 # -- the per-engine service: catalogues by source, with an embedding cache ------
 _TMP_PREFIX = ".atelier-tmp-emb-"
+
+
+def kernel_backend_env() -> str:
+    """`ATELIER_KERNEL_BACKEND`: `triton` forces the kernel path (tests of the Triton top-k)."""
+    return os.environ.get("ATELIER_KERNEL_BACKEND", "auto")
 
 
 def sweep_temp_files(folder: Path) -> int:
