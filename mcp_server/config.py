@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
+    SettingsError,
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -222,6 +223,9 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from exc
+    except SettingsError as exc:  # e.g. an ATELIER_* variable holding malformed JSON
+        raise ConfigError(f"invalid configuration ({source}): {exc} (lists and tables in environment "
+                          f"variables are JSON, e.g. ATELIER_PATHS__READ_ROOTS='[\"/data\"]')") from exc
     finally:
         Settings._toml_path = None
     object.__setattr__(settings, "config_file", cfg)

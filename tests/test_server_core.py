@@ -338,3 +338,11 @@ def test_env_overrides_toml(tmp_path, monkeypatch):
     s = load_settings(cfg)
     assert s.limits.max_new_tokens == 64 and s.limits.max_k == 7 and s.logging.level == "DEBUG"
     assert s.config_file == cfg.resolve()
+
+
+def test_malformed_env_json_is_a_config_error(monkeypatch):
+    from mcp_server.config import ConfigError, load_settings
+
+    monkeypatch.setenv("ATELIER_PATHS__READ_ROOTS", "[/not/json]")
+    with pytest.raises(ConfigError, match="paths"):
+        load_settings()

@@ -54,8 +54,8 @@ class GenerateTextInput(BaseModel):
     top_k: int = Field(0, ge=0, description="Sample only from the k most likely tokens (0 = off).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: smallest set of tokens whose "
                                                            "probability reaches top_p (1 = off).")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages repeating tokens "
-                                                                        "(1 = off; typical 1.1).")
+    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0, description="> 1 discourages repeating tokens "
+                                                                        "(1 = off; the default 1.1 keeps small models from looping).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling (same seed, same text).")
     stop: list[str] = Field(default_factory=list, description="Stop when any of these strings appears (not "
                                                               "included in the text).")
