@@ -62,6 +62,8 @@ class ModelsSection(_Section):
     detectors: dict[str, str] = Field(default_factory=dict, description="name -> ultralytics .pt path")
     catalog: str = Field("", description="default catalogue file; '' = the bundled demo catalogue")
     llm_compile: bool = False
+    llm_decode: Literal["auto", "numpy", "torch"] = Field(
+        "auto", description="decode steps: 'numpy' (CPU fp32, full cache), 'torch'; 'auto' = numpy where it applies")
     embedding_dtype: Literal["float32", "float16"] = "float32"
 
 

@@ -185,3 +185,90 @@ def test_smollm2_prefill_logits_and_greedy_match_transformers(smol):
             assert (got - want).abs().max() < 1e-3
         want = _hf_greedy(ref, ids, 32, stop_at_eos=True)
         assert _greedy(ours.model, ids, 32, eos=tuple(ours.eos_ids)) == want, p
+
+
+def test_numpy_step_is_the_default_on_cpu_fp32(tiny):
+    _, ours, _ = tiny
+    assert ours.model.blas == "numpy"
+
+
+def test_decode_step_logits_match_transformers_per_position(tiny):
+    # the oracle: transformers' logits for the whole sequence in one forward; ours: prefill 1 token, then one
+    # decode step per token, through the NumPy step and through the torch forward
+    kind, ours, ref = tiny
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.inference_mode():
+        want = ref(torch.tensor([ids])).logits[0]  # [40, V]
+    a = ours.model.args
+    try:
+        for backend in ("numpy", "torch"):
+            ours.model.set_blas(backend)
+            cache = FullCache(a.n_layers, 2, a.n_kv_heads, a.head_dim, 64)
+            rows = [ours.model.prefill(cache, 1, ids[:1])]
+            for t in ids[1:]:
+                rows.append(ours.model.decode(cache, [1], [t])[0])
+            got = torch.stack(rows)
+            assert (got - want).abs().max() < 1e-4, (backend, (got - want).abs().max())
+            assert cache.lengths == [0, 40]
+    finally:
+        ours.model.set_blas("numpy")
+
+
+@pytest.mark.parametrize("slots", [(0, 2, 3), (1, 2, 3)], ids=["gathered", "contiguous"])
+def test_numpy_step_batched_rows_at_different_lengths(tiny, slots):
+    # three sequences of different lengths decoded together equal each decoded alone (transformers as oracle);
+    # contiguous slots take the batched attention over cache views, others a per-row loop
+    kind, ours, ref = tiny
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 17, 9)]
+    a = ours.model.args
+    cache = FullCache(a.n_layers, 4, a.n_kv_heads, a.head_dim, 64)
+    nxt = []
+    for slot, p in zip(slots, prompts):
+        nxt.append(int(ours.model.prefill(cache, slot, p).argmax()))
+    seqs = [p + [t] for p, t in zip(prompts, nxt)]
+    for _ in range(6):
+        logits = ours.model.decode(cache, list(slots), [s[-1] for s in seqs])
+        for s, row in zip(seqs, logits):
+            with torch.inference_mode():
+                want = ref(torch.tensor([s])).logits[0, -1]
+            assert (row - want).abs().max() < 1e-4
+            s.append(int(row.argmax()))
+    assert [cache.lengths[i] for i in slots] == [len(s) - 1 for s in seqs]
+
+
+def test_numpy_step_refuses_a_full_cache():
+    from engine.llm.npstep import NumpyStep
+
+    cfg = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 24, "max_position_embeddings": 8}
+    from engine.llm.model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_hf(cfg)).eval()
+    step = NumpyStep(model)
+    cache = FullCache(1, 1, 1, 8, 4)
+    cache.lengths[0] = 4
+    with pytest.raises(ValueError, match="exceed the cache length"):
+        step(cache, [0], [1])
+
+
+def test_extend_logits_match_transformers(tiny):
+    # extend (draft verification) appends several tokens at once; every position's logits equal transformers'
+    kind, ours, ref = tiny
+    ids = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.inference_mode():
+        want = ref(torch.tensor([ids])).logits[0]
+    a = ours.model.args
+    try:
+        for backend in ("numpy", "torch"):
+            ours.model.set_blas(backend)
+            cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 64)
+            first = ours.model.prefill(cache, 0, ids[:11], all_logits=True)
+            rest = [ours.model.extend(cache, 0, ids[11:16]), ours.model.extend(cache, 0, ids[16:17]),
+                    ours.model.extend(cache, 0, ids[17:])]
+            got = torch.cat([first] + rest)
+            assert (got - want).abs().max() < 1e-4, (backend, (got - want).abs().max())
+            assert cache.lengths[0] == 30
+    finally:
+        ours.model.set_blas("numpy")

@@ -59,8 +59,9 @@ def one_hot_catalog(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarra
     return mat, rows
 
 
-def build(mat: np.ndarray, rows: list[dict], chunk_rows: int = 7, capacity: int = 4) -> Catalog:
-    cat = Catalog(mat.shape[1], chunk_rows=chunk_rows, capacity=capacity)
+def build(mat: np.ndarray, rows: list[dict], chunk_rows: int = 7, capacity: int = 4,
+          sketch: bool | None = None) -> Catalog:
+    cat = Catalog(mat.shape[1], chunk_rows=chunk_rows, capacity=capacity, sketch=sketch)
     cat.upsert(rows, torch.tensor(mat, dtype=torch.float32))
     return cat
 
@@ -68,12 +69,13 @@ def build(mat: np.ndarray, rows: list[dict], chunk_rows: int = 7, capacity: int 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10**6), n=st.integers(1, 60), d=st.integers(2, 6), k=st.integers(1, 12),
        limit=st.sampled_from([None, 1, 2]), use_filter=st.booleans(), n_excl=st.integers(0, 5),
-       min_score=st.sampled_from([None, 0.0, 0.3]))
+       min_score=st.sampled_from([None, 0.0, 0.3]), sketch=st.booleans())
 def test_property_exact_with_ties(seed: int, n: int, d: int, k: int, limit: int | None, use_filter: bool,
-                                  n_excl: int, min_score: float | None) -> None:
+                                  n_excl: int, min_score: float | None, sketch: bool) -> None:
     rng = np.random.default_rng(seed)
     mat, rows = one_hot_catalog(rng, n, d)
-    cat = build(mat, rows, chunk_rows=int(rng.integers(1, 20)))
+    cat = build(mat, rows, chunk_rows=int(rng.integers(1, 20)), sketch=sketch)
+    assert (cat._sketch is not None) == sketch
     q = rng.integers(-3, 4, d).astype(np.float64)
     if not q.any():
         q[0] = 1.0
@@ -92,12 +94,13 @@ def test_property_exact_with_ties(seed: int, n: int, d: int, k: int, limit: int 
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10**6), n=st.integers(1, 80), k=st.integers(1, 10), limit=st.sampled_from([None, 1, 3]))
-def test_property_gaussian(seed: int, n: int, k: int, limit: int | None) -> None:
+@given(seed=st.integers(0, 10**6), n=st.integers(1, 80), k=st.integers(1, 10), limit=st.sampled_from([None, 1, 3]),
+       sketch=st.booleans())
+def test_property_gaussian(seed: int, n: int, k: int, limit: int | None, sketch: bool) -> None:
     rng = np.random.default_rng(seed)
     mat = rng.standard_normal((n, 8))
     rows = [{"id": str(i), "category": CATS[rng.integers(0, 3)]} for i in range(n)]
-    cat = build(mat, rows, chunk_rows=int(rng.integers(1, 30)))
+    cat = build(mat, rows, chunk_rows=int(rng.integers(1, 30)), sketch=sketch)
     q = rng.standard_normal(8)
     want, s = oracle(mat, rows, q, k, category_limit=limit)
     hits = cat.search(Query(vector=torch.tensor(q, dtype=torch.float32), k=k, category_limit=limit))
@@ -157,6 +160,219 @@ def test_compaction_keeps_order() -> None:
     want, _ = oracle(mat, rows, q, 15, valid=keep)
     assert [h.id for h in cat.search(Query(vector=torch.tensor(q, dtype=torch.float32), k=15))] == \
         [str(r) for r in want]
+
+
+# -- row storage: present, explicit None and absent fields -----------------------
+def expected_fields(row: dict) -> dict:
+    """What a row should read back as: its own fields, `id` as a str, `category` "" when it has none."""
+    out = dict(row)
+    out["id"] = str(row["id"])
+    out.setdefault("category", "")
+    return out
+
+
+def filter_oracle(rows: dict[str, dict], name: str, cond: object) -> set[str]:
+    """The ids a filter should keep, by plain Python: a row without the field never matches."""
+    def eq(x: object, v: object) -> bool:
+        if isinstance(v, bool):
+            return x is v
+        return x == v and not isinstance(x, bool)
+
+    def num(x: object) -> float | None:
+        return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+    out = set()
+    for rid, row in rows.items():
+        if name not in row:
+            continue
+        x = row[name]
+        if isinstance(cond, dict):
+            ok = True
+            if "eq" in cond:
+                ok &= eq(x, cond["eq"])
+            if "in" in cond:
+                ok &= any(eq(x, v) for v in cond["in"])
+            if "min" in cond:
+                ok &= num(x) is not None and num(x) >= cond["min"]
+            if "max" in cond:
+                ok &= num(x) is not None and num(x) <= cond["max"]
+        elif isinstance(cond, list):
+            ok = any(eq(x, v) for v in cond)
+        else:
+            ok = eq(x, cond)
+        if ok:
+            out.add(rid)
+    return out
+
+
+def all_hits(cat: Catalog, filters: dict | None = None) -> list:
+    return cat.search(Query(vector=torch.ones(cat.dim), k=max(1, len(cat)), filters=filters))
+
+
+SPARSE_ROWS = [
+    {"id": "a", "category": "x", "color": None, "price": 3},
+    {"id": "b", "category": "y", "price": 5.5, "tags": ["t1", "t2"]},
+    {"id": "c", "color": "red"},
+    {"id": "d", "category": "x", "color": "red", "price": "cheap", "in_stock": True},
+    {"id": "e", "category": "y", "price": 1, "in_stock": False, "tags": []},
+]
+SPARSE_FILTERS = [("color", None), ("color", "red"), ("color", ["red", None]), ("color", {"in": ["blue"]}),
+                  ("price", {"min": 0}), ("price", {"max": 4}), ("price", 1), ("price", "cheap"),
+                  ("in_stock", True), ("in_stock", False), ("category", "x"), ("category", ["", "y"]),
+                  ("price", {"eq": 3, "min": 2})]
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])  # the bulk append, and the row-by-row upsert
+def test_explicit_none_kept_missing_fields_stay_absent(one_by_one: bool) -> None:
+    rng = np.random.default_rng(5)
+    mat = rng.standard_normal((len(SPARSE_ROWS), 4))
+    cat = Catalog(4, capacity=2)
+    if one_by_one:
+        for row, vec in zip(SPARSE_ROWS, mat):
+            cat.upsert([row], torch.tensor(vec[None], dtype=torch.float32))
+    else:
+        cat.upsert(SPARSE_ROWS, torch.tensor(mat, dtype=torch.float32))
+    want = {r["id"]: expected_fields(r) for r in SPARSE_ROWS}
+    for rid, fields in want.items():
+        assert cat.item(rid) == fields
+    assert "color" in cat.item("a") and cat.item("a")["color"] is None  # an explicit null is a value
+    assert "color" not in cat.item("b") and "price" not in cat.item("c")  # a missing field is not added
+    assert cat.item("b")["tags"] == ["t1", "t2"] and cat.item("e")["tags"] == []
+    hits = all_hits(cat)
+    assert sorted(h.id for h in hits) == sorted(want)
+    for h in hits:
+        assert h.fields == want[h.id]
+    assert set(cat.fields()) == {k for r in SPARSE_ROWS for k in r} | {"category"}
+    assert cat.categories() == dict(Counter(f["category"] for f in want.values()))
+    for name, cond in SPARSE_FILTERS:
+        got = {h.id for h in all_hits(cat, {name: cond})}
+        assert got == filter_oracle(want, name, cond), (name, cond)
+    assert {h.id for h in all_hits(cat, {"color": None})} == {"a"}  # b, c, e lack the field or hold a value
+
+
+def test_filters_never_match_absent_values_random() -> None:
+    rng = np.random.default_rng(6)
+    values = ["red", "blue", None, 0, 1, 2.5, True, False, "", ["red"]]
+    for trial in range(20):
+        n = int(rng.integers(1, 40))
+        rows = []
+        for i in range(n):
+            row: dict = {"id": f"r{i}", "category": CATS[int(rng.integers(0, 3))]}
+            for name in ("color", "size"):
+                if rng.random() < 0.6:
+                    row[name] = values[int(rng.integers(0, len(values)))]
+            rows.append(row)
+        rows[0]["color"] = "red"  # both fields exist as columns
+        rows[0]["size"] = 1
+        cat = build(rng.standard_normal((n, 3)), rows, chunk_rows=int(rng.integers(1, 10)))
+        want = {r["id"]: expected_fields(r) for r in rows}
+        for name in ("color", "size"):
+            for cond in ["red", "", 0, 1, 2.5, True, False, None, ["red", None], ["", 0],
+                         {"min": 0}, {"max": 1}, {"min": 0.5, "max": 3}, {"in": [None, False]}]:
+                got = {h.id for h in all_hits(cat, {name: cond})}
+                assert got == filter_oracle(want, name, cond), (trial, name, cond)
+
+
+def test_update_replaces_all_fields_and_categories() -> None:
+    rng = np.random.default_rng(7)
+    cat = build(rng.standard_normal((len(SPARSE_ROWS), 4)), SPARSE_ROWS)
+    want = {r["id"]: expected_fields(r) for r in SPARSE_ROWS}
+    rows_before = {rid: cat.row_of(rid) for rid in want}
+    # an update of b (fields not given disappear) and a new row f: the row-by-row path
+    new_rows = [{"id": "b", "category": "z", "color": "blue"}, {"id": "f", "category": "y", "note": None}]
+    assert cat.upsert(new_rows, torch.tensor(rng.standard_normal((2, 4)), dtype=torch.float32)) == (1, 1)
+    want["b"] = expected_fields(new_rows[0])
+    want["f"] = expected_fields(new_rows[1])
+    assert cat.item("b") == {"id": "b", "category": "z", "color": "blue"}
+    assert cat.row_of("b") == rows_before["b"]  # in place
+    assert cat.row_of("f") == len(SPARSE_ROWS)
+    for h in all_hits(cat):
+        assert h.fields == want[h.id]
+    assert cat.categories() == dict(sorted(Counter(f["category"] for f in want.values()).items(),
+                                           key=lambda kv: (-kv[1], kv[0])))
+    assert "y" in cat.categories() and cat.categories()["y"] == 2  # e and f; b left y
+    for name, cond in SPARSE_FILTERS + [("color", "blue"), ("note", None), ("tags", {"min": 0})]:
+        assert {h.id for h in all_hits(cat, {name: cond})} == filter_oracle(want, name, cond), (name, cond)
+    # an update that drops every optional field: only id and category remain ("" when not given)
+    cat.upsert([{"id": "d"}], torch.ones(1, 4))
+    assert cat.item("d") == {"id": "d", "category": ""}
+    assert cat.categories()["x"] == 1
+
+
+@pytest.mark.parametrize("bulk", [True, False])
+def test_delete_then_readd_same_id(bulk: bool) -> None:
+    rng = np.random.default_rng(8)
+    mat = rng.standard_normal((len(SPARSE_ROWS), 4))
+    cat = build(mat, SPARSE_ROWS)
+    cat.delete(["a", "d"])
+    assert not cat.has("a") and len(cat) == len(SPARSE_ROWS) - 2
+    with pytest.raises(InvalidInput, match="unknown item id"):
+        cat.item("a")
+    assert {h.id for h in all_hits(cat)} == {"b", "c", "e"}
+    assert all_hits(cat, {"color": None}) == []  # the tombstone's None is gone, not matched
+    assert {h.id for h in all_hits(cat, {"color": "red"})} == {"c"}
+    assert cat.categories() == {"y": 2, "": 1}
+    readd = [{"id": "a", "category": "w", "size": 2}]
+    if not bulk:  # together with an update: the row-by-row path
+        readd.append({"id": "c", "category": "w"})
+    vecs = torch.tensor(rng.standard_normal((len(readd), 4)), dtype=torch.float32)
+    assert cat.upsert(readd, vecs) == (1, 0 if bulk else 1)
+    assert cat.row_of("a") == len(SPARSE_ROWS)  # appended after the tombstones
+    assert cat.item("a") == {"id": "a", "category": "w", "size": 2}  # nothing of the old row a
+    want = {"a": readd[0], "b": SPARSE_ROWS[1], "c": SPARSE_ROWS[2] if bulk else readd[1], "e": SPARSE_ROWS[4]}
+    want = {rid: expected_fields(r) for rid, r in want.items()}
+    hits = all_hits(cat)
+    assert sorted(h.id for h in hits) == sorted(want)
+    for h in hits:
+        assert h.fields == want[h.id]
+    assert cat.categories() == dict(sorted(Counter(f["category"] for f in want.values()).items(),
+                                           key=lambda kv: (-kv[1], kv[0])))
+    for name, cond in SPARSE_FILTERS + [("size", 2), ("size", {"min": 1})]:
+        assert {h.id for h in all_hits(cat, {name: cond})} == filter_oracle(want, name, cond), (name, cond)
+
+
+def test_compaction_keeps_fields_ids_and_counts() -> None:
+    rng = np.random.default_rng(9)
+    n = 3000
+    mat = rng.standard_normal((n, 4))
+    rows: list[dict] = []
+    for i in range(n):
+        row: dict = {"id": f"r{i}", "category": f"c{i % 4}", "price": i}
+        if i % 5 == 0:
+            row["color"] = "red" if i % 10 == 0 else None
+        if i % 7 == 0:
+            row["tags"] = [f"t{i}"]
+        rows.append(row)
+    cat = build(mat, rows, chunk_rows=700)
+    gone = [f"r{i}" for i in range(n) if i % 3 != 0]
+    assert len(gone) == 2000
+    cat.delete(gone[:1000])
+    assert cat._dead == 1000  # not yet: 1000 tombstones do not outnumber 2000 live rows
+    cat.delete(gone[1000:])
+    assert cat._dead == 0 and len(cat) == 1000  # compacted
+    kept = [i for i in range(n) if i % 3 == 0]
+    want = {f"r{i}": expected_fields(rows[i]) for i in kept}
+    for pos, i in enumerate(kept):  # order kept, positions renumbered, fields intact
+        assert cat.row_of(f"r{i}") == pos
+        assert cat.item(f"r{i}") == want[f"r{i}"]
+    for rid in gone[::97]:
+        assert not cat.has(rid)
+    assert cat.categories() == dict(sorted(Counter(f["category"] for f in want.values()).items(),
+                                           key=lambda kv: (-kv[1], kv[0])))
+    q = rng.standard_normal(4)
+    want_rows, _ = oracle(mat[kept], [rows[i] for i in kept], q, 25)
+    hits = cat.search(Query(vector=torch.tensor(q, dtype=torch.float32), k=25))
+    assert [h.row for h in hits] == want_rows
+    assert [h.id for h in hits] == [f"r{kept[r]}" for r in want_rows]
+    for h in hits:
+        assert h.fields == want[h.id]
+    for name, cond in [("color", "red"), ("color", None), ("price", {"min": 2900}), ("price", {"max": 30}),
+                       ("category", "c1"), ("price", [0, 3, 4, 2997])]:
+        assert {h.id for h in all_hits(cat, {name: cond})} == filter_oracle(want, name, cond), (name, cond)
+    # the compacted catalogue still takes updates and new rows
+    cat.upsert([{"id": "r3", "category": "c9"}, {"id": "new", "price": 1}], torch.ones(2, 4))
+    assert cat.item("r3") == {"id": "r3", "category": "c9"} and cat.row_of("r3") == 1
+    assert cat.item("new") == {"id": "new", "price": 1, "category": ""} and cat.row_of("new") == 1000
 
 
 def test_bad_queries() -> None:
@@ -316,3 +532,28 @@ def test_embedding_cache_survives_restart(tmp_path: Path, monkeypatch: pytest.Mo
         assert rep3.embedded == 4 and fake.calls == 2
     finally:
         eng.close()
+
+
+def test_sketch_follows_upserts_deletes_and_compaction() -> None:
+    # every update path keeps the int8 sketch in step with the fp32 rows: the answer stays the brute force
+    rng = np.random.default_rng(11)
+    n, d = 3000, 32
+    mat = rng.standard_normal((n, d))
+    rows = [{"id": f"r{i}", "category": CATS[i % 3]} for i in range(n)]
+    cat = build(mat, rows, chunk_rows=257, capacity=16, sketch=True)
+    q = rng.standard_normal(d)
+    mat[1234] = q * 3.0  # an update in place makes row 1234 the best match
+    cat.upsert([{"id": "r1234", "category": "a"}], torch.tensor(mat[1234:1235], dtype=torch.float32))
+    extra = rng.standard_normal((5, d))
+    cat.upsert([{"id": f"x{i}", "category": "b"} for i in range(5)], torch.tensor(extra, dtype=torch.float32))
+    all_mat = np.concatenate([mat, extra])
+    all_rows = rows + [{"id": f"x{i}", "category": "b"} for i in range(5)]
+    want, _ = oracle(all_mat, all_rows, q, 8)
+    assert [h.row for h in cat.search(Query(vector=torch.tensor(q, dtype=torch.float32), k=8))] == want
+    assert want[0] == 1234
+    cat.delete([f"r{i}" for i in range(2000)])  # triggers compaction: rows move, the sketch is rebuilt
+    keep = list(range(2000, n + 5))
+    want, _ = oracle(all_mat[keep], [all_rows[i] for i in keep], q, 8)
+    hits = cat.search(Query(vector=torch.tensor(q, dtype=torch.float32), k=8))
+    assert [h.id for h in hits] == [all_rows[keep[i]]["id"] for i in want]
+    assert cat.sketch_bytes == len(keep) * (d + 8)

@@ -217,7 +217,8 @@ class InfoOutput(BaseModel):
     model: str = Field(description="embedding model id, or 'provided' when the file carries vectors")
     dtype: str
     device: str
-    bytes_on_device: int
+    bytes_on_device: int = Field(description="the embedding matrix")
+    sketch_bytes: int = Field(0, description="the int8 search sketch beside an fp32 CPU matrix (0: none)")
     capacity: int
     categories: dict[str, int]
     fields: list[str]
@@ -230,6 +231,7 @@ def _info(args: InfoInput, ctx: ToolContext) -> ToolOutput:
     info = cat.info()
     out = InfoOutput(catalog=report.source, rows=info["rows"], dims=info["dims"], model=info["model"],
                      dtype=info["dtype"], device=info["device"], bytes_on_device=info["bytes_on_device"],
+                     sketch_bytes=info["sketch_bytes"],
                      capacity=info["capacity"], categories=info["categories"], fields=info["fields"],
                      warnings=report.errors, cache_file=report.cache_file)
     cats = ", ".join(f"{c or '(none)'} {n}" for c, n in list(out.categories.items())[:12])

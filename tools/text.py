@@ -137,7 +137,8 @@ def _prompt_ids(a: GenerateTextInput, tok: object) -> list[int]:
 def run_generate_text(a: GenerateTextInput, ctx: ToolContext) -> ToolOutput:
     _check(ctx, a)
     try:
-        svc = service_for(ctx.engine, ctx.settings.models.llm, compile_step=ctx.settings.models.llm_compile)
+        models = ctx.settings.models
+        svc = service_for(ctx.engine, models.llm, compile_step=models.llm_compile, decode=models.llm_decode)
         m = svc.model()
     except ModelUnavailable as exc:
         raise ToolError(str(exc)) from exc

@@ -138,6 +138,8 @@ class _Seq:
         self.text_cut: int | None = None  # char index where a stop string starts
         self.seen: torch.Tensor | None = None
         self.model: LoadedLLM | None = None
+        self.draft_misses = 0  # drafts in a row with no token accepted
+        self.draft_pause = 0  # plain steps left before drafting again
 
 
 class LLMService:
@@ -384,8 +386,13 @@ class LLMService:
         """Prompt-lookup decoding for a lone greedy sequence: draft the tokens that followed the latest
         earlier occurrence of the current n-gram, verify them in one forward, keep the agreeing prefix plus
         the model's own next token. Greedy-exact: every kept token is the argmax given its prefix. False when
-        there is no draft (the caller then runs a normal step)."""
+        there is no draft (the caller then runs a normal step). Two drafts in a row with nothing accepted
+        pause drafting for 16 steps: a check costs about two plain steps, so text that does not repeat
+        itself should not pay for it."""
         pool, m, slot = seq.pool, seq.model, seq.slot
+        if seq.draft_pause > 0:  # recent drafts were all rejected: this text does not repeat itself
+            seq.draft_pause -= 1
+            return False
         ctx = pool.held[slot] + [seq.out[-1]]
         start = pool.cache.lengths[slot]
         room = min(self.draft_tokens, seq.req.max_new_tokens - len(seq.out) - 1,
@@ -397,7 +404,7 @@ class LLMService:
             return False
         try:
             fed = [seq.out[-1]] + draft
-            logits = m.model.prefill(pool.cache, slot, fed, start, all_logits=True)  # [k + 1, V]
+            logits = m.model.extend(pool.cache, slot, fed)  # [k + 1, V]
             best = torch.argmax(logits, dim=-1).tolist()
             self.steps += 1
         except BaseException as exc:
@@ -410,6 +417,9 @@ class LLMService:
         pool.held[slot].extend(fed[:1 + j])
         self.spec_drafted += len(draft)
         self.spec_accepted += j
+        seq.draft_misses = 0 if j else seq.draft_misses + 1
+        if seq.draft_misses >= 2:
+            seq.draft_misses, seq.draft_pause = 0, 16
         for t in draft[:j] + [best[j]]:
             self._push(seq, t)
             if seq.finish is not None:
@@ -538,13 +548,13 @@ def _lookup(ctx: list[int], k: int, max_ngram: int = 3) -> list[int]:
 
 
 def service_for(engine: Any, spec: str, *, compile_step: bool = False, max_slots: int = 8,
-                max_len: int = 2048) -> LLMService:
+                max_len: int = 2048, decode: str = "auto") -> LLMService:
     """The engine's LLMService for the model `spec` (models.llm: '' = embedded SmolLM2), created once."""
     from .load import load_llm
 
     key = f"llm:{spec or 'embedded'}"
     device, dtype = engine.device, (engine.dtype if engine.device.type != "cpu" else torch.float32)
-    engine.registry.register(key, lambda: load_llm(spec, engine.config.cache_dir, device, dtype),
+    engine.registry.register(key, lambda: load_llm(spec, engine.config.cache_dir, device, dtype, decode),
                              family="llm", source=spec or "embedded SmolLM2-135M-Instruct")
 
     def budget() -> int | None:

@@ -235,8 +235,9 @@ def resolve_folder(spec: str, cache_dir: Path) -> tuple[str, Path]:
 
 
 def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> LoadedLLM:
-    """Load the model named by `spec` (a folder, a .gguf, or '' for the embedded SmolLM2)."""
+             dtype: torch.dtype = torch.float32, decode: str = "auto") -> LoadedLLM:
+    """Load the model named by `spec` (a folder, a .gguf, or '' for the embedded SmolLM2); `decode` picks
+    the decode-step backend (`engine.llm.model.blas_backend`: auto | numpy | torch)."""
     import time
 
     t0 = time.perf_counter()
@@ -248,7 +249,7 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
         eos = tok.eos_ids
     ctx = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
     try:
-        model: Any = build(cfg, read_state(folder), device=device, dtype=dtype)
+        model: Any = build(cfg, read_state(folder), device=device, dtype=dtype, blas=decode)
         native, note = True, ""
     except UnsupportedModel as exc:
         from transformers import AutoModelForCausalLM

@@ -11,6 +11,11 @@ tokenisation, sampling, scheduling. The K/V storage is a cache object from
     logits = model.decode(cache, slots, tokens)            # tokens: [B] -> [B, V]
 
 Shapes: hidden [B, S, D]; q [B, H, S, hd]; k, v [B, KVH, S, hd].
+
+Decode steps on the CPU in fp32 with a full cache run in NumPy (`engine.llm.npstep`,
+chosen by `set_blas` / `blas_backend`: "auto" picks it where it applies); prefill,
+verification of drafts, the int8 and window caches and other devices use this
+torch forward. Both compute the same fp32 network up to summation order.
 """
 
 from __future__ import annotations
@@ -91,6 +96,18 @@ class ModelArgs:
                    o_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
 
 
+BLAS_BACKENDS = ("auto", "numpy", "torch")
+
+
+def blas_backend(setting: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The decode-step backend: `numpy` (CPU fp32 only) or `torch`. `auto` = numpy where it applies;
+    an explicit `numpy` on another device or dtype falls back to torch."""
+    if setting not in BLAS_BACKENDS:
+        raise ValueError(f"blas={setting!r}: expected one of {BLAS_BACKENDS}")
+    cpu_fp32 = torch.device(device).type == "cpu" and dtype == torch.float32
+    return "numpy" if setting in ("auto", "numpy") and cpu_fp32 else "torch"
+
+
 class Block(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
@@ -166,6 +183,21 @@ class Transformer(nn.Module):
         # 1/sqrt(head_dim) is folded into the q weights when it is a power of two (exact); else applied here
         self.attn_scale = 1.0 / math.sqrt(a.head_dim)
         self.step_fn: Any = None  # optional compiled forward for decode steps (compile_decode)
+        self.blas = "torch"  # set_blas
+        self._np_step: Any = None
+
+    def set_blas(self, backend: str) -> Transformer:
+        """Decode steps in `backend`: "numpy" (`engine.llm.npstep`, CPU fp32) or "torch" (this forward)."""
+        if backend == "numpy":
+            if self.tok.weight.device.type != "cpu" or self.tok.weight.dtype != torch.float32:
+                raise ValueError("the numpy decode step needs fp32 weights on the CPU")
+            from .npstep import NumpyStep
+
+            self._np_step = NumpyStep(self)
+        else:
+            self._np_step = None
+        self.blas = backend
+        return self
 
     # -- rope tables ------------------------------------------------------------
     def rope_freqs(self, n: int) -> torch.Tensor:
@@ -243,8 +275,23 @@ class Transformer(nn.Module):
         return out[0]
 
     @torch.inference_mode()
+    def extend(self, cache: Any, slot: int, ids: list[int]) -> torch.Tensor:
+        """Append `ids` to `slot` at its current length; logits [S, V] of every new token (draft checks)."""
+        if self._np_step is not None and self.step_fn is None:
+            from .npstep import applies
+
+            if applies(self, cache):
+                return self._np_step.extend(cache, slot, list(ids))
+        return self.prefill(cache, slot, ids, cache.lengths[slot], all_logits=True)
+
+    @torch.inference_mode()
     def decode(self, cache: Any, slots: list[int], tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """One step for B sequences: tokens [B] at each slot's current length -> logits [B, V]."""
+        if self._np_step is not None and self.step_fn is None:
+            from .npstep import applies
+
+            if applies(self, cache):
+                return self._np_step(cache, slots, tokens)
         t = torch.as_tensor(tokens, dtype=torch.long, device=self.tok.weight.device).view(-1, 1)
         plan = cache.plan(slots, [cache.lengths[s] for s in slots], 1)
         out = (self.step_fn or self)(t, cache, plan)
@@ -317,8 +364,9 @@ def _gpt2_state(a: ModelArgs, sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def build(cfg: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
-          dtype: torch.dtype = torch.float32) -> Transformer:
-    """Our Transformer from an HF config dict and an HF state dict (any dtype; cast to `dtype`)."""
+          dtype: torch.dtype = torch.float32, blas: str = "auto") -> Transformer:
+    """Our Transformer from an HF config dict and an HF state dict (any dtype; cast to `dtype`);
+    `blas` picks the weight-product backend (`blas_backend`)."""
     a = ModelArgs.from_hf(cfg)
     with torch.device("meta"):
         model = Transformer(a)
@@ -343,7 +391,8 @@ def build(cfg: dict[str, Any], state: dict[str, torch.Tensor], device: torch.dev
     model.load_state_dict(sd, strict=True, assign=True)
     if fold:
         model.attn_scale = 1.0
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    return model.set_blas(blas_backend(blas, device, dtype))
 
 
 def _interleave(w: torch.Tensor, heads: int, hd: int) -> torch.Tensor:
@@ -355,7 +404,9 @@ def _interleave(w: torch.Tensor, heads: int, hd: int) -> torch.Tensor:
 
 
 def compile_decode(model: Transformer) -> Transformer:
-    """Use torch.compile for decode steps (models.llm_compile; off by default: see the benchmark)."""
+    """Use torch.compile for decode steps (models.llm_compile; off by default: see the benchmark).
+    The compiled graph uses torch's products (NumPy calls would break it)."""
+    model.set_blas("torch")
     model.step_fn = torch.compile(model.forward, dynamic=True)
     return model
 
