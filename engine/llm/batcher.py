@@ -140,6 +140,7 @@ class _Seq:
         self.model: LoadedLLM | None = None
         self.draft_misses = 0  # drafts in a row with no token accepted
         self.draft_pause = 0  # plain steps left before drafting again
+        self.draft_pauses = 0  # pauses since a draft last paid off (each one twice as long)
 
 
 class LLMService:
@@ -387,8 +388,8 @@ class LLMService:
         earlier occurrence of the current n-gram, verify them in one forward, keep the agreeing prefix plus
         the model's own next token. Greedy-exact: every kept token is the argmax given its prefix. False when
         there is no draft (the caller then runs a normal step). Two drafts in a row with nothing accepted
-        pause drafting for 16 steps: a check costs about two plain steps, so text that does not repeat
-        itself should not pay for it."""
+        pause drafting for 16 steps, then 32, 64 and 128 while drafts keep failing (an accepted token resets
+        this): a check costs about two plain steps, so text that does not repeat itself should not pay for it."""
         pool, m, slot = seq.pool, seq.model, seq.slot
         if seq.draft_pause > 0:  # recent drafts were all rejected: this text does not repeat itself
             seq.draft_pause -= 1
@@ -417,9 +418,13 @@ class LLMService:
         pool.held[slot].extend(fed[:1 + j])
         self.spec_drafted += len(draft)
         self.spec_accepted += j
-        seq.draft_misses = 0 if j else seq.draft_misses + 1
+        if j:
+            seq.draft_misses = seq.draft_pauses = 0
+        else:
+            seq.draft_misses += 1
         if seq.draft_misses >= 2:
-            seq.draft_misses, seq.draft_pause = 0, 16
+            seq.draft_misses, seq.draft_pause = 0, 16 << min(seq.draft_pauses, 3)
+            seq.draft_pauses += 1
         for t in draft[:j] + [best[j]]:
             self._push(seq, t)
             if seq.finish is not None:
