@@ -31,7 +31,7 @@ than one chunk of scores `[B, chunk]` in memory), each chunk's top-k merged
 into a running top-k with `kernels.topk` (lower position wins ties). On the
 CPU in fp32 (the default) the scan reads an int8 sketch of the matrix instead
 (`engine.sketch`: a quarter of the bytes, fbgemm's int8 product) with a
-rigorous per-row error bound, and rescores in fp32 only the rows whose bound
+rigorous per-row error bound, and rescores exactly only the rows whose bound
 reaches the k-th best: the same exact answer for a quarter of the memory
 traffic, at 1 + 8/dim bytes per element more memory. Upserts repack only
 the sketch blocks they touch.

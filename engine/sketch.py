@@ -1,9 +1,10 @@
 """An int8 sketch of a row-normalised fp32 matrix, for exact top-k by filter and refine.
 
-    sk = Int8Sketch(dim=384, block_rows=32768)
+    sk = Int8Sketch(dim=384, block_rows=8192)
     sk.sync(matrix, n)                       # matrix: [capacity, dim] float32 NumPy, rows 0..n used
-    approx, bound = sk.scores(b, q)          # q: [B, dim] float32 -> both [B, c] / [c] for block b
+    approx, bound = sk.scores(b, q, q_norm, query_step(q))   # q: [B, dim] -> [B, c] and [c] for block b
     # for every row r of block b and query i:  |q_i . matrix[r] - approx[i, r]| <= bound[r]
+    vals, rows = exact_topk(sk, matrix, q, masks, k)           # what the catalogue calls
 
 What it knows: each row v is stored as s * v8 with v8 in [-63, 63] (int8,
 one scale per row), packed per block of rows for fbgemm's dynamic quantised
@@ -24,8 +25,9 @@ accumulation is exact (|v8| <= 63 keeps vpmaddubsw's int16 pair sums below
 rounding of the result. Reading 1 byte per element instead of 4 is the point:
 the scan is memory-bound.
 
-Blocks are repacked lazily (`invalidate`, then `sync` before a search), so an
-upsert costs one block, not the whole matrix.
+`invalidate` marks the blocks of changed rows and `sync` repacks only those
+(the catalogue syncs right after each update), so an upsert costs one block,
+not the whole matrix.
 """
 
 from __future__ import annotations

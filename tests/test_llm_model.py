@@ -272,3 +272,15 @@ def test_extend_logits_match_transformers(tiny):
             assert cache.lengths[0] == 30
     finally:
         ours.model.set_blas("numpy")
+
+
+def test_numpy_step_leaves_exact_gelu_gpt2_to_torch():
+    # the NumPy step implements the tanh GELU only; a GPT-2 with the exact GELU keeps the torch forward
+    from engine.llm.model import ModelArgs, Transformer
+
+    cfg = {"model_type": "gpt2", "vocab_size": 32, "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 8,
+           "activation_function": "gelu"}
+    model = Transformer(ModelArgs.from_hf(cfg)).eval()
+    assert model.set_blas("numpy").blas == "torch"
+    cfg["activation_function"] = "gelu_new"
+    assert Transformer(ModelArgs.from_hf(cfg)).eval().set_blas("numpy").blas == "numpy"

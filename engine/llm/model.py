@@ -191,13 +191,21 @@ class Transformer(nn.Module):
         if backend == "numpy":
             if self.tok.weight.device.type != "cpu" or self.tok.weight.dtype != torch.float32:
                 raise ValueError("the numpy decode step needs fp32 weights on the CPU")
-            from .npstep import NumpyStep
+            from .npstep import NumpyStep, supports
 
-            self._np_step = NumpyStep(self)
-        else:
-            self._np_step = None
+            if not supports(self):  # e.g. GPT-2 with exact GELU: the torch forward serves it
+                backend = "torch"
+        self._np_step = NumpyStep(self) if backend == "numpy" else None
         self.blas = backend
         return self
+
+    def _numpy_step_for(self, cache: Any) -> Any:
+        """The NumPy step when it serves this cache (CPU fp32 full cache, not compiled), else None."""
+        if self._np_step is None or self.step_fn is not None:
+            return None
+        from .npstep import serves
+
+        return self._np_step if serves(cache) else None
 
     # -- rope tables ------------------------------------------------------------
     def rope_freqs(self, n: int) -> torch.Tensor:
@@ -277,21 +285,17 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def extend(self, cache: Any, slot: int, ids: list[int]) -> torch.Tensor:
         """Append `ids` to `slot` at its current length; logits [S, V] of every new token (draft checks)."""
-        if self._np_step is not None and self.step_fn is None:
-            from .npstep import applies
-
-            if applies(self, cache):
-                return self._np_step.extend(cache, slot, list(ids))
+        step = self._numpy_step_for(cache)
+        if step is not None:
+            return step.extend(cache, slot, list(ids))
         return self.prefill(cache, slot, ids, cache.lengths[slot], all_logits=True)
 
     @torch.inference_mode()
     def decode(self, cache: Any, slots: list[int], tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """One step for B sequences: tokens [B] at each slot's current length -> logits [B, V]."""
-        if self._np_step is not None and self.step_fn is None:
-            from .npstep import applies
-
-            if applies(self, cache):
-                return self._np_step(cache, slots, tokens)
+        step = self._numpy_step_for(cache)
+        if step is not None:
+            return step(cache, slots, tokens)
         t = torch.as_tensor(tokens, dtype=torch.long, device=self.tok.weight.device).view(-1, 1)
         plan = cache.plan(slots, [cache.lengths[s] for s in slots], 1)
         out = (self.step_fn or self)(t, cache, plan)

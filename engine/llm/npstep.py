@@ -28,13 +28,17 @@ import numpy as np
 import torch
 
 
-def applies(model: Any, cache: Any) -> bool:
-    """Whether this step can serve `model` with `cache` (CPU fp32 weights and a full cache)."""
+def supports(model: Any) -> bool:
+    """Whether this step implements `model` (CPU fp32 weights; GPT-2 only with the tanh GELU)."""
     a = model.args
     w = model.tok.weight
-    return (getattr(cache, "kind", "") == "full" and cache.device.type == "cpu" and cache.dtype == torch.float32
-            and w.device.type == "cpu" and w.dtype == torch.float32
+    return (w.device.type == "cpu" and w.dtype == torch.float32
             and not (a.arch == "gpt2" and a.activation != "gelu_tanh"))
+
+
+def serves(cache: Any) -> bool:
+    """Whether this step can use `cache`: a full fp32 cache on the CPU."""
+    return getattr(cache, "kind", "") == "full" and cache.device.type == "cpu" and cache.dtype == torch.float32
 
 
 def _mm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, wide: bool = False) -> np.ndarray:
