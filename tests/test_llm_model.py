@@ -192,7 +192,19 @@ def test_numpy_step_is_the_default_on_cpu_fp32(tiny):
     assert ours.model.blas == "numpy"
 
 
-def test_decode_step_logits_match_transformers_per_position(tiny):
+@pytest.fixture(params=["numba", "numpy"])
+def cpu_kernels(request, monkeypatch):
+    """The NumPy step with its Numba kernels, and with their NumPy fallbacks (no Numba installed)."""
+    from kernels import cpu_decode
+
+    if request.param == "numpy":
+        monkeypatch.setattr(cpu_decode, "_kernels", lambda: None)
+    else:
+        assert cpu_decode.available()
+    return request.param
+
+
+def test_decode_step_logits_match_transformers_per_position(tiny, cpu_kernels):
     # the oracle: transformers' logits for the whole sequence in one forward; ours: prefill 1 token, then one
     # decode step per token, through the NumPy step and through the torch forward
     kind, ours, ref = tiny
@@ -215,9 +227,9 @@ def test_decode_step_logits_match_transformers_per_position(tiny):
 
 
 @pytest.mark.parametrize("slots", [(0, 2, 3), (1, 2, 3)], ids=["gathered", "contiguous"])
-def test_numpy_step_batched_rows_at_different_lengths(tiny, slots):
-    # three sequences of different lengths decoded together equal each decoded alone (transformers as oracle);
-    # contiguous slots take the batched attention over cache views, others a per-row loop
+def test_numpy_step_batched_rows_at_different_lengths(tiny, slots, cpu_kernels):
+    # three sequences of different lengths decoded together equal each decoded alone (transformers as oracle),
+    # whichever slots they hold
     kind, ours, ref = tiny
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 17, 9)]
@@ -253,8 +265,9 @@ def test_numpy_step_refuses_a_full_cache():
         step(cache, [0], [1])
 
 
-def test_extend_logits_match_transformers(tiny):
-    # extend (draft verification) appends several tokens at once; every position's logits equal transformers'
+def test_extend_logits_match_transformers(tiny, cpu_kernels):
+    # extend (draft verification, short prompts) appends several tokens at once; every position's logits
+    # equal transformers'
     kind, ours, ref = tiny
     ids = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(5)).tolist()
     with torch.inference_mode():

@@ -368,7 +368,7 @@ class LLMService:
             logits = m.model.decode(pool.cache, slots, fed)  # [B, V]
             self.steps += 1
             if all(s.req.sampling.greedy and s.req.sampling.repetition_penalty == 1.0 for s in seqs):
-                nxt = torch.argmax(logits, dim=-1).tolist()
+                nxt = _argmax(logits)
             else:
                 nxt = []
                 for i, s in enumerate(seqs):
@@ -406,7 +406,7 @@ class LLMService:
         try:
             fed = [seq.out[-1]] + draft
             logits = m.model.extend(pool.cache, slot, fed)  # [k + 1, V]
-            best = torch.argmax(logits, dim=-1).tolist()
+            best = _argmax(logits)
             self.steps += 1
         except BaseException as exc:
             self._finish(seq, error=exc)
@@ -536,6 +536,14 @@ class LLMService:
                                 completion_tokens=len(ids), tokens_per_s=len(ids) / dt, seconds=dt, model=m.name,
                                 cache_kind="full", cache_dtype=str(next(m.model.parameters()).dtype)[6:],
                                 cache_bytes=0, cache_bytes_per_token=0.0, note=m.note)
+
+
+def _argmax(logits: torch.Tensor) -> list[int]:
+    """Greedy tokens of logits [B, V]. On the CPU in NumPy: a torch op here would wake torch's thread pool
+    between two steps that run on Numba's (see `engine.llm.npstep`)."""
+    if logits.device.type == "cpu":
+        return logits.numpy().argmax(axis=-1).tolist()
+    return torch.argmax(logits, dim=-1).tolist()
 
 
 def _lookup(ctx: list[int], k: int, max_ngram: int = 3) -> list[int]:

@@ -13,9 +13,10 @@ tokenisation, sampling, scheduling. The K/V storage is a cache object from
 Shapes: hidden [B, S, D]; q [B, H, S, hd]; k, v [B, KVH, S, hd].
 
 Decode steps on the CPU in fp32 with a full cache run in NumPy (`engine.llm.npstep`,
-chosen by `set_blas` / `blas_backend`: "auto" picks it where it applies); prefill,
-verification of drafts, the int8 and window caches and other devices use this
-torch forward. Both compute the same fp32 network up to summation order.
+chosen by `set_blas` / `blas_backend`: "auto" picks it where it applies), and so do
+draft checks and short prompts there; longer prompts, the int8 and window caches
+and other devices use this torch forward. Both compute the same fp32 network up
+to summation order.
 """
 
 from __future__ import annotations
@@ -276,6 +277,10 @@ class Transformer(nn.Module):
     def prefill(self, cache: Any, slot: int, ids: list[int] | torch.Tensor, start: int = 0,
                 all_logits: bool = False) -> torch.Tensor:
         """Write `ids` at positions start.. of `slot`; logits [V] of the last token ([S, V] if all_logits)."""
+        step = self._numpy_step_for(cache)
+        n = len(ids) if isinstance(ids, list) else int(torch.as_tensor(ids).numel())
+        if step is not None and n <= step.max_prompt_rows:
+            return step.extend(cache, slot, torch.as_tensor(ids).view(-1).tolist(), start, all_logits)
         tokens = torch.as_tensor(ids, dtype=torch.long, device=self.tok.weight.device).view(1, -1)
         plan = cache.plan([slot], [start], tokens.shape[1])
         out = self(tokens, cache, plan, last_only=not all_logits)
@@ -285,9 +290,6 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def extend(self, cache: Any, slot: int, ids: list[int]) -> torch.Tensor:
         """Append `ids` to `slot` at its current length; logits [S, V] of every new token (draft checks)."""
-        step = self._numpy_step_for(cache)
-        if step is not None:
-            return step.extend(cache, slot, list(ids))
         return self.prefill(cache, slot, ids, cache.lengths[slot], all_logits=True)
 
     @torch.inference_mode()

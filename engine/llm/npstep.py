@@ -2,17 +2,22 @@
 
     step = NumpyStep(model)                   # views of the model's weights, no copies
     logits = step(cache, slots, tokens)       # tokens: [B] -> logits [B, V] (torch, fp32)
+    logits = step.extend(cache, slot, ids)    # S tokens of one slot -> [S, V] (draft checks, short prompts)
 
 Why: a decode step is 30 layers of tiny vector ops around weight products that
 read every weight once. On the CPU the products are memory-bound and the small
-ops are dispatch-bound. NumPy's OpenBLAS streams the weights faster than
-torch's MKL does on our CI's AMD CPUs (~15 vs ~9 GB/s for a matrix-vector
-product), and a NumPy op on a 576-vector costs ~1 us where a torch op costs
-~10 us. Mixing the two in one step is the worst case: OpenBLAS's idle threads
-spin while torch's OpenMP threads wait for the same two cores. So the whole
-step runs here: products on OpenBLAS threads, everything else single-threaded.
+ops are dispatch-bound. Torch's MKL streams the weights slowly on our CI's AMD
+CPUs (~9 GB/s for a matrix-vector product), BLAS's GEMM packs the weights first
+(8 rows cost 2x one row), and a torch op on a 576-vector costs ~10 us where a
+NumPy op costs ~1 us. So the step runs here: the weight products and the
+attention in the Numba kernels of `kernels.cpu_decode` (weights read once for
+all rows, ~17 GB/s), everything else in single-threaded NumPy. Without Numba
+the products fall back to OpenBLAS and the attention to its NumPy reference.
+Two thread pools never share a step: OpenBLAS's, torch's and Numba's idle
+threads spin on the same two cores, and a step that mixes them runs several
+times slower.
 
-What it knows: the same network as `Transformer.forward` for S = 1 (RoPE on the
+What it knows: the same network as `Transformer.forward` (RoPE on the
 interleaved layout, grouped-query attention over each row's own length,
 RMSNorm/LayerNorm, SwiGLU/tanh-GELU, biases, tied embeddings) and the
 FullCache layout `[layers, slots, kv_heads, max_len, head_dim]`, written in
@@ -26,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from kernels import cpu_decode
 
 
 def supports(model: Any) -> bool:
@@ -41,19 +48,25 @@ def serves(cache: Any) -> bool:
     return getattr(cache, "kind", "") == "full" and cache.device.type == "cpu" and cache.dtype == torch.float32
 
 
-def _mm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, wide: bool = False) -> np.ndarray:
-    """x: [B, in]; w: [out, in] -> [B, out]. One row: a matrix-vector product (no packing in BLAS); a few
-    rows: w @ x.T, measured faster in OpenBLAS for the layers, x @ w.T for the wide vocabulary matrix."""
-    if x.shape[0] == 1:
+def _mm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """x: [R, in]; w: [out, in] -> [R, out]: `kernels.cpu_decode.rows_matmul` (reads each weight row once
+    for all rows); without Numba, OpenBLAS (a matrix-vector product for one row: no packing)."""
+    if cpu_decode.available():
+        out = cpu_decode.rows_matmul(x, w)
+    elif x.shape[0] == 1:
         out = (w @ x[0])[None]
     else:
-        out = x @ w.T if wide else (w @ x.T).T
+        out = x @ w.T
     if b is not None:
         out = out + b
     return out
 
 
 class NumpyStep:
+    # Prompts up to this many tokens are prefilled here too; longer ones by the torch forward, whose GEMM
+    # wins once the products are compute-bound (measured: 35 tokens 219 vs 281 ms, 128 tokens 691 vs 485).
+    max_prompt_rows = 48
+
     def __init__(self, model: Any) -> None:
         a = model.args
         self.args = a
@@ -91,11 +104,16 @@ class NumpyStep:
         pos = [cache.lengths[s] for s in slots]
         return self._run(cache, slots, pos, tok, 1)
 
-    def extend(self, cache: Any, slot: int, tokens: list[int]) -> torch.Tensor:
-        """S tokens for one slot (causal among themselves), e.g. verifying drafted tokens -> logits [S, V]."""
-        return self._run(cache, [slot], [cache.lengths[slot]], np.asarray(tokens, dtype=np.int64), len(tokens))
+    def extend(self, cache: Any, slot: int, tokens: list[int], start: int | None = None,
+               all_logits: bool = True) -> torch.Tensor:
+        """S tokens for one slot at positions start.. (default: its current length), causal among
+        themselves: a prompt, or drafted tokens to verify -> logits [S, V] (all_logits) or [V] (the last)."""
+        p = cache.lengths[slot] if start is None else start
+        out = self._run(cache, [slot], [p], np.asarray(tokens, dtype=np.int64), len(tokens), not all_logits)
+        return out if all_logits else out[0]
 
-    def _run(self, cache: Any, slots: list[int], pos: list[int], tok: np.ndarray, S: int) -> torch.Tensor:
+    def _run(self, cache: Any, slots: list[int], pos: list[int], tok: np.ndarray, S: int,
+             last_only: bool = False) -> torch.Tensor:
         """Rows are (slot, position) pairs: B slots x 1 token, or 1 slot x S tokens (S > 1)."""
         a = self.args
         for s, p in zip(slots, pos):
@@ -106,7 +124,7 @@ class NumpyStep:
             views = cache._np_views = (cache.k.numpy(), cache.v.numpy())
         K, V = views
         H, KVH, hd = a.n_heads, a.n_kv_heads, a.head_dim
-        G, nq, nk = H // KVH, H * hd, KVH * hd
+        nq, nk = H * hd, KVH * hd
         R = len(tok)  # rows
         row_slot = np.asarray(slots * R if S > 1 else slots)
         row_pos = np.asarray([pos[0] + j for j in range(S)] if S > 1 else pos)
@@ -116,14 +134,6 @@ class NumpyStep:
         if a.rope:
             c = self.cos[row_pos][:, None, :]  # [R, 1, hd/2]
             s = self.sin[row_pos][:, None, :]
-        if S > 1:  # causal mask among the new tokens: row j sees keys 0 .. pos + j
-            T = pos[0] + S
-            future = np.arange(T)[None, :] > row_pos[:, None]  # [S, T]
-        span = (slots[0], slots[0] + R) if S == 1 and R > 1 and slots == list(range(slots[0], slots[0] + R)) else None
-        if span is not None:
-            Tmax = max(pos) + 1
-            pad = np.where(np.arange(Tmax)[None, :] > row_pos[:, None], -np.inf, 0.0).astype(np.float32)
-            pad = pad[:, None, None, :]  # [B, 1, 1, T]
         for i, (l1w, l1b, wqkv, bqkv, wo, bo, l2w, l2b, w13, b13, w2, b2) in enumerate(self.layers):
             qkv = _mm(self._norm(x, l1w, l1b), wqkv, bqkv)  # [R, (H + 2 KVH) hd]
             q = qkv[:, :nq].reshape(R, H, hd)
@@ -134,24 +144,7 @@ class NumpyStep:
                 k = _rotate(k, c, s)
             K[i, row_slot, :, row_pos] = k
             V[i, row_slot, :, row_pos] = v
-            if S > 1:
-                kb, vb = K[i, slots[0], :, :T], V[i, slots[0], :, :T]  # [KVH, T, hd]
-                qh = q.reshape(S, KVH, G, hd).transpose(1, 2, 0, 3)  # [KVH, G, S, hd]
-                sc = qh @ kb.transpose(0, 2, 1)[:, None]  # [KVH, G, S, T]
-                sc[..., future] = -np.inf
-                o = (_softmax(sc, self.scale) @ vb[:, None]).transpose(2, 0, 1, 3).reshape(S, nq)
-            elif span is not None:  # contiguous slots: one batched product over views, shorter rows masked
-                kb, vb = K[i, span[0]:span[1], :, :Tmax], V[i, span[0]:span[1], :, :Tmax]  # [B, KVH, T, hd]
-                sc = q.reshape(R, KVH, G, hd) @ kb.transpose(0, 1, 3, 2)  # [B, KVH, G, T]
-                sc += pad
-                o = (_softmax(sc, self.scale) @ vb).reshape(R, nq)
-            else:
-                o = np.empty((R, nq), np.float32)
-                for b in range(R):
-                    T = pos[b] + 1
-                    kb, vb = K[i, slots[b], :, :T], V[i, slots[b], :, :T]  # [KVH, T, hd]
-                    sc = q[b].reshape(KVH, G, hd) @ kb.transpose(0, 2, 1)  # [KVH, G, T]
-                    o[b] = (_softmax(sc, self.scale) @ vb).reshape(nq)
+            o = cpu_decode.attend(q, K[i], V[i], row_slot, row_pos, self.scale).reshape(R, nq)
             x = x + _mm(o, wo, bo)
             h = _mm(self._norm(x, l2w, l2b), w13, b13)
             if a.arch == "gpt2":  # tanh GELU
@@ -160,20 +153,12 @@ class NumpyStep:
                 g, u = h[:, :a.intermediate], h[:, a.intermediate:]
                 h = g / (1.0 + np.exp(-g)) * u
             x = x + _mm(h, w2, b2)
-        logits = _mm(self._norm(x, *self.norm), self.head, None, wide=True)
+        if last_only:
+            x = x[-1:]
+        logits = _mm(self._norm(x, *self.norm), self.head, None)
         for sl, p in zip(slots, pos):
             cache.lengths[sl] = p + S
         return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
-
-
-def _softmax(sc: np.ndarray, scale: np.float32) -> np.ndarray:
-    """In place over the last axis (after scaling)."""
-    if scale != 1.0:
-        sc *= scale
-    sc -= sc.max(axis=-1, keepdims=True)
-    np.exp(sc, out=sc)
-    sc /= sc.sum(axis=-1, keepdims=True)
-    return sc
 
 
 def _rotate(x: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
