@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kernels import cpu_topk
+
 LEVELS = 63  # |v8| <= LEVELS (see the module docstring: no int16 saturation with uint8 queries)
 Q_STEPS = 255  # fbgemm's uint8 query quantisation with reduce_range=False
 EPS = 1e-5  # float32 rounding of the dequantised product (|score| <= ~1) and of the bound itself
@@ -164,7 +166,7 @@ class Int8Sketch:
         return self._err[lo:hi] * np.float32(q_norm) + self._l1[lo:hi] * np.float32(q_step) + np.float32(EPS)
 
 
-GROUP_ROWS = 1 << 16  # rows scored per selection pass: fewer NumPy calls, scores [B, 65536] stay small
+GROUP_ROWS = 1 << 16  # rows per filter call
 
 
 def exact_topk(sk: Int8Sketch, matrix: np.ndarray, q: np.ndarray, masks: list[np.ndarray | None], kmax: int
@@ -176,82 +178,50 @@ def exact_topk(sk: Int8Sketch, matrix: np.ndarray, q: np.ndarray, masks: list[np
     sorted by (score desc, row asc); missing places (fewer valid rows) are -inf with row 0.
 
     Filter: per query, T = the kmax-th largest lower bound (approx - bound) over valid rows, raised block
-    by block; a row whose upper bound (approx + bound) is below T scores below kmax other rows. Refine:
-    the survivors in order of upper bound, the first few rescored exactly (`_dots`); their kk-th exact
-    score S then drops every survivor whose upper bound is below S, and the rest are rescored.
+    by block (`kernels.cpu_topk.filter_rows`); a row whose upper bound (approx + bound) is below T scores
+    below kmax other rows. Refine (`kernels.cpu_topk.refine`): the survivors in order of upper bound,
+    rescored exactly in float64 until the next upper bound is below the kk-th exact score.
     """
     n, B, br = sk._n, q.shape[0], sk.block_rows
     kk = min(kmax, n)
     q_norm = float(np.sqrt((q.astype(np.float64) ** 2).sum(axis=1)).max()) * (1 + 1e-6)
     step = query_step(q)
-    lows = [np.empty(0, np.float32) for _ in range(B)]
-    T = np.full(B, -np.inf, np.float32)
+    heap = np.empty((B, kmax), np.float32)  # per query: the kmax largest lower bounds so far (cpu_topk)
+    count = np.zeros(B, np.int64)
     cand_rows: list[list[np.ndarray]] = [[] for _ in range(B)]
     cand_up: list[list[np.ndarray]] = [[] for _ in range(B)]
-    per = max(1, GROUP_ROWS // br)
+    per = max(1, GROUP_ROWS // br)  # blocks per filter call: fewer calls, scores [B, per * br] stay small
+    width = min(n, per * br)
+    approx_buf = np.empty((B, width), np.float32)
+    up_out = np.empty((B, width), np.float32)
+    rows_out = np.empty((B, width), np.int64)
+    n_out = np.empty(B, np.int64)
     for g in range(0, sk.blocks(), per):
         lo, hi = g * br, min(n, (g + per) * br)
-        c = hi - lo
-        approx = np.empty((B, c), np.float32)
+        approx = approx_buf.reshape(-1)[:B * (hi - lo)].reshape(B, hi - lo)  # contiguous
         for blk in range(g, min(g + per, sk.blocks())):
             a = blk * br - lo
             approx[:, a:a + min(br, n - blk * br)] = product(q, sk._packed[blk])
-        bound = sk.bound(lo, hi, q_norm, step)  # [c]
-        low = approx - bound
-        up = approx + bound
         for b in range(B):
             if masks[b] is not None:
-                bad = ~masks[b][lo:lo + c]
-                low[b, bad] = -np.inf
-                up[b, bad] = -np.inf
-        hit = low > T[:, None]  # rows that may raise a query's threshold
-        counts = hit.sum(axis=1)
-        for b in np.flatnonzero(counts):
-            new = low[b] if counts[b] > 4 * kmax else low[b, hit[b]]
-            if new.size > kmax:
-                new = np.partition(new, new.size - kmax)[new.size - kmax:]
-            allv = np.concatenate([lows[b], new])
-            if allv.size > kmax:
-                allv = np.partition(allv, allv.size - kmax)[allv.size - kmax:]
-            lows[b] = allv
-            if allv.size == kmax:
-                T[b] = max(T[b], allv.min())
-        bi, ci = np.nonzero(up >= T[:, None])
-        cuts = np.searchsorted(bi, np.arange(B + 1))
+                approx[b, ~masks[b][lo:hi]] = -np.inf  # low and up become -inf: never kept
+        cpu_topk.filter_rows(approx, sk.bound(lo, hi, q_norm, step), heap, count, up_out, rows_out, n_out)
         for b in range(B):
-            c_b = ci[cuts[b]:cuts[b + 1]]
-            if c_b.size:
-                cand_rows[b].append(c_b + lo)
-                cand_up[b].append(up[b, c_b])
-    vals = np.full((B, kk), -np.inf, np.float32)
-    rows = np.zeros((B, kk), np.int64)
-    first = max(4 * kk, 64)
-    q64 = q.astype(np.float64)
+            if n_out[b]:
+                cand_rows[b].append(rows_out[b, :n_out[b]] + lo)
+                cand_up[b].append(up_out[b, :n_out[b]].copy())
+    T = np.where(count == kmax, heap[:, 0], -np.inf)
+    flat_r, flat_u, offsets = [], [], [0]
     for b in range(B):
-        if not cand_rows[b]:
-            continue
-        r = np.concatenate(cand_rows[b])
-        u = np.concatenate(cand_up[b])
-        live = (u >= T[b]) & (u > -np.inf)
-        r, u = r[live], u[live]
-        by_up = np.argsort(-u, kind="stable")
-        head = r[by_up[:first]]
-        s = _dots(matrix, head, q64[b])  # the most promising survivors, rescored
-        if by_up.size > first:
-            S = np.partition(s, s.size - kk)[s.size - kk] if s.size >= kk else -np.inf
-            tail = by_up[first:]
-            tail = r[tail[u[tail] >= S]]
-            if tail.size:
-                head = np.concatenate([head, tail])
-                s = np.concatenate([s, _dots(matrix, tail, q64[b])])
-        order = np.lexsort((head, -s))[:kk]
-        vals[b, :order.size] = s[order].astype(np.float32)
-        rows[b, :order.size] = head[order]
-    return vals, rows
-
-
-def _dots(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Scores of matrix[rows] against q [dim] float64, row by row in float64: a row's score does not
-    depend on where it sits in the gather (BLAS kernels sum edge rows in another order), so equal rows
-    tie exactly and the lower row wins, and float32 products are exact in float64."""
-    return (matrix[rows].astype(np.float64) * q).sum(axis=1)
+        if cand_rows[b]:
+            r, u = np.concatenate(cand_rows[b]), np.concatenate(cand_up[b])
+            live = u >= T[b]  # the threshold rose after earlier blocks were collected
+            flat_r.append(r[live])
+            flat_u.append(u[live])
+        offsets.append(offsets[-1] + (flat_r[-1].size if cand_rows[b] else 0))
+    vals = np.full((B, kk), -np.inf)
+    rows = np.zeros((B, kk), np.int64)
+    if offsets[-1]:
+        cpu_topk.refine(matrix, q.astype(np.float64), np.concatenate(flat_r), np.concatenate(flat_u),
+                        np.asarray(offsets, np.int64), vals, rows)
+    return vals.astype(np.float32), rows

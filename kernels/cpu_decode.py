@@ -38,12 +38,10 @@ entered from two threads at once).
 from __future__ import annotations
 
 import functools
-import os
-import threading
 
 import numpy as np
 
-_lock = threading.Lock()
+from ._numba import LOCK, jit
 
 
 # -- references (NumPy) ---------------------------------------------------------------------------
@@ -71,12 +69,9 @@ def attend_reference(q: np.ndarray, K: np.ndarray, V: np.ndarray, row_slot: np.n
 # -- Numba kernels -------------------------------------------------------------------------------
 @functools.cache
 def _kernels() -> tuple | None:
-    if os.environ.get("ATELIER_CPU_KERNELS", "auto") == "numpy":
+    if jit() is None:
         return None
-    try:
-        from numba import njit, prange
-    except Exception:  # not installed, or no LLVM for this platform
-        return None
+    njit, prange = jit()  # type: ignore[misc]
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def rows_matmul_nb(x, w, out):  # pragma: no cover - compiled
@@ -170,7 +165,7 @@ def rows_matmul(x: np.ndarray, w: np.ndarray, backend: str | None = None) -> np.
     if ks is None:
         rows_matmul_reference(x, w, out)
     else:
-        with _lock:
+        with LOCK:
             ks[0](np.ascontiguousarray(x, dtype=np.float32), w, out)
     return out
 
@@ -184,7 +179,7 @@ def attend(q: np.ndarray, K: np.ndarray, V: np.ndarray, row_slot: np.ndarray, ro
     if ks is None:
         attend_reference(q, K, V, row_slot, row_pos, scale, out)
     else:
-        with _lock:
+        with LOCK:
             ks[1](np.ascontiguousarray(q, dtype=np.float32), K, V, np.asarray(row_slot, dtype=np.int64),
                   np.asarray(row_pos, dtype=np.int64), np.float32(scale), out)
     return out

@@ -428,6 +428,80 @@ def test_coalescer_serves_waiting_requests_together() -> None:
     assert co.batches == [1, 5]
 
 
+def test_coalescer_waits_for_announced_callers() -> None:
+    # B submits while A has announced (expect) but not submitted: B's batch waits for A, one batch of 2
+    co = Coalescer(lambda batch: [x * 10 for x in batch], gather_s=60)
+    a_in, a_go = threading.Event(), threading.Event()
+    results: dict[str, int] = {}
+
+    def a() -> None:
+        with co.expect():
+            a_in.set()
+            a_go.wait(10)
+            results["a"] = co.submit(1)
+
+    ta = threading.Thread(target=a)
+    ta.start()
+    assert a_in.wait(10)
+    tb = threading.Thread(target=lambda: results.__setitem__("b", co.submit(2)))
+    tb.start()
+    assert co.wait_pending(1)
+    a_go.set()
+    ta.join(10)
+    tb.join(10)
+    assert results == {"a": 10, "b": 20}
+    assert co.batches == [2]
+
+
+def test_coalescer_does_not_wait_for_a_withdrawn_caller() -> None:
+    # A announces, then leaves without submitting (bad input): B must not wait out the 60 s gather cap
+    co = Coalescer(lambda batch: [x * 10 for x in batch], gather_s=60)
+    a_in, a_go = threading.Event(), threading.Event()
+
+    def a() -> None:
+        try:
+            with co.expect():
+                a_in.set()
+                a_go.wait(10)
+                raise ValueError("bad input")
+        except ValueError:
+            pass
+
+    ta = threading.Thread(target=a)
+    ta.start()
+    assert a_in.wait(10)
+    got: list[int] = []
+    tb = threading.Thread(target=lambda: got.append(co.submit(3)))
+    tb.start()
+    assert co.wait_pending(1)
+    a_go.set()
+    tb.join(10)
+    assert not tb.is_alive() and got == [30]
+    ta.join(10)
+
+
+def test_coalescer_runs_every_batch_on_one_worker_thread_that_idles_out() -> None:
+    threads: list[threading.Thread] = []  # thread objects: a dead thread's ident can be reused
+
+    def run(batch: list[int]) -> list[int]:
+        if threading.current_thread() not in threads:
+            threads.append(threading.current_thread())
+        return batch
+
+    co = Coalescer(run, idle_s=0.05)
+    for i in range(3):  # from three different submitting threads, one after another
+        t = threading.Thread(target=co.submit, args=(i,))
+        t.start()
+        t.join(10)
+    assert len(threads) == 1 and threading.current_thread() not in threads
+    deadline = time.monotonic() + 10
+    while co._worker is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert co._worker is None  # idle: the worker left
+    assert co.submit(7) == 7  # and a new one starts on demand
+    assert len(threads) == 2
+
+
 def test_catalog_queries_coalesce_into_one_product() -> None:
     rng = np.random.default_rng(4)
     mat = rng.standard_normal((100, 8))

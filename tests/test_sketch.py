@@ -7,12 +7,16 @@ float64 scores in the oracle).
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine import sketch
 from engine.sketch import Int8Sketch, exact_topk
+from kernels import cpu_topk
+
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     m = rng.standard_normal((n, d)).astype(np.float32)
@@ -37,6 +41,21 @@ def test_supported_here() -> None:
        block=st.integers(1, 128), batch=st.integers(1, 4), dup=st.booleans())
 @example(seed=1, n=22, d=24, k=1, block=1, batch=1, dup=True)  # equal rows: BLAS once summed them differently
 def test_exact_against_numpy(seed: int, n: int, d: int, k: int, block: int, batch: int, dup: bool) -> None:
+    _check_exact(seed, n, d, k, block, batch, dup)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(1, 300), d=st.integers(1, 40), k=st.integers(1, 30),
+       block=st.integers(1, 128), batch=st.integers(1, 4), dup=st.booleans())
+def test_exact_against_numpy_without_numba(seed: int, n: int, d: int, k: int, block: int, batch: int,
+                                           dup: bool) -> None:
+    # the NumPy twins of kernels.cpu_topk (what runs where Numba is missing) give the same exact answer
+    with mock.patch.object(cpu_topk, "_kernels", lambda: None):
+        assert not cpu_topk.available()
+        _check_exact(seed, n, d, k, block, batch, dup)
+
+
+def _check_exact(seed: int, n: int, d: int, k: int, block: int, batch: int, dup: bool) -> None:
     rng = np.random.default_rng(seed)
     m = unit(rng, n, d)
     if dup and n > 3:  # exact ties: copies of a few rows scattered through the matrix

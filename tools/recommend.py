@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -96,29 +97,30 @@ def _recommend(args: RecommendInput, ctx: ToolContext) -> ToolOutput:
     ctx.check()
     cat, report = _open(ctx, args.catalog)
     ctx.check()
-    exclude_rows = {cat.row_of(i) for i in args.exclude if cat.has(i)}
-    if args.text is not None:
-        if not args.text.strip():
-            raise ToolError.invalid("text", args.text, "must not be empty")
-        if len(args.text) > ctx.settings.limits.max_prompt_chars:
-            raise ToolError.invalid("text", args.text[:40], "longer than limits.max_prompt_chars")
-        vec = _service(ctx).embed_texts(cat, ctx.settings.models.embedding, [args.text], "text")[0]
-        label = args.text
-    elif args.item_id is not None:
-        if not cat.has(args.item_id):
-            raise ToolError.invalid("item_id", args.item_id, "unknown item id in this catalogue")
-        vec = cat.vector(args.item_id)
-        exclude_rows.add(cat.row_of(args.item_id))
-        label = f"item:{args.item_id}"
-    else:
-        assert args.vector is not None
-        if len(args.vector) != cat.dim:
-            raise ToolError.invalid("vector", f"<{len(args.vector)} numbers>",
-                                    f"expected {cat.dim} numbers (the catalogue's dimension)")
-        vec = torch.tensor(args.vector, dtype=torch.float32)
-        label = "vector"
-    hits = cat.search(Query(vector=vec, k=args.k, filters=args.filters, category_limit=args.category_limit,
-                            exclude_rows=frozenset(exclude_rows), min_score=args.min_score))
+    with cat.expect_query():  # concurrent calls join one batch (engine.recommend.Coalescer)
+        exclude_rows = {cat.row_of(i) for i in args.exclude if cat.has(i)}
+        if args.text is not None:
+            if not args.text.strip():
+                raise ToolError.invalid("text", args.text, "must not be empty")
+            if len(args.text) > ctx.settings.limits.max_prompt_chars:
+                raise ToolError.invalid("text", args.text[:40], "longer than limits.max_prompt_chars")
+            vec = _service(ctx).embed_texts(cat, ctx.settings.models.embedding, [args.text], "text")[0]
+            label = args.text
+        elif args.item_id is not None:
+            if not cat.has(args.item_id):
+                raise ToolError.invalid("item_id", args.item_id, "unknown item id in this catalogue")
+            vec = cat.vector(args.item_id)
+            exclude_rows.add(cat.row_of(args.item_id))
+            label = f"item:{args.item_id}"
+        else:
+            assert args.vector is not None
+            if len(args.vector) != cat.dim:
+                raise ToolError.invalid("vector", f"<{len(args.vector)} numbers>",
+                                        f"expected {cat.dim} numbers (the catalogue's dimension)")
+            vec = torch.from_numpy(np.asarray(args.vector, dtype=np.float32))
+            label = "vector"
+        hits = cat.search(Query(vector=vec, k=args.k, filters=args.filters, category_limit=args.category_limit,
+                                exclude_rows=frozenset(exclude_rows), min_score=args.min_score))
     items = [RecommendedItem(id=h.id, score=round(h.score, 6), category=h.fields.get("category", ""),
                              fields={k: v for k, v in h.fields.items() if k not in ("id", "category")})
              for h in hits]

@@ -1,0 +1,268 @@
+"""CPU kernels for exact top-k by filter and refine over an int8 sketch (`engine.sketch`): Numba and NumPy twins.
+
+    filter_rows(approx, bound, heap, count, up_out, rows_out, n_out)   # one block of rows, B queries
+    refine(matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out) # exact top-k from the survivors
+    dots64(matrix, rows, q)                                            # exact float64 scores
+
+`filter_rows` is the filter pass over approximate scores approx [B, c] with a
+per-row error bound [c] (rows a query must not return are -inf in approx). For
+each query b it keeps, in `heap[b]` (a binary min-heap of `count[b]` entries,
+at most K = heap.shape[1]), the K largest lower bounds approx - bound seen so
+far over all blocks; its root is the threshold T (-inf until K are seen). A
+row whose upper bound approx + bound is below T scores below K other rows, so
+it cannot be in the top K. The block's survivors, its rows whose upper bound
+is >= the threshold after the block, go to rows_out[b, :n_out[b]] with their
+upper bounds in up_out: one pass for the heap, one for the survivors, per
+query (the NumPy twin needs about ten array passes and a partition). The
+threshold keeps rising over later blocks, so callers drop earlier survivors
+below the final threshold before refining.
+
+`refine` rescoring takes each query's survivors in order of upper bound and
+scores them exactly (`dots64`) until the next upper bound is below the K-th
+exact score: nothing after it can enter. Ties: higher score first, then the
+lower row. The NumPy twin rescores the first 64 by upper bound, then every
+remaining one whose bound reaches their K-th score: the same answer.
+
+`dots64` scores matrix[rows] against q in float64, summing each row in the
+same fixed order (four interleaved chains in the kernel, NumPy's pairwise sum
+in the twin), so a row's score does not depend on where it sits in `rows`:
+equal rows tie exactly, and float32 products are exact in float64. The two
+backends agree to float64 rounding. Numba is optional (`kernels._numba`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ._numba import LOCK, jit
+
+
+# -- references (NumPy) ---------------------------------------------------------------------------
+def filter_rows_reference(approx: np.ndarray, bound: np.ndarray, heap: np.ndarray, count: np.ndarray,
+                          up_out: np.ndarray, rows_out: np.ndarray, n_out: np.ndarray) -> None:
+    B, c = approx.shape
+    K = heap.shape[1]
+    low = approx - bound
+    up = approx + bound
+    for b in range(B):
+        have = heap[b, :count[b]]
+        new = low[b][low[b] > (have.min() if count[b] == K else -np.inf)]
+        allv = np.concatenate([have, new])
+        if allv.size > K:
+            allv = np.partition(allv, allv.size - K)[allv.size - K:]
+        count[b] = allv.size
+        heap[b, :allv.size] = np.sort(allv)  # a sorted array is a valid min-heap
+        T = heap[b, 0] if count[b] == K else -np.inf  # the threshold after this block
+        keep = np.flatnonzero((up[b] >= T) & (up[b] > -np.inf))
+        n_out[b] = keep.size
+        rows_out[b, :keep.size] = keep
+        up_out[b, :keep.size] = up[b, keep]
+
+
+def dots64_reference(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = matrix[rows[i]] . q in float64 (q float64)."""
+    out[:] = (matrix[rows].astype(np.float64) * q).sum(axis=1)
+
+
+def refine_reference(matrix: np.ndarray, q: np.ndarray, cand_rows: np.ndarray, cand_up: np.ndarray,
+                     offsets: np.ndarray, vals_out: np.ndarray, rows_out: np.ndarray) -> None:
+    """Exact top-kk per query b from its candidates cand_rows[offsets[b]:offsets[b + 1]] (upper bounds in
+    cand_up): rescored in float64 in order of upper bound until the next bound is below the kk-th exact
+    score. vals_out, rows_out [B, kk]: (score desc, row asc); places without a candidate keep their values."""
+    B, kk = vals_out.shape
+    for b in range(B):
+        r = cand_rows[offsets[b]:offsets[b + 1]]
+        u = cand_up[offsets[b]:offsets[b + 1]]
+        if r.size == 0:
+            continue
+        by_up = np.argsort(-u, kind="stable")
+        first = by_up[:max(4 * kk, 64)]
+        head = r[first]
+        sc = np.empty(head.size, np.float64)
+        dots64_reference(matrix, head, q[b], sc)
+        if by_up.size > first.size:
+            S = np.partition(sc, sc.size - kk)[sc.size - kk] if sc.size >= kk else -np.inf
+            tail = by_up[first.size:]
+            tail = r[tail[u[tail] >= S]]
+            if tail.size:
+                more = np.empty(tail.size, np.float64)
+                dots64_reference(matrix, tail, q[b], more)
+                head, sc = np.concatenate([head, tail]), np.concatenate([sc, more])
+        order = np.lexsort((head, -sc))[:kk]
+        vals_out[b, :order.size] = sc[order]
+        rows_out[b, :order.size] = head[order]
+
+
+# -- Numba kernels -------------------------------------------------------------------------------
+@functools.cache
+def _kernels() -> tuple | None:
+    if jit() is None:
+        return None
+    njit, _ = jit()  # type: ignore[misc]
+
+    # serial: it runs right after fbgemm's product, whose torch threads still spin on the other core
+    @njit(cache=True, nogil=True)
+    def filter_nb(approx, bound, heap, count, up_out, rows_out, n_out):  # pragma: no cover - compiled
+        B, c = approx.shape
+        K = heap.shape[1]
+        for b in range(B):
+            h = heap[b]
+            cnt = count[b]
+            T = h[0] if cnt == K else -np.inf
+            for r in range(c):
+                low = approx[b, r] - bound[r]
+                if low > T:
+                    if cnt < K:  # append and sift up
+                        i = cnt
+                        h[i] = low
+                        cnt += 1
+                        while i > 0:
+                            p = (i - 1) // 2
+                            if h[p] <= h[i]:
+                                break
+                            h[p], h[i] = h[i], h[p]
+                            i = p
+                        if cnt == K:
+                            T = h[0]
+                    else:  # replace the root and sift down
+                        h[0] = low
+                        i = 0
+                        while True:
+                            j = 2 * i + 1
+                            if j >= K:
+                                break
+                            if j + 1 < K and h[j + 1] < h[j]:
+                                j += 1
+                            if h[i] <= h[j]:
+                                break
+                            h[i], h[j] = h[j], h[i]
+                            i = j
+                        T = h[0]
+            count[b] = cnt
+            m = 0
+            for r in range(c):  # survivors against the threshold after this block
+                u = approx[b, r] + bound[r]
+                if u >= T and u > -np.inf:
+                    rows_out[b, m] = r
+                    up_out[b, m] = u
+                    m += 1
+            n_out[b] = m
+
+    @njit(cache=True, nogil=True)
+    def dots64_nb(matrix, rows, q, out):  # pragma: no cover - compiled
+        d = q.shape[0]
+        d4 = d - d % 4
+        for i in range(rows.shape[0]):
+            row = matrix[rows[i]]
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            a3 = 0.0
+            for j in range(0, d4, 4):  # four chains in a fixed order: fast, and the same for every row
+                a0 += np.float64(row[j]) * q[j]
+                a1 += np.float64(row[j + 1]) * q[j + 1]
+                a2 += np.float64(row[j + 2]) * q[j + 2]
+                a3 += np.float64(row[j + 3]) * q[j + 3]
+            for j in range(d4, d):
+                a0 += np.float64(row[j]) * q[j]
+            out[i] = (a0 + a1) + (a2 + a3)
+
+    @njit(cache=True, nogil=True)
+    def refine_nb(matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out):  # pragma: no cover - compiled
+        B, kk = vals_out.shape
+        d = q.shape[1]
+        one = np.empty(1, np.int64)
+        sc = np.empty(1, np.float64)
+        for b in range(B):
+            lo, hi = offsets[b], offsets[b + 1]
+            if hi == lo:
+                continue
+            order = np.argsort(-cand_up[lo:hi]) + lo
+            bv = np.full(kk, -np.inf)  # the best kk so far, unsorted; worst found by a scan (kk is small)
+            br = np.full(kk, -1, np.int64)
+            have = 0
+            worst = 0
+            touch = 0.0
+            for t in range(order.shape[0]):
+                i = order[t]
+                if have == kk and cand_up[i] < bv[worst]:
+                    break  # every later bound is lower still: none of them can enter
+                if t + 1 < order.shape[0]:  # start loading the next row now: the rows are far apart in memory
+                    nxt = matrix[cand_rows[order[t + 1]]]
+                    for j in range(0, d, 16):
+                        touch += nxt[j]
+                one[0] = cand_rows[i]
+                dots64_nb(matrix, one, q[b], sc)
+                s, r = sc[0], cand_rows[i]
+                if have < kk:
+                    bv[have] = s
+                    br[have] = r
+                    have += 1
+                elif s > bv[worst] or (s == bv[worst] and r < br[worst]):
+                    bv[worst] = s
+                    br[worst] = r
+                else:
+                    continue
+                if have == kk:  # the new worst: lowest score, then highest row
+                    worst = 0
+                    for j in range(1, kk):
+                        if bv[j] < bv[worst] or (bv[j] == bv[worst] and br[j] > br[worst]):
+                            worst = j
+            # sort the kept ones by (score desc, row asc)
+            for x in range(have):
+                for y in range(x + 1, have):
+                    if bv[y] > bv[x] or (bv[y] == bv[x] and br[y] < br[x]):
+                        bv[x], bv[y] = bv[y], bv[x]
+                        br[x], br[y] = br[y], br[x]
+            for x in range(have):
+                vals_out[b, x] = bv[x]
+                rows_out[b, x] = br[x]
+            if touch == 1.2345e300:  # keeps the prefetching loads alive; never true
+                vals_out[b, 0] = touch
+
+    return filter_nb, dots64_nb, refine_nb
+
+
+def available() -> bool:
+    return _kernels() is not None
+
+
+# -- entry points ----------------------------------------------------------------------------------
+def filter_rows(approx: np.ndarray, bound: np.ndarray, heap: np.ndarray, count: np.ndarray, up_out: np.ndarray,
+                rows_out: np.ndarray, n_out: np.ndarray, backend: str | None = None) -> None:
+    """See the module docstring. approx [B, c] float32 (C-contiguous), bound [c] float32, heap [B, K] float32
+    and count [B] int64 (state carried across blocks), up_out [B, >= c] float32, rows_out [B, >= c] int64,
+    n_out [B] int64 (written)."""
+    ks = None if backend == "numpy" else _kernels()
+    if ks is None:
+        filter_rows_reference(approx, bound, heap, count, up_out, rows_out, n_out)
+    else:
+        with LOCK:
+            ks[0](approx, bound, heap, count, up_out, rows_out, n_out)
+
+
+def refine(matrix: np.ndarray, q: np.ndarray, cand_rows: np.ndarray, cand_up: np.ndarray, offsets: np.ndarray,
+           vals_out: np.ndarray, rows_out: np.ndarray, backend: str | None = None) -> None:
+    """Exact top-kk per query from its candidates (see `refine_reference`). matrix float32 [n, d]; q float64
+    [B, d]; cand_rows int64, cand_up float32, offsets int64 [B + 1]; vals_out float64 [B, kk] (-inf) and
+    rows_out int64 [B, kk] (0) written where a query has candidates."""
+    ks = None if backend == "numpy" else _kernels()
+    if ks is None:
+        refine_reference(matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out)
+    else:
+        with LOCK:
+            ks[2](matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out)
+
+
+def dots64(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray, backend: str | None = None) -> np.ndarray:
+    """Scores of matrix[rows] (float32 [n, d]) against q (float64 [d]), each row summed in float64."""
+    out = np.empty(rows.shape[0], np.float64)
+    ks = None if backend == "numpy" else _kernels()
+    if ks is None:
+        dots64_reference(matrix, rows, q, out)
+    else:
+        with LOCK:
+            ks[1](matrix, np.asarray(rows, dtype=np.int64), np.ascontiguousarray(q, dtype=np.float64), out)
+    return out
