@@ -48,4 +48,5 @@ def warm() -> list[str]:
     cpu_topk.refine(np.ones((10, 8), f32), np.ones((2, 8)), np.arange(4), np.ones(4, f32),
                     np.array([0, 2, 4]), np.full((2, 3), -np.inf), np.zeros((2, 3), np.int64))
     cpu_topk.dots64(np.ones((10, 8), f32), np.arange(3), np.ones(8))
-    return ["rows_matmul", "attend", "filter_rows", "refine", "dots64"]
+    cpu_topk.half_scores(np.ones((2, 8), f32), np.ones((3, 8), np.float16))
+    return ["rows_matmul", "attend", "filter_rows", "refine", "dots64", "half_scores"]

@@ -404,6 +404,33 @@ def test_fp16_matrix_halves_bytes_and_ranks() -> None:
     np.testing.assert_allclose([h.score for h in hits], s[want], atol=5e-3)
 
 
+@pytest.mark.parametrize("n", [1, 7, 3000, 20000])
+def test_fp16_catalogue_is_exact_over_its_fp16_rows(n: int) -> None:
+    # the oracle: float64 scores of the stored fp16 rows (normalised in fp32, then rounded) against the
+    # normalised fp32 query, ties to the lower row; single queries and a batch give the same answers
+    rng = np.random.default_rng(n)
+    d = 40
+    mat = rng.standard_normal((n, d)).astype(np.float32)
+    mat[rng.integers(0, n, n // 4)] = mat[rng.integers(0, n, n // 4)]  # exact ties
+    mat[:, 0] *= 1e-4  # some fp16 subnormals
+    rows = [{"id": str(i), "category": CATS[i % 3]} for i in range(n)]
+    cat = Catalog(d, dtype=torch.float16, capacity=n, chunk_rows=4096)
+    cat.upsert(rows, torch.from_numpy(mat))
+    unit = mat / np.linalg.norm(mat, axis=1, keepdims=True)
+    m16 = torch.from_numpy(unit).to(torch.float16).double().numpy()
+    qs = rng.standard_normal((5, d)).astype(np.float32)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    k = min(10, n)
+    many = cat.search_many([Query(vector=torch.from_numpy(q), k=k) for q in qs])
+    for i, q in enumerate(qs):
+        s = m16 @ q.astype(np.float64)
+        want = np.lexsort((np.arange(n), -s))[:k].tolist()
+        one = cat.search(Query(vector=torch.from_numpy(q), k=k))
+        assert [h.row for h in one] == want
+        assert [h.row for h in many[i]] == want
+        np.testing.assert_allclose([h.score for h in one], s[want], rtol=0, atol=1e-6)
+
+
 def test_coalescer_serves_waiting_requests_together() -> None:
     started, release = threading.Event(), threading.Event()
 
