@@ -34,9 +34,12 @@ CPU in fp32 (the default) the scan reads an int8 sketch of the matrix instead
 rigorous per-row error bound, and rescores exactly only the rows whose bound
 reaches the k-th best: the same exact answer for a quarter of the memory
 traffic, at 1 + 8/dim bytes per element more memory. Upserts repack only
-the sketch blocks they touch.
+the sketch blocks they touch. CPU fp16 catalogues are scanned by a kernel
+that widens each fp16 row in cache (`engine.sketch.half_exact_topk`), under
+a rigorous rounding bound, then the same exact rescoring.
 Concurrent `search` calls coalesce: requests that arrive while a product is
-running are served together by the next one (`Coalescer`).
+running are served together by the next one, on one worker thread
+(`Coalescer`).
 
 Online updates: `upsert` overwrites a row in place or appends (capacity
 doubles when full); `delete` leaves a tombstone (masked); tombstones are
@@ -70,7 +73,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels import cpu_topk
 from kernels.topk import topk
 
 from . import sketch as int8_sketch
@@ -819,9 +821,9 @@ class Catalog:
         if self._np is not None and kernel_backend_env() != "triton":
             return self._scan_numpy(vecs, masks, kmax)
         if self.device.type == "cpu" and self.dtype == torch.float16 and kernel_backend_env() != "triton":
-            vals, rows = _half_exact_topk(self._matrix[:self._n], vecs.numpy().astype(np.float32, copy=False),
-                                          [None if m is None else m.numpy() for m in masks], kmax,
-                                          self.chunk_rows)
+            vals, rows = int8_sketch.half_exact_topk(
+                self._matrix[:self._n].numpy(), vecs.numpy().astype(np.float32, copy=False),
+                [None if m is None else m.numpy() for m in masks], kmax, self.chunk_rows)
             return torch.from_numpy(vals), torch.from_numpy(rows)
         n = self._n
         qm = vecs.to(self.device, self.dtype)
@@ -893,76 +895,6 @@ class Catalog:
                     "bytes_on_device": self.device_bytes, "sketch_bytes": self.sketch_bytes,
                     "capacity": self.capacity, "source": self.source,
                     "categories": self.categories(), "fields": self.fields()}
-
-
-_F32_U = 2.0 ** -24  # fp32 unit roundoff
-_HALF_TINY = 2.0 ** -14  # fp16 subnormals are below this; kernels.cpu_topk.half_scores counts them as 0
-_HALF_ROWS = 8192  # fp16 rows scored per filter pass
-
-
-def _half_exact_topk(mat16: torch.Tensor, q: np.ndarray, masks: list[np.ndarray | None], kmax: int,
-                     chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-`kmax` over fp16 rows on the CPU by filter and refine: mat16 [n, d] float16 (torch, rows of
-    norm <= 1.001: normalised in fp32, then rounded), q [B, d] float32 -> (values float32, rows int64) [B, kk],
-    sorted by (score desc, row asc), missing places -inf / 0; scores are float64 sums over the stored rows.
-
-    Filter: `kernels.cpu_topk.half_scores` widens each fp16 row in cache and multiplies it with every query in
-    fp32 (the fp16 bytes read once, no fp32 copy of the matrix). Its error has a rigorous bound, so
-    `filter_rows` keeps every row that can reach the top k and `refine` rescores those exactly in float64 (on
-    the rows widened exactly, subnormals included). With qn >= |q|_2, q1 >= |q|_1, vn = 1.001 >= |v|_2:
-      |q.v - s| <= d u qn vn / (1 - d u)     fp32 sums in any order, u = 2**-24, d dims
-                 + 2**-14 q1                 subnormal fp16 values counted as 0 by the kernel
-                 + 1e-6                      rounding of the bound itself"""
-    n, d = mat16.shape
-    B = q.shape[0]
-    kk = min(kmax, n)
-    qn = float(np.sqrt((q.astype(np.float64) ** 2).sum(axis=1)).max()) * (1 + 1e-6)
-    q1 = float(np.abs(q.astype(np.float64)).sum(axis=1).max()) * (1 + 1e-6)
-    vn = 1.001
-    bound = np.float32(d * _F32_U / (1 - d * _F32_U) * qn * vn + _HALF_TINY * q1 + 1e-6)
-    rows16 = max(1, min(chunk_rows, _HALF_ROWS))
-    heap = np.empty((B, kmax), np.float32)
-    count = np.zeros(B, np.int64)
-    width = min(n, rows16)
-    up_out = np.empty((B, width), np.float32)
-    rows_out = np.empty((B, width), np.int64)
-    n_out = np.empty(B, np.int64)
-    cand_rows: list[list[np.ndarray]] = [[] for _ in range(B)]
-    cand_up: list[list[np.ndarray]] = [[] for _ in range(B)]
-    m16 = mat16.numpy()
-    bounds = np.full(width, bound, np.float32)
-    for lo in range(0, n, rows16):
-        hi = min(n, lo + rows16)
-        s = cpu_topk.half_scores(q, m16[lo:hi])  # [B, c] float32
-        s = np.ascontiguousarray(s, dtype=np.float32)
-        for b in range(B):
-            if masks[b] is not None:
-                s[b, ~masks[b][lo:hi]] = -np.inf
-        cpu_topk.filter_rows(s, bounds[:hi - lo], heap, count, up_out, rows_out, n_out)
-        for b in range(B):
-            if n_out[b]:
-                cand_rows[b].append(rows_out[b, :n_out[b]] + lo)
-                cand_up[b].append(up_out[b, :n_out[b]].copy())
-    T = np.where(count == kmax, heap[:, 0], -np.inf)
-    flat_r, flat_u, offsets = [], [], [0]
-    for b in range(B):
-        if cand_rows[b]:
-            r, u = np.concatenate(cand_rows[b]), np.concatenate(cand_up[b])
-            live = u >= T[b]
-            flat_r.append(r[live])
-            flat_u.append(u[live])
-        offsets.append(offsets[-1] + (flat_r[-1].size if cand_rows[b] else 0))
-    vals = np.full((B, kk), -np.inf)
-    rows = np.zeros((B, kk), np.int64)
-    if offsets[-1]:
-        cr = np.concatenate(flat_r)
-        uniq, local = np.unique(cr, return_inverse=True)  # ascending: local order keeps the row order (ties)
-        sub = mat16[torch.from_numpy(uniq)].float().numpy()  # the candidates' rows, exact in fp32
-        cpu_topk.refine(sub, q.astype(np.float64), local.astype(np.int64), np.concatenate(flat_u),
-                        np.asarray(offsets, np.int64), vals, rows)
-        rows = uniq[rows]
-        rows[np.isneginf(vals)] = 0
-    return vals.astype(np.float32), rows
 
 
 def _equals(col: np.ndarray, value: Any, argument: str) -> np.ndarray:

@@ -1,10 +1,15 @@
-"""An int8 sketch of a row-normalised fp32 matrix, for exact top-k by filter and refine.
+"""Exact top-k by filter and refine on the CPU: over an int8 sketch of a row-normalised fp32 matrix, and
+over fp16 rows.
 
     sk = Int8Sketch(dim=384, block_rows=8192)
     sk.sync(matrix, n)                       # matrix: [capacity, dim] float32 NumPy, rows 0..n used
     approx, bound = sk.scores(b, q, q_norm, query_step(q))   # q: [B, dim] -> [B, c] and [c] for block b
     # for every row r of block b and query i:  |q_i . matrix[r] - approx[i, r]| <= bound[r]
-    vals, rows = exact_topk(sk, matrix, q, masks, k)           # what the catalogue calls
+    vals, rows = exact_topk(sk, matrix, q, masks, k)           # what the catalogue calls (fp32)
+    vals, rows = half_exact_topk(mat16, q, masks, k)           # fp16 rows (see its docstring)
+
+Both hand approximate scores and their bound to `Survivors` (the filter, a
+Numba kernel in `kernels.cpu_topk`) and rescore the survivors exactly.
 
 What it knows: each row v is stored as s * v8 with v8 in [-63, 63] (int8,
 one scale per row), packed per block of rows for fbgemm's dynamic quantised
@@ -166,6 +171,61 @@ class Int8Sketch:
         return self._err[lo:hi] * np.float32(q_norm) + self._l1[lo:hi] * np.float32(q_step) + np.float32(EPS)
 
 
+class Survivors:
+    """The filter half of exact top-k by filter and refine, shared by the int8 sketch scan (`exact_topk`) and
+    the fp16 scan (`half_exact_topk`). Per query: the kmax largest lower bounds seen so far (a heap; its
+    root is the threshold) and the rows whose upper bound reached the threshold when their block was
+    filtered (`kernels.cpu_topk.filter_rows`)."""
+
+    def __init__(self, B: int, kmax: int, width: int) -> None:
+        self.kmax = kmax
+        self.heap = np.empty((B, kmax), np.float32)
+        self.count = np.zeros(B, np.int64)
+        self._up = np.empty((B, width), np.float32)
+        self._rows = np.empty((B, width), np.int64)
+        self._n = np.empty(B, np.int64)
+        self._kept: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(B)]
+
+    def add(self, approx: np.ndarray, bound: np.ndarray, lo: int) -> None:
+        """approx [B, c] float32 (C-contiguous; -inf = never return) for rows lo..lo + c, bound [c]."""
+        cpu_topk.filter_rows(approx, bound, self.heap, self.count, self._up, self._rows, self._n)
+        for b in np.flatnonzero(self._n):
+            k = self._n[b]
+            self._kept[b].append((self._rows[b, :k] + lo, self._up[b, :k].copy()))
+
+    def refine(self, matrix: np.ndarray, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-kk of the survivors still above their query's final threshold, rescored in float64
+        against matrix (float32 rows, or a callable rows -> (sub-matrix, local rows) for other storage)
+        -> (values float32, rows int64) [B, kk], missing places -inf / 0."""
+        B = len(self._kept)
+        T = np.where(self.count == self.kmax, self.heap[:, 0], -np.inf)
+        rows_l, ups_l, offsets = [], [], [0]
+        for b in range(B):
+            if self._kept[b]:
+                r = np.concatenate([k[0] for k in self._kept[b]])
+                u = np.concatenate([k[1] for k in self._kept[b]])
+                live = u >= T[b]  # the threshold rose after earlier blocks were filtered
+                rows_l.append(r[live])
+                ups_l.append(u[live])
+                offsets.append(offsets[-1] + int(live.sum()))
+            else:
+                offsets.append(offsets[-1])
+        vals = np.full((B, kk), -np.inf)
+        rows = np.zeros((B, kk), np.int64)
+        if offsets[-1]:
+            cand = np.concatenate(rows_l)
+            if callable(matrix):
+                matrix, cand, back = matrix(cand)
+            else:
+                back = None
+            cpu_topk.refine(matrix, q.astype(np.float64), cand, np.concatenate(ups_l),
+                            np.asarray(offsets, np.int64), vals, rows)
+            if back is not None:
+                rows = back[rows]
+                rows[np.isneginf(vals)] = 0
+        return vals.astype(np.float32), rows
+
+
 GROUP_ROWS = 1 << 16  # rows per filter call
 
 
@@ -186,16 +246,10 @@ def exact_topk(sk: Int8Sketch, matrix: np.ndarray, q: np.ndarray, masks: list[np
     kk = min(kmax, n)
     q_norm = float(np.sqrt((q.astype(np.float64) ** 2).sum(axis=1)).max()) * (1 + 1e-6)
     step = query_step(q)
-    heap = np.empty((B, kmax), np.float32)  # per query: the kmax largest lower bounds so far (cpu_topk)
-    count = np.zeros(B, np.int64)
-    cand_rows: list[list[np.ndarray]] = [[] for _ in range(B)]
-    cand_up: list[list[np.ndarray]] = [[] for _ in range(B)]
     per = max(1, GROUP_ROWS // br)  # blocks per filter call: fewer calls, scores [B, per * br] stay small
     width = min(n, per * br)
+    keep = Survivors(B, kmax, width)
     approx_buf = np.empty((B, width), np.float32)
-    up_out = np.empty((B, width), np.float32)
-    rows_out = np.empty((B, width), np.int64)
-    n_out = np.empty(B, np.int64)
     for g in range(0, sk.blocks(), per):
         lo, hi = g * br, min(n, (g + per) * br)
         approx = approx_buf.reshape(-1)[:B * (hi - lo)].reshape(B, hi - lo)  # contiguous
@@ -205,23 +259,44 @@ def exact_topk(sk: Int8Sketch, matrix: np.ndarray, q: np.ndarray, masks: list[np
         for b in range(B):
             if masks[b] is not None:
                 approx[b, ~masks[b][lo:hi]] = -np.inf  # low and up become -inf: never kept
-        cpu_topk.filter_rows(approx, sk.bound(lo, hi, q_norm, step), heap, count, up_out, rows_out, n_out)
+        keep.add(approx, sk.bound(lo, hi, q_norm, step), lo)
+    return keep.refine(matrix, q, kk)
+
+
+_F32_U = 2.0 ** -24  # fp32 unit roundoff
+_HALF_ROWS = 8192  # fp16 rows scored per filter call
+
+
+def half_exact_topk(mat16: np.ndarray, q: np.ndarray, masks: list[np.ndarray | None], kmax: int,
+                    chunk_rows: int = _HALF_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-`kmax` over fp16 rows on the CPU by filter and refine: mat16 [n, d] float16 (rows of norm
+    <= 1.001: normalised in fp32, then rounded), q [B, d] float32 -> (values float32, rows int64) [B, kk],
+    sorted by (score desc, row asc), missing places -inf / 0; scores are float64 sums over the stored rows.
+
+    Filter: `kernels.cpu_topk.half_scores` widens each fp16 row exactly in cache and multiplies it with
+    every query in fp32 (the fp16 bytes read once, no fp32 copy of the matrix). Its error has a rigorous
+    bound, so `Survivors` keeps every row that can reach the top k, and the refine rescores those exactly
+    in float64. With qn >= |q|_2, vn = 1.001 >= |v|_2:
+      |q.v - s| <= d u qn vn / (1 - d u)     fp32 sums in any order, u = 2**-24, d dims
+                 + 1e-6                      rounding of the bound itself"""
+    n, d = mat16.shape
+    B = q.shape[0]
+    qn = float(np.sqrt((q.astype(np.float64) ** 2).sum(axis=1)).max()) * (1 + 1e-6)
+    bound = d * _F32_U / (1 - d * _F32_U) * qn * 1.001 + 1e-6
+    rows16 = max(1, min(chunk_rows, _HALF_ROWS))
+    width = min(n, rows16)
+    keep = Survivors(B, kmax, width)
+    bounds = np.full(width, bound, np.float32)
+    for lo in range(0, n, rows16):
+        hi = min(n, lo + rows16)
+        s = cpu_topk.half_scores(q, mat16[lo:hi])  # [B, c] float32
         for b in range(B):
-            if n_out[b]:
-                cand_rows[b].append(rows_out[b, :n_out[b]] + lo)
-                cand_up[b].append(up_out[b, :n_out[b]].copy())
-    T = np.where(count == kmax, heap[:, 0], -np.inf)
-    flat_r, flat_u, offsets = [], [], [0]
-    for b in range(B):
-        if cand_rows[b]:
-            r, u = np.concatenate(cand_rows[b]), np.concatenate(cand_up[b])
-            live = u >= T[b]  # the threshold rose after earlier blocks were collected
-            flat_r.append(r[live])
-            flat_u.append(u[live])
-        offsets.append(offsets[-1] + (flat_r[-1].size if cand_rows[b] else 0))
-    vals = np.full((B, kk), -np.inf)
-    rows = np.zeros((B, kk), np.int64)
-    if offsets[-1]:
-        cpu_topk.refine(matrix, q.astype(np.float64), np.concatenate(flat_r), np.concatenate(flat_u),
-                        np.asarray(offsets, np.int64), vals, rows)
-    return vals.astype(np.float32), rows
+            if masks[b] is not None:
+                s[b, ~masks[b][lo:hi]] = -np.inf
+        keep.add(s, bounds[:hi - lo], lo)
+
+    def widen(cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        uniq, local = np.unique(cand, return_inverse=True)  # ascending: local order keeps the row order (ties)
+        return mat16[uniq].astype(np.float32), local.astype(np.int64), uniq
+
+    return keep.refine(widen, q, min(kmax, n))
