@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 LOCK = threading.Lock()
@@ -27,6 +28,18 @@ def jit() -> tuple[Any, Any] | None:
     except Exception:  # not installed, or no LLVM for this platform
         return None
     return njit, prange
+
+
+def dispatch(kernels: Callable[[], tuple | None], index: int, reference: Callable[..., None], backend: str | None,
+             *args: Any) -> None:
+    """Run kernel `index` of `kernels()` on args (under LOCK), or `reference(*args)` when Numba is absent
+    or `backend == "numpy"`. Kernels and references write their results into arrays among args."""
+    ks = None if backend == "numpy" else kernels()
+    if ks is None:
+        reference(*args)
+    else:
+        with LOCK:
+            ks[index](*args)
 
 
 def warm() -> list[str]:

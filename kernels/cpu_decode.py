@@ -41,7 +41,7 @@ import functools
 
 import numpy as np
 
-from ._numba import LOCK, jit
+from ._numba import dispatch, jit
 
 
 # -- references (NumPy) ---------------------------------------------------------------------------
@@ -161,12 +161,7 @@ def available() -> bool:
 def rows_matmul(x: np.ndarray, w: np.ndarray, backend: str | None = None) -> np.ndarray:
     """x [M, K] fp32 @ w [N, K].T -> [M, N] fp32 (w C-contiguous)."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    ks = None if backend == "numpy" else _kernels()
-    if ks is None:
-        rows_matmul_reference(x, w, out)
-    else:
-        with LOCK:
-            ks[0](np.ascontiguousarray(x, dtype=np.float32), w, out)
+    dispatch(_kernels, 0, rows_matmul_reference, backend, np.ascontiguousarray(x, dtype=np.float32), w, out)
     return out
 
 
@@ -175,11 +170,6 @@ def attend(q: np.ndarray, K: np.ndarray, V: np.ndarray, row_slot: np.ndarray, ro
     """Attention of each row over keys 0..row_pos[r] of its slot. q [R, H, hd]; K, V [slots, KVH, L, hd]
     (C-contiguous, the K/V of the rows already written) -> [R, H, hd] fp32."""
     out = np.empty(q.shape, np.float32)
-    ks = None if backend == "numpy" else _kernels()
-    if ks is None:
-        attend_reference(q, K, V, row_slot, row_pos, scale, out)
-    else:
-        with LOCK:
-            ks[1](np.ascontiguousarray(q, dtype=np.float32), K, V, np.asarray(row_slot, dtype=np.int64),
-                  np.asarray(row_pos, dtype=np.int64), np.float32(scale), out)
+    dispatch(_kernels, 1, attend_reference, backend, np.ascontiguousarray(q, dtype=np.float32), K, V,
+             np.asarray(row_slot, dtype=np.int64), np.asarray(row_pos, dtype=np.int64), np.float32(scale), out)
     return out

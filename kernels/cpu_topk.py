@@ -36,7 +36,7 @@ import functools
 
 import numpy as np
 
-from ._numba import LOCK, jit
+from ._numba import dispatch, jit
 
 
 # -- references (NumPy) ---------------------------------------------------------------------------
@@ -324,12 +324,7 @@ def filter_rows(approx: np.ndarray, bound: np.ndarray, heap: np.ndarray, count: 
     """See the module docstring. approx [B, c] float32 (C-contiguous), bound [c] float32, heap [B, K] float32
     and count [B] int64 (state carried across blocks), up_out [B, >= c] float32, rows_out [B, >= c] int64,
     n_out [B] int64 (written)."""
-    ks = None if backend == "numpy" else _kernels()
-    if ks is None:
-        filter_rows_reference(approx, bound, heap, count, up_out, rows_out, n_out)
-    else:
-        with LOCK:
-            ks[0](approx, bound, heap, count, up_out, rows_out, n_out)
+    dispatch(_kernels, 0, filter_rows_reference, backend, approx, bound, heap, count, up_out, rows_out, n_out)
 
 
 def refine(matrix: np.ndarray, q: np.ndarray, cand_rows: np.ndarray, cand_up: np.ndarray, offsets: np.ndarray,
@@ -337,12 +332,7 @@ def refine(matrix: np.ndarray, q: np.ndarray, cand_rows: np.ndarray, cand_up: np
     """Exact top-kk per query from its candidates (see `refine_reference`). matrix float32 [n, d]; q float64
     [B, d]; cand_rows int64, cand_up float32, offsets int64 [B + 1]; vals_out float64 [B, kk] (-inf) and
     rows_out int64 [B, kk] (0) written where a query has candidates."""
-    ks = None if backend == "numpy" else _kernels()
-    if ks is None:
-        refine_reference(matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out)
-    else:
-        with LOCK:
-            ks[2](matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out)
+    dispatch(_kernels, 2, refine_reference, backend, matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out)
 
 
 def half_scores(x: np.ndarray, w16: np.ndarray, backend: str | None = None) -> np.ndarray:
@@ -352,22 +342,13 @@ def half_scores(x: np.ndarray, w16: np.ndarray, backend: str | None = None) -> n
     in fp32, in any order."""
     bits = w16.view(np.uint16)
     out = np.empty((x.shape[0], bits.shape[0]), np.float32)
-    ks = None if backend == "numpy" else _kernels()
-    if ks is None:
-        half_scores_reference(np.asarray(x, np.float32), bits, out)
-    else:
-        with LOCK:
-            ks[3](np.ascontiguousarray(x, dtype=np.float32), bits, out)
+    dispatch(_kernels, 3, half_scores_reference, backend, np.ascontiguousarray(x, dtype=np.float32), bits, out)
     return out
 
 
 def dots64(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray, backend: str | None = None) -> np.ndarray:
     """Scores of matrix[rows] (float32 [n, d]) against q (float64 [d]), each row summed in float64."""
     out = np.empty(rows.shape[0], np.float64)
-    ks = None if backend == "numpy" else _kernels()
-    if ks is None:
-        dots64_reference(matrix, rows, q, out)
-    else:
-        with LOCK:
-            ks[1](matrix, np.asarray(rows, dtype=np.int64), np.ascontiguousarray(q, dtype=np.float64), out)
+    dispatch(_kernels, 1, dots64_reference, backend, matrix, np.asarray(rows, dtype=np.int64),
+             np.ascontiguousarray(q, dtype=np.float64), out)
     return out
