@@ -294,8 +294,9 @@ class Coalescer:
     service is under concurrent load (a batch of more than one ended less than
     `busy_s` ago) and the last request came less than `quiet_s` ago. So
     sixteen calls that arrive together run as one batch, not a batch of one
-    followed by fifteen. An idle service runs a lone request at once. Deterministic for tests: `pending` and `wait_pending(n)` expose the
-    queue, `batches` records each batch's size.
+    followed by fifteen. An idle service runs a lone request at once.
+    Deterministic for tests: `pending` and `wait_pending(n)` expose the queue,
+    `batches` records each batch's size.
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch: int = 64,
@@ -347,11 +348,11 @@ class Coalescer:
             if announced:
                 self._incoming -= 1
             self._queue.append(slot)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._loop, name="atelier-coalescer", daemon=True)
-                self._worker.start()
             self._cond.notify_all()
             while not slot.done:
+                if self._worker is None:  # none yet, idled out, or ended by an error: start one
+                    self._worker = threading.Thread(target=self._loop, name="atelier-coalescer", daemon=True)
+                    self._worker.start()
                 self._cond.wait()
         if slot.error is not None:
             raise slot.error
@@ -366,13 +367,21 @@ class Coalescer:
                 self._cond.notify_all()
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # however it ends, the next submit (or a waiting one) starts a new worker
+            with self._cond:
+                if self._worker is threading.current_thread():
+                    self._worker = None
+                self._cond.notify_all()
+
+    def _serve(self) -> None:
         with self._cond:
             while True:
                 if not self._queue:
                     if not self._closing:
                         self._cond.wait(self.idle_s)
-                    if not self._queue:
-                        self._worker = None  # idle or closed: the next submit starts a new worker
+                    if not self._queue:  # idle or closed
                         self._closing = False
                         return
                     continue
