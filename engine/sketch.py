@@ -195,7 +195,8 @@ class Survivors:
 
     def refine(self, matrix: np.ndarray, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-kk of the survivors still above their query's final threshold, rescored in float64
-        against matrix (float32 rows, or a callable rows -> (sub-matrix, local rows) for other storage)
+        against matrix (float32 rows, or for other storage a callable rows -> (float32 sub-matrix, local rows
+        in it, the map from local back to global rows))
         -> (values float32, rows int64) [B, kk], missing places -inf / 0."""
         B = len(self._kept)
         T = np.where(self.count == self.kmax, self.heap[:, 0], -np.inf)
