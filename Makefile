@@ -1,6 +1,7 @@
 # atelier-mcp: the two commands a newcomer needs
 #   make serve   install (if needed) and start the MCP server over streamable HTTP on
-#                http://127.0.0.1:8000/mcp (ARGS="--transport stdio" or "--transport sse" for the others)
+#                http://127.0.0.1:8000/mcp; ARGS adds to that: ARGS="--port 8123",
+#                ARGS="--transport sse", ARGS="--transport stdio"
 #   make test    install (if needed) and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,9 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-SERVE_ARGS ?= --transport http --host 127.0.0.1 --port 8000
+# ARGS adds to the HTTP default (the last --transport wins; host and port come from the config,
+# 127.0.0.1:8000 unless set there or in ARGS)
 serve: $(STAMP)
-	$(BIN)/atelier serve $(if $(ARGS),$(ARGS),$(SERVE_ARGS))
+	$(BIN)/atelier serve --transport http $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 $(ARGS)
