@@ -1,0 +1,248 @@
+"""Every kernel by name, beside its twin: the one list that tests and `benchmarks/gpu_check.py` iterate.
+
+An entry names a kernel (`kind` "triton": runs on CUDA tensors, or on CPU
+tensors under `TRITON_INTERPRET=1`; `kind` "numba": runs on NumPy arrays on
+the CPU), how to call it with the fast path forced (`fast`) and how to call
+its reference with the same arguments (`twin`), a few input cases including
+odd sizes and tails (`cases(device, large)`; `large` gives GPU-sized inputs),
+and how two outputs are compared (`check`, raising AssertionError with the
+largest difference). Kernels are found by name, never by position.
+
+This module only describes kernels; which backend runs in the engine is the
+engine's decision (it never re-reads the environment per call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+Kind = Literal["triton", "numba"]
+Case = tuple[tuple[Any, ...], str]  # (arguments, a label for reports)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    kind: Kind
+    fast: Callable[..., Any]
+    twin: Callable[..., Any]
+    cases: Callable[[str, bool], Iterable[Case]]
+    check: Callable[[Any, Any], None]
+    doc: str
+
+
+def _close(rtol: float, atol: float) -> Callable[[Any, Any], None]:
+    def check(got: Any, want: Any) -> None:
+        for g, w in zip(_flat(got), _flat(want), strict=True):
+            g64, w64 = _np(g).astype(np.float64), _np(w).astype(np.float64)
+            assert g64.shape == w64.shape, f"shape {g64.shape} != {w64.shape}"
+            finite = np.isfinite(w64)
+            assert np.array_equal(np.isfinite(g64), finite), "non-finite entries differ"
+            np.testing.assert_allclose(g64[finite], w64[finite], rtol=rtol, atol=atol)
+    return check
+
+
+def _exact(got: Any, want: Any) -> None:
+    for g, w in zip(_flat(got), _flat(want), strict=True):
+        np.testing.assert_array_equal(_np(g), _np(w))
+
+
+def _flat(x: Any) -> list[Any]:
+    return list(x) if isinstance(x, (tuple, list)) else [x]
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 \
+        else (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+
+
+def _gen(seed: int, device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# -- Triton kernels --------------------------------------------------------------------------------
+def _topk_cases(device: str, large: bool) -> Iterator[Case]:
+    shapes = [(1, 1, 1), (3, 7, 7), (5, 1031, 17), (2, 4097, 8)]
+    if large:
+        shapes += [(64, 100_003, 10), (1, 1_000_000, 100)]
+    for i, (rows, n, k) in enumerate(shapes):
+        x = torch.randn(rows, n, generator=_gen(i, device), device=device)
+        x[:, ::5] = x[:, :1].clone()  # ties
+        yield (x, k), f"{rows}x{n} k={k}"
+
+
+def _deltae_cases(device: str, large: bool) -> Iterator[Case]:
+    sizes = [1, 7, 1000, 4099] + ([8_000_000] if large else [])
+    for i, n in enumerate(sizes):
+        g = _gen(100 + i, device)
+        a = torch.randint(0, 256, (n, 3), generator=g, device=device, dtype=torch.uint8)
+        b = torch.randint(0, 256, (n, 3), generator=g, device=device, dtype=torch.uint8)
+        yield (a, b), f"N={n}"
+
+
+def _kvq_cases(device: str, large: bool) -> Iterator[Case]:
+    shapes = [(7, 3, 50), (1, 1, 13), (2, 3, 17, 64)] + ([(32, 8, 4096, 128)] if large else [])
+    for i, s in enumerate(shapes):
+        yield (torch.randn(s, generator=_gen(200 + i, device), device=device) * 3,), "x".join(map(str, s))
+
+
+def _kvdq_cases(device: str, large: bool) -> Iterator[Case]:
+    from .kv_quant import quantize_reference
+
+    for (x,), label in _kvq_cases(device, large):
+        q, s = quantize_reference(x)
+        yield (q, s, torch.float32), label
+
+
+def _kvq_check(got: Any, want: Any) -> None:
+    (qg, sg), (qw, sw) = got, want
+    np.testing.assert_allclose(_np(sg), _np(sw), rtol=1e-6, atol=0)
+    # x / scale rounds the same way up to one step where fp32 division differs in the last bit
+    assert np.abs(_np(qg).astype(int) - _np(qw).astype(int)).max(initial=0) <= 1
+
+
+def _triton_entries() -> list[Kernel]:
+    from . import deltae, kv_quant, topk
+
+    return [
+        Kernel("topk", "triton", lambda x, k: topk.topk(x, k, backend="triton"),
+               lambda x, k: topk.topk_reference(x, k), _topk_cases, _exact,
+               "row-wise top-k, (value desc, index asc) order"),
+        Kernel("deltae2000_rgb8", "triton", lambda a, b: deltae.deltae2000_rgb8(a, b, backend="triton"),
+               lambda a, b: deltae.deltae2000_rgb8_reference(a, b), _deltae_cases, _close(1e-4, 1e-4),
+               "fused sRGB8 -> Lab -> CIEDE2000"),
+        Kernel("kv_quantize", "triton", lambda x: kv_quant.quantize(x, backend="triton"),
+               lambda x: kv_quant.quantize_reference(x), _kvq_cases, _kvq_check,
+               "per-row absmax int8 quantisation of K/V"),
+        Kernel("kv_dequantize", "triton", lambda q, s, dt: kv_quant.dequantize(q, s, dt, backend="triton"),
+               lambda q, s, dt: kv_quant.dequantize_reference(q, s, dt), _kvdq_cases, _close(1e-6, 1e-6),
+               "int8 K/V back to float"),
+    ]
+
+
+# -- Numba kernels (CPU) ---------------------------------------------------------------------------
+def _rows_matmul_cases(device: str, large: bool) -> Iterator[Case]:
+    rng = np.random.default_rng(0)
+    for m, n, k in [(1, 1, 1), (3, 7, 13), (5, 129, 64), (8, 960, 576)]:
+        yield (rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)), \
+            f"{m}x{k} @ {n}x{k}"
+
+
+def _attend_cases(device: str, large: bool) -> Iterator[Case]:
+    rng = np.random.default_rng(1)
+    for rows, heads, kvh, length, hd in [(1, 2, 1, 1, 4), (3, 9, 3, 37, 64), (5, 4, 2, 130, 16)]:
+        q = rng.standard_normal((rows, heads, hd), dtype=np.float32)
+        K = rng.standard_normal((rows, kvh, length, hd), dtype=np.float32)
+        V = rng.standard_normal((rows, kvh, length, hd), dtype=np.float32)
+        pos = rng.integers(0, length, rows)
+        yield (q, K, V, np.arange(rows)[::-1].copy(), pos, 1.0 / np.sqrt(hd)), f"{rows} rows, L={length}"
+
+
+def _half_cases(device: str, large: bool) -> Iterator[Case]:
+    rng = np.random.default_rng(2)
+    for m, n, k in [(1, 1, 1), (2, 33, 17), (7, 300, 384)]:
+        w = rng.standard_normal((n, k)).astype(np.float16)
+        w[0, 0] = np.float16(6e-8)  # a subnormal
+        yield (rng.standard_normal((m, k), dtype=np.float32), w), f"{m} x {n}x{k} fp16"
+
+
+def _dots64_cases(device: str, large: bool) -> Iterator[Case]:
+    rng = np.random.default_rng(3)
+    for n, d, r in [(1, 1, 1), (50, 7, 9), (1000, 384, 100)]:
+        yield (rng.standard_normal((n, d), dtype=np.float32), rng.integers(0, n, r), rng.standard_normal(d)), \
+            f"{r} of {n}x{d}"
+
+
+def _filter_cases(device: str, large: bool) -> Iterator[Case]:
+    rng = np.random.default_rng(4)
+    for B, c, K in [(1, 1, 1), (3, 37, 5), (4, 2000, 10)]:
+        approx = rng.standard_normal((B, c), dtype=np.float32)
+        approx[:, ::7] = -np.inf  # rows a query must not return
+        yield (approx, np.abs(rng.standard_normal(c, dtype=np.float32)) * 0.1, K), f"B={B} c={c} K={K}"
+
+
+def _filter_call(backend: str | None) -> Callable[..., Any]:
+    from . import cpu_topk
+
+    def run(approx: np.ndarray, bound: np.ndarray, K: int) -> tuple[np.ndarray, ...]:
+        B, c = approx.shape
+        heap, count = np.empty((B, K), np.float32), np.zeros(B, np.int64)
+        up, rows, n = np.empty((B, c), np.float32), np.empty((B, c), np.int64), np.empty(B, np.int64)
+        halves = (slice(0, c // 2), slice(c // 2, c))  # two blocks: the heap carries over
+        outs = []
+        for h in halves:
+            cpu_topk.filter_rows(np.ascontiguousarray(approx[:, h]), bound[h], heap, count, up, rows, n,
+                                 backend=backend)
+            outs += [n.copy()] + [np.concatenate([rows[b, :n[b]] for b in range(B)]),
+                                  np.concatenate([up[b, :n[b]] for b in range(B)])]
+        return (*outs, count.copy(), np.sort(heap, axis=1))
+    return run
+
+
+def _refine_cases(device: str, large: bool) -> Iterator[Case]:
+    rng = np.random.default_rng(5)
+    for n, d, B, kk in [(1, 1, 1, 1), (300, 17, 3, 5), (5000, 64, 2, 20)]:
+        matrix = rng.standard_normal((n, d), dtype=np.float32)
+        matrix[1 % n] = matrix[0]  # equal rows tie exactly
+        q = rng.standard_normal((B, d))
+        rows, ups, offsets = [], [], [0]
+        for b in range(B):
+            r = rng.choice(n, size=max(1, n // 2), replace=False)
+            exact = matrix[r].astype(np.float64) @ q[b]
+            rows.append(r)
+            ups.append((exact + np.abs(rng.standard_normal(r.size)) * 0.05).astype(np.float32))
+            offsets.append(offsets[-1] + r.size)
+        yield (matrix, q, np.concatenate(rows).astype(np.int64), np.concatenate(ups), np.array(offsets), kk), \
+            f"n={n} d={d} B={B} k={kk}"
+
+
+def _refine_call(backend: str | None) -> Callable[..., Any]:
+    from . import cpu_topk
+
+    def run(matrix: np.ndarray, q: np.ndarray, rows: np.ndarray, ups: np.ndarray, offsets: np.ndarray,
+            kk: int) -> tuple[np.ndarray, np.ndarray]:
+        vals, out_rows = np.full((q.shape[0], kk), -np.inf), np.zeros((q.shape[0], kk), np.int64)
+        cpu_topk.refine(matrix, q, rows, ups, offsets, vals, out_rows, backend=backend)
+        return vals, out_rows
+    return run
+
+
+def _numba_entries() -> list[Kernel]:
+    from . import cpu_decode, cpu_topk
+
+    return [
+        Kernel("rows_matmul", "numba", lambda x, w: cpu_decode.rows_matmul(x, w),
+               lambda x, w: cpu_decode.rows_matmul(x, w, backend="numpy"), _rows_matmul_cases,
+               _close(1e-4, 1e-4), "few-row fp32 weight product, each weight row read once"),
+        Kernel("attend", "numba", lambda *a: cpu_decode.attend(*a),
+               lambda *a: cpu_decode.attend(*a, backend="numpy"), _attend_cases, _close(1e-4, 1e-5),
+               "per-row attention over its own slot's length"),
+        Kernel("filter_rows", "numba", _filter_call(None), _filter_call("numpy"), _filter_cases, _exact,
+               "sketch filter: running K-best lower bounds, survivors by upper bound"),
+        Kernel("refine", "numba", _refine_call(None), _refine_call("numpy"), _refine_cases, _close(1e-12, 1e-12),
+               "exact float64 top-k from the survivors, in order of upper bound"),
+        Kernel("half_scores", "numba", lambda x, w: cpu_topk.half_scores(x, w),
+               lambda x, w: cpu_topk.half_scores(x, w, backend="numpy"), _half_cases, _close(1e-4, 1e-4),
+               "fp32 queries against fp16 rows widened in cache"),
+        Kernel("dots64", "numba", lambda m, r, q: cpu_topk.dots64(m, r, q),
+               lambda m, r, q: cpu_topk.dots64(m, r, q, backend="numpy"), _dots64_cases, _close(1e-12, 1e-12),
+               "float64 rescoring of selected rows"),
+    ]
+
+
+def kernels(kind: Kind | None = None) -> list[Kernel]:
+    """All registered kernels (of one kind), in a stable order."""
+    out = [*_triton_entries(), *_numba_entries()]
+    return [k for k in out if kind is None or k.kind == kind]
+
+
+def get(name: str) -> Kernel:
+    for k in kernels():
+        if k.name == name:
+            return k
+    raise KeyError(f"no kernel named {name!r}; registered: {', '.join(k.name for k in kernels())}")
