@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .app import AtelierServer
 from .config import ConfigError, Settings
+from .disconnect import watch_disconnects
 
 log = logging.getLogger("atelier.transport")
 
@@ -142,6 +143,7 @@ def build_http_app(server: AtelierServer, transport: str, host: str, port: int) 
     else:
         app = server.streamable_http_app(max_request_body_size=settings.http.max_body_bytes,
                                          transport_security=sec, host=host)
+    app = watch_disconnects(app, transport)  # a closed HTTP exchange cancels its calls (mcp_server/disconnect.py)
     return GuardMiddleware(app, settings.http.auth_token, settings.http.max_body_bytes)
 
 
@@ -178,10 +180,11 @@ def serve_http(server: AtelierServer, transport: str, host: str, port: int) -> N
 def serve_stdio(server: AtelierServer) -> None:
     """Serve over stdin/stdout; returns on stdin EOF, exits on SIGTERM.
 
-    On SIGTERM in-flight calls are cancelled (they answer "cancelled" at their
-    next step); a second later the state is closed, the last log line written
-    and the process exits: the SDK's stdin reader sits in a blocking readline()
-    that no signal interrupts.
+    On SIGTERM, and on the first Ctrl-C (SIGINT), in-flight calls are cancelled
+    (they answer "cancelled" at their next step); a second later the state is
+    closed, the last log line written and the process exits (0 for SIGTERM,
+    130 for SIGINT): the SDK's stdin reader sits in a blocking readline() that
+    no signal interrupts, so waiting for it would need a Ctrl-D.
     """
     state = server.state
     lock = threading.Lock()
@@ -207,11 +210,12 @@ def serve_stdio(server: AtelierServer) -> None:
         def later() -> None:
             time.sleep(1.0)
             finish()
-            os._exit(0)
+            os._exit(130 if signum == signal.SIGINT else 0)
 
         threading.Thread(target=later, name="atelier-shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     try:
         anyio.run(server.run_stdio_async)
     except KeyboardInterrupt:

@@ -128,3 +128,28 @@ def test_make_serve_args_add_to_the_http_default(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_stdio_server_in_a_terminal_exits_on_the_first_ctrl_c(tmp_path):
+    import pty
+    import threading
+
+    master, slave = pty.openpty()  # stdin is a terminal, as when a person runs `atelier serve`
+    proc = subprocess.Popen([ATELIER, "serve"], env=server_env(tmp_path), stdin=slave, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    os.close(slave)
+    ready = threading.Event()
+
+    def watch() -> None:
+        for line in proc.stderr:
+            if b"server ready" in line:
+                ready.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        assert ready.wait(120), "the server did not start"
+        proc.send_signal(signal.SIGINT)  # once
+        assert proc.wait(timeout=10) == 130
+    finally:
+        proc.kill()
+        os.close(master)
