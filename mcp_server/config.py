@@ -185,11 +185,15 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not key:  # a check across keys (model_post_init): its message names the key itself
+            lines.append(f"  {msg}")
+            continue
         value = err.get("input")
         shown = repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  {key} = {shown}: {err['msg']}")
+        lines.append(f"  {key} = {shown}: {msg}")
     return "\n".join(lines)
 
 
