@@ -153,3 +153,14 @@ def test_stdio_server_in_a_terminal_exits_on_the_first_ctrl_c(tmp_path):
     finally:
         proc.kill()
         os.close(master)
+
+
+def test_config_errors_read_cleanly(tmp_path):
+    out = _run(["doctor"], tmp_path, env=server_env(tmp_path, ATELIER_PATHS__READ_ROOTS='["/"]'))
+    assert out.returncode == 2
+    assert out.stderr.decode().splitlines() == [
+        "atelier: invalid configuration (defaults + environment):",
+        "  paths.read_roots contains '/' (from the entry resolving to the filesystem root): that would expose "
+        "the whole filesystem; name a project folder instead"]
+    out = _run(["doctor"], tmp_path, env=server_env(tmp_path, ATELIER_LIMITS__MAX_K="-3"))
+    assert out.returncode == 2 and "  limits.max_k = '-3': Input should be greater than 0" in out.stderr.decode()
