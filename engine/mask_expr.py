@@ -36,9 +36,11 @@ Channels: r g b a (0-255), h (hue, degrees 0-360), s v (0-1), l lab_a lab_b
 distance of each pixel to that colour. NUMBER is decimal (`200`, `0.5`, `.5`,
 `1e3`); a literal that is not finite in float32 is an error.
 
-Limits: at most `max_chars` characters, and at most `max_depth` levels of
+Limits: at most `max_chars` characters, at most `max_depth` levels of
 nesting, counting both the height of the tree and the parenthesis/unary/call
-nesting. Every error is `InvalidInput("expression", text, "<what> at column N")`
+nesting, and `min` / `max` take 2 to `MAX_ARGS` (32) arguments (nest them for
+more). The memory an expression needs is bounded before evaluation by
+`engine.mask_eval.expression_memory`. Every error is `InvalidInput("expression", text, "<what> at column N")`
 with a 1-based column.
 """
 
@@ -55,7 +57,8 @@ Kind = Literal["num", "bool"]
 
 CHANNELS: tuple[str, ...] = ("r", "g", "b", "a", "h", "s", "v", "l", "lab_a", "lab_b", "gray", "x", "y",
                              "width", "height")
-FUNCTIONS: dict[str, tuple[int, int | None]] = {"abs": (1, 1), "min": (2, None), "max": (2, None)}
+MAX_ARGS = 32  # min / max: evaluation folds pairwise, the cap bounds the passes over the image per call
+FUNCTIONS: dict[str, tuple[int, int | None]] = {"abs": (1, 1), "min": (2, MAX_ARGS), "max": (2, MAX_ARGS)}
 COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
 _KEYWORDS = {"and": "and", "or": "or", "xor": "xor", "not": "not"}
 _SYMBOL_LOGIC = {"&": "and", "|": "or", "^": "xor", "~": "not", "!": "not"}
@@ -369,7 +372,7 @@ class _Parser:
         self.expect(")", f"')' to close {func}(")
         lo, hi = FUNCTIONS[func]
         if len(args) < lo or (hi is not None and len(args) > hi):
-            want = f"{lo}" if lo == hi else f"at least {lo}"
+            want = f"{lo}" if lo == hi else (f"at least {lo}" if hi is None else f"at least {lo} and at most {hi}")
             raise self.error(f"{func} takes {want} argument(s), got {len(args)}", name.col)
         for arg in args:
             self.need(arg, "num", func, arg.col)

@@ -68,7 +68,6 @@ Contract
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -77,18 +76,15 @@ import numpy as np
 import torch
 
 from .errors import InvalidInput
-from .mask_expr import Binary, Call, Channel, DeltaE, Node, Num, Unary, parse
+from .mask_eval import _box_mask, evaluate_expression, evaluate_tree, expression_memory  # noqa: F401
 
 __all__ = [
     "evaluate_expression", "evaluate_tree", "image_mask", "shape_mask", "detection_mask", "combine",
     "dilate", "erode", "remove_small_objects", "fill_small_holes", "feather", "invert",
     "apply_fill", "apply_replace", "apply_blur", "apply_pixelate", "apply_grayscale", "apply_adjust",
     "apply_hue_shift", "apply_transparent", "mask_stats", "as_image_tensor", "to_numpy", "mask_preview",
-    "mask_weights",
+    "mask_weights", "expression_memory",
 ]
-
-BYTE_CHANNELS = {"r": 0, "g": 1, "b": 2, "a": 3}
-
 
 # -- helpers ------------------------------------------------------------------------
 def as_image_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -122,85 +118,7 @@ def _clone(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
-def _cv2() -> Any | None:
-    try:
-        import cv2
-    except Exception:  # pragma: no cover - opencv ships with ultralytics
-        return None
-    return cv2
-
-
-# -- expression evaluation ------------------------------------------------------------
-class _Channels:
-    """Lazily computed channels of one image; each computed at most once."""
-
-    def __init__(self, rgba: torch.Tensor, text: str) -> None:
-        self.img = rgba  # uint8 [H, W, C]
-        self.text = text
-        self.h, self.w = rgba.shape[:2]
-        self.device = rgba.device
-        self.cache: dict[str, torch.Tensor] = {}
-        self.col = 1
-
-    def raw(self, name: str) -> torch.Tensor | None:  # uint8 [H, W] view, None for a missing alpha
-        i = BYTE_CHANNELS[name]
-        return self.img[..., i] if i < self.img.shape[2] else None
-
-    def get(self, name: str, col: int = 1) -> torch.Tensor:
-        if name not in self.cache:
-            self.col = col
-            self.cache.update(self._compute(name))
-        return self.cache[name]
-
-    def rgb_float(self) -> torch.Tensor:  # float32 [H, W, 3]
-        if "_rgbf" not in self.cache:
-            self.cache["_rgbf"] = self.img[..., :3].to(torch.float32)
-        return self.cache["_rgbf"]
-
-    def _compute(self, name: str) -> dict[str, torch.Tensor]:
-        f32 = torch.float32
-        if name in BYTE_CHANNELS:
-            raw = self.raw(name)
-            return {name: raw.to(f32) if raw is not None else torch.tensor(255.0, device=self.device)}
-        if name == "x":
-            return {"x": torch.arange(self.w, dtype=f32, device=self.device).view(1, self.w)}
-        if name == "y":
-            return {"y": torch.arange(self.h, dtype=f32, device=self.device).view(self.h, 1)}
-        if name == "width":
-            return {"width": torch.tensor(float(self.w), device=self.device)}
-        if name == "height":
-            return {"height": torch.tensor(float(self.h), device=self.device)}
-        if name == "gray":
-            rgb = self.rgb_float()
-            return {"gray": rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114}
-        if name in ("h", "s", "v"):
-            h, s, v = _rgb_to_hsv(self.rgb_float() / 255.0)
-            return {"h": h * 360.0, "s": s, "v": v}
-        if name in ("l", "lab_a", "lab_b"):
-            color = self._color_engine(name, self.col)
-            lab = torch.as_tensor(color.rgb_to_lab(self.img[..., :3].contiguous()), device=self.device)
-            lab = lab.to(f32)
-            return {"l": lab[..., 0], "lab_a": lab[..., 1], "lab_b": lab[..., 2]}
-        raise InvalidInput("expression", self.text, f"unknown channel {name!r}")  # the parser prevents this
-
-    def delta_e(self, color_hex: str, col: int = 1) -> torch.Tensor:
-        key = "delta_e" + color_hex
-        if key not in self.cache:
-            color = self._color_engine(f"delta_e({color_hex})", col)
-            ref = color.parse_color(color_hex)
-            de = color.delta_e_to_color(self.img[..., :3].contiguous(), ref)
-            self.cache[key] = torch.as_tensor(de, device=self.device).to(torch.float32)
-        return self.cache[key]
-
-    def _color_engine(self, what: str, col: int) -> Any:
-        try:
-            color = importlib.import_module("engine.color")
-        except ImportError as exc:
-            raise InvalidInput("expression", self.text, f"{what} needs the colour engine (engine.color), which is "
-                               f"not installed, at column {col}") from exc
-        return color
-
-
+# -- expression evaluation: engine.mask_eval (re-exported here) -------------------------------
 def _rgb_to_hsv(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float [..., 3] in 0..1 -> h in [0, 1), s, v (skimage.color.rgb2hsv's formulas)."""
     r, g, b = rgb.unbind(-1)
@@ -229,167 +147,6 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     g = torch.stack([t, v, v, q, p, p], -1).gather(-1, hi.unsqueeze(-1)).squeeze(-1)
     b = torch.stack([p, p, t, v, v, q], -1).gather(-1, hi.unsqueeze(-1)).squeeze(-1)
     return torch.stack([r, g, b], -1)
-
-
-def _constant(node: Node) -> float | None:
-    if isinstance(node, Num):
-        return float(np.float32(node.value))
-    if isinstance(node, Unary) and node.op == "-":
-        inner = _constant(node.operand)
-        return None if inner is None else -inner
-    return None
-
-
-_MIRROR = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
-
-
-def _byte_bounds(node: Node) -> tuple[str, int, int] | None:
-    """`r > 200`-like comparisons as an integer range (channel, lo, hi) on 0..255, else None."""
-    if not isinstance(node, Binary) or node.op not in ("<", "<=", ">", ">=", "=="):
-        return None
-    op, left, right = node.op, node.left, node.right
-    if isinstance(right, Channel) and _constant(left) is not None:
-        op, left, right = _MIRROR[op], right, left
-    c = _constant(right)
-    if not (isinstance(left, Channel) and left.name in BYTE_CHANNELS and c is not None):
-        return None
-    lo, hi = 0, 255
-    if op == ">":
-        lo = math.floor(c) + 1
-    elif op == ">=":
-        lo = math.ceil(c)
-    elif op == "<":
-        hi = math.ceil(c) - 1
-    elif op == "<=":
-        hi = math.floor(c)
-    elif c == math.floor(c):
-        lo = hi = int(c)
-    else:
-        lo, hi = 1, 0
-    return left.name, max(lo, 0), min(hi, 255)
-
-
-def _box_mask(img: torch.Tensor, bounds: Mapping[str, tuple[int, int]], *, backend: str | None = None
-              ) -> torch.Tensor:
-    """bool [H, W]: every bounded byte channel within its inclusive [lo, hi] (alpha of RGB is 255)."""
-    h, w, c = img.shape
-    if any(lo > hi for lo, hi in bounds.values()):
-        return torch.zeros(h, w, dtype=torch.bool, device=img.device)
-    if c == 3 and "a" in bounds:
-        lo, hi = bounds["a"]
-        if not lo <= 255 <= hi:
-            return torch.zeros(h, w, dtype=torch.bool, device=img.device)
-        bounds = {k: v for k, v in bounds.items() if k != "a"}
-    cv2 = _cv2()
-    if backend is None:
-        backend = "cv2" if (cv2 is not None and img.device.type == "cpu" and img.is_contiguous()) else "torch"
-    if backend == "cv2":
-        lows = tuple(float(bounds.get(n, (0, 255))[0]) for n in "rgba"[:c])
-        highs = tuple(float(bounds.get(n, (0, 255))[1]) for n in "rgba"[:c])
-        out = cv2.inRange(img.numpy(), lows, highs)  # uint8 0 / 255 [H, W]
-        np.bitwise_and(out, 1, out=out)
-        return torch.from_numpy(out).view(torch.bool)
-    result: torch.Tensor | None = None
-    for name, (lo, hi) in bounds.items():
-        ch = img[..., BYTE_CHANNELS[name]]
-        parts = ([ch >= lo] if lo > 0 else []) + ([ch <= hi] if hi < 255 else [])
-        for part in parts:
-            result = part if result is None else result & part
-    if result is None:
-        return torch.ones(h, w, dtype=torch.bool, device=img.device)
-    return result
-
-
-def _flatten(node: Node, op: str) -> list[Node]:
-    out, stack = [], [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, Binary) and n.op == op:
-            stack.extend((n.right, n.left))
-        else:
-            out.append(n)
-    return out
-
-
-class _Evaluator:
-    def __init__(self, channels: _Channels) -> None:
-        self.ch = channels
-
-    def const(self, value: float) -> torch.Tensor:
-        return torch.tensor(value, dtype=torch.float32, device=self.ch.device)
-
-    def eval(self, node: Node) -> torch.Tensor:
-        if isinstance(node, Num):
-            return self.const(node.value)
-        if isinstance(node, Channel):
-            return self.ch.get(node.name, node.col)
-        if isinstance(node, DeltaE):
-            return self.ch.delta_e(node.color, node.col)
-        if isinstance(node, Call):
-            args = [self.eval(a) for a in node.args]
-            if node.func == "abs":
-                return torch.abs(args[0])
-            fn = torch.minimum if node.func == "min" else torch.maximum
-            acc = args[0]
-            for a in args[1:]:
-                acc = fn(acc, a)
-            return acc
-        if isinstance(node, Unary):
-            x = self.eval(node.operand)
-            return torch.logical_not(x) if node.op == "not" else torch.neg(x)
-        assert isinstance(node, Binary)
-        if node.op == "and":
-            return self.eval_and(node)
-        if node.op in ("or", "xor"):
-            parts = [self.eval(n) for n in _flatten(node, node.op)]
-            acc = parts[0]
-            for p in parts[1:]:
-                acc = (acc | p) if node.op == "or" else (acc ^ p)
-            return acc
-        bounds = _byte_bounds(node)
-        if bounds is not None:
-            name, lo, hi = bounds
-            return _box_mask(self.ch.img, {name: (lo, hi)})
-        left, right = self.eval(node.left), self.eval(node.right)
-        return {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div, "<": torch.lt, "<=": torch.le,
-                ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}[node.op](left, right)
-
-    def eval_and(self, node: Node) -> torch.Tensor:
-        bounds: dict[str, tuple[int, int]] = {}
-        rest: list[Node] = []
-        for leaf in _flatten(node, "and"):
-            b = _byte_bounds(leaf)
-            if b is None:
-                rest.append(leaf)
-                continue
-            name, lo, hi = b
-            old = bounds.get(name, (0, 255))
-            bounds[name] = (max(old[0], lo), min(old[1], hi))
-        acc = _box_mask(self.ch.img, bounds) if bounds else None
-        for leaf in rest:
-            part = self.eval(leaf)
-            acc = part if acc is None else acc & part
-        assert acc is not None
-        return acc
-
-
-def evaluate_tree(tree: Node, rgba: torch.Tensor, text: str = "") -> torch.Tensor:
-    """Evaluate a parsed condition on uint8 [H, W, 3|4] -> bool [H, W] on the image's device."""
-    _check_image(rgba, "image")
-    out = _Evaluator(_Channels(rgba, text)).eval(tree)
-    h, w = rgba.shape[:2]
-    if tuple(out.shape) != (h, w):
-        out = out.expand(h, w).contiguous()
-    return out
-
-
-def evaluate_expression(expr: str, rgba: torch.Tensor, *, max_chars: int = 2000, max_depth: int = 32
-                        ) -> torch.Tensor:
-    """Parse `expr` (see engine.mask_expr) and evaluate it: uint8 [H, W, 3|4] -> bool [H, W]."""
-    if isinstance(rgba, np.ndarray):
-        rgba = torch.from_numpy(np.ascontiguousarray(rgba))
-    tree = parse(expr, max_chars=max_chars, max_depth=max_depth)
-    return evaluate_tree(tree, rgba, expr)
 
 
 # -- other sources ----------------------------------------------------------------------
