@@ -87,6 +87,24 @@ class SentenceEmbedder:
     def size_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
+    def estimate_bytes(self, texts: Sequence[str], batch_size: int = 64) -> int:
+        """Upper bound of the memory `encode(texts)` needs beside the model: the output [n, dim] float32,
+        and one batch's activations, alive at once: attention scores and probabilities [b, heads, T, T]
+        (three copies), the feed-forward [b, T, intermediate] (two) and eight hidden-state tensors
+        [b, T, hidden], in float32. T <= the longest text's UTF-8 bytes + 4 (no tokenizer makes more tokens
+        than bytes, plus special tokens), capped at max_length."""
+        n = len(texts)
+        if n == 0:
+            return 0
+        longest = max(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        T = min(self.max_length, longest + 4)
+        b = min(batch_size, n)
+        cfg = self.model.config
+        heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0) or 16)
+        inter = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "n_inner", 0) or 4 * self.dim)
+        per_batch = 4 * b * T * (3 * heads * T + 2 * inter + 8 * self.dim) + 64 * b * T  # + token ids, masks
+        return n * self.dim * 4 + per_batch
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], *, batch_size: int = 64, token: Any = None,
                progress: ProgressFn | None = None) -> torch.Tensor:

@@ -55,16 +55,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from itertools import chain, repeat
 from operator import methodcaller
 from pathlib import Path
@@ -76,6 +79,7 @@ import torch
 from kernels.topk import topk
 
 from . import sketch as int8_sketch
+from . import workmem
 from .errors import InvalidInput
 
 DEMO_CATALOG = Path(__file__).resolve().parent / "data" / "demo_catalog.jsonl"
@@ -85,6 +89,7 @@ DEFAULT_CHUNK_ROWS = 1 << 17
 SKETCH_BLOCK_ROWS = 1 << 13  # rows per packed int8 block: an upsert repacks one block (a few ms)
 FILTER_OPS = ("eq", "in", "min", "max")
 MAX_FILTER_VALUES = 256
+MAX_VALUE_DEPTH = 32  # nesting of a stored field value (lists / objects)
 
 
 class _Absent:
@@ -104,8 +109,11 @@ _ABSENT: Any = _Absent()
 
 
 # -- rows ------------------------------------------------------------------
-def clean_row(raw: Any, where: str) -> tuple[dict[str, Any], list[float] | None]:
-    """Validate one raw row -> (fields with a str `id`, its embedding or None). ValueError names `where`."""
+def clean_row(raw: Any, where: str, *, argument: bool = False) -> tuple[dict[str, Any], list[float] | None]:
+    """Validate one raw row -> (fields with a str `id`, its embedding or None). ValueError names `where`
+    (`where.field=value: rule` for a field when `where` is an argument such as `items[3]`, else
+    `where: field=value: rule`). Every field value passes `value_problem`, so nothing stored can fail a
+    filter or a result later."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where}: expected an object with an 'id', got {type(raw).__name__}")
     row = dict(raw)
@@ -137,9 +145,77 @@ def clean_row(raw: Any, where: str) -> tuple[dict[str, Any], list[float] | None]
             if not all(math.isfinite(x) for x in vec) or not any(vec):
                 raise ValueError(f"{where}: '{name}' must be finite and not all zero")
     for key, value in row.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{where}: field {key!r} is {value!r}")
+        if type(value) is not str:
+            bad = value_problem(value, f"{where}.{key}" if argument else f"{where}: {key}")
+            if bad is not None:
+                raise ValueError(bad)
     return row, vec
+
+
+class _Shown:
+    """A stand-in printed instead of a value too long to show (a 400-digit integer)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def shown(value: Any) -> Any:
+    """`value`, or for an integer of more than 30 digits `<integer of N digits>` (repr would be long, and
+    raises beyond 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        digits = len(str(abs(value))) if value.bit_length() < 14_000 else int(value.bit_length() * 0.30103) + 1
+        return _Shown(f"<{'-' if value < 0 else ''}integer of {digits} digits>")
+    return value
+
+
+def number_problem(x: int | float) -> str | None:
+    """Why a number cannot be one of the catalogue's numbers (float64, finite), or None when it can."""
+    if isinstance(x, float):
+        return None if math.isfinite(x) else "must be a finite number (NaN and infinity are refused)"
+    try:
+        float(x)
+    except OverflowError:
+        return f"is outside the catalogue's number range (float64: magnitude at most {sys.float_info.max:.4g})"
+    return None
+
+
+_PLAIN = (str, bool, type(None))
+_OTHER_SCALARS = (datetime.date, datetime.time, datetime.timedelta, Decimal)  # Parquet's; stored as they are
+
+
+def value_problem(value: Any, path: str, depth: int = 0) -> str | None:
+    """`path=value: rule` when a stored field value could poison a column or a result, else None: every
+    number (nested ones too) finite in float64, only JSON types (and Parquet's dates, times and decimals),
+    nesting at most MAX_VALUE_DEPTH levels."""
+    if isinstance(value, _PLAIN):
+        return None
+    if isinstance(value, (int, float)):
+        rule = number_problem(value)
+        return None if rule is None else f"{path}={shown(value)!r}: {rule}"
+    if isinstance(value, (list, tuple, Mapping)):
+        if depth >= MAX_VALUE_DEPTH:
+            return f"{path}=...: nested deeper than {MAX_VALUE_DEPTH} levels"
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    return f"{path}={shown(k)!r}: object keys must be strings"
+                bad = None if type(v) is str else value_problem(v, f"{path}.{k}", depth + 1)
+                if bad is not None:
+                    return bad
+        else:
+            for i, v in enumerate(value):
+                bad = None if type(v) is str else value_problem(v, f"{path}[{i}]", depth + 1)
+                if bad is not None:
+                    return bad
+        return None
+    if isinstance(value, _OTHER_SCALARS):
+        return None
+    shown_value = f"<{type(value).__name__} of {len(value)}>" if isinstance(value, (bytes, bytearray)) else \
+        f"<{type(value).__name__}>"
+    return f"{path}={shown_value}: expected a string, number, boolean, null, list or object"
 
 
 def row_text(row: Mapping[str, Any]) -> str:
@@ -266,9 +342,96 @@ class Hit:
     fields: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Cond:
+    """One checked filter condition: `field` `op` `value`. eq: a string, number, boolean or None; in: a
+    tuple of those; min / max: a float64 bound equivalent, for float64 numbers, to the exact bound given
+    (an integer bound is moved to the nearest float64 on its side: `num >= 2**53 + 1` is
+    `num >= 2**53 + 2`)."""
+
+    field: str
+    op: str
+    value: Any
+
+
+@dataclass
+class Request:
+    """A query checked and converted before it joins a batch (`Catalog.prepare`): nothing in it can fail
+    the batch it joins."""
+
+    query: Query
+    vector: torch.Tensor  # [dim] float32, L2-normalised
+    conds: tuple[Cond, ...]
+    nbytes: int  # upper bound of the memory its search needs
+
+
+def _scalar(value: Any, argument: str) -> Any:
+    if isinstance(value, (Mapping, list, tuple)):
+        raise InvalidInput(argument, value, "expected a string, number, boolean or null")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        rule = number_problem(value)
+        if rule is not None:
+            raise InvalidInput(argument, shown(value), rule)
+    elif not isinstance(value, _PLAIN):
+        raise InvalidInput(argument, f"<{type(value).__name__}>", "expected a string, number, boolean or null")
+    return value
+
+
+def _scalars(values: Any, argument: str) -> tuple[Any, ...]:
+    if not isinstance(values, (list, tuple)) or not values or len(values) > MAX_FILTER_VALUES:
+        raise InvalidInput(argument, values, f"expected a non-empty list of at most {MAX_FILTER_VALUES} values")
+    return tuple(_scalar(v, argument) for v in values)
+
+
+def _bound(value: Any, argument: str, op: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(argument, value, "must be a number")
+    rule = number_problem(value)
+    if rule is not None:
+        raise InvalidInput(argument, shown(value), rule)
+    f = float(value)
+    if isinstance(value, int) and f != value:  # int vs float compares exactly in Python
+        if op == "min" and f < value:
+            f = math.nextafter(f, math.inf)
+        elif op == "max" and f > value:
+            f = math.nextafter(f, -math.inf)
+    return f
+
+
+def compile_filters(filters: Any, fields: Mapping[str, Any]) -> tuple[Cond, ...]:
+    """Check `filters` (field -> value | list | {eq, in, min, max}) against the known `fields` and convert
+    every value -> conditions. InvalidInput names the field, the value and the rule."""
+    if filters is None:
+        return ()
+    if not isinstance(filters, Mapping):
+        raise InvalidInput("filters", filters, "expected an object: field -> condition")
+    conds: list[Cond] = []
+    for name, cond in filters.items():
+        if not isinstance(name, str) or name not in fields:
+            raise InvalidInput("filters", shown(name), f"unknown field; known fields: {', '.join(sorted(fields))}")
+        if isinstance(cond, Mapping):
+            bad = [k for k in cond if k not in FILTER_OPS]
+            if bad or not cond:
+                raise InvalidInput(f"filters.{name}", dict(cond), f"expected a value, a list, or an object "
+                                   f"with keys among {FILTER_OPS}")
+            if "eq" in cond:
+                conds.append(Cond(name, "eq", _scalar(cond["eq"], f"filters.{name}.eq")))
+            if "in" in cond:
+                conds.append(Cond(name, "in", _scalars(cond["in"], f"filters.{name}.in")))
+            for op in ("min", "max"):
+                if op in cond:
+                    conds.append(Cond(name, op, _bound(cond[op], f"filters.{name}.{op}", op)))
+        elif isinstance(cond, (list, tuple)):
+            conds.append(Cond(name, "in", _scalars(cond, f"filters.{name}")))
+        else:
+            conds.append(Cond(name, "eq", _scalar(cond, f"filters.{name}")))
+    return tuple(conds)
+
+
 @dataclass
 class _Slot:
     request: Any
+    cost: int = 0
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -297,12 +460,20 @@ class Coalescer:
     followed by fifteen. An idle service runs a lone request at once.
     Deterministic for tests: `pending` and `wait_pending(n)` expose the queue,
     `batches` records each batch's size.
+
+    Isolation: when `run_batch` raises (an Exception) for a batch of several
+    requests, each request of it is run again alone, so only a request that
+    fails alone fails; callers should still check requests before `submit`.
+    Memory: `submit(r, cost=bytes)` with `max_cost()` (bytes, None = no bound):
+    a batch takes the oldest requests while their costs add up to at most
+    `max_cost()` (always at least one).
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch: int = 64,
-                 gather_s: float = 0.01, quiet_s: float = 0.001, busy_s: float = 0.05, idle_s: float = 5.0
-                 ) -> None:
+                 gather_s: float = 0.01, quiet_s: float = 0.001, busy_s: float = 0.05, idle_s: float = 5.0,
+                 max_cost: Callable[[], int | None] | None = None) -> None:
         self._run = run_batch
+        self._max_cost = max_cost or (lambda: None)
         self.max_batch = max_batch
         self.gather_s, self.quiet_s, self.busy_s, self.idle_s = gather_s, quiet_s, busy_s, idle_s
         self._busy_until = 0.0  # time.monotonic() until which the service counts as under load
@@ -339,8 +510,8 @@ class Coalescer:
                     self._incoming -= 1
                     self._cond.notify_all()
 
-    def submit(self, request: Any) -> Any:
-        slot = _Slot(request, t=time.monotonic())
+    def submit(self, request: Any, cost: int = 0) -> Any:
+        slot = _Slot(request, cost=cost, t=time.monotonic())
         announced = getattr(self._mine, "n", 0) > 0
         if announced:
             self._mine.n -= 1
@@ -395,18 +566,13 @@ class Coalescer:
                     if now < self._busy_until and quiet > 0:
                         self._cond.wait(min(left, quiet))
                         continue
-                batch = self._queue[:self.max_batch]
-                del self._queue[:self.max_batch]
+                take = self._take()
+                batch = self._queue[:take]
+                del self._queue[:take]
                 self._running = True
                 self._cond.release()
                 try:
-                    try:
-                        results = self._run([s.request for s in batch])
-                        for s, r in zip(batch, results, strict=True):
-                            s.result = r
-                    except BaseException as exc:  # every caller of the batch sees the error
-                        for s in batch:
-                            s.error = exc
+                    self._serve_batch(batch)
                 finally:
                     self._cond.acquire()
                     for s in batch:
@@ -418,14 +584,47 @@ class Coalescer:
                     self._cond.notify_all()
 
 
+    def _take(self) -> int:
+        """How many of the oldest queued requests the next batch takes (max_batch, max_cost)."""
+        limit = self._max_cost()
+        take, total = 0, 0
+        for s in self._queue[:self.max_batch]:
+            if take and limit is not None and total + s.cost > limit:
+                break
+            take += 1
+            total += s.cost
+        return take
+
+    def _serve_batch(self, batch: list[_Slot]) -> None:
+        try:
+            results = self._run([s.request for s in batch])
+            for s, r in zip(batch, results, strict=True):
+                s.result = r
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            for s in batch:  # one request failed the batch: serve each alone, so only the guilty one fails
+                try:
+                    s.result = self._run([s.request])[0]
+                except Exception as one:
+                    s.error = one
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: every caller of the batch sees it
+            for s in batch:
+                s.error = exc
+
+
 # -- the catalogue -----------------------------------------------------------
 class Catalog:
     """Rows + a normalised embedding matrix on `device`. Thread-safe (one lock; queries coalesce)."""
 
     def __init__(self, dim: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS, model: str = "", source: str = "",
-                 capacity: int = 1024, sketch: bool | None = None) -> None:
-        """`sketch`: scan an int8 sketch and rescore in fp32 (CPU fp32 only; None = where available)."""
+                 capacity: int = 1024, sketch: bool | None = None,
+                 memory_limit: Callable[[], int | None] | None = None) -> None:
+        """`sketch`: scan an int8 sketch and rescore in fp32 (CPU fp32 only; None = where available).
+        `memory_limit()`: bytes one search or update may need (None = no limit); a search whose upper
+        bound exceeds it is refused before it starts, and batches are kept under it."""
         if dtype not in (torch.float32, torch.float16):
             raise ValueError(f"dtype={dtype}: expected float32 or float16")
         self.dim = int(dim)
@@ -447,7 +646,8 @@ class Catalog:
         self._numeric: dict[str, np.ndarray] = {}
         self._dead = 0
         self.version = 0
-        self._batcher = Coalescer(self._search_batch)
+        self.memory_limit: Callable[[], int | None] = memory_limit or (lambda: None)
+        self._batcher = Coalescer(self._search_batch, max_cost=lambda: self.memory_limit())
         use_sketch = self.device.type == "cpu" and dtype == torch.float32 and sketch is not False
         if sketch and not use_sketch:
             raise ValueError("the int8 sketch needs an fp32 catalogue on the CPU")
@@ -546,17 +746,38 @@ class Catalog:
         cap = self.capacity
         if need <= cap:
             return
-        new_cap = max(need, 2 * cap if cap < (1 << 20) else cap + cap // 4)
+        new_cap = self._grown(need)
         m = torch.zeros((new_cap, self.dim), dtype=self.dtype, device=self.device)
         m[:self._n] = self._matrix[:self._n]
-        self._matrix = m
         alive = np.zeros(new_cap, dtype=bool)
         alive[:self._n] = self._alive[:self._n]
-        self._alive = alive
-        for name, col in list(self._columns.items()):
-            self._columns[name] = np.concatenate([col, np.full(new_cap - len(col), _ABSENT, dtype=object)])
+        cols = {name: np.concatenate([col, np.full(new_cap - len(col), _ABSENT, dtype=object)])
+                for name, col in self._columns.items()}
+        self._matrix, self._alive, self._columns = m, alive, cols  # all or nothing: nothing changed before
         self._numeric.clear()
         self._refresh_views()
+
+    def _grown(self, need: int) -> int:
+        cap = self.capacity
+        return cap if need <= cap else max(need, 2 * cap if cap < (1 << 20) else cap + cap // 4)
+
+    def upsert_bytes(self, n_rows: int, n_new: int, new_fields: int = 0) -> int:
+        """Upper bound of the memory an upsert of `n_rows` rows (`n_new` of them new ids, bringing
+        `new_fields` new columns) needs beside its input: the vectors normalised and converted, a grown
+        matrix, mask and columns while the old ones are copied, the sketch of the new rows."""
+        el = self._matrix.element_size()
+        need = n_rows * self.dim * (4 + 4 + el)  # stacked input, normalised fp32, converted
+        cap = self._grown(self._n + n_new)
+        ncols = len(self._columns) + new_fields + 1
+        if cap > self.capacity:
+            need += cap * (self.dim * el + 1 + 8 * ncols)
+        else:
+            need += 8 * self.capacity * new_fields
+        if self._sketch is not None:
+            touched = min(n_rows, self._n + n_new)
+            need += touched * (self.dim + 8) + 8 * (self._n + n_new)  # packed rows, error terms growing
+            need += 16 * self.dim * min(touched, self._sketch.block_rows) * 4  # one block's packing temporaries
+        return need + n_rows * 200  # the id index and category counts
 
     def upsert(self, rows: Sequence[Mapping[str, Any]], vectors: torch.Tensor) -> tuple[int, int]:
         """Add or replace rows (each with a str `id`); vectors: [n, dim] any float (normalised here).
@@ -630,6 +851,26 @@ class Catalog:
         self.version += 1
         return len(rows)
 
+    def apply(self, rows: Sequence[Mapping[str, Any]], vectors: torch.Tensor | None,
+              delete: Iterable[str] = ()) -> tuple[int, int, int]:
+        """Upsert `rows` (vectors [n, dim]) and delete the ids in `delete` as one change, under the lock:
+        everything is checked before anything changes, so a search sees all of it or none of it.
+        Returns (added, updated, deleted)."""
+        dels = list(dict.fromkeys(str(i) for i in delete))
+        if rows and (vectors is None or vectors.dim() != 2 or vectors.shape[0] != len(rows)
+                     or vectors.shape[1] != self.dim):
+            raise InvalidInput("vectors", None if vectors is None else tuple(vectors.shape),
+                               f"expected [{len(rows)}, {self.dim}]")
+        with self._lock:
+            for rid in dels:
+                if rid not in self._row_of:
+                    raise InvalidInput("delete", rid, "unknown item id in this catalogue")
+            added = updated = 0
+            if rows:
+                assert vectors is not None
+                added, updated = self.upsert(rows, vectors)
+            return added, updated, self.delete(dels) if dels else 0
+
     def delete(self, ids: Iterable[str]) -> int:
         """Remove items by id (unknown ids raise InvalidInput before anything changes)."""
         with self._lock:
@@ -670,8 +911,55 @@ class Catalog:
 
     # -- search --------------------------------------------------------------
     def search(self, q: Query) -> list[Hit]:
-        """Exact top-k for one query; concurrent callers share one matrix product."""
-        return self._batcher.submit(q)
+        """Exact top-k for one query; concurrent callers share one matrix product. The query is checked
+        and converted first (`prepare`): bad input raises InvalidInput here, before it joins a batch."""
+        req = self.prepare(q)
+        return self._batcher.submit(req, cost=req.nbytes)
+
+    def prepare(self, q: Query) -> Request:
+        """Check and convert a query: vector, k, category_limit, min_score, filters (fields and values)
+        -> a Request; InvalidInput names the argument, the value and the rule. Its upper bound of memory
+        is checked against `memory_limit()` (`workmem.MemoryLimitExceeded`: 'would need N GB; limit M GB')."""
+        if isinstance(q.k, bool) or not isinstance(q.k, int) or q.k < 1:
+            raise InvalidInput("k", q.k, "must be an integer >= 1")
+        if q.category_limit is not None and (isinstance(q.category_limit, bool)
+                                             or not isinstance(q.category_limit, int) or q.category_limit < 1):
+            raise InvalidInput("category_limit", q.category_limit, "must be an integer >= 1")
+        if q.min_score is not None and (isinstance(q.min_score, bool) or not isinstance(q.min_score, (int, float))
+                                        or not math.isfinite(q.min_score)):
+            raise InvalidInput("min_score", q.min_score, "must be a finite number")
+        vec = self._check_vector(q.vector)
+        conds = compile_filters(q.filters, self._columns)
+        need = self.search_bytes(q, conds)
+        if q.category_limit is not None:
+            workmem.require("category_limit", q.category_limit, need, self.memory_limit(),
+                            f"a search with a category limit may walk all {self._n} rows")
+        else:
+            workmem.require("k", q.k, need, self.memory_limit(), f"a search over {self._n} rows")
+        return Request(q, vec, conds, need)
+
+    def check_filters(self, filters: Any) -> tuple[Cond, ...]:
+        """`compile_filters` against this catalogue's fields (InvalidInput names field, value and rule)."""
+        return compile_filters(filters, self._columns)
+
+    def search_bytes(self, q: Query, conds: Sequence[Cond] = ()) -> int:
+        """Upper bound of the memory one query adds to a batch: its row mask and filter temporaries (and
+        a float64 copy of each range-filtered field not converted yet), its rows of the chunk scores, the
+        survivors of the int8 / fp16 filter (at most every row), the candidates walked (k, or every valid
+        row when a category limit makes the search widen) as Python numbers."""
+        n = self._n
+        need = 0
+        if conds or q.exclude_rows:
+            need += n * (2 + 2 * len(conds))
+            need += 8 * n * len({c.field for c in conds if c.op in ("min", "max") and c.field not in self._numeric})
+            if self.device.type != "cpu":
+                need += n
+        need += 16 * min(n, max(self.chunk_rows, int8_sketch.GROUP_ROWS))  # its row of the chunk scores
+        if self._sketch is not None or (self.device.type == "cpu" and self.dtype == torch.float16):
+            need += 24 * n  # survivors of the filter: at most every row (row + upper bound, kept and joined)
+        kb = n if q.category_limit is not None else min(n, 2 * q.k)
+        need += 200 * kb  # candidates: the running top-k and its merges (~100 B), walked as Python numbers
+        return need + 4096
 
     def expect_query(self) -> contextlib.AbstractContextManager[None]:
         """`with cat.expect_query(): ... cat.search(q)`: announce a query while building it, so that
@@ -684,77 +972,66 @@ class Catalog:
 
     def search_many(self, qs: Sequence[Query]) -> list[list[Hit]]:
         """Exact top-k for several queries in one product (no queueing)."""
-        return self._search_batch(list(qs))
+        return self._search_batch([self.prepare(q) for q in qs])
 
-    def _check_query(self, q: Query) -> torch.Tensor:
-        v = q.vector
-        if v.dim() != 1 or v.shape[0] != self.dim:
-            raise InvalidInput("vector", f"{tuple(v.shape)}", f"expected {self.dim} numbers (the catalogue's dimension)")
-        if q.k < 1:
-            raise InvalidInput("k", q.k, "must be >= 1")
-        if q.category_limit is not None and q.category_limit < 1:
-            raise InvalidInput("category_limit", q.category_limit, "must be >= 1")
+    def _check_vector(self, v: Any) -> torch.Tensor:
+        """A query vector -> [dim] float32, L2-normalised (the norm taken in float64: no overflow)."""
+        if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.shape[0] != self.dim:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise InvalidInput("vector", f"{shape}", f"expected {self.dim} numbers (the catalogue's dimension)")
         if v.device.type == "cpu":  # NumPy: a dozen torch ops per query cost more than the scan's share
             a = v.detach().numpy().astype(np.float32)
             if not np.isfinite(a).all() or not a.any():
                 raise InvalidInput("vector", "...", "must be finite and not all zero")
-            return torch.from_numpy(a / np.float32(max(float(np.linalg.norm(a)), 1e-12)))
+            a64 = a.astype(np.float64)
+            return torch.from_numpy((a64 / float(np.sqrt(a64 @ a64))).astype(np.float32))
         v = v.float()
         if not bool(torch.isfinite(v).all()) or float(v.abs().max()) == 0.0:
             raise InvalidInput("vector", "...", "must be finite and not all zero")
-        return torch.nn.functional.normalize(v, dim=0)
+        return torch.nn.functional.normalize(v / v.abs().max(), dim=0)
 
-    def _filter_mask(self, filters: Mapping[str, Any]) -> np.ndarray:
+    def _filter_mask(self, conds: Sequence[Cond]) -> np.ndarray:
+        """Rows [n] that pass every (checked) condition."""
         n = self._n
         mask = np.ones(n, dtype=bool)
-        for name, cond in filters.items():
-            if name not in self._columns:
-                raise InvalidInput("filters", name, f"unknown field; known fields: {', '.join(self.fields())}")
-            col = self._columns[name][:n]
-            if isinstance(cond, Mapping):
-                bad = [k for k in cond if k not in FILTER_OPS]
-                if bad or not cond:
-                    raise InvalidInput(f"filters.{name}", dict(cond), f"expected a value, a list, or an object "
-                                       f"with keys among {FILTER_OPS}")
-                if "eq" in cond:
-                    mask &= _equals(col, cond["eq"], f"filters.{name}.eq")
-                if "in" in cond:
-                    mask &= _member(col, cond["in"], f"filters.{name}.in")
-                for op in ("min", "max"):
-                    if op in cond:
-                        bound = cond[op]
-                        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
-                            raise InvalidInput(f"filters.{name}.{op}", bound, "must be a number")
-                        num = self._numeric_column(name)[:n]
-                        with np.errstate(invalid="ignore"):
-                            mask &= (num >= bound) if op == "min" else (num <= bound)
-            elif isinstance(cond, (list, tuple)):
-                mask &= _member(col, cond, f"filters.{name}")
+        for c in conds:
+            col = self._columns[c.field][:n]
+            if c.op == "eq":
+                mask &= _equals(col, c.value)
+            elif c.op == "in":
+                mask &= _member(col, c.value)
             else:
-                mask &= _equals(col, cond, f"filters.{name}")
+                num = self._numeric_column(c.field)[:n]
+                with np.errstate(invalid="ignore"):
+                    mask &= (num >= c.value) if c.op == "min" else (num <= c.value)
         return mask
 
     def _numeric_column(self, name: str) -> np.ndarray:
+        """Field `name` as float64 [n]: numbers as they are, anything else NaN (matched by no range)."""
         num = self._numeric.get(name)
         if num is None:
-            col = self._columns[name]
-            num = np.array([float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else np.nan
-                            for x in col[:self._n]], dtype=np.float64)
+            col = self._columns[name][:self._n]
+            try:
+                num = np.array([float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else np.nan
+                                for x in col], dtype=np.float64)
+            except OverflowError:  # stored values are checked (value_problem); an engine caller may not have
+                num = np.array([_as_float(x) for x in col], dtype=np.float64)
             self._numeric[name] = num
         return num
 
-    def _valid(self, q: Query) -> tuple[torch.Tensor | None, int]:
+    def _valid(self, req: Request) -> tuple[torch.Tensor | None, int]:
         """(bool mask [n] on device, or None when every row is valid; number of valid rows)."""
+        q = req.query
         n = self._n
-        if not q.filters and not q.exclude_rows:
+        if not req.conds and not q.exclude_rows:
             if self._dead == 0:
                 return None, n
             if self._alive_t is None:
                 self._alive_t = torch.from_numpy(self._alive[:n].copy()).to(self.device)
             return self._alive_t, n - self._dead
         mask = self._alive[:n].copy()
-        if q.filters:
-            mask &= self._filter_mask(q.filters)
+        if req.conds:
+            mask &= self._filter_mask(req.conds)
         for r in q.exclude_rows:
             if 0 <= r < n:
                 mask[r] = False
@@ -874,12 +1151,13 @@ class Catalog:
                 return hits, True
         return hits, False
 
-    def _search_batch(self, qs: list[Query]) -> list[list[Hit]]:
-        vecs = [self._check_query(q) for q in qs]
+    def _search_batch(self, reqs: list[Request]) -> list[list[Hit]]:
+        qs = [r.query for r in reqs]
+        vecs = [r.vector for r in reqs]
         with self._lock:
             if self._n == 0 or len(self) == 0:
                 return [[] for _ in qs]
-            valid = [self._valid(q) for q in qs]
+            valid = [self._valid(r) for r in reqs]
             want = [min(nv, q.k if q.category_limit is None else 2 * q.k) for q, (_, nv) in zip(qs, valid)]
             out: list[list[Hit]] = [[] for _ in qs]
             live = [b for b in range(len(qs)) if want[b] > 0]
@@ -906,9 +1184,17 @@ class Catalog:
                     "categories": self.categories(), "fields": self.fields()}
 
 
-def _equals(col: np.ndarray, value: Any, argument: str) -> np.ndarray:
-    if isinstance(value, (Mapping, list, tuple)):
-        raise InvalidInput(argument, value, "expected a string, number or boolean")
+def _as_float(x: Any) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return math.nan
+    try:
+        return float(x)
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _equals(col: np.ndarray, value: Any) -> np.ndarray:
+    """Rows equal to a checked scalar (`_scalar`): a bool only to the same bool, a str only to a str."""
     if isinstance(value, bool):
         return np.fromiter((x is value for x in col), dtype=bool, count=len(col))
     if type(value) is str:  # only a str equals a str: one C loop (a 0-d object operand keeps the str exact)
@@ -916,12 +1202,10 @@ def _equals(col: np.ndarray, value: Any, argument: str) -> np.ndarray:
     return np.fromiter((x == value and not isinstance(x, bool) for x in col), dtype=bool, count=len(col))
 
 
-def _member(col: np.ndarray, values: Any, argument: str) -> np.ndarray:
-    if not isinstance(values, (list, tuple)) or not values or len(values) > MAX_FILTER_VALUES:
-        raise InvalidInput(argument, values, f"expected a non-empty list of at most {MAX_FILTER_VALUES} values")
+def _member(col: np.ndarray, values: Sequence[Any]) -> np.ndarray:
     mask = np.zeros(len(col), dtype=bool)
     for v in values:
-        mask |= _equals(col, v, argument)
+        mask |= _equals(col, v)
     return mask
 
 
@@ -989,6 +1273,7 @@ class CatalogService:
         self._lock = threading.Lock()
         self._catalogs: dict[tuple[str, str, str], tuple[Catalog, LoadReport]] = {}
         self.chunk_rows = DEFAULT_CHUNK_ROWS
+        self.max_call_memory_mb = 0  # the per-call memory limit (0: from the engine budget; see memory_limit)
 
     def embedder(self, model: str) -> Any:
         from .embed import get_embedder
@@ -1048,19 +1333,66 @@ class CatalogService:
                         _atomic_save(fallback, matrix.numpy())
                         report.cache_file = str(fallback)
         cat = Catalog(matrix.shape[1], device=self.engine.device, dtype=torch_dtype, chunk_rows=self.chunk_rows,
-                      model=model_id, source=report.source, capacity=max(1024, len(rows)))
+                      model=model_id, source=report.source, capacity=max(1024, len(rows)),
+                      memory_limit=self.memory_limit)
         cat.upsert(rows, matrix)
         return cat, report
 
-    def embed_texts(self, catalog: Catalog, model: str, texts: Sequence[str], argument: str,
-                    token: Any = None) -> torch.Tensor:
-        """Embed texts with the catalogue's model -> [n, dim] float32. A catalogue whose vectors came with
-        the file can only take text when the configured model has the same dimension."""
+    def memory_limit(self) -> int | None:
+        """Bytes one search or upsert may need, read at each call: `workmem.call_limit` (the configured
+        per-call limit `max_call_memory_mb` when > 0, else the engine's memory budget less its models)."""
+        return workmem.call_limit(self.engine, self.max_call_memory_mb)
+
+    def _embedder_for(self, catalog: Catalog, model: str, texts: Sequence[str], argument: str) -> Any:
         emb = self.embedder(model)
         if emb.dim != catalog.dim:
             raise InvalidInput(argument, texts[0] if texts else "", f"the catalogue holds {catalog.dim}-d vectors "
                                f"but the embedding model gives {emb.dim}-d: query by vector or item_id instead")
+        return emb
+
+    def embed_texts(self, catalog: Catalog, model: str, texts: Sequence[str], argument: str,
+                    token: Any = None) -> torch.Tensor:
+        """Embed texts with the catalogue's model -> [n, dim] float32. A catalogue whose vectors came with
+        the file can only take text when the configured model has the same dimension. Refused before any
+        work when the embedding's upper bound of memory exceeds `memory_limit()`."""
+        emb = self._embedder_for(catalog, model, texts, argument)
+        workmem.require(argument, texts[0][:40] if len(texts) == 1 else f"<{len(texts)} texts>",
+                        emb.estimate_bytes(texts), self.memory_limit(), "embedding it")
         return emb.encode(list(texts), token=token)
+
+    def upsert(self, catalog: Catalog, rows: Sequence[Mapping[str, Any]], vectors: Sequence[torch.Tensor | None],
+               delete: Sequence[str] = (), *, model: str = "", token: Any = None,
+               progress: Callable[[int, int], None] | None = None) -> tuple[int, int, int]:
+        """Add or update `rows` (checked by `clean_row`; vectors[i] [dim], or None to embed the row's text)
+        and delete ids, all or nothing -> (added, updated, deleted).
+
+        Order: the memory bound (embedding + commit) is checked against `memory_limit()` before any work;
+        missing vectors are embedded in chunks, `token.check()` before each; the token is checked once
+        more; then one `Catalog.apply` commits under the catalogue's lock. A cancel (or any error) before
+        that step leaves the catalogue as it was; nothing can cancel the step itself."""
+        need_text = [i for i, v in enumerate(vectors) if v is None]
+        texts = [row_text(rows[i]) for i in need_text]
+        emb = self._embedder_for(catalog, model, texts, "items") if texts else None
+        n_new = len({str(r["id"]) for r in rows} - set(catalog._row_of))
+        new_fields = len({k for r in rows for k in r} - set(catalog._columns))
+        need = catalog.upsert_bytes(len(rows), n_new, new_fields) + (emb.estimate_bytes(texts) if emb else 0)
+        workmem.require("items", f"<{len(rows)} items>", need, self.memory_limit(),
+                        f"embedding {len(texts)} and storing {len(rows)} items of {catalog.dim} dims: send fewer "
+                        "items per call")
+        full = list(vectors)
+        if emb is not None:
+            out = emb.encode(texts, token=token, progress=progress)  # token.check() before every chunk
+            for j, i in enumerate(need_text):
+                full[i] = out[j]
+        if token is not None:
+            token.check()  # the last moment a cancel can stop the change
+        stacked = torch.stack([v.float() for v in full if v is not None]) if rows else None
+        del full
+        try:
+            return catalog.apply(rows, stacked, delete)
+        finally:
+            del stacked
+            workmem.release(need)  # hand freed heap pages back to the OS after a large update
 
     def close(self) -> None:
         """Engine shutdown: release every catalogue's query worker."""

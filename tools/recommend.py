@@ -6,6 +6,11 @@ engine's catalogue service (`engine.recommend.CatalogService`) holds it on the
 device; this module checks limits, resolves paths and shapes results.
 Upserts and deletes live in memory for the server's lifetime (the file is
 not rewritten).
+
+Every argument is checked here, before the call joins shared work: filter
+values (`Catalog.check_filters`) before the query joins a coalesced batch,
+item values (`clean_row`) before anything is embedded or stored. An upsert
+commits in one step after its embeddings, or not at all.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import InvalidInput
-from engine.recommend import Catalog, CatalogService, LoadReport, Query, clean_row, row_text
+from engine.recommend import Catalog, CatalogService, LoadReport, Query, clean_row
 
 from .base import ToolContext, ToolError, ToolOutput, ToolSpec
 
@@ -29,7 +34,9 @@ _FILTERS_DOC = ("field -> condition. A condition is a value (equality), a list (
 
 
 def _service(ctx: ToolContext) -> CatalogService:
-    return ctx.engine.service("catalog", CatalogService)
+    svc = ctx.engine.service("catalog", CatalogService)
+    svc.max_call_memory_mb = int(getattr(ctx.settings.limits, "max_call_memory_mb", 0) or 0)  # if configured
+    return svc
 
 
 def _open(ctx: ToolContext, catalog: str | None) -> tuple[Catalog, LoadReport]:
@@ -97,6 +104,7 @@ def _recommend(args: RecommendInput, ctx: ToolContext) -> ToolOutput:
     ctx.check()
     cat, report = _open(ctx, args.catalog)
     ctx.check()
+    cat.check_filters(args.filters)  # every filter value checked and converted before any work
     with cat.expect_query():  # concurrent calls join one batch (engine.recommend.Coalescer)
         exclude_rows = {cat.row_of(i) for i in args.exclude if cat.has(i)}
         if args.text is not None:
@@ -117,7 +125,11 @@ def _recommend(args: RecommendInput, ctx: ToolContext) -> ToolOutput:
             if len(args.vector) != cat.dim:
                 raise ToolError.invalid("vector", f"<{len(args.vector)} numbers>",
                                         f"expected {cat.dim} numbers (the catalogue's dimension)")
-            vec = torch.from_numpy(np.asarray(args.vector, dtype=np.float32))
+            a64 = np.asarray(args.vector, dtype=np.float64)
+            if not np.isfinite(a64).all() or float(np.abs(a64).max()) > float(np.finfo(np.float32).max):
+                raise ToolError.invalid("vector", "...", "numbers must be finite and at most 3.4e38 in magnitude "
+                                        "(float32)")
+            vec = torch.from_numpy(a64.astype(np.float32))
             label = "vector"
         hits = cat.search(Query(vector=vec, k=args.k, filters=args.filters, category_limit=args.category_limit,
                                 exclude_rows=frozenset(exclude_rows), min_score=args.min_score))
@@ -165,8 +177,10 @@ def _upsert(args: UpsertInput, ctx: ToolContext) -> ToolOutput:
     vecs: list[torch.Tensor | None] = []
     seen: set[str] = set()
     for i, raw in enumerate(args.items):
+        if i % 1024 == 0:
+            ctx.check()
         try:
-            row, vec = clean_row(raw, f"items[{i}]")
+            row, vec = clean_row(raw, f"items[{i}]", argument=True)  # every value checked: nothing can poison
         except ValueError as exc:
             raise ToolError(str(exc)) from exc
         if row["id"] in seen:
@@ -188,18 +202,13 @@ def _upsert(args: UpsertInput, ctx: ToolContext) -> ToolOutput:
     if len(cat) + new - len(set(args.delete)) > limit:
         raise ToolError.invalid("items", f"<{len(rows)} items>", f"the catalogue would exceed {limit} rows "
                                 "(limits.max_catalog_rows)")
-    need_text = [i for i, v in enumerate(vecs) if v is None]
-    if need_text:
-        ctx.report(0, len(need_text), "embedding items")
-        emb = _service(ctx).embed_texts(cat, ctx.settings.models.embedding,
-                                        [row_text(rows[i]) for i in need_text], "items", token=ctx.cancel_token())
-        for j, i in enumerate(need_text):
-            vecs[i] = emb[j]
-    ctx.check()
-    added = updated = 0
-    if rows:
-        added, updated = cat.upsert(rows, torch.stack([v for v in vecs if v is not None]))
-    deleted = cat.delete(args.delete) if args.delete else 0
+    if any(v is None for v in vecs):
+        ctx.report(0, sum(v is None for v in vecs), "embedding items")
+    # memory bound checked first, embedding in chunks with a cancel check before each, then one commit:
+    # a cancelled or failed call leaves the catalogue as it was
+    added, updated, deleted = _service(ctx).upsert(
+        cat, rows, vecs, args.delete, model=ctx.settings.models.embedding, token=ctx.cancel_token(),
+        progress=lambda done, total: ctx.report(done, total, f"embedded {done}/{total} items"))
     out = UpsertOutput(added=added, updated=updated, deleted=deleted, rows=len(cat), catalog=report.source)
     return ToolOutput(text=f"{report.source}: {added} added, {updated} updated, {deleted} deleted; "
                            f"{len(cat)} items now.", structured=out)
