@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     SettingsError,
     BaseSettings,
@@ -112,6 +112,20 @@ class HttpSection(_Section):
     allowed_origins: list[str] = Field(default_factory=list)
     allowed_hosts: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # connections cannot be held hostage (mcp_server/transports.py, GuardedH11Protocol)
+    max_connections: int = Field(1024, gt=0, description="open connections in all; beyond: 503 and closed")
+    max_connections_per_client: int = Field(128, gt=0, description="open connections per client IP address")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600, description="request line + headers must arrive within")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="longest pause inside a request body")
+    min_body_rate_bytes_s: int = Field(1024, ge=0, description="body rate floor after the grace period; 0 = off")
+    body_rate_grace_s: float = Field(5.0, ge=0, le=3600, description="seconds before the rate floor applies")
+
+    @model_validator(mode="after")
+    def _per_client_below_global(self) -> "HttpSection":
+        if self.max_connections_per_client > self.max_connections:
+            raise ValueError(f"http.max_connections_per_client={self.max_connections_per_client}: must not exceed "
+                             f"http.max_connections={self.max_connections}")
+        return self
 
 
 class LoggingSection(_Section):

@@ -25,10 +25,12 @@ from typing import Any
 
 import anyio
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import AtelierServer
 from .config import ConfigError, Settings
+from .http_conn import ConnectionLimits, protocol_class
+from .http_hosts import HostOriginPolicy
 from .disconnect import watch_disconnects
 
 log = logging.getLogger("atelier.transport")
@@ -46,41 +48,54 @@ def is_loopback(host: str) -> bool:
 
 
 def security_settings(settings: Settings, port: int) -> TransportSecuritySettings:
-    http = settings.http
-    hosts = list(http.allowed_hosts)
-    origins = list(http.allowed_origins)
-    for name in ("127.0.0.1", "localhost", "[::1]"):
-        hosts += [name, f"{name}:{port}", f"{name}:*"]
-        origins += [f"http://{name}", f"http://{name}:{port}", f"http://{name}:*"]
-    if not is_loopback(http.host) and http.host not in ("0.0.0.0", "::"):
-        hosts += [http.host, f"{http.host}:{port}"]
-    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
-                                     allowed_origins=origins)
+    """The SDK's Host/Origin check (kept as a second layer), with exact matching (see http_hosts)."""
+    return HostOriginPolicy.from_settings(settings, port).sdk_settings()
 
 
 class GuardMiddleware:
-    """Bearer token (when configured) and a request body limit, before the MCP app sees anything."""
+    """Host, Origin, bearer token and declared size, all from the headers, before any of the body is read.
 
-    def __init__(self, app: ASGIApp, token: str, max_body: int) -> None:
+    Order: Host (421), Origin (403), token (401), Content-Length (400 / 413),
+    the same answers the SDK gives. A request refused here never has its
+    body read: the connection drops it (mcp_server/http_conn.py). An accepted
+    body streams through to the app, counted: past `http.max_body_bytes`
+    (chunked bodies have no Content-Length) the guard answers 413 itself; then,
+    or when the client goes away (or is timed out) before its body is complete,
+    the app's `receive()` raises `_BodyAbandoned` and the request ends quietly.
+    """
+
+    def __init__(self, app: ASGIApp, token: str, max_body: int, policy: HostOriginPolicy | None = None) -> None:
         self.app = app
         self.token = token.encode()
         self.max_body = max_body
+        self.policy = policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        headers: dict[str, list[bytes]] = {}
+        for k, v in scope.get("headers", []):
+            headers.setdefault(k.decode("latin-1").lower(), []).append(v)
+        if self.policy is not None:
+            hosts = headers.get("host", [])
+            if len(hosts) != 1 or not self.policy.host_ok(hosts[0].decode("latin-1")):
+                await _plain(send, 421, b"Invalid Host header")
+                return
+            origins = headers.get("origin", [])
+            if len(origins) > 1 or not self.policy.origin_ok(origins[0].decode("latin-1") if origins else None):
+                await _plain(send, 403, b"Invalid Origin header")
+                return
         if self.token:
-            auth = headers.get("authorization", b"")
+            auth = (headers.get("authorization") or [b""])[0]
             ok = auth.startswith(b"Bearer ") and hmac.compare_digest(auth[7:].strip(), self.token)
             if not ok:
                 await _plain(send, 401, b"missing or invalid bearer token", {"www-authenticate": "Bearer"})
                 return
-        length = headers.get("content-length")
-        if length is not None:
+        lengths = headers.get("content-length")
+        if lengths is not None:
             try:
-                n = int(length)
+                n = int(lengths[0])
             except ValueError:
                 await _plain(send, 400, b"invalid Content-Length")
                 return
@@ -90,32 +105,40 @@ class GuardMiddleware:
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        # read the whole body here (chunked bodies have no Content-Length) and answer 413 as soon as it
-        # passes the limit; then replay it to the app
-        chunks: list[bytes] = []
+
         received = 0
-        trailing = None
-        while True:
+        body_done = False
+        app_started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, body_done
             msg = await receive()
-            if msg["type"] != "http.request":
-                trailing = msg
-                break
-            body = msg.get("body", b"")
-            received += len(body)
-            if received > self.max_body:
-                await _plain(send, 413, b"request body too large")
-                return
-            chunks.append(body)
-            if not msg.get("more_body"):
-                break
-        queue: list[dict] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-        if trailing is not None:
-            queue.append(trailing)
+            if msg["type"] == "http.request" and not body_done:
+                received += len(msg.get("body", b""))
+                if received > self.max_body:
+                    if not app_started:
+                        await _plain(send, 413, b"request body too large")
+                    raise _BodyAbandoned("over http.max_body_bytes")
+                body_done = not msg.get("more_body", False)
+            elif msg["type"] == "http.disconnect" and not body_done:
+                raise _BodyAbandoned("the client went away mid-body")
+            return msg
 
-        async def replay() -> dict:
-            return queue.pop(0) if queue else await receive()
+        async def tracked_send(msg: Message) -> None:
+            nonlocal app_started
+            app_started = True
+            await send(msg)
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyAbandoned:
+            # the request never reached the SDK whole: no session made, no message parsed, nothing to cancel.
+            # (Handing the SDK a partial body would make it log a traceback and park a task per request.)
+            pass
+
+
+class _BodyAbandoned(BaseException):
+    """Raised from `receive()` so that the SDK (which catches `Exception`) unwinds without handling a half body."""
 
 
 async def _plain(send: Send, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
@@ -137,14 +160,31 @@ def check_http_config(settings: Settings, host: str) -> None:
 
 def build_http_app(server: AtelierServer, transport: str, host: str, port: int) -> ASGIApp:
     settings = server.state.settings
-    sec = security_settings(settings, port)
+    policy = HostOriginPolicy.from_settings(settings, port)
+    sec = policy.sdk_settings()
     if transport == "sse":
         app = server.sse_app(max_request_body_size=settings.http.max_body_bytes, transport_security=sec, host=host)
     else:
         app = server.streamable_http_app(max_request_body_size=settings.http.max_body_bytes,
                                          transport_security=sec, host=host)
     app = watch_disconnects(app, transport)  # a closed HTTP exchange cancels its calls (mcp_server/disconnect.py)
-    return GuardMiddleware(app, settings.http.auth_token, settings.http.max_body_bytes)
+    return GuardMiddleware(app, settings.http.auth_token, settings.http.max_body_bytes, policy)
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Let the process hold `wanted` descriptors (each connection is one) if the hard limit allows."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            log.warning("open-file limit below http.max_connections", extra={"nofile": soft, "wanted": wanted})
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def serve_http(server: AtelierServer, transport: str, host: str, port: int) -> None:
@@ -153,9 +193,15 @@ def serve_http(server: AtelierServer, transport: str, host: str, port: int) -> N
     check_http_config(server.state.settings, host)
     app = build_http_app(server, transport, host, port)
     path = "/sse" if transport == "sse" else "/mcp"
+    http = server.state.settings.http
+    _raise_fd_limit(http.max_connections + 256)
+    # our protocol enforces the connection caps and read timeouts; uvicorn's own limit (which also counts
+    # requests in flight) sits one above so that it never refuses a connection ours admitted.
+    # ws="none": no protocol switch escapes the per-client count.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=5,
-                            limit_concurrency=256)
+                            lifespan="on", timeout_graceful_shutdown=5, ws="none",
+                            http=protocol_class(ConnectionLimits.from_settings(http)),
+                            limit_concurrency=http.max_connections + 1)
     state = server.state
 
     class _Server(uvicorn.Server):
