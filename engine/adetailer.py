@@ -167,12 +167,35 @@ def paste(image: np.ndarray, patch: np.ndarray, box: tuple[int, int, int, int], 
     return out
 
 
+MAX_REGIONS_PER_TARGET = 100  # detections kept per target when top_k is not given (bounds the memory)
+
+
 def select(dets: list[Detection], top_k: int | None, sort_by: str) -> list[Detection]:
     if sort_by not in ("confidence", "area"):
         raise InvalidInput("sort_by", sort_by, "expected confidence or area")
     key = (lambda d: d.confidence) if sort_by == "confidence" else (lambda d: d.area)
     ordered = sorted(dets, key=key, reverse=True)
-    return ordered[:top_k] if top_k else ordered
+    return ordered[:min(top_k or MAX_REGIONS_PER_TARGET, MAX_REGIONS_PER_TARGET)]
+
+
+def detail_memory(height: int, width: int, n_units: int, *, top_k: int | None = None, merge: str = "none",
+                  resolution: int = 512, detect_only: bool = False) -> int:
+    """Upper bound of `detail`'s working memory in bytes (the input image not counted).
+
+    Per pixel: the result copy and the output (3 + 3), the preview (64: float32
+    tinting, one region at a time), and per region its mask and feathered
+    alpha (1 + 4) plus the detector's mask (1); regions are at most
+    n_units x min(top_k, MAX_REGIONS_PER_TARGET), or n_units when merged.
+    Plus one inpaint at `resolution` (`diffusion.pipeline_memory`) and the
+    paste of a crop (64 B/px of the image, an upper bound of the crop).
+    """
+    px = height * width
+    per_unit = 1 if merge != "none" else min(top_k or MAX_REGIONS_PER_TARGET, MAX_REGIONS_PER_TARGET)
+    regions = n_units * per_unit
+    need = px * (6 + 64 + 6 * regions)
+    if not detect_only:
+        need += px * 64 + diffusion.pipeline_memory(resolution, resolution, 1)
+    return int(need + 16 * 1024 * 1024)
 
 
 # -- the flow ------------------------------------------------------------------

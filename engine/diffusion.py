@@ -248,6 +248,23 @@ def random_seed() -> int:
     return secrets.randbelow(2**32)
 
 
+def pipeline_memory(height: int, width: int, batch: int = 1, *, dtype_bytes: int = 4) -> int:
+    """A rough, documented upper bound of a Stable Diffusion pipeline's activations (weights not counted).
+
+    UNet: classifier-free guidance doubles the batch; at most 24 feature maps of
+    320 channels at the latent resolution (H/8 x W/8) are alive at once (the
+    skip connections of the top level plus the block in flight). Attention goes
+    through torch SDPA, whose CPU flash and CUDA memory-efficient kernels do not
+    materialise the token x token score matrix. VAE decode: 4 maps of 128
+    channels at full resolution per image. Input/output images: 32 bytes per
+    pixel per image (uint8 arrays, PIL copies, float tensors).
+    """
+    lat = (height // 8) * (width // 8)
+    unet = 2 * batch * lat * 320 * 24 * dtype_bytes
+    vae = batch * height * width * 128 * 4 * dtype_bytes
+    return int(unet + vae + 32 * batch * height * width)
+
+
 def _check_side(argument: str, value: int) -> None:
     if not isinstance(value, int) or value < 8 or value % 8:
         raise InvalidInput(argument, value, "must be a positive multiple of 8")

@@ -5,10 +5,12 @@ Contract
   a hard mask is bool [H, W], a soft (feathered) mask float32 [H, W] in 0..1.
   Every function returns new tensors: the input image is never modified.
 - Sources
-  - `evaluate_expression(expr, rgba, max_chars=, max_depth=)` parses with
-    `engine.mask_expr` (the grammar and the type rules are documented there)
-    and evaluates on the image's device, reading only the channels the
-    expression names. Semantics: channels and numbers are float32; `+ - * /`
+  - `evaluate_expression(expr, rgba, max_chars=, max_depth=, memory_limit=)`
+    parses with `engine.mask_expr` (the grammar and the type rules are
+    documented there), bounds the evaluation's memory with
+    `engine.mask_eval.expression_memory` (refused over `memory_limit` before
+    any allocation) and evaluates on the image's device (`engine.mask_eval`),
+    reading only the channels the expression names. Semantics: channels and numbers are float32; `+ - * /`
     follow IEEE float32 exactly like NumPy float32 arrays (x/0 = +-inf,
     0/0 = nan, inf-inf = nan); comparisons with nan are false except `!=`;
     `min`/`max` propagate nan (np.minimum / np.maximum). Conditions are never

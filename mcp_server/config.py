@@ -99,6 +99,7 @@ class LimitsSection(_Section):
     max_catalog_rows: int = Field(2_000_000, gt=0)
     max_expression_chars: int = Field(2000, gt=0)
     max_expression_depth: int = Field(32, gt=0)
+    max_call_memory_mb: int = Field(0, ge=0, description="per-call working memory; 0 = engine budget less models")  # issue 17.4 (h2)
     deadline_s: float = Field(45.0, gt=0, le=3600)
     queue_length: int = Field(16, gt=0)
     job_ttl_s: float = Field(3600.0, gt=0)

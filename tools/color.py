@@ -12,6 +12,15 @@ connected components (8-connected, on the sampled grid, in full-resolution
 pixels), a QC verdict ("fail" when more than `max_fraction` of the sampled
 pixels exceed `threshold`), and a heatmap with a legend.
 
+Memory: once both images are decoded (each bounded by limits.max_image_pixels)
+and before any other image-sized allocation, `estimate_memory` bounds the call
+(bytes per pixel of image_a's size: both decoded images, a resampled image_b
+(12), the composited RGB copies (6), the transient of compositing or of the
+region mask (44), the mask expression's own bound (engine.mask_eval); per
+sampled pixel 64 for the ΔE map, the statistics, the regions and the heatmap;
+plus the ΔE pieces in flight). Over limits.max_call_memory_mb (0 = the engine's
+memory budget less loaded models) the call is refused before the work.
+
 Errors (ToolError naming the argument and value): both or neither of the
 colour / image pairs, unknown names, malformed hex, NaN or out-of-range Lab,
 size mismatch without resize="fit", unsupported image channels, thresholds
@@ -28,6 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import color as C
+from engine import workmem
 from engine.errors import InvalidInput
 
 from .base import ImageOut, ToolContext, ToolError, ToolOutput, ToolSpec
@@ -387,10 +397,59 @@ def _heatmap(de: np.ndarray, region: np.ndarray | None, vmax: float, threshold: 
     return np.asarray(img)
 
 
+def estimate_memory(a: ColorCompareInput, shape_a: tuple[int, ...], shape_b: tuple[int, ...], *,
+                    device: Any = "cpu", tree: Any = None) -> int:
+    """Upper bound, in bytes, of an image comparison's working memory (see the module docstring)."""
+    H, W = shape_a[:2]
+    ca = shape_a[2] if len(shape_a) == 3 else 1
+    cb = shape_b[2] if len(shape_b) == 3 else 1
+    px = H * W
+    sampled = -(-H // a.stride) * -(-W // a.stride)
+    resize = 12 if tuple(shape_b[:2]) != (H, W) else 0
+    need = px * (ca + cb + resize + 6 + 44) + sampled * 64
+    if tree is not None:
+        from engine.mask_eval import expression_memory
+
+        need += px * 5 + expression_memory(tree, H, W, channels=4, device="cpu")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    workers = max(1, min(torch.get_num_threads(), 8)) if dev.type == "cpu" else 1
+    piece = C.CPU_PIECE if dev.type == "cpu" else 1 << 18
+    return int(need + workers * piece * 256 + 16 * 1024 * 1024)
+
+
 def _run_images(a: ColorCompareInput, ctx: ToolContext) -> ToolOutput:
     bg_rgb = _parse(a.background, "background")[1]
+    tree = None
+    if a.mask_expression is not None:  # parsed before decoding: a malformed expression costs nothing
+        from engine.mask_expr import parse
+
+        lim = ctx.settings.limits
+        try:
+            tree = parse(a.mask_expression, max_chars=lim.max_expression_chars, max_depth=lim.max_expression_depth)
+        except InvalidInput as exc:
+            raise ToolError.invalid("mask_expression", a.mask_expression, getattr(exc, "rule", str(exc))) from exc
     img_a = ctx.load_image(a.image_a, "image_a", mode="keep")
     img_b = ctx.load_image(a.image_b, "image_b", mode="keep")
+    need = estimate_memory(a, img_a.shape, img_b.shape, device=getattr(ctx.engine, "device", None), tree=tree)
+    limit = workmem.call_limit(ctx.engine, getattr(ctx.settings.limits, "max_call_memory_mb", 0))
+    H, W = img_a.shape[:2]
+    try:
+        workmem.require("mask_expression" if tree is not None else "image_a",
+                        a.mask_expression if tree is not None else f"{W}x{H}", need, limit,
+                        f"comparing {W}x{H} images" + (" with a mask expression" if tree is not None else "")
+                        + f" at stride {a.stride}; use a larger stride or smaller images, or raise "
+                          "limits.max_call_memory_mb")
+    except InvalidInput as exc:
+        raise ToolError(str(exc)) from exc
+    try:
+        return _compare_images(a, ctx, bg_rgb, img_a, img_b)
+    finally:
+        del img_a, img_b
+        workmem.release(need)
+
+
+def _compare_images(a: ColorCompareInput, ctx: ToolContext, bg_rgb: Any, img_a: np.ndarray,
+                    img_b: np.ndarray) -> ToolOutput:
     rgb_a, alpha_a = _as_rgb_alpha(img_a, "image_a")
     rgb_b, alpha_b = _as_rgb_alpha(img_b, "image_b")
     H, W = rgb_a.shape[:2]

@@ -19,11 +19,11 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine import adetailer, diffusion
+from engine import adetailer, diffusion, workmem
 from engine.errors import InvalidInput, ModelUnavailable
 
 from .base import ImageOut, ToolContext, ToolError, ToolOutput, ToolSpec
@@ -52,6 +52,16 @@ def _check_prompt(ctx: ToolContext, argument: str, text: str | None) -> None:
     cap = ctx.settings.limits.max_prompt_chars
     if text is not None and len(text) > cap:
         raise ToolError.invalid(argument, text, f"longer than limits.max_prompt_chars={cap}")
+
+
+def _check_memory(ctx: ToolContext, argument: str, value: object, need: int, what: str) -> int:
+    """Refuse before the work when its upper-bound memory estimate is over the per-call limit."""
+    limit = workmem.call_limit(ctx.engine, getattr(ctx.settings.limits, "max_call_memory_mb", 0))
+    try:
+        workmem.require(argument, value, need, limit, what + "; raise limits.max_call_memory_mb to allow it")
+    except InvalidInput as exc:
+        raise ToolError(str(exc)) from exc
+    return need
 
 
 def _check_steps(ctx: ToolContext, argument: str, steps: int) -> None:
@@ -135,6 +145,10 @@ def _run_generate(args: GenerateImageInput, ctx: ToolContext) -> ToolOutput:
     model_path = _model_path(ctx)
     if not model_path:
         raise ToolError(diffusion.NOT_CONFIGURED)
+    _check_memory(ctx, "width", f"{args.width}x{args.height} x {args.num_images}",
+                  diffusion.pipeline_memory(args.height, args.width, args.num_images),
+                  f"{args.num_images} image(s) of {args.width}x{args.height}: latents, UNet and VAE activations "
+                  f"(engine.diffusion.pipeline_memory)")
     seed = diffusion.random_seed() if args.seed is None else args.seed
     params = GenerationParameters(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                                   height=args.height, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -269,6 +283,21 @@ def _run_detail(args: DetailImageInput, ctx: ToolContext) -> ToolOutput:
         raise ToolError(diffusion.NOT_CONFIGURED + "; or call detail_image with detect_only=true to see the "
                         "detections without repainting")
     image = ctx.load_image(args.image, "image", mode="RGB")
+    h, w = image.shape[:2]
+    need = _check_memory(ctx, "image", f"{w}x{h}",
+                         adetailer.detail_memory(h, w, len(units), top_k=args.top_k, merge=args.merge,
+                                                 resolution=args.inpaint_resolution, detect_only=args.detect_only),
+                         f"detail_image on a {w}x{h} image with {len(units)} target(s), up to "
+                         f"{args.top_k or adetailer.MAX_REGIONS_PER_TARGET} region(s) each unless merged "
+                         "(set top_k or merge to lower it)")
+    try:
+        return _detail(args, ctx, units, model_path, scheduler, image)
+    finally:
+        workmem.release(need)
+
+
+def _detail(args: DetailImageInput, ctx: ToolContext, units: list[adetailer.DetailUnit], model_path: str,
+            scheduler: str, image: Any) -> ToolOutput:
     ctx.check()
     ctx.report(0, None, "detecting")
 

@@ -16,6 +16,19 @@ Pixels where the final mask is 0 are the input's, byte for byte.
 Limits: expressions obey limits.max_expression_chars / max_expression_depth;
 inpaint needs models.diffusion and obeys limits.max_diffusion_steps and
 limits.max_prompt_chars.
+
+Memory: once the image is decoded (its size bounded by limits.max_image_pixels)
+and before any other image-sized allocation, `estimate_memory` bounds the
+call's working memory: what stays for the whole call (the image, its device
+copy, one bool mask per source, the combined mask, the feathered mask, the
+edited image) plus the largest single step (the expression's own bound from
+`engine.mask_eval`, a source, a refinement, the operation, the outputs).
+Each step's bytes per pixel (`STEP_BYTES_PER_PIXEL`) is 1.5x or more what it
+was measured to hold at 1 MP (tests/test_rel_memory_tools.py checks it);
+blur, feather and pixelate scale with their padded area; inpaint adds the
+diffusion engine's own bound. Over `limits.max_call_memory_mb` (0 = the
+engine's memory budget less loaded models) the call is refused:
+"expression=...: would need N GB; limit M GB (...)".
 """
 
 from __future__ import annotations
@@ -25,8 +38,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine import masks
+from engine import masks, workmem
 from engine.errors import InvalidInput, ModelUnavailable
+from engine.mask_eval import expression_memory
+from engine.mask_expr import parse
 
 from .base import ImageOut, ToolContext, ToolError, ToolOutput, ToolSpec
 
@@ -106,6 +121,74 @@ class MaskEditOutput(BaseModel):
     note: str = Field("", description="Anything worth knowing (empty selection, ...).")
 
 
+# bytes per pixel a step holds at its peak, beside what the call keeps (>= 1.5x the measured figure at 1 MP)
+STEP_BYTES_PER_PIXEL: dict[str, float] = {
+    "mask_image": 12, "shapes": 16, "detect": 16, "dilate": 48, "erode": 48, "remove_small_objects": 24,
+    "fill_holes": 24, "feather": 80, "stats": 12, "fill": 56, "replace": 72, "blur": 180, "pixelate": 96,
+    "grayscale": 64, "adjust": 64, "hue_shift": 112, "transparent": 56, "inpaint": 64, "none": 0,
+    "outputs": 32,
+}
+_FIXED_BYTES = 16 * 1024 * 1024
+
+
+def estimate_memory(args: MaskEditInput, height: int, width: int, *, channels: int = 4, device: Any = "cpu",
+                    tree: Any = None) -> tuple[int, str]:
+    """(upper bound of the call's working memory in bytes, the step that dominates it); see the docstring."""
+    px = height * width
+    dev = str(getattr(device, "type", device))
+    sources = sum(x is not None for x in (args.expression, args.mask_image, args.shapes, args.detect))
+    kept = px * (channels + (channels if dev != "cpu" else 0) + max(sources, 1) + 1 + 4 * (args.feather > 0) + 4)
+    steps: dict[str, float] = {}
+    if tree is not None:
+        steps["expression"] = expression_memory(tree, height, width, channels=channels, device=device)
+    for name in ("mask_image", "shapes", "detect"):
+        if getattr(args, name) is not None:
+            steps[name] = STEP_BYTES_PER_PIXEL[name] * px
+    for name in ("dilate", "erode", "remove_small_objects", "fill_holes"):
+        if getattr(args, name):
+            steps[name] = STEP_BYTES_PER_PIXEL[name] * px
+    if args.feather > 0:
+        r = int(args.feather)
+        steps["feather"] = STEP_BYTES_PER_PIXEL["feather"] * min(px, (height + 6 * r) * (width + 6 * r))
+    steps["stats"] = STEP_BYTES_PER_PIXEL["stats"] * px
+    op = args.operation
+    area = px
+    if op == "blur":
+        r = int(3.0 * args.blur_radius + 0.5)
+        area = (height + 2 * r) * (width + 2 * r)
+    elif op == "pixelate":
+        area = (height + args.pixel_size) * (width + args.pixel_size)
+    steps[op] = STEP_BYTES_PER_PIXEL[op] * area
+    if op == "inpaint":
+        steps[op] += _inpaint_memory(args, height, width)
+    steps["outputs"] = STEP_BYTES_PER_PIXEL["outputs"] * px
+    worst = max(steps, key=lambda k: steps[k])
+    return int(kept + steps[worst] + _FIXED_BYTES), worst
+
+
+def _inpaint_memory(args: MaskEditInput, height: int, width: int) -> int:
+    try:
+        diffusion = importlib.import_module("engine.diffusion")
+    except ImportError:
+        return 0
+    bound = getattr(diffusion, "pipeline_memory", None)
+    return int(bound(height, width, 1)) if callable(bound) else 0
+
+
+def _check_memory(args: MaskEditInput, ctx: ToolContext, height: int, width: int, channels: int, device: Any,
+                  tree: Any) -> int:
+    limit = workmem.call_limit(ctx.engine, getattr(ctx.settings.limits, "max_call_memory_mb", 0))
+    need, worst = estimate_memory(args, height, width, channels=channels, device=device, tree=tree)
+    argument, value = ("expression", args.expression) if worst == "expression" else ("image", f"{width}x{height}")
+    try:
+        workmem.require(argument, value, need, limit,
+                        f"mask_edit {args.operation} on a {width}x{height} image; the largest step is {worst}; "
+                        "use a smaller image or fewer steps, or raise limits.max_call_memory_mb")
+    except InvalidInput as exc:
+        raise ToolError(str(exc)) from exc
+    return need
+
+
 def _engine_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
@@ -137,14 +220,12 @@ def _detections(ctx: ToolContext, rgb: Any, spec: DetectSource) -> list[Any]:
         raise ToolError(f"detect: {exc}") from exc
 
 
-def _build_mask(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any) -> Any:
+def _build_mask(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, tree: Any) -> Any:
     h, w = arr.shape[:2]
     device = image.device
     sources = []
-    if args.expression is not None:
-        lim = ctx.settings.limits
-        sources.append(_engine_call(masks.evaluate_expression, args.expression, image,
-                                    max_chars=lim.max_expression_chars, max_depth=lim.max_expression_depth))
+    if tree is not None:
+        sources.append(_engine_call(masks.evaluate_tree, tree, image, args.expression))
         ctx.check()
     if args.mask_image is not None:
         arr = ctx.load_image(args.mask_image, "mask_image", mode="keep")
@@ -240,11 +321,25 @@ def _apply(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, soft: An
 def run(args: MaskEditInput, ctx: ToolContext) -> ToolOutput:
     if args.operation == "fill" and args.color is None:
         raise ToolError.invalid("color", None, "operation=fill needs a color")
+    tree = None
+    if args.expression is not None:  # parse before decoding: a malformed expression costs nothing
+        lim = ctx.settings.limits
+        tree = _engine_call(parse, args.expression, max_chars=lim.max_expression_chars,
+                            max_depth=lim.max_expression_depth)
     arr = ctx.load_image(args.image, "image", mode="RGBA")  # uint8 [H, W, 4]
+    h, w = arr.shape[:2]
+    need = _check_memory(args, ctx, h, w, arr.shape[2], ctx.engine.device, tree)
+    try:
+        return _run(args, ctx, arr, tree)
+    finally:
+        workmem.release(need)
+
+
+def _run(args: MaskEditInput, ctx: ToolContext, arr: Any, tree: Any) -> ToolOutput:
     h, w = arr.shape[:2]
     image = masks.as_image_tensor(arr, ctx.engine.device)
     ctx.check()
-    hard = _build_mask(args, ctx, arr, image)
+    hard = _build_mask(args, ctx, arr, image, tree)
     stats = masks.mask_stats(hard)
     soft = masks.feather(hard, args.feather) if args.feather > 0 else hard
     note = ""

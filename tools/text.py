@@ -13,6 +13,16 @@ decode step and returns what was generated with finish_reason "cancelled".
 Limits: max_new_tokens <= limits.max_new_tokens, prompt/messages characters <=
 limits.max_prompt_chars, stop strings <= limits.max_stop_strings. A prompt
 longer than the context is refused unless kv_cache="window".
+
+Memory: after tokenizing and before the request joins the shared decode loop,
+`estimate_memory` bounds the call: the KV cache for prompt + max_new_tokens
+tokens (capped at the context) at the cache kind's own bytes per token
+(engine.llm.cache: full = 2 x layers x kv_heads x head_dim x dtype size, int8
+adds a 4-byte scale per head, window keeps `window` tokens), plus the prefill's
+activations (prompt x (4 dim + 2 intermediate + 2 heads x head_dim) float32,
+the prompt x prompt attention scores per head, two rows of logits). Over the
+per-call limit (limits.max_call_memory_mb; 0 = the engine's memory budget less
+loaded models) it is refused naming max_new_tokens or the prompt.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine import workmem
 from engine.errors import InvalidInput, ModelUnavailable
 from engine.llm.batcher import CacheSpec, GenerationRequest, service_for
 from engine.llm.sampling import SamplingParams
@@ -134,6 +145,30 @@ def _prompt_ids(a: GenerateTextInput, tok: object) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
+class _NoEstimate(Exception):
+    pass
+
+
+def estimate_memory(args: object, item_size: int, prompt_tokens: int, max_new_tokens: int, kind: str,
+                    window: int, context: int | None) -> int:
+    """Upper bound, in bytes, of one request's KV cache and prefill activations (see the module docstring).
+
+    `args` is the model's engine.llm.model.ModelArgs; `item_size` the bytes of its activation dtype.
+    """
+    a = args
+    if kind == "int8":
+        per_token = 2 * a.n_layers * a.n_kv_heads * (a.head_dim + 4)
+    else:
+        per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * item_size
+    total = prompt_tokens + max_new_tokens
+    tokens = min(window, total) if kind == "window" else (min(total, context) if context else total)
+    s = prompt_tokens if kind != "window" else min(prompt_tokens, window)
+    act = s * (4 * a.dim + 2 * a.intermediate + 2 * a.n_heads * a.head_dim) * 4
+    scores = a.n_heads * s * s * 4
+    logits = 2 * a.vocab_size * 4
+    return int(per_token * tokens + act + scores + logits)
+
+
 def run_generate_text(a: GenerateTextInput, ctx: ToolContext) -> ToolOutput:
     _check(ctx, a)
     try:
@@ -146,6 +181,23 @@ def run_generate_text(a: GenerateTextInput, ctx: ToolContext) -> ToolOutput:
         raise ToolError(f"model {m.name} has no tokenizer.json; configure models.llm with a folder that has one")
     ctx.check()
     ids = _prompt_ids(a, m.tokenizer)
+    margs, norm = getattr(m.model, "args", None), getattr(getattr(m.model, "norm", None), "weight", None)
+    try:
+        if margs is None or norm is None:  # a transformers fallback model: no cache of ours to size
+            raise _NoEstimate
+        item = norm.element_size()
+        context = svc.context_limit(CacheSpec(a.kv_cache, a.window, a.sink_tokens)) if a.kv_cache != "window" \
+            else None
+        need = estimate_memory(margs, item, len(ids), a.max_new_tokens, a.kv_cache, a.window, context)
+        limit = workmem.call_limit(ctx.engine, getattr(ctx.settings.limits, "max_call_memory_mb", 0))
+        workmem.require("max_new_tokens", a.max_new_tokens, need, limit,
+                        f"a {a.kv_cache} KV cache for {len(ids)} prompt + {a.max_new_tokens} new tokens and the "
+                        f"prefill's activations; lower max_new_tokens, shorten the prompt or use kv_cache='int8' "
+                        f"or 'window'")
+    except _NoEstimate:
+        pass
+    except InvalidInput as exc:
+        raise ToolError(str(exc)) from exc
     req = GenerationRequest(
         prompt_ids=ids, max_new_tokens=a.max_new_tokens,
         sampling=SamplingParams(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed),
