@@ -5,10 +5,15 @@ duplicated for the protocol and fd 1 itself is pointed at stderr, so anything
 a library prints (Python `print`, C code, subprocesses) lands on stderr.
 
 HTTP and SSE (uvicorn): bind 127.0.0.1 by default; Host and Origin headers are
-validated against an allow-list (DNS-rebinding protection, always on); a
-bearer token is required when configured and the server refuses to start on a
-non-loopback address without one; request bodies over `http.max_body_bytes`
-are refused with 413 before they are read.
+matched exactly against an allow-list (DNS-rebinding protection, always on;
+mcp_server/http_hosts.py); a bearer token is required when configured and the
+server refuses to start on a non-loopback address without one; Host, Origin,
+token and declared size are all decided from the headers, before any of the
+body is read (GuardMiddleware); request bodies over `http.max_body_bytes` are
+refused with 413. Connections carry header and body timeouts, a body-rate
+floor and per-client / global caps (mcp_server/http_conn.py).
+
+`build_http_app` assembles the ASGI stack; `serve_http` the server around it.
 """
 
 from __future__ import annotations
