@@ -14,6 +14,12 @@ Refused before the body is read:
   the server's peak RSS (VmHWM, reset first) grows by < 300 MB (it grew by
   4.6 GB when the guard read each body before the check).
 
+- without a server: the guard answers every refusal (421, 403, 401, 413, 400)
+  having called `receive()` zero times; it streams an accepted body chunk by
+  chunk and answers 413 as a chunked body passes the limit; the SDK layer it
+  keeps behind it matches exactly too (its stock `name:*` patterns accept the
+  probe's strings).
+
 Connections cannot be held hostage:
 - 256 half-sent requests (headers with `Content-Length: 100000` and one byte
   of body, then nothing), kept up by reconnecting whenever the server drops
@@ -132,6 +138,113 @@ def test_host_and_origin_matching_is_exact():
     assert custom.origin_ok("https://app.example.org") and custom.origin_ok("https://app.example.org:443")
     assert not custom.origin_ok("https://app.example.org:8443") and not custom.origin_ok("http://app.example.org")
     assert custom.origin_ok("https://ui.example.org:8443") and not custom.origin_ok("https://ui.example.org:8443.x.io")
+
+
+def test_the_sdk_layer_matches_exactly_too():
+    """The SDK's own check (kept behind the guard) is given our exact lists: the probe strings fail there too,
+    while its stock `name:*` patterns accept them (the weakness the probe found)."""
+    from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+
+    ours = TransportSecurityMiddleware(HostOriginPolicy.from_settings(Settings(), 8123).sdk_settings())
+    stock = TransportSecurityMiddleware(TransportSecuritySettings(
+        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]))
+    assert stock._validate_host("localhost:x.evil.com") and stock._validate_origin("http://127.0.0.1:80.evil.com")
+    assert not ours._validate_host("localhost:x.evil.com")
+    assert not ours._validate_origin("http://127.0.0.1:80.evil.com")
+    assert ours._validate_host("localhost:8123") and ours._validate_origin("http://localhost:6274")
+
+
+def _asgi_call(guard, headers: list[tuple[bytes, bytes]], messages: list[dict], method: str = "POST"):
+    """Run `guard` on one request; returns (sent messages, receive() calls made, what the app received)."""
+    sent: list[dict] = []
+    calls = [0]
+    queue = list(messages)
+
+    async def receive() -> dict:
+        calls[0] += 1
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(msg: dict) -> None:
+        sent.append(msg)
+
+    scope = {"type": "http", "method": method, "path": "/mcp", "headers": headers}
+    asyncio.run(guard(scope, receive, send))
+    return sent, calls[0]
+
+
+def test_guard_decides_from_the_headers_without_receiving():
+    """Each refusal is sent before a single receive(): the body is never asked for."""
+    from mcp_server.transports import GuardMiddleware
+
+    seen: list = []
+
+    async def app(scope, receive, send):  # the MCP layer: must not be reached by a refused request
+        seen.append(scope)
+
+    guard = GuardMiddleware(app, "s3cret", 1000, HostOriginPolicy.from_settings(Settings(), 8123))
+    ok_host = (b"host", b"127.0.0.1:8123")
+    token = (b"authorization", b"Bearer s3cret")
+    cases = {
+        421: [(b"host", b"localhost:x.evil.com"), token, (b"content-length", b"10")],
+        403: [ok_host, (b"origin", b"http://127.0.0.1:80.evil.com"), token, (b"content-length", b"10")],
+        401: [ok_host, (b"authorization", b"Bearer wrong"), (b"content-length", b"10")],
+        413: [ok_host, token, (b"content-length", b"1001")],
+        400: [ok_host, token, (b"content-length", b"ten")],
+    }
+    for status, headers in cases.items():
+        sent, calls = _asgi_call(guard, headers, [{"type": "http.request", "body": b"x" * 10}])
+        assert sent[0]["status"] == status and calls == 0, (status, sent[:1], calls)
+    assert not seen
+    # two Host headers are ambiguous: refused too
+    sent, calls = _asgi_call(guard, [ok_host, (b"host", b"evil.example"), token], [])
+    assert sent[0]["status"] == 421 and calls == 0
+
+
+def test_guard_streams_and_counts_the_body():
+    from mcp_server.transports import GuardMiddleware
+
+    got: list[bytes] = []
+
+    async def app(scope, receive, send):  # reads the body to the end, as the SDK does, then answers
+        while True:
+            msg = await receive()
+            got.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = GuardMiddleware(app, "", 1000, HostOriginPolicy.from_settings(Settings(), 8123))
+    host = [(b"host", b"localhost:8123")]
+    # accepted: every chunk passes through as it comes
+    chunks = [{"type": "http.request", "body": b"a" * 400, "more_body": True},
+              {"type": "http.request", "body": b"b" * 400, "more_body": True},
+              {"type": "http.request", "body": b"c" * 200, "more_body": False}]
+    sent, calls = _asgi_call(guard, host, chunks)
+    assert got == [b"a" * 400, b"b" * 400, b"c" * 200] and sent[0]["status"] == 200 and calls == 3
+    # chunked (no Content-Length) past the limit: 413 as it passes; the app never sees the chunk that passed
+    got.clear()
+    chunks = [{"type": "http.request", "body": b"a" * 600, "more_body": True},
+              {"type": "http.request", "body": b"b" * 600, "more_body": True},
+              {"type": "http.request", "body": b"c" * 600, "more_body": False}]
+    sent, calls = _asgi_call(guard, host, chunks)
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [413]
+    assert got == [b"a" * 600] and calls == 2
+    # the client goes away (or is timed out) mid-body: the app's receive() unwinds, nothing is answered
+    got.clear()
+    sent, calls = _asgi_call(guard, host, [{"type": "http.request", "body": b"a" * 10, "more_body": True},
+                                           {"type": "http.disconnect"}])
+    assert got == [b"a" * 10] and sent == []
+
+
+def test_per_client_cap_cannot_exceed_the_global_cap():
+    from mcp_server.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"http.max_connections_per_client=2000: must not exceed "
+                                          r"http.max_connections=1024"):
+        load_settings(http={"max_connections_per_client": 2000})
+    assert load_settings(http={"max_connections": 64, "max_connections_per_client": 64}).http.max_connections == 64
 
 
 @pytest.fixture(scope="module")
