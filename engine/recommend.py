@@ -43,7 +43,22 @@ running are served together by the next one, on one worker thread
 
 Online updates: `upsert` overwrites a row in place or appends (capacity
 doubles when full); `delete` leaves a tombstone (masked); tombstones are
-compacted (order kept) when they outnumber live rows.
+compacted (order kept) when they outnumber live rows. `apply` does an upsert
+and deletes as one change (all checked first); `CatalogService.upsert` embeds
+missing vectors in chunks (cancel checks between them) and then calls `apply`
+once, so a cancelled or failed update changes nothing.
+
+Bad input stays with its caller: `search` checks and converts a query
+(`prepare`: vector, k, limits, and `compile_filters`, which turns every filter
+value into a checked `Cond`, range bounds into exact float64 bounds) before it
+joins a batch, and the Coalescer re-runs a failed batch one request at a time.
+Stored values pass `value_problem` in `clean_row` (files and the tool): every
+number finite in float64, so no stored value can fail a filter.
+
+Memory: `search_bytes` / `upsert_bytes` (and the embedder's `estimate_bytes`)
+are upper bounds computed from the arguments; over `memory_limit()` the work is
+refused before it starts (`workmem.MemoryLimitExceeded`), and a batch takes
+queries while their bounds sum to at most that limit.
 
 Files: JSONL, CSV or Parquet; malformed rows are reported with their line
 (row) number and skipped. Embeddings of a file are cached beside it (or in
@@ -118,9 +133,15 @@ def clean_row(raw: Any, where: str, *, argument: bool = False) -> tuple[dict[str
         raise ValueError(f"{where}: expected an object with an 'id', got {type(raw).__name__}")
     row = dict(raw)
     rid = row.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool) and rid.bit_length() > 64:
+        raise ValueError(f"{where}: 'id' must be a non-empty string or an integer of at most 64 bits, "
+                         f"got {shown(rid)!r}")
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid).strip() == "":
         raise ValueError(f"{where}: 'id' must be a non-empty string or integer, got {rid!r}")
     row["id"] = str(rid).strip()
+    bad = text_problem(row["id"], f"{where}.id" if argument else f"{where}: id")
+    if bad is not None:
+        raise ValueError(bad)
     cat = row.get("category", "")
     if cat is None:
         cat = ""
@@ -145,7 +166,7 @@ def clean_row(raw: Any, where: str, *, argument: bool = False) -> tuple[dict[str
             if not all(math.isfinite(x) for x in vec) or not any(vec):
                 raise ValueError(f"{where}: '{name}' must be finite and not all zero")
     for key, value in row.items():
-        if type(value) is not str:
+        if type(value) is not str or not value.isascii():
             bad = value_problem(value, f"{where}.{key}" if argument else f"{where}: {key}")
             if bad is not None:
                 raise ValueError(bad)
@@ -182,14 +203,28 @@ def number_problem(x: int | float) -> str | None:
     return None
 
 
+def text_problem(text: str, path: str) -> str | None:
+    """`path=...: rule` when `text` is not valid Unicode (a lone surrogate from a JSON escape), else None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{path}={text[max(0, exc.start - 10):exc.start + 10]!r}: not valid Unicode text (a lone surrogate)"
+    return None
+
+
 _PLAIN = (str, bool, type(None))
 _OTHER_SCALARS = (datetime.date, datetime.time, datetime.timedelta, Decimal)  # Parquet's; stored as they are
 
 
 def value_problem(value: Any, path: str, depth: int = 0) -> str | None:
     """`path=value: rule` when a stored field value could poison a column or a result, else None: every
-    number (nested ones too) finite in float64, only JSON types (and Parquet's dates, times and decimals),
-    nesting at most MAX_VALUE_DEPTH levels."""
+    number (nested ones too) finite in float64, every string valid Unicode (no lone surrogate: it cannot be
+    embedded or sent), only JSON types (and Parquet's dates, times and decimals), nesting at most
+    MAX_VALUE_DEPTH levels."""
+    if isinstance(value, str):
+        return text_problem(value, path)
     if isinstance(value, _PLAIN):
         return None
     if isinstance(value, (int, float)):
@@ -202,12 +237,13 @@ def value_problem(value: Any, path: str, depth: int = 0) -> str | None:
             for k, v in value.items():
                 if not isinstance(k, str):
                     return f"{path}={shown(k)!r}: object keys must be strings"
-                bad = None if type(v) is str else value_problem(v, f"{path}.{k}", depth + 1)
+                bad = text_problem(k, path) or (None if type(v) is str and v.isascii()
+                                                else value_problem(v, f"{path}.{k}", depth + 1))
                 if bad is not None:
                     return bad
         else:
             for i, v in enumerate(value):
-                bad = None if type(v) is str else value_problem(v, f"{path}[{i}]", depth + 1)
+                bad = None if type(v) is str and v.isascii() else value_problem(v, f"{path}[{i}]", depth + 1)
                 if bad is not None:
                     return bad
         return None

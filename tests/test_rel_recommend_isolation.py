@@ -187,6 +187,9 @@ def test_tool_poison_filters_from_threads_fail_alone(tmp_path: Path, shop) -> No
     ({"id": "p", "category": "a", "rating": float("-inf")}, "items[0].rating"),
     ({"id": "p", "category": "a", "specs": {"weight": [1, HUGE]}}, "items[0].specs.weight[1]"),
     ({"id": "p", "category": "a", "blob": b"\xff"}, "items[0].blob"),
+    ({"id": "p", "category": "a", "name": "cable \ud800 x"}, "items[0].name"),  # a lone surrogate
+    ({"id": "p", "category": "a", "tags": ["ok", {"k\udfff": 1}]}, "items[0].tags[1]"),
+    ({"id": HUGE, "category": "a"}, "items[0]: 'id'"),
 ])
 def test_upsert_refuses_values_that_would_poison_a_column(tmp_path: Path, shop, item: dict,
                                                          argument: str) -> None:  # noqa: ANN001
@@ -195,13 +198,19 @@ def test_upsert_refuses_values_that_would_poison_a_column(tmp_path: Path, shop, 
     before = info.run(info.input_model(catalog=str(p)), ctx).structured
     with pytest.raises(ToolError) as err:
         upsert.run(UpsertInput(items=[{**item, "embedding": [1.0, 0, 0, 0, 0, 0]}], catalog=str(p)), ctx)
-    assert str(err.value).startswith(argument + "="), str(err.value)
+    assert str(err.value).startswith(argument if "'id'" in argument else argument + "="), str(err.value)
     after = info.run(info.input_model(catalog=str(p)), ctx).structured
     assert after.rows == before.rows and after.fields == before.fields
     # the README's filter keeps working for everyone
     q = np.array([1.0, 0, 0, 0, 0, 0])
     out = recommend.run(RecommendInput(vector=q.tolist(), k=45, filters={"price": {"max": 30}}, catalog=str(p)), ctx)
     assert [it.id for it in out.structured.items] == oracle(mat, rows, q, 45, ok=lambda r: r["price"] <= 30)
+
+
+def test_query_text_that_cannot_be_embedded_is_refused(tmp_path: Path, shop) -> None:  # noqa: ANN001
+    p, _, _ = shop
+    with pytest.raises(ToolError, match=r"^text='cable \\ud800': not valid Unicode text"):
+        recommend.run(RecommendInput(text="cable \ud800", catalog=str(p)), make_context(tmp_path))
 
 
 def test_catalog_file_rows_with_poison_values_are_skipped_with_their_line(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import InvalidInput
-from engine.recommend import Catalog, CatalogService, LoadReport, Query, clean_row
+from engine.recommend import Catalog, CatalogService, LoadReport, Query, clean_row, text_problem
 
 from .base import ToolContext, ToolError, ToolOutput, ToolSpec
 
@@ -112,6 +112,9 @@ def _recommend(args: RecommendInput, ctx: ToolContext) -> ToolOutput:
                 raise ToolError.invalid("text", args.text, "must not be empty")
             if len(args.text) > ctx.settings.limits.max_prompt_chars:
                 raise ToolError.invalid("text", args.text[:40], "longer than limits.max_prompt_chars")
+            bad = text_problem(args.text, "text")
+            if bad is not None:
+                raise ToolError(bad)
             vec = _service(ctx).embed_texts(cat, ctx.settings.models.embedding, [args.text], "text")[0]
             label = args.text
         elif args.item_id is not None:
