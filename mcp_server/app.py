@@ -13,10 +13,16 @@ The call pipeline, for every tool:
    a bounded thread pool otherwise; images are saved and delivered there too;
 4. forward progress to the client (`notifications/progress`) and to job status;
 5. a long-running call still running at the deadline returns a job id;
-   a client cancel (`notifications/cancelled`, a closed HTTP stream) cancels
-   the work, which stops at its next step;
+   a client cancel (`notifications/cancelled`), a closed HTTP exchange
+   (`mcp_server/disconnect.py`) or an ended session (SSE stream closed,
+   streamable HTTP DELETE) cancels the work, which stops at its next step —
+   unless the call has already become a job;
 6. map errors to tool errors a model can read; tracebacks stay in the log;
 7. log `end` with duration_ms and the outcome.
+
+Images and jobs belong to the client that made them (`mcp_server/clients.py`);
+`resources/list`, `resources/read`, `image://` inputs, `job_status` and
+`job_cancel` answer only their owner.
 """
 
 from __future__ import annotations
@@ -47,11 +53,13 @@ from tools import load_specs
 from tools.base import ToolError, ToolOutput, ToolSpec
 
 from . import __version__
+from .clients import LOCAL, client_of, http_request
 from .config import Settings
+from .disconnect import exchange_watch
 from .jobs import Job, JobManager
-from .logs import request_id, setup_logging, summarize_args
+from .logs import request_id, set_third_party_level, setup_logging, summarize_args
 from .media import MediaStore
-from .sandbox import Sandbox
+from .sandbox import NO_SPACE_ERRNOS, Sandbox
 
 log = logging.getLogger("atelier.server")
 
@@ -76,7 +84,7 @@ class AppState:
     specs: dict[str, ToolSpec]
     pool: ThreadPoolExecutor
     thread_slots: threading.BoundedSemaphore
-    client_log_levels: dict[int, str] = field(default_factory=dict)  # connection -> level
+    client_log_levels: dict[int, str] = field(default_factory=dict)  # open connection -> level
     closed: bool = False
 
     def close(self) -> None:
@@ -123,11 +131,12 @@ def make_state(settings: Settings, extra_specs: list[ToolSpec] | None = None) ->
 class RunContext:
     """The ToolContext a running tool gets (see tools.base.ToolContext)."""
 
-    def __init__(self, state: AppState, token: CancelToken) -> None:
+    def __init__(self, state: AppState, token: CancelToken, caller: str = LOCAL) -> None:
         self.settings = state.settings
         self.engine = state.engine
         self._state = state
         self._token = token
+        self._caller = caller
 
     def check(self) -> None:
         self._token.check()
@@ -139,7 +148,7 @@ class RunContext:
         return self._token
 
     def load_image(self, ref: str, argument: str, *, mode: str = "keep") -> Any:
-        return self._state.media.load_image(ref, argument, mode)
+        return self._state.media.load_image(ref, argument, mode, self._caller)
 
     def resolve_input(self, path: str, argument: str) -> Any:
         return self._state.sandbox.resolve_input(path, argument)
@@ -250,8 +259,11 @@ class AtelierServer(MCPServer):
             name="atelier-mcp", title="atelier-mcp", version=__version__, instructions=INSTRUCTIONS,
             lifespan=lifespan, log_level=state.settings.logging.level,
         )
+        log_cfg = state.settings.logging
         if not had_handlers:  # MCPServer installed a rich console handler: use ours (stderr, JSON/text)
-            setup_logging(state.settings.logging.level, state.settings.logging.format)
+            setup_logging(log_cfg.level, log_cfg.format, third_party_level=log_cfg.third_party_level)
+        else:  # whoever installed the handlers (the CLI, a test harness): still quiet the libraries
+            set_third_party_level(log_cfg.level, log_cfg.third_party_level)
         self._register_resources()
         self._register_logging()
 
@@ -260,7 +272,14 @@ class AtelierServer(MCPServer):
         levels = self.state.client_log_levels
 
         async def set_level(ctx: Any, params: mt.SetLevelRequestParams) -> mt.EmptyResult:
-            levels[_connection_key(ctx.session)] = str(params.level)
+            key = _connection_key(ctx.session)
+            if key not in levels:
+                # the entry lives as long as the connection: removed when its session ends
+                conn = getattr(ctx.session, "_connection", None)
+                stack = getattr(conn, "exit_stack", None)
+                if stack is not None:
+                    stack.callback(levels.pop, key, None)
+            levels[key] = str(params.level)
             return mt.EmptyResult()
 
         self._lowlevel_server.add_request_handler("logging/setLevel", mt.SetLevelRequestParams, set_level)
@@ -319,7 +338,7 @@ class AtelierServer(MCPServer):
                 outcome = "tool_error"
                 return _error_result(_validation_message(name, exc))
             if name in ("job_status", "job_cancel"):
-                result, outcome = self._job_tool(name, args)
+                result, outcome = self._job_tool(name, args, self._caller(context))
                 return result
             await self._client_log(context, "debug", {"event": "start", "tool": name, "request_id": rid})
             result, outcome, extra = await self._run_spec(spec, args, context)
@@ -339,9 +358,13 @@ class AtelierServer(MCPServer):
             request_id.reset(rtoken)
 
     # ---------------------------------------------------------------- jobs
-    def _job_tool(self, name: str, args: JobIdInput) -> tuple[mt.CallToolResult, str]:
+    def _caller(self, context: Any) -> str:
+        """The client behind a request (owner of what its calls make): see mcp_server/clients.py."""
+        return client_of(context, self.state.settings.http.auth_token)
+
+    def _job_tool(self, name: str, args: JobIdInput, caller: str = LOCAL) -> tuple[mt.CallToolResult, str]:
         jobs = self.state.jobs
-        job = jobs.cancel(args.job_id) if name == "job_cancel" else jobs.get(args.job_id)
+        job = jobs.cancel(args.job_id, caller) if name == "job_cancel" else jobs.get(args.job_id, caller)
         if job is None:
             return _error_result(f"job_id={args.job_id!r}: no such job (unknown, or expired after "
                                  f"{self.state.settings.limits.job_ttl_s:.0f} s)"), "tool_error"
@@ -362,17 +385,19 @@ class AtelierServer(MCPServer):
         return mt.CallToolResult(content=content, structured_content=structured, is_error=is_error), "ok"
 
     # ---------------------------------------------------------------- execution
-    def _execute(self, spec: ToolSpec, args: BaseModel, token: CancelToken) -> mt.CallToolResult:
-        """Runs on a worker thread: the tool, then image delivery."""
+    def _execute(self, spec: ToolSpec, args: BaseModel, token: CancelToken,
+                 caller: str = LOCAL) -> mt.CallToolResult:
+        """Runs on a worker thread: the tool, then image delivery (images owned by `caller`)."""
         token.check()
-        out = spec.run(args, RunContext(self.state, token))
+        out = spec.run(args, RunContext(self.state, token, caller))
         if not isinstance(out, ToolOutput):
             raise TypeError(f"tool {spec.name} returned {type(out).__name__}, not ToolOutput")
         content: list[Any] = [mt.TextContent(type="text", text=out.text)]
         delivered = []
         inline_full = bool(getattr(args, "inline_full", False))
         for img in out.images:
-            blocks, summary = self.state.media.deliver(img, inline_full=inline_full)
+            token.check()
+            blocks, summary = self.state.media.deliver(img, inline_full=inline_full, owner=caller)
             content.extend(blocks)
             delivered.append(summary)
         structured = out.structured.model_dump(mode="json")
@@ -380,8 +405,8 @@ class AtelierServer(MCPServer):
             structured["saved_images"] = delivered
         return mt.CallToolResult(content=content, structured_content=structured)
 
-    def _submit(self, spec: ToolSpec, args: BaseModel, token: CancelToken) -> Future:
-        fn = lambda tok: self._execute(spec, args, tok)  # noqa: E731
+    def _submit(self, spec: ToolSpec, args: BaseModel, token: CancelToken, caller: str = LOCAL) -> Future:
+        fn = lambda tok: self._execute(spec, args, tok, caller)  # noqa: E731
         execution = spec.execution_for(args) if spec.execution_for is not None else spec.execution
         if execution == "device":
             fut, _ = self.state.engine.scheduler.submit(fn, token=token, label=spec.name, priority=spec.priority)
@@ -418,6 +443,10 @@ class AtelierServer(MCPServer):
                                  f"serving — retry with a smaller request ({exc})"), outcome
         if isinstance(exc, EngineError):
             return _error_result(str(exc)), outcome
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:  # a cache or temp write (outputs: sandbox)
+            log.error("no space left on device", exc_info=exc, extra={"tool": name})
+            return _error_result(f"no space left on device while {name} was writing (a cache or temporary file); "
+                                 f"free disk space and retry"), "tool_error"
         log.error("tool raised an unexpected exception", exc_info=exc, extra={"tool": name})
         return _error_result(f"internal error in {name} (request {request_id.get()}); details are in the server "
                              f"log"), outcome
@@ -440,17 +469,29 @@ class AtelierServer(MCPServer):
                                        "duration_ms": round((time.time() - job.created) * 1000, 2)})
 
     async def _run_spec(self, spec: ToolSpec, args: BaseModel, context: Any) -> tuple[mt.CallToolResult, str, dict]:
+        caller = self._caller(context)
+        token = CancelToken()
+        # a closed HTTP exchange cancels the token (mcp_server/disconnect.py) until the call answers or detaches
+        watch = exchange_watch(http_request(context))
+        if watch is not None:
+            watch.attach(token)
+        try:
+            return await self._run_watched(spec, args, context, token, caller, watch)
+        finally:
+            if watch is not None:
+                watch.detach(token)
+
+    async def _run_watched(self, spec: ToolSpec, args: BaseModel, context: Any, token: CancelToken, caller: str,
+                           watch: Any) -> tuple[mt.CallToolResult, str, dict]:
         if spec.execution == "inline" and not spec.long_running:
-            token = CancelToken()
             try:
-                result = await anyio.to_thread.run_sync(self._execute, spec, args, token)
+                result = await anyio.to_thread.run_sync(self._execute, spec, args, token, caller)
                 return result, "ok", {}
             except Exception as exc:
                 res, outcome = self._map_error(exc, spec.name)
                 return res, outcome, {}
 
-        token = CancelToken()
-        job = self.state.jobs.create(spec.name, token)
+        job = self.state.jobs.create(spec.name, token, owner=caller)
         loop = asyncio.get_running_loop()
         last_sent = [0.0]
 
@@ -469,7 +510,7 @@ class AtelierServer(MCPServer):
 
         token.add_listener(on_progress)
         try:
-            fut = self._submit(spec, args, token)
+            fut = self._submit(spec, args, token, caller)
         except Exception as exc:
             self.state.jobs.forget(job)
             res, outcome = self._map_error(exc, spec.name)
@@ -486,6 +527,8 @@ class AtelierServer(MCPServer):
             job.detached = False
             raise
         if not done:
+            if watch is not None:
+                watch.detach(token)  # a job outlives its request: the exchange's end no longer stops it
             job.detached = True
             job.state = "running" if job.state == "queued" and self.state.engine.scheduler.running_label else job.state
             snap = job.snapshot()
@@ -507,9 +550,13 @@ class AtelierServer(MCPServer):
     def _register_resources(self) -> None:
         pass
 
-    async def list_resources(self) -> list[mt.Resource]:
+    async def _handle_list_resources(self, ctx: Any, params: Any) -> mt.ListResourcesResult:
+        return mt.ListResourcesResult(resources=await self.list_resources(self._caller(ctx)))
+
+    async def list_resources(self, caller: str = LOCAL) -> list[mt.Resource]:
+        """Registered resources plus the images `caller` owns."""
         base = await super().list_resources()
-        for rec in self.state.media.records():
+        for rec in self.state.media.records(caller):
             base.append(mt.Resource(uri=rec.uri, name=rec.path.name, mime_type=rec.mime_type,
                                     description=f"{rec.name} image produced by atelier-mcp"))
         return base
@@ -528,11 +575,12 @@ class AtelierServer(MCPServer):
             from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
             image_id = text[len("image://"):]
-            rec = self.state.media.get(image_id)
+            caller = self._caller(context)
+            rec = self.state.media.get(image_id, caller)
             if rec is None:
                 raise ResourceNotFoundError(f"unknown image resource {text}")
             try:
-                data = await anyio.to_thread.run_sync(self.state.media.read_bytes, image_id)
+                data = await anyio.to_thread.run_sync(self.state.media.read_bytes, image_id, caller)
             except ToolError as exc:
                 raise ResourceNotFoundError(f"image resource {text} cannot be read: {exc}") from None
             return [ReadResourceContents(content=data, mime_type="image/png")]

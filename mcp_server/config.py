@@ -132,8 +132,10 @@ class HttpSection(_Section):
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
+    # libraries' loggers (numba, PIL, httpx, ...) log at max(level, third_party_level)
+    third_party_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
-    @field_validator("level", mode="before")
+    @field_validator("level", "third_party_level", mode="before")
     @classmethod
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v

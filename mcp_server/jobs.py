@@ -5,6 +5,10 @@ work is still running the call returns a job id and the work goes on.
 `job_status(id)` reports progress or, once finished, the result;
 `job_cancel(id)` asks the work to stop at its next step. Finished jobs are
 kept for `limits.job_ttl_s` seconds; at most `limits.max_jobs` are kept.
+
+Every job has an owner (`mcp_server.clients`): over HTTP only the client that
+started it sees it; `get` and `cancel` answer None to anyone else, exactly as
+for an id that never existed.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.scheduler import CancelToken
+
+from .clients import LOCAL, can_see
 
 
 @dataclass
@@ -31,6 +37,7 @@ class Job:
     result: Any = None  # mcp CallToolResult once finished
     error: str | None = None
     future: Future | None = None
+    owner: str = LOCAL  # the client that started it (mcp_server.clients)
 
     def snapshot(self) -> dict[str, Any]:
         t = self.token
@@ -53,17 +60,19 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def create(self, tool: str, token: CancelToken) -> Job:
-        job = Job(id=secrets.token_hex(8), tool=tool, token=token)
+    def create(self, tool: str, token: CancelToken, owner: str = LOCAL) -> Job:
+        job = Job(id=secrets.token_hex(8), tool=tool, token=token, owner=owner)
         with self._lock:
             self._purge_locked()
             self._jobs[job.id] = job
         return job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, caller: str = LOCAL) -> Job | None:
+        """The job, if it exists and `caller` may see it; None otherwise (the two are not told apart)."""
         with self._lock:
             self._purge_locked()
-            return self._jobs.get(job_id)
+            job = self._jobs.get(job_id)
+        return job if job is not None and can_see(job.owner, caller) else None
 
     def finish(self, job: Job, state: str, result: Any = None, error: str | None = None) -> None:
         job.state, job.result, job.error = state, result, error
@@ -74,8 +83,8 @@ class JobManager:
         with self._lock:
             self._jobs.pop(job.id, None)
 
-    def cancel(self, job_id: str) -> Job | None:
-        job = self.get(job_id)
+    def cancel(self, job_id: str, caller: str = LOCAL) -> Job | None:
+        job = self.get(job_id, caller)
         if job is not None and job.state in ("queued", "running"):
             job.token.cancel("cancelled by job_cancel")
         return job

@@ -4,6 +4,9 @@ Every tool call logs one `start` and one `end` event with the same request id
 (`request_id` contextvar), the tool, `duration_ms`, the outcome
 (ok | tool_error | cancelled | timeout | rejected | oom | error) and sizes —
 never prompts or image bytes (lengths and hashes instead).
+
+Libraries' loggers are held to `max(logging.level, logging.third_party_level)`
+(default WARNING), so DEBUG logging is ours, not numba's compiler output.
 """
 
 from __future__ import annotations
@@ -77,21 +80,66 @@ class _FlushingHandler(logging.StreamHandler):
         self.flush()
 
 
-def setup_logging(level: str = "INFO", fmt: str = "json", stream: Any = None) -> None:
-    """Route every logger (ours and libraries') to stderr in the configured format."""
+# Loggers that are ours: everything else is a library's and is held to `logging.third_party_level`.
+OWN_LOGGERS = ("atelier", "py.warnings", "root")
+# Libraries known to be chatty (numba's compiler passes alone write thousands of DEBUG lines per kernel):
+# their level is set too, so their records are not even created below the threshold.
+NOISY_LOGGERS = ("numba", "llvmlite", "PIL", "matplotlib", "httpx", "httpcore", "h11", "hpack", "urllib3",
+                 "asyncio", "filelock", "fsspec", "torch", "triton", "transformers", "diffusers",
+                 "huggingface_hub", "sentence_transformers", "ultralytics", "uvicorn", "mcp", "sse_starlette",
+                 "python_multipart", "multipart", "numexpr", "opencv", "onnxruntime")
+
+
+def _level_no(level: str | int) -> int:
+    value = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    return value if isinstance(value, int) else logging.WARNING
+
+
+def _is_own(name: str) -> bool:
+    return name in OWN_LOGGERS or name.startswith("atelier.")
+
+
+class ThirdPartyFilter(logging.Filter):
+    """Drops library records below `level` (our own records pass; the root level still applies to them)."""
+
+    def __init__(self, level: int = logging.WARNING) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _is_own(record.name) or record.levelno >= self.level
+
+
+def set_third_party_level(level: str = "INFO", third_party_level: str = "WARNING") -> int:
+    """Hold libraries' loggers to max(level, third_party_level); returns that threshold."""
+    threshold = max(_level_no(level), _level_no(third_party_level))
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(threshold)
+    for h in logging.getLogger().handlers:
+        for f in h.filters:
+            if isinstance(f, ThirdPartyFilter):
+                f.level = threshold
+    return threshold
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json", stream: Any = None,
+                  third_party_level: str = "WARNING") -> None:
+    """Route every logger (ours and libraries') to stderr in the configured format.
+
+    Libraries log at `max(level, third_party_level)` (default WARNING): DEBUG
+    logging shows our own debug lines, not numba's compiler passes or httpcore's
+    socket events, unless `logging.third_party_level` asks for them.
+    """
     handler = _FlushingHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ThirdPartyFilter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("atelier").setLevel(level)
-    # libraries that are chatty at INFO
-    for noisy in ("httpx", "httpcore", "uvicorn.access", "mcp", "sse_starlette", "PIL", "urllib3",
-                  "diffusers", "transformers", "ultralytics", "matplotlib"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)
-                                              if isinstance(logging.getLevelName(level), int) else logging.WARNING))
+    set_third_party_level(level, third_party_level)
     logging.captureWarnings(True)
 
 

@@ -14,6 +14,13 @@ metadata) into the output directory atomically and registered as
 the long side and 100 000 base64 characters, (b) a `resource_link` to
 `image://ID` and (c) the saved file path. Full resolution goes inline only when
 asked.
+
+Ownership (`mcp_server.clients`): each record is owned by the client whose
+call produced it. Listing, `image://` reads and inputs (by URI, and by a path
+that resolves into the output directory) answer only the owner; anyone else
+gets the error a nonexistent image or file gets. Images found on disk from an
+earlier run have no owner: the local (stdio) client sees them, HTTP clients
+do not.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
 import secrets
 import struct
@@ -38,6 +46,7 @@ from PIL import Image, ImageFile, PngImagePlugin
 
 from tools.base import ImageOut, ToolError
 
+from .clients import LOCAL, can_see
 from .sandbox import Sandbox
 
 THUMB_SIDE = 512
@@ -96,6 +105,7 @@ class ImageRecord:
     name: str
     created: float
     mime_type: str = "image/png"
+    owner: str | None = None  # the client that made it; None = found on disk from an earlier run
 
     @property
     def uri(self) -> str:
@@ -118,21 +128,31 @@ class MediaStore:
                 continue
             self._records[m.group(1)] = ImageRecord(m.group(1), p, 0, 0, p.stem, p.stat().st_mtime)
 
-    def records(self) -> list[ImageRecord]:
+    def records(self, caller: str = LOCAL) -> list[ImageRecord]:
+        """The records `caller` may see, oldest first."""
         with self._lock:
-            return sorted(self._records.values(), key=lambda r: r.created)
+            return sorted((r for r in self._records.values() if can_see(r.owner, caller)), key=lambda r: r.created)
 
-    def get(self, image_id: str) -> ImageRecord | None:
+    def get(self, image_id: str, caller: str = LOCAL) -> ImageRecord | None:
         if not _ID_RE.match(image_id or ""):
             return None
         with self._lock:
             rec = self._records.get(image_id)
-        if rec is None or not rec.path.is_file() or rec.path.is_symlink():
+        if rec is None or not can_see(rec.owner, caller) or not rec.path.is_file() or rec.path.is_symlink():
             return None
         return rec
 
-    def read_bytes(self, image_id: str) -> bytes:
-        rec = self.get(image_id)
+    def _check_output_path(self, real: Path, ref: str, argument: str, caller: str) -> None:
+        """A path into the output directory reads only an image `caller` owns (else: as if absent)."""
+        if caller == LOCAL or not Sandbox._inside(str(real), self.sandbox.output_dir):
+            return
+        m = re.search(r"-([0-9a-f]{12})\.png$", real.name)
+        rec = self.get(m.group(1), caller) if m else None
+        if rec is None or Path(os.path.realpath(rec.path)) != Path(real):
+            raise ToolError.invalid(argument, ref, "no such file inside the read roots")
+
+    def read_bytes(self, image_id: str, caller: str = LOCAL) -> bytes:
+        rec = self.get(image_id, caller)
         if rec is None:
             raise ToolError.invalid("uri", f"image://{image_id}", "no image with that id was produced by this server")
         _, data = self.sandbox.read_bytes(str(rec.path), "uri", self.limits.max_image_bytes)
@@ -153,20 +173,24 @@ class MediaStore:
         except (binascii.Error, ValueError):
             raise ToolError.invalid(argument, text[:40], "is not valid base64") from None
 
-    def fetch_bytes(self, ref: str, argument: str) -> bytes:
+    def fetch_bytes(self, ref: str, argument: str, caller: str = LOCAL) -> bytes:
         """The raw bytes an image reference points at (path, image:// or base64)."""
         if not isinstance(ref, str) or not ref:
             raise ToolError.invalid(argument, ref, "expected an image path, an image://ID URI or base64 data")
         if ref.startswith("image://"):
-            return self.read_bytes_for(ref[len("image://"):], argument)
+            return self.read_bytes_for(ref[len("image://"):], argument, caller)
         if ref.startswith("data:") or (len(ref) >= 512 and "\x00" not in ref and _B64_RE.match(ref[:4096])
                                        and not ref.startswith("/")):
             return self._decode_b64(ref, argument)
-        _, data = self.sandbox.read_bytes(ref, argument, self.limits.max_image_bytes)
+        if caller != LOCAL:
+            self._check_output_path(self.sandbox.resolve_input(ref, argument), ref, argument, caller)
+        real, data = self.sandbox.read_bytes(ref, argument, self.limits.max_image_bytes)
+        if caller != LOCAL:
+            self._check_output_path(real, ref, argument, caller)
         return data
 
-    def read_bytes_for(self, image_id: str, argument: str) -> bytes:
-        rec = self.get(image_id)
+    def read_bytes_for(self, image_id: str, argument: str, caller: str = LOCAL) -> bytes:
+        rec = self.get(image_id, caller)
         if rec is None:
             raise ToolError.invalid(argument, f"image://{image_id}", "no image with that id was produced by this server")
         _, data = self.sandbox.read_bytes(str(rec.path), argument, self.limits.max_image_bytes)
@@ -216,11 +240,11 @@ class MediaStore:
                 Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_max, old_trunc
         return to_array(img, mode, argument)
 
-    def load_image(self, ref: str, argument: str, mode: str = "keep") -> np.ndarray:
-        return self.decode(self.fetch_bytes(ref, argument), argument, mode)
+    def load_image(self, ref: str, argument: str, mode: str = "keep", caller: str = LOCAL) -> np.ndarray:
+        return self.decode(self.fetch_bytes(ref, argument, caller), argument, mode)
 
     # -- outputs ------------------------------------------------------------
-    def save(self, out: ImageOut) -> ImageRecord:
+    def save(self, out: ImageOut, owner: str = LOCAL) -> ImageRecord:
         arr = np.ascontiguousarray(out.array)
         if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
             raise ValueError(f"ImageOut {out.name!r}: expected uint8 [H,W], [H,W,3] or [H,W,4], got {arr.dtype} {arr.shape}")
@@ -236,14 +260,15 @@ class MediaStore:
         path = self.sandbox.fresh_output_path(out.name, f"-{image_id}.png")
         # fresh_output_path adds its own random token; keep the id last for lookups after restart
         self.sandbox.write_atomic(path, buf.getvalue())
-        rec = ImageRecord(image_id, path, img.width, img.height, out.name, time.time())
+        rec = ImageRecord(image_id, path, img.width, img.height, out.name, time.time(), owner=owner)
         with self._lock:
             self._records[image_id] = rec
         return rec
 
-    def deliver(self, out: ImageOut, inline_full: bool = False) -> tuple[list[Any], dict[str, Any]]:
-        """Save an output image; return MCP content blocks and a structured summary."""
-        rec = self.save(out)
+    def deliver(self, out: ImageOut, inline_full: bool = False,
+                owner: str = LOCAL) -> tuple[list[Any], dict[str, Any]]:
+        """Save an output image (owned by `owner`); return MCP content blocks and a structured summary."""
+        rec = self.save(out, owner)
         blocks: list[Any] = []
         full_b64 = None
         if inline_full:

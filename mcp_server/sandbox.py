@@ -14,6 +14,10 @@ Rules, each with its own error text:
 - reading opens the resolved path with O_NOFOLLOW | O_NONBLOCK and re-checks the
   opened descriptor's real path and type, so a directory swapped for a symlink
   between the check and the open is still refused.
+
+A full disk or an exhausted quota (ENOSPC, EDQUOT) while writing an output is
+the ToolError "output_dir=...: no space left on device writing <output dir>";
+the temp file is removed, so nothing partial is left under any name.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tools.base import ToolError
 
 MAX_PATH_CHARS = 4096
 TEMP_PREFIX = ".atelier-tmp-"
+NO_SPACE_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 
 
 class Sandbox:
@@ -143,25 +148,33 @@ class Sandbox:
         if Path(os.path.realpath(final.parent)) != self.output_dir:
             raise ToolError.invalid("output", str(final), "outputs are written only to the output directory")
         tmp = final.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS:
+                raise self._no_space(exc) from None
+            raise
         try:
             view = memoryview(data)
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
             os.fsync(fd)
-        except BaseException:
             os.close(fd)
+            fd = -1
+            if os.path.lexists(final):
+                raise ToolError.invalid("output", str(final), "refusing to overwrite an existing file")
+            os.replace(tmp, final)
+        except BaseException as exc:
+            if fd >= 0:
+                os.close(fd)
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+                raise self._no_space(exc) from None
             raise
-        os.close(fd)
-        if os.path.lexists(final):
-            os.unlink(tmp)
-            raise ToolError.invalid("output", str(final), "refusing to overwrite an existing file")
-        os.replace(tmp, final)
         try:
             dfd = os.open(final.parent, os.O_RDONLY)
             try:
@@ -171,6 +184,12 @@ class Sandbox:
         except OSError:
             pass
         return final
+
+    def _no_space(self, exc: OSError) -> ToolError:
+        what = "disk quota exceeded" if exc.errno == getattr(errno, "EDQUOT", None) else "no space left on device"
+        return ToolError.invalid("output_dir", str(self.output_dir),
+                                 f"{what} writing {self.output_dir}; nothing was saved — free space there (or "
+                                 f"set paths.output_dir to a larger disk) and retry")
 
     def sweep_temp_files(self) -> int:
         """Remove temp files left by a crash. Returns how many were removed."""

@@ -271,3 +271,69 @@ def test_saved_outputs_survive_restart(media, tmp_path):
     rec = store.save(ImageOut(np.zeros((5, 7, 3), np.uint8), "x"))
     again = MediaStore(store.sandbox, store.limits)
     assert again.get(rec.id) is not None and again.get(rec.id).path == rec.path
+
+
+# ---------------------------------------------------------------------------- issue 17: full disk, ownership
+@pytest.mark.parametrize("stage", ["open", "write", "fsync", "replace"])
+def test_write_atomic_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch, stage):
+    import errno
+
+    import mcp_server.sandbox as sandbox_mod
+
+    sb = Sandbox([tmp_path], tmp_path / "out")
+    final = sb.fresh_output_path("full", ".png")
+    real = getattr(os, stage)
+
+    def no_space(*a, **k):
+        if stage == "write":
+            real(a[0], bytes(a[1])[:3])  # a few bytes land first, as on a filling disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sandbox_mod.os, stage, no_space)
+    with pytest.raises(ToolError) as ei:
+        sb.write_atomic(final, b"x" * 100_000)
+    monkeypatch.setattr(sandbox_mod.os, stage, real)
+    msg = str(ei.value)
+    assert msg.startswith("output_dir=") and f"no space left on device writing {sb.output_dir}" in msg
+    assert list(sb.output_dir.iterdir()) == []  # neither the final name nor a temp file
+
+
+def test_write_atomic_other_os_errors_still_propagate(tmp_path, monkeypatch):
+    import errno
+
+    import mcp_server.sandbox as sandbox_mod
+
+    sb = Sandbox([tmp_path], tmp_path / "out")
+
+    def eio(*a, **k):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(sandbox_mod.os, "fsync", eio)
+    with pytest.raises(OSError) as ei:
+        sb.write_atomic(sb.fresh_output_path("x", ".bin"), b"abc")
+    assert ei.value.errno == errno.EIO and not isinstance(ei.value, ToolError)
+    assert list(sb.output_dir.iterdir()) == []
+
+
+def test_media_records_belong_to_their_client(media, tmp_path):
+    store, root = media
+    mine = store.save(ImageOut(np.full((6, 5, 3), 7, np.uint8), "mine"), owner="session:a")
+    theirs = store.save(ImageOut(np.zeros((4, 4, 3), np.uint8), "theirs"), owner="session:b")
+    assert [r.id for r in store.records("session:a")] == [mine.id]
+    assert {r.id for r in store.records()} == {mine.id, theirs.id}  # the local (stdio) client sees all
+    assert store.get(theirs.id, "session:a") is None and store.get(theirs.id, "session:b") is not None
+    assert store.load_image(mine.uri, "image", caller="session:a").shape == (6, 5, 3)
+    # another client's image answers exactly like a nonexistent one, by URI and by path
+    with pytest.raises(ToolError) as other:
+        store.load_image(theirs.uri, "image", caller="session:a")
+    with pytest.raises(ToolError) as missing:
+        store.load_image("image://0123456789ab", "image", caller="session:a")
+    assert str(other.value).replace(theirs.id, "X") == str(missing.value).replace("0123456789ab", "X")
+    with pytest.raises(ToolError, match="no such file inside the read roots"):
+        store.load_image(str(theirs.path), "image", caller="session:a")
+    assert store.load_image(str(mine.path), "image", caller="session:a").shape == (6, 5, 3)
+    # images found on disk at start have no owner: only the local client sees them
+    again = MediaStore(store.sandbox, store.limits)
+    assert again.records("session:a") == [] and len(again.records()) == 2
+    with pytest.raises(ToolError, match="no such file inside the read roots"):
+        again.load_image(str(mine.path), "image", caller="session:a")

@@ -346,3 +346,237 @@ def test_malformed_env_json_is_a_config_error(monkeypatch):
     monkeypatch.setenv("ATELIER_PATHS__READ_ROOTS", "[/not/json]")
     with pytest.raises(ConfigError, match="paths"):
         load_settings()
+
+
+# --------------------------------------------------------------------------- issue 17: smaller items
+@pytest.mark.parametrize("err", ["ENOSPC", "EDQUOT"])
+def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch, err):
+    """A full disk while saving an output answers "no space left on device writing <output dir>" (not
+    "internal error"), and neither the final file nor a temp file is left behind."""
+    import errno as errno_mod
+
+    import mcp_server.sandbox as sandbox_mod
+
+    code = getattr(errno_mod, err)
+    real_write = os.write
+    calls = []
+
+    def full_write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data)[:10])  # a partial first write, as a filling disk does
+        raise OSError(code, os.strerror(code))
+
+    async def body(c, srv):
+        out_dir = srv.state.settings.resolved_output_dir()
+        before = sorted(p.name for p in out_dir.iterdir())
+        monkeypatch.setattr(sandbox_mod.os, "write", full_write)
+        r = await c.call_tool("test_image", {"width": 64, "height": 48})
+        monkeypatch.setattr(sandbox_mod.os, "write", real_write)
+        text = r.content[0].text
+        assert r.is_error and "internal error" not in text
+        want = "disk quota exceeded" if err == "EDQUOT" else "no space left on device"
+        assert f"{want} writing {out_dir}" in text and text.startswith("output_dir="), text
+        assert sorted(p.name for p in out_dir.iterdir()) == before  # nothing partial, no temp file
+        assert not [str(x.uri) for x in (await c.list_resources()).resources if str(x.uri).startswith("image://")]
+        ok = await c.call_tool("test_image", {"width": 8, "height": 8})  # space is back: the server keeps serving
+        assert not ok.is_error
+
+    run(_with_client(make_settings(tmp_path), body))
+    assert len(calls) >= 2
+
+
+def test_log_level_table_is_cleared_when_sessions_end(tmp_path):
+    server = build_server(make_settings(tmp_path), extra_specs=TEST_TOOLS)
+
+    async def body():
+        for i in range(5):
+            async with Client(server, mode="legacy") as c:
+                await c.set_logging_level("info" if i % 2 else "debug")
+                assert len(server.state.client_log_levels) >= 1
+        return len(server.state.client_log_levels)
+
+    try:
+        with pytest.warns(Warning):
+            left = run(body())
+    finally:
+        server.state.close()
+    assert left == 0, f"{left} log-level entries outlived their sessions"
+
+
+def test_debug_logging_keeps_numba_compiler_output_out(tmp_path):
+    """DEBUG logging is ours: compiling a Numba kernel writes no numba lines unless third_party_level asks."""
+    import io as io_mod
+
+    import numba
+
+    from mcp_server.logs import NOISY_LOGGERS, setup_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level,
+             {n: logging.getLogger(n).level for n in ("atelier", *NOISY_LOGGERS)})
+
+    def compile_fresh(k: float) -> float:
+        fn = numba.njit(lambda x: x * k + 1.0)  # a new closure constant: compiled now
+        return fn(2.0)
+
+    def count(third_party: str) -> tuple[int, int]:
+        buf = io_mod.StringIO()
+        setup_logging("DEBUG", "json", stream=buf, third_party_level=third_party)
+        logging.getLogger("atelier.h4probe").debug("our own debug line")
+        compile_fresh(3.0 if third_party == "WARNING" else 5.0)
+        lines = [json.loads(ln) for ln in buf.getvalue().splitlines() if ln.startswith("{")]
+        return (sum(1 for ln in lines if ln["logger"].startswith("numba")),
+                sum(1 for ln in lines if ln["logger"] == "atelier.h4probe"))
+
+    try:
+        quiet_numba, quiet_ours = count("WARNING")
+        loud_numba, loud_ours = count("DEBUG")
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        for n, lvl in saved[2].items():
+            logging.getLogger(n).setLevel(lvl)
+    print(f"\n[logging] DEBUG with third_party_level=WARNING: {quiet_numba} numba lines; =DEBUG: {loud_numba}")
+    assert quiet_ours == 1 and loud_ours == 1
+    assert quiet_numba == 0
+    assert loud_numba > 0  # the numba lines exist and are only let through when asked for
+
+
+def test_third_party_level_is_a_config_key(tmp_path):
+    from mcp_server.config import ConfigError, load_settings
+
+    cfg = tmp_path / "log.toml"
+    cfg.write_text("[logging]\nlevel = 'debug'\nthird_party_level = 'info'\n")
+    s = load_settings(cfg)
+    assert s.logging.third_party_level == "INFO" and Settings().logging.third_party_level == "WARNING"
+    cfg.write_text("[logging]\nthird_party_level = 'chatty'\n")
+    with pytest.raises(ConfigError, match="logging.third_party_level"):
+        load_settings(cfg)
+
+
+def test_disconnect_middleware_cancels_only_calls_still_attached():
+    """ASGI level: an `http.disconnect` cancels the tokens the exchange's calls attached; a call that
+    answered (or became a job) and detached is left alone; a call attaching after the end is cancelled."""
+    from engine.scheduler import CancelToken
+    from mcp_server.disconnect import SCOPE_KEY, DisconnectMiddleware
+
+    running, answered, late = CancelToken(), CancelToken(), CancelToken()
+    seen = {}
+
+    async def app(scope, receive, send):
+        watch = scope[SCOPE_KEY]
+        watch.attach(running)
+        watch.attach(answered)
+        watch.detach(answered)
+        seen["before"] = (running.cancelled, watch.attached)
+        msg = await receive()  # the SSE response's disconnect listener
+        seen["msg"] = msg["type"]
+        seen["after_receive"] = running.cancelled
+        watch.attach(late)
+
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(msg):
+        pass
+
+    async def body():
+        mw = DisconnectMiddleware(app)
+        await mw({"type": "http", "method": "POST", "headers": []}, receive, send)  # consumes the request
+        messages.insert(0, {"type": "http.disconnect"})
+
+    messages.pop(0)
+    asyncio.run(body())
+    assert seen["before"] == (False, 1)
+    assert seen["msg"] == "http.disconnect" and seen["after_receive"] is True
+    assert running.cancelled and late.cancelled and not answered.cancelled
+
+
+def test_disconnect_middleware_normal_exchange_cancels_nothing():
+    from engine.scheduler import CancelToken
+    from mcp_server.disconnect import SCOPE_KEY, DisconnectMiddleware
+
+    tok = CancelToken()
+
+    async def app(scope, receive, send):
+        scope[SCOPE_KEY].attach(tok)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        scope[SCOPE_KEY].detach(tok)  # the call answered before the exchange ended
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(msg):
+        pass
+
+    asyncio.run(DisconnectMiddleware(app)({"type": "http", "method": "POST", "headers": []}, receive, send))
+    assert not tok.cancelled
+
+
+def test_no_space_in_a_cache_write_is_named_not_internal(tmp_path):
+    import errno as errno_mod
+
+    from pydantic import BaseModel, ConfigDict
+
+    from tools.base import ToolSpec
+
+    class NoArgs(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class Done(BaseModel):
+        ok: bool
+
+    def fill_disk(args, ctx):
+        raise OSError(errno_mod.ENOSPC, "No space left on device", "/var/cache/atelier/emb-123.tmp")
+
+    spec = ToolSpec("h4_full_cache", "full cache", "a cache write that meets a full disk", NoArgs, Done, fill_disk,
+                    execution="thread")
+
+    async def body(c, srv):
+        r = await c.call_tool("h4_full_cache", {})
+        text = r.content[0].text
+        assert r.is_error and "no space left on device while h4_full_cache was writing" in text
+        assert "internal error" not in text and "/var/cache" not in text
+
+    run(_with_client(make_settings(tmp_path), body, extra=[*TEST_TOOLS, spec]))
+
+
+def test_client_identity_token_session_and_local():
+    """Who owns a call's work: the token when http.auth_token is set (the same across connections and
+    sessions: a reconnect reaches its jobs), else the MCP session; no HTTP request = the local client."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from engine.scheduler import CancelToken
+    from mcp_server.clients import LOCAL, client_of
+    from mcp_server.jobs import JobManager
+
+    def ctx(auth: str | None, conn):
+        headers = [(b"authorization", auth.encode())] if auth else []
+        req = Request({"type": "http", "method": "POST", "path": "/mcp", "headers": headers})
+        return SimpleNamespace(request_context=SimpleNamespace(request=req, session=SimpleNamespace(_connection=conn)))
+
+    conn1, conn2 = SimpleNamespace(state={}), SimpleNamespace(state={})
+    # with a token: one client across connections/sessions; another token is another client
+    t1, t1_again = client_of(ctx("Bearer tok-A", conn1), "tok-A"), client_of(ctx("Bearer tok-A", conn2), "tok-A")
+    assert t1 == t1_again and t1.startswith("token:") and "tok-A" not in t1
+    assert client_of(ctx("Bearer tok-B", conn1), "tok-A") != t1
+    # without a token: the session (connection); a header the server did not ask for changes nothing
+    s1, s2 = client_of(ctx(None, conn1), ""), client_of(ctx(None, conn2), "")
+    assert s1 != s2 and s1 == client_of(ctx("Bearer whatever", conn1), "") and s1.startswith("session:")
+    assert client_of(None, "tok-A") == LOCAL
+    assert client_of(SimpleNamespace(request_context=SimpleNamespace(request=None, session=None)), "") == LOCAL
+
+    jobs = JobManager()
+    job = jobs.create("test_steps", CancelToken(), owner=t1)
+    assert jobs.get(job.id, t1_again) is job  # the reconnected token holder reaches its job
+    assert jobs.get(job.id, s1) is None and jobs.cancel(job.id, s2) is None and not job.token.cancelled
+    assert jobs.get(job.id, LOCAL) is job
