@@ -1,17 +1,15 @@
 """Issue 17 item 4: mask expressions are costed before they run, and their memory goes back.
 
 Measurements are the kernel's: peak RSS (VmHWM, reset through clear_refs)
-over the RSS before the call. For the bound checks the test process fixes
-glibc's mmap threshold at 64 KiB, so every image-sized array is its own
-mapping and RSS follows the bytes alive (no heap reuse hiding or inflating
-them); the server keeps glibc's default (arrays of >= 32 MB images - 8 MP
-and up - are mappings there anyway).
+over the RSS before the call, taken in a clean worker process
+(tests/rel_memory_worker.py) that fixes glibc's mmap threshold at 64 KiB, so
+every image-sized array is its own mapping and RSS follows the bytes alive
+(no heap reuse hiding or inflating them); the server keeps glibc's default
+(arrays of >= 32 MB images - 8 MP and up - are mappings there anyway).
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
 
 import numpy as np
@@ -24,7 +22,8 @@ from engine import masks, workmem
 from engine.errors import InvalidInput
 from engine.mask_eval import check_expression_memory, expression_memory
 from engine.mask_expr import CHANNELS, MAX_ARGS, parse
-from tests.reltools import proc_status, reset_peak
+from tests.rel_memory_worker import Worker
+from tests.reltools import reset_peak
 
 MB = 1_000_000
 
@@ -35,39 +34,23 @@ PROBE_XY = "max(" + ",".join(["x*y"] * 498) + ")>1"
 NESTED_MAX = "max(" + ",".join("max(" + ",".join(f"r+{i}" for i in range(k, k + 32)) + ")"
                                for k in range(0, 320, 32)) + ")>1"
 NESTED_XY = "max(" + ",".join("max(" + ",".join(["x*y"] * 32) + ")" for _ in range(14)) + ")>1"
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
+# two groups only: enough for the old evaluator to hold 32 arrays at once, cheap enough for a unit test
+SHORT_MAX = "max(" + ",".join("max(" + ",".join(f"r+{i}" for i in range(k, k + 32)) + ")" for k in (0, 32)) + ")>1"
+SHORT_XY = "max(" + ",".join("max(" + ",".join(["x*y"] * 32) + ")" for _ in range(2)) + ")>1"
 
 
 @pytest.fixture(scope="module")
-def mapped_arrays():
-    libc = _libc()
-    if libc is None or not reset_peak():
-        pytest.fail("these measurements need glibc and /proc/self/clear_refs (Linux)")
-    assert libc.mallopt(-3, 64 * 1024) == 1  # M_MMAP_THRESHOLD
-    yield
-    libc.mallopt(-3, 128 * 1024)  # glibc's default value (now fixed rather than dynamic)
+def worker():
+    if not reset_peak():
+        pytest.fail("these measurements need /proc/self/clear_refs (Linux)")
+    w = Worker()
+    yield w
+    w.close()
 
 
 def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     return torch.from_numpy(rng.integers(0, 256, (h, w, 4), dtype=np.uint8))
-
-
-def _measure(fn) -> tuple[int, int, object]:
-    """(peak RSS growth, RSS growth after, result) of fn()."""
-    gc.collect()
-    workmem.release(1 << 40)
-    before = proc_status()["VmRSS"]
-    reset_peak()
-    out = fn()
-    st_ = proc_status()
-    return st_["VmHWM"] - before, st_["VmRSS"] - before, out
 
 
 def test_probe_lengths_are_within_the_old_limits():
@@ -82,38 +65,33 @@ def test_probe_arity_is_refused_before_evaluation(probe):
         masks.evaluate_expression(probe, img)
 
 
-@pytest.mark.parametrize("expr", [NESTED_MAX, NESTED_XY])
-def test_probe_peak_memory_on_2_megapixels(expr, mapped_arrays):
-    """The old evaluator held every argument of a max at once: 32 x 8 MB here, 2.8-4.0 GB for the probe.
+@pytest.mark.parametrize("expr", [SHORT_MAX, SHORT_XY])
+def test_probe_peak_memory_on_2_megapixels(expr, worker):
+    """The old evaluator held every argument of a max at once: 32 x 8 MB here, 2.8-4.0 GB for the probe
+    (the full-length nested probes run through the server in test_rel_memory_server.py).
 
     Bound: the pairwise folds hold the r channel, the outer and the inner accumulator, one argument
     (4 B/px each) and the bool result: 17 B/px = 34 MB at 2 MP; 48 MB allows for the allocator. The
     estimate must cover it.
     """
-    img = _image(1250, 1600)
-    masks.evaluate_expression(expr, img[:16, :16].contiguous())  # warm-up: threads, kernels
-    est = expression_memory(parse(expr), 1250, 1600)
-    peak, after, out = _measure(lambda: masks.evaluate_expression(expr, img))
-    del out
-    print(f"[rel-memory] {expr[:24]}... 2 MP: estimate {est / MB:.1f} MB, peak +{peak / MB:.1f} MB, "
-          f"after +{after / MB:.1f} MB")
-    assert peak <= est
-    assert peak < 48 * MB
-    assert after < 8 * MB
+    r = worker.ask(kind="expr", expr=expr, h=1250, w=1600)
+    print(f"[rel-memory] {expr[:24]}... 2 MP: estimate {r['est'] / MB:.1f} MB, peak +{r['peak'] / MB:.1f} MB, "
+          f"after +{r['after'] / MB:.1f} MB")
+    assert r["shape"] == [1250, 1600]
+    assert r["peak"] <= r["est"]
+    assert r["peak"] < 48 * MB
+    assert r["after"] < 8 * MB
 
 
 def test_freed_memory_returns_to_the_os_with_glibc_defaults():
-    """Without the test's mmap threshold (glibc's dynamic default, as in the server): RSS comes back down."""
-    img = _image(1250, 1600)
-    expr = "h > 100 & s < 0.5 | gray > 3 & l > 50 | (x*y + r*g)/2 > abs(lab_a - lab_b)"
-    masks.evaluate_expression(expr, img[:16, :16].contiguous())
-    before = proc_status()["VmRSS"]
-    for _ in range(2):
-        out = masks.evaluate_expression(expr, img)
-        del out
-    after = proc_status()["VmRSS"]
-    print(f"[rel-memory] RSS after two 2 MP evaluations: {(after - before) / MB:+.1f} MB")
-    assert after - before < 16 * MB
+    """With glibc's dynamic mmap threshold (as in the server), RSS comes back down after the calls."""
+    w = Worker(mapped=False)
+    try:
+        r = w.ask(kind="rss_after", expr="h > 100 & s < 0.5 | gray > 3 | (x*y + r*g)/2 > abs(b - 7)", h=1250, w=1600)
+    finally:
+        w.close()
+    print(f"[rel-memory] RSS after two 2 MP evaluations: {r['after'] / MB:+.1f} MB")
+    assert r["after"] < 16 * MB
 
 
 def test_estimate_at_40_megapixels_and_the_refusal():
@@ -134,11 +112,10 @@ def test_estimate_at_40_megapixels_and_the_refusal():
     assert "image-sized arrays" in msg
 
 
-def test_refusal_happens_before_allocating(mapped_arrays):
-    img = _image(1000, 1000)
-    peak, _, _ = _measure(lambda: pytest.raises(workmem.MemoryLimitExceeded, masks.evaluate_expression,
-                                                "h > 3 & l > 2", img, memory_limit=10 * MB))
-    assert peak < 2 * MB
+def test_refusal_happens_before_allocating(worker):
+    r = worker.ask(kind="expr", expr="h > 3 & l > 2", h=1000, w=1000, limit=10 * MB)
+    assert r["refused"] and "would need" in r["refused"]
+    assert r["peak"] < 2 * MB
 
 
 # -- fuzz: random valid expression trees; refused by the estimate, or within it --------------------
@@ -172,27 +149,19 @@ _cmp = st.tuples(_num, st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), _num
 _expr = st.recursive(_cmp, _bools, max_leaves=5)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(expr=_expr, limit_mb=st.integers(1, 40), rgb=st.booleans())
-def test_fuzz_refused_or_within_the_estimate(mapped_arrays, expr, limit_mb, rgb):
+def test_fuzz_refused_or_within_the_estimate(worker, expr, limit_mb, rgb):
     try:
-        tree = parse(expr)
+        parse(expr)
     except InvalidInput:
         return  # over the depth limit: not a valid expression
-    img = _image(320, 384, seed=len(expr))
-    if rgb:
-        img = img[..., :3].contiguous()
-    h, w, c = img.shape
-    masks.evaluate_expression(expr, img[:4, :4].contiguous())  # warm-up on a tiny image
-    est = expression_memory(tree, h, w, channels=c)
-    limit = limit_mb * MB
-    if est > limit:
-        with pytest.raises(workmem.MemoryLimitExceeded):
-            check_expression_memory(tree, expr, h, w, limit, channels=c)
+    r = worker.ask(kind="expr", expr=expr, h=320, w=384, rgb=rgb, seed=len(expr), limit=limit_mb * MB)
+    if r["refused"]:
+        assert r["est"] > limit_mb * MB and "would need" in r["refused"]
         return
-    peak, _, out = _measure(lambda: masks.evaluate_expression(expr, img, memory_limit=limit))
-    assert out.shape == (h, w) and out.dtype == torch.bool
-    assert peak <= est, f"{expr}: peak {peak} > estimate {est}"
+    assert r["shape"] == [320, 384] and r["dtype"] == "torch.bool"
+    assert r["peak"] <= r["est"], f"{expr}: peak {r['peak']} > estimate {r['est']}"
 
 
 # -- the cheaper evaluator computes what NumPy computes ----------------------------------------------

@@ -1,40 +1,37 @@
 """Issue 17 item 4 for whole tools: each call is costed before it works, and the cost is an upper bound.
 
-Peak RSS (VmHWM reset through clear_refs) over the RSS before the call, with
-glibc's mmap threshold fixed at 64 KiB in this process so every image-sized
-array is its own mapping (RSS follows the bytes alive). Refusals are checked
+Peak RSS (VmHWM reset through clear_refs) over the RSS before the call, in a
+clean worker process (tests/rel_memory_worker.py) with glibc's mmap threshold
+fixed at 64 KiB so every image-sized array is its own mapping (RSS follows the
+bytes alive). Refusals are checked
 with a small `limits.max_call_memory_mb`: the error names the argument, the
 bytes needed and the limit, and nothing image-sized is allocated first.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from engine import workmem
 from tests.fakectx import make_context
-from tests.reltools import proc_status, reset_peak
+from tests.rel_memory_worker import Worker
+from tests.reltools import reset_peak
 from tools import color as color_tool
 from tools import masks as mask_tool
 from tools.base import ToolError
 
 MB = 1_000_000
-H, W = 800, 1000
+H, W = 480, 640
 
 
 @pytest.fixture(scope="module")
-def mapped_arrays():
-    libc = ctypes.CDLL("libc.so.6")
+def worker():
     if not reset_peak():
         pytest.fail("these measurements need /proc/self/clear_refs (Linux)")
-    assert libc.mallopt(-3, 64 * 1024) == 1  # M_MMAP_THRESHOLD
-    yield
-    libc.mallopt(-3, 128 * 1024)
+    w = Worker()
+    yield w
+    w.close()
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +47,10 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
-    c = make_context(tmp_path_factory.mktemp("ctx"))
-    yield c
-    c.engine.close()
-
-
-@pytest.fixture(scope="module")
 def tight_ctx(tmp_path_factory):
-    c = make_context(tmp_path_factory.mktemp("ctx2"), limits={"max_call_memory_mb": 5})
+    c = make_context(tmp_path_factory.mktemp("ctx2"), limits={"max_call_memory_mb": 2})
     yield c
     c.engine.close()
-
-
-def _peak(fn):
-    gc.collect()
-    workmem.release(1 << 40)
-    before = proc_status()["VmRSS"]
-    reset_peak()
-    out = fn()
-    return proc_status()["VmHWM"] - before, out
 
 
 MASK_CASES = [
@@ -86,35 +67,26 @@ MASK_CASES = [
 
 
 @pytest.mark.parametrize("case", MASK_CASES, ids=[c["operation"] for c in MASK_CASES])
-def test_mask_edit_within_its_estimate(case, ctx, files, mapped_arrays):
+def test_mask_edit_within_its_estimate(case, worker, files):
     args = dict(case, image=str(files / "a.png"))
     for key in ("replace_with", "mask_image"):
         if key in args:
             args[key] = str(files / args[key])
-    inp = mask_tool.MaskEditInput(**args)
-    mask_tool.run(inp, ctx)  # warm-up: threads, kernels, lazy imports
-    tree = mask_tool.parse(inp.expression) if inp.expression else None
-    est, worst = mask_tool.estimate_memory(inp, H, W, channels=4, tree=tree)
-    peak, out = _peak(lambda: mask_tool.run(inp, ctx))
-    print(f"[rel-memory] mask_edit {inp.operation} {W}x{H}: estimate {est / MB:.0f} MB ({worst}), "
-          f"peak +{peak / MB:.0f} MB")
-    assert out.structured.width == W
-    assert peak <= est
+    r = worker.ask(kind="mask_edit", args=args, h=H, w=W)
+    print(f"[rel-memory] mask_edit {case['operation']} {W}x{H}: estimate {r['est'] / MB:.0f} MB ({r['worst']}), "
+          f"peak +{r['peak'] / MB:.0f} MB")
+    assert r["width"] == W
+    assert r["peak"] <= r["est"]
 
 
 @pytest.mark.parametrize("extra", [{}, {"mask_expression": "l > 40 & h < 200", "alpha": "composite"},
                                    {"stride": 3, "heatmap": False}])
-def test_color_compare_within_its_estimate(extra, ctx, files, mapped_arrays):
-    inp = color_tool.ColorCompareInput(image_a=str(files / "a.png"), image_b=str(files / "b.png"), **extra)
-    color_tool._run(inp, ctx)  # warm-up
-    from engine.mask_expr import parse
-
-    tree = parse(inp.mask_expression) if inp.mask_expression else None
-    est = color_tool.estimate_memory(inp, (H, W, 3), (H, W, 3), tree=tree)
-    peak, out = _peak(lambda: color_tool._run(inp, ctx))
-    print(f"[rel-memory] color_compare {extra}: estimate {est / MB:.0f} MB, peak +{peak / MB:.0f} MB")
-    assert out.structured.width == W
-    assert peak <= est
+def test_color_compare_within_its_estimate(extra, worker, files):
+    args = dict(image_a=str(files / "a.png"), image_b=str(files / "b.png"), **extra)
+    r = worker.ask(kind="color", args=args, shape_a=[H, W, 3], shape_b=[H, W, 3])
+    print(f"[rel-memory] color_compare {extra}: estimate {r['est'] / MB:.0f} MB, peak +{r['peak'] / MB:.0f} MB")
+    assert r["width"] == W
+    assert r["peak"] <= r["est"]
 
 
 def test_mask_edit_refused_before_the_work(tight_ctx, files):
@@ -122,7 +94,7 @@ def test_mask_edit_refused_before_the_work(tight_ctx, files):
     with pytest.raises(ToolError) as err:
         mask_tool.run(inp, tight_ctx)
     msg = str(err.value)
-    assert "would need" in msg and "limit 0.005 GB" in msg and "mask_edit blur on a 1000x800 image" in msg
+    assert "would need" in msg and "limit 0.002 GB" in msg and "mask_edit blur on a 640x480 image" in msg
 
 
 def test_color_compare_refused_before_the_work(tight_ctx, files):
@@ -153,20 +125,6 @@ def test_text_kv_estimate_matches_the_cache_and_refuses():
     assert estimate_memory(a, 4, 10, 5000, "window", 16, None) == estimate_memory(a, 4, 10, 6, "window", 16, None)
 
 
-def test_generate_text_refused_before_the_work(tmp_path):
-    from tools.text import GenerateTextInput, run_generate_text
-
-    c = make_context(tmp_path, limits={"max_call_memory_mb": 1, "max_new_tokens": 1024})
-    try:
-        with pytest.raises(ToolError) as err:
-            run_generate_text(GenerateTextInput(prompt="hello " * 400, max_new_tokens=1024), c)
-        msg = str(err.value)
-        assert msg.startswith("max_new_tokens=1024: would need ") and "limit 0.001 GB" in msg
-        assert "full KV cache" in msg
-    finally:
-        c.engine.close()
-
-
 def test_generate_and_detail_image_refused_before_loading(tmp_path, files):
     from tools import images
 
@@ -174,7 +132,7 @@ def test_generate_and_detail_image_refused_before_loading(tmp_path, files):
     try:
         with pytest.raises(ToolError, match=r"^width='512x512 x 2': would need 1\.\d GB; limit 0\.067 GB"):
             images._run_generate(images.GenerateImageInput(prompt="a cat", width=512, height=512, num_images=2), c)
-        with pytest.raises(ToolError, match=r"^image='1000x800': would need .* GB; limit 0\.067 GB.*top_k"):
+        with pytest.raises(ToolError, match=r"^image='640x480': would need .* GB; limit 0\.067 GB.*top_k"):
             images._run_detail(images.DetailImageInput(image=str(files / "a.png")), c)
     finally:
         c.engine.close()

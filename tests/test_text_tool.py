@@ -141,3 +141,20 @@ def test_invalid_values_rejected_by_the_schema(kw):
 def test_long_input_works_with_the_window_cache(ctx):
     out = _run(ctx, prompt="word " * 2100, raw=True, max_new_tokens=3, kv_cache="window", window=256)
     assert out.structured.prompt_tokens > 2048 and out.structured.completion_tokens >= 1
+
+
+def test_memory_bound_refuses_before_decoding(ctx):
+    """Issue 17.4: the KV cache + prefill bound is checked before the request joins the decode loop."""
+    ctx.settings.limits.max_call_memory_mb = 1
+    try:
+        with pytest.raises(ToolError) as ei:
+            _run(ctx, prompt="hello " * 400, max_new_tokens=64)
+        msg = str(ei.value)
+        assert msg.startswith("max_new_tokens=64: would need ") and "limit 0.001 GB" in msg
+        assert "full KV cache" in msg and not ctx.progress
+        out = None
+        ctx.settings.limits.max_call_memory_mb = 64  # the same request fits a larger limit
+        out = _run(ctx, prompt="hello " * 40, max_new_tokens=4)
+        assert out.structured.completion_tokens >= 1
+    finally:
+        ctx.settings.limits.max_call_memory_mb = 0
