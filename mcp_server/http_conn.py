@@ -6,9 +6,18 @@ protocol (uvicorn's `H11Protocol` plus timers and counters; passed as
 `uvicorn.Config(http=...)`) adds, per connection:
 
 - a per-client cap: at most `http.max_connections_per_client` open connections
-  per peer IP address (the TCP peer, never a forwarded header); the excess is
-  answered `503` naming the key and closed, before it is counted anywhere;
-- a global cap: `http.max_connections` open connections; beyond, `503` and closed;
+  per peer IP address (the TCP peer, never a forwarded header);
+- a global cap: `http.max_connections` open connections;
+- at a cap, a new connection takes the place of the connection most readily
+  given up among those waiting on their client (see `_eviction_rank`: an idle
+  kept-alive one, closed silently; then a body below the rate floor; then a
+  head part-way in; last one that has sent nothing yet), which is answered
+  `503` and closed. A request being served, a response being streamed or a
+  body arriving at a fair rate is never evicted. With nothing to evict, the
+  new connection is answered `503` naming the key and closed, before it is
+  counted anywhere. So half-sent requests from an address cannot lock out a
+  neighbour on the same address (on loopback, every local program is
+  127.0.0.1);
 - a header timeout: the request line and headers must be complete within
   `http.header_timeout_s` of the connection opening (or of the previous
   response, on a kept-alive connection). A connection that sent nothing is
@@ -59,6 +68,7 @@ class ConnectionLimits:
     rate_grace_s: float = 5.0
     drain_limit: int = 64 * 1024 * 1024
     linger_s: float = 1.0
+    min_evict_age_s: float = 1.0
     log_every_s: float = 5.0
 
     @classmethod
@@ -104,7 +114,8 @@ class _RateLimitedLog:
         self.count[kind] = self.count.get(kind, 0) + 1
         now = time.monotonic()
         if now - self.last.get(kind, -1e9) >= self.every:
-            msg = "connection refused" if kind in ("per_client", "max_connections") else "connection timed out"
+            msg = ("connection evicted" if kind.endswith("_evicted") else "connection refused"
+                   if kind in ("per_client", "max_connections") else "connection timed out")
             log.warning(msg, extra={"kind": kind, "reason": reason, "client": client, "events": self.count[kind]})
             self.last[kind] = now
             self.count[kind] = 0
@@ -114,16 +125,17 @@ class GuardedH11Protocol(H11Protocol):
     """`H11Protocol` with the limits above. Use `protocol_class(limits)` for a class bound to one server."""
 
     limits: ConnectionLimits = ConnectionLimits()
-    counts: dict[str, int] = {}  # peer address -> open connections (one dict per bound class)
+    peers: dict[str, dict[GuardedH11Protocol, None]] = {}  # peer address -> its open connections (per bound class)
     note: _RateLimitedLog = _RateLimitedLog(5.0)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._peer: str | None = None  # set once counted in `counts`
+        self._peer: str | None = None  # set while counted in `peers`
         self._ending = False  # answered by us and lingering: input is dropped
         self._timer: asyncio.TimerHandle | None = None
         self._phase = "none"  # "head": waiting for a request head; "body": reading a body; "none"
         self._head_bytes = 0
+        self._phase_t0 = 0.0
         self._last_body = 0.0
         self._rate_t0 = 0.0
         self._rate_bytes = 0
@@ -133,16 +145,18 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         lim = self.limits
         peer = client_key(transport)
-        held = self.counts.get(peer, 0) if peer is not None else 0
-        if peer is not None and held >= lim.per_client:
-            reason = (f"too many connections from {peer}: {held} open "
+        mine = self.peers.get(peer, {}) if peer is not None else {}
+        if len(mine) >= lim.per_client:
+            reason = (f"too many connections from {peer}: {len(mine)} open "
                       f"(http.max_connections_per_client={lim.per_client})")
-            return self._refuse_at_connect(transport, "per_client", reason, peer)
+            if not self._evict_one(mine, reason, "per_client"):
+                return self._refuse_at_connect(transport, "per_client", reason, peer)
         if len(self.server_state.connections) >= lim.max_connections:
             reason = f"the server is at its connection limit (http.max_connections={lim.max_connections})"
-            return self._refuse_at_connect(transport, "max_connections", reason, peer)
+            if not self._evict_one(self.server_state.connections, reason, "max_connections"):
+                return self._refuse_at_connect(transport, "max_connections", reason, peer)
         if peer is not None:
-            self.counts[peer] = held + 1
+            self.peers.setdefault(peer, {})[self] = None
             self._peer = peer
         super().connection_made(transport)
         self._update_phase()
@@ -150,13 +164,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self._phase = "none"
-        if self._peer is not None:
-            left = self.counts.get(self._peer, 1) - 1
-            if left > 0:
-                self.counts[self._peer] = left
-            else:
-                self.counts.pop(self._peer, None)
-            self._peer = None
+        self._release()
         if self.flow is None:  # refused at connect: uvicorn never set this connection up
             return
         super().connection_lost(exc)
@@ -181,6 +189,59 @@ class GuardedH11Protocol(H11Protocol):
         super().on_response_complete()
         self._update_phase()
 
+    # ------------------------------------------------------------------ places
+    def _release(self) -> None:
+        """Give back this connection's places (per client and global)."""
+        if self._peer is not None:
+            mine = self.peers.get(self._peer)
+            if mine is not None:
+                mine.pop(self, None)
+                if not mine:
+                    self.peers.pop(self._peer, None)
+            self._peer = None
+        self.server_state.connections.discard(self)
+
+    def _eviction_rank(self, now: float) -> tuple | None:
+        """How readily this connection gives its place to a new one (lower first); None: it keeps it.
+
+        First an idle kept-alive connection (no byte for `min_evict_age_s`; closing it costs nothing);
+        then a body arriving below the rate floor, slowest first; then a request head part-way in;
+        last a connection just made that has sent nothing yet, oldest first (so the newest, likely
+        about to send its request, is the last to go). Never a request being served, a response
+        being streamed, or a body arriving at a fair rate. No age threshold: an attacker that
+        reconnects as fast as it can keeps every place young, and would win any such race.
+        """
+        if self._ending or self._phase not in ("head", "body"):
+            return None
+        age = now - self._phase_t0
+        if self._phase == "head":
+            if self._head_bytes:
+                return (2, -age)
+            return (0, -age) if age >= self.limits.min_evict_age_s else (3, -age)
+        rate = self._rate_bytes / max(now - self._rate_t0, 1e-3)
+        if rate >= max(self.limits.min_body_rate, 1):
+            return None
+        return (1, rate, -age)
+
+    def _evict_one(self, among: Any, reason: str, kind: str) -> bool:
+        """Close the most readily evicted connection of `among`, so that a new one takes its place."""
+        now = time.monotonic()
+        ranked = [(r, c) for c in list(among) if isinstance(c, GuardedH11Protocol)
+                  for r in [c._eviction_rank(now)] if r is not None]
+        if not ranked:
+            return False
+        _, victim = min(ranked, key=lambda rc: rc[0])
+        if victim._phase == "head" and victim._head_bytes == 0:
+            victim._phase = "none"
+            victim._cancel_timer()
+            victim._ending = True
+            victim.transport.close()  # idle: nothing to answer
+        else:
+            victim._fail(503, f"{reason}; this connection was the slowest waiting one and gave its place to a "
+                              f"new one", f"{kind}_evicted")
+        victim._release()
+        return True
+
     # ------------------------------------------------------------------ phases and timers
     def _update_phase(self) -> None:
         if self.transport is None or self.transport.is_closing() or self._ending:
@@ -191,13 +252,14 @@ class GuardedH11Protocol(H11Protocol):
         if state is h11.IDLE:
             if self._phase != "head":
                 self._phase = "head"
+                self._phase_t0 = time.monotonic()
                 self._head_bytes = 0
                 self._set_timer(self.limits.header_timeout_s, self._head_expired)
         elif state is h11.SEND_BODY:
             if self._phase != "body":
                 self._phase = "body"
                 now = time.monotonic()
-                self._last_body = self._rate_t0 = now
+                self._last_body = self._rate_t0 = self._phase_t0 = now
                 self._rate_bytes = self._drained = 0
                 self._set_timer(self._tick_s(), self._body_tick)
         elif self._phase != "none":
@@ -290,6 +352,6 @@ class GuardedH11Protocol(H11Protocol):
 
 
 def protocol_class(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
-    """A `GuardedH11Protocol` subclass with its own limits and its own per-client counts."""
+    """A `GuardedH11Protocol` subclass with its own limits and its own per-client registry."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {
-        "limits": limits, "counts": {}, "note": _RateLimitedLog(limits.log_every_s)})
+        "limits": limits, "peers": {}, "note": _RateLimitedLog(limits.log_every_s)})

@@ -26,9 +26,12 @@ Connections cannot be held hostage:
   one, from 8 loopback addresses other than the normal client's; meanwhile a
   normal MCP client on 127.0.0.1 keeps calling `engine_status`: every call
   succeeds and none takes more than 10 s (figures printed);
-- one address cannot hold more than `http.max_connections_per_client`
-  connections: the excess is answered 503 naming the key and closed, another
-  address is served, and closing held connections frees the address's slots;
+- one address whose places all hold requests being served (GET event
+  streams) cannot open one more: 503 naming the key; another address is
+  served, and closing held streams frees the address's places;
+- the attacker and the normal client share one address, full of half-sent
+  requests: a new connection takes the place of the slowest one waiting on
+  its client, so the normal client's calls still succeed;
 - a client that drips its headers gets 408 (header timeout), one that stops
   mid-body gets 408 (body idle timeout), one that drips its body faster than
   the idle timeout but below the rate floor gets 408 (rate floor), each 408
@@ -526,38 +529,90 @@ def test_256_slow_connections_do_not_lock_out_a_normal_client(server):
     assert fleet.statuses.get(408, 0) > 0, figures
 
 
+def test_a_neighbour_on_the_attackers_address_still_gets_through(server):
+    """The attacker and the normal client share one address (as every local program shares 127.0.0.1).
+    The address is at its cap with half-sent requests; a new connection takes the place of the slowest
+    one waiting on its client (at least 1 s old), so the normal client's calls still succeed."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    port, proc = server
+    shared = "127.0.0.50"
+    fleet = SlowFleet(port, [shared], CAP + 20)
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    async def normal_client(duration: float) -> None:
+        http = httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(local_address=shared),
+                                  timeout=httpx2.Timeout(30, read=300))
+        t_end = time.monotonic() + duration
+        t0 = time.monotonic()
+        try:
+            async with http, Client(streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=http)) as c:
+                latencies.append(time.monotonic() - t0)
+                while time.monotonic() < t_end:
+                    t0 = time.monotonic()
+                    r = await asyncio.wait_for(c.call_tool("engine_status", {}), 30)
+                    latencies.append(time.monotonic() - t0)
+                    if r.is_error:
+                        failures.append(r.content[0].text[:200])
+                    await asyncio.sleep(0.2)
+        except BaseException as exc:  # noqa: BLE001 - the figure is the failure
+            while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+                exc = exc.exceptions[0]
+            failures.append(f"after {len(latencies)} calls: {type(exc).__name__}: {str(exc)[:300]}")
+
+    fleet.start()
+    try:
+        assert wait_for(lambda: len(fleet.held_samples) >= 4, 30)  # 2 s: the address is full, its places aged
+        asyncio.run(normal_client(4.0))
+    finally:
+        fleet.close()
+    print(f"\n[rel-http shared address] {CAP + 20} half-sent requests from {shared} (cap {CAP}), held median "
+          f"{statistics.median(fleet.held_samples):.0f}, dropped by the server {dict(fleet.statuses)}; the normal "
+          f"client on the same address: {len(latencies)} calls, max {max(latencies, default=0) * 1000:.0f} ms, "
+          f"failures {failures[:3]}")
+    assert not failures
+    assert len(latencies) >= 3 and max(latencies) < 10.0
+    assert statistics.median(fleet.held_samples) >= CAP - 5  # the attacker did fill the address
+    assert proc.poll() is None
+
+
 def test_one_address_cannot_exceed_its_cap(server):
+    """An address whose places all hold requests being served (here: open GET event streams) cannot open one
+    more: 503 naming the key. Another address is served meanwhile; closing held streams frees places."""
     port, proc = server
     attacker = "127.0.0.20"
     held: list[socket.socket] = []
-    refused: list[bytes] = []
-    socks = [connect_from(attacker, port) for _ in range(CAP + 20)]  # connect only: the header phase
+    extra: list[socket.socket] = []
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=attacker), timeout=20) as c:
+        sessions = []
+        for _ in range(CAP):
+            r = c.post(f"http://127.0.0.1:{port}/mcp", headers=HDRS, content=INIT)
+            assert r.status_code == 200, r.text[:200]
+            sessions.append(r.headers["mcp-session-id"])
+    time.sleep(0.2)  # that client's connection is closed: the address holds nothing
     try:
-        time.sleep(0.5)
-        sel = selectors.DefaultSelector()
-        for s in socks:
-            sel.register(s, selectors.EVENT_READ)
-        ready = {k.fileobj for k, _ in sel.select(0.2)}
-        sel.close()
-        for s in socks:
-            if s in ready:
-                data, _, _ = read_until_close(s, 2)
-                refused.append(data)
-            else:
-                held.append(s)
-        # another address is served meanwhile
+        for sid in sessions:
+            s = connect_from(attacker, port, (f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                              f"Accept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n"
+                                              f"Mcp-Protocol-Version: 2025-11-25\r\n\r\n").encode())
+            held.append(s)
+        statuses = []
+        for s in held:
+            s.settimeout(10)
+            statuses.append(status_of(s.recv(4096)))
+        assert statuses == [200] * CAP, statuses
+        extra = [connect_from(attacker, port) for _ in range(20)]
+        refused = [read_until_close(s, 5)[0] for s in extra]
         with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.21"), timeout=10) as c:
-            r = c.post(f"http://127.0.0.1:{port}/mcp", headers={
-                "Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
-                content=json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-                    "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}))
-        print(f"\n[rel-http cap] cap {CAP}: {len(socks)} connections from {attacker}: {len(held)} held, "
-              f"{len(refused)} refused ({Counter(status_of(d) for d in refused)}); other address -> {r.status_code}")
-        assert len(held) == CAP, (len(held), len(refused))
+            r = c.post(f"http://127.0.0.1:{port}/mcp", headers=HDRS, content=INIT)
+        print(f"\n[rel-http cap] cap {CAP}: {CAP} event streams held by {attacker}; 20 more connections: "
+              f"{Counter(status_of(d) for d in refused)}; another address -> {r.status_code}")
         assert all(status_of(d) == 503 for d in refused), refused[:3]
-        assert b"http.max_connections_per_client" in refused[0] and attacker.encode() in refused[0], refused[0]
+        assert b"http.max_connections_per_client=40" in refused[0] and attacker.encode() in refused[0], refused[0]
         assert r.status_code == 200, r.text[:300]
-        # closing held connections frees the address's places
+        # closing held streams gives the address its places back
         for s in held[:10]:
             s.close()
         del held[:10]
@@ -572,7 +627,7 @@ def test_one_address_cannot_exceed_its_cap(server):
         sel.close()
         assert not answered, "a freed place was not given back to the address"
     finally:
-        for s in socks + held:
+        for s in held + extra:
             s.close()
     assert proc.poll() is None
 
