@@ -55,7 +55,7 @@ from tools.base import ToolError, ToolOutput, ToolSpec
 from . import __version__
 from .clients import LOCAL, client_of, http_request
 from .config import Settings
-from .disconnect import exchange_watch
+from .disconnect import ExchangeWatch, exchange_watch
 from .jobs import Job, JobManager
 from .logs import request_id, set_third_party_level, setup_logging, summarize_args
 from .media import MediaStore
@@ -482,7 +482,7 @@ class AtelierServer(MCPServer):
                 watch.detach(token)
 
     async def _run_watched(self, spec: ToolSpec, args: BaseModel, context: Any, token: CancelToken, caller: str,
-                           watch: Any) -> tuple[mt.CallToolResult, str, dict]:
+                           watch: ExchangeWatch | None) -> tuple[mt.CallToolResult, str, dict]:
         if spec.execution == "inline" and not spec.long_running:
             try:
                 result = await anyio.to_thread.run_sync(self._execute, spec, args, token, caller)
