@@ -1343,11 +1343,20 @@ class CatalogService:
         rows, vecs, errors = read_catalog(path, max_rows=max_rows)
         report = LoadReport(source="demo" if is_demo else str(path), rows=len(rows), errors=errors)
         torch_dtype = torch.float16 if dtype == "float16" else torch.float32
-        if vecs[0] is not None:
+        emb = self.embedder(model) if vecs[0] is None else None
+        texts = [row_text(r) for r in rows] if emb is not None else []
+        dim = emb.dim if emb is not None else len(vecs[0] or ())
+        n, el = len(rows), torch_dtype.itemsize
+        ncols = len({k for r in rows for k in r}) + 1
+        # the vectors (fp32 twice: parsed and converted), the matrix, its sketch, the columns, the id index,
+        # and the embedding's output and one batch's activations
+        need = n * dim * (8 + el) + n * (dim + 9) + 8 * n * ncols + 200 * n
+        need += emb.estimate_bytes(texts) if emb is not None else 0
+        workmem.require("catalog", report.source, need, self.memory_limit(), f"loading {n} rows of {dim} dims")
+        if emb is None:
             matrix = torch.tensor(np.asarray(vecs, dtype=np.float32))
             model_id = "provided"
         else:
-            emb = self.embedder(model)
             model_id = emb.name
             digest = content_hash(model_id, rows)
             cache = self.cache_path(None if is_demo else path, model_id, digest)
@@ -1362,7 +1371,7 @@ class CatalogService:
                 except (OSError, ValueError):
                     matrix = None
             if matrix is None:
-                matrix = emb.encode([row_text(r) for r in rows], token=token, progress=progress)
+                matrix = emb.encode(texts, token=token, progress=progress)
                 report.embedded = len(rows)
                 try:
                     _atomic_save(cache, matrix.numpy())

@@ -606,6 +606,9 @@ class _FakeEmbedder:
     def __init__(self) -> None:
         self.calls = 0
 
+    def estimate_bytes(self, texts, batch_size=64):  # noqa: ANN001, ANN201
+        return len(texts) * self.dim * 4  # its output: it holds nothing else
+
     def encode(self, texts, *, token=None, progress=None, batch_size=64):  # noqa: ANN001, ANN201
         self.calls += 1
         out = torch.zeros(len(texts), 26)

@@ -170,6 +170,18 @@ def test_tools_refuse_over_the_engine_budget(tmp_path: Path, shop: Path) -> None
     assert upsert.run(UpsertInput(items=items, catalog=str(shop)), ctx).structured.added == 5000
 
 
+def test_opening_a_catalogue_over_the_limit_is_refused(tmp_path: Path, shop: Path) -> None:
+    ctx = make_context(tmp_path)
+    ctx.engine.registry.budget_bytes = 1_000_000  # 3000 rows x 8 dims need more than 1 MB
+    with pytest.raises(ToolError) as err:
+        info.run(info.input_model(catalog=str(shop)), ctx)
+    msg = str(err.value)
+    assert msg.startswith(f"catalog={str(shop.resolve())!r}: would need ") and "loading 3000 rows of 8 dims" in msg, msg
+    assert ctx.engine.service("catalog", CatalogService).catalogs() == []
+    ctx.engine.registry.budget_bytes = 100_000_000
+    assert info.run(info.input_model(catalog=str(shop)), ctx).structured.rows == 3000
+
+
 def test_upsert_and_embedding_bounds_hold(tmp_path: Path, fresh_pages: None) -> None:
     """Measured peak RSS growth of a 20,000-item vector upsert (the catalogue grows: the matrix, mask and
     columns are copied) and of embedding 128 short texts and 16 long ones stays under the estimates."""
