@@ -218,6 +218,8 @@ class GuardedH11Protocol(H11Protocol):
             if self._head_bytes:
                 return (2, -age)
             return (0, -age) if age >= self.limits.min_evict_age_s else (3, -age)
+        if self.flow is not None and self.flow.read_paused:
+            return None  # the server is not reading this body: not the client's doing
         rate = self._rate_bytes / max(now - self._rate_t0, 1e-3)
         if rate >= max(self.limits.min_body_rate, 1):
             return None
