@@ -337,11 +337,15 @@ class GuardedH11Protocol(H11Protocol):
         transport = self.transport
         if response:
             transport.write(response)
-        if transport.can_write_eof():
+        try:
+            if transport.is_closing() or not transport.can_write_eof():
+                transport.close()
+                return
             transport.write_eof()  # FIN after the answer; keep reading (and dropping) a little
-            self.loop.call_later(self.limits.linger_s, transport.close)
-        else:
+        except OSError:  # the peer is already gone
             transport.close()
+            return
+        self.loop.call_later(self.limits.linger_s, transport.close)
 
     def _close_now(self) -> None:
         self._ending = True

@@ -264,6 +264,10 @@ def server(tmp_path_factory):
     finally:
         stop(proc)
         print(f"\n[rel-http] server log: {log_path}")
+    # nothing above may have made the server log a traceback (an exception in the connection code, the SDK
+    # handling a half body, ...)
+    tracebacks = [ln for ln in log_path.read_text("utf-8", "replace").splitlines() if "Traceback" in ln]
+    assert not tracebacks, tracebacks[0][:3000]
 
 
 def head(port: int, length: int = 100000, host: str | None = None) -> bytes:
