@@ -6,7 +6,7 @@
 For each size: single queries and batches of 16, best of a few repetitions
 (the machine is shared). Baselines, measured in the same run on the same
 vectors: NumPy (matrix product + argpartition + sort of the k) and faiss-cpu
-IndexFlatIP. Ours: `engine.recommend.Catalog` in fp32 (the default: the int8
+IndexFlatIP. Ours: `engine.catalog.Catalog` in fp32 (the default: the int8
 sketch scan with exact fp32 rescoring), fp32 without the sketch (the plain
 BLAS scan, for reference) and fp16 (`models.embedding_dtype = "float16"`),
 plus the tool (`recommend_topk` with a vector) in-process; the tool's batch is 16 concurrent calls, coalesced by
@@ -67,7 +67,7 @@ def np_topk(mat: np.ndarray, qs: np.ndarray) -> np.ndarray:
 def run_size(n: int, reps: int, bw: float) -> list[str]:
     import faiss
 
-    from engine.recommend import Catalog, CatalogService, LoadReport, Query
+    from engine.catalog import Catalog, CatalogService, LoadReport, Query
     from fakectx import make_context
     from tools.recommend import TOOLS, RecommendInput
 

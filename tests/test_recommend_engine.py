@@ -1,4 +1,4 @@
-"""engine.recommend: exact search vs a NumPy brute force, online updates, coalescing, catalogue files.
+"""engine.catalog: exact search vs a NumPy brute force, online updates, coalescing, catalogue files.
 
 The oracle normalises in float64, sorts every valid row by (score desc, row
 asc) with np.lexsort, then applies min_score and the greedy category limit.
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import InvalidInput
-from engine.recommend import Catalog, CatalogService, Coalescer, Query, read_catalog
+from engine.catalog import Catalog, CatalogService, Coalescer, Query, read_catalog
 
 CATS = ["a", "b", "c"]
 

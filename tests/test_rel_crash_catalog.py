@@ -25,7 +25,7 @@ LOADER = r"""
 import sys, os
 from pathlib import Path
 from engine import Engine, EngineConfig
-from engine.recommend import CatalogService
+from engine.catalog import CatalogService
 eng = Engine(EngineConfig(device="cpu", cache_dir=os.environ["ATELIER_TEST_CACHE"]))
 svc = CatalogService(eng)
 cat, report = svc.open(Path(sys.argv[1]))

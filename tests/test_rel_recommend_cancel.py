@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from engine.errors import Cancelled, InvalidInput
-from engine.recommend import Catalog, CatalogService, Query
+from engine.catalog import Catalog, CatalogService, Query
 from tools.recommend import TOOLS, RecommendInput, UpsertInput
 
 from fakectx import FakeContext, make_context

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import InvalidInput
-from engine.recommend import Catalog, CatalogService, Coalescer, Query, read_catalog
+from engine.catalog import Catalog, CatalogService, Coalescer, Query, read_catalog
 from tools.base import ToolError
 from tools.recommend import TOOLS, RecommendInput, UpsertInput
 

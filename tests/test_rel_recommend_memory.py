@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.recommend import Catalog, CatalogService, Coalescer, Query
+from engine.catalog import Catalog, CatalogService, Coalescer, Query
 from engine.workmem import MemoryLimitExceeded
 from tools.base import ToolError
 from tools.recommend import TOOLS, RecommendInput, UpsertInput

@@ -2,7 +2,7 @@
 
 The catalogue is the file named in the call (`catalog`, resolved inside the
 read roots), else `models.catalog`, else the bundled demo catalogue. The
-engine's catalogue service (`engine.recommend.CatalogService`) holds it on the
+engine's catalogue service (`engine.catalog.CatalogService`) holds it on the
 device; this module checks limits, resolves paths and shapes results.
 Upserts and deletes live in memory for the server's lifetime (the file is
 not rewritten).
@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import InvalidInput
-from engine.recommend import Catalog, CatalogService, LoadReport, Query, clean_row, text_problem
+from engine.catalog import Catalog, CatalogService, LoadReport, Query, clean_row, text_problem
 
 from .base import ToolContext, ToolError, ToolOutput, ToolSpec
 
@@ -105,7 +105,7 @@ def _recommend(args: RecommendInput, ctx: ToolContext) -> ToolOutput:
     cat, report = _open(ctx, args.catalog)
     ctx.check()
     cat.check_filters(args.filters)  # every filter value checked and converted before any work
-    with cat.expect_query():  # concurrent calls join one batch (engine.recommend.Coalescer)
+    with cat.expect_query():  # concurrent calls join one batch (engine.catalog.Coalescer)
         exclude_rows = {cat.row_of(i) for i in args.exclude if cat.has(i)}
         if args.text is not None:
             if not args.text.strip():

@@ -1,0 +1,223 @@
+"""CatalogService: the engine's catalogues by (source, model, dtype), loaded and embedded on first use,
+with the embedding cache; text embedding and the all-or-nothing upsert (embed, then one `Catalog.apply`).
+
+Embeddings of a file are cached beside it (or in the engine cache dir when that folder is read-only) as
+`.npy`, keyed by model and a hash of the embedded texts, written atomically (temp file, fsync, replace);
+temp files a crash left are swept on the next load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import workmem
+from ..errors import InvalidInput
+from .rows import DEMO_CATALOG, read_catalog, row_text
+from .store import DEFAULT_CHUNK_ROWS, Catalog
+
+_TMP_PREFIX = ".atelier-tmp-emb-"
+
+def sweep_temp_files(folder: Path) -> int:
+    """Remove embedding-cache temp files a crash left in `folder` (ours only, by prefix)."""
+    n = 0
+    try:
+        for p in folder.glob(f"{_TMP_PREFIX}*"):
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                n += 1
+    except OSError:
+        pass
+    return n
+
+
+def _atomic_save(path: Path, arr: np.ndarray) -> None:
+    """Write the cache file whole or not at all: temp file in the same folder, fsync, os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, arr)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def content_hash(model: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    h = hashlib.sha256(model.encode())
+    for row in rows:
+        h.update(b"\x1e" + str(row["id"]).encode() + b"\x1f" + row_text(row).encode())
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class LoadReport:
+    source: str
+    rows: int
+    errors: list[str] = field(default_factory=list)
+    embedded: int = 0  # rows embedded now (0 when the cache or the file had them)
+    cache_file: str | None = None
+
+
+class CatalogService:
+    """The engine's catalogues, keyed by (source, model, dtype). Get it with `engine.service("catalog", CatalogService)`."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._catalogs: dict[tuple[str, str, str], tuple[Catalog, LoadReport]] = {}
+        self.chunk_rows = DEFAULT_CHUNK_ROWS
+        self.max_call_memory_mb = 0  # the per-call memory limit (0: from the engine budget; see memory_limit)
+
+    def embedder(self, model: str) -> Any:
+        from ..embed import get_embedder
+
+        return get_embedder(self.engine, model)
+
+    def cache_path(self, source: Path | None, model_id: str, digest: str) -> Path:
+        name = f"{source.name if source else 'demo_catalog.jsonl'}.{model_id}.{digest}.emb.npy"
+        if source is not None and os.access(source.parent, os.W_OK):
+            return source.parent / f".{name}"
+        return Path(self.engine.config.cache_dir) / "catalog-embeddings" / name
+
+    def open(self, source: Path | None, *, model: str = "", dtype: str = "float32", max_rows: int = 2_000_000,
+             token: Any = None, progress: Callable[[int, int], None] | None = None) -> tuple[Catalog, LoadReport]:
+        """The catalogue of `source` (None = the bundled demo), loading and embedding it on first use."""
+        path = source.resolve() if source is not None else DEMO_CATALOG  # resolved once, at import
+        key = (str(path), model, dtype)
+        with self._lock:
+            hit = self._catalogs.get(key)
+            if hit is not None:
+                return hit
+            cat, report = self._load(path, source is None, model, dtype, max_rows, token, progress)
+            self._catalogs[key] = (cat, report)
+            return cat, report
+
+    def _load(self, path: Path, is_demo: bool, model: str, dtype: str, max_rows: int, token: Any,
+              progress: Callable[[int, int], None] | None) -> tuple[Catalog, LoadReport]:
+        rows, vecs, errors = read_catalog(path, max_rows=max_rows)
+        report = LoadReport(source="demo" if is_demo else str(path), rows=len(rows), errors=errors)
+        torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+        emb = self.embedder(model) if vecs[0] is None else None
+        texts = [row_text(r) for r in rows] if emb is not None else []
+        dim = emb.dim if emb is not None else len(vecs[0] or ())
+        n, el = len(rows), torch_dtype.itemsize
+        ncols = len({k for r in rows for k in r}) + 1
+        # the vectors (fp32 twice: parsed and converted), the matrix, its sketch, the columns, the id index,
+        # and the embedding's output and one batch's activations
+        need = n * dim * (8 + el) + n * (dim + 9) + 8 * n * ncols + 200 * n
+        need += emb.estimate_bytes(texts) if emb is not None else 0
+        workmem.require("catalog", report.source, need, self.memory_limit(), f"loading {n} rows of {dim} dims")
+        if emb is None:
+            matrix = torch.tensor(np.asarray(vecs, dtype=np.float32))
+            model_id = "provided"
+        else:
+            model_id = emb.name
+            digest = content_hash(model_id, rows)
+            cache = self.cache_path(None if is_demo else path, model_id, digest)
+            report.cache_file = str(cache)
+            sweep_temp_files(cache.parent)
+            matrix = None
+            if cache.is_file():
+                try:
+                    arr = np.load(cache, allow_pickle=False)
+                    if arr.shape == (len(rows), emb.dim):
+                        matrix = torch.from_numpy(arr)
+                except (OSError, ValueError):
+                    matrix = None
+            if matrix is None:
+                matrix = emb.encode(texts, token=token, progress=progress)
+                report.embedded = len(rows)
+                try:
+                    _atomic_save(cache, matrix.numpy())
+                except OSError:
+                    fallback = self.cache_path(None, model_id, digest)
+                    if fallback != cache:
+                        _atomic_save(fallback, matrix.numpy())
+                        report.cache_file = str(fallback)
+        cat = Catalog(matrix.shape[1], device=self.engine.device, dtype=torch_dtype, chunk_rows=self.chunk_rows,
+                      model=model_id, source=report.source, capacity=max(1024, len(rows)),
+                      memory_limit=self.memory_limit)
+        cat.upsert(rows, matrix)
+        return cat, report
+
+    def memory_limit(self) -> int | None:
+        """Bytes one search or upsert may need, read at each call: `workmem.call_limit` (the configured
+        per-call limit `max_call_memory_mb` when > 0, else the engine's memory budget less its models)."""
+        return workmem.call_limit(self.engine, self.max_call_memory_mb)
+
+    def _embedder_for(self, catalog: Catalog, model: str, texts: Sequence[str], argument: str) -> Any:
+        emb = self.embedder(model)
+        if emb.dim != catalog.dim:
+            raise InvalidInput(argument, texts[0] if texts else "", f"the catalogue holds {catalog.dim}-d vectors "
+                               f"but the embedding model gives {emb.dim}-d: query by vector or item_id instead")
+        return emb
+
+    def embed_texts(self, catalog: Catalog, model: str, texts: Sequence[str], argument: str,
+                    token: Any = None) -> torch.Tensor:
+        """Embed texts with the catalogue's model -> [n, dim] float32. A catalogue whose vectors came with
+        the file can only take text when the configured model has the same dimension. Refused before any
+        work when the embedding's upper bound of memory exceeds `memory_limit()`."""
+        emb = self._embedder_for(catalog, model, texts, argument)
+        workmem.require(argument, texts[0][:40] if len(texts) == 1 else f"<{len(texts)} texts>",
+                        emb.estimate_bytes(texts), self.memory_limit(), "embedding it")
+        return emb.encode(list(texts), token=token)
+
+    def upsert(self, catalog: Catalog, rows: Sequence[Mapping[str, Any]], vectors: Sequence[torch.Tensor | None],
+               delete: Sequence[str] = (), *, model: str = "", token: Any = None,
+               progress: Callable[[int, int], None] | None = None) -> tuple[int, int, int]:
+        """Add or update `rows` (checked by `clean_row`; vectors[i] [dim], or None to embed the row's text)
+        and delete ids, all or nothing -> (added, updated, deleted).
+
+        Order: the memory bound (embedding + commit) is checked against `memory_limit()` before any work;
+        missing vectors are embedded in chunks, `token.check()` before each; the token is checked once
+        more; then one `Catalog.apply` commits under the catalogue's lock. A cancel (or any error) before
+        that step leaves the catalogue as it was; nothing can cancel the step itself."""
+        need_text = [i for i, v in enumerate(vectors) if v is None]
+        texts = [row_text(rows[i]) for i in need_text]
+        emb = self._embedder_for(catalog, model, texts, "items") if texts else None
+        n_new = len({str(r["id"]) for r in rows} - set(catalog._row_of))
+        new_fields = len({k for r in rows for k in r} - set(catalog._columns))
+        need = catalog.upsert_bytes(len(rows), n_new, new_fields) + (emb.estimate_bytes(texts) if emb else 0)
+        workmem.require("items", f"<{len(rows)} items>", need, self.memory_limit(),
+                        f"embedding {len(texts)} and storing {len(rows)} items of {catalog.dim} dims: send fewer "
+                        "items per call")
+        full = list(vectors)
+        if emb is not None:
+            out = emb.encode(texts, token=token, progress=progress)  # token.check() before every chunk
+            for j, i in enumerate(need_text):
+                full[i] = out[j]
+        if token is not None:
+            token.check()  # the last moment a cancel can stop the change
+        stacked = torch.stack([v.float() for v in full if v is not None]) if rows else None
+        del full
+        try:
+            return catalog.apply(rows, stacked, delete)
+        finally:
+            del stacked
+            workmem.release(need)  # hand freed heap pages back to the OS after a large update
+
+    def close(self) -> None:
+        """Engine shutdown: release every catalogue's query worker."""
+        with self._lock:
+            for cat, _ in self._catalogs.values():
+                cat.close()
+
+    def catalogs(self) -> list[tuple[Catalog, LoadReport]]:
+        with self._lock:
+            return list(self._catalogs.values())
