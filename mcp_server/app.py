@@ -60,6 +60,9 @@ from .jobs import Job, JobManager
 from .logs import request_id, set_third_party_level, setup_logging, summarize_args
 from .media import MediaStore
 from .sandbox import NO_SPACE_ERRNOS, Sandbox
+from .tasks import Tasks
+from .tasks import capability as tasks_capability
+from .tasks import offered as tasks_offered
 
 log = logging.getLogger("atelier.server")
 
@@ -266,6 +269,25 @@ class AtelierServer(MCPServer):
             set_third_party_level(log_cfg.level, log_cfg.third_party_level)
         self._register_resources()
         self._register_logging()
+        self._register_tasks()
+
+    # ---------------------------------------------------------------- MCP tasks (2025-11-25)
+    def _register_tasks(self) -> None:
+        """tasks/* methods, task-augmented tools/call, and the `tasks` capability where tasks are offered."""
+        self.tasks = Tasks(self)
+        self.tasks.register()
+        low = self._lowlevel_server
+        base = low.get_capabilities
+
+        def capabilities(*args: Any, protocol_version: str | None = None, **kwargs: Any) -> mt.ServerCapabilities:
+            caps = base(*args, protocol_version=protocol_version, **kwargs)
+            # `initialize` asks without a version and the result is shaped per version afterwards (the
+            # `tasks` field exists only in 2025-11-25's schema); `server/discover` asks with its version
+            if protocol_version is None or tasks_offered(protocol_version):
+                caps = caps.model_copy(update={"tasks": tasks_capability()})
+            return caps
+
+        low.get_capabilities = capabilities  # type: ignore[method-assign]
 
     # ---------------------------------------------------------------- logging to clients
     def _register_logging(self) -> None:
@@ -311,6 +333,7 @@ class AtelierServer(MCPServer):
                 annotations=mt.ToolAnnotations(title=spec.title, read_only_hint=spec.read_only,
                                                destructive_hint=False if spec.read_only else None,
                                                open_world_hint=False),
+                execution=mt.ToolExecution(task_support="optional") if spec.long_running else None,
             ))
         return out
 
@@ -389,6 +412,7 @@ class AtelierServer(MCPServer):
                  caller: str = LOCAL) -> mt.CallToolResult:
         """Runs on a worker thread: the tool, then image delivery (images owned by `caller`)."""
         token.check()
+        token.report(0, None, "started")  # the job leaves `queued` (and the client hears that work began)
         out = spec.run(args, RunContext(self.state, token, caller))
         if not isinstance(out, ToolOutput):
             raise TypeError(f"tool {spec.name} returned {type(out).__name__}, not ToolOutput")
@@ -530,9 +554,9 @@ class AtelierServer(MCPServer):
             if watch is not None:
                 watch.detach(token)  # a job outlives its request: the exchange's end no longer stops it
             job.detached = True
-            job.state = "running" if job.state == "queued" and self.state.engine.scheduler.running_label else job.state
             snap = job.snapshot()
-            text = (f"{spec.name} is still running after {deadline:.0f} s; it continues as job {job.id}. "
+            where = ("is still queued behind other work" if snap["status"] == "queued" else "is still running")
+            text = (f"{spec.name} {where} after {deadline:.0f} s; it continues as job {job.id}. "
                     f"Call job_status with job_id={job.id!r} for progress and the result, or job_cancel to stop it.")
             await self._client_log(context, "info", {"event": "job_detached", "job_id": job.id, "tool": spec.name})
             return (mt.CallToolResult(content=[mt.TextContent(type="text", text=text)],

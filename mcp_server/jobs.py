@@ -5,6 +5,12 @@ work is still running the call returns a job id and the work goes on.
 `job_status(id)` reports progress or, once finished, the result;
 `job_cancel(id)` asks the work to stop at its next step. Finished jobs are
 kept for `limits.job_ttl_s` seconds; at most `limits.max_jobs` are kept.
+MCP tasks (`mcp_server/tasks.py`) are jobs too (`is_task`), kept for their own
+`ttl_s` after they were created (and at least until they finish).
+
+A job whose work was asked to stop reads `cancelled`, even when the tool then
+returned normally with what it had (generate_text's partial text): the result
+is kept and shown, the status says what happened.
 
 Every job has an owner (`mcp_server.clients`): over HTTP only the client that
 started it sees it; `get` and `cancel` answer None to anyone else, exactly as
@@ -38,6 +44,10 @@ class Job:
     error: str | None = None
     future: Future | None = None
     owner: str = LOCAL  # the client that started it (mcp_server.clients)
+    updated: float = field(default_factory=time.time)  # last progress or state change
+    is_task: bool = False  # created by a task-augmented tools/call (mcp_server/tasks.py)
+    ttl_s: float | None = None  # tasks: kept this long after creation; None = the manager's ttl after finishing
+    cancel_requested: bool = False  # job_cancel / tasks/cancel asked it to stop
 
     def snapshot(self) -> dict[str, Any]:
         t = self.token
@@ -75,19 +85,30 @@ class JobManager:
         return job if job is not None and can_see(job.owner, caller) else None
 
     def finish(self, job: Job, state: str, result: Any = None, error: str | None = None) -> None:
+        if state == "done" and (job.cancel_requested or job.token.cancelled):
+            state = "cancelled"  # the tool stopped early and returned what it had
+            error = error or job.token.reason
         job.state, job.result, job.error = state, result, error
-        job.finished = time.time()
+        job.finished = job.updated = time.time()
 
     def forget(self, job: Job) -> None:
         """Drop a job that completed within its call (nobody will ask for it)."""
         with self._lock:
             self._jobs.pop(job.id, None)
 
-    def cancel(self, job_id: str, caller: str = LOCAL) -> Job | None:
+    def cancel(self, job_id: str, caller: str = LOCAL, reason: str = "cancelled by job_cancel") -> Job | None:
         job = self.get(job_id, caller)
         if job is not None and job.state in ("queued", "running"):
-            job.token.cancel("cancelled by job_cancel")
+            job.cancel_requested = True
+            job.updated = time.time()
+            job.token.cancel(reason)
         return job
+
+    def visible(self, caller: str = LOCAL) -> list[Job]:
+        """Every kept job `caller` may see."""
+        with self._lock:
+            self._purge_locked()
+            return [j for j in self._jobs.values() if can_see(j.owner, caller)]
 
     def active(self) -> list[Job]:
         with self._lock:
@@ -97,9 +118,14 @@ class JobManager:
         for job in self.active():
             job.token.cancel(reason)
 
+    def _expired(self, j: Job, now: float) -> bool:
+        if not j.finished:
+            return False
+        return now - j.created > j.ttl_s if j.ttl_s is not None else now - j.finished > self.ttl_s
+
     def _purge_locked(self) -> None:
         now = time.time()
-        for jid in [j.id for j in self._jobs.values() if j.finished and now - j.finished > self.ttl_s]:
+        for jid in [j.id for j in self._jobs.values() if self._expired(j, now)]:
             del self._jobs[jid]
         if len(self._jobs) >= self.max_jobs:
             done = sorted((j for j in self._jobs.values() if j.finished), key=lambda j: j.finished or 0)
