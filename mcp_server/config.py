@@ -64,6 +64,10 @@ class ModelsSection(_Section):
     llm_compile: bool = False
     llm_decode: Literal["auto", "numpy", "torch"] = Field(
         "auto", description="decode steps: 'numpy' (CPU fp32, full cache), 'torch'; 'auto' = numpy where it applies")
+    # issue 13 (quantised weights): the weight format of the language model
+    llm_weights: Literal["auto", "gguf", "int8", "int4", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="'auto'/'gguf' = a GGUF's own blocks kept packed (CPU); 'int8'/'int4' = quantised at load "
+                            "(Q8_0/Q4_1 blocks); 'bf16'/'fp16'/'fp32' = de-quantised in that dtype")
     embedding_dtype: Literal["float32", "float16"] = "float32"
 
 

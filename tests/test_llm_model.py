@@ -141,7 +141,8 @@ def smol():
 
     gguf = embedded_gguf()
     assert gguf is not None and gguf.name == EMBEDDED_FILE
-    ours = load_llm("", CACHE)  # converts once into the shared test cache
+    ours = load_llm("", CACHE)  # the GGUF's own blocks, kept packed (models.llm_weights = "auto")
+    assert ours.model.packed
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     ref_tok = AutoTokenizer.from_pretrained(ours.folder)
     return ours, ref, ref_tok
@@ -149,7 +150,9 @@ def smol():
 
 @pytest.mark.slow
 def test_converted_folder_is_complete(smol):
-    ours, _, ref_tok = smol
+    _, _, ref_tok = smol
+    ours = load_llm("", CACHE, weights="fp32")  # the de-quantising conversion (models.llm_weights = "fp32")
+    assert not ours.model.packed and ours.model.tok.weight.dtype == torch.float32
     files = {p.name for p in ours.folder.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= files
     assert not list(ours.folder.parent.glob("*.tmp-*")), "a temporary conversion folder was left behind"

@@ -78,6 +78,7 @@ def _run(args: EngineStatusInput, ctx: ToolContext) -> ToolOutput:
     loaded = [LoadedModel(key=e.key, family=e.family, bytes=e.nbytes, source=e.source) for e in eng.registry.loaded()]
     models = ctx.settings.models
     configured = {"llm": models.llm or "(embedded SmolLM2-135M-Instruct)",
+                  "llm_weights": models.llm_weights,  # issue 13: the weight format (loaded_models: source, bytes)
                   "embedding": models.embedding or "(embedded all-MiniLM-L6-v2)",
                   "diffusion": models.diffusion or "(none configured: set models.diffusion to a diffusers folder)",
                   "detectors": dict(models.detectors),

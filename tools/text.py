@@ -173,7 +173,8 @@ def run_generate_text(a: GenerateTextInput, ctx: ToolContext) -> ToolOutput:
     _check(ctx, a)
     try:
         models = ctx.settings.models
-        svc = service_for(ctx.engine, models.llm, compile_step=models.llm_compile, decode=models.llm_decode)
+        svc = service_for(ctx.engine, models.llm, compile_step=models.llm_compile, decode=models.llm_decode,
+                          weights=models.llm_weights)  # issue 13: weight format
         m = svc.model()
     except ModelUnavailable as exc:
         raise ToolError(str(exc)) from exc

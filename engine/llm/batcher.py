@@ -251,7 +251,7 @@ class LLMService:
         if pool is not None:
             return pool
         a = m.model.args
-        dev, dt = m.model.tok.weight.device, m.model.tok.weight.dtype
+        dev, dt = m.model.norm.weight.device, m.model.norm.weight.dtype
         L = min(m.context_len, self.max_len)
 
         def make(n: int) -> KVCache:
@@ -483,7 +483,8 @@ class LLMService:
             tokens_per_s=len(seq.out) / dt, seconds=dt, model=m.name,
             cache_kind=seq.req.cache.kind, cache_dtype=cache.storage_dtype if cache else "",
             cache_bytes=cache.slot_bytes() if cache else 0,
-            cache_bytes_per_token=cache.bytes_per_token() if cache else 0.0, note=m.note)
+            cache_bytes_per_token=cache.bytes_per_token() if cache else 0.0,
+            note="; ".join(n for n in (m.note, f"weights: {m.weights}, {m.size_bytes() / 1e6:.1f} MB resident") if n))
 
     # -- fallback: transformers' generate ----------------------------------------------------
     def _generate_hf(self, m: LoadedLLM, req: GenerationRequest, token: CancelToken,
@@ -561,14 +562,17 @@ def _lookup(ctx: list[int], k: int, max_ngram: int = 3) -> list[int]:
 
 
 def service_for(engine: Any, spec: str, *, compile_step: bool = False, max_slots: int = 8,
-                max_len: int = 2048, decode: str = "auto") -> LLMService:
-    """The engine's LLMService for the model `spec` (models.llm: '' = embedded SmolLM2), created once."""
+                max_len: int = 2048, decode: str = "auto", weights: str = "auto",
+                progress: Callable[[str], None] | None = None) -> LLMService:
+    """The engine's LLMService for the model `spec` (models.llm: '' = embedded SmolLM2) with weights in
+    `weights` (models.llm_weights), created once; `progress(message)` hears about loading."""
     from .load import load_llm
 
-    key = f"llm:{spec or 'embedded'}"
+    key = f"llm:{spec or 'embedded'}" + (f":{weights}" if weights != "auto" else "")
     device, dtype = engine.device, (engine.dtype if engine.device.type != "cpu" else torch.float32)
-    engine.registry.register(key, lambda: load_llm(spec, engine.config.cache_dir, device, dtype, decode),
-                             family="llm", source=spec or "embedded SmolLM2-135M-Instruct")
+    engine.registry.register(key, lambda: load_llm(spec, engine.config.cache_dir, device, dtype, decode, weights,
+                                                   progress=progress),
+                             family="llm", source=(spec or "embedded SmolLM2-135M-Instruct") + f" (weights: {weights})")
 
     def budget() -> int | None:
         b = engine.registry.budget_bytes

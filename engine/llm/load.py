@@ -12,6 +12,14 @@
   llama) or GPT-2 is loaded into our decoder (`engine.llm.model`). Any other
   architecture is loaded with transformers and generated with its `generate`
   (`LoadedLLM.native` is False and `note` says so).
+- Weights (`models.llm_weights`, the `weights` argument of `load_llm`): a GGUF is by default
+  ("auto" or "gguf", on the CPU) loaded as it is, its Q8_0/Q4_0/Q4_1 blocks kept packed
+  (`engine.llm.gguf_load`, `engine.llm.qweights`): no fp32 copy, no safetensors conversion; only its
+  tokenizer files (and a config.json) are written once to `<cache_dir>/llm/<name>.tok/`, atomically.
+  A GGUF with another architecture or block type falls back to the conversion above, with a note.
+  "int8" / "int4" quantise an fp32/fp16/bf16 model at load into Q8_0 / Q4_1 blocks (groups of 32,
+  llama.cpp's rounding via `gguf.quants`); "fp32" / "fp16" / "bf16" hold de-quantised weights in
+  that dtype (the torch forward serves fp16/bf16 on the CPU).
 - Tokenisation uses the `tokenizers` library on tokenizer.json and renders the
   chat template with jinja2 the way transformers does; transformers is only
   imported for conversion and for the fallback.
@@ -134,6 +142,21 @@ class LoadedLLM:
     load_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def weights(self) -> str:
+        """The weight format in words, e.g. 'gguf Q4_1 66.4 MB + Q8_0 30.1 MB + float32 0.1 MB'."""
+        if "_weights_text" in self.extra:
+            return self.extra["_weights_text"]
+        if not isinstance(self.model, Transformer):
+            return str(next(self.model.parameters()).dtype).replace("torch.", "")
+        from .qweights import weight_formats
+
+        parts = sorted(weight_formats(self.model).items(), key=lambda kv: -kv[1])
+        kind = self.extra.get("weights", "gguf" if self.model.packed else "")
+        text = (kind + " " if kind else "") + " + ".join(f"{k} {v / 1e6:.1f} MB" for k, v in parts)
+        self.extra["_weights_text"] = text
+        return text
+
     def size_bytes(self) -> int:
         if isinstance(self.model, Transformer):
             return self.model.size_bytes()
@@ -209,6 +232,51 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+WEIGHTS = ("auto", "gguf", "int8", "int4", "bf16", "fp16", "fp32")
+
+
+def _gguf_of(spec: str) -> tuple[str, str, Path] | None:
+    """(display name, cache name, path) when `spec` names a GGUF ('' = the embedded one), else None."""
+    if not spec:
+        gguf = embedded_gguf()
+        return None if gguf is None else (EMBEDDED_NAME, EMBEDDED_NAME, gguf)
+    p = Path(spec).expanduser()
+    if not (p.is_file() and p.suffix == ".gguf"):
+        return None
+    digest = hashlib.sha1(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:10]
+    return p.stem, f"{p.stem}-{digest}", p
+
+
+def tokenizer_folder(gguf: Path, out_dir: Path, cfg: dict[str, Any]) -> Path:
+    """`out_dir` with the GGUF's tokenizer files and our config.json (no weights), written atomically once.
+    A GGUF without tokenizer metadata gets only config.json."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        if cfg.get("_has_tokenizer", True):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok.save_pretrained(str(tmp))
+            tcfg_path = tmp / "tokenizer_config.json"
+            tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.is_file() else {}
+            if not tcfg.get("chat_template") and not (tmp / "chat_template.jinja").is_file() and tok.chat_template:
+                tcfg["chat_template"] = tok.chat_template
+            tcfg.setdefault("eos_token", tok.eos_token)
+            tcfg_path.write_text(json.dumps(tcfg, indent=2), encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                                    indent=2), encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def resolve_folder(spec: str, cache_dir: Path) -> tuple[str, Path]:
     """(display name, HF folder) for a models.llm setting ('' = embedded), converting a GGUF if needed."""
     if not spec:
@@ -235,12 +303,33 @@ def resolve_folder(spec: str, cache_dir: Path) -> tuple[str, Path]:
 
 
 def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, decode: str = "auto") -> LoadedLLM:
+             dtype: torch.dtype = torch.float32, decode: str = "auto", weights: str = "auto",
+             progress: Any = None) -> LoadedLLM:
     """Load the model named by `spec` (a folder, a .gguf, or '' for the embedded SmolLM2); `decode` picks
-    the decode-step backend (`engine.llm.model.blas_backend`: auto | numpy | torch)."""
+    the decode-step backend (`engine.llm.model.blas_backend`: auto | numpy | torch); `weights` the weight
+    format (`WEIGHTS`, see the module docstring); `progress(message)` is told what loading is doing."""
     import time
 
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: expected one of {WEIGHTS}")
+    say = progress or (lambda message: None)
     t0 = time.perf_counter()
+    note = ""
+    g = _gguf_of(spec)
+    cpu = torch.device(device).type == "cpu"
+    if g is not None and weights in ("auto", "gguf") and cpu:
+        from .gguf_load import UnsupportedGGUF
+
+        try:
+            return _load_packed(g, Path(cache_dir), decode, say, t0)
+        except UnsupportedGGUF as exc:
+            note = f"{exc}; de-quantised to {str(dtype).replace('torch.', '')} with transformers instead"
+            log.warning("GGUF not kept packed", extra={"reason": str(exc)})
+    elif g is not None and weights == "gguf":
+        note = f"GGUF blocks are kept packed on the CPU only; de-quantised for {torch.device(device).type}"
+    if weights in ("fp32", "fp16", "bf16"):
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weights]
+    say("loading model: converting" if g is not None else "loading model")
     name, folder = resolve_folder(spec, Path(cache_dir))
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     eos = _eos_from_config(cfg, folder)
@@ -250,7 +339,14 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
     ctx = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
     try:
         model: Any = build(cfg, read_state(folder), device=device, dtype=dtype, blas=decode)
-        native, note = True, ""
+        native = True
+        if weights in ("int8", "int4") and cpu:
+            from .qweights import quantize_model
+
+            say(f"loading model: quantising to {weights}")
+            model = quantize_model(model, "Q8_0" if weights == "int8" else "Q4_1", blas=decode)
+        elif weights in ("int8", "int4"):
+            note = f"{weights} weights are CPU-only in this build; kept {str(dtype).replace('torch.', '')}"
     except UnsupportedModel as exc:
         from transformers import AutoModelForCausalLM
 
@@ -258,5 +354,35 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
         native = False
         note = (f"{cfg.get('model_type', '?')} is not one of our decoder's architectures ({exc}); "
                 f"generated with transformers' generate (no int8/window cache, no batching)")
-    return LoadedLLM(name=name, folder=folder, model=model, tokenizer=tok, native=native, config=cfg,
-                     eos_ids=eos, context_len=ctx, note=note, load_seconds=time.perf_counter() - t0)
+    m = LoadedLLM(name=name, folder=folder, model=model, tokenizer=tok, native=native, config=cfg,
+                  eos_ids=eos, context_len=ctx, note=note, load_seconds=time.perf_counter() - t0,
+                  extra={"weights": weights if weights in ("int8", "int4") else ""})
+    return m
+
+
+def _load_packed(g: tuple[str, str, Path], cache_dir: Path, decode: str, say: Any, t0: float) -> LoadedLLM:
+    """A GGUF with its blocks kept packed (`engine.llm.gguf_load`)."""
+    import time
+
+    from .gguf_load import build_packed, read_gguf
+
+    from .gguf_load import CorruptGGUF
+
+    name, cache_name, path = g
+    say("loading model: reading GGUF blocks")
+    try:
+        cfg, tensors = read_gguf(path)
+    except CorruptGGUF as exc:
+        raise ModelUnavailable(str(exc)) from exc
+    folder = cache_dir / "llm" / f"{cache_name}.tok"
+    if not (folder / "config.json").is_file():
+        say("loading model: tokenizer (once)")
+    tokenizer_folder(path, folder, cfg)
+    model = build_packed(cfg, tensors, path, blas=decode)
+    eos = _eos_from_config(cfg, folder)
+    tok = Tokenizer(folder, eos) if (folder / "tokenizer.json").is_file() else None
+    if tok is not None:
+        eos = tok.eos_ids
+    return LoadedLLM(name=name, folder=folder, model=model, tokenizer=tok, native=True, config=cfg, eos_ids=eos,
+                     context_len=int(cfg["max_position_embeddings"]), note="",
+                     load_seconds=time.perf_counter() - t0, extra={"weights": "gguf", "gguf": str(path)})

@@ -187,10 +187,21 @@ class Transformer(nn.Module):
         self.blas = "torch"  # set_blas
         self._np_step: Any = None
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def packed(self) -> bool:
+        """Whether weight matrices are kept in GGUF blocks (`engine.llm.qweights`)."""
+        from .qweights import PackedLinear
+
+        return isinstance(self.layers[0].wqkv, PackedLinear)
+
     def set_blas(self, backend: str) -> Transformer:
         """Decode steps in `backend`: "numpy" (`engine.llm.npstep`, CPU fp32) or "torch" (this forward)."""
         if backend == "numpy":
-            if self.tok.weight.device.type != "cpu" or self.tok.weight.dtype != torch.float32:
+            if self.device.type != "cpu" or self.norm.weight.dtype != torch.float32:
                 raise ValueError("the numpy decode step needs fp32 weights on the CPU")
             from .npstep import NumpyStep, supports
 
@@ -213,7 +224,7 @@ class Transformer(nn.Module):
         """Complex rotations [n, hd/2] (angles computed in fp32 like transformers)."""
         if self._freqs is None or self._freqs.shape[0] < n:
             a = self.args
-            dev = self.tok.weight.device
+            dev = self.device
             inv = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64, device=dev).float()
                                           / a.head_dim))
             t = torch.arange(max(n, a.max_pos), device=dev, dtype=torch.float32)
@@ -270,8 +281,9 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1]
         x = self.norm(x)
-        w = self.tok.weight if self.output is None else self.output.weight
-        return F.linear(x, w)
+        if self.output is not None:
+            return self.output(x)
+        return self.tok.linear(x) if hasattr(self.tok, "linear") else F.linear(x, self.tok.weight)
 
     @torch.inference_mode()
     def prefill(self, cache: Any, slot: int, ids: list[int] | torch.Tensor, start: int = 0,
@@ -281,7 +293,7 @@ class Transformer(nn.Module):
         n = len(ids) if isinstance(ids, list) else int(torch.as_tensor(ids).numel())
         if step is not None and n <= step.max_prompt_rows:
             return step.extend(cache, slot, torch.as_tensor(ids).view(-1).tolist(), start, all_logits)
-        tokens = torch.as_tensor(ids, dtype=torch.long, device=self.tok.weight.device).view(1, -1)
+        tokens = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
         plan = cache.plan([slot], [start], tokens.shape[1])
         out = self(tokens, cache, plan, last_only=not all_logits)
         cache.commit(plan)
@@ -298,7 +310,7 @@ class Transformer(nn.Module):
         step = self._numpy_step_for(cache)
         if step is not None:
             return step(cache, slots, tokens)
-        t = torch.as_tensor(tokens, dtype=torch.long, device=self.tok.weight.device).view(-1, 1)
+        t = torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         plan = cache.plan(slots, [cache.lengths[s] for s in slots], 1)
         out = (self.step_fn or self)(t, cache, plan)
         cache.commit(plan)
@@ -411,7 +423,10 @@ def _interleave(w: torch.Tensor, heads: int, hd: int) -> torch.Tensor:
 
 def compile_decode(model: Transformer) -> Transformer:
     """Use torch.compile for decode steps (models.llm_compile; off by default: see the benchmark).
-    The compiled graph uses torch's products (NumPy calls would break it)."""
+    The compiled graph uses torch's products (NumPy calls would break it), so packed weights are left
+    uncompiled."""
+    if model.packed:
+        return model
     model.set_blas("torch")
     model.step_fn = torch.compile(model.forward, dynamic=True)
     return model

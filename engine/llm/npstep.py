@@ -1,4 +1,5 @@
-"""One decode step of `engine.llm.model.Transformer` in NumPy, for fp32 weights and a `FullCache` on the CPU.
+"""One decode step of `engine.llm.model.Transformer` in NumPy, for fp32 or GGUF-packed weights
+(`engine.llm.qweights`, products in `kernels.cpu_qmatmul`) and a `FullCache` on the CPU.
 
     step = NumpyStep(model)                   # views of the model's weights, no copies
     logits = step(cache, slots, tokens)       # tokens: [B] -> logits [B, V] (torch, fp32)
@@ -38,7 +39,7 @@ from kernels import cpu_decode
 def supports(model: Any) -> bool:
     """Whether this step implements `model` (CPU fp32 weights; GPT-2 only with the tanh GELU)."""
     a = model.args
-    w = model.tok.weight
+    w = model.norm.weight
     return (w.device.type == "cpu" and w.dtype == torch.float32
             and not (a.arch == "gpt2" and a.activation != "gelu_tanh"))
 
@@ -48,9 +49,12 @@ def serves(cache: Any) -> bool:
     return getattr(cache, "kind", "") == "full" and cache.device.type == "cpu" and cache.dtype == torch.float32
 
 
-def _mm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+def _mm(x: np.ndarray, w: Any, b: np.ndarray | None) -> np.ndarray:
     """x: [R, in]; w: [out, in] -> [R, out]: `kernels.cpu_decode.rows_matmul` (reads each weight row once
-    for all rows); without Numba, OpenBLAS (a matrix-vector product for one row: no packing)."""
+    for all rows); without Numba, OpenBLAS (a matrix-vector product for one row: no packing). A
+    `qweights.PackedLinear` (GGUF blocks, its bias included) runs `kernels.cpu_qmatmul`."""
+    if not isinstance(w, np.ndarray):
+        return w.matmul_np(x)
     if cpu_decode.available():
         out = cpu_decode.rows_matmul(x, w)
     elif x.shape[0] == 1:
@@ -75,16 +79,27 @@ class NumpyStep:
         def npv(t: torch.Tensor | None) -> np.ndarray | None:
             return None if t is None else t.detach().numpy()
 
-        self.tok = npv(model.tok.weight)
+        def weight(lin: Any) -> Any:  # an fp32 array, or the PackedLinear itself (GGUF blocks)
+            return npv(lin.weight) if isinstance(lin, torch.nn.Linear) else lin
+
+        def bias(lin: Any) -> np.ndarray | None:  # a PackedLinear adds its own
+            return npv(lin.bias) if isinstance(lin, torch.nn.Linear) else None
+
+        if isinstance(model.tok, torch.nn.Embedding):
+            table = npv(model.tok.weight)
+            self.embed = table.__getitem__
+            self.head = table if model.output is None else weight(model.output)
+        else:  # qweights.PackedEmbedding: de-quantise the looked-up rows; the tied head on the blocks
+            self.embed = model.tok.lookup_np
+            self.head = model.tok.head if model.output is None else weight(model.output)
         self.pos = npv(model.pos.weight) if model.pos is not None else None
-        self.head = npv(model.tok.weight if model.output is None else model.output.weight)
         self.norm = (npv(model.norm.weight), npv(getattr(model.norm, "bias", None)))
         self.layers = []
         for layer in model.layers:
-            self.layers.append(tuple(npv(t) for t in (
-                layer.ln1.weight, getattr(layer.ln1, "bias", None), layer.wqkv.weight, layer.wqkv.bias,
-                layer.wo.weight, layer.wo.bias, layer.ln2.weight, getattr(layer.ln2, "bias", None),
-                layer.w13.weight, layer.w13.bias, layer.w2.weight, layer.w2.bias)))
+            self.layers.append((
+                npv(layer.ln1.weight), npv(getattr(layer.ln1, "bias", None)), weight(layer.wqkv), bias(layer.wqkv),
+                weight(layer.wo), bias(layer.wo), npv(layer.ln2.weight), npv(getattr(layer.ln2, "bias", None)),
+                weight(layer.w13), bias(layer.w13), weight(layer.w2), bias(layer.w2)))
         if a.rope:
             f = model.rope_freqs(a.max_pos)  # complex [P, hd/2]
             self.cos = f.real.float().numpy().copy()
@@ -128,7 +143,7 @@ class NumpyStep:
         R = len(tok)  # rows
         row_slot = np.asarray(slots * R if S > 1 else slots)
         row_pos = np.asarray([pos[0] + j for j in range(S)] if S > 1 else pos)
-        x = self.tok[tok]  # [R, D]
+        x = self.embed(tok)  # [R, D]
         if self.pos is not None:
             x = x + self.pos[row_pos]
         if a.rope:

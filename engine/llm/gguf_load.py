@@ -1,0 +1,279 @@
+"""A GGUF file loaded as it is: its config from the metadata, its weight blocks kept packed.
+
+    cfg, tensors = read_gguf(path)          # HF-style config dict; {gguf name: Packed | fp32 ndarray}
+    model = build_packed(cfg, tensors)      # engine.llm.model.Transformer on qweights modules
+
+What it knows: the GGUF container (its header read with `struct`, the tensor
+bytes through a memory map, copied once into the packed arrays), the llama architecture's metadata keys and tensor names, and that
+llama.cpp's converter stores q/k rows already in the interleaved RoPE layout our
+decoder uses (so, unlike `model.build`, no permutation; and 1/sqrt(head_dim)
+stays in `attn_scale` rather than folded into fp16 scales). Block types kept
+packed: Q8_0, Q4_0, Q4_1; F32/F16/BF16 tensors become fp32. Any other block
+type or architecture raises `UnsupportedGGUF` naming the file, the tensor and
+the type; the caller falls back to transformers' de-quantising conversion. A
+truncated or corrupt file raises `CorruptGGUF`; nothing is written anywhere.
+
+What it does not know: tokenisation (`engine.llm.load` caches the tokenizer
+files), the kernels (`kernels.cpu_qmatmul`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .model import ModelArgs, Transformer, blas_backend
+from .qweights import BLOCK_BYTES, Packed, PackedEmbedding, PackedLinear, Scratch
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+class UnsupportedGGUF(Exception):
+    """An architecture, option or block type this loader does not keep packed."""
+
+
+class CorruptGGUF(Exception):
+    """The file is not a readable GGUF (truncated, bad magic, inconsistent sizes)."""
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# ggml type id -> name, for the types we read (others are reported by id and name when gguf knows it)
+_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+_SKIP = object()
+
+
+def _type_name(t: int) -> str:
+    if t in _TYPES:
+        return _TYPES[t]
+    try:
+        import gguf
+
+        return gguf.GGMLQuantizationType(t).name
+    except Exception:
+        return f"type {t}"
+
+
+class _Header:
+    """The GGUF header read with `struct` (gguf's own reader builds a NumPy view per token string: a
+    minute for SmolLM2's 49k-token vocabulary on a busy 2-core machine; this walks it in well under 1 s).
+    Arrays are skipped, except their length is kept (`n_tokens`)."""
+
+    def __init__(self, path: Path) -> None:
+        import mmap
+        import struct
+
+        self.path = path
+        with open(path, "rb") as f:
+            try:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError as exc:  # an empty file
+                raise CorruptGGUF(f"{path}: not a readable GGUF file ({exc})") from exc
+        self.buf = buf
+        self.pos = 0
+        self._struct = struct
+        try:
+            if self._raw(4) != b"GGUF":
+                raise CorruptGGUF(f"{path}: not a GGUF file (bad magic)")
+            version = self._num("<I")
+            if version not in (2, 3):
+                raise CorruptGGUF(f"{path}: GGUF version {version} (read: 2, 3)")
+            n_tensors, n_kv = self._num("<Q"), self._num("<Q")
+            self.fields: dict[str, Any] = {}
+            self.array_lengths: dict[str, int] = {}
+            for _ in range(n_kv):
+                key = self._str()
+                self.fields[key] = self._value(self._num("<I"), key)
+            self.tensors: list[tuple[str, tuple[int, ...], int, int]] = []
+            for _ in range(n_tensors):
+                name = self._str()
+                dims = tuple(self._num("<Q") for _ in range(self._num("<I")))
+                self.tensors.append((name, dims, self._num("<I"), self._num("<Q")))
+            align = int(self.fields.get("general.alignment", 32))
+            self.data_start = (self.pos + align - 1) // align * align
+        except (struct.error, IndexError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+            raise CorruptGGUF(f"{path}: truncated or corrupt GGUF header ({type(exc).__name__}: {exc})") from exc
+
+    def _raw(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise IndexError(f"{n} bytes at offset {self.pos} run past the end ({len(self.buf)} bytes)")
+        b = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def _num(self, fmt: str) -> Any:
+        size = self._struct.calcsize(fmt)
+        return self._struct.unpack(fmt, self._raw(size))[0]
+
+    def _str(self) -> str:
+        return self._raw(self._num("<Q")).decode("utf-8")
+
+    def _value(self, vtype: int, key: str) -> Any:
+        if vtype in _SCALARS:
+            return self._num(_SCALARS[vtype])
+        if vtype == 8:
+            return self._str()
+        if vtype == 9:
+            etype, count = self._num("<I"), self._num("<Q")
+            self.array_lengths[key] = count
+            if etype in _SCALARS:
+                self._raw(self._struct.calcsize(_SCALARS[etype]) * count)
+            elif etype == 8:  # strings: skipped without decoding
+                unpack, buf = self._struct.unpack_from, self.buf
+                for _ in range(count):
+                    self.pos += 8 + unpack("<Q", buf, self.pos)[0]
+                if self.pos > len(buf):
+                    raise IndexError(f"array {key} runs past the end of the file")
+            else:
+                for _ in range(count):
+                    self._value(etype, key)
+            return _SKIP
+        raise CorruptGGUF(f"{self.path}: metadata key {key} has unknown value type {vtype}")
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(HF-style config, {tensor name: Packed | fp32 ndarray}) of a llama-architecture GGUF."""
+    path = Path(path)
+    try:
+        h = _Header(path)
+    except OSError as exc:
+        raise CorruptGGUF(f"{path}: cannot read ({exc})") from exc
+    fields = h.fields
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise UnsupportedGGUF(f"{path}: architecture {arch!r} (kept packed: llama)")
+    scaling = fields.get("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise UnsupportedGGUF(f"{path}: llama.rope.scaling.type={scaling!r}")
+
+    for name, _, t, _ in h.tensors:
+        ttype = _type_name(t)
+        if ttype not in FLOAT_TYPES and ttype not in BLOCK_BYTES:
+            raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} "
+                                  f"(kept packed: {', '.join(BLOCK_BYTES)}; floats: {', '.join(FLOAT_TYPES)})")
+
+    def need(key: str) -> Any:
+        v = fields.get(key)
+        if v is None or v is _SKIP:
+            raise CorruptGGUF(f"{path}: metadata key {key} is missing")
+        return v
+
+    n_heads = int(need("llama.attention.head_count"))
+    d = int(need("llama.embedding_length"))
+    size = len(h.buf)
+    data = np.frombuffer(h.buf, dtype=np.uint8)
+    tensors: dict[str, Any] = {}
+    for name, dims, t, off in h.tensors:
+        ttype = _type_name(t)
+        shape = tuple(reversed(dims))  # ggml lists the fastest axis first
+        n = int(np.prod(shape))
+        if ttype in FLOAT_TYPES:
+            nbytes = n * (4 if ttype == "F32" else 2)
+        elif ttype in BLOCK_BYTES:
+            if shape[-1] % 32:
+                raise CorruptGGUF(f"{path}: tensor {name} ({ttype}) rows of {shape[-1]} are not whole blocks")
+            nbytes = n // 32 * BLOCK_BYTES[ttype]
+        else:
+            raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} "
+                                  f"(kept packed: {', '.join(BLOCK_BYTES)}; floats: {', '.join(FLOAT_TYPES)})")
+        start = h.data_start + off
+        if start + nbytes > size:
+            raise CorruptGGUF(f"{path}: tensor {name} ({ttype}, {nbytes} bytes at {start}) runs past the end of "
+                              f"the file ({size} bytes): truncated")
+        raw = data[start:start + nbytes]
+        if ttype == "F32":
+            tensors[name] = raw.view(np.float32).reshape(shape).copy()
+        elif ttype == "F16":
+            tensors[name] = raw.view(np.float16).astype(np.float32).reshape(shape)
+        elif ttype == "BF16":  # the top half of an fp32
+            tensors[name] = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        else:
+            rows = n // shape[-1]
+            tensors[name] = Packed.from_blocks(ttype, raw.reshape(rows, -1))
+    del data
+    if "token_embd.weight" not in tensors:
+        raise CorruptGGUF(f"{path}: tensor token_embd.weight is missing")
+    vocab = int(fields.get("llama.vocab_size") or h.array_lengths.get("tokenizer.ggml.tokens")
+                or _shape(tensors["token_embd.weight"])[0])
+    cfg: dict[str, Any] = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": d,
+        "intermediate_size": int(need("llama.feed_forward_length")),
+        "num_hidden_layers": int(need("llama.block_count")), "num_attention_heads": n_heads,
+        "num_key_value_heads": int(fields.get("llama.attention.head_count_kv") or n_heads),
+        "head_dim": int(fields.get("llama.rope.dimension_count") or d // n_heads),
+        "rms_norm_eps": float(fields.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(fields.get("llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(fields.get("llama.context_length") or 2048),
+        "tie_word_embeddings": "output.weight" not in tensors, "hidden_act": "silu", "torch_dtype": "float32",
+    }
+    for key, name in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+        if isinstance(fields.get(name), int):
+            cfg[key] = int(fields[name])
+    cfg["_has_tokenizer"] = "tokenizer.ggml.tokens" in h.array_lengths
+    return cfg, tensors
+
+
+def _shape(t: Any) -> tuple[int, int]:
+    return t.shape if isinstance(t, Packed) else tuple(t.shape)
+
+
+def _linear(path: Path, tensors: dict[str, Any], names: list[str], scratch: Scratch) -> nn.Module:
+    """One fused projection from the GGUF tensors `names` (stacked along the output)."""
+    parts = []
+    for n in names:
+        if n not in tensors:
+            raise CorruptGGUF(f"{path}: tensor {n} is missing")
+        parts.append(tensors[n])
+    if all(isinstance(p, np.ndarray) for p in parts):
+        w = torch.from_numpy(np.concatenate(parts)).float()
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        return lin
+    if not all(isinstance(p, Packed) for p in parts):
+        raise UnsupportedGGUF(f"{path}: tensors {names} mix packed and float types")
+    if len({p.fmt for p in parts}) == 1 and len(parts) > 1:
+        parts = [Packed.concat(parts)]
+    return PackedLinear(parts, None, scratch)
+
+
+def build_packed(cfg: dict[str, Any], tensors: dict[str, Any], path: Path, blas: str = "auto") -> Transformer:
+    """Our Transformer on the GGUF's own blocks (CPU; fp32 for norms and the few float tensors)."""
+    a = ModelArgs.from_hf(cfg)
+    with torch.device("meta"):
+        model = Transformer(a)
+    scratch = Scratch()
+    model.scratch = scratch
+    emb = tensors["token_embd.weight"]
+    if isinstance(emb, Packed):
+        model.tok = PackedEmbedding(emb, scratch)
+    else:
+        model.tok = nn.Embedding.from_pretrained(torch.from_numpy(emb), freeze=True)
+
+    def vec(name: str) -> nn.Parameter:
+        if name not in tensors or not isinstance(tensors[name], np.ndarray):
+            raise CorruptGGUF(f"{path}: float tensor {name} is missing")
+        return nn.Parameter(torch.from_numpy(np.ascontiguousarray(tensors[name], dtype=np.float32)),
+                            requires_grad=False)
+
+    for i, layer in enumerate(model.layers):
+        p = f"blk.{i}."
+        layer.wqkv = _linear(path, tensors, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], scratch)
+        layer.wo = _linear(path, tensors, [p + "attn_output.weight"], scratch)
+        layer.w13 = _linear(path, tensors, [p + "ffn_gate.weight", p + "ffn_up.weight"], scratch)
+        layer.w2 = _linear(path, tensors, [p + "ffn_down.weight"], scratch)
+        layer.ln1.weight = vec(p + "attn_norm.weight")
+        layer.ln2.weight = vec(p + "ffn_norm.weight")
+    model.norm.weight = vec("output_norm.weight")
+    if not a.tie_embeddings:
+        model.output = _linear(path, tensors, ["output.weight"], scratch)
+    want = {"wqkv": (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, "w13": 2 * a.intermediate}
+    for name, n in want.items():
+        got = getattr(model.layers[0], name)
+        rows = got.out_features
+        if rows != n:
+            raise CorruptGGUF(f"{path}: layer 0 {name} has {rows} rows, the metadata says {n}")
+    model = model.eval().requires_grad_(False)
+    return model.set_blas(blas_backend(blas, "cpu", torch.float32))

@@ -1,0 +1,265 @@
+"""Weights kept in their GGUF blocks (Q8_0, Q4_0, Q4_1): the packed matrix, its NumPy oracle, and the
+torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
+
+    pm = Packed.from_gguf(tensor)           # a gguf.ReaderTensor [N, K] -> blocks split into qs / d / m
+    y = pm.matmul(x)                        # x [R, K] fp32 -> [R, N] fp32 (`kernels.cpu_qmatmul`)
+    w = pm.dequant()                        # fp32 [N, K] (tests, and the torch forward's scratch rows)
+
+What it knows: llama.cpp's block layouts (see `kernels.cpu_qmatmul`) and how to
+split a GGUF tensor's raw bytes into the arrays the kernels read: the nibble or
+int8 bytes, and the fp16 scales (and mins) as their uint16 bits. The split
+adds no byte: resident size = the tensor's size in the file.
+
+How the decoder uses them: `PackedLinear` replaces `nn.Linear`. A product
+with few rows (a decode step, a batch of up to 8, a draft check, a prompt up
+to `DIRECT_ROWS` tokens) runs on the packed blocks directly. A longer prompt
+through the torch forward is compute-bound, so there each weight matrix is
+de-quantised transiently, a chunk of at most `SCRATCH_ELEMS` values at a time,
+into one scratch buffer shared by the whole model, and multiplied with torch's
+GEMM; no fp32 copy of the model ever exists. `PackedEmbedding` de-quantises
+only the rows it looks up, and serves the tied output head the same way.
+
+What it does not know: GGUF files (`engine.llm.gguf_load`), the network (`engine.llm.model`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernels import cpu_qmatmul
+
+FORMATS = cpu_qmatmul.FORMATS
+# bytes per block of 32: Q8_0 = d + 32 int8; Q4_0 = d + 16 nibble bytes; Q4_1 = d + m + 16
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+DIRECT_ROWS = 64
+SCRATCH_ELEMS = 1 << 21  # 8 MB of fp32
+
+
+class UnsupportedFormat(ValueError):
+    """A tensor's block type is not one we keep packed."""
+
+
+@dataclass
+class Packed:
+    """A weight matrix W [N, K] in blocks of 32 along K (K % 32 == 0)."""
+
+    fmt: str
+    qs: np.ndarray  # uint8 [N, K/32, 16] (Q4_*) or int8 [N, K/32, 32] (Q8_0)
+    d: np.ndarray  # uint16 [N, K/32]: fp16 scale bits
+    m: np.ndarray | None = None  # uint16 [N, K/32]: fp16 min bits (Q4_1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.qs.shape[1] * 32
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.d.nbytes + (0 if self.m is None else self.m.nbytes)
+
+    @classmethod
+    def from_blocks(cls, fmt: str, raw: np.ndarray) -> Packed:
+        """raw: uint8 [N, (K/32) * block bytes], llama.cpp's block layout -> split arrays (one copy)."""
+        if fmt not in BLOCK_BYTES:
+            raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
+        bb = BLOCK_BYTES[fmt]
+        raw = np.asarray(raw, dtype=np.uint8)
+        if raw.ndim != 2 or raw.shape[1] % bb:
+            raise ValueError(f"{fmt} bytes of shape {raw.shape}: rows are not whole {bb}-byte blocks")
+        N, nb = raw.shape[0], raw.shape[1] // bb
+        blk = raw.reshape(N, nb, bb)
+        d = np.ascontiguousarray(blk[..., 0:2]).view(np.uint16).reshape(N, nb)
+        if fmt == "Q8_0":
+            return cls(fmt, np.ascontiguousarray(blk[..., 2:]).view(np.int8), d)
+        if fmt == "Q4_0":
+            return cls(fmt, np.ascontiguousarray(blk[..., 2:]), d)
+        m = np.ascontiguousarray(blk[..., 2:4]).view(np.uint16).reshape(N, nb)
+        return cls(fmt, np.ascontiguousarray(blk[..., 4:]), d, m)
+
+    @classmethod
+    def quantize(cls, w: np.ndarray, fmt: str) -> Packed:
+        """fp32 W [N, K] (K % 32 == 0) -> blocks, with llama.cpp's rounding (`gguf.quants.quantize`)."""
+        from gguf import GGMLQuantizationType, quants
+
+        if fmt not in BLOCK_BYTES:
+            raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if w.ndim != 2 or w.shape[1] % 32:
+            raise ValueError(f"a matrix of shape {w.shape}: rows must be whole blocks of 32")
+        return cls.from_blocks(fmt, quants.quantize(w, getattr(GGMLQuantizationType, fmt)))
+
+    def rows(self, index: np.ndarray | slice) -> Packed:
+        """A row subset (a copy for an index array, a view for a slice)."""
+        return Packed(self.fmt, self.qs[index], self.d[index], None if self.m is None else self.m[index])
+
+    @staticmethod
+    def concat(parts: list[Packed]) -> Packed:
+        """Rows of several matrices of one format, stacked (fused q/k/v, gate/up)."""
+        fmts = {p.fmt for p in parts}
+        if len(fmts) != 1:
+            raise ValueError(f"cannot stack formats {sorted(fmts)}")
+        m = None if parts[0].m is None else np.concatenate([p.m for p in parts])
+        return Packed(parts[0].fmt, np.concatenate([p.qs for p in parts]), np.concatenate([p.d for p in parts]), m)
+
+    def matmul(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x [R, K] fp32 -> x @ W.T [R, N] fp32."""
+        return cpu_qmatmul.matmul(self.fmt, x, self.qs, self.d, self.m, out=out)
+
+    def dequant(self, n0: int = 0, n1: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows n0..n1 as fp32 [n1 - n0, K]."""
+        return cpu_qmatmul.dequant(self.fmt, self.qs, self.d, self.m, n0, n1, out=out)
+
+    def dequant64(self) -> np.ndarray:
+        """The whole matrix in float64 (the NumPy oracle)."""
+        return cpu_qmatmul.dequant_reference(self.fmt, self.qs, self.d, self.m)
+
+
+class Scratch:
+    """One reusable fp32 buffer per model for the torch forward's transient de-quantised rows."""
+
+    def __init__(self, elems: int = SCRATCH_ELEMS) -> None:
+        self.elems = elems
+        self._buf: np.ndarray | None = None
+
+    def rows_for(self, k: int) -> int:
+        return max(1, self.elems // k)
+
+    def get(self, n: int, k: int) -> np.ndarray:
+        if self._buf is None:
+            self._buf = np.empty(self.elems if n * k <= self.elems else n * k, np.float32)
+        return self._buf[:n * k].reshape(n, k)
+
+
+class PackedLinear(nn.Module):
+    """`nn.Linear` over parts of packed rows (one `Packed` each, stacked along the output); fp32 bias."""
+
+    def __init__(self, parts: list[Packed], bias: torch.Tensor | None, scratch: Scratch) -> None:
+        super().__init__()
+        self.parts = parts
+        ks = {p.shape[1] for p in parts}
+        if len(ks) != 1:
+            raise ValueError(f"parts with different input widths {sorted(ks)}")
+        self.in_features = ks.pop()
+        self.out_features = sum(p.shape[0] for p in parts)
+        self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
+        self.scratch = scratch
+        # the packed arrays as buffers (shared memory): size_bytes() and the registry count them
+        for i, p in enumerate(parts):
+            for name in ("qs", "d", "m"):
+                a = getattr(p, name)
+                if a is not None:
+                    self.register_buffer(f"p{i}_{name}", torch.from_numpy(a.view(np.uint8)), persistent=False)
+
+    @property
+    def formats(self) -> list[str]:
+        return [p.fmt for p in self.parts]
+
+    def matmul_np(self, x: np.ndarray) -> np.ndarray:
+        """x [R, in] fp32 -> [R, out] fp32 on the packed blocks (bias included)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], self.out_features), np.float32)
+        o = 0
+        for p in self.parts:
+            n = p.shape[0]
+            if len(self.parts) == 1:
+                p.matmul(x, out=out)
+            else:
+                out[:, o:o + n] = p.matmul(x)
+            o += n
+        if self.bias is not None:
+            out += self.bias.numpy()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu" and x2.shape[0] <= DIRECT_ROWS:
+            y = torch.from_numpy(self.matmul_np(x2.detach().float().numpy()))
+            return y.to(x.dtype).view(*lead, self.out_features)
+        return self._dequant_forward(x2).view(*lead, self.out_features)
+
+    def _dequant_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """Many rows: chunks of W de-quantised into the shared scratch, then torch's GEMM."""
+        out = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
+        step = self.scratch.rows_for(self.in_features)
+        o = 0
+        for p in self.parts:
+            n = p.shape[0]
+            for n0 in range(0, n, step):
+                n1 = min(n, n0 + step)
+                w = p.dequant(n0, n1, out=self.scratch.get(n1 - n0, self.in_features))
+                wt = torch.from_numpy(w).to(device=x2.device, dtype=x2.dtype)
+                torch.matmul(x2, wt.T, out=out[:, o + n0:o + n1])
+            o += n
+        if self.bias is not None:
+            out += self.bias.to(out.dtype)
+        return out
+
+
+class PackedEmbedding(nn.Module):
+    """`nn.Embedding` on packed rows: a lookup de-quantises only the rows asked for; `linear` is the tied
+    output head (x @ E.T) on the same blocks."""
+
+    def __init__(self, table: Packed, scratch: Scratch) -> None:
+        super().__init__()
+        self.table = table
+        self.head = PackedLinear([table], None, scratch)  # shares table's arrays (and its buffers)
+        self.num_embeddings, self.embedding_dim = table.shape
+
+    def lookup_np(self, ids: np.ndarray) -> np.ndarray:
+        """ids [R] int -> fp32 [R, D]."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
+            raise IndexError(f"token ids outside 0..{self.num_embeddings - 1}")
+        return self.table.rows(ids).dequant()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [...] -> [..., D]
+        rows = self.lookup_np(ids.detach().cpu().numpy())
+        return torch.from_numpy(rows).to(ids.device).view(*ids.shape, self.embedding_dim)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def weight_formats(model: Any) -> dict[str, int]:
+    """{format: bytes} of a decoder's weight matrices (packed ones by block type, others by dtype)."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, PackedLinear):
+            for p in mod.parts:
+                if id(p.qs) not in seen:
+                    seen.add(id(p.qs))
+                    out[p.fmt] = out.get(p.fmt, 0) + p.nbytes
+    for name, prm in model.named_parameters():
+        key = str(prm.dtype).replace("torch.", "")
+        out[key] = out.get(key, 0) + prm.numel() * prm.element_size()
+    return out
+
+
+def quantize_model(model: Any, fmt: str, blas: str = "auto") -> Any:
+    """Replace a CPU fp32 decoder's weight matrices (and its embedding / tied head) by `fmt` blocks, in
+    place; a matrix whose width is not a multiple of 32 stays fp32. Returns the model."""
+    scratch = Scratch()
+    model.scratch = scratch
+
+    def q(lin: nn.Linear) -> nn.Module:
+        w = lin.weight.detach().float().numpy()
+        if w.shape[1] % 32:
+            return lin
+        return PackedLinear([Packed.quantize(w, fmt)], lin.bias, scratch)
+
+    for layer in model.layers:
+        for name in ("wqkv", "wo", "w13", "w2"):
+            setattr(layer, name, q(getattr(layer, name)))
+    if isinstance(model.output, nn.Linear):
+        model.output = q(model.output)
+    if isinstance(model.tok, nn.Embedding) and model.tok.weight.shape[1] % 32 == 0:
+        model.tok = PackedEmbedding(Packed.quantize(model.tok.weight.detach().float().numpy(), fmt), scratch)
+    from .model import blas_backend
+
+    return model.set_blas(blas_backend(blas, "cpu", torch.float32))

@@ -1,0 +1,265 @@
+"""GGUF blocks kept packed: the block decoding and the kernels against independent oracles
+(`gguf.quants.dequantize`, float64 NumPy), and tiny GGUF files written here with `gguf.GGUFWriter`
+loaded by our loader against transformers' de-quantising GGUF loader (same logits, same greedy tokens).
+
+The SmolLM2 same-network test (greedy identical to transformers' `generate` on the embedded GGUF) is
+`tests/test_llm_model.py::test_smollm2_prefill_logits_and_greedy_match_transformers`, whose model is
+now the packed one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import _compat
+
+_compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+import gguf  # noqa: E402
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from gguf import quants  # noqa: E402
+
+from engine.llm.cache import FullCache, Int8Cache  # noqa: E402
+from engine.llm.gguf_load import CorruptGGUF, UnsupportedGGUF, read_gguf  # noqa: E402
+from engine.llm.load import load_llm  # noqa: E402
+from engine.llm.qweights import Packed  # noqa: E402
+from kernels import cpu_qmatmul  # noqa: E402
+
+FMTS = ("Q8_0", "Q4_0", "Q4_1")
+
+
+def _raw(fmt: str, w: np.ndarray) -> np.ndarray:
+    return quants.quantize(np.ascontiguousarray(w, dtype=np.float32), getattr(QT, fmt))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_packed_blocks_decode_like_gguf(fmt):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((37, 160)).astype(np.float32) * rng.uniform(0.01, 3, (37, 1)).astype(np.float32)
+    raw = _raw(fmt, w)
+    pm = Packed.from_blocks(fmt, raw)
+    want = quants.dequantize(raw, getattr(QT, fmt))  # the gguf package's own decoder: the oracle
+    assert pm.shape == (37, 160) and pm.nbytes == raw.nbytes  # the split adds no byte
+    np.testing.assert_array_equal(pm.dequant64(), want.astype(np.float64))
+    for backend in (None, "numpy"):
+        np.testing.assert_array_equal(cpu_qmatmul.dequant(fmt, pm.qs, pm.d, pm.m, backend=backend), want)
+    np.testing.assert_array_equal(pm.dequant(5, 19), want[5:19])
+    np.testing.assert_array_equal(pm.rows(np.array([36, 0, 7])).dequant(), want[[36, 0, 7]])
+
+
+def test_kernels_are_installed():
+    assert cpu_qmatmul.available()
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("R", [1, 3, 8, 9])
+@pytest.mark.parametrize("N,K", [(1, 32), (7, 96), (130, 576)])
+def test_packed_matmul_matches_float64(fmt, R, N, K):
+    rng = np.random.default_rng(R * 1000 + N + K)
+    raw = _raw(fmt, rng.standard_normal((N, K)))
+    pm = Packed.from_blocks(fmt, raw)
+    x = rng.standard_normal((R, K)).astype(np.float32)
+    w64 = quants.dequantize(raw, getattr(QT, fmt)).astype(np.float64)
+    want = x.astype(np.float64) @ w64.T
+    tol = 4 * K * 2.0 ** -24 * (np.abs(x).astype(np.float64) @ np.abs(w64).T).max()  # fp32 dot-product bound
+    for backend in (None, "numpy"):
+        got = cpu_qmatmul.matmul(fmt, x, pm.qs, pm.d, pm.m, backend=backend)
+        assert got.dtype == np.float32 and got.shape == (R, N)
+        assert np.abs(got - want).max() <= tol, backend
+
+
+def test_packed_matmul_rejects_bad_shapes():
+    pm = Packed.from_blocks("Q4_1", _raw("Q4_1", np.ones((4, 64))))
+    with pytest.raises(ValueError, match=r"x \(2, 63\)"):
+        pm.matmul(np.ones((2, 63), np.float32))
+    with pytest.raises(ValueError, match="fmt='Q5_0'"):
+        cpu_qmatmul.matmul("Q5_0", np.ones((1, 64), np.float32), pm.qs, pm.d, pm.m)
+    with pytest.raises(ValueError, match="not whole 20-byte blocks"):
+        Packed.from_blocks("Q4_1", np.zeros((2, 30), np.uint8))
+
+
+# -- tiny GGUF files ------------------------------------------------------------------------------
+D, H, KVH, HD, INTER, LAYERS, VOCAB = 64, 4, 2, 16, 96, 2, 160
+
+
+def write_tiny_gguf(path: Path, fmt: str, tie: bool = True, seed: int = 0, extra: dict | None = None) -> Path:
+    """A random 2-layer llama GGUF whose matrices are `fmt` blocks (norms F32)."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(LAYERS)
+    w.add_context_length(256)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(H)
+    w.add_head_count_kv(KVH)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(HD)
+    w.add_vocab_size(VOCAB)
+    w.add_file_type(1)
+
+    def mat(name: str, n: int, k: int, scale: float = 0.2, t: str = fmt) -> None:
+        x = (rng.standard_normal((n, k)) * scale).astype(np.float32)
+        if t == "F32":
+            w.add_tensor(name, x)
+        else:
+            w.add_tensor(name, _raw(t, x), raw_dtype=getattr(QT, t))
+
+    def vec(name: str) -> None:
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32))
+
+    mat("token_embd.weight", VOCAB, D, 1.0)
+    for i in range(LAYERS):
+        p = f"blk.{i}."
+        vec(p + "attn_norm.weight")
+        mat(p + "attn_q.weight", H * HD, D)
+        mat(p + "attn_k.weight", KVH * HD, D)
+        mat(p + "attn_v.weight", KVH * HD, D, t=(extra or {}).get("attn_v", fmt))
+        mat(p + "attn_output.weight", D, H * HD)
+        vec(p + "ffn_norm.weight")
+        mat(p + "ffn_gate.weight", INTER, D)
+        mat(p + "ffn_up.weight", INTER, D)
+        mat(p + "ffn_down.weight", D, INTER)
+    vec("output_norm.weight")
+    if not tie:
+        mat("output.weight", VOCAB, D)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def _greedy_ours(model, ids: list[int], n: int) -> list[int]:
+    a = model.args
+    cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128)
+    nxt = int(model.prefill(cache, 0, ids).argmax())
+    out = []
+    for _ in range(n):
+        out.append(nxt)
+        nxt = int(model.decode(cache, [0], [nxt])[0].argmax())
+    return out
+
+
+def _greedy_hf(ref, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("fmt,tie", [("Q8_0", True), ("Q4_0", False), ("Q4_1", True)])
+def test_tiny_gguf_is_the_network_transformers_loads(tmp_path, fmt, tie):
+    path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=tie)
+    ours = load_llm(str(path), tmp_path / "cache")
+    assert ours.model.packed and ours.native and ours.tokenizer is None
+    assert fmt in ours.weights
+    ref = _hf(path)
+    ids = [3, 17, 99, 5, 42, 7, 150, 1]
+    a = ours.model.args
+    cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128)
+    got = ours.model.prefill(cache, 0, ids, all_logits=True)  # the NumPy step on the packed kernels
+    with torch.inference_mode():
+        want = ref(torch.tensor([ids])).logits[0]
+    assert (got - want).abs().max() < 1e-4 * want.abs().max() + 1e-5
+    assert _greedy_ours(ours.model, ids, 24) == _greedy_hf(ref, ids, 24)
+    # the torch forward on the same blocks (int8 cache; a long prompt de-quantised chunk by chunk)
+    long_ids = [int(t) for t in np.random.default_rng(0).integers(0, VOCAB, 70)]
+    c8 = Int8Cache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128)
+    got_long = ours.model.prefill(c8, 0, long_ids)
+    with torch.inference_mode():
+        want_long = ref(torch.tensor([long_ids])).logits[0, -1]
+    assert int(got_long.argmax()) == int(want_long.argmax())
+    assert (got_long - want_long).abs().max() < 0.05 * want_long.abs().max()  # int8 K/V: not exact
+
+
+def test_tiny_gguf_resident_bytes_are_the_file_blocks(tmp_path):
+    path = write_tiny_gguf(tmp_path / "t.gguf", "Q4_1")
+    m = load_llm(str(path), tmp_path / "cache")
+    blocks = sum(t.n_bytes for t in gguf.GGUFReader(str(path)).tensors)
+    assert m.size_bytes() <= 1.1 * path.stat().st_size
+    assert blocks <= m.size_bytes() <= blocks + 4096  # + the rope tables, nothing else
+
+
+def test_mixed_block_types_in_one_projection(tmp_path):
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", "Q4_1", extra={"attn_v": "Q8_0"})
+    ours = load_llm(str(path), tmp_path / "cache")
+    assert ours.model.layers[0].wqkv.formats == ["Q4_1", "Q4_1", "Q8_0"]
+    ids = [1, 2, 3, 4, 5]
+    a = ours.model.args
+    got = ours.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 32), 0, ids, all_logits=True)
+    with torch.inference_mode():
+        want = _hf(path)(torch.tensor([ids])).logits[0]
+    assert (got - want).abs().max() < 1e-4 * want.abs().max() + 1e-5
+
+
+def test_int8_and_int4_weights_quantise_at_load(tmp_path):
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                        num_attention_heads=H, num_key_value_heads=KVH, max_position_embeddings=128,
+                        tie_word_embeddings=True)
+    T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    full = load_llm(str(tmp_path / "hf"), tmp_path / "cache")
+    assert not full.model.packed
+    ids = [4, 8, 15, 16, 23, 42]
+    a = full.model.args
+    want = full.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 32), 0, ids, all_logits=True)
+    for weights, fmt, tol in (("int8", "Q8_0", 0.02), ("int4", "Q4_1", 0.25)):
+        q = load_llm(str(tmp_path / "hf"), tmp_path / "cache", weights=weights)
+        assert q.model.packed and fmt in q.weights and weights in q.weights
+        assert q.size_bytes() < full.size_bytes() / (3 if fmt == "Q8_0" else 5)
+        got = q.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 32), 0, ids, all_logits=True)
+        assert (got - want).abs().max() < tol * want.abs().max(), weights
+
+
+def test_unsupported_block_type_names_file_tensor_and_type(tmp_path):
+    path = tmp_path / "q5.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 22), np.uint8), raw_dtype=QT.Q5_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedGGUF, match=r"q5\.gguf: tensor token_embd\.weight has block type Q5_0"):
+        read_gguf(path)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedGGUF, match=r"gpt2\.gguf: architecture 'gpt2'"):
+        read_gguf(path)
+
+
+@pytest.mark.parametrize("cut", [3, 100, -50])
+def test_truncated_gguf_is_a_clear_error_and_caches_nothing(tmp_path, cut):
+    from engine.errors import ModelUnavailable
+
+    good = write_tiny_gguf(tmp_path / "good.gguf", "Q4_1").read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(good[:cut] if cut > 0 else good[:cut])
+    with pytest.raises(CorruptGGUF, match=r"bad\.gguf"):
+        read_gguf(bad)
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelUnavailable, match=r"bad\.gguf.*(truncated|corrupt|not a GGUF)"):
+        load_llm(str(bad), cache)
+    assert not list(cache.glob("llm/bad*"))
