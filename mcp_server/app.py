@@ -55,6 +55,7 @@ from tools.base import ToolError, ToolOutput, ToolSpec
 from . import __version__
 from .clients import LOCAL, client_of, http_request
 from .config import Settings
+from .fit import fit_result
 from .disconnect import ExchangeWatch, exchange_watch
 from .jobs import Job, JobManager
 from .logs import request_id, set_third_party_level, setup_logging, summarize_args
@@ -405,7 +406,7 @@ class AtelierServer(MCPServer):
                 + (f" — {snap['message']}" if snap["message"] else ""))
         content.insert(0, mt.TextContent(type="text", text=head))
         is_error = bool(isinstance(res, mt.CallToolResult) and res.is_error)
-        return mt.CallToolResult(content=content, structured_content=structured, is_error=is_error), "ok"
+        return self._fit(mt.CallToolResult(content=content, structured_content=structured, is_error=is_error)), "ok"
 
     # ---------------------------------------------------------------- execution
     def _execute(self, spec: ToolSpec, args: BaseModel, token: CancelToken,
@@ -427,7 +428,12 @@ class AtelierServer(MCPServer):
         structured = out.structured.model_dump(mode="json")
         if delivered:
             structured["saved_images"] = delivered
-        return mt.CallToolResult(content=content, structured_content=structured)
+        return self._fit(mt.CallToolResult(content=content, structured_content=structured))
+
+    def _fit(self, result: mt.CallToolResult) -> mt.CallToolResult:
+        """The one place a result is measured before it is sent (mcp_server/fit.py)."""
+        lim = self.state.settings.limits
+        return fit_result(result, lim.max_result_chars, lim.max_inline_side)
 
     def _submit(self, spec: ToolSpec, args: BaseModel, token: CancelToken, caller: str = LOCAL) -> Future:
         fn = lambda tok: self._execute(spec, args, tok, caller)  # noqa: E731

@@ -108,6 +108,10 @@ class LimitsSection(_Section):
     queue_length: int = Field(16, gt=0)
     job_ttl_s: float = Field(3600.0, gt=0)
     max_jobs: int = Field(256, gt=0)
+    # every result fits every client (mcp_server/fit.py): Claude Desktop refuses results over 1,048,576
+    # characters, Claude Code images over 8000 px
+    max_result_chars: int = Field(1_000_000, ge=10_000)
+    max_inline_side: int = Field(8000, ge=64)
 
 
 class HttpSection(_Section):
