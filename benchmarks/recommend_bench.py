@@ -2,6 +2,7 @@
 
     python benchmarks/recommend_bench.py            # 100 000 and 1 000 000 items x 384 dims, k = 10
     python benchmarks/recommend_bench.py --quick    # 20 000 items, smoke run
+    python benchmarks/recommend_bench.py --durable  # only the change log: cost per upserted item, replay of 100k
 
 For each size: single queries and batches of 16, best of a few repetitions
 (the machine is shared). Baselines, measured in the same run on the same
@@ -154,10 +155,86 @@ def run_size(n: int, reps: int, bw: float) -> list[str]:
     return lines
 
 
+def durable(changes: int) -> list[str]:
+    """The change log (issue 18.1): ms per upserted item through `CatalogService.upsert` (fsync per call) for
+    calls of 1 and 100 items of 384 dims on a 10k catalogue, and the replay (fold + two bulk applies) of
+    `changes` logged changes of 1 item each (80 % adds, 15 % updates, 5 % deletes) when the catalogue opens."""
+    import json
+    import tempfile
+
+    from engine import Engine, EngineConfig
+    from engine.catalog import CatalogService
+    from engine.catalog import journal as J
+
+    out = []
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR") or None) as tmp:
+        src = Path(tmp) / "cat.jsonl"
+        base = rng.standard_normal((10_000, D)).astype(np.float32)
+        with src.open("w") as fh:
+            for i in range(len(base)):
+                fh.write(json.dumps({"id": f"b{i}", "category": f"c{i % 50}", "embedding": base[i].tolist()}) + "\n")
+        svc = CatalogService(Engine(EngineConfig(device="cpu", cache_dir=str(Path(tmp) / "cache"))))
+        cat, rep = svc.open(src)
+        journal = cat.journal
+        for per_call, calls in ((1, 300), (100, 30)):
+            ms = {}
+            for logged in (True, False):
+                cat.journal = journal if logged else None
+                t = time.perf_counter()
+                for c in range(calls):
+                    rows = [{"id": f"u{per_call}-{logged}-{c}-{j}", "category": "new", "price": j}
+                            for j in range(per_call)]
+                    vecs = list(torch.from_numpy(rng.standard_normal((per_call, D)).astype(np.float32)))
+                    svc.upsert(cat, rows, vecs)
+                ms[logged] = (time.perf_counter() - t) * 1000 / (calls * per_call)
+            out.append(f"  durable upsert, {per_call:3d} item(s) per call: {ms[True]:.3f} ms per item "
+                       f"({ms[True] * per_call:.2f} ms per call, fsync included; without the log "
+                       f"{ms[False]:.3f} ms per item)")
+        cat.journal = journal
+        # a log of `changes` single-item changes, written directly (the same frames the service writes)
+        log = Path(rep.log_file)
+        ids: list[str] = []
+        with log.open("wb") as fh:
+            for c in range(changes):
+                r = rng.random()
+                v = torch.from_numpy(rng.standard_normal((1, D)).astype(np.float32))
+                if r < 0.05 and ids:
+                    fh.write(J.encode([], None, [ids.pop(int(rng.integers(len(ids))))], []))
+                elif r < 0.20 and ids:
+                    fh.write(J.encode([{"id": ids[int(rng.integers(len(ids)))], "category": "upd"}], v, [], [False]))
+                else:
+                    ids.append(f"L{c}")
+                    fh.write(J.encode([{"id": ids[-1], "category": "log", "n": c}], v, [], [True]))
+        size = log.stat().st_size
+        svc2 = CatalogService(Engine(EngineConfig(device="cpu", cache_dir=str(Path(tmp) / "cache"))))
+        t = time.perf_counter()
+        cat2, rep2 = svc2.open(src)
+        total = time.perf_counter() - t
+        t = time.perf_counter()
+        svc3 = CatalogService(Engine(EngineConfig(device="cpu", cache_dir=str(Path(tmp) / "cache"))))
+        svc3.log_path = lambda source, model_id: (None, "bench: no log")  # type: ignore[method-assign]
+        svc3.open(src)
+        bare = time.perf_counter() - t
+        assert rep2.replayed == changes and len(cat2) == 10_000 + len(ids)
+        out.append(f"  replay of {changes} logged changes ({size / 1e6:.0f} MB log): {total - bare:.2f} s "
+                   f"(open with the log {total:.2f} s, without {bare:.2f} s); {len(cat2)} rows after")
+        t = time.perf_counter()
+        cat2.journal.compact()
+        out.append(f"  compaction of that log: {time.perf_counter() - t:.2f} s -> {log.stat().st_size / 1e6:.0f} MB")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="20 000 items only, few repetitions")
+    ap.add_argument("--durable", action="store_true", help="only the change log figures")
+    ap.add_argument("--log-changes", type=int, default=100_000, help="logged changes replayed (default 100 000)")
     a = ap.parse_args()
+    if a.durable:
+        for line in durable(a.log_changes):
+            print(line)
+        return 0
     print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')} torch threads {torch.get_num_threads()} "
           f"numpy {np.__version__} torch {torch.__version__}")

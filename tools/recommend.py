@@ -4,8 +4,11 @@ The catalogue is the file named in the call (`catalog`, resolved inside the
 read roots), else `models.catalog`, else the bundled demo catalogue. The
 engine's catalogue service (`engine.catalog.CatalogService`) holds it on the
 device; this module checks limits, resolves paths and shapes results.
-Upserts and deletes live in memory for the server's lifetime (the file is
-not rewritten).
+Upserts and deletes are written to the catalogue's change log (fsync'ed)
+before the call answers, and replayed when the catalogue is next opened
+(`engine.catalog.journal`); the catalogue file itself is never rewritten.
+Where the catalogue's folder is read-only the answer says the change is not
+durable (it lives in memory until the server stops).
 
 Every argument is checked here, before the call joins shared work: filter
 values (`Catalog.check_filters`) before the query joins a coalesced batch,
@@ -169,6 +172,9 @@ class UpsertOutput(BaseModel):
     deleted: int
     rows: int
     catalog: str
+    durable: bool = Field(description="the change is on disk (the catalogue's log) and survives a restart")
+    log_file: str | None = Field(None, description="the catalogue's change log")
+    warning: str | None = Field(None, description="why the change is not durable")
 
 
 def _upsert(args: UpsertInput, ctx: ToolContext) -> ToolOutput:
@@ -212,9 +218,12 @@ def _upsert(args: UpsertInput, ctx: ToolContext) -> ToolOutput:
     added, updated, deleted = _service(ctx).upsert(
         cat, rows, vecs, args.delete, model=ctx.settings.models.embedding, token=ctx.cancel_token(),
         progress=lambda done, total: ctx.report(done, total, f"embedded {done}/{total} items"))
-    out = UpsertOutput(added=added, updated=updated, deleted=deleted, rows=len(cat), catalog=report.source)
+    durable = report.log_file is not None
+    out = UpsertOutput(added=added, updated=updated, deleted=deleted, rows=len(cat), catalog=report.source,
+                       durable=durable, log_file=report.log_file, warning=None if durable else report.not_durable)
+    note = "saved to the catalogue's log." if durable else f"NOT durable: {report.not_durable}."
     return ToolOutput(text=f"{report.source}: {added} added, {updated} updated, {deleted} deleted; "
-                           f"{len(cat)} items now.", structured=out)
+                           f"{len(cat)} items now; {note}", structured=out)
 
 
 # -- catalog_info ------------------------------------------------------------
@@ -238,6 +247,9 @@ class InfoOutput(BaseModel):
     fields: list[str]
     warnings: list[str] = Field(default_factory=list)
     cache_file: str | None = None
+    log_file: str | None = Field(None, description="the change log of upserts and deletes (None: not durable)")
+    log_bytes: int = 0
+    replayed: int = Field(0, description="log records applied when the catalogue was opened")
 
 
 def _info(args: InfoInput, ctx: ToolContext) -> ToolOutput:
@@ -247,7 +259,8 @@ def _info(args: InfoInput, ctx: ToolContext) -> ToolOutput:
                      dtype=info["dtype"], device=info["device"], bytes_on_device=info["bytes_on_device"],
                      sketch_bytes=info["sketch_bytes"],
                      capacity=info["capacity"], categories=info["categories"], fields=info["fields"],
-                     warnings=report.errors, cache_file=report.cache_file)
+                     warnings=report.errors, cache_file=report.cache_file, log_file=report.log_file,
+                     log_bytes=cat.journal.size() if cat.journal is not None else 0, replayed=report.replayed)
     cats = ", ".join(f"{c or '(none)'} {n}" for c, n in list(out.categories.items())[:12])
     text = (f"{out.catalog}: {out.rows} items x {out.dims} dims, model {out.model}, {out.dtype} on {out.device} "
             f"({out.bytes_on_device / 1e6:.1f} MB); categories: {cats}")
@@ -276,7 +289,9 @@ recommend_topk = ToolSpec(
 catalog_upsert = ToolSpec(
     name="catalog_upsert", title="Add, update or delete catalogue items",
     description="Add or update items (their text is embedded) or delete them by id; the next recommend_topk sees "
-                "the change. Changes live in memory; the catalogue file is not rewritten.",
+                "the change. Each change is saved to the catalogue's log before the answer and survives a "
+                "restart ('durable' says so; not where the catalogue's folder is read-only); the catalogue file "
+                "itself is not rewritten.",
     input_model=UpsertInput, output_model=UpsertOutput, run=_engine_errors(_upsert),
     execution="thread", read_only=False, priority=0)
 

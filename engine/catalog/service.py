@@ -22,6 +22,7 @@ import torch
 
 from .. import workmem
 from ..errors import InvalidInput
+from .journal import DEFAULT_COMPACT_BYTES, Journal
 from .rows import DEMO_CATALOG, read_catalog, row_text
 from .store import DEFAULT_CHUNK_ROWS, Catalog
 
@@ -72,6 +73,9 @@ class LoadReport:
     errors: list[str] = field(default_factory=list)
     embedded: int = 0  # rows embedded now (0 when the cache or the file had them)
     cache_file: str | None = None
+    log_file: str | None = None  # the change log (None: changes are not durable, see `not_durable`)
+    not_durable: str = ""  # why changes live in memory only ("" when they are logged)
+    replayed: int = 0  # log records applied on open
 
 
 class CatalogService:
@@ -83,6 +87,8 @@ class CatalogService:
         self._catalogs: dict[tuple[str, str, str], tuple[Catalog, LoadReport]] = {}
         self.chunk_rows = DEFAULT_CHUNK_ROWS
         self.max_call_memory_mb = 0  # the per-call memory limit (0: from the engine budget; see memory_limit)
+        self.log_compact_bytes = DEFAULT_COMPACT_BYTES  # a catalogue's log is compacted past this size
+        self._journals: dict[Path, Journal] = {}  # one per log file, shared by the catalogues that write it
 
     def embedder(self, model: str) -> Any:
         from ..embed import get_embedder
@@ -94,6 +100,23 @@ class CatalogService:
         if source is not None and os.access(source.parent, os.W_OK):
             return source.parent / f".{name}"
         return Path(self.engine.config.cache_dir) / "catalog-embeddings" / name
+
+    def log_path(self, source: Path | None, model_id: str) -> tuple[Path | None, str]:
+        """Where a catalogue's change log lives -> (path, "") or (None, why changes are not durable). Beside
+        the file (hidden, `.NAME.MODEL.log`) when its folder is writable; the bundled demo's in the engine
+        cache dir (`catalog-logs/`), as the package folder may be read-only (site-packages)."""
+        if source is None:
+            return Path(self.engine.config.cache_dir) / "catalog-logs" / f"demo_catalog.jsonl.{model_id}.log", ""
+        if not os.access(source.parent, os.W_OK):
+            return None, (f"the catalogue's folder {source.parent} is read-only: changes live in memory until "
+                          "the server stops")
+        return source.parent / f".{source.name}.{model_id}.log", ""
+
+    def _journal(self, path: Path) -> Journal:
+        j = self._journals.get(path)
+        if j is None:
+            j = self._journals[path] = Journal(path, compact_bytes=self.log_compact_bytes)
+        return j
 
     def open(self, source: Path | None, *, model: str = "", dtype: str = "float32", max_rows: int = 2_000_000,
              token: Any = None, progress: Callable[[int, int], None] | None = None) -> tuple[Catalog, LoadReport]:
@@ -154,6 +177,16 @@ class CatalogService:
                       model=model_id, source=report.source, capacity=max(1024, len(rows)),
                       memory_limit=self.memory_limit)
         cat.upsert(rows, matrix)
+        del rows, vecs, matrix
+        log, why = self.log_path(None if is_demo else path, model_id)
+        if log is not None:
+            journal = self._journal(log)
+            report.replayed, warnings = journal.replay(cat.apply, cat.has)
+            report.errors.extend(warnings)
+            report.log_file = str(log)
+            cat.journal = journal
+        else:
+            report.not_durable = why
         return cat, report
 
     def memory_limit(self) -> int | None:
@@ -186,8 +219,9 @@ class CatalogService:
 
         Order: the memory bound (embedding + commit) is checked against `memory_limit()` before any work;
         missing vectors are embedded in chunks, `token.check()` before each; the token is checked once
-        more; then one `Catalog.apply` commits under the catalogue's lock. A cancel (or any error) before
-        that step leaves the catalogue as it was; nothing can cancel the step itself."""
+        more; then one `Catalog.apply` commits under the catalogue's lock, first writing the change to the
+        catalogue's log (`catalog.journal`, fsync'ed) when it has one. A cancel (or any error, a failed log
+        write included) before that step leaves the catalogue as it was; nothing can cancel the step itself."""
         need_text = [i for i, v in enumerate(vectors) if v is None]
         texts = [row_text(rows[i]) for i in need_text]
         emb = self._embedder_for(catalog, model, texts, "items") if texts else None
@@ -207,7 +241,8 @@ class CatalogService:
         stacked = torch.stack([v.float() for v in full if v is not None]) if rows else None
         del full
         try:
-            return catalog.apply(rows, stacked, delete)
+            journal = catalog.journal
+            return catalog.apply(rows, stacked, delete, journal=None if journal is None else journal.append)
         finally:
             del stacked
             workmem.release(need)  # hand freed heap pages back to the OS after a large update
@@ -217,6 +252,8 @@ class CatalogService:
         with self._lock:
             for cat, _ in self._catalogs.values():
                 cat.close()
+            for j in self._journals.values():
+                j.close()
 
     def catalogs(self) -> list[tuple[Catalog, LoadReport]]:
         with self._lock:

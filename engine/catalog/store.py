@@ -71,6 +71,7 @@ class Catalog:
         self._numeric: dict[str, np.ndarray] = {}
         self._dead = 0
         self.version = 0
+        self.journal: Any = None  # the change log `CatalogService.upsert` writes through (`Journal`), or None
         self.memory_limit: Callable[[], int | None] = memory_limit or (lambda: None)
         self._batcher = Coalescer(self._search_batch, max_cost=lambda: self.memory_limit())
         use_sketch = self.device.type == "cpu" and dtype == torch.float32 and sketch is not False
@@ -277,9 +278,11 @@ class Catalog:
         return len(rows)
 
     def apply(self, rows: Sequence[Mapping[str, Any]], vectors: torch.Tensor | None,
-              delete: Iterable[str] = ()) -> tuple[int, int, int]:
+              delete: Iterable[str] = (), *, journal: Callable[..., None] | None = None) -> tuple[int, int, int]:
         """Upsert `rows` (vectors [n, dim]) and delete the ids in `delete` as one change, under the lock:
         everything is checked before anything changes, so a search sees all of it or none of it.
+        `journal(rows, vectors, dels, inserted)` (the catalogue's log, `Journal.append`) is called after the
+        checks and before any change, under the same lock: when it raises, nothing changed.
         Returns (added, updated, deleted)."""
         dels = list(dict.fromkeys(str(i) for i in delete))
         if rows and (vectors is None or vectors.dim() != 2 or vectors.shape[0] != len(rows)
@@ -290,6 +293,14 @@ class Catalog:
             for rid in dels:
                 if rid not in self._row_of:
                     raise InvalidInput("delete", rid, "unknown item id in this catalogue")
+            if journal is not None:
+                seen: set[str] = set()
+                inserted = []
+                for r in rows:
+                    rid = str(r["id"])
+                    inserted.append(rid not in self._row_of and rid not in seen)
+                    seen.add(rid)
+                journal(rows, vectors, dels, inserted)
             added = updated = 0
             if rows:
                 assert vectors is not None
