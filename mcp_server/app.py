@@ -216,6 +216,31 @@ def _error_result(text: str, structured: dict[str, Any] | None = None) -> mt.Cal
                              structured_content=structured)
 
 
+HEARTBEAT_S = 4.0  # a long call sends progress at least this often (Claude clients reset their timeout on it)
+
+
+def _compact(schema: Any) -> Any:
+    """The same JSON schema, shorter for the model that reads it: pydantic's generated `title`s go (each
+    repeats its property or model name; a property named "title" stays), and an optional value written
+    `anyOf: [{type: T, ...}, {type: null}], default: null` becomes `type: [T, "null"], ...` (null stays the
+    default). An optional `$ref` keeps its anyOf."""
+    if isinstance(schema, list):
+        return [_compact(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _compact(v) for k, v in schema.items() if not (k == "title" and isinstance(v, str))}
+    alts = out.get("anyOf")
+    if isinstance(alts, list) and len(alts) == 2 and {"type": "null"} in alts:
+        other = next(a for a in alts if a != {"type": "null"})
+        # the other branch's keywords (minimum, items, additionalProperties...) constrain only its own type,
+        # so merging them beside `type: [T, "null"]` accepts exactly the same values
+        if isinstance(other, dict) and isinstance(other.get("type"), str) and not (set(other) & set(out)):
+            out = {**{k: v for k, v in out.items() if k != "anyOf"}, **other, "type": [other["type"], "null"]}
+            if out.get("default", 0) is None:
+                del out["default"]
+    return out
+
+
 def _output_schema(spec: ToolSpec) -> dict[str, Any]:
     schema = spec.output_model.model_json_schema(mode="serialization")
     props = schema.setdefault("properties", {})
@@ -326,17 +351,37 @@ class AtelierServer(MCPServer):
     # ---------------------------------------------------------------- tools
     async def list_tools(self) -> list[mt.Tool]:
         out = []
+        missing = self._unconfigured()
         for spec in self.state.specs.values():
+            description = spec.description
+            if spec.name in missing:
+                if self.state.settings.tools.hide_unconfigured:
+                    continue
+                description = f"{missing[spec.name]}. {description}"
             out.append(mt.Tool(
-                name=spec.name, title=spec.title, description=spec.description,
-                input_schema=spec.input_model.model_json_schema(),
-                output_schema=_output_schema(spec),
+                name=spec.name, title=spec.title, description=description,
+                input_schema=_compact(spec.input_model.model_json_schema()),
+                output_schema=_compact(_output_schema(spec)),
                 annotations=mt.ToolAnnotations(title=spec.title, read_only_hint=spec.read_only,
                                                destructive_hint=False if spec.read_only else None,
                                                open_world_hint=False),
                 execution=mt.ToolExecution(task_support="optional") if spec.long_running else None,
             ))
         return out
+
+    def _unconfigured(self) -> dict[str, str]:
+        """Tools whose model is not configured -> what they say about it at the start of their description."""
+        import os
+        from pathlib import Path
+
+        diffusion = self.state.settings.models.diffusion
+        if diffusion and (Path(os.path.expanduser(diffusion)) / "model_index.json").is_file():
+            return {}
+        why = ("not configured" if not diffusion else
+               f"{diffusion!r} is not a diffusers pipeline folder" if Path(os.path.expanduser(diffusion)).is_dir()
+               else f"{diffusion!r} does not exist")
+        return {"generate_image": f"Unavailable: needs models.diffusion ({why})",
+                "detail_image": f"Inpainting needs models.diffusion ({why}): only detect_only works"}
 
     def _tool_input_schema(self, name: str) -> dict[str, Any] | None:
         spec = self.state.specs.get(name)
@@ -523,20 +568,41 @@ class AtelierServer(MCPServer):
 
         job = self.state.jobs.create(spec.name, token, owner=caller)
         loop = asyncio.get_running_loop()
-        last_sent = [0.0]
+        last_sent = [time.monotonic(), -1.0]  # when, and the highest progress value sent
+
+        def send(progress: float, total: float | None, message: str | None) -> None:
+            # progress values must increase (MCP): a repeated or lower value is nudged above the last one
+            value = max(progress, last_sent[1] + 1e-6) if progress <= last_sent[1] else progress
+            if total is not None and value > total:
+                return
+            last_sent[0], last_sent[1] = time.monotonic(), value
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(context.report_progress(value, total, message), loop)
 
         def on_progress(progress: float, total: float | None, message: str | None) -> None:
             if job.state == "queued":
                 job.state = "running"
             if context is None or job.detached:
                 return
-            now = time.monotonic()
             final = total is not None and progress >= total
-            if not final and now - last_sent[0] < 0.1:
+            if not final and time.monotonic() - last_sent[0] < 0.1:
                 return
-            last_sent[0] = now
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(context.report_progress(progress, total, message), loop)
+            send(progress, total, message)
+
+        async def heartbeat() -> None:
+            """No silent waits: a long call that reported nothing for HEARTBEAT_S seconds (a model loading,
+            a queue) sends its last progress again, nudged, with what it is doing and for how long."""
+            t0 = time.monotonic()
+            while True:
+                await asyncio.sleep(0.5)
+                now = time.monotonic()
+                if job.detached or job.future is None or job.future.done():
+                    return
+                if now - last_sent[0] >= HEARTBEAT_S:
+                    what = (f"queued behind {self.state.engine.scheduler.running_label or 'other work'}"
+                            if job.state == "queued" else (token.message or "working"))
+                    send(max(token.progress, last_sent[1] + 1e-3), token.total,
+                         f"{what} (still working, {now - t0:.0f} s)")
 
         token.add_listener(on_progress)
         try:
@@ -547,6 +613,7 @@ class AtelierServer(MCPServer):
             return res, outcome, {}
         job.future = fut
         fut.add_done_callback(lambda f: self._finish_job(job, f))
+        beat = asyncio.ensure_future(heartbeat()) if context is not None else None
         deadline = self.state.settings.limits.deadline_s if spec.long_running else None
         try:
             with anyio.CancelScope(shield=False):
@@ -555,7 +622,11 @@ class AtelierServer(MCPServer):
             # client cancelled the request (or the connection closed): stop the work
             token.cancel("cancelled by the client")
             job.detached = False
+            if beat is not None:
+                beat.cancel()
             raise
+        if beat is not None:
+            beat.cancel()
         if not done:
             if watch is not None:
                 watch.detach(token)  # a job outlives its request: the exchange's end no longer stops it

@@ -79,6 +79,10 @@ class PathsSection(_Section):
 class ToolsSection(_Section):
     enabled: list[str] = Field(default_factory=lambda: ["*"])
     disabled: list[str] = Field(default_factory=list)
+    # a tool whose model is not configured (generate_image without models.diffusion) is listed with a
+    # description that starts by saying so (the default: a model can tell its user how to enable it);
+    # true leaves it out of tools/list instead
+    hide_unconfigured: bool = False
 
     @field_validator("enabled", "disabled")
     @classmethod
