@@ -263,3 +263,25 @@ def test_truncated_gguf_is_a_clear_error_and_caches_nothing(tmp_path, cut):
     with pytest.raises(ModelUnavailable, match=r"bad\.gguf.*(truncated|corrupt|not a GGUF)"):
         load_llm(str(bad), cache)
     assert not list(cache.glob("llm/bad*"))
+
+
+def test_generate_text_reports_loading_and_names_the_weights(tmp_path):
+    from engine.llm.batcher import GenerationRequest, service_for
+    from tests.fakectx import make_context
+    from tools.base import ToolError
+    from tools.text import GenerateTextInput, run_generate_text
+
+    path = write_tiny_gguf(tmp_path / "tiny-progress.gguf", "Q4_1")
+    ctx = make_context(tmp_path, models={"llm": str(path)})
+    try:
+        with pytest.raises(ToolError, match="no tokenizer"):  # a tokenizer-less file: loads, then refused
+            run_generate_text(GenerateTextInput(prompt="hi", max_new_tokens=2), ctx)
+        msgs = [m for _, _, m in ctx.progress]
+        assert msgs and all(m.startswith("loading model") for m in msgs), msgs
+        assert any("GGUF blocks" in m for m in msgs)
+        svc = service_for(ctx.engine, str(path))
+        r = svc.generate(GenerationRequest([1, 2, 3], max_new_tokens=3, ignore_eos=True))
+        assert r.completion_tokens == 3 and "weights: gguf Q4_1" in r.note and "MB resident" in r.note
+        svc.close()
+    finally:
+        ctx.engine.close()

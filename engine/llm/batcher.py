@@ -561,6 +561,9 @@ def _lookup(ctx: list[int], k: int, max_ngram: int = 3) -> list[int]:
     return []
 
 
+_LOAD_LISTENERS: dict[tuple[int, str], list[Any]] = {}
+
+
 def service_for(engine: Any, spec: str, *, compile_step: bool = False, max_slots: int = 8,
                 max_len: int = 2048, decode: str = "auto", weights: str = "auto",
                 progress: Callable[[str], None] | None = None) -> LLMService:
@@ -570,8 +573,20 @@ def service_for(engine: Any, spec: str, *, compile_step: bool = False, max_slots
 
     key = f"llm:{spec or 'embedded'}" + (f":{weights}" if weights != "auto" else "")
     device, dtype = engine.device, (engine.dtype if engine.device.type != "cpu" else torch.float32)
+    # the latest caller hears the loading messages (the loader is registered once, callers change)
+    listener = _LOAD_LISTENERS.setdefault((id(engine), key), [None])
+    listener[0] = progress
+
+    def say(message: str) -> None:
+        fn = listener[0]
+        if fn is not None:
+            try:
+                fn(message)
+            except Exception:  # a progress sink must never break a load
+                log.debug("load progress listener failed", exc_info=True)
+
     engine.registry.register(key, lambda: load_llm(spec, engine.config.cache_dir, device, dtype, decode, weights,
-                                                   progress=progress),
+                                                   progress=say),
                              family="llm", source=(spec or "embedded SmolLM2-135M-Instruct") + f" (weights: {weights})")
 
     def budget() -> int | None:
