@@ -59,7 +59,7 @@ from .fit import fit_result
 from .disconnect import ExchangeWatch, exchange_watch
 from .jobs import Job, JobManager
 from .logs import request_id, set_third_party_level, setup_logging, summarize_args
-from .media import MediaStore
+from .media import EXPIRED, MediaStore
 from .sandbox import NO_SPACE_ERRNOS, Sandbox
 from .tasks import Tasks
 from .tasks import capability as tasks_capability
@@ -153,6 +153,10 @@ class RunContext:
 
     def load_image(self, ref: str, argument: str, *, mode: str = "keep") -> Any:
         return self._state.media.load_image(ref, argument, mode, self._caller)
+
+    def output_usage(self) -> dict[str, Any]:
+        """The output folder: files and bytes this server wrote, the retention limits (engine_status)."""
+        return self._state.media.usage()
 
     def resolve_input(self, path: str, argument: str) -> Any:
         return self._state.sandbox.resolve_input(path, argument)
@@ -679,6 +683,8 @@ class AtelierServer(MCPServer):
             caller = self._caller(context)
             rec = self.state.media.get(image_id, caller)
             if rec is None:
+                if self.state.media.expired(image_id) is not None:
+                    raise ResourceNotFoundError(f"image resource {text} {EXPIRED}")
                 raise ResourceNotFoundError(f"unknown image resource {text}")
             try:
                 data = await anyio.to_thread.run_sync(self.state.media.read_bytes, image_id, caller)

@@ -116,6 +116,9 @@ class LimitsSection(_Section):
     # characters, Claude Code images over 8000 px
     max_result_chars: int = Field(1_000_000, ge=10_000)
     max_inline_side: int = Field(8000, ge=64)
+    # output retention (mcp_server/media.py): the oldest images this server wrote go first; 0 = no such rule
+    output_max_bytes: int = Field(2_000_000_000, ge=0)
+    output_max_age_s: float = Field(7 * 86400.0, ge=0)
 
 
 class HttpSection(_Section):

@@ -49,11 +49,22 @@ from tools.base import ImageOut, ToolError
 from .clients import LOCAL, can_see
 from .sandbox import Sandbox
 
+SOFTWARE = "atelier-mcp"
+_SOFTWARE_CHUNK = b"tEXtSoftware\x00" + SOFTWARE.encode()
+RETENTION_GRACE_S = 300.0
+EXPIRED = ("expired: the output retention deleted it (limits.output_max_bytes / limits.output_max_age_s); "
+           "run the call again to make it anew")
 THUMB_SIDE = 512
 THUMB_MAX_B64 = 100_000
 _B64_RE = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
 _ID_RE = re.compile(r"^[0-9a-f]{12}$")
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def _looks_b64(ref: str) -> bool:
+    """An image reference that carries base64 data (a data: URI, or bare base64 of >= 512 characters)."""
+    return ref.startswith("data:") or (len(ref) >= 512 and "\x00" not in ref and bool(_B64_RE.match(ref[:4096]))
+                                       and not ref.startswith("/"))
 
 
 def png_data_short(data: bytes) -> bool:
@@ -106,6 +117,9 @@ class ImageRecord:
     created: float
     mime_type: str = "image/png"
     owner: str | None = None  # the client that made it; None = found on disk from an earlier run
+    size: int = 0  # bytes on disk
+    ours: bool = True  # written by this server (tagged Software=atelier-mcp): the retention may delete it
+    used: float = 0.0  # last read through image:// (a link in use is not deleted)
 
     @property
     def uri(self) -> str:
@@ -117,8 +131,11 @@ class MediaStore:
         self.sandbox = sandbox
         self.limits = limits
         self._records: dict[str, ImageRecord] = {}
+        self._expired: dict[str, float] = {}  # id -> when the retention deleted it
+        self.deleted = 0
         self._lock = threading.Lock()
         self._scan_existing()
+        self.enforce_retention()
 
     # -- registry -----------------------------------------------------------
     def _scan_existing(self) -> None:
@@ -126,7 +143,63 @@ class MediaStore:
             m = re.search(r"-([0-9a-f]{12})\.png$", p.name)
             if not m or p.is_symlink():
                 continue
-            self._records[m.group(1)] = ImageRecord(m.group(1), p, 0, 0, p.stem, p.stat().st_mtime)
+            try:
+                st = p.stat()
+                with open(p, "rb") as f:
+                    ours = _SOFTWARE_CHUNK in f.read(65536)
+            except OSError:
+                continue
+            self._records[m.group(1)] = ImageRecord(m.group(1), p, 0, 0, p.stem, st.st_mtime, size=st.st_size,
+                                                    ours=ours)
+
+    # -- retention ----------------------------------------------------------
+    def enforce_retention(self, now: float | None = None) -> list[str]:
+        """Delete the oldest outputs this server wrote while the folder's outputs are over
+        `limits.output_max_bytes`, and those older than `limits.output_max_age_s` (0 = no such rule).
+        Never a file the server did not write (PNG without its Software tag, or another name), never an
+        image written or read through its link in the last RETENTION_GRACE_S seconds. A deleted image's
+        link answers "expired". Returns the ids deleted."""
+        max_bytes = int(getattr(self.limits, "output_max_bytes", 0) or 0)
+        max_age = float(getattr(self.limits, "output_max_age_s", 0) or 0)
+        if not max_bytes and not max_age:
+            return []
+        now = time.time() if now is None else now
+        gone: list[ImageRecord] = []
+        with self._lock:
+            ours = sorted((r for r in self._records.values() if r.ours), key=lambda r: r.created)
+            total = sum(r.size for r in ours)
+            for r in ours:
+                if now - max(r.created, r.used) < RETENTION_GRACE_S:
+                    continue
+                if (max_age and now - r.created > max_age) or (max_bytes and total > max_bytes):
+                    gone.append(r)
+                    total -= r.size
+                    del self._records[r.id]
+                    self._expired[r.id] = now
+            while len(self._expired) > 100_000:
+                self._expired.pop(next(iter(self._expired)))
+        for r in gone:
+            try:
+                os.unlink(r.path)
+                self.deleted += 1
+            except FileNotFoundError:
+                pass
+            except OSError:  # keep serving; the file stays (and is no longer counted)
+                pass
+        return [r.id for r in gone]
+
+    def expired(self, image_id: str) -> float | None:
+        """When the retention deleted this image (None: it was not deleted by the retention)."""
+        return self._expired.get(image_id)
+
+    def usage(self) -> dict[str, Any]:
+        """The output folder as engine_status shows it."""
+        with self._lock:
+            ours = [r for r in self._records.values() if r.ours]
+        return {"dir": str(self.sandbox.output_dir), "files": len(ours), "bytes": sum(r.size for r in ours),
+                "max_bytes": int(getattr(self.limits, "output_max_bytes", 0) or 0),
+                "max_age_s": float(getattr(self.limits, "output_max_age_s", 0) or 0),
+                "deleted_by_retention": self.deleted}
 
     def records(self, caller: str = LOCAL) -> list[ImageRecord]:
         """The records `caller` may see, oldest first."""
@@ -154,7 +227,10 @@ class MediaStore:
     def read_bytes(self, image_id: str, caller: str = LOCAL) -> bytes:
         rec = self.get(image_id, caller)
         if rec is None:
+            if self.expired(image_id) is not None:
+                raise ToolError.invalid("uri", f"image://{image_id}", EXPIRED)
             raise ToolError.invalid("uri", f"image://{image_id}", "no image with that id was produced by this server")
+        rec.used = time.time()
         _, data = self.sandbox.read_bytes(str(rec.path), "uri", self.limits.max_image_bytes)
         return data
 
@@ -179,8 +255,7 @@ class MediaStore:
             raise ToolError.invalid(argument, ref, "expected an image path, an image://ID URI or base64 data")
         if ref.startswith("image://"):
             return self.read_bytes_for(ref[len("image://"):], argument, caller)
-        if ref.startswith("data:") or (len(ref) >= 512 and "\x00" not in ref and _B64_RE.match(ref[:4096])
-                                       and not ref.startswith("/")):
+        if _looks_b64(ref):
             return self._decode_b64(ref, argument)
         if caller != LOCAL:
             self._check_output_path(self.sandbox.resolve_input(ref, argument), ref, argument, caller)
@@ -192,17 +267,22 @@ class MediaStore:
     def read_bytes_for(self, image_id: str, argument: str, caller: str = LOCAL) -> bytes:
         rec = self.get(image_id, caller)
         if rec is None:
+            if self.expired(image_id) is not None:
+                raise ToolError.invalid(argument, f"image://{image_id}", EXPIRED)
             raise ToolError.invalid(argument, f"image://{image_id}", "no image with that id was produced by this server")
+        rec.used = time.time()
         _, data = self.sandbox.read_bytes(str(rec.path), argument, self.limits.max_image_bytes)
         return data
 
-    def decode(self, data: bytes, argument: str, mode: str = "keep") -> np.ndarray:
+    def decode(self, data: bytes, argument: str, mode: str = "keep", shown: str | None = None) -> np.ndarray:
+        """`shown`: how errors name the input (its path or image:// URI); base64 data is named by its size."""
+        label = shown if shown else f"<{len(data)} bytes>"
         if len(data) > self.limits.max_image_bytes:
-            raise ToolError.invalid(argument, f"<{len(data)} bytes>", f"image is over the limit of "
+            raise ToolError.invalid(argument, label, f"image is over the limit of "
                                     f"{self.limits.max_image_bytes} bytes")
         fmt = sniff_format(data[:16])
         if fmt is None:
-            raise ToolError.invalid(argument, f"<{len(data)} bytes>",
+            raise ToolError.invalid(argument, label,
                                     "unsupported image format; accepted: PNG, JPEG, WEBP")
         max_px = int(self.limits.max_image_pixels)
         with warnings.catch_warnings():
@@ -222,26 +302,27 @@ class MediaStore:
                     try:
                         short = png_data_short(data)
                     except (zlib.error, struct.error) as exc:
-                        raise ToolError.invalid(argument, f"<{len(data)} bytes>",
+                        raise ToolError.invalid(argument, label,
                                                 f"cannot decode image: {exc}") from None
                     if short:
-                        raise ToolError.invalid(argument, f"<{len(data)} bytes>",
+                        raise ToolError.invalid(argument, label,
                                                 "cannot decode image: the PNG pixel data is truncated")
                 img.load()
             except ToolError:
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise ToolError.invalid(argument, f"<{len(data)} bytes>",
+                raise ToolError.invalid(argument, label,
                                         f"rejected as a decompression bomb: over the pixel limit of {max_px} "
                                         f"({exc})") from None
             except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as exc:
-                raise ToolError.invalid(argument, f"<{len(data)} bytes>", f"cannot decode image: {exc}") from None
+                raise ToolError.invalid(argument, label, f"cannot decode image: {exc}") from None
             finally:
                 Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_max, old_trunc
         return to_array(img, mode, argument)
 
     def load_image(self, ref: str, argument: str, mode: str = "keep", caller: str = LOCAL) -> np.ndarray:
-        return self.decode(self.fetch_bytes(ref, argument, caller), argument, mode)
+        data = self.fetch_bytes(ref, argument, caller)
+        return self.decode(data, argument, mode, None if _looks_b64(ref) else ref)
 
     # -- outputs ------------------------------------------------------------
     def save(self, out: ImageOut, owner: str = LOCAL) -> ImageRecord:
@@ -252,17 +333,21 @@ class MediaStore:
             arr = arr[:, :, 0]
         img = Image.fromarray(arr)
         info = PngImagePlugin.PngInfo()
+        info.add_text("Software", SOFTWARE)  # marks the file as ours: only such files are ever deleted
         for k, v in out.metadata.items():
-            info.add_text(str(k)[:79], str(v))
+            if str(k) != "Software":
+                info.add_text(str(k)[:79], str(v))
         buf = io.BytesIO()
         img.save(buf, format="PNG", pnginfo=info, compress_level=3)
         image_id = secrets.token_hex(6)
         path = self.sandbox.fresh_output_path(out.name, f"-{image_id}.png")
         # fresh_output_path adds its own random token; keep the id last for lookups after restart
-        self.sandbox.write_atomic(path, buf.getvalue())
-        rec = ImageRecord(image_id, path, img.width, img.height, out.name, time.time(), owner=owner)
+        data = buf.getvalue()
+        self.sandbox.write_atomic(path, data)
+        rec = ImageRecord(image_id, path, img.width, img.height, out.name, time.time(), owner=owner, size=len(data))
         with self._lock:
             self._records[image_id] = rec
+        self.enforce_retention()
         return rec
 
     def deliver(self, out: ImageOut, inline_full: bool = False,

@@ -83,6 +83,9 @@ class ToolContext(Protocol):
     def cancel_token(self) -> Any:
         """The engine.scheduler.CancelToken of this call (for engine functions that take one)."""
 
+    def output_usage(self) -> dict[str, Any]:
+        """The output folder: files and bytes the server wrote, retention limits (engine_status)."""
+
 
 RunFn = Callable[[Any, ToolContext], ToolOutput]
 

@@ -46,6 +46,9 @@ class EngineStatusOutput(BaseModel):
                                                  "cache pools; catalogues)")
     diffusion: dict[str, Any] = Field(default_factory=dict,
                                       description="the configured diffusion pipeline (or how to configure one)")
+    outputs: dict[str, Any] = Field(default_factory=dict,
+                                    description="the output folder: files and bytes this server wrote, retention "
+                                                "limits, files deleted by the retention")
 
 
 def _services(eng: Any) -> dict[str, Any]:
@@ -93,12 +96,15 @@ def _run(args: EngineStatusInput, ctx: ToolContext) -> ToolOutput:
         torchvision=eng.torchvision_state,
         diffusion=_diffusion_status(eng, models.diffusion),
         services=_services(eng),
+        outputs=ctx.output_usage() if hasattr(ctx, "output_usage") else {},
     )
     avail = [k for k, v in out.embedded_defaults.items() if v["available"]]
     text = (f"device {out.device} ({out.dtype}), kernels: {out.kernel_backend}; "
             f"{len(loaded)} model(s) loaded, {out.models_bytes / 1e6:.1f} MB of "
             f"{(out.memory_budget_bytes or 0) / 1e6:.0f} MB budget; queue {out.queue_depth}/{out.queue_capacity}; "
-            f"embedded defaults available: {', '.join(avail) or 'none'}")
+            f"embedded defaults available: {', '.join(avail) or 'none'}"
+            + (f"; outputs {out.outputs['files']} file(s), {out.outputs['bytes'] / 1e6:.1f} MB"
+               if out.outputs else ""))
     return ToolOutput(text=text, structured=out)
 
 
