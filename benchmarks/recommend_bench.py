@@ -3,6 +3,7 @@
     python benchmarks/recommend_bench.py            # 100 000 and 1 000 000 items x 384 dims, k = 10
     python benchmarks/recommend_bench.py --quick    # 20 000 items, smoke run
     python benchmarks/recommend_bench.py --durable  # only the change log: cost per upserted item, replay of 100k
+    python benchmarks/recommend_bench.py --hnsw 200000   # only the approximate index, on N clustered rows
 
 For each size: single queries and batches of 16, best of a few repetitions
 (the machine is shared). Baselines, measured in the same run on the same
@@ -225,12 +226,143 @@ def durable(changes: int) -> list[str]:
     return out
 
 
+def clustered(n: int, rng: np.random.Generator, clusters: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Realistic embeddings, not uniform noise: `clusters` centres on the sphere, each row a centre plus
+    noise (cosine to its centre ~0.7), L2-normalised -> (rows [n, D] float32, cluster id [n])."""
+    centres = rng.standard_normal((clusters, D)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    lab = rng.integers(0, clusters, n)
+    out = np.empty((n, D), np.float32)
+    for lo in range(0, n, 100_000):
+        hi = min(n, lo + 100_000)
+        x = centres[lab[lo:hi]] + rng.standard_normal((hi - lo, D)).astype(np.float32) * (1.0 / np.sqrt(D))
+        out[lo:hi] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out, lab
+
+
+def hnsw(n: int, nq: int = 200, with_usearch: bool = False) -> list[str]:
+    """Issue 18.2 figures on n clustered rows: our Catalog with index='hnsw' (hnswlib, M=16, efC=200,
+    ef=64) against the exact Catalog (the recall oracle), FAISS IndexHNSWFlat with the same M/ef, and
+    usearch; recall@10 against the exact top-10, p50 single-query latency, a 10 % filter, category_limit=2,
+    a batch of 16, build time and resident memory."""
+    import psutil
+
+    from engine.catalog import Catalog, Query
+    from engine.catalog.ann import HnswIndex
+
+    out = []
+    rng = np.random.default_rng(18)
+    mat, lab = clustered(n + nq, rng)
+    qs, mat, lab = mat[n:], mat[:n], lab[:n]
+    rows = [{"id": f"i{i}", "category": f"c{lab[i] % 50}", "dept": int(lab[i] % 10)} for i in range(n)]
+    proc = psutil.Process()
+    exact = Catalog(D, capacity=n)
+    exact.upsert(rows, torch.from_numpy(mat))
+
+    def lat(fn, qv) -> float:
+        ts = []
+        for q in qv:
+            t = time.perf_counter()
+            fn(q)
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts) * 1000)
+
+    def ids(cat, q, **kw) -> list[str]:
+        return [h.id for h in cat.search_many([Query(vector=torch.from_numpy(q), k=K, **kw)])[0]]
+
+    cases = {"plain": {}, "filter 10%": {"filters": {"dept": 3}}, "category_limit=2": {"category_limit": 2}}
+    truth = {c: [ids(exact, q, **kw) for q in qs] for c, kw in cases.items()}
+    ex_ms = lat(lambda q: ids(exact, q), qs[:50])
+    out.append(f"  exact (fp32, int8 sketch + rescoring): p50 {ex_ms:.2f} ms per query")
+    rss0 = proc.memory_info().rss
+    ours = Catalog(D, capacity=n)
+    ours.upsert(rows, torch.from_numpy(mat))
+    rss1 = proc.memory_info().rss
+    t = time.perf_counter()
+    ours.build_index(HnswIndex(D, M=16, ef_construction=200, ef_search=64))
+    build = time.perf_counter() - t
+    rss2 = proc.memory_info().rss
+    out.append(f"  ours hnsw (hnswlib M=16 efC=200): build {build:.1f} s ({n / build:.0f} rows/s), index "
+               f"{(rss2 - rss1) / 1e6:.0f} MB resident (catalogue {(rss1 - rss0) / 1e6:.0f} MB)")
+    for c, kw in cases.items():
+        got = [ids(ours, q, **kw) for q in qs]
+        rec = np.mean([len(set(g) & set(w)) / max(1, len(w)) for g, w in zip(got, truth[c])])
+        extra = ""
+        if c == "category_limit=2":
+            ok = all(max(np.unique([ours.item(i)["category"] for i in g], return_counts=True)[1]) <= 2 for g in got)
+            extra = f", limit obeyed in every answer: {ok}"
+        if c == "filter 10%":
+            ok = all(ours.item(i)["dept"] == 3 for g in got for i in g)
+            extra = f", every item passes the filter: {ok}"
+        ms = lat(lambda q: ids(ours, q, **kw), qs[:100])
+        out.append(f"  ours hnsw {c:17s}: recall@10 {rec:.3f}, p50 {ms:.2f} ms per query{extra}")
+    bq = [Query(vector=torch.from_numpy(q), k=K) for q in qs[:16]]
+    bms = best_ms(lambda: ours.search_many(bq), 5)
+    out.append(f"  ours hnsw batch of 16: {bms / 16:.2f} ms per query ({bms:.1f} ms per batch)")
+    truth_rows = [[int(i[1:]) for i in w] for w in truth["plain"]]
+
+    def recall(found) -> float:  # noqa: ANN001
+        return float(np.mean([len(set(map(int, f)) & set(w)) / K for f, w in zip(found, truth_rows)]))
+
+    try:
+        import faiss
+
+        rss0 = proc.memory_info().rss
+        fx = faiss.IndexHNSWFlat(D, 16, faiss.METRIC_INNER_PRODUCT)
+        fx.hnsw.efConstruction = 200
+        t = time.perf_counter()
+        fx.add(mat)
+        fb = time.perf_counter() - t
+        fmem = proc.memory_info().rss - rss0
+        for ef in (64, 128):
+            fx.hnsw.efSearch = ef
+            found = [fx.search(q[None], K)[1][0] for q in qs]
+            ms = lat(lambda q: fx.search(q[None], K), qs[:100])
+            out.append(f"  faiss IndexHNSWFlat M=16 efC=200 ef={ef}: build {fb:.1f} s, {fmem / 1e6:.0f} MB, "
+                       f"recall@10 {recall(found):.3f}, p50 {ms:.2f} ms per query")
+        sel = faiss.IDSelectorBatch(np.flatnonzero(lab % 10 == 3).astype(np.int64))
+        params = faiss.SearchParametersHNSW(sel=sel, efSearch=64)
+        found = [fx.search(q[None], K, params=params)[1][0] for q in qs]
+        want = [[int(i[1:]) for i in w] for w in truth["filter 10%"]]
+        rec = np.mean([len(set(map(int, f)) & set(w)) / K for f, w in zip(found, want)])
+        ms = lat(lambda q: fx.search(q[None], K, params=params), qs[:100])
+        out.append(f"  faiss HNSW + IDSelectorBatch (10 % filter): recall@10 {rec:.3f}, p50 {ms:.2f} ms per query")
+        del fx
+    except ImportError:
+        out.append("  faiss: not installed (pip install faiss-cpu)")
+    try:
+        if not with_usearch:
+            raise ImportError
+        from usearch.index import Index
+
+        rss0 = proc.memory_info().rss
+        ux = Index(ndim=D, metric="ip", dtype="f32", connectivity=16, expansion_add=200, expansion_search=64)
+        t = time.perf_counter()
+        ux.add(np.arange(n), mat)
+        ub = time.perf_counter() - t
+        umem = proc.memory_info().rss - rss0
+        found = [ux.search(q, K).keys for q in qs]
+        ms = lat(lambda q: ux.search(q, K), qs[:100])
+        out.append(f"  usearch connectivity=16 expansion 200/64: build {ub:.1f} s, {umem / 1e6:.0f} MB, "
+                   f"recall@10 {recall(found):.3f}, p50 {ms:.2f} ms per query")
+    except ImportError:
+        out.append("  usearch: not measured (--usearch; pip install usearch)")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="20 000 items only, few repetitions")
     ap.add_argument("--durable", action="store_true", help="only the change log figures")
     ap.add_argument("--log-changes", type=int, default=100_000, help="logged changes replayed (default 100 000)")
+    ap.add_argument("--hnsw", type=int, default=0, metavar="N", help="only the approximate index, on N rows")
+    ap.add_argument("--usearch", action="store_true", help="with --hnsw: usearch too (its build is slow here)")
     a = ap.parse_args()
+    if a.hnsw:
+        print(f"approximate index on {a.hnsw} x {D} clustered rows, k = {K}")
+        for line in hnsw(a.hnsw, with_usearch=a.usearch):
+            print(line, flush=True)
+        return 0
     if a.durable:
         for line in durable(a.log_changes):
             print(line)

@@ -69,6 +69,11 @@ class ModelsSection(_Section):
         "auto", description="'auto'/'gguf' = a GGUF's own blocks kept packed (CPU); 'int8'/'int4' = quantised at load "
                             "(Q8_0/Q4_1 blocks); 'bf16'/'fp16'/'fp32' = de-quantised in that dtype")
     embedding_dtype: Literal["float32", "float16"] = "float32"
+    # issue 18.2 (engine/catalog, helper h6): the catalogue's search index
+    catalog_index: Literal["exact", "hnsw", "auto"] = Field(
+        "exact", description="'exact' scan; 'hnsw' approximate index (hnswlib) with exact filters and category "
+                             "limits; 'auto' = hnsw from catalog_index_min_rows live rows")
+    catalog_index_min_rows: int = Field(200_000, gt=0, description="catalog_index='auto': the crossover row count")
 
 
 class PathsSection(_Section):

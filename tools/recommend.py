@@ -39,6 +39,8 @@ _FILTERS_DOC = ("field -> condition. A condition is a value (equality), a list (
 def _service(ctx: ToolContext) -> CatalogService:
     svc = ctx.engine.service("catalog", CatalogService)
     svc.max_call_memory_mb = int(getattr(ctx.settings.limits, "max_call_memory_mb", 0) or 0)  # if configured
+    svc.index = getattr(ctx.settings.models, "catalog_index", "exact")
+    svc.index_min_rows = int(getattr(ctx.settings.models, "catalog_index_min_rows", svc.index_min_rows))
     return svc
 
 
@@ -250,6 +252,9 @@ class InfoOutput(BaseModel):
     log_file: str | None = Field(None, description="the change log of upserts and deletes (None: not durable)")
     log_bytes: int = 0
     replayed: int = Field(0, description="log records applied when the catalogue was opened")
+    index: str = Field("exact", description="'exact' scan, or 'hnsw' (approximate index; filters and category "
+                                            "limits still exact on the returned items)")
+    index_bytes: int = 0
 
 
 def _info(args: InfoInput, ctx: ToolContext) -> ToolOutput:
@@ -260,7 +265,8 @@ def _info(args: InfoInput, ctx: ToolContext) -> ToolOutput:
                      sketch_bytes=info["sketch_bytes"],
                      capacity=info["capacity"], categories=info["categories"], fields=info["fields"],
                      warnings=report.errors, cache_file=report.cache_file, log_file=report.log_file,
-                     log_bytes=cat.journal.size() if cat.journal is not None else 0, replayed=report.replayed)
+                     log_bytes=cat.journal.size() if cat.journal is not None else 0, replayed=report.replayed,
+                     index=info["index"], index_bytes=info["index_bytes"])
     cats = ", ".join(f"{c or '(none)'} {n}" for c, n in list(out.categories.items())[:12])
     text = (f"{out.catalog}: {out.rows} items x {out.dims} dims, model {out.model}, {out.dtype} on {out.device} "
             f"({out.bytes_on_device / 1e6:.1f} MB); categories: {cats}")

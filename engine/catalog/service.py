@@ -12,6 +12,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,13 @@ import torch
 
 from .. import workmem
 from ..errors import InvalidInput
+from .ann import HnswIndex
+from .ann import sweep_temp_files as sweep_ann_temp
 from .journal import DEFAULT_COMPACT_BYTES, Journal
 from .rows import DEMO_CATALOG, read_catalog, row_text
 from .store import DEFAULT_CHUNK_ROWS, Catalog
+
+HNSW_MIN_ROWS = 200_000  # index='auto': measured crossover (benchmarks/recommend_bench.py --hnsw)
 
 _TMP_PREFIX = ".atelier-tmp-emb-"
 
@@ -76,6 +81,10 @@ class LoadReport:
     log_file: str | None = None  # the change log (None: changes are not durable, see `not_durable`)
     not_durable: str = ""  # why changes live in memory only ("" when they are logged)
     replayed: int = 0  # log records applied on open
+    index: str = "exact"  # the search: "exact", or "hnsw" (an approximate index; see engine.catalog.ann)
+    index_file: str | None = None
+    index_loaded: bool = False  # the saved index fitted the catalogue (else it was built now)
+    index_build_s: float = 0.0
 
 
 class CatalogService:
@@ -89,6 +98,9 @@ class CatalogService:
         self.max_call_memory_mb = 0  # the per-call memory limit (0: from the engine budget; see memory_limit)
         self.log_compact_bytes = DEFAULT_COMPACT_BYTES  # a catalogue's log is compacted past this size
         self._journals: dict[Path, Journal] = {}  # one per log file, shared by the catalogues that write it
+        self.index = "exact"  # "exact" | "hnsw" | "auto" (models.catalog_index)
+        self.index_min_rows = HNSW_MIN_ROWS  # auto: the approximate index from this many rows (the crossover)
+        self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search = 16, 200, 64
 
     def embedder(self, model: str) -> Any:
         from ..embed import get_embedder
@@ -122,7 +134,7 @@ class CatalogService:
              token: Any = None, progress: Callable[[int, int], None] | None = None) -> tuple[Catalog, LoadReport]:
         """The catalogue of `source` (None = the bundled demo), loading and embedding it on first use."""
         path = source.resolve() if source is not None else DEMO_CATALOG  # resolved once, at import
-        key = (str(path), model, dtype)
+        key = (str(path), model, dtype, self.index)
         with self._lock:
             hit = self._catalogs.get(key)
             if hit is not None:
@@ -187,7 +199,58 @@ class CatalogService:
             cat.journal = journal
         else:
             report.not_durable = why
+        if self.index == "hnsw" or (self.index == "auto" and len(cat) >= self.index_min_rows):
+            self._attach_index(cat, report, None if is_demo else path, model_id)
         return cat, report
+
+    def index_path(self, source: Path | None, model_id: str) -> Path:
+        """Where a catalogue's HNSW index is saved: beside the file (`.NAME.MODEL.hnsw`) when its folder is
+        writable, else (and for the demo) in the engine cache dir (`catalog-index/`)."""
+        name = f"{source.name if source else 'demo_catalog.jsonl'}.{model_id}.hnsw"
+        if source is not None and os.access(source.parent, os.W_OK):
+            return source.parent / f".{name}"
+        return Path(self.engine.config.cache_dir) / "catalog-index" / name
+
+    def _attach_index(self, cat: Catalog, report: LoadReport, source: Path | None, model_id: str) -> None:
+        """Load the saved index when it fits the catalogue as opened (file + log), else build and save it."""
+        try:
+            import hnswlib  # noqa: F401
+        except ImportError as exc:
+            raise InvalidInput("models.catalog_index", self.index, "needs the hnswlib package "
+                               "(pip install hnswlib==0.8.0)") from exc
+        path = self.index_path(source, model_id)
+        sweep_ann_temp(path.parent)
+        fingerprint = cat.fingerprint()
+        ix = HnswIndex.load(path, fingerprint, cat.dim, ef_search=self.hnsw_ef_search)
+        report.index, report.index_file = "hnsw", str(path)
+        if ix is not None:
+            cat.index = ix
+            report.index_loaded = True
+        else:
+            t = time.perf_counter()
+            cat.build_index(HnswIndex(cat.dim, M=self.hnsw_m, ef_construction=self.hnsw_ef_construction,
+                                      ef_search=self.hnsw_ef_search))
+            report.index_build_s = time.perf_counter() - t
+            try:
+                cat.index.save(path, fingerprint)
+            except OSError:
+                report.index_file = None
+        cat.index_saved = (cat.version, report.index_file)
+
+    def save_indexes(self) -> int:
+        """Save every catalogue's index that changed since it was saved (engine shutdown) -> how many."""
+        n = 0
+        for cat, _ in self.catalogs():
+            saved = getattr(cat, "index_saved", None)
+            if cat.index is not None and saved is not None and saved[1] and saved[0] != cat.version:
+                with cat._lock:
+                    try:
+                        cat.index.save(Path(saved[1]), cat.fingerprint())
+                        cat.index_saved = (cat.version, saved[1])
+                        n += 1
+                    except OSError:
+                        pass
+        return n
 
     def memory_limit(self) -> int | None:
         """Bytes one search or upsert may need, read at each call: `workmem.call_limit` (the configured
@@ -248,7 +311,8 @@ class CatalogService:
             workmem.release(need)  # hand freed heap pages back to the OS after a large update
 
     def close(self) -> None:
-        """Engine shutdown: release every catalogue's query worker."""
+        """Engine shutdown: save changed indexes, release every catalogue's query worker."""
+        self.save_indexes()
         with self._lock:
             for cat, _ in self._catalogs.values():
                 cat.close()

@@ -72,6 +72,10 @@ class Catalog:
         self._dead = 0
         self.version = 0
         self.journal: Any = None  # the change log `CatalogService.upsert` writes through (`Journal`), or None
+        self.index_saved: Any = None  # (version, path) when the index was last saved (CatalogService)
+        self.index: Any = None  # the approximate index (`ann.HnswIndex`) kept in step with every change, or None
+        self.ann_min_selectivity = 0.02  # a query whose filter keeps fewer of the live rows scans exactly
+        self.ann_max_candidates = 8192  # widening past this many candidates falls back to the exact scan
         self.memory_limit: Callable[[], int | None] = memory_limit or (lambda: None)
         self._batcher = Coalescer(self._search_batch, max_cost=lambda: self.memory_limit())
         use_sketch = self.device.type == "cpu" and dtype == torch.float32 and sketch is not False
@@ -220,10 +224,14 @@ class Catalog:
             self._grow(self._n + new)
             if new == len(rows):  # every id new and distinct: bulk append (a file load)
                 return self._append(rows, ids, v), 0
+            positions: list[int] = []
+            fresh: list[bool] = []
             for i, (raw, rid) in enumerate(zip(rows, ids)):
                 cat = self._category(raw.get("category", ""))
                 self._cats[cat] += 1  # first: an unhashable category fails before the row changes
                 pos = self._row_of.get(rid)
+                positions.append(self._n if pos is None else pos)
+                fresh.append(pos is None)
                 if pos is None:
                     pos = self._n
                     self._n += 1
@@ -242,6 +250,8 @@ class Catalog:
                 if self._sketch is not None:
                     self._sketch.invalidate(pos)
             self._sync_sketch(self._n, self._n)
+            if self.index is not None:
+                self.index.update(v.float().cpu().numpy(), np.asarray(positions, np.int64), np.asarray(fresh))
             self._alive_t = None
             self.version += 1
         return added, updated
@@ -272,6 +282,8 @@ class Catalog:
         self._alive[lo:hi] = True
         self._n = hi
         self._sync_sketch(lo, hi)
+        if self.index is not None:
+            self.index.update(v.float().cpu().numpy(), np.arange(lo, hi, dtype=np.int64), np.ones(hi - lo, bool))
         self._numeric.clear()
         self._alive_t = None
         self.version += 1
@@ -314,6 +326,8 @@ class Catalog:
             for rid in ids:
                 if rid not in self._row_of:
                     raise InvalidInput("delete", rid, "unknown item id in this catalogue")
+            if self.index is not None:
+                self.index.delete(np.asarray([self._row_of[rid] for rid in ids], np.int64))
             for rid in ids:
                 pos = self._row_of.pop(rid)
                 self._cats[self._columns["category"][pos]] -= 1
@@ -344,6 +358,97 @@ class Catalog:
         self._n, self._dead = n, 0
         self._refresh_views()
         self._sync_sketch()
+        if self.index is not None:  # row positions moved: the graph's labels are rebuilt
+            self.build_index(type(self.index)(self.dim, M=self.index.M, ef_construction=self.index.ef_construction,
+                                              ef_search=self.index.ef_search, threads=self.index.threads))
+
+    # -- the approximate index -------------------------------------------------
+    def build_index(self, index: Any) -> None:
+        """Fill `index` (an empty `ann.HnswIndex`) with the live rows and search through it from now on."""
+        with self._lock:
+            rows = np.flatnonzero(self._alive[:self._n]).astype(np.int64)
+            for lo in range(0, len(rows), 1 << 16):
+                part = rows[lo:lo + (1 << 16)]
+                index.build(self._matrix[torch.from_numpy(part)].float().cpu().numpy(), part)
+            self.index = index
+
+    def fingerprint(self) -> str:
+        """A hash of the live rows' ids, positions and stored vectors: an index saved under it fits."""
+        import hashlib
+
+        with self._lock:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(np.asarray([self._n, self.dim], np.int64).tobytes())
+            h.update(self._alive[:self._n].tobytes())
+            h.update("\x1f".join(map(str, self._columns["id"][:self._n])).encode("utf-8", "surrogatepass"))
+            m = self._matrix[:self._n].cpu().numpy()
+            h.update(memoryview(np.ascontiguousarray(m)).cast("B"))
+            return h.hexdigest()
+
+    def _ann_rows(self, q: Query, vec: torch.Tensor, mask: torch.Tensor | None, n_valid: int, want: int,
+                  rows: np.ndarray) -> tuple[list[Hit], bool]:
+        """Candidates `rows` from the index -> the mask applied, exact scores, sorted (score desc, row asc),
+        walked -> (hits, final)."""
+        rows = rows[(rows >= 0) & (rows < self._n)]
+        if mask is not None:
+            rows = rows[mask.cpu().numpy()[rows]]
+        else:
+            rows = rows[self._alive[rows]]
+        if self._np is not None:
+            s = self._np[rows] @ vec.numpy()
+        else:
+            s = (self._matrix[torch.from_numpy(rows).to(self.device)].float() @ vec.to(self.device)).cpu().numpy()
+        order = np.lexsort((rows, -s))
+        return self._walk(q, s[order].tolist(), rows[order].tolist())
+
+    def _ann_search(self, reqs: list[Request], valid: list[tuple[torch.Tensor | None, int]], want: list[int]
+                    ) -> list[list[Hit]]:
+        """Approximate candidates for every request at once, then per request: exact rescoring of those its
+        mask keeps, the walk, and widening (x4) until the walk is final; past `ann_max_candidates` (or every
+        live row) the exact scan answers. Returned items always satisfy the filters and the limits."""
+        alive = max(1, len(self))
+        kk = []  # candidates: k for a plain query; for a filter k / selectivity x 8; a category limit x 20
+        for req, w, (_, nv) in zip(reqs, want, valid):  # (measured on clustered data: recall@10 >= 0.95)
+            factor = (8 if nv < alive else 1) * (20 if req.query.category_limit is not None else 1)
+            kk.append(min(alive, int(math.ceil(w * alive / max(1, nv))) * factor + (16 if factor > 1 else 0)))
+        use = [j for j in range(len(reqs)) if kk[j] <= self.ann_max_candidates]  # else the exact scan is cheaper
+        cand = None
+        if use:
+            try:
+                got, _ = self.index.candidates(torch.stack([reqs[j].vector for j in use]).numpy(),
+                                               max(kk[j] for j in use))
+                cand = dict(zip(use, got))
+            except RuntimeError:  # the graph could not return that many (deleted elements): exact for all
+                cand = None
+        out = []
+        for j, req in enumerate(reqs):
+            mask, n_valid = valid[j]
+            c = None if cand is None else cand.get(j)
+            if c is None:
+                out.append(self._exact_one(req, mask, n_valid, want[j]))
+                continue
+            hits, final = self._ann_rows(req.query, req.vector, mask, n_valid, want[j], c[:kk[j]])
+            k_b = kk[j]
+            while not final and k_b < min(alive, self.ann_max_candidates):
+                k_b = min(alive, 4 * k_b)
+                try:
+                    c1, _ = self.index.candidates(req.vector[None].numpy(), k_b)
+                except RuntimeError:
+                    break
+                hits, final = self._ann_rows(req.query, req.vector, mask, n_valid, want[j], c1[0])
+            if not final:  # the graph did not give k valid items: the exact scan does
+                hits = self._exact_one(req, mask, n_valid, want[j])
+            out.append(hits)
+        return out
+
+    def _exact_one(self, req: Request, mask: torch.Tensor | None, n_valid: int, k_b: int) -> list[Hit]:
+        vals, rows = self._scan(req.vector[None], [mask], k_b)
+        hits, final = self._walk(req.query, vals[0].tolist(), rows[0].tolist())
+        while not final and k_b < n_valid:
+            k_b = min(n_valid, 2 * k_b)
+            vals, rows = self._scan(req.vector[None], [mask], k_b)
+            hits, final = self._walk(req.query, vals[0].tolist(), rows[0].tolist())
+        return hits
 
     # -- search --------------------------------------------------------------
     def search(self, q: Query) -> list[Hit]:
@@ -476,6 +581,14 @@ class Catalog:
             want = [min(nv, q.k if q.category_limit is None else 2 * q.k) for q, (_, nv) in zip(qs, valid)]
             out: list[list[Hit]] = [[] for _ in qs]
             live = [b for b in range(len(qs)) if want[b] > 0]
+            if self.index is not None:  # approximate, except for very selective filters (few valid rows)
+                approx = [b for b in live if valid[b][1] >= self.ann_min_selectivity * len(self)]
+                if approx:
+                    for b, hits in zip(approx, self._ann_search([reqs[b] for b in approx],
+                                                                [valid[b] for b in approx],
+                                                                [want[b] for b in approx])):
+                        out[b] = hits
+                    live = [b for b in live if b not in set(approx)]
             if not live:
                 return out
             vals, rows = self._scan(torch.stack([vecs[b] for b in live]), [valid[b][0] for b in live],
@@ -496,4 +609,6 @@ class Catalog:
                     "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
                     "bytes_on_device": self.device_bytes, "sketch_bytes": self.sketch_bytes,
                     "capacity": self.capacity, "source": self.source,
-                    "categories": self.categories(), "fields": self.fields()}
+                    "categories": self.categories(), "fields": self.fields(),
+                    "index": "exact" if self.index is None else "hnsw",
+                    "index_bytes": 0 if self.index is None else self.index.nbytes}
