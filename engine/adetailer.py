@@ -70,6 +70,7 @@ class DetailResult:
     regions: list[Region] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seed: int = 0
+    masks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (unit index, processed [H, W] bool mask)
 
 
 # -- masks ---------------------------------------------------------------------
@@ -240,6 +241,7 @@ def detail(engine: Any, model_path: str, image: np.ndarray, units: Sequence[Deta
         if not masks:
             result.notes.append(f"every {unit.target} mask was empty after offset / dilate-erode")
         planned.extend((ui, m) for m in masks)
+    result.masks = planned
     if detect_only or not planned:
         return result
 
@@ -285,22 +287,63 @@ def _inpaint_crop(engine: Any, model_path: str, image: np.ndarray, alpha: np.nda
     return np.asarray(Image.fromarray(out).resize((x2 - x1, y2 - y1), Image.LANCZOS))
 
 
+PREVIEW_COLORS = ((255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255), (0, 220, 220))
+PREVIEW_FILL = 0.45  # opacity of the mask tint
+
+
+def preview_sizes(height: int, width: int) -> tuple[int, float, int]:
+    """(box line width px, label font scale, label text thickness) for an image of this size.
+
+    Proportional to the longer side: 2 px and a 0.5 scale (about 11 px letters) up to 640 px, then
+    line ~ side / 320 and scale ~ side / 1280, so a label stays ~1.7 % of the image tall.
+    """
+    side = max(height, width)
+    line = max(2, round(side / 320))
+    scale = max(0.5, side / 1280)
+    return line, scale, max(1, round(scale * 1.6))
+
+
+def _text_color(bg: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black or white, whichever contrasts more with `bg` (WCAG relative luminance)."""
+    def lin(c: int) -> float:
+        c = c / 255.0
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    lum = 0.2126 * lin(bg[0]) + 0.7152 * lin(bg[1]) + 0.0722 * lin(bg[2])
+    return (0, 0, 0) if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else (255, 255, 255)
+
+
 def preview(image: np.ndarray, result: DetailResult) -> np.ndarray:
-    """uint8 [H, W, 3]: the input with masks tinted and boxes labelled (label + confidence)."""
+    """uint8 [H, W, 3]: the input with each mask tinted (45 % of its target's colour), each box outlined
+    (line width from `preview_sizes`) and labelled "label 0.87" in contrasting text on a filled box of the
+    same colour, above the box when there is room, else inside its top edge.
+
+    The masks are the processed ones (offset, dilate / erode, merge), repainted or not (detect_only); the
+    feathered paste weight is used for regions that were repainted.
+    """
     import cv2
 
-    colors = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255), (0, 220, 220)]
-    out = image.astype(np.float32)
-    for i, reg in enumerate(result.regions):
-        c = np.array(colors[i % len(colors)], np.float32)
-        a = (0.45 * reg.alpha)[..., None]
+    h, w = image.shape[:2]
+    out = image[..., :3].astype(np.float32)
+    painted = {id(r.mask) for r in result.regions}
+    tints = [(r.unit, r.alpha) for r in result.regions]
+    tints += [(ui, m.astype(np.float32)) for ui, m in result.masks if id(m) not in painted]
+    for ui, weight in tints:
+        c = np.array(PREVIEW_COLORS[ui % len(PREVIEW_COLORS)], np.float32)
+        a = (PREVIEW_FILL * weight)[..., None]
         out = out * (1 - a) + c * a
-    out = np.clip(out.round(), 0, 255).astype(np.uint8)
-    thick = max(1, round(max(image.shape[:2]) / 400))
+    out = np.ascontiguousarray(np.clip(out.round(), 0, 255).astype(np.uint8))
+    line, scale, text_thick = preview_sizes(h, w)
+    font = cv2.FONT_HERSHEY_SIMPLEX
     for ui, d in result.detections:
-        c = colors[ui % len(colors)]
+        c = PREVIEW_COLORS[ui % len(PREVIEW_COLORS)]
         x1, y1, x2, y2 = d.box
-        cv2.rectangle(out, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), c, thick)
-        cv2.putText(out, f"{d.label} {d.confidence:.2f}", (x1 + 2, max(12, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.4 * thick, c, thick, cv2.LINE_AA)
+        cv2.rectangle(out, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), c, line)
+        text = f"{d.label} {d.confidence:.2f}"
+        (tw, th), base = cv2.getTextSize(text, font, scale, text_thick)
+        pad = max(2, line)
+        bw, bh = tw + 2 * pad, th + base + 2 * pad
+        bx = min(max(0, x1), max(0, w - bw))
+        by = y1 - bh if y1 - bh >= 0 else max(0, min(y1, h - bh))  # above the box, else inside its top
+        cv2.rectangle(out, (bx, by), (bx + bw - 1, by + bh - 1), c, -1)
+        cv2.putText(out, text, (bx + pad, by + pad + th), font, scale, _text_color(c), text_thick, cv2.LINE_AA)
     return out

@@ -167,14 +167,33 @@ def _load_pipelines(path: Path, device: torch.device, dtype: torch.dtype) -> Dif
                           scheduler_config=base.scheduler.config, unet_in_channels=in_channels)
 
 
+def folder_problem(model_path: str) -> str | None:
+    """Why `model_path` cannot be loaded, before any loading, or None when it looks like a pipeline folder.
+
+    Three distinct answers: not configured (empty), the folder does not exist
+    (or is not a folder), the folder exists but holds no model_index.json.
+    """
+    if not model_path:
+        return NOT_CONFIGURED
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        return (f"models.diffusion={model_path!r}: the folder does not exist; point models.diffusion at a local "
+                "diffusers pipeline folder (the one holding model_index.json) or leave it empty")
+    if not path.is_dir():
+        return (f"models.diffusion={model_path!r}: not a folder; point models.diffusion at a local diffusers "
+                "pipeline folder (the one holding model_index.json)")
+    if not (path / "model_index.json").is_file():
+        return (f"models.diffusion={model_path!r}: the folder exists but is not a diffusers pipeline (no "
+                "model_index.json in it); use the folder a pipeline was saved to with save_pretrained")
+    return None
+
+
 def load(engine: Any, model_path: str) -> DiffusionModel:
     """The pipelines of `model_path` from the registry (loaded on first use)."""
-    if not model_path:
-        raise ModelUnavailable(NOT_CONFIGURED)
+    problem = folder_problem(model_path)
+    if problem is not None:
+        raise ModelUnavailable(problem)
     path = Path(model_path).expanduser().resolve()
-    if not (path / "model_index.json").is_file():
-        raise ModelUnavailable(f"models.diffusion={model_path!r}: not a diffusers pipeline folder "
-                               f"(no model_index.json there); {NOT_CONFIGURED}")
     key = model_key(model_path)
     device, dtype = engine.device, _working_dtype(engine)
     engine.registry.register(key, lambda: _load_pipelines(path, device, dtype), family="diffusion",
@@ -188,9 +207,12 @@ def status(engine: Any, model_path: str) -> dict[str, Any]:
         return {"configured": False, "message": NOT_CONFIGURED}
     key = model_key(model_path)
     loaded = next((e for e in engine.registry.loaded() if e.key == key), None)
+    problem = folder_problem(model_path)
     out: dict[str, Any] = {"configured": True, "path": str(Path(model_path).expanduser()),
-                           "valid_folder": (Path(model_path).expanduser() / "model_index.json").is_file(),
+                           "exists": Path(model_path).expanduser().is_dir(), "valid_folder": problem is None,
                            "loaded": loaded is not None}
+    if problem is not None:
+        out["message"] = problem
     if loaded is not None:
         m: DiffusionModel = loaded.obj
         out.update(pipeline_class=m.pipeline_class, text_to_image=m.text2img is not None,

@@ -9,7 +9,10 @@ Rules, each with its own error text:
 - `~` is not expanded (a client has no home here);
 - relative paths are taken relative to each read root in turn;
 - after resolution the path must be inside a root: sibling-prefix directories
-  (`/data-evil` vs `/data`) are outside (component-wise comparison);
+  (`/data-evil` vs `/data`) are outside (component-wise comparison); the error
+  names the allowed folders (the read roots and the output directory, at most
+  8, their paths only: "image='/etc/passwd': resolves outside the allowed read
+  roots (/home/me/Pictures, /srv/atelier-output); ...");
 - it must exist and be a regular file (no directories, FIFOs, sockets or devices);
 - reading opens the resolved path with O_NOFOLLOW | O_NONBLOCK and re-checks the
   opened descriptor's real path and type, so a directory swapped for a symlink
@@ -33,6 +36,7 @@ from tools.base import ToolError
 
 MAX_PATH_CHARS = 4096
 TEMP_PREFIX = ".atelier-tmp-"
+MAX_ROOTS_SHOWN = 8  # an error names at most this many allowed folders
 NO_SPACE_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 
 
@@ -57,6 +61,13 @@ class Sandbox:
             if self._inside(real, root):
                 return root
         return None
+
+    def _outside_rule(self) -> str:
+        """The rule text naming the allowed folders (their paths only; nothing inside them is listed)."""
+        shown = [str(r) for r in self.read_roots[:MAX_ROOTS_SHOWN]]
+        more = len(self.read_roots) - len(shown)
+        return ("resolves outside the allowed read roots (" + ", ".join(shown)
+                + (f" and {more} more" if more > 0 else "") + ")")
 
     @staticmethod
     def _check_text(path: object, argument: str) -> str:
@@ -95,10 +106,7 @@ class Sandbox:
                 raise ToolError.invalid(argument, path, f"is {kind}; only regular files can be read")
             return Path(real)
         if outside is not None:
-            raise ToolError.invalid(
-                argument, path,
-                "resolves outside the allowed read roots (paths must stay inside the configured read roots; "
-                "symlinks are followed before the check)")
+            raise ToolError.invalid(argument, path, self._outside_rule() + "; symlinks are followed before the check")
         raise ToolError.invalid(argument, path, "no such file inside the read roots")
 
     def read_bytes(self, path: str, argument: str, max_bytes: int) -> tuple[Path, bytes]:
@@ -119,7 +127,7 @@ class Sandbox:
             if os.path.exists(fd_path):
                 opened = os.path.realpath(fd_path)
                 if self._root_of(opened) is None:
-                    raise ToolError.invalid(argument, path, "resolves outside the allowed read roots")
+                    raise ToolError.invalid(argument, path, self._outside_rule())
             if st.st_size > max_bytes:
                 raise ToolError.invalid(argument, path, f"file is {st.st_size} bytes; the limit is {max_bytes}")
             chunks = []

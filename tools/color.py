@@ -3,6 +3,7 @@
 Two colours (`color_a`, `color_b`: #RRGGBB, #RGB, rgb(r, g, b), a CSS name or
 lab(L, a, b)) -> ΔE, both colours in Lab and hex, and a plain-language band
 (Zeljko Bugarski's commonly cited scale, a rule of thumb, see `BANDS`).
+Images get the same bands for their mean ΔE (`band`) and p95 ΔE (`band_p95`).
 
 Two images (`image_a` is the reference, `image_b` the candidate) -> per-pixel
 ΔE over the region (optional mask image and/or mask expression evaluated on
@@ -42,7 +43,11 @@ from engine.errors import InvalidInput
 
 from .base import ImageOut, ToolContext, ToolError, ToolOutput, ToolSpec
 
-# (upper bound exclusive, name) — Bugarski's perceptibility scale as commonly cited
+# (upper bound exclusive, name) — Bugarski's perceptibility scale as commonly cited (Zeljko Bugarski,
+# "Color Difference - Delta E - A Survey", zschuessler.github.io/DeltaE/learn: <=1 not perceptible by human
+# eyes, 1-2 perceptible through close observation, 2-10 perceptible at a glance, 11-49 colours are more
+# similar than opposite, 100 colours are exact opposite). Image mode applies it to the mean ΔE (the typical
+# pixel) and to the p95 ΔE (the most different 5 %).
 BANDS: tuple[tuple[float, str], ...] = (
     (1.0, "imperceptible: not perceptible by the human eye"),
     (2.0, "perceptible through close observation"),
@@ -66,44 +71,28 @@ def band(delta_e: float) -> str:
 class ColorCompareInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    color_a: str | None = Field(None, description="Reference colour: #RRGGBB, #RGB, rgb(r, g, b) with 0..255, a CSS "
-                                "colour name (e.g. 'tomato'), or lab(L, a, b) with L 0..100, a/b -128..128. Give "
-                                "color_a + color_b OR image_a + image_b.")
-    color_b: str | None = Field(None, description="Colour to compare with color_a (same formats).")
-    image_a: str | None = Field(None, description="Reference image: a path inside the read roots, an image:// link "
-                                "or base64 PNG/JPEG.")
-    image_b: str | None = Field(None, description="Image to compare with image_a; must have the same size unless "
-                                "resize='fit'.")
-    metric: Literal["cie76", "cie94", "ciede2000"] = Field("ciede2000", description="ΔE formula: ciede2000 "
-                                                           "(default, most perceptual), cie94, or cie76 "
-                                                           "(Euclidean in Lab).")
-    cie94_application: Literal["graphic_arts", "textiles"] = Field(
-        "graphic_arts", description="CIE94 weights: graphic_arts (kL=1, K1=0.045, K2=0.015) or textiles "
-                                    "(kL=2, K1=0.048, K2=0.014). Only for metric='cie94'.")
-    kL: float | None = Field(None, description="Lightness weight (> 0, <= 100); default 1 (2 for CIE94 textiles). "
-                             "Not used by cie76.")
-    kC: float = Field(1.0, description="Chroma weight (> 0, <= 100). Not used by cie76.")
-    kH: float = Field(1.0, description="Hue weight (> 0, <= 100). Not used by cie76.")
-    resize: Literal["none", "fit"] = Field("none", description="none: sizes must match; fit: resample image_b "
-                                                              "(Lanczos) to image_a's width x height.")
-    alpha: Literal["ignore", "composite"] = Field("ignore", description="Images with transparency: ignore the alpha "
-                                                  "channel, or composite both images over `background` first.")
-    background: str = Field("#FFFFFF", description="Background colour for alpha='composite' (any colour format).")
-    mask: str | None = Field(None, description="Optional region mask image (same size as image_a): non-zero pixels "
-                             "are compared, zero pixels ignored.")
-    mask_expression: str | None = Field(None, description="Optional region as a mask_edit expression evaluated on "
-                                        "image_a, e.g. 'delta_e(#FF0000) < 20' or 'a > 0 and y < height / 2'. "
-                                        "Combined with `mask` by AND.")
-    stride: int = Field(1, description=f"Sample every N-th pixel in x and y (1..{MAX_STRIDE}); 1 = every pixel.")
-    threshold: float = Field(5.0, description="ΔE above which a pixel counts as different (0 < threshold <= 100).")
-    max_fraction: float = Field(0.30, description="QC rule: fail when more than this fraction (0..1) of the sampled "
-                                "pixels exceed `threshold`.")
-    heatmap: bool | None = Field(None, description="Return a colour-mapped ΔE heatmap with a legend (default: true "
-                                 "for images). Masked-out pixels are grey.")
-    heatmap_max: float | None = Field(None, description="ΔE at the top of the heatmap scale (> 0); default "
-                                      "2 x threshold.")
-    worst_regions: int = Field(5, description=f"How many of the largest above-threshold regions to report "
-                               f"(0..{MAX_REGIONS}).")
+    color_a: str | None = Field(None, description="Reference colour: #RRGGBB, #RGB, rgb(r, g, b), a CSS name or "
+                                "lab(L, a, b).")
+    color_b: str | None = Field(None, description="Same formats.")
+    image_a: str | None = Field(None, description="Reference image: a path in the read roots, image:// or base64.")
+    image_b: str | None = Field(None, description="Same size as image_a unless resize='fit'.")
+    metric: Literal["cie76", "cie94", "ciede2000"] = Field("ciede2000", description="ΔE formula.")
+    cie94_application: Literal["graphic_arts", "textiles"] = Field("graphic_arts", description="CIE94 weights.")
+    kL: float | None = Field(None, description="Lightness weight in (0, 100]; default 1 (2 for CIE94 textiles).")
+    kC: float = Field(1.0, description="Chroma weight in (0, 100].")
+    kH: float = Field(1.0, description="Hue weight in (0, 100].")
+    resize: Literal["none", "fit"] = Field("none", description="fit: resample image_b to image_a's size.")
+    alpha: Literal["ignore", "composite"] = Field("ignore", description="composite: over `background` first.")
+    background: str = Field("#FFFFFF", description="For alpha='composite'.")
+    mask: str | None = Field(None, description="Region mask image (image_a's size): non-zero pixels compared.")
+    mask_expression: str | None = Field(None, description="Region as a mask_edit expression on image_a, e.g. "
+                                        "'delta_e(#FF0000) < 20'; ANDed with mask.")
+    stride: int = Field(1, description=f"Sample every N-th pixel in x and y (1..{MAX_STRIDE}).")
+    threshold: float = Field(5.0, description="ΔE above which a pixel differs, in (0, 100].")
+    max_fraction: float = Field(0.30, description="Fail when more than this fraction (0..1) exceeds threshold.")
+    heatmap: bool | None = Field(None, description="ΔE heatmap with a legend (default: true for images).")
+    heatmap_max: float | None = Field(None, description="ΔE at the top of the heatmap scale; default 2 x threshold.")
+    worst_regions: int = Field(5, description=f"How many largest above-threshold regions (0..{MAX_REGIONS}).")
 
 
 class ColorInfo(BaseModel):
@@ -128,8 +117,8 @@ class ColorCompareOutput(BaseModel):
     parameters: dict[str, Any] = Field(description="the weights used (kL, kC, kH; K1, K2 for cie94)")
     # colours
     delta_e: float | None = None
-    band: str | None = Field(None, description="perceptibility (Bugarski's scale): <1 imperceptible, 1-2 close "
-                             "observation, 2-10 at a glance, 10-50 more similar than opposite, >=50 opposite")
+    band: str | None = Field(None, description="plain-language perceptibility of delta_e, or of mean for images")
+    band_p95: str | None = Field(None, description="the same for p95 (images)")
     color_a: ColorInfo | None = None
     color_b: ColorInfo | None = None
     # images
@@ -516,8 +505,11 @@ def _compare_images(a: ColorCompareInput, ctx: ToolContext, bg_rgb: Any, img_a: 
                              mean=float(vals.mean(dtype=np.float64)), median=med, p95=p95, max=float(vals.max()),
                              threshold=a.threshold, max_fraction=a.max_fraction, fraction_above=frac,
                              worst_regions=regions, verdict=verdict, rule=rule, notes=notes)
+    out.band, out.band_p95 = band(out.mean), band(p95)
     text = (f"{label} over {n} sampled pixel(s) of {W}x{H}: mean {out.mean:.3f}, median {med:.3f}, p95 {p95:.3f}, "
-            f"max {out.max:.3f}; {frac:.2%} above {a.threshold:g} -> {verdict.upper()} ({rule}).")
+            f"max {out.max:.3f}; {frac:.2%} above {a.threshold:g} -> {verdict.upper()} ({rule}). "
+            f"In plain words: the typical pixel (mean) is {out.band}; the most different 5% (p95) "
+            f"{'are' if out.band_p95 != out.band else 'are also'} {out.band_p95}.")
     if regions:
         r0 = regions[0]
         text += (f" Largest differing region: x={r0.x} y={r0.y} {r0.width}x{r0.height} "
@@ -536,11 +528,10 @@ TOOLS = [
     ToolSpec(
         name="color_compare",
         title="Compare colours (ΔE)",
-        description=("Perceptual colour difference (CIEDE2000 by default; CIE94, CIE76) between two colours "
-                     "(hex, rgb(), CSS names, lab()) or two images. Colours: ΔE, Lab/hex of both and a "
-                     "perceptibility band. Images: per-pixel ΔE statistics (mean, median, p95, max), the fraction "
-                     "of pixels above a threshold, the largest differing regions, a pass/fail QC verdict and a "
-                     "heatmap. Optional region mask / mask expression, grid sampling, alpha compositing, resize."),
+        description=("Perceptual colour difference (ΔE) between two colours (color_a, color_b) or two images "
+                     "(image_a, image_b). Colours: ΔE, Lab/hex and a plain-language band. Images: mean, median, "
+                     "p95, max, bands for mean and p95, fraction above threshold, largest differing regions, a "
+                     "pass/fail verdict and a heatmap."),
         input_model=ColorCompareInput,
         output_model=ColorCompareOutput,
         run=_run,

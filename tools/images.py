@@ -83,23 +83,17 @@ class GenerateImageInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="What the image should show.")
-    negative_prompt: str = Field("", description="What the image should not show.")
-    width: int = Field(512, ge=8, description="Image width in pixels: a multiple of 8, at most "
-                                              "limits.max_image_side (default config: 2048).")
-    height: int = Field(512, ge=8, description="Image height in pixels: a multiple of 8, at most "
-                                               "limits.max_image_side.")
-    steps: int = Field(20, ge=1, description="Denoising steps (at most limits.max_diffusion_steps, default 100).")
-    guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="Classifier-free guidance scale; "
-                                  "<= 1 disables guidance (SD-Turbo wants 0 and 1-4 steps).")
-    seed: int | None = Field(None, ge=0, le=_SEED_MAX, description="Random seed; omitted = a random one, "
-                             "reported back. Image i of a batch uses seed + i. Same seed and parameters "
-                             "give the same image.")
-    scheduler: str = Field("DDIM", description="Sampler: DDIM, Euler, Euler-a or DPM++ 2M.",
-                           json_schema_extra={"enum": list(diffusion.SCHEDULERS)})
-    num_images: int = Field(1, ge=1, description="How many images (at most limits.max_images_per_call, "
-                                                 "default 4).")
-    inline_full: bool = Field(False, description="Return the full-resolution PNG inline instead of a "
-                                                 "thumbnail (the image:// link and saved file are always there).")
+    negative_prompt: str = Field("", description="What it should not show.")
+    width: int = Field(512, ge=8, description="A multiple of 8, <= limits.max_image_side (default 2048).")
+    height: int = Field(512, ge=8, description="A multiple of 8, <= limits.max_image_side.")
+    steps: int = Field(20, ge=1, description="<= limits.max_diffusion_steps (default 100).")
+    guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="<= 1 disables guidance (SD-Turbo: 0, with "
+                                  "1-4 steps).")
+    seed: int | None = Field(None, ge=0, le=_SEED_MAX, description="Omitted = random, reported back; image i "
+                             "uses seed + i.")
+    scheduler: str = Field("DDIM", description="Sampler.", json_schema_extra={"enum": list(diffusion.SCHEDULERS)})
+    num_images: int = Field(1, ge=1, description="<= limits.max_images_per_call (default 4).")
+    inline_full: bool = Field(False, description="Full-resolution PNG inline instead of a thumbnail.")
 
 
 class GenerationParameters(BaseModel):
@@ -143,8 +137,9 @@ def _run_generate(args: GenerateImageInput, ctx: ToolContext) -> ToolOutput:
     _check_prompt(ctx, "negative_prompt", args.negative_prompt)
     scheduler = _check_scheduler(args.scheduler)
     model_path = _model_path(ctx)
-    if not model_path:
-        raise ToolError(diffusion.NOT_CONFIGURED)
+    problem = diffusion.folder_problem(model_path)
+    if problem is not None:
+        raise ToolError(problem)
     _check_memory(ctx, "width", f"{args.width}x{args.height} x {args.num_images}",
                   diffusion.pipeline_memory(args.height, args.width, args.num_images),
                   f"{args.num_images} image(s) of {args.width}x{args.height}: latents, UNet and VAE activations "
@@ -178,52 +173,45 @@ def _run_generate(args: GenerateImageInput, ctx: ToolContext) -> ToolOutput:
 class DetailTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    target: str = Field(description="face, hand, person, or a class name of a configured detector.")
-    prompt: str | None = Field(None, description="Prompt for this target's regions; omitted = the top-level prompt.")
-    negative_prompt: str | None = Field(None, description="Negative prompt; omitted = the top-level one.")
-    denoising_strength: float | None = Field(None, gt=0.0, le=1.0, description="Omitted = the top-level one.")
-    steps: int | None = Field(None, ge=1, description="Omitted = the top-level steps.")
-    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="Omitted = the top-level one.")
+    target: str = Field(description="face, hand, person, or a configured detector's class.")
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    denoising_strength: float | None = Field(None, gt=0.0, le=1.0)
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
 
 
 class DetailImageInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description="The image: a path inside the read roots, an image:// link, or base64 PNG/JPEG.")
+    image: str = Field(description="A path in the read roots, an image:// link, or base64 PNG/JPEG.")
     targets: list[str | DetailTarget] = Field(
         default_factory=lambda: ["face"], min_length=1, max_length=8,
-        description="What to fix, in order: names (face, hand, person, or a configured detector's class) or "
-                    "objects {target, prompt, negative_prompt, denoising_strength, steps, guidance_scale} "
-                    "for per-target settings. face and person work out of the box; hand needs "
-                    "models.detectors.hand.")
-    prompt: str = Field("", description="Default prompt for the repainted regions (e.g. 'detailed face').")
-    negative_prompt: str = Field("", description="Default negative prompt.")
-    denoising_strength: float = Field(0.4, gt=0.0, le=1.0, description="How much each region changes "
-                                      "(0 keeps it, 1 repaints from noise).")
-    steps: int = Field(20, ge=1, description="Default denoising steps; about steps * denoising_strength run.")
-    guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="Default guidance scale.")
+        description="In order: face, hand (needs models.detectors.hand), person or a configured detector's "
+                    "class, or objects with per-target prompt, negative_prompt, denoising_strength, steps, "
+                    "guidance_scale (omitted = the top-level ones).")
+    prompt: str = Field("", description="For the repainted regions, e.g. 'detailed face'.")
+    negative_prompt: str = Field("", description="What the regions should not show.")
+    denoising_strength: float = Field(0.4, gt=0.0, le=1.0, description="0 keeps a region, 1 repaints from noise.")
+    steps: int = Field(20, ge=1, description="About steps * denoising_strength run.")
+    guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="<= 1 disables guidance.")
     threshold: float = Field(0.3, ge=0.0, le=1.0, description="Minimum detection confidence.")
-    top_k: int | None = Field(None, ge=1, le=100, description="Keep only the N best detections per target.")
-    sort_by: Literal["confidence", "area"] = Field("confidence", description="What 'best' means for top_k.")
-    mask_source: Literal["auto", "box"] = Field("auto", description="auto: segmentation masks when the "
-                                                "detector gives them, else boxes; box: always boxes.")
-    offset_x: int = Field(0, ge=-4096, le=4096, description="Shift masks right by this many px (negative: left).")
-    offset_y: int = Field(0, ge=-4096, le=4096, description="Shift masks UP by this many px (ADetailer's "
-                                                          "convention; negative: down).")
-    dilate_erode: int = Field(4, ge=-256, le=256, description="Grow (> 0) or shrink (< 0) masks by this many px.")
-    merge: Literal["none", "merge", "merge_invert"] = Field("none", description="none: one region per detection; "
-                                                             "merge: one region for all; merge_invert: "
-                                                             "everything except the detections.")
-    inpaint_resolution: int = Field(512, ge=64, description="Each region is repainted at this size (longer "
-                                    "side; 512 for SD 1.x, 768 or 1024 for SD 2 / SDXL); a multiple of 8.")
-    padding: int = Field(32, ge=0, le=1024, description="Context pixels around each region's mask.")
-    feather: int = Field(4, ge=0, le=256, description="Blend width in px at the mask edge; pixels further "
-                                                      "than this from every mask are left unchanged.")
-    seed: int | None = Field(None, ge=0, le=_SEED_MAX, description="Seed; region i uses seed + i; omitted = random.")
-    scheduler: str = Field("DDIM", description="Sampler: DDIM, Euler, Euler-a or DPM++ 2M.",
-                           json_schema_extra={"enum": list(diffusion.SCHEDULERS)})
-    detect_only: bool = Field(False, description="Only detect and preview the masks (no diffusion model needed).")
-    inline_full: bool = Field(False, description="Return the full-resolution PNG inline instead of a thumbnail.")
+    top_k: int | None = Field(None, ge=1, le=100, description="Keep the N best detections per target.")
+    sort_by: Literal["confidence", "area"] = Field("confidence", description="'best' for top_k.")
+    mask_source: Literal["auto", "box"] = Field("auto", description="auto: segmentation masks when available.")
+    offset_x: int = Field(0, ge=-4096, le=4096, description="Shift masks right by px.")
+    offset_y: int = Field(0, ge=-4096, le=4096, description="Shift masks UP by px (ADetailer's convention).")
+    dilate_erode: int = Field(4, ge=-256, le=256, description="Grow (> 0) or shrink (< 0) masks by px.")
+    merge: Literal["none", "merge", "merge_invert"] = Field("none", description="merge: one region for all; "
+                                                             "merge_invert: all but the detections.")
+    inpaint_resolution: int = Field(512, ge=64, description="Repaint size, longer side, multiple of 8 (512 for "
+                                    "SD 1.x, 768-1024 for SD 2 / SDXL).")
+    padding: int = Field(32, ge=0, le=1024, description="Context px around each mask.")
+    feather: int = Field(4, ge=0, le=256, description="Blend width in px at the mask edge.")
+    seed: int | None = Field(None, ge=0, le=_SEED_MAX, description="Region i uses seed + i; omitted = random.")
+    scheduler: str = Field("DDIM", description="Sampler.", json_schema_extra={"enum": list(diffusion.SCHEDULERS)})
+    detect_only: bool = Field(False, description="Only detect and preview (no diffusion model needed).")
+    inline_full: bool = Field(False, description="Full-resolution PNG inline instead of a thumbnail.")
 
 
 class DetectionInfo(BaseModel):
@@ -279,9 +267,10 @@ def _run_detail(args: DetailImageInput, ctx: ToolContext) -> ToolOutput:
     scheduler = _check_scheduler(args.scheduler)
     units = _units(args, ctx)
     model_path = _model_path(ctx)
-    if not model_path and not args.detect_only:
-        raise ToolError(diffusion.NOT_CONFIGURED + "; or call detail_image with detect_only=true to see the "
-                        "detections without repainting")
+    problem = None if args.detect_only else diffusion.folder_problem(model_path)
+    if problem is not None:
+        raise ToolError(problem + "; or call detail_image with detect_only=true to see the detections without "
+                        "repainting")
     image = ctx.load_image(args.image, "image", mode="RGB")
     h, w = image.shape[:2]
     need = _check_memory(ctx, "image", f"{w}x{h}",
@@ -339,8 +328,7 @@ TOOLS = [
         name="generate_image",
         title="Generate image",
         description="Text-to-image with the configured local diffusers pipeline (models.diffusion). Returns the "
-                    "image(s) with their generation parameters (also saved in the PNG). Same seed and "
-                    "parameters give the same image. Sides must be multiples of 8.",
+                    "image(s) and their generation parameters; the same seed and parameters give the same image.",
         input_model=GenerateImageInput,
         output_model=GenerateImageOutput,
         run=_run_generate,
@@ -350,10 +338,10 @@ TOOLS = [
     ToolSpec(
         name="detail_image",
         title="Detail image (ADetailer)",
-        description="Fix faces, hands or persons in an image: detect them, mask them, repaint each region at "
-                    "high resolution with the configured diffusion model and blend it back (pixels away from "
-                    "the masks stay unchanged). Returns the result, a preview of detections and masks, and "
-                    "the detection list. detect_only=true just detects.",
+        description="Fix faces, hands or persons (ADetailer): detect, mask, repaint each region at high "
+                    "resolution and blend it back; pixels away from the masks stay unchanged. Returns the "
+                    "result, a preview of detections and masks, and the detections. detect_only=true just "
+                    "detects.",
         input_model=DetailImageInput,
         output_model=DetailImageOutput,
         run=_run_detail,

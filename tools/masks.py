@@ -45,6 +45,10 @@ from engine.mask_expr import parse
 
 from .base import ImageOut, ToolContext, ToolError, ToolOutput, ToolSpec
 
+# the description's example: hue / saturation / value ranges select a red object on a real photo, shading
+# and noise included; RGB thresholds like (r > 200) & (g < 50) & (b < 50) select almost nothing there
+HSV_RED_EXAMPLE = "(h < 15 or h > 345) and s > 0.4 and v > 0.2"
+
 Operation = Literal["fill", "replace", "blur", "pixelate", "grayscale", "adjust", "hue_shift", "transparent",
                     "inpaint", "none"]
 
@@ -52,73 +56,69 @@ Operation = Literal["fill", "replace", "blur", "pixelate", "grayscale", "adjust"
 class Shape(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["rect", "ellipse", "polygon"] = Field(description="rect, ellipse (inscribed in box) or polygon.")
-    box: list[float] | None = Field(None, description="For rect / ellipse: [x1, y1, x2, y2] (x2, y2 exclusive).")
-    points: list[list[float]] | None = Field(None, description="For polygon: [[x, y], ...], at least 3 points.")
-    units: Literal["px", "relative"] = Field("px", description="px, or relative (fractions 0..1 of the width / "
-                                                               "height: [0.25, 0.25, 0.75, 0.75] = centre half).")
+    type: Literal["rect", "ellipse", "polygon"] = Field(description="ellipse: inscribed in box.")
+    box: list[float] | None = Field(None, description="rect / ellipse: [x1, y1, x2, y2], x2 y2 exclusive.")
+    points: list[list[float]] | None = Field(None, description="polygon: [[x, y], ...], >= 3 points.")
+    units: Literal["px", "relative"] = Field("px", description="relative: fractions 0..1 of width / height.")
 
 
 class DetectSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    targets: list[str] = Field(description="What to select: face, person, hand, or a configured detector's class.")
-    threshold: float = Field(0.3, ge=0.0, le=1.0, description="Minimum detection confidence.")
-    use_masks: bool = Field(True, description="Use segmentation masks when the detector gives them, else boxes.")
+    targets: list[str] = Field(description="face, person, hand, or a configured detector's class.")
+    threshold: float = Field(0.3, ge=0.0, le=1.0, description="Minimum confidence.")
+    use_masks: bool = Field(True, description="Segmentation masks when the detector has them, else boxes.")
 
 
 class MaskEditInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description="The image to edit: a path in the read roots, an image:// URI, or base64 PNG/JPEG.")
+    image: str = Field(description="A path in the read roots, an image:// URI, or base64 PNG/JPEG.")
     operation: Operation = Field(description=(
-        "What to do with the selected pixels: fill (with color), replace (with replace_with's pixels), blur "
-        "(blur_radius), pixelate (pixel_size), grayscale, adjust (brightness, contrast), hue_shift (degrees), "
-        "transparent (alpha 0), inpaint (prompt; needs models.diffusion), none (only return the mask)."))
+        "fill (color), replace (replace_with), blur (blur_radius), pixelate (pixel_size), grayscale, adjust "
+        "(brightness, contrast), hue_shift (degrees), transparent, inpaint (prompt; needs models.diffusion), "
+        "none (mask only)."))
     expression: str | None = Field(None, description=(
-        "Select pixels by a condition over channels r g b a (0-255), h (hue degrees), s v (0-1), l lab_a lab_b "
-        "(CIELAB), gray, x y (pixel column/row), width height, delta_e(#rrggbb) (CIEDE2000 distance to a colour); "
-        "numbers, + - * /, abs/min/max, comparisons, & | ^ ~ (or and or xor not), parentheses. Example: "
-        "'(r > 200) & (g < 50) & (b < 50)' or 'delta_e(#1e90ff) < 12'."))
-    mask_image: str | None = Field(None, description="A mask image of the same size; non-zero pixels are selected.")
-    shapes: list[Shape] | None = Field(None, description="Rectangles, ellipses and polygons; their union is selected.")
-    detect: DetectSource | None = Field(None, description="Select detected objects (faces, persons, ...).")
+        "A condition over channels r g b a (0-255), h (hue 0-360), s v (0-1), l lab_a lab_b (CIELAB), gray, "
+        "x y width height, delta_e(#rrggbb) (CIEDE2000 to a colour); + - * /, abs min max, comparisons, "
+        "and or xor not (& | ^ ~), parentheses. E.g. 'delta_e(#1e90ff) < 12'."))
+    mask_image: str | None = Field(None, description="Same-size image; non-zero pixels are selected.")
+    shapes: list[Shape] | None = Field(None, description="Their union is selected.")
+    detect: DetectSource | None = Field(None, description="Detected objects (faces, persons, ...).")
     combine: Literal["and", "or", "xor"] = Field("and", description="How several sources combine.")
-    invert: bool = Field(False, description="Select the opposite (applied right after combining).")
-    dilate: int = Field(0, ge=0, le=512, description="Grow the selection by this many px (disk).")
-    erode: int = Field(0, ge=0, le=512, description="Shrink the selection by this many px (disk).")
-    remove_small_objects: int = Field(0, ge=0, description="Drop selected blobs of fewer pixels than this.")
-    fill_holes: int = Field(0, ge=0, description="Fill unselected holes of fewer pixels than this.")
-    feather: float = Field(0.0, ge=0.0, le=512.0, description="Soft edge width in px (0 = hard edge).")
-    color: str | None = Field(None, description="For fill: a colour: #rrggbb, #rrggbbaa, rgb(...), or a CSS name.")
-    replace_with: str | None = Field(None, description="For replace: an image of the same size (path, URI, base64).")
-    blur_radius: float = Field(8.0, gt=0.0, le=256.0, description="For blur: Gaussian sigma in px.")
-    pixel_size: int = Field(16, ge=1, le=1024, description="For pixelate: the cell size in px.")
-    brightness: float = Field(1.0, ge=0.0, le=10.0, description="For adjust: brightness factor (1 = unchanged).")
-    contrast: float = Field(1.0, ge=0.0, le=10.0, description="For adjust: contrast factor around mid-grey (1 = "
-                                                              "unchanged).")
-    degrees: float = Field(0.0, ge=-360.0, le=360.0, description="For hue_shift: hue rotation in degrees.")
-    prompt: str | None = Field(None, description="For inpaint: what to paint into the selection.")
-    negative_prompt: str = Field("", description="For inpaint: what not to paint.")
-    strength: float = Field(0.75, gt=0.0, le=1.0, description="For inpaint: how much to change (0..1].")
-    steps: int = Field(20, ge=1, description="For inpaint: denoising steps.")
-    guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="For inpaint: classifier-free guidance.")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="For inpaint: random seed (None = random).")
-    inline_full: bool = Field(False, description="Return the full-resolution edited PNG inline instead of a "
-                                                 "thumbnail.")
+    invert: bool = Field(False, description="Applied right after combining.")
+    dilate: int = Field(0, ge=0, le=512, description="Grow by this many px.")
+    erode: int = Field(0, ge=0, le=512, description="Shrink by this many px.")
+    remove_small_objects: int = Field(0, ge=0, description="Drop blobs of fewer pixels.")
+    fill_holes: int = Field(0, ge=0, description="Fill holes of fewer pixels.")
+    feather: float = Field(0.0, ge=0.0, le=512.0, description="Soft edge width in px.")
+    color: str | None = Field(None, description="fill: #rrggbb, #rrggbbaa, rgb(...) or a CSS name.")
+    replace_with: str | None = Field(None, description="replace: a same-size image.")
+    blur_radius: float = Field(8.0, gt=0.0, le=256.0, description="blur: Gaussian sigma in px.")
+    pixel_size: int = Field(16, ge=1, le=1024, description="pixelate: cell size in px.")
+    brightness: float = Field(1.0, ge=0.0, le=10.0, description="adjust: factor, 1 = unchanged.")
+    contrast: float = Field(1.0, ge=0.0, le=10.0, description="adjust: factor around mid-grey, 1 = unchanged.")
+    degrees: float = Field(0.0, ge=-360.0, le=360.0, description="hue_shift: rotation in degrees.")
+    prompt: str | None = Field(None, description="inpaint: what to paint.")
+    negative_prompt: str = Field("", description="inpaint: what not to paint.")
+    strength: float = Field(0.75, gt=0.0, le=1.0, description="inpaint: how much to change.")
+    steps: int = Field(20, ge=1, description="inpaint: denoising steps.")
+    guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="inpaint: guidance scale.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="inpaint: seed (omitted = random).")
+    inline_full: bool = Field(False, description="Full-resolution PNG inline instead of a thumbnail.")
 
 
 class MaskEditOutput(BaseModel):
-    width: int = Field(description="Image width in px.")
-    height: int = Field(description="Image height in px.")
-    operation: str = Field(description="The operation applied.")
-    selected_pixels: int = Field(description="Pixels selected (before feathering).")
+    width: int
+    height: int
+    operation: str
+    selected_pixels: int = Field(description="Before feathering.")
     fraction: float = Field(description="selected_pixels / (width * height).")
-    bbox: list[int] | None = Field(description="[x1, y1, x2, y2] of the selection (x2, y2 exclusive), or null.")
-    components: int = Field(description="Number of 8-connected selected regions.")
-    feathered: bool = Field(description="Whether a soft edge was applied.")
+    bbox: list[int] | None = Field(description="[x1, y1, x2, y2] of the selection (x2, y2 exclusive).")
+    components: int = Field(description="8-connected selected regions.")
+    feathered: bool
     mode: Literal["RGB", "RGBA"] = Field(description="Channels of the edited image.")
-    note: str = Field("", description="Anything worth knowing (empty selection, ...).")
+    note: str = ""
 
 
 # bytes per pixel a step holds at its peak, beside what the call keeps (>= 1.5x the measured figure at 1 MP)
@@ -370,12 +370,10 @@ TOOLS = [
         name="mask_edit",
         title="Edit the pixels selected by a mask",
         description=(
-            "Select pixels with a safe expression over channels (e.g. '(r > 200) & (g < 50) & (b < 50)' for red, "
-            "'delta_e(#1e90ff) < 12' for colours near dodger blue, 'x < width / 2' for the left half), a mask "
-            "image, shapes (rect / ellipse / polygon, px or relative) or detections (faces, persons); refine "
-            "(invert, dilate, erode, remove small objects, fill holes, feather) and apply an operation: fill, "
-            "replace, blur, pixelate, grayscale, adjust, hue_shift, transparent, inpaint. Returns the edited "
-            "image, a mask preview and the selection's stats."),
+            "Select pixels (expression, mask image, shapes or detections), refine the selection, apply an "
+            "operation. Example, make the red pixels blue: expression '" + HSV_RED_EXAMPLE + "', operation "
+            "'fill', color '#0000ff' (hue/saturation/value ranges hold on photos; exact RGB thresholds rarely "
+            "do). Returns the edited image, a mask preview and the selection's stats."),
         input_model=MaskEditInput,
         output_model=MaskEditOutput,
         run=run,
