@@ -9,7 +9,8 @@ embeddings `[capacity, dim]` (fp32, or fp16) on the engine device, and cosine sc
 JSON arguments or client paths: the tool layer resolves paths and limits.
 
 One concern per file — the rule: a module owns one kind of state or one decision, and can be read and
-tested without the others' internals; it depends only on modules above it in this list.
+tested without the others' internals. Dependencies point one way: rows <- filters <- query; coalescer, scan,
+ann, files stand alone; store uses those; journal uses files; service uses everything.
 
 | module | owns |
 |---|---|
@@ -20,6 +21,9 @@ tested without the others' internals; it depends only on modules above it in thi
 | `scan.py` | the exact running top-k over the matrix: one `scan`, which picks the path once per call |
 | `store.py` | the `Catalog`: columns, id index, matrix + sketch, upsert/apply/delete, views, the search entry |
 | `service.py` | `CatalogService`: catalogues by source, loading, the embedding cache, embed-then-apply upserts |
+| `journal.py` | the change log: durable upserts (append + fsync before commit), replay on open, compaction |
+| `ann.py` | the approximate index (HNSW, hnswlib) labelled by row: candidates, online updates, save/load |
+| `files.py` | whole-or-nothing files (temp, fsync, replace, folder fsync) and the sweep of a crash's temp files |
 
 Contracts kept across the package:
 

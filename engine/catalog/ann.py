@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_write
 
 _TMP_PREFIX = ".atelier-tmp-ann-"
 
@@ -96,29 +97,11 @@ class HnswIndex:
 
     # -- files ---------------------------------------------------------------
     def save(self, path: Path, fingerprint: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for target, write in ((path, lambda p: self._ix.save_index(p)),
-                              (Path(f"{path}.json"), lambda p: Path(p).write_text(json.dumps(
-                                  {"fingerprint": fingerprint, "live": self.live, "M": self.M,
-                                   "ef_construction": self.ef_construction, "dim": self.dim})))):
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-            os.close(fd)
-            try:
-                write(tmp)
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """The graph, then its fingerprint beside it (`path`.json), each replaced atomically (`files`)."""
+        meta = json.dumps({"fingerprint": fingerprint, "live": self.live, "M": self.M,
+                           "ef_construction": self.ef_construction, "dim": self.dim})
+        atomic_write(path, lambda tmp: self._ix.save_index(tmp), prefix=_TMP_PREFIX)
+        atomic_write(Path(f"{path}.json"), lambda tmp: Path(tmp).write_text(meta), prefix=_TMP_PREFIX)
 
     @classmethod
     def load(cls, path: Path, fingerprint: str, dim: int, *, ef_search: int = 64, threads: int = 0
@@ -140,12 +123,3 @@ class HnswIndex:
             return self
         except (OSError, ValueError, KeyError, RuntimeError):
             return None
-
-
-def sweep_temp_files(folder: Path) -> None:
-    try:
-        for p in folder.glob(f"{_TMP_PREFIX}*"):
-            if p.is_file() and not p.is_symlink():
-                p.unlink()
-    except OSError:
-        pass

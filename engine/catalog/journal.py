@@ -41,7 +41,6 @@ import io
 import os
 import pickle
 import struct
-import tempfile
 import threading
 import time
 import zlib
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInput
+from .files import atomic_write, fsync_dir, sweep
 
 MAGIC = b"ATLG"
 _HEAD = struct.Struct("<4sII")
@@ -75,14 +75,6 @@ class _Unpickler(pickle.Unpickler):
 
 def _loads(payload: bytes) -> Any:
     return _Unpickler(io.BytesIO(payload)).load()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def frames(data: bytes) -> tuple[list[dict[str, Any]], int, bool]:
@@ -201,7 +193,7 @@ class Journal:
             self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 (held open between appends)
             self._ino = os.fstat(self._fh.fileno()).st_ino
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         return self._fh
 
     # -- writing ---------------------------------------------------------------
@@ -254,20 +246,7 @@ class Journal:
                 assert vecs is not None
                 parts.append(encode(rows, torch.from_numpy(vecs), [], [True] * len(rows)))
             blob = b"".join(parts)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(blob)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-            _fsync_dir(self.path.parent)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_bytes(blob), prefix=_TMP_PREFIX)
             self._compacted_size = len(blob)
             self.compactions += 1
         finally:
@@ -284,9 +263,7 @@ class Journal:
                 return 0, warnings
             lock = self._flock()
             try:
-                for p in self.path.parent.glob(f"{_TMP_PREFIX}*"):  # a compaction a crash interrupted
-                    if p.is_file() and not p.is_symlink():
-                        p.unlink()
+                sweep(self.path.parent, _TMP_PREFIX)  # a compaction a crash interrupted
                 data = self.path.read_bytes()
                 payloads, good, more = frames(data)
                 if more:

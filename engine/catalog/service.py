@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,8 +22,9 @@ import torch
 
 from .. import workmem
 from ..errors import InvalidInput
+from .ann import _TMP_PREFIX as ANN_TMP_PREFIX
 from .ann import HnswIndex
-from .ann import sweep_temp_files as sweep_ann_temp
+from .files import atomic_write, sweep
 from .journal import DEFAULT_COMPACT_BYTES, Journal
 from .rows import DEMO_CATALOG, read_catalog, row_text
 from .store import DEFAULT_CHUNK_ROWS, Catalog
@@ -35,33 +35,12 @@ _TMP_PREFIX = ".atelier-tmp-emb-"
 
 def sweep_temp_files(folder: Path) -> int:
     """Remove embedding-cache temp files a crash left in `folder` (ours only, by prefix)."""
-    n = 0
-    try:
-        for p in folder.glob(f"{_TMP_PREFIX}*"):
-            if p.is_file() and not p.is_symlink():
-                p.unlink()
-                n += 1
-    except OSError:
-        pass
-    return n
+    return sweep(folder, _TMP_PREFIX)
 
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    """Write the cache file whole or not at all: temp file in the same folder, fsync, os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write the cache file whole or not at all (`files.atomic_write`)."""
+    atomic_write(path, lambda tmp: np.save(tmp, arr), prefix=_TMP_PREFIX, suffix=".npy")
 
 
 def content_hash(model: str, rows: Sequence[Mapping[str, Any]]) -> str:
@@ -219,7 +198,7 @@ class CatalogService:
             raise InvalidInput("models.catalog_index", self.index, "needs the hnswlib package "
                                "(pip install hnswlib==0.8.0)") from exc
         path = self.index_path(source, model_id)
-        sweep_ann_temp(path.parent)
+        sweep(path.parent, ANN_TMP_PREFIX)
         fingerprint = cat.fingerprint()
         ix = HnswIndex.load(path, fingerprint, cat.dim, ef_search=self.hnsw_ef_search)
         report.index, report.index_file = "hnsw", str(path)
