@@ -183,6 +183,23 @@ def test_detect_only_preview_through_the_server_shows_the_masks(tmp_path):
     assert np.array_equal(prev[5:40, 5:40], astro[5:40, 5:40].astype(float))  # far from it: untouched
 
 
+def test_mask_edit_with_detections_returns_the_same_preview(tmp_path):
+    s = make_settings(tmp_path)
+    astro = skdata.astronaut()
+    Image.fromarray(astro).save(tmp_path / "data" / "astronaut.png")
+    (r,) = _call(s, [("mask_edit", {"image": "astronaut.png", "detect": {"targets": ["face"], "use_masks": False},
+                                    "operation": "none"})])
+    assert not r.is_error, r.content[0].text
+    x1, y1, x2, y2 = r.structured_content["bbox"]  # the box mask: the selection is the face box
+    prev = _saved(r, "detections").astype(float)
+    color = np.array(adetailer.PREVIEW_COLORS[0], float)
+    cy, cx = (y1 + y2) // 2, (x1 + x2) // 2
+    want = np.round(astro[cy, cx] * (1 - adetailer.PREVIEW_FILL) + color * adetailer.PREVIEW_FILL)
+    assert np.abs(prev[cy, cx] - want).max() <= 1
+    assert np.all(prev[cy, x1:x1 + 2] == color)  # the outline, 2 px wide on a 512 px image
+    assert np.array_equal(prev[5:40, 5:40], astro[5:40, 5:40].astype(float))
+
+
 # -- 4. path errors name the allowed folders ----------------------------------------------------------
 def test_path_error_names_allowed_folders_only(tmp_path):
     s = make_settings(tmp_path)

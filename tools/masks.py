@@ -9,7 +9,9 @@ documented in `engine.mask_expr`.
 
 Results: the edited image ("edited"; RGBA when the input, the colour or the
 operation involves transparency, RGB otherwise), the mask preview ("mask",
-grey levels = mask weight) and stats of the mask before feathering. An empty
+grey levels = mask weight), with `detect` a detections preview ("detections":
+masks tinted, boxes labelled with their confidence, as detail_image draws it)
+and stats of the mask before feathering. An empty
 selection is not an error: the image comes back unchanged with a note.
 Pixels where the final mask is 0 are the input's, byte for byte.
 
@@ -126,7 +128,7 @@ STEP_BYTES_PER_PIXEL: dict[str, float] = {
     "mask_image": 12, "shapes": 16, "detect": 16, "dilate": 48, "erode": 48, "remove_small_objects": 24,
     "fill_holes": 24, "feather": 80, "stats": 12, "fill": 56, "replace": 72, "blur": 180, "pixelate": 96,
     "grayscale": 64, "adjust": 64, "hue_shift": 112, "transparent": 56, "inpaint": 64, "none": 0,
-    "outputs": 32,
+    "outputs": 32, "detections_preview": 72,
 }
 _FIXED_BYTES = 16 * 1024 * 1024
 
@@ -162,6 +164,8 @@ def estimate_memory(args: MaskEditInput, height: int, width: int, *, channels: i
     if op == "inpaint":
         steps[op] += _inpaint_memory(args, height, width)
     steps["outputs"] = STEP_BYTES_PER_PIXEL["outputs"] * px
+    if args.detect is not None:
+        steps["detections_preview"] = STEP_BYTES_PER_PIXEL["detections_preview"] * px
     worst = max(steps, key=lambda k: steps[k])
     return int(kept + steps[worst] + _FIXED_BYTES), worst
 
@@ -220,7 +224,8 @@ def _detections(ctx: ToolContext, rgb: Any, spec: DetectSource) -> list[Any]:
         raise ToolError(f"detect: {exc}") from exc
 
 
-def _build_mask(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, tree: Any) -> Any:
+def _build_mask(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, tree: Any,
+                found: list[Any] | None = None) -> Any:
     h, w = arr.shape[:2]
     device = image.device
     sources = []
@@ -237,6 +242,8 @@ def _build_mask(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, tre
         sources.append(_engine_call(masks.shape_mask, shapes, h, w, device=device))
     if args.detect is not None:
         dets = _detections(ctx, arr[..., :3].copy(), args.detect)
+        if found is not None:
+            found.extend(dets)
         sources.append(masks.detection_mask(dets, h, w, use_masks=args.detect.use_masks, device=device))
         ctx.check()
     if not sources:
@@ -255,6 +262,20 @@ def _build_mask(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, tre
         mask = masks.fill_small_holes(mask, args.fill_holes)
     ctx.check()
     return mask
+
+
+def _detections_preview(arr: Any, dets: list[Any], spec: DetectSource) -> Any:
+    """uint8 [H, W, 3]: the input with each detection's mask tinted, its box outlined and labelled (the
+    detail_image preview, `engine.adetailer.preview`); one colour per target."""
+    from engine import adetailer
+
+    rgb = arr[..., :3]
+    h, w = rgb.shape[:2]
+    order = {t: i for i, t in enumerate(spec.targets)}
+    tagged = [(order.get(d.label, len(order)), d) for d in dets]
+    shown = [(ui, d.mask if (spec.use_masks and d.mask is not None) else adetailer.box_mask((h, w), d.box))
+             for ui, d in tagged]
+    return adetailer.preview(rgb, adetailer.DetailResult(image=rgb, detections=tagged, masks=shown))
 
 
 def _inpaint(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, soft: Any) -> Any:
@@ -339,7 +360,8 @@ def _run(args: MaskEditInput, ctx: ToolContext, arr: Any, tree: Any) -> ToolOutp
     h, w = arr.shape[:2]
     image = masks.as_image_tensor(arr, ctx.engine.device)
     ctx.check()
-    hard = _build_mask(args, ctx, arr, image, tree)
+    dets: list[Any] = []
+    hard = _build_mask(args, ctx, arr, image, tree, dets)
     stats = masks.mask_stats(hard)
     soft = masks.feather(hard, args.feather) if args.feather > 0 else hard
     note = ""
@@ -362,6 +384,8 @@ def _run(args: MaskEditInput, ctx: ToolContext, arr: Any, tree: Any) -> ToolOutp
             f"({100.0 * stats['fraction']:.2f}%, {stats['components']} region(s))"
             + (f", bbox {stats['bbox']}" if stats["bbox"] else "") + (f". Note: {note}" if note else "") + ".")
     images = [ImageOut(out, "edited", {"operation": args.operation}), ImageOut(masks.mask_preview(soft), "mask")]
+    if args.detect is not None:
+        images.append(ImageOut(_detections_preview(arr, dets, args.detect), "detections"))
     return ToolOutput(text=text, structured=structured, images=images)
 
 
