@@ -73,7 +73,7 @@ class ModelsSection(_Section):
     catalog_index: Literal["exact", "hnsw", "auto"] = Field(
         "exact", description="'exact' scan; 'hnsw' approximate index (hnswlib) with exact filters and category "
                              "limits; 'auto' = hnsw from catalog_index_min_rows live rows")
-    catalog_index_min_rows: int = Field(200_000, gt=0, description="catalog_index='auto': the crossover row count")
+    catalog_index_min_rows: int = Field(20_000, gt=0, description="catalog_index='auto': the crossover row count")
 
 
 class PathsSection(_Section):

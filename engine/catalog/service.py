@@ -29,7 +29,7 @@ from .journal import DEFAULT_COMPACT_BYTES, Journal
 from .rows import DEMO_CATALOG, read_catalog, row_text
 from .store import DEFAULT_CHUNK_ROWS, Catalog
 
-HNSW_MIN_ROWS = 200_000  # index='auto': measured crossover (benchmarks/recommend_bench.py --hnsw)
+HNSW_MIN_ROWS = 20_000  # index="auto": the measured crossover (benchmarks/recommend_bench.py --hnsw, README)
 
 _TMP_PREFIX = ".atelier-tmp-emb-"
 
