@@ -240,6 +240,10 @@ def _compact(schema: Any) -> Any:
         # so merging them beside `type: [T, "null"]` accepts exactly the same values
         if isinstance(other, dict) and isinstance(other.get("type"), str) and not (set(other) & set(out)):
             out = {**{k: v for k, v in out.items() if k != "anyOf"}, **other, "type": [other["type"], "null"]}
+            if "const" in out:  # `enum`/`const` constrain every type: null must be listed too
+                out["enum"] = [out.pop("const")]
+            if "enum" in out and None not in out["enum"]:
+                out["enum"] = [*out["enum"], None]
             if out.get("default", 0) is None:
                 del out["default"]
     return out

@@ -121,3 +121,33 @@ def test_tools_list_is_compact_and_tells_the_truth(tmp_path):
         assert "generate_image" not in names and "detail_image" not in names and "color_compare" in names
     finally:
         server.state.close()
+
+
+def test_compact_schemas_accept_exactly_what_the_originals_accept():
+    from typing import Literal
+
+    import jsonschema
+    from pydantic import Field
+
+    from mcp_server.app import _compact
+
+    class Sub(BaseModel):
+        x: int
+
+    class M(BaseModel):
+        a: Literal["x", "y"] | None = None
+        b: int | None = Field(None, ge=1)
+        c: list[int] | None = None
+        d: Sub | None = None
+        e: Literal["k"] | None = None
+        title: str | None = Field(None, title="Title", description="a property named title stays")
+
+    full = M.model_json_schema()
+    small = _compact(full)
+    assert "title" in small["properties"] and len(json.dumps(small)) < len(json.dumps(full))
+    cases = [{}, {"a": None}, {"a": "x"}, {"a": "z"}, {"b": None}, {"b": 0}, {"b": 3}, {"b": "3"},
+             {"c": None}, {"c": [1, 2]}, {"c": ["1"]}, {"d": None}, {"d": {"x": 1}}, {"d": {"x": "1"}},
+             {"e": None}, {"e": "k"}, {"e": "j"}, {"title": None}, {"title": "t"}, {"title": 5}]
+    for case in cases:
+        want = jsonschema.Draft202012Validator(full).is_valid(case)
+        assert jsonschema.Draft202012Validator(small).is_valid(case) == want, case
