@@ -164,8 +164,9 @@ def test_kill9_during_logged_upserts_loses_nothing_answered(tmp_path):
     figures = {"trials": 0, "acknowledged": 0, "unacknowledged_but_kept": 0, "max_log_bytes": 0}
     log = tmp_path / ".cat.jsonl.provided.log"
     for trial in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(done)], env=env,
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(done)], env=env, bufsize=0,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+        # bufsize=0: readline below must not buffer "OK" lines that communicate() would then never see
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith(b"READY"), proc.stderr.read().decode()[-2000:] if proc.stderr else line
