@@ -66,7 +66,14 @@ class GenerateTextInput(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: smallest set of tokens whose "
                                                            "probability reaches top_p (1 = off).")
     repetition_penalty: float = Field(1.1, gt=0.0, le=10.0, description="> 1 discourages repeating tokens "
-                                                                        "(1 = off; the default 1.1 keeps small models from looping).")
+                                      "(1 = off). The default 1.1 applies to the last repetition_window "
+                                      "generated tokens only: short answers come out as without a penalty, "
+                                      "long ones do not loop.")
+    repetition_window: int = Field(64, ge=0, le=1_000_000, description="How many of the most recent tokens the "
+                                                                       "penalty looks at (0 = all).")
+    repetition_scope: Literal["generated", "all"] = Field(
+        "generated", description="generated: only the model's own tokens are penalised (default); all: the "
+                                 "prompt's too (transformers' convention).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling (same seed, same text).")
     stop: list[str] = Field(default_factory=list, description="Stop when any of these strings appears (not "
                                                               "included in the text).")
@@ -202,7 +209,8 @@ def run_generate_text(a: GenerateTextInput, ctx: ToolContext) -> ToolOutput:
         raise ToolError(str(exc)) from exc
     req = GenerationRequest(
         prompt_ids=ids, max_new_tokens=a.max_new_tokens,
-        sampling=SamplingParams(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed),
+        sampling=SamplingParams(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed,
+                                a.repetition_window, a.repetition_scope),
         stop=tuple(a.stop), cache=CacheSpec(a.kv_cache, a.window, a.sink_tokens))
 
     def progress(n: int, text: str) -> None:

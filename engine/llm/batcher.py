@@ -340,8 +340,9 @@ class LLMService:
                 logits = m.model.prefill(cache, seq.slot, piece, start)
                 start += len(piece)
             pool.held[seq.slot] = list(ids)
-            if req.sampling.repetition_penalty != 1.0:
-                seq.seen = torch.tensor(ids, dtype=torch.long, device=logits.device)
+            if req.sampling.repetition_penalty != 1.0:  # the tokens the penalty may apply to (sampling.py)
+                seq.seen = torch.tensor(ids if req.sampling.repetition_scope == "all" else [], dtype=torch.long,
+                                        device=logits.device)
             self._push(seq, sample(logits, req.sampling, seq.gen, seq.seen))
         except Cancelled:
             seq.finish = "cancelled"
@@ -374,6 +375,8 @@ class LLMService:
                 for i, s in enumerate(seqs):
                     if s.seen is not None:
                         s.seen = torch.cat([s.seen, s.seen.new_tensor([fed[i]])])
+                        if s.req.sampling.repetition_window:
+                            s.seen = s.seen[-s.req.sampling.repetition_window:]
                     nxt.append(sample(logits[i], s.req.sampling, s.gen, s.seen))
         except BaseException as exc:
             for s in seqs:
