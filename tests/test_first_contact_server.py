@@ -151,3 +151,31 @@ def test_compact_schemas_accept_exactly_what_the_originals_accept():
     for case in cases:
         want = jsonschema.Draft202012Validator(full).is_valid(case)
         assert jsonschema.Draft202012Validator(small).is_valid(case) == want, case
+
+
+def test_recommend_exclusions_through_the_client(tmp_path):
+    """'accessories for my phone' without the phones: `not_in` gives exactly what `in` over every other
+    category gives, and the category limit still holds."""
+    server = build_server(make_settings(tmp_path))
+
+    async def main():
+        async with Client(server) as c:
+            cats = (await c.call_tool("catalog_info", {})).structured_content["categories"]
+            phones = [k for k in cats if "phone" in k.lower() and "case" not in k.lower()] or [max(cats, key=cats.get)]
+            base = {"text": "accessories for my new phone", "k": 8, "category_limit": 2}
+            a = await c.call_tool("recommend_topk", {**base, "filters": {"category": {"not_in": phones}}})
+            b = await c.call_tool("recommend_topk", {**base, "filters": {"category": [k for k in cats
+                                                                                   if k not in phones]}})
+            assert not a.is_error and not b.is_error
+            items = a.structured_content["items"]
+            assert [i["id"] for i in items] == [i["id"] for i in b.structured_content["items"]]
+            assert items and all(i["category"] not in phones for i in items)
+            per = {}
+            for i in items:
+                per[i["category"]] = per.get(i["category"], 0) + 1
+            assert max(per.values()) <= 2
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.state.close()

@@ -157,3 +157,45 @@ def test_demo_first_command_and_upsert(tmp_path: Path) -> None:
     out2 = recommend.run(RecommendInput(text="Pixel 9 armour case", k=3), ctx)
     assert out2.structured.items[0].id == "ZZ-1"
     upsert.run(UpsertInput(delete=["ZZ-1"]), ctx)
+
+
+def test_fields_only_update_keeps_the_stored_vector_and_new_items_need_one(tmp_path: Path, shop) -> None:  # noqa: ANN001
+    p, mat, rows = shop
+    ctx = make_context(tmp_path)
+    res = upsert.run(UpsertInput(items=[{"id": "s7", "price": 99}], catalog=str(p)), ctx)
+    assert (res.structured.added, res.structured.updated) == (0, 1)
+    out = recommend.run(RecommendInput(vector=mat[7].tolist(), k=1, catalog=str(p)), ctx)
+    hit = out.structured.items[0]
+    assert hit.id == "s7" and hit.score == pytest.approx(1.0)  # the same vector as before
+    assert hit.fields["price"] == 99 and hit.fields["name"] == "thing 7"  # merged, not replaced
+    with pytest.raises(ToolError) as err:
+        upsert.run(UpsertInput(items=[{"id": "f1", "price": 99}], catalog=str(p)), ctx)
+    msg = str(err.value)
+    assert msg.startswith("items[0]='f1': this catalogue carries its own vectors") and "'embedding' of 6" in msg
+    assert "query by vector" not in msg
+
+
+def test_exclusion_filters_match_numpy(tmp_path: Path, shop) -> None:  # noqa: ANN001
+    p, mat, rows = shop
+    ctx = make_context(tmp_path)
+    q = np.random.default_rng(9).standard_normal(6)
+    for filters, ok in [
+        ({"category": {"not_in": ["cable", "case"]}}, [r["category"] not in ("cable", "case") for r in rows]),
+        ({"category": {"ne": "cable"}, "price": {"max": 30}}, [r["category"] != "cable" and r["price"] <= 30
+                                                              for r in rows]),
+        ({"in_stock": {"ne": True}}, [not r["in_stock"] for r in rows]),
+    ]:
+        out = recommend.run(RecommendInput(vector=q.tolist(), k=5, catalog=str(p), filters=filters), ctx)
+        assert [it.id for it in out.structured.items] == [f"s{r}" for r in brute(mat, q, ok)[:5]], filters
+    # with the category limit: at most one per category among the non-cables, exact order
+    out = recommend.run(RecommendInput(vector=q.tolist(), k=5, catalog=str(p), category_limit=1,
+                                       filters={"category": {"not_in": ["cable"]}}), ctx)
+    want, seen = [], set()
+    for r in brute(mat, q, [row["category"] != "cable" for row in rows]):
+        if rows[r]["category"] not in seen:
+            seen.add(rows[r]["category"])
+            want.append(f"s{r}")
+    assert [it.id for it in out.structured.items] == want
+    with pytest.raises(ToolError, match="filters.category.not_in"):
+        recommend.run(RecommendInput(vector=q.tolist(), k=5, catalog=str(p),
+                                     filters={"category": {"not_in": []}}), ctx)

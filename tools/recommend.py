@@ -32,8 +32,9 @@ from .base import ToolContext, ToolError, ToolOutput, ToolSpec
 
 Filters = dict[str, Any]
 _FILTERS_DOC = ("field -> condition. A condition is a value (equality), a list (membership), or an object with "
-                "'eq', 'in', 'min', 'max' (numeric range, inclusive). Example: "
-                "{\"category\": [\"cable\", \"charger\"], \"price\": {\"max\": 30}, \"in_stock\": true}")
+                "'eq', 'ne', 'in', 'not_in' (exclusions: a row without the field passes them), 'min', 'max' "
+                "(numeric range, inclusive). Example: {\"category\": {\"not_in\": [\"phone\"]}, "
+                "\"price\": {\"max\": 30}, \"in_stock\": true}")
 
 
 def _service(ctx: ToolContext) -> CatalogService:
@@ -162,7 +163,8 @@ class UpsertInput(BaseModel):
     items: list[dict[str, Any]] = Field(default_factory=list, description=(
         "Items to add or update: each an object with 'id', 'category', text fields (name, description, ...), "
         "any other fields, and optionally 'embedding' (a vector with the catalogue's dimension). An existing id "
-        "is updated: given fields replace the old ones, and the text is embedded again."))
+        "is updated: given fields replace the old ones, and the text is embedded again (in a catalogue that "
+        "carries its own vectors, the stored vector is kept unless 'embedding' is given)."))
     delete: list[str] = Field(default_factory=list, description="Ids of items to remove.")
     catalog: str | None = Field(None, description="Catalogue file inside the read roots; default: the configured "
                                                   "catalogue or the bundled demo.")
@@ -183,6 +185,7 @@ def _upsert(args: UpsertInput, ctx: ToolContext) -> ToolOutput:
     if not args.items and not args.delete:
         raise ToolError.invalid("items", [], "give items to add/update or ids to delete")
     cat, report = _open(ctx, args.catalog)
+    own_vectors = cat.model == "provided"  # the file came with its vectors: nothing here can embed text for it
     limit = ctx.settings.limits.max_catalog_rows
     rows: list[dict[str, Any]] = []
     vecs: list[torch.Tensor | None] = []
@@ -197,15 +200,23 @@ def _upsert(args: UpsertInput, ctx: ToolContext) -> ToolOutput:
         if row["id"] in seen:
             raise ToolError.invalid(f"items[{i}].id", row["id"], "appears twice in this call")
         seen.add(row["id"])
+        stored = None
         if cat.has(row["id"]):
             merged = cat.item(row["id"])
             merged.update(row)
             row = merged
+            if vec is None and own_vectors:  # a fields-only update keeps the item's vector
+                stored = cat.vector(row["id"]).detach().to("cpu", torch.float32)
+        elif vec is None and own_vectors:
+            raise ToolError.invalid(f"items[{i}]", row["id"], (
+                f"this catalogue carries its own vectors (no embedding model): a new item needs an 'embedding' of "
+                f"{cat.dim} numbers; to change fields of an existing item, give its id and those fields only "
+                f"(its vector is kept)"))
         if vec is not None and len(vec) != cat.dim:
             raise ToolError.invalid(f"items[{i}].embedding", f"<{len(vec)} numbers>",
                                     f"expected {cat.dim} numbers (the catalogue's dimension)")
         rows.append(row)
-        vecs.append(torch.tensor(vec, dtype=torch.float32) if vec is not None else None)
+        vecs.append(torch.tensor(vec, dtype=torch.float32) if vec is not None else stored)
     for rid in args.delete:
         if not cat.has(rid):
             raise ToolError.invalid("delete", rid, "unknown item id in this catalogue")

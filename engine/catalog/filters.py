@@ -18,14 +18,14 @@ import numpy as np
 from ..errors import InvalidInput
 from .rows import _PLAIN, number_problem, shown
 
-FILTER_OPS = ("eq", "in", "min", "max")
+FILTER_OPS = ("eq", "ne", "in", "not_in", "min", "max")
 MAX_FILTER_VALUES = 256
 
 
 @dataclass(frozen=True)
 class Cond:
-    """One checked filter condition: `field` `op` `value`. eq: a string, number, boolean or None; in: a
-    tuple of those; min / max: a float64 bound equivalent, for float64 numbers, to the exact bound given
+    """One checked filter condition: `field` `op` `value`. eq / ne: a string, number, boolean or None; in /
+    not_in: a tuple of those (ne and not_in are the exclusions: a row without the field passes them); min / max: a float64 bound equivalent, for float64 numbers, to the exact bound given
     (an integer bound is moved to the nearest float64 on its side: `num >= 2**53 + 1` is
     `num >= 2**53 + 2`)."""
 
@@ -69,7 +69,7 @@ def _bound(value: Any, argument: str, op: str) -> float:
 
 
 def compile_filters(filters: Any, fields: Mapping[str, Any]) -> tuple[Cond, ...]:
-    """Check `filters` (field -> value | list | {eq, in, min, max}) against the known `fields` and convert
+    """Check `filters` (field -> value | list | {eq, ne, in, not_in, min, max}) against the known `fields` and convert
     every value -> conditions. InvalidInput names the field, the value and the rule."""
     if filters is None:
         return ()
@@ -86,8 +86,12 @@ def compile_filters(filters: Any, fields: Mapping[str, Any]) -> tuple[Cond, ...]
                                    f"with keys among {FILTER_OPS}")
             if "eq" in cond:
                 conds.append(Cond(name, "eq", _scalar(cond["eq"], f"filters.{name}.eq")))
+            if "ne" in cond:
+                conds.append(Cond(name, "ne", _scalar(cond["ne"], f"filters.{name}.ne")))
             if "in" in cond:
                 conds.append(Cond(name, "in", _scalars(cond["in"], f"filters.{name}.in")))
+            if "not_in" in cond:
+                conds.append(Cond(name, "not_in", _scalars(cond["not_in"], f"filters.{name}.not_in")))
             for op in ("min", "max"):
                 if op in cond:
                     conds.append(Cond(name, op, _bound(cond[op], f"filters.{name}.{op}", op)))
@@ -107,8 +111,12 @@ def filter_mask(columns: Mapping[str, np.ndarray], numeric: MutableMapping[str, 
         col = columns[c.field][:n]
         if c.op == "eq":
             mask &= _equals(col, c.value)
+        elif c.op == "ne":
+            mask &= ~_equals(col, c.value)
         elif c.op == "in":
             mask &= _member(col, c.value)
+        elif c.op == "not_in":
+            mask &= ~_member(col, c.value)
         else:
             num = numeric_column(columns, numeric, n, c.field)[:n]
             with np.errstate(invalid="ignore"):
