@@ -179,3 +179,25 @@ def test_recommend_exclusions_through_the_client(tmp_path):
         asyncio.run(main())
     finally:
         server.state.close()
+
+
+def test_default_sampling_answers_a_short_question_plainly(tmp_path):
+    """The issue's example through the client with the tool's defaults (penalty 1.1 on the model's own
+    tokens): the answer the model gives with no penalty, not "The answer to this classic French question
+    requires a bit of creative thinking." (tests/test_llm_model.py compares a dozen prompts with transformers)."""
+    server = build_server(make_settings(tmp_path))
+
+    async def main():
+        async with Client(server) as c:
+            q = {"prompt": "What is the capital of France? Answer in one word.", "max_new_tokens": 16}
+            default = await c.call_tool("generate_text", q)
+            off = await c.call_tool("generate_text", {**q, "repetition_penalty": 1.0})
+            old = await c.call_tool("generate_text", {**q, "repetition_window": 0, "repetition_scope": "all"})
+            assert default.structured_content["text"] == off.structured_content["text"]
+            assert "Paris" in default.structured_content["text"]
+            assert old.structured_content["text"] != off.structured_content["text"]  # what the old default did
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.state.close()
