@@ -30,6 +30,29 @@ def jit() -> tuple[Any, Any] | None:
     return njit, prange
 
 
+@functools.cache
+def half_to_float_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
+    """A Numba intrinsic: uint16 bits of an fp16 value -> float32, as LLVM's `fpext half to float`: exact
+    (subnormals too), and vectorised into F16C's vcvtph2ps where the CPU has it. Numba has no float16 type
+    of its own. Kernel modules keep it in a module global (`_h2f`): a closure variable would keep Numba from
+    caching the kernels that call it."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def half_to_float(typingctx, h):  # noqa: ANN001, ANN202
+        if h != types.uint16:
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(types.uint16), codegen
+
+    return half_to_float
+
+
 def dispatch(kernels: Callable[[], tuple | None], index: int, reference: Callable[..., None], backend: str | None,
              *args: Any) -> None:
     """Run kernel `index` of `kernels()` on args (under LOCK), or `reference(*args)` when Numba is absent

@@ -35,7 +35,7 @@ import functools
 
 import numpy as np
 
-from ._numba import dispatch, jit
+from ._numba import dispatch, half_to_float_intrinsic, jit
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")
 BLOCK = 32
@@ -72,33 +72,12 @@ _h2f = None  # set by _kernels()
 
 
 @functools.cache
-def _half_to_float_intrinsic():  # pragma: no cover - compiled into the kernels
-    """uint16 bits of an fp16 value -> float32 (LLVM `fpext half to float`: exact; F16C where present).
-    A copy of `cpu_topk`'s: Numba has no float16 type of its own."""
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def half_to_float(typingctx, h):
-        if h != types.uint16:
-            return None
-
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-        return types.float32(types.uint16), codegen
-
-    return half_to_float
-
-
-@functools.cache
 def _kernels() -> tuple | None:
     if jit() is None:
         return None
     njit, prange = jit()  # type: ignore[misc]
     global _h2f
-    _h2f = _half_to_float_intrinsic()  # a module global: a closure variable would keep Numba from caching
+    _h2f = half_to_float_intrinsic()  # a module global: a closure variable would keep Numba from caching
 
     @njit(fastmath=True, cache=True, nogil=True)
     def block_sums(x, xs):  # pragma: no cover - compiled

@@ -36,7 +36,7 @@ import functools
 
 import numpy as np
 
-from ._numba import dispatch, jit
+from ._numba import dispatch, half_to_float_intrinsic, jit
 
 
 # -- references (NumPy) ---------------------------------------------------------------------------
@@ -102,27 +102,6 @@ def refine_reference(matrix: np.ndarray, q: np.ndarray, cand_rows: np.ndarray, c
 
 # -- Numba kernels -------------------------------------------------------------------------------
 _h2f = None  # set by _kernels()
-
-
-@functools.cache
-def _half_to_float_intrinsic():  # pragma: no cover - compiled into the kernels
-    """uint16 bits of an fp16 value -> float32, as LLVM's `fpext half to float`: exact (subnormals too), and
-    vectorised into F16C's vcvtph2ps where the CPU has it. Numba has no float16 type of its own."""
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def half_to_float(typingctx, h):
-        if h != types.uint16:
-            return None
-
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-        return types.float32(types.uint16), codegen
-
-    return half_to_float
 
 
 @functools.cache
@@ -262,7 +241,7 @@ def _kernels() -> tuple | None:
                 vals_out[b, 0] = touch
 
     global _h2f
-    _h2f = _half_to_float_intrinsic()  # a module global: a closure variable would keep Numba from caching
+    _h2f = half_to_float_intrinsic()  # a module global: a closure variable would keep Numba from caching
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def half_scores_nb(x, w16, out):  # pragma: no cover - compiled
