@@ -115,7 +115,9 @@ def test_make_serve_args_add_to_the_http_default(tmp_path):
     port = free_port()
     env = server_env(tmp_path)
     env["MAKEFLAGS"] = ""
-    proc = subprocess.Popen(["make", "-s", "serve", f"ARGS=--port {port}"], cwd=ROOT, env=env,
+    venv = Path(sys.executable).parent.parent  # the venv running the tests; -o: never (re)install from here
+    proc = subprocess.Popen(["make", "-s", "-o", f"{venv}/.atelier-installed", "serve", f"VENV={venv}",
+                             f"ARGS=--port {port}"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         wait_port(port, proc, timeout=120)
