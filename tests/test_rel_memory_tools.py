@@ -128,7 +128,12 @@ def test_text_kv_estimate_matches_the_cache_and_refuses():
 def test_generate_and_detail_image_refused_before_loading(tmp_path, files):
     from tools import images
 
-    c = make_context(tmp_path, limits={"max_call_memory_mb": 64}, models={"diffusion": str(tmp_path / "nope")})
+    # a folder that passes the configuration check (it has a model_index.json) but holds no model: the
+    # memory bound must refuse before anything is loaded from it
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    c = make_context(tmp_path, limits={"max_call_memory_mb": 64}, models={"diffusion": str(folder)})
     try:
         with pytest.raises(ToolError, match=r"^width='512x512 x 2': would need 1\.\d GB; limit 0\.067 GB"):
             images._run_generate(images.GenerateImageInput(prompt="a cat", width=512, height=512, num_images=2), c)
