@@ -214,13 +214,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str), encoding="utf-8")
-        tok.save_pretrained(str(tmp))
-        tcfg_path = tmp / "tokenizer_config.json"
-        tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.is_file() else {}
-        if not tcfg.get("chat_template") and not (tmp / "chat_template.jinja").is_file() and tok.chat_template:
-            tcfg["chat_template"] = tok.chat_template
-        tcfg.setdefault("eos_token", tok.eos_token)
-        tcfg_path.write_text(json.dumps(tcfg, indent=2), encoding="utf-8")
+        _save_tokenizer(tok, tmp)
         del model
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -259,13 +253,7 @@ def tokenizer_folder(gguf: Path, out_dir: Path, cfg: dict[str, Any]) -> Path:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            tok.save_pretrained(str(tmp))
-            tcfg_path = tmp / "tokenizer_config.json"
-            tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.is_file() else {}
-            if not tcfg.get("chat_template") and not (tmp / "chat_template.jinja").is_file() and tok.chat_template:
-                tcfg["chat_template"] = tok.chat_template
-            tcfg.setdefault("eos_token", tok.eos_token)
-            tcfg_path.write_text(json.dumps(tcfg, indent=2), encoding="utf-8")
+            _save_tokenizer(tok, tmp)
         (tmp / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
                                                     indent=2), encoding="utf-8")
         if out_dir.exists():
@@ -275,6 +263,18 @@ def tokenizer_folder(gguf: Path, out_dir: Path, cfg: dict[str, Any]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _save_tokenizer(tok: Any, folder: Path) -> None:
+    """Save a transformers tokenizer into `folder` with its chat template and eos token in
+    tokenizer_config.json (a GGUF's tokenizer keeps them only in memory)."""
+    tok.save_pretrained(str(folder))
+    tcfg_path = folder / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.is_file() else {}
+    if not tcfg.get("chat_template") and not (folder / "chat_template.jinja").is_file() and tok.chat_template:
+        tcfg["chat_template"] = tok.chat_template
+    tcfg.setdefault("eos_token", tok.eos_token)
+    tcfg_path.write_text(json.dumps(tcfg, indent=2), encoding="utf-8")
 
 
 def resolve_folder(spec: str, cache_dir: Path) -> tuple[str, Path]:
