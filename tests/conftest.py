@@ -25,3 +25,37 @@ os.environ.setdefault("ATELIER_TEST_CACHE", os.path.join(tempfile.gettempdir(), 
 # threads, and pytest's assertion rewriting parses modules on first import.
 import hypothesis  # noqa: E402,F401
 import hypothesis.internal.observability  # noqa: E402,F401
+
+
+# -- fixtures shared by several test files ------------------------------------------------------------
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """start(transport="http", **env) -> (port, proc): a server subprocess (tests/tooling.py) on a free port."""
+    from tests.helpers import PY, ROOT, free_port, server_env, wait_port
+
+    procs = []
+
+    def start(transport: str = "http", **env_extra: str):
+        port = free_port()
+        proc = subprocess.Popen([PY, str(ROOT / "tests" / "tooling.py"), transport, str(port)],
+                                env=server_env(tmp_path, **env_extra), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=tmp_path)
+        procs.append(proc)
+        wait_port(port, proc)
+        return port, proc
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+

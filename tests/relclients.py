@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from tests.reltools import init_messages, server_cmd, stop
-from tests.test_transports import free_port, server_env, wait_port
+from tests.helpers import free_port, server_env, wait_port
 
 PROTO = "2025-11-25"
 

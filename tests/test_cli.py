@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.test_transports import ROOT, free_port, server_env, wait_port
+from tests.helpers import ROOT, free_port, server_env, wait_port
 
 ATELIER = str(Path(sys.executable).parent / "atelier")
 

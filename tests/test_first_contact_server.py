@@ -11,7 +11,7 @@ from mcp import Client
 from pydantic import BaseModel, ConfigDict
 
 from mcp_server.app import build_server
-from tests.test_server_core import make_settings
+from tests.helpers import make_settings
 from tools.base import ToolOutput, ToolSpec
 
 

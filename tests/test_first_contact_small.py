@@ -22,7 +22,7 @@ from engine import diffusion as D
 from engine.detect import Detection
 from mcp_server.app import build_server
 from mcp_server.sandbox import Sandbox
-from tests.test_server_core import make_settings
+from tests.helpers import make_settings
 from tools.base import ToolError
 from tools.masks import HSV_RED_EXAMPLE
 

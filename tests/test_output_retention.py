@@ -14,7 +14,7 @@ from PIL import Image
 
 from mcp_server.app import build_server
 from mcp_server.media import RETENTION_GRACE_S
-from tests.test_server_core import make_settings
+from tests.helpers import make_settings
 from tests.tooling import TEST_TOOLS
 
 

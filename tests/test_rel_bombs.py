@@ -27,7 +27,7 @@ from mcp import Client
 from PIL import Image
 
 from tests.reltools import proc_status, reset_peak, server_cmd, stop
-from tests.test_transports import free_port, server_env, wait_port
+from tests.helpers import free_port, server_env, wait_port
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.reltools import stop
-from tests.test_transports import free_port, server_env, wait_port
+from tests.helpers import free_port, server_env, wait_port
 
 pytestmark = pytest.mark.slow
 

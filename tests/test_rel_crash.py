@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.reltools import StdioPeer, server_cmd, stop
-from tests.test_transports import server_env
+from tests.helpers import server_env
 
 pytestmark = pytest.mark.slow
 

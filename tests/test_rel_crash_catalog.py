@@ -144,7 +144,6 @@ def _matches(cat, model: dict) -> bool:  # noqa: ANN001
 
 
 def test_kill9_during_logged_upserts_loses_nothing_answered(tmp_path):
-    import torch
 
     from engine import Engine, EngineConfig
     from engine.catalog import CatalogService

@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 
 from tests.reltools import ROOT, init_messages, server_cmd, stop
-from tests.test_transports import free_port, server_env, wait_port
+from tests.helpers import free_port, server_env, wait_port
 
 pytestmark = pytest.mark.slow
 

@@ -60,7 +60,7 @@ from mcp import Client
 from mcp_server.config import Settings
 from mcp_server.transports import HostOriginPolicy
 from tests.reltools import proc_status, reset_peak, server_cmd, stop, wait_for
-from tests.test_transports import free_port, server_env, wait_port
+from tests.helpers import free_port, server_env, wait_port
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ import pytest
 from mcp import Client
 from PIL import Image
 
-from tests.test_transports import free_port, server_env, wait_port
+from tests.helpers import free_port, server_env, wait_port
 from tests.tiny_pipeline import cached_tiny_sd
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,7 @@ from PIL import Image
 
 from tests.reltools import proc_status, reset_peak, server_cmd, stop
 from tests.test_rel_memory_masks import NESTED_MAX, PROBE_MAX, PROBE_XY
-from tests.test_transports import free_port, server_env, wait_port
+from tests.helpers import free_port, server_env, wait_port
 
 pytestmark = pytest.mark.slow
 

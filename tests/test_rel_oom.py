@@ -17,7 +17,7 @@ import json
 import pytest
 
 from tests.reltools import MiB, StdioPeer, server_cmd, stop
-from tests.test_transports import server_env
+from tests.helpers import server_env
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from mcp import Client
 from PIL import Image
 
 from mcp_server.app import build_server
-from tests.test_server_core import make_settings
+from tests.helpers import make_settings
 from tests.tooling import TEST_TOOLS
 
 CANARY = "CANARY-7f3a9c"

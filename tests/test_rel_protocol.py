@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.reltools import StdioPeer, init_messages, server_cmd, stop, valid_jsonrpc_message
-from tests.test_transports import free_port, server_env, wait_port
+from tests.helpers import free_port, server_env, wait_port
 
 pytestmark = pytest.mark.slow
 

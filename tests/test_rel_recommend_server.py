@@ -19,7 +19,7 @@ import numpy as np
 from mcp import Client
 
 from mcp_server.app import build_server
-from tests.test_server_core import make_settings
+from tests.helpers import make_settings
 
 HUGE = 10 ** 400
 

@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mcp_server.app import build_server
 from mcp_server.fit import fit_result, result_chars
-from tests.test_server_core import make_settings
-from tests.test_transports import http_server  # noqa: F401  (fixture)
+from tests.helpers import make_settings
 from tools.base import ImageOut, ToolOutput, ToolSpec
 
 CLAUDE_DESKTOP_LIMIT = 1_048_576

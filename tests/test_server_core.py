@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import anyio
-import numpy as np
 import pytest
 from mcp import Client
 from PIL import Image
@@ -20,23 +19,8 @@ from PIL import Image
 from mcp_server.app import build_server
 from mcp_server.config import Settings
 from mcp_server.logs import JsonFormatter
+from tests.helpers import make_settings, run  # noqa: F401  (others import them from here)
 from tests.tooling import TEST_TOOLS
-
-
-def make_settings(tmp_path: Path, **over) -> Settings:
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    base = {
-        "paths": {"output_dir": str(tmp_path / "out"), "read_roots": [str(data)]},
-        "engine": {"cache_dir": os.environ["ATELIER_TEST_CACHE"], "device": "cpu"},
-    }
-    for k, v in over.items():
-        base.setdefault(k, {}).update(v)
-    return Settings(**base)
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 async def _with_client(settings: Settings, fn, extra=TEST_TOOLS):

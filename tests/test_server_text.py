@@ -9,7 +9,7 @@ import pytest
 from mcp import Client
 
 from mcp_server.app import build_server
-from tests.test_server_core import make_settings
+from tests.helpers import make_settings
 
 pytestmark = pytest.mark.slow
 

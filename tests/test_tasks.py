@@ -18,8 +18,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel, ConfigDict
 
-from tests.test_server_core import make_settings
-from tests.test_transports import http_server  # noqa: F401  (fixture)
+from tests.helpers import make_settings
 from tests.tooling import TEST_TOOLS
 from tools.base import ToolError, ToolOutput, ToolSpec
 from mcp_server.app import build_server

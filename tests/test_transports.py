@@ -7,78 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
-import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    (tmp_path / "data").mkdir(exist_ok=True)
-    env.update({
-        "ATELIER_PATHS__OUTPUT_DIR": str(tmp_path / "out"),
-        "ATELIER_PATHS__READ_ROOTS": json.dumps([str(tmp_path / "data")]),
-        "ATELIER_ENGINE__CACHE_DIR": os.environ["ATELIER_TEST_CACHE"],
-        "ATELIER_ENGINE__DEVICE": "cpu",
-        "ATELIER_LOGGING__FORMAT": "json",
-        "PYTHONPATH": str(ROOT),
-    })
-    env.update(extra)
-    return env
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError("server did not start")
-
-
-@pytest.fixture()
-def http_server(tmp_path):
-    procs = []
-
-    def start(transport: str = "http", **env_extra: str):
-        port = free_port()
-        proc = subprocess.Popen([PY, str(ROOT / "tests" / "tooling.py"), transport, str(port)],
-                                env=server_env(tmp_path, **env_extra), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=tmp_path)
-        procs.append(proc)
-        wait_port(port, proc)
-        return port, proc
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+from tests.helpers import PY, ROOT, free_port, server_env, wait_port  # noqa: F401  (others import them from here)
 
 
 def test_stdio_subprocess_with_official_client_and_noisy_library(tmp_path):

@@ -1,0 +1,70 @@
+"""Helpers shared by the test files (fixtures live in conftest.py): free ports, the environment of a
+server subprocess, waiting for its port, and the settings of an in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mcp_server.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a server subprocess: its own output and read folders, the session's engine cache."""
+    env = dict(os.environ)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    env.update({
+        "ATELIER_PATHS__OUTPUT_DIR": str(tmp_path / "out"),
+        "ATELIER_PATHS__READ_ROOTS": json.dumps([str(tmp_path / "data")]),
+        "ATELIER_ENGINE__CACHE_DIR": os.environ["ATELIER_TEST_CACHE"],
+        "ATELIER_ENGINE__DEVICE": "cpu",
+        "ATELIER_LOGGING__FORMAT": "json",
+        "PYTHONPATH": str(ROOT),
+    })
+    env.update(extra)
+    return env
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError("server did not start")
+
+
+def make_settings(tmp_path: Path, **over) -> Settings:
+    """Settings of an in-process server: its own folders under tmp_path, the session's engine cache, CPU."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    base = {
+        "paths": {"output_dir": str(tmp_path / "out"), "read_roots": [str(data)]},
+        "engine": {"cache_dir": os.environ["ATELIER_TEST_CACHE"], "device": "cpu"},
+    }
+    for k, v in over.items():
+        base.setdefault(k, {}).update(v)
+    return Settings(**base)
+
+
+def run(coro):
+    return asyncio.run(coro)
