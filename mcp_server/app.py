@@ -61,6 +61,7 @@ from .jobs import Job, JobManager
 from .logs import request_id, set_third_party_level, setup_logging, summarize_args
 from .media import EXPIRED, MediaStore
 from .sandbox import NO_SPACE_ERRNOS, Sandbox
+from .state import StateUnavailable, open_shared_state, stateless_caller  # issue 15 (h2)
 from .tasks import Tasks
 from .tasks import capability as tasks_capability
 from .tasks import offered as tasks_offered
@@ -90,6 +91,7 @@ class AppState:
     thread_slots: threading.BoundedSemaphore
     client_log_levels: dict[int, str] = field(default_factory=dict)  # open connection -> level
     closed: bool = False
+    shared: Any = None  # issue 15 (h2): RedisState with state.backend = "redis", else None
 
     def close(self) -> None:
         if self.closed:
@@ -98,6 +100,8 @@ class AppState:
         self.jobs.cancel_all()
         self.engine.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.shared is not None:  # issue 15 (h2): pending job writes, then drop this replica's lease
+            self.shared.close()
 
 
 def make_state(settings: Settings, extra_specs: list[ToolSpec] | None = None) -> AppState:
@@ -121,14 +125,19 @@ def make_state(settings: Settings, extra_specs: list[ToolSpec] | None = None) ->
         if spec.name in enabled or (extra_specs and spec in extra_specs):
             specs[spec.name] = spec
     workers = max(2, settings.limits.queue_length)
-    return AppState(
+    shared = open_shared_state(settings)  # issue 15 (h2): None = in-memory state, as before
+    state = AppState(
         settings=settings, engine=engine, sandbox=sandbox,
         media=MediaStore(sandbox, settings.limits),
-        jobs=JobManager(settings.limits.job_ttl_s, settings.limits.max_jobs),
+        jobs=shared.jobs if shared is not None else JobManager(settings.limits.job_ttl_s, settings.limits.max_jobs),
         specs=specs,
         pool=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atelier-tool"),
         thread_slots=threading.BoundedSemaphore(settings.limits.queue_length + 1),
+        shared=shared,
     )
+    if shared is not None:  # issue 15 (h2)
+        state.media.shared = shared.images
+    return state
 
 
 # --------------------------------------------------------------------------- run context
@@ -422,6 +431,9 @@ class AtelierServer(MCPServer):
             await self._client_log(context, "debug" if outcome == "ok" else "warning",
                                    {"event": "end", "tool": name, "request_id": rid, "outcome": outcome})
             return result
+        except StateUnavailable as exc:  # issue 15 (h2): Redis unreachable; the message names state.redis_url
+            outcome = "tool_error"
+            return _error_result(str(exc))
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()) or isinstance(exc, asyncio.CancelledError):
                 outcome = "cancelled"
@@ -437,7 +449,8 @@ class AtelierServer(MCPServer):
     # ---------------------------------------------------------------- jobs
     def _caller(self, context: Any) -> str:
         """The client behind a request (owner of what its calls make): see mcp_server/clients.py."""
-        return client_of(context, self.state.settings.http.auth_token)
+        settings = self.state.settings  # issue 15 (h2): stateless HTTP without a token is one anonymous client
+        return stateless_caller(settings, http_request(context)) or client_of(context, settings.http.auth_token)
 
     def _job_tool(self, name: str, args: JobIdInput, caller: str = LOCAL) -> tuple[mt.CallToolResult, str]:
         jobs = self.state.jobs

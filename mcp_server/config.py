@@ -141,12 +141,74 @@ class HttpSection(_Section):
     min_body_rate_bytes_s: int = Field(1024, ge=0, description="body rate floor after the grace period; 0 = off")
     body_rate_grace_s: float = Field(5.0, ge=0, le=3600, description="seconds before the rate floor applies")
 
+    # issue 15 (h2): stateless streamable HTTP, for replicas behind a load balancer (docs/scaling.md)
+    stateless: bool = Field(False, description="every request stands alone (SDK stateless_http); streamable HTTP only")
+
     @model_validator(mode="after")
     def _per_client_below_global(self) -> "HttpSection":
         if self.max_connections_per_client > self.max_connections:
             raise ValueError(f"http.max_connections_per_client={self.max_connections_per_client}: must not exceed "
                              f"http.max_connections={self.max_connections}")
         return self
+
+
+# issue 15 (h2): where jobs, tasks, cancel flags, the image:// index and stream events live (docs/scaling.md)
+class StateSection(_Section):
+    backend: Literal["memory", "redis"] = Field("memory", description="'memory' = this process only (default); "
+                                                                      "'redis' = shared by every replica")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="state.backend='redis': the server to use")
+    key_prefix: str = Field("atelier", min_length=1, max_length=64, description="prefix of every Redis key")
+    heartbeat_s: float = Field(1.0, gt=0, le=60, description="how often a replica renews its lease")
+    lease_s: float = Field(5.0, gt=0, le=600, description="a replica silent this long is dead: its jobs fail")
+    max_result_bytes: int = Field(4_000_000, ge=10_000, description="largest job result shared through Redis")
+    event_ttl_s: float = Field(600.0, gt=0, description="how long stream events are kept for resumption")
+
+    @model_validator(mode="after")
+    def _lease_above_heartbeat(self) -> "StateSection":
+        if self.lease_s < 2 * self.heartbeat_s:
+            raise ValueError(f"state.lease_s={self.lease_s}: must be at least twice state.heartbeat_s="
+                             f"{self.heartbeat_s}")
+        if self.backend == "redis" and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"state.redis_url={self.redis_url!r}: must start with redis://, rediss:// or unix://")
+        return self
+
+
+# issue 18 (H3): where catalogues live: this process ("local") or a shared Qdrant ("qdrant"); README "Catalogues in Qdrant"
+class CatalogSection(_Section):
+    backend: Literal["local", "qdrant"] = Field(
+        "local", description="'local' = in this process (change log + optional HNSW); 'qdrant' = a Qdrant collection "
+                             "per catalogue, shared by every replica")
+    qdrant_url: str = Field("", description="backend='qdrant': the server, e.g. http://qdrant:6333 ('' = embedded, "
+                                            "see qdrant_path)")
+    qdrant_api_key: SecretStr = Field(SecretStr(""), description="Qdrant API key (the server's api-key); never logged "
+                                                                 "or shown")
+    qdrant_path: str = Field("", description="no qdrant_url: the folder of an embedded Qdrant (qdrant-client's local "
+                                             "mode, one process only); '' or ':memory:' = in memory, not durable")
+    qdrant_collection_prefix: str = Field("atelier_", pattern=r"^[A-Za-z0-9_-]{0,32}$",
+                                          description="collections are named <prefix><file stem>_<hash>")
+    qdrant_hnsw_ef: int = Field(128, ge=1, le=100_000, description="Qdrant's hnsw_ef per search (server only)")
+    qdrant_exact: bool = Field(False, description="server only: exact (brute-force) search instead of Qdrant's HNSW")
+    qdrant_timeout_s: float = Field(10.0, gt=0, le=600, description="longest wait for one Qdrant request")
+
+    @field_validator("qdrant_url")
+    @classmethod
+    def _qdrant_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        v = v.strip()
+        if not v:
+            return v
+        try:
+            u = urlsplit(v)
+            u.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"not a URL ({exc})") from None
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://qdrant:6333")
+        if u.username or u.password or u.query or u.fragment:
+            raise ValueError("must not carry credentials, a query or a fragment (put the key in "
+                             "catalog.qdrant_api_key)")
+        return v.rstrip("/")
 
 
 class LoggingSection(_Section):
@@ -176,6 +238,7 @@ class Settings(BaseSettings):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     http: HttpSection = Field(default_factory=HttpSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    state: StateSection = Field(default_factory=StateSection)  # issue 15 (h2)
 
     # not a config key: where the settings came from (set by load_settings)
     config_file: Path | None = Field(default=None, exclude=True)

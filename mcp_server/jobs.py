@@ -12,6 +12,12 @@ A job whose work was asked to stop reads `cancelled`, even when the tool then
 returned normally with what it had (generate_text's partial text): the result
 is kept and shown, the status says what happened.
 
+With `state.backend = "redis"` (issue 15) the manager is
+`mcp_server.state_redis.RedisJobManager`: the same interface, with every job
+that detached (or is a task) mirrored to Redis so that any replica answers
+`job_status` / `tasks/get` and passes `job_cancel` on to the replica running
+it. The default manager below is the single-process one and does no I/O.
+
 Every job has an owner (`mcp_server.clients`): over HTTP only the client that
 started it sees it; `get` and `cancel` answer None to anyone else, exactly as
 for an id that never existed.
@@ -70,8 +76,10 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
+    job_class: type[Job] = Job  # issue 15: the Redis manager's jobs publish their changes
+
     def create(self, tool: str, token: CancelToken, owner: str = LOCAL) -> Job:
-        job = Job(id=secrets.token_hex(8), tool=tool, token=token, owner=owner)
+        job = self.job_class(id=secrets.token_hex(8), tool=tool, token=token, owner=owner)
         with self._lock:
             self._purge_locked()
             self._jobs[job.id] = job
@@ -99,9 +107,17 @@ class JobManager:
     def cancel(self, job_id: str, caller: str = LOCAL, reason: str = "cancelled by job_cancel") -> Job | None:
         job = self.get(job_id, caller)
         if job is not None and job.state in ("queued", "running"):
-            job.cancel_requested = True
-            job.updated = time.time()
-            job.token.cancel(reason)
+            self.request_cancel(job, reason)
+        return job
+
+    def request_cancel(self, job: Job, reason: str) -> None:
+        """Ask a queued or running job to stop at its next step (job_cancel, tasks/cancel)."""
+        job.cancel_requested = True
+        job.updated = time.time()
+        job.token.cancel(reason)
+
+    def fresh(self, job: Job) -> Job:
+        """The job as it stands now (in memory: the object itself; the Redis manager re-reads a remote job)."""
         return job
 
     def visible(self, caller: str = LOCAL) -> list[Job]:

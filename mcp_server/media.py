@@ -21,6 +21,14 @@ that resolves into the output directory) answer only the owner; anyone else
 gets the error a nonexistent image or file gets. Images found on disk from an
 earlier run have no owner: the local (stdio) client sees them, HTTP clients
 do not.
+
+Shared index (issue 15, `state.backend = "redis"`): `shared` is the Redis
+image index (mcp_server/state_redis.py). Every image saved is also recorded
+there (id, path, size, owner), and an id this process does not know (or knows
+only from a disk scan, without its owner) is looked up there, so a link made
+by one replica reads on another. The output folder must be storage every
+replica mounts at the same path (docs/scaling.md). Ids the retention deletes
+are removed from the index and read "expired" everywhere.
 """
 
 from __future__ import annotations
@@ -134,6 +142,7 @@ class MediaStore:
         self._expired: dict[str, float] = {}  # id -> when the retention deleted it
         self.deleted = 0
         self._lock = threading.Lock()
+        self.shared: Any = None  # issue 15: the Redis image index (RedisImageIndex), set by make_state
         self._scan_existing()
         self.enforce_retention()
 
@@ -178,6 +187,11 @@ class MediaStore:
                     self._expired[r.id] = now
             while len(self._expired) > 100_000:
                 self._expired.pop(next(iter(self._expired)))
+        if gone and self.shared is not None:  # issue 15
+            try:
+                self.shared.forget([r.id for r in gone], now)
+            except ToolError:  # Redis unreachable: the links stay listed there until their files are found gone
+                pass
         for r in gone:
             try:
                 os.unlink(r.path)
@@ -190,7 +204,10 @@ class MediaStore:
 
     def expired(self, image_id: str) -> float | None:
         """When the retention deleted this image (None: it was not deleted by the retention)."""
-        return self._expired.get(image_id)
+        local = self._expired.get(image_id)
+        if local is None and self.shared is not None:  # issue 15: deleted by another replica's retention
+            return self.shared.expired(image_id)
+        return local
 
     def usage(self) -> dict[str, Any]:
         """The output folder as engine_status shows it."""
@@ -204,13 +221,24 @@ class MediaStore:
     def records(self, caller: str = LOCAL) -> list[ImageRecord]:
         """The records `caller` may see, oldest first."""
         with self._lock:
-            return sorted((r for r in self._records.values() if can_see(r.owner, caller)), key=lambda r: r.created)
+            mine = {r.id: r for r in self._records.values() if can_see(r.owner, caller)}
+        if self.shared is not None:  # issue 15: every replica's images (the newest 1000)
+            for r in self.shared.records():
+                if can_see(r.owner, caller) and (r.id not in mine or mine[r.id].owner is None):
+                    mine[r.id] = r
+        return sorted(mine.values(), key=lambda r: r.created)
 
     def get(self, image_id: str, caller: str = LOCAL) -> ImageRecord | None:
         if not _ID_RE.match(image_id or ""):
             return None
         with self._lock:
             rec = self._records.get(image_id)
+        if self.shared is not None and (rec is None or rec.owner is None):  # issue 15: made by another replica
+            other = self.shared.get(image_id)
+            if other is not None:
+                rec = other
+                with self._lock:
+                    self._records[image_id] = rec
         if rec is None or not can_see(rec.owner, caller) or not rec.path.is_file() or rec.path.is_symlink():
             return None
         return rec
@@ -347,6 +375,8 @@ class MediaStore:
         rec = ImageRecord(image_id, path, img.width, img.height, out.name, time.time(), owner=owner, size=len(data))
         with self._lock:
             self._records[image_id] = rec
+        if self.shared is not None:  # issue 15: the link reads on every replica
+            self.shared.put(rec, float(getattr(self.limits, "output_max_age_s", 0) or 0))
         self.enforce_retention()
         return rec
 

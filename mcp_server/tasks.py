@@ -43,10 +43,11 @@ from typing import TYPE_CHECKING, Any
 
 import mcp_types as mt
 from mcp.shared.exceptions import MCPError
-from mcp_types import INVALID_PARAMS
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS
 from pydantic import ValidationError
 
 from .jobs import Job
+from .state import StateUnavailable
 
 if TYPE_CHECKING:
     from .app import AtelierServer
@@ -100,6 +101,18 @@ def _dump(result: Any) -> dict[str, Any]:
     return result.model_dump(by_alias=True, mode="json", exclude_none=True, exclude={"result_type"})
 
 
+def _state_errors(handler: Any) -> Any:
+    """issue 15: the shared state (Redis) unreachable answers an internal error naming state.redis_url."""
+
+    async def wrapped(ctx: Any, params: Any) -> Any:
+        try:
+            return await handler(ctx, params)
+        except StateUnavailable as exc:
+            raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from None
+
+    return wrapped
+
+
 def _unknown(task_id: str) -> MCPError:
     return MCPError(code=INVALID_PARAMS, message=f"taskId={task_id!r}: no such task (unknown, or expired)")
 
@@ -114,10 +127,10 @@ class Tasks:
     def register(self) -> None:
         low = self.server._lowlevel_server
         low.middleware.append(self.middleware)
-        low.add_request_handler("tasks/get", mt.GetTaskRequestParams, self._get)
-        low.add_request_handler("tasks/result", mt.GetTaskPayloadRequestParams, self._result)
-        low.add_request_handler("tasks/list", mt.PaginatedRequestParams, self._list)
-        low.add_request_handler("tasks/cancel", mt.CancelTaskRequestParams, self._cancel)
+        low.add_request_handler("tasks/get", mt.GetTaskRequestParams, _state_errors(self._get))
+        low.add_request_handler("tasks/result", mt.GetTaskPayloadRequestParams, _state_errors(self._result))
+        low.add_request_handler("tasks/list", mt.PaginatedRequestParams, _state_errors(self._list))
+        low.add_request_handler("tasks/cancel", mt.CancelTaskRequestParams, _state_errors(self._cancel))
 
     def _job(self, ctx: Any, task_id: str) -> Job:
         job = self.state.jobs.get(task_id, self.server._caller(ctx))
@@ -153,7 +166,10 @@ class Tasks:
 
         context = Context(request_context=ctx, mcp_server=self.server, input_params=call)
         ttl = call.task.ttl if call.task is not None else None
-        created = self.create(spec, args, context, ttl)
+        try:
+            created = self.create(spec, args, context, ttl)
+        except StateUnavailable as exc:  # issue 15: the shared state (Redis) could not record the task
+            raise MCPError(code=INTERNAL_ERROR, message=str(exc)) from None
         log.info("task created", extra={"event": "task_created", "tool": call.name, "task_id": created.task.task_id})
         return _dump(created)
 
@@ -166,7 +182,7 @@ class Tasks:
         ttl_s = limit_s if ttl_ms is None else max(1.0, min(limit_s, ttl_ms / 1000.0))
         token = CancelToken()
         job = self.state.jobs.create(spec.name, token, owner=caller)
-        job.is_task, job.detached, job.ttl_s = True, True, ttl_s
+        job.is_task, job.ttl_s, job.detached = True, ttl_s, True  # detached last: a shared job publishes then
         loop = asyncio.get_running_loop()
         last = [0.0]
 
@@ -205,6 +221,7 @@ class Tasks:
         job = self._job(ctx, params.task_id)
         while job.state not in ("done", "error", "cancelled"):
             await asyncio.sleep(0.05)
+            job = self.state.jobs.fresh(job)  # issue 15: a task running on another replica is re-read
         res = job.result
         if not isinstance(res, mt.CallToolResult):
             res = mt.CallToolResult(content=[mt.TextContent(type="text", text=job.error or job.state)],
@@ -234,7 +251,5 @@ class Tasks:
         if status != "working":
             raise MCPError(code=INVALID_PARAMS, message=f"taskId={job.id!r}: the task is already {status}; "
                                                         f"only a working task can be cancelled")
-        job.cancel_requested = True
-        job.updated = time.time()
-        job.token.cancel("cancelled by tasks/cancel")
+        self.state.jobs.request_cancel(job, "cancelled by tasks/cancel")  # issue 15: on whichever replica runs it
         return mt.CancelTaskResult.model_validate(task_of(job))

@@ -14,6 +14,16 @@ refused with 413. Connections carry header and body timeouts, a body-rate
 floor and per-client / global caps (mcp_server/http_conn.py).
 
 `build_http_app` assembles the ASGI stack; `serve_http` the server around it.
+
+Replicas (issue 15, docs/scaling.md): with `http.stateless = true` the
+streamable HTTP app is the SDK's stateless mode (`stateless_http=True`: a
+fresh transport per request, no `mcp-session-id`), so any replica behind a
+balancer answers any request; what a later request needs (jobs, tasks, cancel
+requests, the image index) lives in Redis (`state.backend = "redis"`). Every
+HTTP response carries `X-Atelier-Replica: <replica id>`. With Redis and
+sessions (`http.stateless = false`) the SDK keeps its stream events in Redis
+(`mcp_server/state_events.py`), so a broken stream resumes with
+`Last-Event-ID`; the balancer must then route by `mcp-session-id`.
 """
 
 from __future__ import annotations
@@ -157,10 +167,37 @@ async def _plain(send: Send, status: int, body: bytes, extra: dict[str, str] | N
         pass
 
 
+class ReplicaHeader:
+    """issue 15: `X-Atelier-Replica` on every response, so a client (and a test) sees which replica answered."""
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app = app
+        self.value = replica.encode("latin-1", "replace")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def tagged(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"x-atelier-replica", self.value)]}
+            await send(msg)
+
+        await self.app(scope, receive, tagged)
+
+
 def check_http_config(settings: Settings, host: str) -> None:
     if not is_loopback(host) and not settings.http.auth_token:
         raise ConfigError(f"http.host={host!r}: refusing to listen on a non-loopback address without "
                           f"http.auth_token (set ATELIER_HTTP__AUTH_TOKEN or http.auth_token in the config)")
+
+
+def check_transport_config(settings: Settings, transport: str) -> None:
+    """issue 15: http.stateless applies to streamable HTTP only."""
+    if settings.http.stateless and transport != "http":
+        raise ConfigError(f"http.stateless=true: applies to the streamable HTTP transport only (--transport http), "
+                          f"not {transport!r}")
 
 
 def build_http_app(server: AtelierServer, transport: str, host: str, port: int) -> ASGIApp:
@@ -170,10 +207,28 @@ def build_http_app(server: AtelierServer, transport: str, host: str, port: int) 
     if transport == "sse":
         app = server.sse_app(max_request_body_size=settings.http.max_body_bytes, transport_security=sec, host=host)
     else:
+        shared = server.state.shared  # issue 15: stateless replicas; stream events in Redis for stateful ones
+        events = shared.events if shared is not None and not settings.http.stateless else None
         app = server.streamable_http_app(max_request_body_size=settings.http.max_body_bytes,
-                                         transport_security=sec, host=host)
+                                         transport_security=sec, host=host, stateless_http=settings.http.stateless,
+                                         event_store=events)
     app = watch_disconnects(app, transport)  # a closed HTTP exchange cancels its calls (mcp_server/disconnect.py)
-    return GuardMiddleware(app, settings.http.auth_token, settings.http.max_body_bytes, policy)
+    app = GuardMiddleware(app, settings.http.auth_token, settings.http.max_body_bytes, policy)
+    return ReplicaHeader(app, _replica_of(server))
+
+
+_REPLICA: list[str] = []
+
+
+def _replica_of(server: AtelierServer) -> str:
+    shared = server.state.shared
+    if shared is not None:
+        return shared.replica
+    if not _REPLICA:
+        from .state import replica_id
+
+        _REPLICA.append(replica_id())
+    return _REPLICA[0]
 
 
 def _raise_fd_limit(wanted: int) -> None:
@@ -196,6 +251,7 @@ def serve_http(server: AtelierServer, transport: str, host: str, port: int) -> N
     import uvicorn
 
     check_http_config(server.state.settings, host)
+    check_transport_config(server.state.settings, transport)
     app = build_http_app(server, transport, host, port)
     path = "/sse" if transport == "sse" else "/mcp"
     http = server.state.settings.http
