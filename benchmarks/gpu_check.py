@@ -1,16 +1,21 @@
 """The first thing to run on a CUDA machine: every Triton kernel against its torch twin, then each benchmark.
 
     python benchmarks/gpu_check.py            # about 5-8 minutes on one GPU
-    python benchmarks/gpu_check.py --kernels  # the kernel table only (under a minute)
+    python benchmarks/gpu_check.py --kernels  # the kernels only (under a minute)
+    python benchmarks/gpu_check.py --list     # what would run (no GPU needed)
 
 Part 1 iterates `kernels.registry` (the same list the CPU tests iterate under
-TRITON_INTERPRET=1): for each Triton kernel and each case, including the large
-GPU-sized ones, it runs the kernel and its torch twin on the GPU, compares them
-with the registry's check, and times both (CUDA events, median of 5 after a
-warm-up). Part 2 runs each `benchmarks/*_bench.py --quick` in a subprocess with
-a time limit, on the default device (CUDA here), and keeps their ratio lines.
-One table is printed at the end; the exit code is 1 if any kernel disagreed
-with its twin or a benchmark failed.
+TRITON_INTERPRET=1, including kernels other modules `register`): for each
+Triton kernel and each case, including the large GPU-sized ones, it runs the
+kernel and its torch twin on the GPU, compares them with the registry's check,
+and times both (CUDA events, median of 5 after a warm-up). Part 2 runs each
+`benchmarks/*_bench.py --quick` in a subprocess with a time limit, on the
+default device (CUDA here), and keeps their ratio lines. One table is printed
+at the end.
+
+Exit codes: 0 all agreed (or: no CUDA device here, said in one line, nothing
+run); 1 a kernel disagreed with its twin, failed to run, or a benchmark
+failed; 2 TRITON_INTERPRET=1 is set (the kernels would run in the interpreter).
 """
 
 from __future__ import annotations
@@ -24,9 +29,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("gpu_check: unset TRITON_INTERPRET: this script runs the compiled kernels on the GPU")
 
 import torch  # noqa: E402
 
@@ -45,10 +47,30 @@ def _time_ms(fn, args, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def check_kernels() -> list[tuple[str, str, str, str, str]]:
+Row = tuple[str, str, str, str, str, str]  # part, name, case, result, time, twin time (ratio) / summary
+HEADER = "| part | name | case | result | ms | twin ms (ratio) / benchmark lines |"
+
+
+def planned_kernels() -> list[Row]:
+    """What part 1 runs: every registered Triton kernel and each of its GPU cases (labels only)."""
     from kernels import registry
 
-    rows = []
+    rows: list[Row] = []
+    for k in registry.kernels("triton"):
+        for label in _labels(k):
+            rows.append(("kernel", k.name, label, "planned", "-", "-"))
+    return rows
+
+
+def _labels(k) -> list[str]:  # noqa: ANN001
+    # the small cases' labels (built on the CPU); the GPU-sized ones are only built on the GPU
+    return [label for _, label in k.cases("cpu", False)] + ["+ large GPU cases"]
+
+
+def check_kernels() -> list[Row]:
+    from kernels import registry
+
+    rows: list[Row] = []
     for k in registry.kernels("triton"):
         for args, label in k.cases("cuda", True):
             try:
@@ -56,17 +78,18 @@ def check_kernels() -> list[tuple[str, str, str, str, str]]:
                 k.check(got, want)
                 verdict = "ok"
             except AssertionError as exc:
-                verdict = "MISMATCH: " + str(exc).splitlines()[0][:60]
+                verdict = "MISMATCH: " + (str(exc).splitlines() or [""])[0][:60]
             except Exception as exc:  # a kernel that does not compile or launch
-                rows.append((k.name, label, f"ERROR {type(exc).__name__}: {str(exc)[:60]}", "-", "-"))
+                rows.append(("kernel", k.name, label, f"ERROR {type(exc).__name__}: {str(exc)[:60]}", "-", "-"))
                 continue
             t_k, t_t = _time_ms(k.fast, args), _time_ms(k.twin, args)
-            rows.append((k.name, label, verdict, f"{t_k:.3f}", f"{t_t:.3f} ({t_t / max(t_k, 1e-9):.1f}x)"))
+            rows.append(("kernel", k.name, label, verdict, f"{t_k:.3f}",
+                         f"{t_t:.3f} ({t_t / max(t_k, 1e-9):.1f}x)"))
     return rows
 
 
-def run_benchmarks(limit_s: float) -> list[tuple[str, str, str]]:
-    rows = []
+def run_benchmarks(limit_s: float) -> list[Row]:
+    rows: list[Row] = []
     for script in sorted((ROOT / "benchmarks").glob("*_bench.py")):
         t0 = time.perf_counter()
         try:
@@ -74,33 +97,46 @@ def run_benchmarks(limit_s: float) -> list[tuple[str, str, str]]:
                                  timeout=limit_s, cwd=ROOT)
             status = "ok" if out.returncode == 0 else f"exit {out.returncode}"
             lines = [ln for ln in out.stdout.splitlines() if "x" in ln and any(c.isdigit() for c in ln)]
-            summary = " | ".join(ln.strip() for ln in lines[-4:])[:160]
+            summary = " / ".join(ln.strip().replace("|", "/") for ln in lines[-4:])[:160]
         except subprocess.TimeoutExpired:
             status, summary = f"timeout {limit_s:.0f}s", ""
-        rows.append((script.name, f"{status} ({time.perf_counter() - t0:.0f} s)", summary))
+        rows.append(("benchmark", script.name, "--quick", status, f"{(time.perf_counter() - t0) * 1000:.0f}",
+                     summary))
     return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    print(HEADER + "\n|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernels", action="store_true", help="the kernel table only")
+    ap.add_argument("--kernels", action="store_true", help="the kernels only, no benchmarks")
+    ap.add_argument("--list", action="store_true", help="print what would run and exit (no GPU needed)")
     ap.add_argument("--bench-limit", type=float, default=75.0, help="seconds per benchmark script")
     args = ap.parse_args()
+    if args.list:
+        rows = planned_kernels()
+        if not args.kernels:
+            rows += [("benchmark", p.name, "--quick", "planned", "-", "-")
+                     for p in sorted((ROOT / "benchmarks").glob("*_bench.py"))]
+        print_table(rows)
+        return 0
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; run this on a machine with a GPU", file=sys.stderr)
+        print(f"gpu_check: no CUDA device here (torch {torch.__version__}); nothing checked, run it on a GPU machine")
+        return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("gpu_check: unset TRITON_INTERPRET: this script runs the compiled kernels on the GPU")
         return 2
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    krows = check_kernels()
-    print("\n| kernel | case | vs twin | kernel ms | twin ms (ratio) |\n|---|---|---|---|---|")
-    for r in krows:
-        print("| " + " | ".join(r) + " |")
-    bad = [r for r in krows if r[2] != "ok"]
+    rows = check_kernels()
     if not args.kernels:
-        brows = run_benchmarks(args.bench_limit)
-        print("\n| benchmark (--quick) | status | last ratio lines |\n|---|---|---|")
-        for r in brows:
-            print("| " + " | ".join(r) + " |")
-        bad += [r for r in brows if not r[1].startswith("ok")]
+        rows += run_benchmarks(args.bench_limit)
+    print()
+    print_table(rows)
+    bad = [r for r in rows if r[3] != "ok"]
     print(f"\n{len(bad)} problem(s)")
     return 1 if bad else 0
 

@@ -7,6 +7,7 @@ can drive from a notebook:
     from engine import Engine, EngineConfig
     eng = Engine(EngineConfig(device="cpu"))
     eng.scheduler.run_sync(lambda token: ...)
+    eng.backends.report()   # which implementation runs each operation, and why (engine.backends)
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import Any, TypeVar
 import torch
 
 from . import _compat
+from .backends import Backends
+from .backends import resolve as resolve_backends
 from .device import describe, select_device, select_dtype
 from .registry import ModelRegistry
 from .scheduler import CancelToken, Scheduler
 
-__all__ = ["Engine", "EngineConfig", "CancelToken"]
+__all__ = ["Backends", "Engine", "EngineConfig", "CancelToken"]
 
 T = TypeVar("T")
 
@@ -37,8 +40,10 @@ class EngineConfig:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "atelier-mcp")
     hf_offline: bool = True
     queue_length: int = 16
-    kernel_backend: str = "auto"
+    kernel_backend: str = "auto"  # auto | triton | torch (engine.backends)
     torch_threads: int = 0
+    llm_decode: str = "auto"  # models.llm_decode: auto | numpy | torch (engine.backends, the decoder's step)
+    llm_compile: bool = False  # models.llm_compile
 
 
 def _default_budget(device: torch.device) -> int:
@@ -60,14 +65,14 @@ class Engine:
         self.config.cache_dir = Path(self.config.cache_dir).expanduser()
         self.config.cache_dir.mkdir(parents=True, exist_ok=True)
         self.torchvision_state = _compat.prepare(self.config.cache_dir, hf_offline=self.config.hf_offline)
-        if self.config.kernel_backend != "auto":
-            import os
-
-            os.environ["ATELIER_KERNEL_BACKEND"] = self.config.kernel_backend
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         self.device = select_device(self.config.device)
         self.dtype = select_dtype(self.config.dtype, self.device)
+        # every operation's implementation, decided once here and passed explicitly (engine.backends)
+        self.backends: Backends = resolve_backends(
+            device=self.device, dtype=self.dtype, kernel_backend=self.config.kernel_backend,
+            llm_decode=self.config.llm_decode, llm_compile=self.config.llm_compile)
         budget = self.config.memory_budget_bytes or _default_budget(self.device)
         self.registry = ModelRegistry(budget_bytes=budget)
         self.scheduler = Scheduler(self.device.type, max_queue=self.config.queue_length)
@@ -89,11 +94,8 @@ class Engine:
 
     @property
     def kernel_backend(self) -> str:
-        from kernels._backend import default_backend
-
-        if self.config.kernel_backend != "auto":
-            return self.config.kernel_backend
-        return default_backend(self.device)
+        """triton or torch: the Triton kernels' side (`backends` has every operation's)."""
+        return self.backends.topk.impl
 
     def memory(self) -> dict[str, int | None]:
         used = self.registry.used_bytes

@@ -1,12 +1,15 @@
-"""The one rule that picks a kernel backend.
+"""The one rule that picks a Triton kernel or its torch twin for a tensor.
 
 - `triton` on CUDA tensors when Triton is importable;
 - `triton` on CPU tensors only when `TRITON_INTERPRET=1` was set before the
   kernels were defined (tests use this to run kernels in the interpreter);
 - the torch reference otherwise (CPU, MPS, or no Triton).
 
-`ATELIER_KERNEL_BACKEND=torch|triton|auto` (default auto) overrides the rule;
-each launcher also takes `backend=` for tests and benchmarks.
+`backend=` on each launcher overrides the rule: "auto" (or None) applies it,
+"triton" or "torch" forces one side. The engine decides the backend of each
+operation once, at start (`engine.backends`), and passes it explicitly; this
+module reads no configuration of its own (`TRITON_INTERPRET` is Triton's own
+switch, read from the environment, never written).
 """
 
 from __future__ import annotations
@@ -35,16 +38,20 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def runnable(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors on `device` (CUDA, or CPU under the interpreter)."""
+    return triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpret_mode()))
+
+
 def choose(t: torch.Tensor, backend: str | None = None) -> Backend:
-    """Pick the backend for work on tensor `t`."""
-    want = backend or os.environ.get("ATELIER_KERNEL_BACKEND", "auto")
+    """Pick the backend for work on tensor `t`: `backend` ("auto"/None, "triton", "torch") as described above."""
+    want = backend or "auto"
     if want not in ("auto", "triton", "torch"):
         raise ValueError(f"backend={want!r}: expected auto, triton or torch")
     if want == "torch":
         return "torch"
-    runnable = triton_available() and (t.is_cuda or (t.device.type == "cpu" and interpret_mode()))
     if want == "triton":
-        if not runnable:
+        if not runnable(t.device):
             raise RuntimeError(
                 "backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before import for CPU tensors")
         return "triton"
@@ -52,7 +59,7 @@ def choose(t: torch.Tensor, backend: str | None = None) -> Backend:
 
 
 def default_backend(device: torch.device) -> Backend:
-    """What `auto` resolves to on a device (reported by engine_status and doctor)."""
+    """What `auto` resolves to on a device (`engine.backends`, the doctor command)."""
     if device.type == "cuda" and triton_available():
         return "triton"
     return "torch"

@@ -1,11 +1,19 @@
 """Numba for the CPU kernels (`cpu_decode`, `cpu_qmatmul`, `cpu_topk`): optional, one switch, one lock.
 
-`jit()` returns Numba's `(njit, prange)`, or None when Numba is not installed
-or `ATELIER_CPU_KERNELS=numpy` asks for the NumPy references. `LOCK`
-serialises kernel calls across threads: Numba's `workqueue` threading layer,
-its fallback when no OpenMP or TBB runtime is present, must not be entered
-from two threads at once. The calls it guards are short (under a few ms), so
-an LLM step and a catalogue scan interleave at that grain.
+State (process-wide, on purpose): `jit()` is decided once per process and
+cached: Numba's `(njit, prange)`, or None when Numba is not installed or
+`ATELIER_CPU_KERNELS=numpy` asks for the NumPy twins. That variable is a
+documented input read here, once, at the first call (`engine.backends.resolve`
+makes that call when the engine starts and reports the result as the
+`cpu_kernels` choice); nothing writes it. `LOCK` serialises kernel calls
+across threads: Numba's `workqueue` threading layer, its fallback when no
+OpenMP or TBB runtime is present, must not be entered from two threads at
+once. The calls it guards are short (under a few ms), so an LLM step and a
+catalogue scan interleave at that grain.
+
+Kernel modules build their compiled kernels once (`_kernels()`, cached) as a
+dict name -> function, and their entry points run one by name through
+`dispatch`.
 """
 
 from __future__ import annotations
@@ -13,19 +21,36 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 LOCK = threading.Lock()
 
 
 @functools.cache
+def wanted() -> tuple[str, str]:
+    """The CPU kernels' side for this process, and why: ("numba" | "numpy", reason). Decided once, without
+    importing Numba (`engine.backends` calls it when the engine starts)."""
+    import importlib.util
+
+    setting = os.environ.get("ATELIER_CPU_KERNELS", "auto")
+    if setting == "numpy":
+        return "numpy", "ATELIER_CPU_KERNELS=numpy: the NumPy twins of the Numba kernels"
+    if setting not in ("auto", "numba"):
+        raise ValueError(f"ATELIER_CPU_KERNELS={setting!r}: expected auto, numba or numpy")
+    if importlib.util.find_spec("numba") is None:
+        return "numpy", "Numba is not installed: the NumPy twins of the Numba kernels"
+    return "numba", "Numba kernels (compiled on first use, cached on disk)"
+
+
+@functools.cache
 def jit() -> tuple[Any, Any] | None:
-    if os.environ.get("ATELIER_CPU_KERNELS", "auto") == "numpy":
+    """Numba's `(njit, prange)`, or None when `wanted()` says numpy or Numba does not import."""
+    if wanted()[0] == "numpy":
         return None
     try:
         from numba import njit, prange
-    except Exception:  # not installed, or no LLVM for this platform
+    except Exception:  # installed but broken: no LLVM for this platform
         return None
     return njit, prange
 
@@ -53,16 +78,24 @@ def half_to_float_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
     return half_to_float
 
 
-def dispatch(kernels: Callable[[], tuple | None], index: int, reference: Callable[..., None], backend: str | None,
-             *args: Any) -> None:
-    """Run kernel `index` of `kernels()` on args (under LOCK), or `reference(*args)` when Numba is absent
-    or `backend == "numpy"`. Kernels and references write their results into arrays among args."""
+CPU_BACKENDS = ("numba", "numpy")
+
+
+def dispatch(kernels: Callable[[], Mapping[str, Callable[..., None]] | tuple | None], name: str | int,
+             reference: Callable[..., None], backend: str | None, *args: Any) -> None:
+    """Run the kernel called `name` in `kernels()` (a dict name -> compiled kernel) on args, under LOCK; or
+    `reference(*args)`, its NumPy twin, when Numba is absent (`kernels()` is None) or `backend == "numpy"`.
+    `backend`: None or "numba" (the kernel where Numba runs), "numpy" (the twin). Kernels and twins write
+    their results into arrays among args. (An int `name` indexes a tuple: for a module not yet converted.)"""
+    if backend not in (None, "numba", "numpy"):
+        raise ValueError(f"backend={backend!r}: expected numba or numpy")
     ks = None if backend == "numpy" else kernels()
     if ks is None:
         reference(*args)
     else:
+        fn = ks[name]  # type: ignore[index]
         with LOCK:
-            ks[index](*args)
+            fn(*args)
 
 
 def warm() -> list[str]:

@@ -28,7 +28,11 @@ kernel takes a few microseconds per task.
 Both kernels compute in fp32 with the summation order left to the compiler
 (`fastmath`), like BLAS; tests compare them with the NumPy references at fp32
 tolerance. Numba is optional: without it (`available()` is False) the
-references run. `ATELIER_CPU_KERNELS=numpy` forces the references.
+references run (the product's is OpenBLAS: a matrix-vector product for one
+row). `ATELIER_CPU_KERNELS=numpy` forces the references (read once, see
+`kernels._numba`); `backend=` ("numba" | "numpy") on each call picks one side
+for tests. Both are registered by name beside their twins in
+`kernels.registry`.
 
 Thread safety: calls are serialised by a lock (Numba's `workqueue` threading
 layer, its fallback when no OpenMP or TBB runtime is present, must not be
@@ -46,8 +50,11 @@ from ._numba import dispatch, jit
 
 # -- references (NumPy) ---------------------------------------------------------------------------
 def rows_matmul_reference(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    """out[M, N] = x[M, K] @ w[N, K].T"""
-    np.matmul(x, w.T, out=out)
+    """out[M, N] = x[M, K] @ w[N, K].T by BLAS: a matrix-vector product for one row (no packing of w)."""
+    if x.shape[0] == 1:
+        np.matmul(w, x[0], out=out[0])
+    else:
+        np.matmul(x, w.T, out=out)
 
 
 def attend_reference(q: np.ndarray, K: np.ndarray, V: np.ndarray, row_slot: np.ndarray, row_pos: np.ndarray,
@@ -68,7 +75,7 @@ def attend_reference(q: np.ndarray, K: np.ndarray, V: np.ndarray, row_slot: np.n
 
 # -- Numba kernels -------------------------------------------------------------------------------
 @functools.cache
-def _kernels() -> tuple | None:
+def _kernels() -> dict | None:
     if jit() is None:
         return None
     njit, prange = jit()  # type: ignore[misc]
@@ -149,7 +156,7 @@ def _kernels() -> tuple | None:
                 for d in range(hd):
                     o[d] *= inv
 
-    return rows_matmul_nb, attend_nb
+    return {"rows_matmul": rows_matmul_nb, "attend": attend_nb}
 
 
 def available() -> bool:
@@ -161,7 +168,8 @@ def available() -> bool:
 def rows_matmul(x: np.ndarray, w: np.ndarray, backend: str | None = None) -> np.ndarray:
     """x [M, K] fp32 @ w [N, K].T -> [M, N] fp32 (w C-contiguous)."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    dispatch(_kernels, 0, rows_matmul_reference, backend, np.ascontiguousarray(x, dtype=np.float32), w, out)
+    dispatch(_kernels, "rows_matmul", rows_matmul_reference, backend, np.ascontiguousarray(x, dtype=np.float32), w,
+             out)
     return out
 
 
@@ -170,6 +178,6 @@ def attend(q: np.ndarray, K: np.ndarray, V: np.ndarray, row_slot: np.ndarray, ro
     """Attention of each row over keys 0..row_pos[r] of its slot. q [R, H, hd]; K, V [slots, KVH, L, hd]
     (C-contiguous, the K/V of the rows already written) -> [R, H, hd] fp32."""
     out = np.empty(q.shape, np.float32)
-    dispatch(_kernels, 1, attend_reference, backend, np.ascontiguousarray(q, dtype=np.float32), K, V,
+    dispatch(_kernels, "attend", attend_reference, backend, np.ascontiguousarray(q, dtype=np.float32), K, V,
              np.asarray(row_slot, dtype=np.int64), np.asarray(row_pos, dtype=np.int64), np.float32(scale), out)
     return out

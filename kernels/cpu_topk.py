@@ -1,8 +1,10 @@
-"""CPU kernels for exact top-k by filter and refine over an int8 sketch (`engine.sketch`): Numba and NumPy twins.
+"""CPU kernels for the catalogue's exact top-k (`engine.sketch`): Numba kernels and their NumPy twins.
+Four entry points, each registered by name beside its twin in `kernels.registry`:
 
     filter_rows(approx, bound, heap, count, up_out, rows_out, n_out)   # one block of rows, B queries
     refine(matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out) # exact top-k from the survivors
     dots64(matrix, rows, q)                                            # exact float64 scores
+    half_scores(x, w16)                                                # fp32 queries @ fp16 rows (fp16 scan)
 
 `filter_rows` is the filter pass over approximate scores approx [B, c] with a
 per-row error bound [c] (rows a query must not return are -inf in approx). For
@@ -27,7 +29,13 @@ remaining one whose bound reaches their K-th score: the same answer.
 same fixed order (four interleaved chains in the kernel, NumPy's pairwise sum
 in the twin), so a row's score does not depend on where it sits in `rows`:
 equal rows tie exactly, and float32 products are exact in float64. The two
-backends agree to float64 rounding. Numba is optional (`kernels._numba`).
+backends agree to float64 rounding.
+
+`half_scores` is the fp16 catalogue's filter product: each fp16 row is widened
+to fp32 once, in L1, and multiplied with four query rows at a time (see the
+note at `half_scores_nb` on why that loop is not shared with
+`cpu_decode.rows_matmul`). Numba is optional (`kernels._numba`); `backend=`
+("numba" | "numpy") on each entry point picks one side for tests.
 """
 
 from __future__ import annotations
@@ -105,7 +113,7 @@ _h2f = None  # set by _kernels()
 
 
 @functools.cache
-def _kernels() -> tuple | None:
+def _kernels() -> dict | None:
     if jit() is None:
         return None
     njit, prange = jit()  # type: ignore[misc]
@@ -290,7 +298,7 @@ def _kernels() -> tuple | None:
                     out[m, n] = acc
                     m += 1
 
-    return filter_nb, dots64_nb, refine_nb, half_scores_nb
+    return {"filter_rows": filter_nb, "dots64": dots64_nb, "refine": refine_nb, "half_scores": half_scores_nb}
 
 
 def available() -> bool:
@@ -303,7 +311,8 @@ def filter_rows(approx: np.ndarray, bound: np.ndarray, heap: np.ndarray, count: 
     """See the module docstring. approx [B, c] float32 (C-contiguous), bound [c] float32, heap [B, K] float32
     and count [B] int64 (state carried across blocks), up_out [B, >= c] float32, rows_out [B, >= c] int64,
     n_out [B] int64 (written)."""
-    dispatch(_kernels, 0, filter_rows_reference, backend, approx, bound, heap, count, up_out, rows_out, n_out)
+    dispatch(_kernels, "filter_rows", filter_rows_reference, backend, approx, bound, heap, count, up_out, rows_out,
+             n_out)
 
 
 def refine(matrix: np.ndarray, q: np.ndarray, cand_rows: np.ndarray, cand_up: np.ndarray, offsets: np.ndarray,
@@ -311,7 +320,7 @@ def refine(matrix: np.ndarray, q: np.ndarray, cand_rows: np.ndarray, cand_up: np
     """Exact top-kk per query from its candidates (see `refine_reference`). matrix float32 [n, d]; q float64
     [B, d]; cand_rows int64, cand_up float32, offsets int64 [B + 1]; vals_out float64 [B, kk] (-inf) and
     rows_out int64 [B, kk] (0) written where a query has candidates."""
-    dispatch(_kernels, 2, refine_reference, backend, matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out)
+    dispatch(_kernels, "refine", refine_reference, backend, matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out)
 
 
 def half_scores(x: np.ndarray, w16: np.ndarray, backend: str | None = None) -> np.ndarray:
@@ -321,13 +330,14 @@ def half_scores(x: np.ndarray, w16: np.ndarray, backend: str | None = None) -> n
     in fp32, in any order."""
     bits = w16.view(np.uint16)
     out = np.empty((x.shape[0], bits.shape[0]), np.float32)
-    dispatch(_kernels, 3, half_scores_reference, backend, np.ascontiguousarray(x, dtype=np.float32), bits, out)
+    dispatch(_kernels, "half_scores", half_scores_reference, backend, np.ascontiguousarray(x, dtype=np.float32),
+             bits, out)
     return out
 
 
 def dots64(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray, backend: str | None = None) -> np.ndarray:
     """Scores of matrix[rows] (float32 [n, d]) against q (float64 [d]), each row summed in float64."""
     out = np.empty(rows.shape[0], np.float64)
-    dispatch(_kernels, 1, dots64_reference, backend, matrix, np.asarray(rows, dtype=np.int64),
+    dispatch(_kernels, "dots64", dots64_reference, backend, matrix, np.asarray(rows, dtype=np.int64),
              np.ascontiguousarray(q, dtype=np.float64), out)
     return out

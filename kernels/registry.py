@@ -8,12 +8,24 @@ odd sizes and tails (`cases(device, large)`; `large` gives GPU-sized inputs),
 and how two outputs are compared (`check`, raising AssertionError with the
 largest difference). Kernels are found by name, never by position.
 
+Adding a kernel: describe it with `Kernel` and call `register(kernel)` from its
+module at import (a kernel module under `kernels/` is imported by `kernels()`,
+so its entries are listed without anyone naming it here), or add it to the
+lists below. Names are unique; `kernels()` lists the built-in entries first,
+then the registered ones in the order they were added. A CPU kernel's `fast`
+runs the Numba side (`backend="numba"` or None) and its `twin` the NumPy side
+(`backend="numpy"`); a Triton kernel's `fast` passes `backend="triton"` and its
+`twin` is the torch reference.
+
 This module only describes kernels; which backend runs in the engine is the
-engine's decision (it never re-reads the environment per call).
+engine's decision (`engine.backends`, made once at start).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -235,9 +247,44 @@ def _numba_entries() -> list[Kernel]:
     ]
 
 
+_REGISTERED: dict[str, Kernel] = {}  # name -> entry, added by `register` (kernel modules at import)
+_REG_LOCK = threading.Lock()
+KINDS = ("triton", "numba")
+
+
+def register(kernel: Kernel) -> Kernel:
+    """Add `kernel` to the registry (call it at import from the kernel's module); returns it. A name already
+    built in is refused (ValueError); registering a name again replaces the entry (a module reloaded)."""
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"kernel={kernel!r}: expected a registry.Kernel")
+    if kernel.kind not in KINDS:
+        raise ValueError(f"kernel.kind={kernel.kind!r}: expected one of {', '.join(KINDS)}")
+    if not kernel.name or kernel.name in {k.name for k in _builtin()}:
+        raise ValueError(f"kernel.name={kernel.name!r}: empty or already a built-in entry")
+    with _REG_LOCK:
+        _REGISTERED[kernel.name] = kernel
+    return kernel
+
+
+def _builtin() -> list[Kernel]:
+    return [*_triton_entries(), *_numba_entries()]
+
+
+def _import_kernel_modules() -> None:
+    """Import every module of the `kernels` package, so that the entries they `register` are listed."""
+    import kernels as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_") and mod.name != "registry":
+            importlib.import_module(f"kernels.{mod.name}")
+
+
 def kernels(kind: Kind | None = None) -> list[Kernel]:
-    """All registered kernels (of one kind), in a stable order."""
-    out = [*_triton_entries(), *_numba_entries()]
+    """All registered kernels (of one kind): the built-in entries, then those added by `register`."""
+    _import_kernel_modules()
+    with _REG_LOCK:
+        extra = list(_REGISTERED.values())
+    out = [*_builtin(), *extra]
     return [k for k in out if kind is None or k.kind == kind]
 
 

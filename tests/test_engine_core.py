@@ -170,3 +170,142 @@ def test_object_nbytes_counts_shared_storage_once():
     m = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
     m[1].weight = m[0].weight
     assert object_nbytes(m) == 4 * 4 * 4
+
+
+# -- backends: decided once, reported per operation, no environment written (issue 16) ------------------
+def test_backends_on_cpu_resolved_once_and_frozen():
+    import dataclasses
+
+    from engine import sketch
+    from engine.backends import OPERATIONS, resolve
+
+    b = resolve(device=torch.device("cpu"), dtype=torch.float32)
+    assert (b.topk.impl, b.deltae.impl, b.kv_quant.impl) == ("torch", "torch", "torch")
+    assert b.cpu_kernels.impl == b.qmatmul.impl == "numba"  # numba is a dependency
+    assert b.catalog_scan_float32.impl == ("sketch" if sketch.supported() else "numpy")
+    assert b.catalog_scan_float16.impl == "half"
+    assert b.llm_decode_step.impl == "numpy"
+    rep = b.report()
+    assert list(rep) == list(OPERATIONS)
+    assert all(set(v) == {"impl", "why"} and v["why"] for v in rep.values())
+    assert b.catalog_scan(torch.float16) is b.catalog_scan_float16
+    with pytest.raises(ValueError, match="dtype=torch.bfloat16"):
+        b.catalog_scan(torch.bfloat16)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.topk = b.deltae  # type: ignore[misc]
+
+
+def test_backends_settings_and_their_errors(monkeypatch):
+    from engine.backends import resolve
+    from kernels._backend import triton_available
+
+    cpu = torch.device("cpu")
+    forced = resolve(device=cpu, dtype=torch.float32, kernel_backend="triton")  # conftest: TRITON_INTERPRET=1
+    assert forced.topk.impl == "triton" and "interpreter" in forced.topk.why
+    assert forced.catalog_scan_float32.impl == forced.catalog_scan_float16.impl == "torch"
+    t = resolve(device=cpu, dtype=torch.float32, kernel_backend="torch", llm_decode="torch")
+    assert t.topk.impl == "torch" and "engine.kernel_backend=torch" in t.topk.why
+    assert t.llm_decode_step.impl == "torch"
+    assert resolve(device=cpu, dtype=torch.float32, llm_compile=True).llm_decode_step.impl == "torch.compile"
+    gpu = resolve(device=torch.device("cuda"), dtype=torch.float16, llm_decode="numpy")  # a decision, no GPU used
+    assert gpu.topk.impl == ("triton" if triton_available() else "torch")
+    assert gpu.catalog_scan_float32.impl == gpu.catalog_scan_float16.impl == "torch"
+    assert gpu.llm_decode_step.impl == "torch" and "needs the CPU" in gpu.llm_decode_step.why
+    with pytest.raises(ValueError, match="engine.kernel_backend='cuda'"):
+        resolve(device=cpu, dtype=torch.float32, kernel_backend="cuda")
+    with pytest.raises(ValueError, match="models.llm_decode='fast'"):
+        resolve(device=cpu, dtype=torch.float32, llm_decode="fast")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="engine.kernel_backend='triton': the Triton kernels cannot run on cpu"):
+        resolve(device=cpu, dtype=torch.float32, kernel_backend="triton")
+
+
+def test_cpu_kernels_setting_is_read_once(monkeypatch):
+    from kernels import _numba
+
+    undecorated = _numba.wanted.__wrapped__
+    monkeypatch.setenv("ATELIER_CPU_KERNELS", "numpy")
+    assert undecorated()[0] == "numpy"
+    monkeypatch.setenv("ATELIER_CPU_KERNELS", "fast")
+    with pytest.raises(ValueError, match="ATELIER_CPU_KERNELS='fast'"):
+        undecorated()
+    assert _numba.wanted()[0] == "numba"  # the cached decision of this process does not move
+
+
+def test_engine_decides_backends_without_writing_the_environment(tmp_path):
+    import os
+
+    from engine import Engine, EngineConfig
+
+    def ours() -> dict[str, str]:  # (engine._compat sets Hugging Face's offline switches: not a backend choice)
+        return {k: v for k, v in os.environ.items() if k.startswith(("ATELIER_", "TRITON_", "NUMBA_"))}
+
+    before = ours()
+    eng = Engine(EngineConfig(device="cpu", cache_dir=tmp_path, kernel_backend="torch", llm_decode="torch"))
+    try:
+        assert ours() == before
+        assert eng.backends.topk.impl == eng.kernel_backend == "torch"
+        assert eng.backends.llm_decode_step.impl == "torch"
+    finally:
+        eng.close()
+
+
+def test_engine_status_reports_the_backend_per_operation(tmp_path):
+    from engine.backends import OPERATIONS
+    from tests.fakectx import make_context
+    from tools.status import TOOLS, EngineStatusInput
+
+    ctx = make_context(tmp_path)
+    try:
+        out = TOOLS[0].run(EngineStatusInput(), ctx)
+        assert list(out.structured.backends) == list(OPERATIONS)
+        assert out.structured.backends == ctx.engine.backends.report()
+        assert f"decode step {ctx.engine.backends.llm_decode_step.impl}" in out.text
+    finally:
+        ctx.engine.close()
+
+
+def test_server_passes_llm_decode_to_the_engine(tmp_path):
+    from mcp_server.app import make_state
+    from tests.test_server_core import make_settings
+
+    state = make_state(make_settings(tmp_path, models={"llm_decode": "torch"}))
+    try:
+        assert state.engine.backends.llm_decode_step.impl == "torch"
+    finally:
+        state.close()
+
+
+@pytest.mark.parametrize("path", ["sketch", "numpy", "half", "torch"])
+def test_catalogue_runs_the_scan_path_it_was_given(path):
+    # one path per catalogue, from the engine's Backends or the same rule; every path gives NumPy's answer
+    import numpy as np
+
+    from engine.backends import resolve
+    from engine.catalog import Catalog, Query
+    from engine.catalog.scan import choose_path
+
+    rng = np.random.default_rng(7)
+    n, d = 300, 24
+    mat = rng.standard_normal((n, d)).astype(np.float32)
+    mat[5] = mat[17]  # an exact tie: the lower row first
+    dtype = torch.float16 if path == "half" else torch.float32
+    backends = resolve(device=torch.device("cpu"), dtype=torch.float32,
+                       kernel_backend="triton" if path == "torch" else "auto")
+    cat = Catalog(d, dtype=dtype, capacity=n, sketch=False if path == "numpy" else None, backends=backends)
+    try:
+        assert cat.scan_path == path
+        if path == "sketch":
+            assert cat.scan_path == choose_path("cpu", torch.float32)[0] == backends.catalog_scan_float32.impl
+        cat.upsert([{"id": str(i)} for i in range(n)], torch.from_numpy(mat))
+        stored = cat._matrix[:n].float().numpy().astype(np.float64)  # normalised (and fp16-rounded) rows
+        for b in range(3):
+            q = rng.standard_normal(d).astype(np.float32)
+            qn = q / np.linalg.norm(q)
+            exact = stored @ qn.astype(np.float64)
+            want = np.lexsort((np.arange(n), -exact))[:10]
+            got = [h.row for h in cat.search(Query(torch.from_numpy(q), 10))]
+            np.testing.assert_allclose(exact[got], exact[want], rtol=0, atol=1e-5)
+            assert got[:3] == list(want[:3]) or np.allclose(exact[got[:3]], exact[want[:3]], atol=1e-5)
+    finally:
+        cat.close()

@@ -43,3 +43,57 @@ def test_check_catches_a_wrong_answer():
     (x, w), _ = next(iter(k.cases("cpu", False)))
     with pytest.raises(AssertionError):
         k.check(k.fast(x, w) + 1.0, k.twin(x, w))
+
+
+def test_cpu_kernels_dispatch_by_name():
+    # every registered Numba kernel is found by its name in its module's compiled kernels (no tuple positions)
+    from kernels import _numba, cpu_decode, cpu_topk
+
+    compiled = {**cpu_decode._kernels(), **cpu_topk._kernels()}
+    for k in registry.kernels("numba"):
+        if k.fast.__module__ == "kernels.registry":  # the built-in entries; modules may register their own
+            assert k.name in compiled, k.name
+    with pytest.raises(ValueError, match="backend='fast': expected numba or numpy"):
+        _numba.dispatch(cpu_decode._kernels, "rows_matmul", cpu_decode.rows_matmul_reference, "fast")
+
+
+def test_register_adds_a_kernel_that_the_tests_then_iterate(monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(registry, "_REGISTERED", {})
+
+    def cases(device, large):
+        for n in (1, 5, 33):
+            yield (np.arange(n, dtype=np.float32),), f"n={n}"
+
+    doubled = registry.Kernel("double", "numba", lambda x: x * 2, lambda x: x + x, cases,
+                              lambda g, w: np.testing.assert_array_equal(g, w), "x * 2")
+    assert registry.register(doubled) is doubled
+    assert [k.name for k in registry.kernels("numba")][-1] == "double"
+    assert registry.get("double") is doubled
+    assert "double" not in [k.name for k in registry.kernels("triton")]
+    with pytest.raises(ValueError, match="kernel.name='topk'"):
+        registry.register(registry.Kernel("topk", "numba", doubled.fast, doubled.twin, cases, doubled.check, ""))
+    with pytest.raises(ValueError, match="kernel.kind='cuda'"):
+        registry.register(registry.Kernel("x", "cuda", doubled.fast, doubled.twin, cases, doubled.check, ""))
+    with pytest.raises(TypeError):
+        registry.register(("double", "numba"))
+
+
+def test_gpu_check_lists_the_registry_and_says_no_gpu_in_one_line():
+    # the GPU script iterates the registry (--list needs no GPU) and, without CUDA, says so and exits 0
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, str(script), "--list", "--kernels"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    listed = {ln.split("|")[2].strip() for ln in out.stdout.splitlines() if ln.startswith("| kernel |")}
+    assert listed == {k.name for k in registry.kernels("triton")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert (out.returncode, out.stderr) == (0, "")
+    assert len(out.stdout.strip().splitlines()) == 1 and "no CUDA device" in out.stdout

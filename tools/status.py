@@ -26,7 +26,11 @@ class LoadedModel(BaseModel):
 class EngineStatusOutput(BaseModel):
     device: str
     dtype: str
-    kernel_backend: str = Field(description="triton or torch: what `auto` resolves to on this device")
+    kernel_backend: str = Field(description="triton or torch: the Triton kernels' side on this device")
+    backends: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="per operation (topk, deltae, kv_quant, cpu_kernels, qmatmul, catalog_scan_float32, "
+                    "catalog_scan_float16, llm_decode_step): {impl, why}, decided once when the engine started")
     torch_version: str
     python: str
     loaded_models: list[LoadedModel]
@@ -82,12 +86,15 @@ def _run(args: EngineStatusInput, ctx: ToolContext) -> ToolOutput:
     models = ctx.settings.models
     configured = {"llm": models.llm or "(embedded SmolLM2-135M-Instruct)",
                   "llm_weights": models.llm_weights,  # issue 13: the weight format (loaded_models: source, bytes)
+                  "llm_backend": "local" if getattr(models, "llm_backend", "local") == "local" else  # issue 15.3 (H1)
+                  f"openai {models.llm_base_url} (model {models.llm_remote_model})",  # issue 15.3 (H1); key never shown
                   "embedding": models.embedding or "(embedded all-MiniLM-L6-v2)",
                   "diffusion": models.diffusion or "(none configured: set models.diffusion to a diffusers folder)",
                   "detectors": dict(models.detectors),
                   "catalog": models.catalog or "(bundled demo catalogue)"}
     out = EngineStatusOutput(
         device=str(eng.device), dtype=str(eng.dtype).removeprefix("torch."), kernel_backend=eng.kernel_backend,
+        backends=eng.backends.report(),
         torch_version=torch.__version__, python=platform.python_version(), loaded_models=loaded,
         models_bytes=mem["models_bytes"] or 0, memory_budget_bytes=mem["budget_bytes"],
         device_total_bytes=mem["device_total_bytes"], device_allocated_bytes=mem["device_allocated_bytes"],
@@ -99,7 +106,10 @@ def _run(args: EngineStatusInput, ctx: ToolContext) -> ToolOutput:
         outputs=ctx.output_usage() if hasattr(ctx, "output_usage") else {},
     )
     avail = [k for k, v in out.embedded_defaults.items() if v["available"]]
-    text = (f"device {out.device} ({out.dtype}), kernels: {out.kernel_backend}; "
+    b = out.backends
+    text = (f"device {out.device} ({out.dtype}), kernels: {out.kernel_backend}"
+            + (f" (cpu {b['cpu_kernels']['impl']}, catalogue scan {b['catalog_scan_float32']['impl']}, "
+               f"decode step {b['llm_decode_step']['impl']})" if b else "") + "; "
             f"{len(loaded)} model(s) loaded, {out.models_bytes / 1e6:.1f} MB of "
             f"{(out.memory_budget_bytes or 0) / 1e6:.0f} MB budget; queue {out.queue_depth}/{out.queue_capacity}; "
             f"embedded defaults available: {', '.join(avail) or 'none'}"
@@ -112,7 +122,8 @@ TOOLS = [
     ToolSpec(
         name="engine_status",
         title="Engine status",
-        description="Report the engine's device, dtype, kernel backend (triton|torch), loaded models and their "
+        description="Report the engine's device, dtype, kernel backend (triton|torch) and the implementation of "
+                    "each operation (backends), loaded models and their "
                     "bytes, memory used against the budget, queue depth, and which embedded default models are "
                     "installed. Cheap; call it to diagnose slowness or missing models.",
         input_model=EngineStatusInput,

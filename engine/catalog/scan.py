@@ -1,21 +1,22 @@
-"""The scan: exact running top-k of normalised query vectors over the first `n` rows of the matrix. One
-entry point, `scan`, makes the one choice of path; every path returns the same answer (score descending,
-row ascending on ties; masked rows score -inf):
+"""The scan: exact running top-k of normalised query vectors over the first `n` rows of the matrix.
 
-- CPU fp32 with an int8 sketch: `engine.sketch.exact_topk` (int8 filter under a rigorous error bound,
-  exact fp32 rescoring of the rows that can still reach the top-k);
-- CPU fp32 without one: NumPy's BLAS product and an O(n) selection per chunk (`_scan_numpy`);
-- CPU fp16: `engine.sketch.half_exact_topk` (fp16 rows widened in cache, under a rounding bound);
-- anything else (GPU, or `ATELIER_KERNEL_BACKEND=triton`): torch products per chunk merged with
-  `kernels.topk`.
+One choice of path per catalogue, made when it is created (`choose_path`; the engine's is reported by
+`engine.backends` as catalog_scan_float32 / catalog_scan_float16); `scan` runs the path it is given. Every
+path returns the same answer (score descending, row ascending on ties; masked rows score -inf):
+
+- `sketch` (CPU fp32 where fbgemm's int8 product works): `engine.sketch.exact_topk` (int8 filter under a
+  rigorous error bound, exact fp32 rescoring of the rows that can still reach the top-k);
+- `numpy` (CPU fp32 without the sketch: fbgemm missing or misbehaving here, the one fallback, or a catalogue
+  made with `sketch=False`): NumPy's BLAS product and an O(n) selection per chunk (`_scan_numpy`);
+- `half` (CPU fp16): `engine.sketch.half_exact_topk` (fp16 rows widened in cache, under a rounding bound);
+- `torch` (GPU and MPS, or the Triton top-k forced on the CPU under the interpreter by
+  `engine.kernel_backend=triton`): torch products per chunk merged with `kernels.topk`.
 
 Knows the matrix and the masks; knows nothing of rows, ids, filters or categories. Never more than one
 chunk of scores `[B, chunk_rows]` is in memory.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
@@ -24,31 +25,61 @@ from kernels.topk import topk
 
 from .. import sketch as int8_sketch
 
+PATHS = ("sketch", "numpy", "half", "torch")
 
-def kernel_backend_env() -> str:
-    """`ATELIER_KERNEL_BACKEND`: `triton` forces the kernel path (tests of the Triton top-k)."""
-    return os.environ.get("ATELIER_KERNEL_BACKEND", "auto")
+
+def choose_path(device: torch.device | str, dtype: torch.dtype, *, sketch: bool | None = None,
+                topk_backend: str = "auto") -> tuple[str, str]:
+    """The scan path for a catalogue on `device` in `dtype`, and why. `sketch`: None = where it works,
+    False = never (the `numpy` path), True = required (ValueError where it cannot run). `topk_backend`:
+    the engine's top-k choice; "triton" on the CPU (the interpreter) takes the `torch` path."""
+    dev = torch.device(device)
+    cpu = dev.type == "cpu" and topk_backend != "triton"
+    if sketch and not (cpu and dtype == torch.float32):
+        raise ValueError("sketch=True: the int8 sketch needs an fp32 catalogue on the CPU")
+    if not cpu:
+        why = ("engine.kernel_backend=triton: torch products merged by the Triton top-k (interpreter)"
+               if dev.type == "cpu" else f"torch products on {dev.type}, merged by kernels.topk ({topk_backend})")
+        return "torch", why
+    if dtype == torch.float16:
+        return "half", "fp16 rows widened in cache (kernels.cpu_topk.half_scores) under a rounding bound"
+    if sketch is False:
+        return "numpy", "sketch=False: NumPy's BLAS product and an O(n) selection per chunk"
+    if int8_sketch.supported():
+        return "sketch", "int8 sketch filter (fbgemm) under an error bound, exact fp32 rescoring"
+    if sketch:
+        raise ValueError("sketch=True: fbgemm's int8 product does not work (or honour its bound) here")
+    return "numpy", "fbgemm's int8 product is unavailable here: NumPy's BLAS product and an O(n) selection"
 
 
 def scan(matrix: torch.Tensor, np_view: np.ndarray | None, sketch: int8_sketch.Int8Sketch | None, n: int,
-         chunk_rows: int, vecs: torch.Tensor, masks: list[torch.Tensor | None], kmax: int
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+         chunk_rows: int, vecs: torch.Tensor, masks: list[torch.Tensor | None], kmax: int, *,
+         path: str | None = None, topk_backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Running top-`kmax` over rows 0..n of `matrix` [capacity, dim] (fp32 or fp16, on its device;
     `np_view`: its zero-copy NumPy view when CPU fp32, else None; `sketch`: its int8 sketch, synced, or
-    None). vecs: [B, dim] float32 normalised; masks[b]: bool [n] on the device or None (every row valid)
-    -> (values [B, kmax'] float32, rows [B, kmax'] int64) on the CPU, kmax' = min(kmax, n)."""
-    forced = kernel_backend_env() == "triton"
-    if sketch is not None and not forced:
+    None) along `path` (`choose_path`; None: the one the arguments imply, as `choose_path` with the sketch
+    present or not). vecs: [B, dim] float32 normalised; masks[b]: bool [n] on the device or None (every row
+    valid) -> (values [B, kmax'] float32, rows [B, kmax'] int64) on the CPU, kmax' = min(kmax, n)."""
+    if path is None:
+        path = ("sketch" if sketch is not None else "numpy" if np_view is not None
+                else "half" if matrix.device.type == "cpu" and matrix.dtype == torch.float16 else "torch")
+    if path == "sketch":
+        if sketch is None or np_view is None:
+            raise ValueError("path='sketch' needs the catalogue's int8 sketch and its fp32 NumPy view")
         vals, rows = int8_sketch.exact_topk(sketch, np_view, vecs.numpy().astype(np.float32, copy=False),
                                             [None if m is None else m.numpy() for m in masks], kmax)
         return torch.from_numpy(vals), torch.from_numpy(rows)
-    if np_view is not None and not forced:
+    if path == "numpy":
+        if np_view is None:
+            raise ValueError("path='numpy' needs the catalogue's fp32 NumPy view")
         return _scan_numpy(np_view, n, chunk_rows, vecs, masks, kmax)
-    if matrix.device.type == "cpu" and matrix.dtype == torch.float16 and not forced:
+    if path == "half":
         vals, rows = int8_sketch.half_exact_topk(
             matrix[:n].numpy(), vecs.numpy().astype(np.float32, copy=False),
             [None if m is None else m.numpy() for m in masks], kmax, chunk_rows)
         return torch.from_numpy(vals), torch.from_numpy(rows)
+    if path != "torch":
+        raise ValueError(f"path={path!r}: expected one of {', '.join(PATHS)}")
     qm = vecs.to(matrix.device, matrix.dtype)
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
@@ -60,11 +91,12 @@ def scan(matrix: torch.Tensor, np_view: np.ndarray | None, sketch: int8_sketch.I
             for b, m in enumerate(masks):
                 if m is not None:
                     s[b].masked_fill_(~m[lo:hi], float("-inf"))
-        v, i = topk(s, min(kmax, hi - lo))
+        v, i = topk(s, min(kmax, hi - lo), backend=topk_backend)
         i = i + lo
         if best_v is not None:
             assert best_i is not None
-            v, j = topk(torch.cat([best_v, v], dim=1), min(kmax, best_v.shape[1] + v.shape[1]))
+            v, j = topk(torch.cat([best_v, v], dim=1), min(kmax, best_v.shape[1] + v.shape[1]),
+                        backend=topk_backend)
             i = torch.gather(torch.cat([best_i, i], dim=1), 1, j)
         best_v, best_i = v, i
     assert best_v is not None and best_i is not None

@@ -12,11 +12,14 @@ tokenisation, sampling, scheduling. The K/V storage is a cache object from
 
 Shapes: hidden [B, S, D]; q [B, H, S, hd]; k, v [B, KVH, S, hd].
 
-Decode steps on the CPU in fp32 with a full cache run in NumPy (`engine.llm.npstep`,
-chosen by `set_blas` / `blas_backend`: "auto" picks it where it applies), and so do
-draft checks and short prompts there; longer prompts, the int8 and window caches
-and other devices use this torch forward. Both compute the same fp32 network up
-to summation order.
+Decode steps on the CPU in fp32 with a full cache run in NumPy (`engine.llm.npstep`),
+and so do draft checks and short prompts there; longer prompts, the int8 and window
+caches and other devices use this torch forward. Both compute the same fp32 network
+up to summation order. The choice is `models.llm_decode` (auto | numpy | torch),
+resolved by `decode_step_choice` (the engine reports it: `engine.backends`) and
+applied by `Transformer.set_decode_step`; `model.decode_step` says which runs.
+(The older names `blas_backend`, `set_blas`, `.blas`, `build(blas=)` are kept as
+deprecated aliases.)
 """
 
 from __future__ import annotations
@@ -97,16 +100,20 @@ class ModelArgs:
                    o_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
 
 
-BLAS_BACKENDS = ("auto", "numpy", "torch")
+DECODE_STEPS = ("auto", "numpy", "torch")  # models.llm_decode
+BLAS_BACKENDS = DECODE_STEPS  # deprecated alias
 
 
-def blas_backend(setting: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """The decode-step backend: `numpy` (CPU fp32 only) or `torch`. `auto` = numpy where it applies;
-    an explicit `numpy` on another device or dtype falls back to torch."""
-    if setting not in BLAS_BACKENDS:
-        raise ValueError(f"blas={setting!r}: expected one of {BLAS_BACKENDS}")
+def decode_step_choice(setting: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The decode step for `models.llm_decode` = `setting`: "numpy" (CPU fp32 only) or "torch". `auto` = numpy
+    where it applies; an explicit `numpy` on another device or dtype falls back to torch (the one fallback)."""
+    if setting not in DECODE_STEPS:
+        raise ValueError(f"models.llm_decode={setting!r}: expected one of {', '.join(DECODE_STEPS)}")
     cpu_fp32 = torch.device(device).type == "cpu" and dtype == torch.float32
     return "numpy" if setting in ("auto", "numpy") and cpu_fp32 else "torch"
+
+
+blas_backend = decode_step_choice  # deprecated alias (the decode step was once called the "blas" backend)
 
 
 class Block(nn.Module):
@@ -184,7 +191,7 @@ class Transformer(nn.Module):
         # 1/sqrt(head_dim) is folded into the q weights when it is a power of two (exact); else applied here
         self.attn_scale = 1.0 / math.sqrt(a.head_dim)
         self.step_fn: Any = None  # optional compiled forward for decode steps (compile_decode)
-        self.blas = "torch"  # set_blas
+        self.decode_step = "torch"  # "numpy" | "torch": set_decode_step
         self._np_step: Any = None
 
     @property
@@ -198,18 +205,28 @@ class Transformer(nn.Module):
 
         return isinstance(self.layers[0].wqkv, PackedLinear)
 
-    def set_blas(self, backend: str) -> Transformer:
-        """Decode steps in `backend`: "numpy" (`engine.llm.npstep`, CPU fp32) or "torch" (this forward)."""
-        if backend == "numpy":
+    def set_decode_step(self, step: str) -> Transformer:
+        """Decode steps in `step` (`decode_step_choice`'s answer): "numpy" (`engine.llm.npstep`, CPU fp32) or
+        "torch" (this forward). A model the NumPy step does not implement keeps the torch forward."""
+        if step not in ("numpy", "torch"):
+            raise ValueError(f"step={step!r}: expected numpy or torch")
+        if step == "numpy":
             if self.device.type != "cpu" or self.norm.weight.dtype != torch.float32:
                 raise ValueError("the numpy decode step needs fp32 weights on the CPU")
             from .npstep import NumpyStep, supports
 
             if not supports(self):  # e.g. GPT-2 with exact GELU: the torch forward serves it
-                backend = "torch"
-        self._np_step = NumpyStep(self) if backend == "numpy" else None
-        self.blas = backend
+                step = "torch"
+        self._np_step = NumpyStep(self) if step == "numpy" else None
+        self.decode_step = step
         return self
+
+    set_blas = set_decode_step  # deprecated alias
+
+    @property
+    def blas(self) -> str:
+        """Deprecated alias of `decode_step`."""
+        return self.decode_step
 
     def _numpy_step_for(self, cache: Any) -> Any:
         """The NumPy step when it serves this cache (CPU fp32 full cache, not compiled), else None."""
@@ -382,9 +399,11 @@ def _gpt2_state(a: ModelArgs, sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def build(cfg: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
-          dtype: torch.dtype = torch.float32, blas: str = "auto") -> Transformer:
+          dtype: torch.dtype = torch.float32, decode: str = "auto", *, blas: str | None = None) -> Transformer:
     """Our Transformer from an HF config dict and an HF state dict (any dtype; cast to `dtype`);
-    `blas` picks the weight-product backend (`blas_backend`)."""
+    `decode` (models.llm_decode; `blas` is its deprecated alias) picks the decode step (`decode_step_choice`)."""
+    if blas is not None:
+        decode = blas
     a = ModelArgs.from_hf(cfg)
     with torch.device("meta"):
         model = Transformer(a)
@@ -410,7 +429,7 @@ def build(cfg: dict[str, Any], state: dict[str, torch.Tensor], device: torch.dev
     if fold:
         model.attn_scale = 1.0
     model = model.eval().requires_grad_(False)
-    return model.set_blas(blas_backend(blas, device, dtype))
+    return model.set_decode_step(decode_step_choice(decode, device, dtype))
 
 
 def _interleave(w: torch.Tensor, heads: int, hd: int) -> torch.Tensor:
@@ -427,7 +446,7 @@ def compile_decode(model: Transformer) -> Transformer:
     uncompiled."""
     if model.packed:
         return model
-    model.set_blas("torch")
+    model.set_decode_step("torch")
     model.step_fn = torch.compile(model.forward, dynamic=True)
     return model
 

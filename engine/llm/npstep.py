@@ -12,8 +12,10 @@ CPUs (~9 GB/s for a matrix-vector product), BLAS's GEMM packs the weights first
 (8 rows cost 2x one row), and a torch op on a 576-vector costs ~10 us where a
 NumPy op costs ~1 us. So the step runs here: the weight products and the
 attention in the Numba kernels of `kernels.cpu_decode` (weights read once for
-all rows, ~17 GB/s), everything else in single-threaded NumPy. Without Numba
-the products fall back to OpenBLAS and the attention to its NumPy reference.
+all rows, ~17 GB/s), everything else in single-threaded NumPy. Where Numba is
+not used (`engine.backends` cpu_kernels = numpy) the kernels' NumPy twins run:
+OpenBLAS for the products, NumPy for the attention; that is the kernels'
+dispatch, not a second fallback here.
 Two thread pools never share a step: OpenBLAS's, torch's and Numba's idle
 threads spin on the same two cores, and a step that mixes them runs several
 times slower.
@@ -50,17 +52,13 @@ def serves(cache: Any) -> bool:
 
 
 def _mm(x: np.ndarray, w: Any, b: np.ndarray | None) -> np.ndarray:
-    """x: [R, in]; w: [out, in] -> [R, out]: `kernels.cpu_decode.rows_matmul` (reads each weight row once
-    for all rows); without Numba, OpenBLAS (a matrix-vector product for one row: no packing). A
-    `qweights.PackedLinear` (GGUF blocks, its bias included) runs `kernels.cpu_qmatmul`."""
+    """x: [R, in]; w: [out, in] -> [R, out]: `kernels.cpu_decode.rows_matmul`, one dispatch (its Numba kernel
+    reads each weight row once for all rows; its NumPy twin, where Numba is not used, is OpenBLAS: a
+    matrix-vector product for one row). A `qweights.PackedLinear` (GGUF blocks, its bias included) runs
+    `kernels.cpu_qmatmul`."""
     if not isinstance(w, np.ndarray):
         return w.matmul_np(x)
-    if cpu_decode.available():
-        out = cpu_decode.rows_matmul(x, w)
-    elif x.shape[0] == 1:
-        out = (w @ x[0])[None]
-    else:
-        out = x @ w.T
+    out = cpu_decode.rows_matmul(x, w)
     if b is not None:
         out = out + b
     return out
