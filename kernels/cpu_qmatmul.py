@@ -1,6 +1,7 @@
-"""CPU products with GGUF-packed weights (Q8_0, Q4_0, Q4_1): Numba kernels and their NumPy twins.
+"""CPU products with GGUF-packed weights (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): Numba kernels and NumPy twins.
 
     out = matmul(fmt, x, qs, d, m)          # x [R, K] fp32, W packed [N, K] -> x @ W.T  [R, N] fp32
+    out = matmul(fmt, x, qs, d, m, sc=sc, qh=qh)   # the K formats (super-blocks of 256)
     w = dequant(fmt, qs, d, m, n0, n1)      # rows n0..n1 of W as fp32 [n1 - n0, K]
 
 The weights stay in llama.cpp's blocks of 32 values along K (`engine.llm.qweights`
@@ -15,6 +16,24 @@ holds them, split once at load into separate arrays, no byte added):
 where nibble_j is the low nibble of qs[j] for j < 16 and the high nibble of
 qs[j - 16] for j >= 16. Bytes read per product: Q4_1 20 per 32 weights
 (0.625 B/weight, against 4 for fp32), Q4_0 18, Q8_0 34.
+
+The K formats (llama.cpp's `block_q4_K` / `block_q6_K`) use super-blocks of 256 along K:
+
+| fmt  | arrays (per row n, super-block b)                                   | value p of super-block b |
+|------|---------------------------------------------------------------------|--------------------------|
+| Q4_K | qs uint8 [.., 128], sc uint8 [.., 12], d, m = dmin (fp16 bits)      | d * s_j * q_p - dmin * m_j, j = p // 32 |
+| Q6_K | qs = ql uint8 [.., 128], qh uint8 [.., 64], sc int8 [.., 16], d     | d * sc[p // 16] * (q_p - 32) |
+
+Q4_K: the 8 six-bit scales s_j and mins m_j are packed in 12 bytes (j < 4:
+s = sc[j] & 63, m = sc[j+4] & 63; j >= 4: s = (sc[j+4] & 15) | (sc[j-4] >> 6) << 4,
+m = (sc[j+4] >> 4) | (sc[j] >> 6) << 4); q_p for p = 64c + l (l < 32) is the low
+nibble of qs[32c + l], for p = 64c + 32 + l its high nibble. 144 bytes per 256
+weights (0.5625 B/weight). Q6_K: for p = 128h + 32g + l (g = 0..3, l < 32),
+q_p = (nibble of ql[64h + 32(g & 1) + l], low for g < 2, high for g >= 2)
+| ((qh[32h + l] >> 2g) & 3) << 4. 210 bytes per 256 weights (0.82 B/weight).
+The kernels decode a super-block's scales once, then proceed as for Q4_1
+(per 32 values: s * sum x q - m * sum x, the sums of x once per call) or per
+16 values (Q6_K: sc * sum x (q - 32)).
 
 The kernels read every weight block once for all R rows of x and de-quantise
 it in registers: per block, s_r = sum_j x[r, j] * q_j in fp32, then
@@ -37,13 +56,51 @@ import numpy as np
 
 from ._numba import dispatch, half_to_float_intrinsic, jit
 
-FORMATS = ("Q8_0", "Q4_0", "Q4_1")
+FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # blocks of 32 along K
+K_FORMATS = ("Q4_K", "Q6_K")  # super-blocks of 256 along K
+ALL_FORMATS = FORMATS + K_FORMATS
 BLOCK = 32
+QK_K = 256
+BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K}
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
-def dequant_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+def q4k_scale_min(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 packed bytes [..., 12] -> six-bit (scales, mins) as int64 [..., 8] (ggml's get_scale_min_k4)."""
+    sc = sc.astype(np.int64)
+    lo_s, lo_m = sc[..., 0:4] & 63, sc[..., 4:8] & 63
+    hi_s = (sc[..., 8:12] & 15) | ((sc[..., 0:4] >> 6) << 4)
+    hi_m = (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)
+    return np.concatenate([lo_s, hi_s], -1), np.concatenate([lo_m, hi_m], -1)
+
+
+def _dequant_k_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np.ndarray,
+                         qh: np.ndarray | None) -> np.ndarray:
+    N, nb = d.shape
+    dd = d.view(np.float16).astype(np.float64)[..., None, None]  # [N, nb, 1, 1]
+    if fmt == "Q4_K":
+        s, mn = q4k_scale_min(sc)  # [N, nb, 8]
+        q4 = qs.reshape(N, nb, 4, 32)
+        q = np.stack([q4 & 15, q4 >> 4], axis=3).reshape(N, nb, 8, 32).astype(np.float64)
+        dm = m.view(np.float16).astype(np.float64)[..., None, None]
+        w = dd * s[..., None] * q - dm * mn[..., None]
+    else:
+        ql = qs.reshape(N, nb, 2, 2, 32).astype(np.int64)  # [.., h, g & 1, l]
+        hb = qh.reshape(N, nb, 2, 1, 32).astype(np.int64)  # [.., h, 1, l]
+        q = np.empty((N, nb, 2, 4, 32), np.int64)  # [.., h, g, l]
+        for g in range(4):
+            nib = ql[:, :, :, g & 1] & 15 if g < 2 else ql[:, :, :, g & 1] >> 4
+            q[:, :, :, g] = nib | (((hb[:, :, :, 0] >> (2 * g)) & 3) << 4)
+        scales = sc.view(np.int8).astype(np.float64).reshape(N, nb, 16, 1)
+        w = dd * scales * (q.reshape(N, nb, 16, 16) - 32.0)
+    return w.reshape(N, nb * QK_K)
+
+
+def dequant_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np.ndarray | None = None,
+                      qh: np.ndarray | None = None) -> np.ndarray:
     """Packed rows -> float64 [N, K]."""
+    if fmt in K_FORMATS:
+        return _dequant_k_reference(fmt, qs, d, m, sc, qh)
     dd = d.view(np.float16).astype(np.float64)[..., None]  # [N, nb, 1]
     if fmt == "Q8_0":
         w = dd * qs.view(np.int8).astype(np.float64)
@@ -57,18 +114,19 @@ def dequant_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | N
 
 
 def matmul_reference(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None,
-                     out: np.ndarray) -> None:
+                     out: np.ndarray, sc: np.ndarray | None = None, qh: np.ndarray | None = None) -> None:
     """out[R, N] = x[R, K] @ dequant(W)[N, K].T in float64, stored as fp32."""
-    out[...] = x.astype(np.float64) @ dequant_reference(fmt, qs, d, m).T
+    out[...] = x.astype(np.float64) @ dequant_reference(fmt, qs, d, m, sc, qh).T
 
 
-def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, out: np.ndarray) -> None:
-    """out [n, K] fp32 = the de-quantised rows of (qs, d, m) (already sliced to n rows)."""
-    out[...] = dequant_reference(fmt, qs, d, m)
+def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, out: np.ndarray,
+                           sc: np.ndarray | None = None, qh: np.ndarray | None = None) -> None:
+    """out [n, K] fp32 = the de-quantised rows of (qs, d, m, sc, qh) (already sliced to n rows)."""
+    out[...] = dequant_reference(fmt, qs, d, m, sc, qh)
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
-_h2f = None  # set by _kernels()
+_h2f = block_sums = q4k_scales = None  # set by _kernels()
 
 
 @functools.cache
@@ -76,8 +134,10 @@ def _kernels() -> tuple | None:
     if jit() is None:
         return None
     njit, prange = jit()  # type: ignore[misc]
-    global _h2f
-    _h2f = half_to_float_intrinsic()  # a module global: a closure variable would keep Numba from caching
+    global _h2f, block_sums, q4k_scales
+    # helpers are module globals: a closure variable (even another jitted function) would keep Numba's
+    # on-disk cache from ever matching (a new index entry, and a recompile, in every process)
+    _h2f = half_to_float_intrinsic()
 
     @njit(fastmath=True, cache=True, nogil=True)
     def block_sums(x, xs):  # pragma: no cover - compiled
@@ -181,7 +241,132 @@ def _kernels() -> tuple | None:
                         out[n, base + j] = db * np.float32(v & 15) + mb
                         out[n, base + 16 + j] = db * np.float32(v >> 4) + mb
 
-    return q4_nb, q8_nb, dequant_nb
+    @njit(inline="always", cache=True)
+    def q4k_scales(scb, dd, dm, s8, m8):  # pragma: no cover - compiled
+        # 12 packed bytes -> s8[j] = d * scale_j, m8[j] = dmin * min_j (float32)
+        for j in range(4):
+            s8[j] = dd * np.float32(np.int32(scb[j]) & 63)
+            m8[j] = dm * np.float32(np.int32(scb[j + 4]) & 63)
+            s8[j + 4] = dd * np.float32((np.int32(scb[j + 8]) & 15) | ((np.int32(scb[j]) >> 6) << 4))
+            m8[j + 4] = dm * np.float32((np.int32(scb[j + 8]) >> 4) | ((np.int32(scb[j + 4]) >> 6) << 4))
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def q4k_nb(x, qs, sc, d, dm, out):  # pragma: no cover - compiled
+        R, K = x.shape
+        N, nb, H = qs.shape  # H = 128; L = 32 read at run time (see q4_nb)
+        L = H // 4
+        xs = np.empty((R, K // 32), np.float32)
+        block_sums(x, xs)
+        nchunk = min(N, 64)
+        for c in prange(nchunk):
+            n0 = c * N // nchunk
+            n1 = (c + 1) * N // nchunk
+            acc = np.empty(R, np.float32)
+            s8 = np.empty(8, np.float32)
+            m8 = np.empty(8, np.float32)
+            w = np.empty(2 * L, np.float32)
+            for n in range(n0, n1):
+                for r in range(R):
+                    acc[r] = 0.0
+                for b in range(nb):
+                    q = qs[n, b]
+                    q4k_scales(sc[n, b], _h2f(d[n, b]), _h2f(dm[n, b]), s8, m8)
+                    for g in range(4):  # 64 values: low nibbles (sub-block 2g), high nibbles (2g + 1)
+                        base = b * 256 + g * 64
+                        sa, sb = s8[2 * g], s8[2 * g + 1]
+                        ma, mb = m8[2 * g], m8[2 * g + 1]
+                        j0 = b * 8 + 2 * g
+                        if R <= 2:
+                            for r in range(R):
+                                xr = x[r]
+                                t1 = np.float32(0.0)
+                                t2 = np.float32(0.0)
+                                for l in range(L):
+                                    v = np.int32(q[g * L + l])
+                                    t1 += xr[base + l] * np.float32(v & 15)
+                                    t2 += xr[base + L + l] * np.float32(v >> 4)
+                                acc[r] += sa * t1 + sb * t2 - ma * xs[r, j0] - mb * xs[r, j0 + 1]
+                        else:
+                            for l in range(L):
+                                v = np.int32(q[g * L + l])
+                                w[l] = sa * np.float32(v & 15) - ma
+                                w[L + l] = sb * np.float32(v >> 4) - mb
+                            for r in range(R):
+                                xr = x[r]
+                                t = np.float32(0.0)
+                                for l in range(2 * L):
+                                    t += xr[base + l] * w[l]
+                                acc[r] += t
+                for r in range(R):
+                    out[r, n] = acc[r]
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def q6k_nb(x, qs, qh, sc, d, out):  # pragma: no cover - compiled
+        R, K = x.shape
+        N, nb, H = qs.shape  # H = 128; L = 32 at run time
+        L = H // 4
+        nchunk = min(N, 64)
+        for c in prange(nchunk):
+            n0 = c * N // nchunk
+            n1 = (c + 1) * N // nchunk
+            acc = np.empty(R, np.float32)
+            w = np.empty(L, np.float32)
+            for n in range(n0, n1):
+                for r in range(R):
+                    acc[r] = 0.0
+                for b in range(nb):
+                    dd = _h2f(d[n, b])
+                    for h in range(2):
+                        for g in range(4):
+                            base = b * 256 + h * 128 + g * L
+                            lo = h * 2 * L + (g & 1) * L
+                            shift = 4 * (g >> 1)
+                            hs = 2 * g
+                            s0 = dd * np.float32(sc[n, b, h * 8 + 2 * g])
+                            s1 = dd * np.float32(sc[n, b, h * 8 + 2 * g + 1])
+                            for l in range(L):  # unpack 32 values (two groups of 16, two scales)
+                                v = ((np.int32(qs[n, b, lo + l]) >> shift) & 15) \
+                                    | (((np.int32(qh[n, b, h * L + l]) >> hs) & 3) << 4)
+                                w[l] = np.float32(v - 32) * (s0 if l < 16 else s1)
+                            for r in range(R):
+                                xr = x[r]
+                                t = np.float32(0.0)
+                                for l in range(L):
+                                    t += xr[base + l] * w[l]
+                                acc[r] += t
+                for r in range(R):
+                    out[r, n] = acc[r]
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def dequant_k_nb(qs, qh, sc, d, dm, kind, out):  # pragma: no cover - compiled
+        # kind 3: Q4_K (qh unused), 4: Q6_K (dm unused)
+        N, nb = d.shape
+        for n in prange(N):
+            s8 = np.empty(8, np.float32)
+            m8 = np.empty(8, np.float32)
+            for b in range(nb):
+                dd = _h2f(d[n, b])
+                if kind == 3:
+                    q4k_scales(sc[n, b], dd, _h2f(dm[n, b]), s8, m8)
+                    for g in range(4):
+                        base = b * 256 + g * 64
+                        for l in range(32):
+                            v = np.int32(qs[n, b, g * 32 + l])
+                            out[n, base + l] = s8[2 * g] * np.float32(v & 15) - m8[2 * g]
+                            out[n, base + 32 + l] = s8[2 * g + 1] * np.float32(v >> 4) - m8[2 * g + 1]
+                else:
+                    for h in range(2):
+                        for g in range(4):
+                            base = b * 256 + h * 128 + g * 32
+                            lo = h * 64 + (g & 1) * 32
+                            shift = 4 * (g >> 1)
+                            for l in range(32):
+                                v = ((np.int32(qs[n, b, lo + l]) >> shift) & 15) \
+                                    | (((np.int32(qh[n, b, h * 32 + l]) >> (2 * g)) & 3) << 4)
+                                s = np.float32(sc[n, b, h * 8 + 2 * g + (l >> 4)])
+                                out[n, base + l] = dd * s * np.float32(v - 32)
+
+    return q4_nb, q8_nb, dequant_nb, q4k_nb, q6k_nb, dequant_k_nb
 
 
 def available() -> bool:
@@ -189,33 +374,51 @@ def available() -> bool:
     return _kernels() is not None
 
 
-_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4}
+# fmt -> (qs dtype, qs bytes per block); the K formats' sc / qh are checked in _check
+_LAYOUT = {"Q8_0": (np.int8, 32), "Q4_0": (np.uint8, 16), "Q4_1": (np.uint8, 16), "Q4_K": (np.uint8, 128),
+           "Q6_K": (np.uint8, 128)}
 
 
-def _check(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> None:
+def _check(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np.ndarray | None = None,
+           qh: np.ndarray | None = None) -> None:
     if fmt not in _KIND:
-        raise ValueError(f"fmt={fmt!r}: expected one of {FORMATS}")
-    width = 32 if fmt == "Q8_0" else 16
-    want = np.int8 if fmt == "Q8_0" else np.uint8
-    if qs.dtype != want or qs.ndim != 3 or qs.shape[2] != width or d.dtype != np.uint16 \
-            or d.shape != qs.shape[:2] or (fmt == "Q4_1" and (m is None or m.shape != d.shape)):
+        raise ValueError(f"fmt={fmt!r}: expected one of {ALL_FORMATS}")
+    want, width = _LAYOUT[fmt]
+    bad = (qs.dtype != want or qs.ndim != 3 or qs.shape[2] != width or d.dtype != np.uint16
+           or d.shape != qs.shape[:2] or (fmt in ("Q4_1", "Q4_K") and (m is None or m.shape != d.shape)))
+    if fmt == "Q4_K":
+        bad = bad or sc is None or sc.dtype != np.uint8 or sc.shape != (*d.shape, 12)
+    if fmt == "Q6_K":
+        bad = bad or sc is None or sc.dtype != np.int8 or sc.shape != (*d.shape, 16) \
+            or qh is None or qh.dtype != np.uint8 or qh.shape != (*d.shape, 64)
+    if bad:
         raise ValueError(f"fmt={fmt}: qs {qs.dtype}{qs.shape} / d {d.dtype}{d.shape} are not {fmt} blocks")
 
 
 # -- entry points ----------------------------------------------------------------------------------
 def matmul(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None,
-           backend: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """x [R, K] fp32 @ W.T where W [N, K] is packed in `fmt` -> [R, N] fp32 (`out` if given, C-contiguous)."""
-    _check(fmt, qs, d, m)
+           backend: str | None = None, out: np.ndarray | None = None, sc: np.ndarray | None = None,
+           qh: np.ndarray | None = None) -> np.ndarray:
+    """x [R, K] fp32 @ W.T where W [N, K] is packed in `fmt` -> [R, N] fp32 (`out` if given, C-contiguous).
+    The K formats also take `sc` (and Q6_K `qh`)."""
+    _check(fmt, qs, d, m, sc, qh)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != qs.shape[1] * BLOCK:
-        raise ValueError(f"x {x.shape}: expected [R, {qs.shape[1] * BLOCK}]")
+    K = qs.shape[1] * BLOCK_VALUES[fmt]
+    if x.ndim != 2 or x.shape[1] != K:
+        raise ValueError(f"x {x.shape}: expected [R, {K}]")
     if out is None:
         out = np.empty((x.shape[0], qs.shape[0]), np.float32)
     kind = _KIND[fmt]
     if kind == 2:
         dispatch(_kernels, 1, lambda x, qs, d, out: matmul_reference(fmt, x, qs, d, None, out), backend,
                  x, qs, d, out)
+    elif kind == 3:
+        dispatch(_kernels, 3, lambda x, qs, sc, d, m, out: matmul_reference(fmt, x, qs, d, m, out, sc), backend,
+                 x, qs, sc, d, m, out)
+    elif kind == 4:
+        dispatch(_kernels, 4, lambda x, qs, qh, sc, d, out: matmul_reference(fmt, x, qs, d, None, out, sc, qh),
+                 backend, x, qs, qh, sc, d, out)
     else:
         mm = m if m is not None else d
         dispatch(_kernels, 0, lambda x, qs, d, m, k, out: matmul_reference(fmt, x, qs, d, m, out), backend,
@@ -224,16 +427,42 @@ def matmul(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray
 
 
 def dequant(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None, n0: int = 0,
-            n1: int | None = None, backend: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+            n1: int | None = None, backend: str | None = None, out: np.ndarray | None = None,
+            sc: np.ndarray | None = None, qh: np.ndarray | None = None) -> np.ndarray:
     """Rows n0..n1 of the packed W as fp32 [n1 - n0, K] (into `out` if given: C-contiguous, that shape)."""
-    _check(fmt, qs, d, m)
+    _check(fmt, qs, d, m, sc, qh)
     n1 = qs.shape[0] if n1 is None else n1
     qs, d = qs[n0:n1], d[n0:n1]
-    mm = (m if m is not None else d)[n0:n1] if fmt != "Q8_0" else d
     if out is None:
-        out = np.empty((n1 - n0, qs.shape[1] * BLOCK), np.float32)
+        out = np.empty((n1 - n0, qs.shape[1] * BLOCK_VALUES[fmt]), np.float32)
     kind = _KIND[fmt]
+    if kind >= 3:
+        sc = sc[n0:n1]
+        qh2 = qh[n0:n1] if qh is not None else qs
+        mm = m[n0:n1] if m is not None else d
+        dispatch(_kernels, 5,
+                 lambda qs, qh, sc, d, m, k, out: dequant_rows_reference(
+                     fmt, qs, d, m if fmt == "Q4_K" else None, out, sc, qh if fmt == "Q6_K" else None),
+                 backend, qs, qh2, sc, d, mm, kind, out)
+        return out
+    mm = (m if m is not None else d)[n0:n1] if fmt != "Q8_0" else d
     dispatch(_kernels, 2,
              lambda qs, d, m, k, out: dequant_rows_reference(fmt, qs, d, m if fmt == "Q4_1" else None, out),
              backend, qs, d, mm, kind, out)
     return out
+
+
+def warm() -> list[str]:
+    """Compile every kernel here once (Numba's on-disk cache keeps them); returns their names."""
+    if not available():
+        return []
+    f32, u16 = np.float32, np.zeros((3, 2), np.uint16)
+    for fmt in ALL_FORMATS:
+        qs = np.zeros((3, 2, _LAYOUT[fmt][1]), _LAYOUT[fmt][0])
+        sc = np.zeros((3, 2, 16), np.int8) if fmt == "Q6_K" else np.zeros((3, 2, 12), np.uint8)
+        qh = np.zeros((3, 2, 64), np.uint8)
+        x = np.ones((2, 2 * BLOCK_VALUES[fmt]), f32)
+        matmul(fmt, x, qs, u16, u16, sc=sc, qh=qh)
+        matmul(fmt, np.ones((3, x.shape[1]), f32), qs, u16, u16, sc=sc, qh=qh)
+        dequant(fmt, qs, u16, u16, sc=sc, qh=qh)
+    return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant"]

@@ -8,7 +8,7 @@ bytes through a memory map, copied once into the packed arrays), the llama archi
 llama.cpp's converter stores q/k rows already in the interleaved RoPE layout our
 decoder uses (so, unlike `model.build`, no permutation; and 1/sqrt(head_dim)
 stays in `attn_scale` rather than folded into fp16 scales). Block types kept
-packed: Q8_0, Q4_0, Q4_1; F32/F16/BF16 tensors become fp32. Any other block
+packed: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; F32/F16/BF16 tensors become fp32. Any other block
 type or architecture raises `UnsupportedGGUF` naming the file, the tensor and
 the type; the caller falls back to transformers' de-quantising conversion. A
 truncated or corrupt file raises `CorruptGGUF`; nothing is written anywhere.
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .model import ModelArgs, Transformer, blas_backend
-from .qweights import BLOCK_BYTES, Packed, PackedEmbedding, PackedLinear, Scratch
+from .qweights import BLOCK_BYTES, BLOCK_VALUES, Packed, PackedEmbedding, PackedLinear, Scratch
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
@@ -42,7 +42,7 @@ class CorruptGGUF(Exception):
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 # ggml type id -> name, for the types we read (others are reported by id and name when gguf knows it)
-_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K", 30: "BF16"}
 _SKIP = object()
 
 
@@ -173,9 +173,11 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if ttype in FLOAT_TYPES:
             nbytes = n * (4 if ttype == "F32" else 2)
         elif ttype in BLOCK_BYTES:
-            if shape[-1] % 32:
-                raise CorruptGGUF(f"{path}: tensor {name} ({ttype}) rows of {shape[-1]} are not whole blocks")
-            nbytes = n // 32 * BLOCK_BYTES[ttype]
+            qk = BLOCK_VALUES[ttype]
+            if shape[-1] % qk:
+                raise CorruptGGUF(f"{path}: tensor {name} ({ttype}) rows of {shape[-1]} are not whole blocks "
+                                  f"of {qk}")
+            nbytes = n // qk * BLOCK_BYTES[ttype]
         else:
             raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} "
                                   f"(kept packed: {', '.join(BLOCK_BYTES)}; floats: {', '.join(FLOAT_TYPES)})")
@@ -234,9 +236,13 @@ def _linear(path: Path, tensors: dict[str, Any], names: list[str], scratch: Scra
         return lin
     if not all(isinstance(p, Packed) for p in parts):
         raise UnsupportedGGUF(f"{path}: tensors {names} mix packed and float types")
-    if len({p.fmt for p in parts}) == 1 and len(parts) > 1:
-        parts = [Packed.concat(parts)]
-    return PackedLinear(parts, None, scratch)
+    runs: list[list[Packed]] = []  # consecutive parts of one format stacked: one kernel call each
+    for p in parts:
+        if runs and runs[-1][0].fmt == p.fmt:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return PackedLinear([r[0] if len(r) == 1 else Packed.concat(r) for r in runs], None, scratch)
 
 
 def build_packed(cfg: dict[str, Any], tensors: dict[str, Any], path: Path, blas: str = "auto") -> Transformer:

@@ -1,5 +1,5 @@
-"""Weights kept in their GGUF blocks (Q8_0, Q4_0, Q4_1): the packed matrix, its NumPy oracle, and the
-torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
+"""Weights kept in their GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): the packed matrix, its NumPy oracle,
+and the torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
 
     pm = Packed.from_gguf(tensor)           # a gguf.ReaderTensor [N, K] -> blocks split into qs / d / m
     y = pm.matmul(x)                        # x [R, K] fp32 -> [R, N] fp32 (`kernels.cpu_qmatmul`)
@@ -7,8 +7,12 @@ torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
 
 What it knows: llama.cpp's block layouts (see `kernels.cpu_qmatmul`) and how to
 split a GGUF tensor's raw bytes into the arrays the kernels read: the nibble or
-int8 bytes, and the fp16 scales (and mins) as their uint16 bits. The split
-adds no byte: resident size = the tensor's size in the file.
+int8 bytes, and the fp16 scales (and mins) as their uint16 bits; for the K
+formats also the packed sub-block scales (`sc`) and Q6_K's high bits (`qh`).
+The split adds no byte: resident size = the tensor's size in the file.
+`quantize` writes Q8_0/Q4_0/Q4_1 with llama.cpp's rounding (`gguf.quants`) and
+Q4_K/Q6_K with a plain min/max search of our own (`quantize_k`; the `gguf`
+package only decodes those).
 
 How the decoder uses them: `PackedLinear` replaces `nn.Linear`. A product
 with few rows (a decode step, a batch of up to 8, a draft check, a prompt up
@@ -33,9 +37,11 @@ from torch import nn
 
 from kernels import cpu_qmatmul
 
-FORMATS = cpu_qmatmul.FORMATS
-# bytes per block of 32: Q8_0 = d + 32 int8; Q4_0 = d + 16 nibble bytes; Q4_1 = d + m + 16
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+FORMATS = cpu_qmatmul.ALL_FORMATS
+# bytes per block of 32: Q8_0 = d + 32 int8; Q4_0 = d + 16 nibble bytes; Q4_1 = d + m + 16;
+# per super-block of 256: Q4_K = d + dmin + 12 scale bytes + 128; Q6_K = 128 ql + 64 qh + 16 scales + d
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
+BLOCK_VALUES = cpu_qmatmul.BLOCK_VALUES
 DIRECT_ROWS = 64
 SCRATCH_ELEMS = 1 << 21  # 8 MB of fp32
 
@@ -46,20 +52,25 @@ class UnsupportedFormat(ValueError):
 
 @dataclass
 class Packed:
-    """A weight matrix W [N, K] in blocks of 32 along K (K % 32 == 0)."""
+    """A weight matrix W [N, K] in blocks of 32 (K % 32 == 0) or super-blocks of 256 (the K formats) along K."""
 
     fmt: str
-    qs: np.ndarray  # uint8 [N, K/32, 16] (Q4_*) or int8 [N, K/32, 32] (Q8_0)
-    d: np.ndarray  # uint16 [N, K/32]: fp16 scale bits
-    m: np.ndarray | None = None  # uint16 [N, K/32]: fp16 min bits (Q4_1)
+    qs: np.ndarray  # uint8 [N, K/32, 16] (Q4_0/Q4_1), int8 [N, K/32, 32] (Q8_0), uint8 [N, K/256, 128] (Q4_K, Q6_K ql)
+    d: np.ndarray  # uint16 [N, nb]: fp16 scale bits
+    m: np.ndarray | None = None  # uint16 [N, nb]: fp16 min bits (Q4_1), dmin bits (Q4_K)
+    sc: np.ndarray | None = None  # uint8 [N, nb, 12] (Q4_K packed 6-bit scales/mins), int8 [N, nb, 16] (Q6_K)
+    qh: np.ndarray | None = None  # uint8 [N, nb, 64]: Q6_K's high 2 bits
+
+    def _arrays(self) -> list[tuple[str, np.ndarray]]:
+        return [(k, a) for k in ("qs", "d", "m", "sc", "qh") if (a := getattr(self, k)) is not None]
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.qs.shape[0], self.qs.shape[1] * 32
+        return self.qs.shape[0], self.qs.shape[1] * BLOCK_VALUES[self.fmt]
 
     @property
     def nbytes(self) -> int:
-        return self.qs.nbytes + self.d.nbytes + (0 if self.m is None else self.m.nbytes)
+        return sum(a.nbytes for _, a in self._arrays())
 
     @classmethod
     def from_blocks(cls, fmt: str, raw: np.ndarray) -> Packed:
@@ -77,24 +88,35 @@ class Packed:
             return cls(fmt, np.ascontiguousarray(blk[..., 2:]).view(np.int8), d)
         if fmt == "Q4_0":
             return cls(fmt, np.ascontiguousarray(blk[..., 2:]), d)
+        if fmt == "Q6_K":
+            return cls(fmt, np.ascontiguousarray(blk[..., :128]),
+                       np.ascontiguousarray(blk[..., 208:210]).view(np.uint16).reshape(N, nb),
+                       sc=np.ascontiguousarray(blk[..., 192:208]).view(np.int8),
+                       qh=np.ascontiguousarray(blk[..., 128:192]))
         m = np.ascontiguousarray(blk[..., 2:4]).view(np.uint16).reshape(N, nb)
+        if fmt == "Q4_K":
+            return cls(fmt, np.ascontiguousarray(blk[..., 16:]), d, m, sc=np.ascontiguousarray(blk[..., 4:16]))
         return cls(fmt, np.ascontiguousarray(blk[..., 4:]), d, m)
 
     @classmethod
     def quantize(cls, w: np.ndarray, fmt: str) -> Packed:
-        """fp32 W [N, K] (K % 32 == 0) -> blocks, with llama.cpp's rounding (`gguf.quants.quantize`)."""
-        from gguf import GGMLQuantizationType, quants
-
+        """fp32 W [N, K] (K a multiple of the block) -> blocks: Q8_0/Q4_0/Q4_1 with llama.cpp's rounding
+        (`gguf.quants.quantize`), Q4_K/Q6_K with `quantize_k`."""
         if fmt not in BLOCK_BYTES:
             raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
         w = np.ascontiguousarray(w, dtype=np.float32)
-        if w.ndim != 2 or w.shape[1] % 32:
-            raise ValueError(f"a matrix of shape {w.shape}: rows must be whole blocks of 32")
+        qk = BLOCK_VALUES[fmt]
+        if w.ndim != 2 or w.shape[1] % qk:
+            raise ValueError(f"a matrix of shape {w.shape}: rows must be whole blocks of {qk}")
+        if fmt in cpu_qmatmul.K_FORMATS:
+            return cls.from_blocks(fmt, quantize_k(w, fmt))
+        from gguf import GGMLQuantizationType, quants
+
         return cls.from_blocks(fmt, quants.quantize(w, getattr(GGMLQuantizationType, fmt)))
 
     def rows(self, index: np.ndarray | slice) -> Packed:
         """A row subset (a copy for an index array, a view for a slice)."""
-        return Packed(self.fmt, self.qs[index], self.d[index], None if self.m is None else self.m[index])
+        return Packed(self.fmt, **{k: a[index] for k, a in self._arrays()})
 
     @staticmethod
     def concat(parts: list[Packed]) -> Packed:
@@ -102,20 +124,72 @@ class Packed:
         fmts = {p.fmt for p in parts}
         if len(fmts) != 1:
             raise ValueError(f"cannot stack formats {sorted(fmts)}")
-        m = None if parts[0].m is None else np.concatenate([p.m for p in parts])
-        return Packed(parts[0].fmt, np.concatenate([p.qs for p in parts]), np.concatenate([p.d for p in parts]), m)
+        return Packed(parts[0].fmt, **{k: np.concatenate([getattr(p, k) for p in parts])
+                                       for k, _ in parts[0]._arrays()})
 
     def matmul(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x [R, K] fp32 -> x @ W.T [R, N] fp32."""
-        return cpu_qmatmul.matmul(self.fmt, x, self.qs, self.d, self.m, out=out)
+        return cpu_qmatmul.matmul(self.fmt, x, self.qs, self.d, self.m, out=out, sc=self.sc, qh=self.qh)
 
     def dequant(self, n0: int = 0, n1: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Rows n0..n1 as fp32 [n1 - n0, K]."""
-        return cpu_qmatmul.dequant(self.fmt, self.qs, self.d, self.m, n0, n1, out=out)
+        return cpu_qmatmul.dequant(self.fmt, self.qs, self.d, self.m, n0, n1, out=out, sc=self.sc, qh=self.qh)
 
     def dequant64(self) -> np.ndarray:
         """The whole matrix in float64 (the NumPy oracle)."""
-        return cpu_qmatmul.dequant_reference(self.fmt, self.qs, self.d, self.m)
+        return cpu_qmatmul.dequant_reference(self.fmt, self.qs, self.d, self.m, self.sc, self.qh)
+
+
+def quantize_k(w: np.ndarray, fmt: str) -> np.ndarray:
+    """fp32 W [N, K] (K % 256 == 0) -> raw Q4_K or Q6_K blocks uint8 [N, K/256 * block bytes] in llama.cpp's
+    layout. A plain search, not llama.cpp's iterative one: Q4_K takes each 32-value sub-block's min/max
+    (scale (max - min)/15, min -min(min, 0)) and quantises the scales and mins to 6 bits against the
+    super-block's largest; Q6_K takes each 16-value group's absmax / 31 as an int8 scale against the
+    super-block's largest. The values are then rounded against the quantised scales."""
+    w = np.asarray(w, dtype=np.float32)
+    N, K = w.shape
+    nb = K // 256
+    x = w.reshape(N, nb, 256).astype(np.float64)
+    if fmt == "Q4_K":
+        sub = x.reshape(N, nb, 8, 32)
+        lo = np.minimum(sub.min(-1), 0.0)
+        scale = (sub.max(-1) - lo) / 15.0
+        mins = -lo
+        d = (scale.max(-1) / 63.0 * (1 + 2.0 ** -10)).astype(np.float16)  # rounded up in fp16
+        dmin = (mins.max(-1) / 63.0 * (1 + 2.0 ** -10)).astype(np.float16)
+        d64, dm64 = d.astype(np.float64)[..., None], dmin.astype(np.float64)[..., None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ls = np.where(d64 > 0, np.clip(np.ceil(scale / d64), 0, 63), 0).astype(np.int64)
+            lm = np.where(dm64 > 0, np.clip(np.ceil(mins / dm64), 0, 63), 0).astype(np.int64)
+            step = (d64 * ls)[..., None]
+            q = np.where(step > 0, np.rint((sub + (dm64 * lm)[..., None]) / step), 0)
+        q = np.clip(q, 0, 15).astype(np.uint8).reshape(N, nb, 4, 2, 32)
+        qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(N, nb, 128)
+        sc = np.empty((N, nb, 12), np.uint8)
+        sc[..., 0:4] = (ls[..., 0:4] & 63) | ((ls[..., 4:8] >> 4) << 6)
+        sc[..., 4:8] = (lm[..., 0:4] & 63) | ((lm[..., 4:8] >> 4) << 6)
+        sc[..., 8:12] = (ls[..., 4:8] & 15) | ((lm[..., 4:8] & 15) << 4)
+        blk = np.concatenate([d.view(np.uint8).reshape(N, nb, 2), dmin.view(np.uint8).reshape(N, nb, 2), sc, qs],
+                             -1)
+    elif fmt == "Q6_K":
+        grp = x.reshape(N, nb, 16, 16)
+        scale = np.abs(grp).max(-1) / 31.0
+        d = (scale.max(-1) / 127.0 * (1 + 2.0 ** -10)).astype(np.float16)
+        d64 = d.astype(np.float64)[..., None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ls = np.where(d64 > 0, np.clip(np.ceil(scale / d64), 0, 127), 0).astype(np.int64)
+            step = (d64 * ls)[..., None]
+            q = np.where(step != 0, np.rint(grp / step), 0)
+        q = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(N, nb, 2, 4, 32)  # [.., h, g, l]
+        lo4 = q & 15
+        ql = np.stack([lo4[:, :, :, 0] | (lo4[:, :, :, 2] << 4), lo4[:, :, :, 1] | (lo4[:, :, :, 3] << 4)], 3)
+        qh = (q[:, :, :, 0] >> 4) | ((q[:, :, :, 1] >> 4) << 2) | ((q[:, :, :, 2] >> 4) << 4) \
+            | ((q[:, :, :, 3] >> 4) << 6)
+        blk = np.concatenate([ql.reshape(N, nb, 128), qh.reshape(N, nb, 64),
+                              ls.astype(np.int8).view(np.uint8), d.view(np.uint8).reshape(N, nb, 2)], -1)
+    else:
+        raise UnsupportedFormat(f"quantize_k: block type {fmt} (K formats: {', '.join(cpu_qmatmul.K_FORMATS)})")
+    return np.ascontiguousarray(blk, dtype=np.uint8).reshape(N, nb * BLOCK_BYTES[fmt])
 
 
 class Scratch:
@@ -149,10 +223,8 @@ class PackedLinear(nn.Module):
         self.scratch = scratch
         # the packed arrays as buffers (shared memory): size_bytes() and the registry count them
         for i, p in enumerate(parts):
-            for name in ("qs", "d", "m"):
-                a = getattr(p, name)
-                if a is not None:
-                    self.register_buffer(f"p{i}_{name}", torch.from_numpy(a.view(np.uint8)), persistent=False)
+            for name, a in p._arrays():
+                self.register_buffer(f"p{i}_{name}", torch.from_numpy(a.view(np.uint8)), persistent=False)
 
     @property
     def formats(self) -> list[str]:

@@ -1,0 +1,207 @@
+"""GGUF Q4_K / Q6_K blocks kept packed (issue 13): the block decoding and the Numba kernels against
+independent oracles (`gguf.quants.dequantize`, float64 NumPy), our Q4_K/Q6_K quantiser checked through
+`gguf.quants.dequantize` (the `gguf` package decodes the K formats but cannot write them), and a tiny
+llama GGUF of K blocks loaded by our loader against transformers' de-quantising GGUF loader."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import _compat
+
+_compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+import gguf  # noqa: E402
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from gguf import quants  # noqa: E402
+
+from engine.llm.cache import FullCache  # noqa: E402
+from engine.llm.gguf_load import CorruptGGUF, read_gguf  # noqa: E402
+from engine.llm.load import load_llm  # noqa: E402
+from engine.llm.qweights import BLOCK_BYTES, Packed, quantize_k  # noqa: E402
+from kernels import cpu_qmatmul  # noqa: E402
+
+KF = ("Q4_K", "Q6_K")
+D_OFFSETS = {"Q4_K": (0, 2), "Q6_K": (208,)}  # where the fp16 scales sit in a block
+
+
+def random_blocks(fmt: str, n: int, nb: int, seed: int) -> np.ndarray:
+    """Random bytes as K blocks (every bit pattern of qs / qh / scales), with finite positive fp16 scales."""
+    rng = np.random.default_rng(seed)
+    bb = BLOCK_BYTES[fmt]
+    raw = rng.integers(0, 256, (n, nb, bb), dtype=np.uint8)
+    for o in D_OFFSETS[fmt]:
+        d = rng.uniform(1e-4, 0.05, (n, nb)).astype(np.float16)
+        raw[..., o:o + 2] = d.view(np.uint8).reshape(n, nb, 2)
+    return raw.reshape(n, nb * bb)
+
+
+@pytest.mark.parametrize("fmt", KF)
+def test_k_blocks_decode_like_gguf(fmt):
+    raw = random_blocks(fmt, 37, 3, seed=1)
+    want = quants.dequantize(raw, getattr(QT, fmt))  # the gguf package's own decoder: the oracle
+    pm = Packed.from_blocks(fmt, raw)
+    assert pm.shape == (37, 768) and pm.nbytes == raw.nbytes  # the split adds no byte
+    np.testing.assert_allclose(pm.dequant64(), want, rtol=3e-7, atol=0)  # gguf computes d * s in fp32
+    for backend in (None, "numpy"):
+        got = cpu_qmatmul.dequant(fmt, pm.qs, pm.d, pm.m, backend=backend, sc=pm.sc, qh=pm.qh)
+        np.testing.assert_allclose(got, want, rtol=3e-7, atol=0)  # d * s * q: fp32 product order
+    np.testing.assert_allclose(pm.dequant(5, 19), want[5:19], rtol=3e-7, atol=0)
+    np.testing.assert_allclose(pm.rows(np.array([36, 0, 7])).dequant(), want[[36, 0, 7]], rtol=3e-7, atol=0)
+    two = Packed.concat([pm.rows(slice(0, 4)), pm.rows(slice(30, 37))])
+    np.testing.assert_allclose(two.dequant(), want[list(range(4)) + list(range(30, 37))], rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize("fmt", KF)
+@pytest.mark.parametrize("R", [1, 2, 3, 8, 9])
+@pytest.mark.parametrize("N,nb", [(1, 1), (7, 3), (130, 2)])
+def test_k_matmul_matches_float64(fmt, R, N, nb):
+    rng = np.random.default_rng(R * 1000 + N + nb)
+    raw = random_blocks(fmt, N, nb, seed=N + nb)
+    pm = Packed.from_blocks(fmt, raw)
+    K = nb * 256
+    x = rng.standard_normal((R, K)).astype(np.float32)
+    w64 = quants.dequantize(raw, getattr(QT, fmt)).astype(np.float64)
+    want = x.astype(np.float64) @ w64.T
+    tol = 8 * K * 2.0 ** -24 * (np.abs(x).astype(np.float64) @ np.abs(w64).T).max()  # fp32 dot-product bound
+    for backend in (None, "numpy"):
+        got = cpu_qmatmul.matmul(fmt, x, pm.qs, pm.d, pm.m, backend=backend, sc=pm.sc, qh=pm.qh)
+        assert got.dtype == np.float32 and got.shape == (R, N)
+        assert np.abs(got - want).max() <= tol, (backend, np.abs(got - want).max(), tol)
+
+
+@pytest.mark.parametrize("fmt", KF)
+def test_quantize_k_round_trips_through_gguf(fmt):
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((9, 512)) * rng.uniform(0.01, 3, (9, 1))).astype(np.float32)
+    w[3, :256] = 0.0  # an all-zero super-block
+    w[4, 40:72] = np.abs(w[4, 40:72])  # a sub-block with no negative value
+    raw = quantize_k(w, fmt)
+    assert raw.dtype == np.uint8 and raw.shape == (9, 2 * BLOCK_BYTES[fmt])
+    back = quants.dequantize(raw, getattr(QT, fmt)).astype(np.float64)
+    group = 32 if fmt == "Q4_K" else 16
+    g = w.astype(np.float64).reshape(9, -1, group)
+    err = np.abs(back.reshape(g.shape) - g).max(-1)
+    if fmt == "Q4_K":  # a step of (max - min(min, 0)) / 15 per sub-block, plus the 6-bit min's rounding
+        bound = (g.max(-1) - np.minimum(g.min(-1), 0)) / 15 * 0.5 + np.abs(g).max(axis=(1, 2))[:, None] / 63 * 1.05
+    else:  # a step of absmax / 31 per group, rounded to int8 scales against the super-block's largest
+        bound = np.abs(g).max(-1) / 31 * 0.5 + np.abs(g).max(axis=(1, 2))[:, None] / 31 / 127 * 32
+    assert (err <= bound + 1e-7).all(), (err / (bound + 1e-12)).max()
+    np.testing.assert_array_equal(back[3, :256], 0.0)
+    assert Packed.quantize(w, fmt).nbytes == raw.nbytes
+
+
+def test_k_matmul_rejects_bad_arrays():
+    pm = Packed.from_blocks("Q6_K", random_blocks("Q6_K", 2, 1, 0))
+    with pytest.raises(ValueError, match="are not Q6_K blocks"):
+        cpu_qmatmul.matmul("Q6_K", np.ones((1, 256), np.float32), pm.qs, pm.d, sc=pm.sc)  # no qh
+    with pytest.raises(ValueError, match=r"x \(1, 32\)"):
+        pm.matmul(np.ones((1, 32), np.float32))
+    with pytest.raises(ValueError, match="rows must be whole blocks of 256"):
+        Packed.quantize(np.ones((2, 96), np.float32), "Q4_K")
+
+
+# -- a tiny GGUF of K blocks ----------------------------------------------------------------------
+D, H, KVH, HD, INTER, LAYERS, VOCAB = 256, 4, 2, 64, 512, 2, 160
+
+
+def write_k_gguf(path: Path, seed: int = 0, tie: bool = True) -> Path:
+    """A random 2-layer llama GGUF as llama.cpp's Q4_K_M mixes it: Q4_K matrices, Q6_K attn_v / ffn_down
+    (and the embedding / output head), F32 norms."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_block_count, LAYERS), (w.add_context_length, 256), (w.add_embedding_length, D),
+                   (w.add_feed_forward_length, INTER), (w.add_head_count, H), (w.add_head_count_kv, KVH),
+                   (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
+                   (w.add_rope_dimension_count, HD), (w.add_vocab_size, VOCAB), (w.add_file_type, 15)):
+        add(v)
+
+    def mat(name: str, n: int, k: int, fmt: str, scale: float = 0.1) -> None:
+        x = (rng.standard_normal((n, k)) * scale).astype(np.float32)
+        w.add_tensor(name, quantize_k(x, fmt), raw_dtype=getattr(QT, fmt))
+
+    def vec(name: str) -> None:
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32))
+
+    mat("token_embd.weight", VOCAB, D, "Q6_K", 1.0)
+    for i in range(LAYERS):
+        p = f"blk.{i}."
+        vec(p + "attn_norm.weight")
+        mat(p + "attn_q.weight", H * HD, D, "Q4_K")
+        mat(p + "attn_k.weight", KVH * HD, D, "Q4_K")
+        mat(p + "attn_v.weight", KVH * HD, D, "Q6_K")
+        mat(p + "attn_output.weight", D, H * HD, "Q4_K")
+        vec(p + "ffn_norm.weight")
+        mat(p + "ffn_gate.weight", INTER, D, "Q4_K")
+        mat(p + "ffn_up.weight", INTER, D, "Q4_K")
+        mat(p + "ffn_down.weight", D, INTER, "Q6_K", 0.05)
+    vec("output_norm.weight")
+    if not tie:
+        mat("output.weight", VOCAB, D, "Q6_K")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("tie", [True])  # the tied head runs on the Q6_K embedding blocks
+def test_k_gguf_is_the_network_transformers_loads(tmp_path, tie):
+    from transformers import AutoModelForCausalLM
+
+    path = write_k_gguf(tmp_path / f"tiny-k-{tie}.gguf", seed=int(tie), tie=tie)
+    ours = load_llm(str(path), tmp_path / "cache")
+    assert ours.model.packed and ours.native and not ours.note
+    assert ours.model.layers[0].wqkv.formats == ["Q4_K", "Q6_K"]  # q/k stacked, v apart
+    assert "Q4_K" in ours.weights and "Q6_K" in ours.weights
+    blocks = sum(t.n_bytes for t in gguf.GGUFReader(str(path)).tensors)
+    assert blocks <= ours.size_bytes() <= blocks + 4096 * 16  # + the rope tables
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = [3, 17, 99, 5, 42, 7, 150, 1]
+    a = ours.model.args
+    cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128)
+    got = ours.model.prefill(cache, 0, ids, all_logits=True)
+    with torch.inference_mode():
+        want = ref(torch.tensor([ids])).logits[0]
+    assert (got - want).abs().max() < 1e-4 * want.abs().max() + 1e-5
+    nxt, mine = int(got[-1].argmax()), []
+    for _ in range(20):
+        mine.append(nxt)
+        nxt = int(ours.model.decode(cache, [0], [nxt])[0].argmax())
+    with torch.inference_mode():
+        theirs = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)[0, len(ids):].tolist()
+    assert mine == theirs
+    # a long prompt through the torch forward: K blocks de-quantised chunk by chunk into the scratch
+    long_ids = [int(t) for t in np.random.default_rng(0).integers(0, VOCAB, 70)]
+    got_long = ours.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128), 0, long_ids)
+    with torch.inference_mode():
+        want_long = ref(torch.tensor([long_ids])).logits[0, -1]
+    assert (got_long - want_long).abs().max() < 1e-4 * want_long.abs().max() + 1e-5
+
+
+def test_k_rows_not_whole_super_blocks_are_refused(tmp_path):
+    path = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_head_count(1)
+    w.add_embedding_length(64)
+    w.add_tensor("token_embd.weight", np.zeros((4, 144), np.uint8), raw_dtype=QT.Q4_K)  # 4 x 256: fine
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = bytearray(path.read_bytes())
+    # rewrite the tensor's first dimension 256 -> 96 in the header: rows that are not whole super-blocks
+    i = data.index(b"token_embd.weight") + len(b"token_embd.weight") + 4
+    assert int.from_bytes(data[i:i + 8], "little") == 256
+    data[i:i + 8] = (96).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptGGUF, match=r"odd\.gguf: tensor token_embd\.weight \(Q4_K\) rows of 96 are not whole "
+                                          r"blocks of 256"):
+        read_gguf(path)
