@@ -59,3 +59,13 @@ def http_server(tmp_path):
             except subprocess.TimeoutExpired:
                 p.kill()
 
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """A CPU engine with its own cache folder, one per test module (closed at the module's end)."""
+    from engine import Engine, EngineConfig
+
+    eng = Engine(EngineConfig(device="cpu", cache_dir=tmp_path_factory.mktemp("cache")))
+    yield eng
+    eng.close()

@@ -68,3 +68,16 @@ def make_settings(tmp_path: Path, **over) -> Settings:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def tiny_llama_folder(folder: Path, *, max_positions: int = 256, seed: int = 0) -> Path:
+    """A random 2-layer Llama (vocabulary 256, width 64, GQA 4/2 heads) saved by transformers into `folder`."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                        initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    T.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    return folder

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import skimage.data
 
-from engine import Engine, EngineConfig
 from engine.detect import Detection, detect, embedded_person_model_path
 from engine.errors import InvalidInput, ModelUnavailable
 
@@ -26,13 +25,6 @@ def iou(a, b) -> float:
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    eng = Engine(EngineConfig(device="cpu", cache_dir=tmp_path_factory.mktemp("cache")))
-    yield eng
-    eng.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import Engine, EngineConfig
 from engine import diffusion as D
 from engine.errors import Cancelled, InvalidInput, ModelUnavailable
 from engine.scheduler import CancelToken
 from tests.tiny_pipeline import cached_tiny_sd
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    eng = Engine(EngineConfig(device="cpu", cache_dir=tmp_path_factory.mktemp("cache")))
-    yield eng
-    eng.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from engine.llm.cache import FullCache, Int8Cache, WindowCache  # noqa: E402
 from engine.llm.load import load_llm  # noqa: E402
 from kernels.kv_quant import dequantize_reference, quantize_reference  # noqa: E402
 
+from tests.helpers import tiny_llama_folder  # noqa: E402
+
 CACHE = Path(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
 L_, KVH, HD = 2, 3, 16
 
@@ -104,16 +106,7 @@ def test_window_cache_keeps_sinks_and_recent_tokens_with_cache_positions():
 # -- with a model ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    import transformers as T
-
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                        initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    folder = tmp_path_factory.mktemp("llama")
-    T.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    return load_llm(str(folder), CACHE)
-
+    return load_llm(str(tiny_llama_folder(tmp_path_factory.mktemp("llama"), max_positions=64)), CACHE)
 
 def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
