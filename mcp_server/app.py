@@ -114,6 +114,7 @@ def make_state(settings: Settings, extra_specs: list[ToolSpec] | None = None) ->
         queue_length=settings.limits.queue_length,
         kernel_backend=settings.engine.kernel_backend,
         torch_threads=settings.engine.torch_threads,
+        llm_decode=settings.models.llm_decode, llm_compile=settings.models.llm_compile,  # issue 16 (H4): Backends
     ))
     sandbox = Sandbox(settings.resolved_read_roots(), settings.resolved_output_dir())
     swept = sandbox.sweep_temp_files()

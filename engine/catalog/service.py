@@ -166,7 +166,8 @@ class CatalogService:
                         report.cache_file = str(fallback)
         cat = Catalog(matrix.shape[1], device=self.engine.device, dtype=torch_dtype, chunk_rows=self.chunk_rows,
                       model=model_id, source=report.source, capacity=max(1024, len(rows)),
-                      memory_limit=self.memory_limit)
+                      memory_limit=self.memory_limit,
+                      backends=getattr(self.engine, "backends", None))  # issue 16 (H4): the engine's scan choice
         cat.upsert(rows, matrix)
         del rows, vecs, matrix
         log, why = self.log_path(None if is_demo else path, model_id)

@@ -34,7 +34,7 @@ from .coalescer import Coalescer
 from .filters import Cond, compile_filters, filter_mask
 from .query import Hit, Query, Request
 from .rows import _ABSENT
-from .scan import scan
+from .scan import choose_path, scan
 
 DEFAULT_CHUNK_ROWS = 1 << 17
 SKETCH_BLOCK_ROWS = 1 << 13  # rows per packed int8 block: an upsert repacks one block (a few ms)
@@ -46,8 +46,10 @@ class Catalog:
     def __init__(self, dim: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS, model: str = "", source: str = "",
                  capacity: int = 1024, sketch: bool | None = None,
-                 memory_limit: Callable[[], int | None] | None = None) -> None:
+                 memory_limit: Callable[[], int | None] | None = None, backends: Any = None) -> None:
         """`sketch`: scan an int8 sketch and rescore in fp32 (CPU fp32 only; None = where available).
+        `backends`: the engine's `engine.backends.Backends` (the scan path and top-k it decided; None = decided
+        here by the same rule, `scan.choose_path`).
         `memory_limit()`: bytes one search or update may need (None = no limit); a search whose upper
         bound exceeds it is refused before it starts, and batches are kept under it."""
         if dtype not in (torch.float32, torch.float16):
@@ -78,11 +80,14 @@ class Catalog:
         self.ann_max_candidates = 8192  # widening past this many candidates falls back to the exact scan
         self.memory_limit: Callable[[], int | None] = memory_limit or (lambda: None)
         self._batcher = Coalescer(self._search_batch, max_cost=lambda: self.memory_limit())
-        use_sketch = self.device.type == "cpu" and dtype == torch.float32 and sketch is not False
-        if sketch and not use_sketch:
-            raise ValueError("the int8 sketch needs an fp32 catalogue on the CPU")
+        # issue 16 (H4): one scan path per catalogue, chosen here (engine.backends / scan.choose_path)
+        self.topk_backend = backends.topk.impl if backends is not None else "auto"
+        if backends is not None and sketch is None and str(self.device) == backends.device:
+            self.scan_path = backends.catalog_scan(dtype).impl
+        else:
+            self.scan_path = choose_path(self.device, dtype, sketch=sketch, topk_backend=self.topk_backend)[0]
         self._sketch = (int8_sketch.Int8Sketch(self.dim, min(self.chunk_rows, SKETCH_BLOCK_ROWS))
-                        if use_sketch and int8_sketch.supported() else None)
+                        if self.scan_path == "sketch" else None)
         self._refresh_views()
 
     # -- size and info -------------------------------------------------------
@@ -551,7 +556,8 @@ class Catalog:
 
     def _scan(self, vecs: torch.Tensor, masks: list[torch.Tensor | None], kmax: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        return scan(self._matrix, self._np, self._sketch, self._n, self.chunk_rows, vecs, masks, kmax)
+        return scan(self._matrix, self._np, self._sketch, self._n, self.chunk_rows, vecs, masks, kmax,
+                    path=self.scan_path, topk_backend=self.topk_backend)
 
     def _walk(self, q: Query, vals: list[float], rows: list[int]) -> tuple[list[Hit], bool]:
         """Greedy pass down the sorted candidates -> (hits, final). Not final: more candidates needed."""

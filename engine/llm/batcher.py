@@ -148,8 +148,9 @@ class LLMService:
 
     def __init__(self, get_model: Callable[[], LoadedLLM], *, budget_bytes: Callable[[], int | None] | None = None,
                  max_slots: int = 8, max_len: int = 2048, compile_step: bool = False,
-                 speculate: bool = True) -> None:
+                 speculate: bool = True, kv_backend: str | None = None) -> None:
         self._get_model = get_model
+        self.kv_backend = kv_backend  # issue 16 (H4): the engine's kv_quant choice (engine.backends); None = auto
         self._budget = budget_bytes or (lambda: None)
         self.max_slots, self.max_len, self.compile_step = max_slots, max_len, compile_step
         self._pools: dict[CacheSpec, _Pool] = {}
@@ -258,7 +259,7 @@ class LLMService:
             if spec.kind == "full":
                 return FullCache(a.n_layers, n, a.n_kv_heads, a.head_dim, L, dt, dev)
             if spec.kind == "int8":
-                return Int8Cache(a.n_layers, n, a.n_kv_heads, a.head_dim, L, dt, dev)
+                return Int8Cache(a.n_layers, n, a.n_kv_heads, a.head_dim, L, dt, dev, backend=self.kv_backend)
             return WindowCache(a.n_layers, n, a.n_kv_heads, a.head_dim, spec.window, spec.sinks, dt, dev)
 
         per_slot = make(1).nbytes()
@@ -598,6 +599,7 @@ def service_for(engine: Any, spec: str, *, compile_step: bool = False, max_slots
 
     def factory(eng: Any) -> LLMService:
         return LLMService(lambda: eng.registry.get(key), budget_bytes=budget, max_slots=max_slots,
-                          max_len=max_len, compile_step=compile_step)
+                          max_len=max_len, compile_step=compile_step,
+                          kv_backend=eng.backends.kv_quant.impl if hasattr(eng, "backends") else None)  # issue 16
 
     return engine.service(key, factory)
