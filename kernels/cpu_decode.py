@@ -80,6 +80,7 @@ def _kernels() -> dict | None:
         return None
     njit, prange = jit()  # type: ignore[misc]
 
+    # the four-rows loop is also in cpu_topk.half_scores_nb: why it is not shared is noted there (measured)
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def rows_matmul_nb(x, w, out):  # pragma: no cover - compiled
         M, Kd = x.shape

@@ -251,6 +251,13 @@ def _kernels() -> dict | None:
     global _h2f
     _h2f = half_to_float_intrinsic()  # a module global: a closure variable would keep Numba from caching
 
+    # The four-rows loop below is also in cpu_decode.rows_matmul_nb, written out in both on purpose (issue 16
+    # measured sharing it as one njit helper, inline="always": benchmarks/four_rows_timing.py, 1 Numba thread,
+    # 2-core EPYC under load, best of 3 medians): rows_matmul 1 row 0.18-0.23 ms written out vs 0.21-0.30 ms
+    # shared (20-25 % slower in the decode step's commonest case), 4 and 8 rows within noise; half_scores with
+    # 1 row must keep its own branch (widening inside the dot product: 12-16 ms vs 20-22 ms widening first).
+    # And Numba's on-disk cache (cache=True) is keyed on the caller's own file only: a helper in another module
+    # could change without the cached kernels that inline it being recompiled.
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def half_scores_nb(x, w16, out):  # pragma: no cover - compiled
         M, Kd = x.shape
