@@ -130,7 +130,7 @@ _h2f = block_sums = q4k_scales = None  # set by _kernels()
 
 
 @functools.cache
-def _kernels() -> tuple | None:
+def _kernels() -> dict | None:
     if jit() is None:
         return None
     njit, prange = jit()  # type: ignore[misc]
@@ -366,7 +366,8 @@ def _kernels() -> tuple | None:
                                 s = np.float32(sc[n, b, h * 8 + 2 * g + (l >> 4)])
                                 out[n, base + l] = dd * s * np.float32(v - 32)
 
-    return q4_nb, q8_nb, dequant_nb, q4k_nb, q6k_nb, dequant_k_nb
+    return {"q4_matmul": q4_nb, "q8_matmul": q8_nb, "q_dequant": dequant_nb, "q4k_matmul": q4k_nb,
+            "q6k_matmul": q6k_nb, "qk_dequant": dequant_k_nb}
 
 
 def available() -> bool:
@@ -411,17 +412,17 @@ def matmul(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray
         out = np.empty((x.shape[0], qs.shape[0]), np.float32)
     kind = _KIND[fmt]
     if kind == 2:
-        dispatch(_kernels, 1, lambda x, qs, d, out: matmul_reference(fmt, x, qs, d, None, out), backend,
+        dispatch(_kernels, "q8_matmul", lambda x, qs, d, out: matmul_reference(fmt, x, qs, d, None, out), backend,
                  x, qs, d, out)
     elif kind == 3:
-        dispatch(_kernels, 3, lambda x, qs, sc, d, m, out: matmul_reference(fmt, x, qs, d, m, out, sc), backend,
+        dispatch(_kernels, "q4k_matmul", lambda x, qs, sc, d, m, out: matmul_reference(fmt, x, qs, d, m, out, sc), backend,
                  x, qs, sc, d, m, out)
     elif kind == 4:
-        dispatch(_kernels, 4, lambda x, qs, qh, sc, d, out: matmul_reference(fmt, x, qs, d, None, out, sc, qh),
+        dispatch(_kernels, "q6k_matmul", lambda x, qs, qh, sc, d, out: matmul_reference(fmt, x, qs, d, None, out, sc, qh),
                  backend, x, qs, qh, sc, d, out)
     else:
         mm = m if m is not None else d
-        dispatch(_kernels, 0, lambda x, qs, d, m, k, out: matmul_reference(fmt, x, qs, d, m, out), backend,
+        dispatch(_kernels, "q4_matmul", lambda x, qs, d, m, k, out: matmul_reference(fmt, x, qs, d, m, out), backend,
                  x, qs, d, mm, kind, out)
     return out
 
@@ -440,13 +441,13 @@ def dequant(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None
         sc = sc[n0:n1]
         qh2 = qh[n0:n1] if qh is not None else qs
         mm = m[n0:n1] if m is not None else d
-        dispatch(_kernels, 5,
+        dispatch(_kernels, "qk_dequant",
                  lambda qs, qh, sc, d, m, k, out: dequant_rows_reference(
                      fmt, qs, d, m if fmt == "Q4_K" else None, out, sc, qh if fmt == "Q6_K" else None),
                  backend, qs, qh2, sc, d, mm, kind, out)
         return out
     mm = (m if m is not None else d)[n0:n1] if fmt != "Q8_0" else d
-    dispatch(_kernels, 2,
+    dispatch(_kernels, "q_dequant",
              lambda qs, d, m, k, out: dequant_rows_reference(fmt, qs, d, m if fmt == "Q4_1" else None, out),
              backend, qs, d, mm, kind, out)
     return out
@@ -466,3 +467,61 @@ def warm() -> list[str]:
         matmul(fmt, np.ones((3, x.shape[1]), f32), qs, u16, u16, sc=sc, qh=qh)
         dequant(fmt, qs, u16, u16, sc=sc, qh=qh)
     return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant"]
+
+
+# -- registry (issue 13): each product and de-quantisation beside its NumPy twin ---------------------
+def _random_packed(fmt: str, n: int, nb: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """(qs, d, m, sc, qh) of n rows x nb blocks: random bytes, finite fp16 scales."""
+    def half(shape: tuple[int, ...]) -> np.ndarray:
+        return rng.uniform(1e-3, 0.05, shape).astype(np.float16).view(np.uint16)
+
+    dt, width = _LAYOUT[fmt]
+    qs = rng.integers(0, 256, (n, nb, width), dtype=np.uint8).view(dt)
+    sc = rng.integers(-128, 128, (n, nb, 16), dtype=np.int8) if fmt == "Q6_K" else \
+        rng.integers(0, 256, (n, nb, 12), dtype=np.uint8)
+    qh = rng.integers(0, 256, (n, nb, 64), dtype=np.uint8)
+    return qs, half((n, nb)), half((n, nb)), sc, qh
+
+
+def _matmul_cases(fmt: str):  # noqa: ANN202
+    def cases(device: str, large: bool):  # noqa: ANN202
+        rng = np.random.default_rng(13)
+        shapes = [(1, 1, 1), (3, 7, 3), (8, 130, 2), (9, 33, 5)] + ([(8, 4096, 16)] if large else [])
+        for R, n, nb in shapes:
+            x = rng.standard_normal((R, nb * BLOCK_VALUES[fmt]), dtype=np.float32)
+            yield (x, *_random_packed(fmt, n, nb, rng)), f"{fmt} {R} x [{n}, {nb * BLOCK_VALUES[fmt]}]"
+    return cases
+
+
+def _dequant_cases(fmt: str):  # noqa: ANN202
+    def cases(device: str, large: bool):  # noqa: ANN202
+        rng = np.random.default_rng(14)
+        for n, nb in [(1, 1), (7, 3), (130, 2)]:
+            yield _random_packed(fmt, n, nb, rng), f"{fmt} [{n}, {nb * BLOCK_VALUES[fmt]}]"
+    return cases
+
+
+def _register() -> None:
+    from .registry import Kernel, register
+
+    def rel(rtol: float):  # noqa: ANN202
+        def check(got: np.ndarray, want: np.ndarray) -> None:
+            scale = max(float(np.abs(want).max(initial=0.0)), 1e-30)
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+        return check
+
+    for fmt in ALL_FORMATS:
+        def mm(x, qs, d, m, sc, qh, _f=fmt, _b=None):  # noqa: ANN001, ANN202
+            return matmul(_f, x, qs, d, m, backend=_b, sc=sc, qh=qh)
+
+        def dq(qs, d, m, sc, qh, _f=fmt, _b=None):  # noqa: ANN001, ANN202
+            return dequant(_f, qs, d, m, backend=_b, sc=sc, qh=qh)
+
+        name = fmt.lower()
+        register(Kernel(f"qmatmul_{name}", "numba", mm, lambda *a, _mm=mm: _mm(*a, _b="numpy"), _matmul_cases(fmt),
+                        rel(1e-4), f"x @ W.T with W in GGUF {fmt} blocks, de-quantised in registers"))
+        register(Kernel(f"qdequant_{name}", "numba", dq, lambda *a, _dq=dq: _dq(*a, _b="numpy"),
+                        _dequant_cases(fmt), rel(1e-6), f"GGUF {fmt} rows to fp32"))
+
+
+_register()
