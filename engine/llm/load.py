@@ -18,8 +18,10 @@
   tokenizer files (and a config.json) are written once to `<cache_dir>/llm/<name>.tok/`, atomically.
   A GGUF with another architecture or block type falls back to the conversion above, with a note.
   "int8" / "int4" quantise an fp32/fp16/bf16 model at load into Q8_0 / Q4_1 blocks (groups of 32,
-  llama.cpp's rounding via `gguf.quants`); "fp32" / "fp16" / "bf16" hold de-quantised weights in
-  that dtype (the torch forward serves fp16/bf16 on the CPU).
+  llama.cpp's rounding via `gguf.quants`), once: the blocks are cached in
+  `<cache_dir>/llm/quantized/<name>-<weights>-<key>.npz` (key: the weight files' names, sizes and mtimes;
+  written whole or not at all; a corrupt file is detected by its CRCs and rebuilt); "fp32" / "fp16" /
+  "bf16" hold de-quantised weights in that dtype (the torch forward serves fp16/bf16 on the CPU).
 - Tokenisation uses the `tokenizers` library on tokenizer.json and renders the
   chat template with jinja2 the way transformers does; transformers is only
   imported for conversion and for the fallback.
@@ -341,10 +343,7 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
         model: Any = build(cfg, read_state(folder), device=device, dtype=dtype, blas=decode)
         native = True
         if weights in ("int8", "int4") and cpu:
-            from .qweights import quantize_model
-
-            say(f"loading model: quantising to {weights}")
-            model = quantize_model(model, "Q8_0" if weights == "int8" else "Q4_1", blas=decode)
+            model, qcache = _quantize_cached(model, folder, Path(cache_dir), weights, decode, say)
         elif weights in ("int8", "int4"):
             note = f"{weights} weights are CPU-only in this build; kept {str(dtype).replace('torch.', '')}"
     except UnsupportedModel as exc:
@@ -357,7 +356,51 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
     m = LoadedLLM(name=name, folder=folder, model=model, tokenizer=tok, native=native, config=cfg,
                   eos_ids=eos, context_len=ctx, note=note, load_seconds=time.perf_counter() - t0,
                   extra={"weights": weights if weights in ("int8", "int4") else ""})
+    if weights in ("int8", "int4") and cpu and native:
+        m.extra["qcache"] = qcache
     return m
+
+
+def quant_cache_file(folder: Path, cache_dir: Path, weights: str) -> Path:
+    """Where `weights` ("int8" | "int4") blocks of the model in `folder` are cached: named after a key of
+    the weight format, the cache layout version and every weight/config file's name, size and mtime (a
+    changed file gives a new key; content hashes would read gigabytes at every start)."""
+    from .qweights import CACHE_VERSION
+
+    files = sorted(f for f in folder.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin")
+                                                                     or f.name == "config.json"))
+    stamp = [weights, CACHE_VERSION, str(folder.resolve())] + [
+        [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:20]
+    return cache_dir / "llm" / "quantized" / f"{folder.name}-{weights}-{key}.npz"
+
+
+def _quantize_cached(model: Any, folder: Path, cache_dir: Path, weights: str, decode: str,
+                     say: Any) -> tuple[Any, str]:
+    """`qweights.quantize_model` with its blocks cached on disk (`quant_cache_file`). Returns (model, what
+    the cache did: "hit" | "written" | "rebuilt" (a corrupt file replaced) | "unwritable")."""
+    from .qweights import CorruptCache, load_quantized, quantize_model, save_quantized
+
+    fmt = "Q8_0" if weights == "int8" else "Q4_1"
+    path = quant_cache_file(folder, cache_dir, weights)
+    status = "written"
+    if path.is_file():
+        say(f"loading model: {weights} blocks from the cache")
+        try:
+            cached = load_quantized(path, fmt)
+            return quantize_model(model, fmt, blas=decode, cached=cached), "hit"
+        except CorruptCache as exc:
+            log.warning("quantised-weights cache unreadable; rebuilding it", extra={"reason": str(exc)})
+            path.unlink(missing_ok=True)
+            status = "rebuilt"
+    say(f"loading model: quantising to {weights} (once; cached)")
+    model = quantize_model(model, fmt, blas=decode)
+    try:
+        save_quantized(model, fmt, path)
+    except OSError as exc:  # a full or read-only disk costs the next start a re-quantisation, nothing else
+        log.warning("quantised weights not cached", extra={"path": str(path), "reason": str(exc)})
+        status = "unwritable"
+    return model, status
 
 
 def _load_packed(g: tuple[str, str, Path], cache_dir: Path, decode: str, say: Any, t0: float) -> LoadedLLM:

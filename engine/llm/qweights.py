@@ -29,6 +29,7 @@ What it does not know: GGUF files (`engine.llm.gguf_load`), the network (`engine
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -313,25 +314,116 @@ def weight_formats(model: Any) -> dict[str, int]:
     return out
 
 
-def quantize_model(model: Any, fmt: str, blas: str = "auto") -> Any:
+def quantize_model(model: Any, fmt: str, blas: str = "auto", cached: dict[str, Packed] | None = None) -> Any:
     """Replace a CPU fp32 decoder's weight matrices (and its embedding / tied head) by `fmt` blocks, in
-    place; a matrix whose width is not a multiple of 32 stays fp32. Returns the model."""
+    place; a matrix whose width is not a multiple of the block stays fp32. `cached` ({module path: Packed},
+    `load_quantized`) supplies blocks already made; a matrix it lacks, or whose shape differs, is quantised.
+    Returns the model."""
     scratch = Scratch()
     model.scratch = scratch
+    cached = cached or {}
+    qk = BLOCK_VALUES[fmt]
 
-    def q(lin: nn.Linear) -> nn.Module:
-        w = lin.weight.detach().float().numpy()
-        if w.shape[1] % 32:
+    def packed(key: str, w: torch.Tensor) -> Packed:
+        c = cached.get(key)
+        if c is not None and c.fmt == fmt and c.shape == tuple(w.shape):
+            return c
+        return Packed.quantize(w.detach().float().numpy(), fmt)
+
+    def q(lin: nn.Linear, key: str) -> nn.Module:
+        if lin.weight.shape[1] % qk:
             return lin
-        return PackedLinear([Packed.quantize(w, fmt)], lin.bias, scratch)
+        return PackedLinear([packed(key, lin.weight)], lin.bias, scratch)
 
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         for name in ("wqkv", "wo", "w13", "w2"):
-            setattr(layer, name, q(getattr(layer, name)))
+            setattr(layer, name, q(getattr(layer, name), f"layers.{i}.{name}"))
     if isinstance(model.output, nn.Linear):
-        model.output = q(model.output)
-    if isinstance(model.tok, nn.Embedding) and model.tok.weight.shape[1] % 32 == 0:
-        model.tok = PackedEmbedding(Packed.quantize(model.tok.weight.detach().float().numpy(), fmt), scratch)
+        model.output = q(model.output, "output")
+    if isinstance(model.tok, nn.Embedding) and model.tok.weight.shape[1] % qk == 0:
+        model.tok = PackedEmbedding(packed("tok", model.tok.weight), scratch)
     from .model import blas_backend
 
     return model.set_blas(blas_backend(blas, "cpu", torch.float32))
+
+
+# -- the on-disk cache of quantised weights -------------------------------------------------------------
+CACHE_VERSION = 1
+
+
+class CorruptCache(Exception):
+    """A cache file that cannot be read back whole (truncated, bad CRC, missing or odd arrays)."""
+
+
+def packed_modules(model: Any) -> dict[str, Packed]:
+    """{module path: Packed} of a model made by `quantize_model` (one part per module)."""
+    out: dict[str, Packed] = {}
+    for i, layer in enumerate(model.layers):
+        for name in ("wqkv", "wo", "w13", "w2"):
+            mod = getattr(layer, name)
+            if isinstance(mod, PackedLinear) and len(mod.parts) == 1:
+                out[f"layers.{i}.{name}"] = mod.parts[0]
+    if isinstance(model.output, PackedLinear) and len(model.output.parts) == 1:
+        out["output"] = model.output.parts[0]
+    if isinstance(model.tok, PackedEmbedding):
+        out["tok"] = model.tok.table
+    return out
+
+
+def save_quantized(model: Any, fmt: str, path: Path) -> None:
+    """Write `model`'s packed blocks to `path` whole or not at all: an uncompressed .npz (a zip whose
+    members carry CRC-32s) written to a temporary file in the same folder, flushed and fsync'ed, then
+    moved into place with `os.replace`. On any failure the temporary file is removed and the error raised."""
+    import os
+
+    arrays: dict[str, np.ndarray] = {"__format__": np.array(f"{fmt}:{CACHE_VERSION}")}
+    for key, pm in packed_modules(model).items():
+        for field, a in pm._arrays():
+            arrays[f"{key}/{field}"] = a
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # the rename itself survives a crash once the folder is synced
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_quantized(path: Path, fmt: str) -> dict[str, Packed]:
+    """{module path: Packed} read back from `save_quantized`'s file; `CorruptCache` if any member fails its
+    CRC, the file is truncated, or its format or arrays are not what `fmt` blocks need."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}  # reading a member whole checks its CRC-32
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise CorruptCache(f"{path}: {type(exc).__name__}: {exc}") from exc
+    tag = arrays.pop("__format__", None)
+    if tag is None or str(tag) != f"{fmt}:{CACHE_VERSION}":
+        raise CorruptCache(f"{path}: format {tag!r}, expected {fmt}:{CACHE_VERSION}")
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for name, a in arrays.items():
+        key, _, field = name.rpartition("/")
+        groups.setdefault(key, {})[field] = a
+    out: dict[str, Packed] = {}
+    for key, fields in groups.items():
+        try:
+            pm = Packed(fmt, **fields)
+            cpu_qmatmul._check(fmt, pm.qs, pm.d, pm.m, pm.sc, pm.qh)
+        except (TypeError, ValueError) as exc:
+            raise CorruptCache(f"{path}: {key}: {exc}") from exc
+        out[key] = pm
+    return out
