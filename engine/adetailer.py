@@ -9,16 +9,20 @@ Contract
 - All units detect on the input image first (so the total number of steps is
   known for progress), then regions are inpainted one after the other, each on
   the image the previous one left; region i uses seed + i.
-- Masks, per unit: from the box, or from the segmentation mask when the
-  detector gives one (`mask_source="auto"`); then offset (x: +right, y: +up,
-  as in ADetailer; pixels shifted in are empty, nothing wraps), then dilate
-  (px > 0) or erode (px < 0) with a (2|px|+1)-square kernel (OpenCV borders:
+- Masks, per unit, built with `engine.masks`' operations: from the box, or
+  from the segmentation mask when the detector gives one that selects
+  something (`mask_source="auto"`; `masks.detection_mask`); then offset (x:
+  +right, y: +up, as in ADetailer; pixels shifted in are empty, nothing
+  wraps; `masks.shift`), then dilate (px > 0) or erode (px < 0) with a
+  (2|px|+1)-square (`masks.dilate` / `masks.erode`, footprint "square":
   dilation never grows from outside the image, erosion does not eat in from
   the image edge), masks left empty are dropped, then merge: "none" (one
   region per detection), "merge" (their union), "merge_invert" (everything
   but the union).
-- Per region: alpha = Gaussian blur of the mask with a (2*feather+1) kernel,
-  so alpha > 0 exactly on the mask dilated by `feather` px. The crop is the
+- Per region: alpha = `masks.feather(mask, feather)`, a Gaussian of sigma
+  feather / 2 truncated at radius feather (symmetric borders, as OpenCV's
+  GaussianBlur with a (2*feather+1) kernel and BORDER_REFLECT), values under
+  1e-6 set to 0, so alpha > 0 exactly on the mask dilated by `feather` px. The crop is the
   bounding box of alpha > 0 grown by `padding` px (clipped to the image); it
   is resized (aspect kept, sides multiples of 8) so its longer side is
   `resolution`, inpainted where alpha > 0, resized back (Lanczos), and pasted
@@ -33,8 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import diffusion
+from . import masks as mask_ops
 from .detect import Detection, detect
 from .errors import InvalidInput
 from .scheduler import CancelToken
@@ -73,45 +79,28 @@ class DetailResult:
     masks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (unit index, processed [H, W] bool mask)
 
 
-# -- masks ---------------------------------------------------------------------
+# -- masks: engine.masks' operations on NumPy arrays (torch.from_numpy shares their memory) -----------
 def box_mask(shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
     """[H, W] bool, True inside box (x1, y1, x2, y2 exclusive)."""
-    m = np.zeros(shape, dtype=bool)
-    x1, y1, x2, y2 = box
-    m[max(0, y1):max(0, y2), max(0, x1):max(0, x2)] = True
-    return m
+    return mask_ops.box_mask(box, *shape).numpy()
 
 
 def detection_mask(det: Detection, shape: tuple[int, int], source: str = "auto") -> np.ndarray:
-    if source == "auto" and det.mask is not None and det.mask.shape == shape and det.mask.any():
-        return det.mask.astype(bool)
-    return box_mask(shape, det.box)
+    """The detection's segmentation mask when `source` is "auto" and it has one that selects something, else its box."""
+    return mask_ops.detection_mask([det], *shape, use_masks=source == "auto").numpy()
 
 
 def offset_mask(mask: np.ndarray, dx: int, dy: int) -> np.ndarray:
     """Shift by dx px to the right and dy px UP (ADetailer's convention); no wrap-around."""
-    h, w = mask.shape
-    out = np.zeros_like(mask)
-    sy = -dy  # rows move down by -dy
-    src_y = slice(max(0, -sy), min(h, h - sy))
-    dst_y = slice(max(0, sy), min(h, h + sy))
-    src_x = slice(max(0, -dx), min(w, w - dx))
-    dst_x = slice(max(0, dx), min(w, w + dx))
-    if src_y.start < src_y.stop and src_x.start < src_x.stop:
-        out[dst_y, dst_x] = mask[src_y, src_x]
-    return out
+    return mask_ops.shift(torch.from_numpy(mask), dx, -dy).numpy()
 
 
 def dilate_erode(mask: np.ndarray, px: int) -> np.ndarray:
     """px > 0 dilates, px < 0 erodes, by |px| pixels (Chebyshev: a (2|px|+1)-square kernel)."""
     if px == 0:
         return mask.copy()
-    import cv2
-
-    kernel = np.ones((2 * abs(px) + 1, 2 * abs(px) + 1), np.uint8)
-    u8 = mask.astype(np.uint8)
-    out = cv2.dilate(u8, kernel) if px > 0 else cv2.erode(u8, kernel)
-    return out.astype(bool)
+    op = mask_ops.dilate if px > 0 else mask_ops.erode
+    return op(torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)), abs(px), footprint="square").numpy()
 
 
 def merge_masks(masks: Sequence[np.ndarray], mode: str) -> list[np.ndarray]:
@@ -132,16 +121,13 @@ def preprocess_masks(masks: Sequence[np.ndarray], *, offset: tuple[int, int] = (
 
 
 def feather_alpha(mask: np.ndarray, feather: int) -> np.ndarray:
-    """float32 [H, W]: Gaussian-blurred mask; > 0 exactly on the mask dilated by `feather` px."""
-    a = mask.astype(np.float32)
+    """float32 [H, W]: Gaussian-blurred mask (`engine.masks.feather`: sigma feather / 2, radius feather);
+    > 0 exactly on the mask dilated by a (2 feather + 1)-square."""
     if feather <= 0:
-        return a
-    import cv2
-
-    k = 2 * feather + 1
-    blurred = cv2.GaussianBlur(a, (k, k), sigmaX=max(feather / 2.0, 0.5), borderType=cv2.BORDER_REFLECT)
-    blurred[blurred < 1e-6] = 0.0  # float dust from the separable filter is not "inside"
-    return np.clip(blurred, 0.0, 1.0)
+        return mask.astype(np.float32)
+    a = mask_ops.feather(torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)), feather).numpy()
+    a[a < 1e-6] = 0.0  # float dust is not "inside"
+    return a
 
 
 def crop_box(alpha: np.ndarray, padding: int) -> tuple[int, int, int, int]:

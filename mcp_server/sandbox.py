@@ -2,7 +2,9 @@
 
 Inputs must resolve (realpath, symlinks followed) to a regular file inside one
 of the read roots; outputs go only to the output directory, under fresh names,
-written atomically (temp file in the same directory, fsync, `os.replace`).
+written atomically by `engine.files.atomic_write` (temp file in the same directory,
+created with O_EXCL | O_NOFOLLOW, fsync, `os.replace`, folder fsync; an existing
+output is never replaced).
 
 Rules, each with its own error text:
 - a path is a non-empty string without NUL bytes and at most 4096 characters;
@@ -32,6 +34,7 @@ import stat
 import time
 from pathlib import Path
 
+from engine.files import TargetExists, atomic_write, sweep
 from tools.base import ToolError
 
 MAX_PATH_CHARS = 4096
@@ -151,47 +154,18 @@ class Sandbox:
         return self.output_dir / f"{safe}-{stamp}-{secrets.token_hex(4)}{suffix}"
 
     def write_atomic(self, final: Path, data: bytes) -> Path:
-        """Write `data` to `final` (inside the output dir) atomically; never overwrite."""
+        """Write `data` to `final` (inside the output dir) atomically (`engine.files.atomic_write`); never overwrite."""
         final = Path(final)
         if Path(os.path.realpath(final.parent)) != self.output_dir:
             raise ToolError.invalid("output", str(final), "outputs are written only to the output directory")
-        tmp = final.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            return atomic_write(final, data, prefix=TEMP_PREFIX, overwrite=False, mode=0o644)
+        except TargetExists:
+            raise ToolError.invalid("output", str(final), "refusing to overwrite an existing file") from None
         except OSError as exc:
             if exc.errno in NO_SPACE_ERRNOS:
                 raise self._no_space(exc) from None
             raise
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            if os.path.lexists(final):
-                raise ToolError.invalid("output", str(final), "refusing to overwrite an existing file")
-            os.replace(tmp, final)
-        except BaseException as exc:
-            if fd >= 0:
-                os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
-                raise self._no_space(exc) from None
-            raise
-        try:
-            dfd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-        return final
 
     def _no_space(self, exc: OSError) -> ToolError:
         what = "disk quota exceeded" if exc.errno == getattr(errno, "EDQUOT", None) else "no space left on device"
@@ -200,13 +174,5 @@ class Sandbox:
                                  f"set paths.output_dir to a larger disk) and retry")
 
     def sweep_temp_files(self) -> int:
-        """Remove temp files left by a crash. Returns how many were removed."""
-        n = 0
-        for p in self.output_dir.glob(f"{TEMP_PREFIX}*"):
-            try:
-                if p.is_file() and not p.is_symlink():
-                    p.unlink()
-                    n += 1
-            except OSError:
-                pass
-        return n
+        """Remove temp files left by a crash (`engine.files.sweep`). Returns how many were removed."""
+        return sweep(self.output_dir, TEMP_PREFIX)

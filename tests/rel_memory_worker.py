@@ -35,8 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine import masks, workmem  # noqa: E402
-from engine.mask_eval import check_expression_memory, expression_memory  # noqa: E402
-from engine.mask_expr import parse  # noqa: E402
+from engine.masks.expression import check_expression_memory, expression_memory, parse  # noqa: E402  (issue 16, H5)
 from tests.reltools import proc_status, reset_peak  # noqa: E402
 
 _ctx = None

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from skimage.color import deltaE_cie76, deltaE_ciede94, deltaE_ciede2000, rgb2lab
 
+from engine.errors import InvalidInput
 from tests.fakectx import make_context, png_b64
 from tools.base import ToolError
+
+# the tools let the engine's InvalidInput through unwrapped: the server answers it and ToolError alike, with the
+# text "argument=value: rule" (mcp_server/app.py `_map_error`; tests/test_tool_edge.py checks the client's text)
+CLIENT_ERRORS = (ToolError, InvalidInput)
 from tools.color import TOOLS, ColorCompareInput, band
 
 SPEC = TOOLS[0]
@@ -134,7 +139,7 @@ def test_images_mask_expression(ctx) -> None:
     s = run(ctx, image_a=png_b64(a), image_b=png_b64(b), mask_expression="x < 32").structured
     assert s.sampled_pixels == 48 * 32
     assert s.mean == pytest.approx(de[:, :32].mean(), abs=1e-4)
-    with pytest.raises(ToolError, match="mask_expression"):
+    with pytest.raises(InvalidInput, match="mask_expression"):
         run(ctx, image_a=png_b64(a), image_b=png_b64(b), mask_expression="x <")
     with pytest.raises(ToolError, match="no .*pixels"):
         run(ctx, image_a=png_b64(a), image_b=png_b64(b), mask_expression="x < 0")
@@ -204,14 +209,14 @@ def test_images_inputs_not_modified(ctx, tmp_path) -> None:
     ({"color_a": "red", "color_b": "blue", "heatmap": True}, "heatmap"),
 ])
 def test_bad_input_names_argument(ctx, kw: dict, argument: str) -> None:
-    with pytest.raises(ToolError) as ei:
+    with pytest.raises(CLIENT_ERRORS) as ei:
         run(ctx, **kw)
     assert str(ei.value).startswith(argument + "="), str(ei.value)
 
 
 def test_bad_image_inputs(ctx) -> None:
     a, b = _pair()
-    with pytest.raises(ToolError, match="^background="):
+    with pytest.raises(InvalidInput, match="^background="):
         run(ctx, image_a=png_b64(a), image_b=png_b64(b), background="nope")
     with pytest.raises(ToolError, match="^image_b="):
         run(ctx, image_a=png_b64(a), image_b="not-an-image")

@@ -11,11 +11,15 @@ from PIL import Image
 from pydantic import ValidationError
 from scipy import ndimage
 
-from engine.errors import Cancelled
+from engine.errors import Cancelled, InvalidInput
 from tests.fakectx import make_context
 from tests.tiny_pipeline import cached_tiny_sd
 from tools.base import ToolError
 from tools.images import TOOLS, DetailImageInput, GenerateImageInput
+
+# the tools let the engine's InvalidInput through unwrapped: the server answers it and ToolError alike, with the
+# text "argument=value: rule" (mcp_server/app.py `_map_error`; tests/test_tool_edge.py checks the client's text)
+CLIENT_ERRORS = (ToolError, InvalidInput)
 
 GEN, DETAIL = TOOLS
 
@@ -89,7 +93,7 @@ def test_generate_image_batch(ctx):
     ({"scheduler": "PLMS"}, "scheduler='PLMS'.*DDIM"),
 ])
 def test_generate_image_bad_input(ctx, kw, match):
-    with pytest.raises(ToolError, match=match):
+    with pytest.raises(CLIENT_ERRORS, match=match):
         gen(ctx, **kw)
 
 
@@ -180,5 +184,5 @@ def test_detail_image_no_detection_returns_input(ctx, tmp_path):
 ])
 def test_detail_image_bad_input(ctx, astronaut_file, kw, match):
     base = {"image": astronaut_file, "steps": 4, "inpaint_resolution": 64}
-    with pytest.raises(ToolError, match=match):
+    with pytest.raises(CLIENT_ERRORS, match=match):
         DETAIL.run(DetailImageInput(**(base | kw)), ctx)

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import InvalidInput
-from engine.mask_expr import Binary, Channel, parse, tokenize
 from engine.masks import evaluate_expression
+from engine.masks.expression import Binary, Channel, parse, tokenize
 
 H, W = 9, 13
 _RNG = np.random.default_rng(7)

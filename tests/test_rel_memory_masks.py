@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from engine import masks, workmem
 from engine.errors import InvalidInput
-from engine.mask_eval import check_expression_memory, expression_memory
-from engine.mask_expr import CHANNELS, MAX_ARGS, parse
+from engine.masks.edits import _rgb_to_hsv
+from engine.masks.expression import CHANNELS, MAX_ARGS, check_expression_memory, expression_memory, parse
 from tests.rel_memory_worker import Worker
 from tests.reltools import reset_peak
 
@@ -173,7 +173,7 @@ _oexpr = st.recursive(st.tuples(_onum, st.sampled_from(["<", "<=", ">", ">=", "=
 
 
 def _np_eval(node, img: np.ndarray):
-    from engine.mask_expr import Binary, Call, Channel, Num, Unary
+    from engine.masks.expression import Binary, Call, Channel, Num, Unary
 
     h, w, c = img.shape
     f32 = np.float32
@@ -228,8 +228,8 @@ def test_lean_channels_match_the_reference_formulas():
     img[0, :6, :3] = torch.tensor([[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]])
     rgb = img[..., :3].to(torch.float32)
     gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-    h, s, v = masks._rgb_to_hsv(rgb / 255.0)
-    from engine.mask_eval import _gray, _hsv
+    h, s, v = _rgb_to_hsv(rgb / 255.0)
+    from engine.masks.expression import _gray, _hsv
 
     assert torch.equal(_gray(img), gray)
     h2, s2, v2 = _hsv(img)

@@ -8,7 +8,9 @@ worker for `execution="device"`, a thread pool for `execution="thread"`),
 turns `ToolOutput` into MCP content and maps errors:
 
 - `ToolError` (here) and `engine.errors.InvalidInput` -> an error result whose
-  text the model reads (name the argument, the value and the rule);
+  text the model reads (name the argument, the value and the rule); both read
+  "argument=value: rule", so a tool lets the engine's `InvalidInput` (and its
+  `workmem.MemoryLimitExceeded`) through as it is, without wrapping it;
 - `engine.errors.Busy` -> "busy"; `Cancelled` -> cancelled;
   `InsufficientMemory` -> an "insufficient memory" error; anything else -> a
   generic internal error (the traceback goes to the log only).
@@ -23,10 +25,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel
+
+if TYPE_CHECKING:  # for the annotations only: tools never import the server at run time, nor torch here
+    from engine import Engine
+    from engine.scheduler import CancelToken
+    from mcp_server.config import Settings
 
 
 class ToolError(Exception):
@@ -53,16 +60,14 @@ class ImageOut:
 class ToolOutput:
     text: str  # a short summary for the model
     structured: BaseModel  # an instance of the spec's output_model
-    images: list[ImageOut] = field(default_factory=list)
-    # filled by the server after saving: for each image, {"uri", "path", "width", "height"}
-    delivered: list[dict[str, Any]] = field(default_factory=list)
+    images: list[ImageOut] = field(default_factory=list)  # the server saves each and lists it in "saved_images"
 
 
 class ToolContext(Protocol):
     """What the server gives a running tool. Implemented in `mcp_server`."""
 
-    settings: Any  # mcp_server.config.Settings (read-only use: ctx.settings.limits.max_k, ...)
-    engine: Any  # engine.Engine
+    settings: Settings  # read-only use: ctx.settings.limits.max_k, ...
+    engine: Engine
 
     def check(self) -> None:
         """Raise `engine.errors.Cancelled` if the call was cancelled."""
@@ -80,8 +85,8 @@ class ToolContext(Protocol):
     def resolve_input(self, path: str, argument: str) -> Path:
         """A client path resolved inside a read root (a regular file), or `ToolError`."""
 
-    def cancel_token(self) -> Any:
-        """The engine.scheduler.CancelToken of this call (for engine functions that take one)."""
+    def cancel_token(self) -> CancelToken:
+        """The CancelToken of this call (for engine functions that take one)."""
 
     def output_usage(self) -> dict[str, Any]:
         """The output folder: files and bytes the server wrote, retention limits (engine_status)."""

@@ -17,12 +17,12 @@ Memory: once both images are decoded (each bounded by limits.max_image_pixels)
 and before any other image-sized allocation, `estimate_memory` bounds the call
 (bytes per pixel of image_a's size: both decoded images, a resampled image_b
 (12), the composited RGB copies (6), the transient of compositing or of the
-region mask (44), the mask expression's own bound (engine.mask_eval); per
+region mask (44), the mask expression's own bound (engine.masks.expression); per
 sampled pixel 64 for the ΔE map, the statistics, the regions and the heatmap;
 plus the ΔE pieces in flight). Over limits.max_call_memory_mb (0 = the engine's
 memory budget less loaded models) the call is refused before the work.
 
-Errors (ToolError naming the argument and value): both or neither of the
+Errors (ToolError, or the engine's InvalidInput as it is: both name the argument and value): both or neither of the
 colour / image pairs, unknown names, malformed hex, NaN or out-of-range Lab,
 size mismatch without resize="fit", unsupported image channels, thresholds
 out of range, image-only options given with colours. Inputs are never modified.
@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine import color as C
 from engine import workmem
-from engine.errors import InvalidInput
+from engine.masks import evaluate_expression, expression_memory, parse
 
 from .base import ImageOut, ToolContext, ToolError, ToolOutput, ToolSpec
 
@@ -183,11 +183,8 @@ def _check_args(a: ColorCompareInput) -> str:
 
 
 def _parse(text: str, argument: str) -> tuple[tuple[float, float, float], tuple[int, int, int], bool]:
-    try:
-        lab = C.parse_color(text, argument=argument)
-        rgb, in_gamut = C.parse_color_srgb(text, argument=argument)
-    except InvalidInput as exc:
-        raise ToolError(str(exc)) from exc
+    lab = C.parse_color(text, argument=argument)
+    rgb, in_gamut = C.parse_color_srgb(text, argument=argument)
     return lab, rgb, in_gamut
 
 
@@ -265,19 +262,11 @@ def _region_mask(a: ColorCompareInput, ctx: ToolContext, rgb_a: np.ndarray,
                                                          "sizes must match")
         region = m.reshape(H, W) != 0
     if a.mask_expression is not None:
-        try:
-            from engine.masks import evaluate_expression
-        except ImportError as exc:
-            raise ToolError.invalid("mask_expression", a.mask_expression,
-                                    f"mask expressions are unavailable in this build ({exc})") from exc
         limits = ctx.settings.limits
         alpha = alpha_a if alpha_a is not None else np.full((H, W), 255, np.uint8)
         rgba = torch.from_numpy(np.ascontiguousarray(np.concatenate([rgb_a, alpha[..., None]], axis=2)))
-        try:
-            sel = evaluate_expression(a.mask_expression, rgba, max_chars=limits.max_expression_chars,
-                                      max_depth=limits.max_expression_depth)
-        except InvalidInput as exc:
-            raise ToolError.invalid("mask_expression", a.mask_expression, getattr(exc, "rule", str(exc))) from exc
+        sel = evaluate_expression(a.mask_expression, rgba, max_chars=limits.max_expression_chars,
+                                  max_depth=limits.max_expression_depth, argument="mask_expression")
         sel = sel.cpu().numpy().astype(bool, copy=False)
         region = sel if region is None else (region & sel)
     return region
@@ -397,8 +386,6 @@ def estimate_memory(a: ColorCompareInput, shape_a: tuple[int, ...], shape_b: tup
     resize = 12 if tuple(shape_b[:2]) != (H, W) else 0
     need = px * (ca + cb + resize + 6 + 44) + sampled * 64
     if tree is not None:
-        from engine.mask_eval import expression_memory
-
         need += px * 5 + expression_memory(tree, H, W, channels=4, device="cpu")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     workers = max(1, min(torch.get_num_threads(), 8)) if dev.type == "cpu" else 1
@@ -410,26 +397,19 @@ def _run_images(a: ColorCompareInput, ctx: ToolContext) -> ToolOutput:
     bg_rgb = _parse(a.background, "background")[1]
     tree = None
     if a.mask_expression is not None:  # parsed before decoding: a malformed expression costs nothing
-        from engine.mask_expr import parse
-
         lim = ctx.settings.limits
-        try:
-            tree = parse(a.mask_expression, max_chars=lim.max_expression_chars, max_depth=lim.max_expression_depth)
-        except InvalidInput as exc:
-            raise ToolError.invalid("mask_expression", a.mask_expression, getattr(exc, "rule", str(exc))) from exc
+        tree = parse(a.mask_expression, max_chars=lim.max_expression_chars, max_depth=lim.max_expression_depth,
+                     argument="mask_expression")
     img_a = ctx.load_image(a.image_a, "image_a", mode="keep")
     img_b = ctx.load_image(a.image_b, "image_b", mode="keep")
     need = estimate_memory(a, img_a.shape, img_b.shape, device=getattr(ctx.engine, "device", None), tree=tree)
     limit = workmem.call_limit(ctx.engine, getattr(ctx.settings.limits, "max_call_memory_mb", 0))
     H, W = img_a.shape[:2]
-    try:
-        workmem.require("mask_expression" if tree is not None else "image_a",
-                        a.mask_expression if tree is not None else f"{W}x{H}", need, limit,
-                        f"comparing {W}x{H} images" + (" with a mask expression" if tree is not None else "")
-                        + f" at stride {a.stride}; use a larger stride or smaller images, or raise "
-                          "limits.max_call_memory_mb")
-    except InvalidInput as exc:
-        raise ToolError(str(exc)) from exc
+    workmem.require("mask_expression" if tree is not None else "image_a",
+                    a.mask_expression if tree is not None else f"{W}x{H}", need, limit,
+                    f"comparing {W}x{H} images" + (" with a mask expression" if tree is not None else "")
+                    + f" at stride {a.stride}; use a larger stride or smaller images, or raise "
+                      "limits.max_call_memory_mb")
     try:
         return _compare_images(a, ctx, bg_rgb, img_a, img_b)
     finally:
@@ -471,12 +451,10 @@ def _compare_images(a: ColorCompareInput, ctx: ToolContext, bg_rgb: Any, img_a: 
     tb = torch.from_numpy(np.ascontiguousarray(rgb_b))
     w = _weights(a)
     ctx.check()
-    try:
-        de_t = C.delta_e_map(ta, tb, metric=a.metric, kL=w.get("kL"), kC=a.kC, kH=a.kH,
-                             textiles=a.cie94_application == "textiles", token=ctx.cancel_token(),
-                             device=getattr(ctx.engine, "device", None))
-    except InvalidInput as exc:
-        raise ToolError(str(exc)) from exc
+    de_t = C.delta_e_map(ta, tb, metric=a.metric, kL=w.get("kL"), kC=a.kC, kH=a.kH,
+                         textiles=a.cie94_application == "textiles", token=ctx.cancel_token(),
+                         device=getattr(ctx.engine, "device", None),
+                         backend=ctx.engine.backends.deltae.impl if hasattr(ctx.engine, "backends") else None)  # H4
     de = de_t.numpy()
     vals = de[region] if region is not None else de.ravel()
     n = int(vals.size)

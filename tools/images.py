@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import adetailer, diffusion, workmem
-from engine.errors import InvalidInput, ModelUnavailable
+from engine.errors import ModelUnavailable
 
 from .base import ImageOut, ToolContext, ToolError, ToolOutput, ToolSpec
 
@@ -32,19 +32,11 @@ _SEED_MAX = 2**32 - 1
 
 
 @contextmanager
-def _engine_errors() -> Iterator[None]:
+def _model_errors() -> Iterator[None]:
+    """A missing model reads as the engine wrote it (the server would prefix "model unavailable: ")."""
     try:
         yield
     except ModelUnavailable as exc:
-        raise ToolError(str(exc)) from exc
-    except InvalidInput as exc:
-        raise ToolError(str(exc)) from exc
-
-
-def _check_scheduler(name: str) -> str:
-    try:
-        return diffusion.normalize_scheduler(name)
-    except InvalidInput as exc:
         raise ToolError(str(exc)) from exc
 
 
@@ -57,10 +49,7 @@ def _check_prompt(ctx: ToolContext, argument: str, text: str | None) -> None:
 def _check_memory(ctx: ToolContext, argument: str, value: object, need: int, what: str) -> int:
     """Refuse before the work when its upper-bound memory estimate is over the per-call limit."""
     limit = workmem.call_limit(ctx.engine, getattr(ctx.settings.limits, "max_call_memory_mb", 0))
-    try:
-        workmem.require(argument, value, need, limit, what + "; raise limits.max_call_memory_mb to allow it")
-    except InvalidInput as exc:
-        raise ToolError(str(exc)) from exc
+    workmem.require(argument, value, need, limit, what + "; raise limits.max_call_memory_mb to allow it")
     return need
 
 
@@ -135,7 +124,7 @@ def _run_generate(args: GenerateImageInput, ctx: ToolContext) -> ToolOutput:
                                 f"more than limits.max_images_per_call={limits.max_images_per_call}")
     _check_prompt(ctx, "prompt", args.prompt)
     _check_prompt(ctx, "negative_prompt", args.negative_prompt)
-    scheduler = _check_scheduler(args.scheduler)
+    scheduler = diffusion.normalize_scheduler(args.scheduler)
     model_path = _model_path(ctx)
     problem = diffusion.folder_problem(model_path)
     if problem is not None:
@@ -154,7 +143,7 @@ def _run_generate(args: GenerateImageInput, ctx: ToolContext) -> ToolOutput:
     def progress(step: int, total: int) -> None:
         ctx.report(step, total, f"step {step}/{total}")
 
-    with _engine_errors():
+    with _model_errors():
         arrays = diffusion.generate(ctx.engine, model_path, args.prompt, negative_prompt=args.negative_prompt,
                                     width=args.width, height=args.height, steps=args.steps,
                                     guidance_scale=args.guidance_scale, seed=seed, scheduler=scheduler,
@@ -264,7 +253,7 @@ def _run_detail(args: DetailImageInput, ctx: ToolContext) -> ToolOutput:
     if args.inpaint_resolution % 8 or args.inpaint_resolution > limits.max_image_side:
         raise ToolError.invalid("inpaint_resolution", args.inpaint_resolution,
                                 f"must be a multiple of 8, at most limits.max_image_side={limits.max_image_side}")
-    scheduler = _check_scheduler(args.scheduler)
+    scheduler = diffusion.normalize_scheduler(args.scheduler)
     units = _units(args, ctx)
     model_path = _model_path(ctx)
     problem = None if args.detect_only else diffusion.folder_problem(model_path)
@@ -293,7 +282,7 @@ def _detail(args: DetailImageInput, ctx: ToolContext, units: list[adetailer.Deta
     def progress(done: int, total: int, msg: str) -> None:
         ctx.report(done, total, msg)
 
-    with _engine_errors():
+    with _model_errors():
         res = adetailer.detail(
             ctx.engine, model_path, image, units, threshold=args.threshold, top_k=args.top_k,
             sort_by=args.sort_by, mask_source=args.mask_source, offset=(args.offset_x, args.offset_y),

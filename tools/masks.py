@@ -5,7 +5,9 @@ combined with `combine` (and | or | xor), then `invert`, `dilate`, `erode`,
 `remove_small_objects`, `fill_holes` and finally `feather` (a soft edge) are
 applied; the operation runs through that mask. The engine (`engine.masks`)
 documents the exact semantics of every step; the expression language is
-documented in `engine.mask_expr`.
+documented in `engine.masks.expression`. `color` (fill) is parsed by
+`engine.color` (#rrggbb, #rgb, rgb(r, g, b), a CSS name, lab(L, a, b)) with an
+alpha suffix allowed on hex (#rrggbbaa, #rgba).
 
 Results: the edited image ("edited"; RGBA when the input, the colour or the
 operation involves transparency, RGB otherwise), the mask preview ("mask",
@@ -24,7 +26,7 @@ and before any other image-sized allocation, `estimate_memory` bounds the
 call's working memory: what stays for the whole call (the image, its device
 copy, one bool mask per source, the combined mask, the feathered mask, the
 edited image) plus the largest single step (the expression's own bound from
-`engine.mask_eval`, a source, a refinement, the operation, the outputs).
+`engine.masks.expression`, a source, a refinement, the operation, the outputs).
 Each step's bytes per pixel (`STEP_BYTES_PER_PIXEL`) is 1.5x or more what it
 was measured to hold at 1 MP (tests/test_rel_memory_tools.py checks it);
 blur, feather and pixelate scale with their padded area; inpaint adds the
@@ -35,17 +37,20 @@ engine's memory budget less loaded models) the call is refused:
 
 from __future__ import annotations
 
-import importlib
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine import masks, workmem
+from engine import adetailer, diffusion, masks, workmem
+from engine import color as colors
+from engine import detect as detect_engine
 from engine.errors import InvalidInput, ModelUnavailable
-from engine.mask_eval import expression_memory
-from engine.mask_expr import parse
+from engine.masks import expression_memory, parse
 
 from .base import ImageOut, ToolContext, ToolError, ToolOutput, ToolSpec
+
+_HEX_ALPHA = re.compile(r"#(?:[0-9a-fA-F]{4}|[0-9a-fA-F]{8})")
 
 # the description's example: hue / saturation / value ranges select a red object on a real photo, shading
 # and noise included; RGB thresholds like (r > 200) & (g < 50) & (b < 50) select almost nothing there
@@ -94,7 +99,7 @@ class MaskEditInput(BaseModel):
     remove_small_objects: int = Field(0, ge=0, description="Drop blobs of fewer pixels.")
     fill_holes: int = Field(0, ge=0, description="Fill holes of fewer pixels.")
     feather: float = Field(0.0, ge=0.0, le=512.0, description="Soft edge width in px.")
-    color: str | None = Field(None, description="fill: #rrggbb, #rrggbbaa, rgb(...) or a CSS name.")
+    color: str | None = Field(None, description="fill: #rrggbb, #rrggbbaa, rgb(r, g, b), a CSS name or lab(L, a, b).")
     replace_with: str | None = Field(None, description="replace: a same-size image.")
     blur_radius: float = Field(8.0, gt=0.0, le=256.0, description="blur: Gaussian sigma in px.")
     pixel_size: int = Field(16, ge=1, le=1024, description="pixelate: cell size in px.")
@@ -171,12 +176,7 @@ def estimate_memory(args: MaskEditInput, height: int, width: int, *, channels: i
 
 
 def _inpaint_memory(args: MaskEditInput, height: int, width: int) -> int:
-    try:
-        diffusion = importlib.import_module("engine.diffusion")
-    except ImportError:
-        return 0
-    bound = getattr(diffusion, "pipeline_memory", None)
-    return int(bound(height, width, 1)) if callable(bound) else 0
+    return int(diffusion.pipeline_memory(height, width, 1))
 
 
 def _check_memory(args: MaskEditInput, ctx: ToolContext, height: int, width: int, channels: int, device: Any,
@@ -184,39 +184,24 @@ def _check_memory(args: MaskEditInput, ctx: ToolContext, height: int, width: int
     limit = workmem.call_limit(ctx.engine, getattr(ctx.settings.limits, "max_call_memory_mb", 0))
     need, worst = estimate_memory(args, height, width, channels=channels, device=device, tree=tree)
     argument, value = ("expression", args.expression) if worst == "expression" else ("image", f"{width}x{height}")
-    try:
-        workmem.require(argument, value, need, limit,
-                        f"mask_edit {args.operation} on a {width}x{height} image; the largest step is {worst}; "
-                        "use a smaller image or fewer steps, or raise limits.max_call_memory_mb")
-    except InvalidInput as exc:
-        raise ToolError(str(exc)) from exc
+    workmem.require(argument, value, need, limit,
+                    f"mask_edit {args.operation} on a {width}x{height} image; the largest step is {worst}; "
+                    "use a smaller image or fewer steps, or raise limits.max_call_memory_mb")
     return need
 
 
-def _engine_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except InvalidInput as exc:
-        raise ToolError(str(exc)) from exc
-
-
-def _parse_color(text: str) -> tuple[int, ...]:
-    from PIL import ImageColor
-
-    try:
-        rgba = ImageColor.getcolor(text.strip(), "RGBA")
-    except (ValueError, AttributeError) as exc:
-        raise ToolError.invalid("color", text, "not a colour: use #rrggbb, #rrggbbaa, rgb(r, g, b) or a CSS name"
-                                ) from exc
-    return tuple(rgba) if rgba[3] != 255 else tuple(rgba[:3])
+def _fill_color(text: str) -> tuple[int, ...]:
+    """(r, g, b), or (r, g, b, a) when translucent: `engine.color`'s syntax, plus a hex alpha (#rrggbbaa, #rgba)."""
+    s = text.strip()
+    if _HEX_ALPHA.fullmatch(s):
+        n = 2 if len(s) == 9 else 1
+        alpha = int(s[-n:] * (3 - n), 16)
+        rgb, _ = colors.parse_color_srgb(s[:-n], argument="color")
+        return rgb if alpha == 255 else (*rgb, alpha)
+    return colors.parse_color_srgb(text, argument="color")[0]
 
 
 def _detections(ctx: ToolContext, rgb: Any, spec: DetectSource) -> list[Any]:
-    try:
-        detect_engine = importlib.import_module("engine.detect")
-    except ImportError as exc:
-        raise ToolError("detect: detections need the detector engine (engine.detect), which is not installed in "
-                        "this build") from exc
     detectors = dict(getattr(ctx.settings.models, "detectors", {}) or {})
     try:
         return detect_engine.detect(ctx.engine, rgb, spec.targets, threshold=spec.threshold, detectors=detectors)
@@ -230,16 +215,16 @@ def _build_mask(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, tre
     device = image.device
     sources = []
     if tree is not None:
-        sources.append(_engine_call(masks.evaluate_tree, tree, image, args.expression))
+        sources.append(masks.evaluate_tree(tree, image, args.expression))
         ctx.check()
     if args.mask_image is not None:
         arr = ctx.load_image(args.mask_image, "mask_image", mode="keep")
-        sources.append(_engine_call(masks.image_mask, arr, h, w, device=device))
+        sources.append(masks.image_mask(arr, h, w, device=device))
     if args.shapes is not None:
         if not args.shapes:
             raise ToolError.invalid("shapes", [], "give at least one shape, or leave shapes out")
         shapes = [s.model_dump(exclude_none=True) for s in args.shapes]
-        sources.append(_engine_call(masks.shape_mask, shapes, h, w, device=device))
+        sources.append(masks.shape_mask(shapes, h, w, device=device))
     if args.detect is not None:
         dets = _detections(ctx, arr[..., :3].copy(), args.detect)
         if found is not None:
@@ -266,15 +251,13 @@ def _build_mask(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, tre
 
 def _detections_preview(arr: Any, dets: list[Any], spec: DetectSource) -> Any:
     """uint8 [H, W, 3]: the input with each detection's mask tinted, its box outlined and labelled (the
-    detail_image preview, `engine.adetailer.preview`); one colour per target."""
-    from engine import adetailer
-
+    detail_image preview, `engine.adetailer.preview`); one colour per target; each mask is the one the
+    selection used (`masks.detection_mask`)."""
     rgb = arr[..., :3]
     h, w = rgb.shape[:2]
     order = {t: i for i, t in enumerate(spec.targets)}
     tagged = [(order.get(d.label, len(order)), d) for d in dets]
-    shown = [(ui, d.mask if (spec.use_masks and d.mask is not None) else adetailer.box_mask((h, w), d.box))
-             for ui, d in tagged]
+    shown = [(ui, masks.detection_mask([d], h, w, use_masks=spec.use_masks).numpy()) for ui, d in tagged]
     return adetailer.preview(rgb, adetailer.DetailResult(image=rgb, detections=tagged, masks=shown))
 
 
@@ -292,11 +275,6 @@ def _inpaint(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, soft: 
     if not model_path:
         raise ToolError("operation=inpaint needs a diffusion model: set models.diffusion to a local diffusers "
                         "inpainting pipeline folder in atelier.toml")
-    try:
-        diffusion = importlib.import_module("engine.diffusion")
-    except ImportError as exc:
-        raise ToolError("operation=inpaint needs the diffusion engine (engine.diffusion), which is not installed "
-                        "in this build") from exc
     rgb = arr[..., :3].copy()
     weight = masks.mask_weights(soft)
     try:
@@ -304,59 +282,61 @@ def _inpaint(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, soft: 
                                     negative_prompt=args.negative_prompt, strength=args.strength, steps=args.steps,
                                     guidance_scale=args.guidance_scale, seed=args.seed, token=ctx.cancel_token(),
                                     progress=lambda done, total: ctx.report(done, total, "inpainting"))
-    except (InvalidInput, ModelUnavailable) as exc:
+    except ModelUnavailable as exc:  # its text as it is (the server would prefix "model unavailable: ")
         raise ToolError(str(exc)) from exc
     other = masks.as_image_tensor(painted, image.device)
     # diffusion.inpaint already blends; composite again so alpha and unmasked pixels stay exact
     return masks.apply_replace(image, soft, other)
 
 
-def _apply(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, soft: Any) -> Any:
+def _apply(args: MaskEditInput, ctx: ToolContext, arr: Any, image: Any, soft: Any,
+           fill: tuple[int, ...] | None) -> Any:
     op = args.operation
     if op == "fill":
-        if args.color is None:
-            raise ToolError.invalid("color", None, "operation=fill needs a color")
-        return _engine_call(masks.apply_fill, image, soft, _parse_color(args.color))
+        assert fill is not None  # run() parsed args.color before decoding the image
+        return masks.apply_fill(image, soft, fill)
     if op == "replace":
         if args.replace_with is None:
             raise ToolError.invalid("replace_with", None, "operation=replace needs replace_with (an image)")
         other = masks.as_image_tensor(ctx.load_image(args.replace_with, "replace_with", mode="RGBA"), image.device)
-        return _engine_call(masks.apply_replace, image, soft, other)
+        return masks.apply_replace(image, soft, other)
     if op == "blur":
-        return _engine_call(masks.apply_blur, image, soft, args.blur_radius)
+        return masks.apply_blur(image, soft, args.blur_radius)
     if op == "pixelate":
-        return _engine_call(masks.apply_pixelate, image, soft, args.pixel_size)
+        return masks.apply_pixelate(image, soft, args.pixel_size)
     if op == "grayscale":
-        return _engine_call(masks.apply_grayscale, image, soft)
+        return masks.apply_grayscale(image, soft)
     if op == "adjust":
-        return _engine_call(masks.apply_adjust, image, soft, args.brightness, args.contrast)
+        return masks.apply_adjust(image, soft, args.brightness, args.contrast)
     if op == "hue_shift":
-        return _engine_call(masks.apply_hue_shift, image, soft, args.degrees)
+        return masks.apply_hue_shift(image, soft, args.degrees)
     if op == "transparent":
-        return _engine_call(masks.apply_transparent, image, soft)
+        return masks.apply_transparent(image, soft)
     if op == "inpaint":
         return _inpaint(args, ctx, arr, image, soft)
     return image  # "none"
 
 
 def run(args: MaskEditInput, ctx: ToolContext) -> ToolOutput:
-    if args.operation == "fill" and args.color is None:
-        raise ToolError.invalid("color", None, "operation=fill needs a color")
+    fill = None
+    if args.operation == "fill":
+        if args.color is None:
+            raise ToolError.invalid("color", None, "operation=fill needs a color")
+        fill = _fill_color(args.color)
     tree = None
     if args.expression is not None:  # parse before decoding: a malformed expression costs nothing
         lim = ctx.settings.limits
-        tree = _engine_call(parse, args.expression, max_chars=lim.max_expression_chars,
-                            max_depth=lim.max_expression_depth)
+        tree = parse(args.expression, max_chars=lim.max_expression_chars, max_depth=lim.max_expression_depth)
     arr = ctx.load_image(args.image, "image", mode="RGBA")  # uint8 [H, W, 4]
     h, w = arr.shape[:2]
     need = _check_memory(args, ctx, h, w, arr.shape[2], ctx.engine.device, tree)
     try:
-        return _run(args, ctx, arr, tree)
+        return _run(args, ctx, arr, tree, fill)
     finally:
         workmem.release(need)
 
 
-def _run(args: MaskEditInput, ctx: ToolContext, arr: Any, tree: Any) -> ToolOutput:
+def _run(args: MaskEditInput, ctx: ToolContext, arr: Any, tree: Any, fill: tuple[int, ...] | None) -> ToolOutput:
     h, w = arr.shape[:2]
     image = masks.as_image_tensor(arr, ctx.engine.device)
     ctx.check()
@@ -370,7 +350,7 @@ def _run(args: MaskEditInput, ctx: ToolContext, arr: Any, tree: Any) -> ToolOutp
         edited = image
     else:
         ctx.check()
-        edited = _apply(args, ctx, arr, image, soft)
+        edited = _apply(args, ctx, arr, image, soft, fill)
     out = masks.to_numpy(edited)
     opaque = bool((out[..., 3] == 255).all())
     keep_alpha = args.operation == "transparent" or not opaque
