@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_settings import (
     SettingsError,
     BaseSettings,
@@ -74,6 +75,52 @@ class ModelsSection(_Section):
         "exact", description="'exact' scan; 'hnsw' approximate index (hnswlib) with exact filters and category "
                              "limits; 'auto' = hnsw from catalog_index_min_rows live rows")
     catalog_index_min_rows: int = Field(20_000, gt=0, description="catalog_index='auto': the crossover row count")
+    # issue 15.3 (helper H1): generate_text on an external OpenAI-compatible engine (vLLM, llama.cpp server)
+    llm_backend: Literal["local", "openai"] = Field(
+        "local", description="'local' = our decoder (models.llm); 'openai' = the server at llm_base_url")
+    llm_base_url: str = Field("", validate_default=True,
+                              description="llm_backend='openai': the API root, e.g. http://127.0.0.1:8000/v1")
+    llm_remote_model: str = Field("", validate_default=True,
+                                  description="llm_backend='openai': the model name sent (vLLM: served name)")
+    llm_api_key: SecretStr = Field(SecretStr(""), description="bearer key for llm_base_url; never logged or shown")
+    llm_timeout_s: float = Field(120.0, gt=0, le=3600, description="longest wait to connect and between two chunks")
+    llm_json_format: Literal["auto", "json_schema", "json_object"] = Field(
+        "auto", description="how json_schema is sent: OpenAI's json_schema response_format, or json_object + "
+                            "schema (llama-cpp-python); 'auto' tries json_schema first")
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _http_url(cls, v: str, info: ValidationInfo) -> str:  # issue 15.3 (H1)
+        v = _check_llm_base_url(v)
+        if info.data.get("llm_backend") == "openai" and not v:
+            raise ValueError("models.llm_backend='openai' needs this URL (e.g. http://127.0.0.1:8000/v1)")
+        return v
+
+    @field_validator("llm_remote_model")
+    @classmethod
+    def _model_named(cls, v: str, info: ValidationInfo) -> str:  # issue 15.3 (H1)
+        if info.data.get("llm_backend") == "openai" and not v.strip():
+            raise ValueError("models.llm_backend='openai' needs the model name the server serves (vLLM: "
+                             "--served-model-name)")
+        return v.strip()
+
+
+def _check_llm_base_url(v: str) -> str:  # issue 15.3 (H1): models.llm_base_url
+    from urllib.parse import urlsplit
+
+    v = v.strip()
+    if not v:
+        return v
+    try:
+        u = urlsplit(v)
+        u.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a URL ({exc})") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1")
+    if u.username or u.password or u.query or u.fragment:
+        raise ValueError("must not carry credentials, a query or a fragment (put the key in models.llm_api_key)")
+    return v.rstrip("/")
 
 
 class PathsSection(_Section):

@@ -27,7 +27,8 @@ loaded models) it is refused naming max_new_tokens or the prompt.
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -82,10 +83,13 @@ class GenerateTextInput(BaseModel):
                             "(sliding window with attention sinks: constant memory, inputs longer than the context).")
     window: int = Field(1024, ge=16, description="kv_cache=window: tokens kept (sinks included).")
     sink_tokens: int = Field(4, ge=0, description="kv_cache=window: first tokens always kept (attention sinks).")
+    json_schema: dict[str, Any] | None = Field(  # issue 15.3 (H1)
+        None, description="Structured output: a JSON Schema the answer must follow (constrained decoding). Needs "
+                          "models.llm_backend='openai' (vLLM, llama.cpp server).")
 
 
 class CacheInfo(BaseModel):
-    kind: str = Field(description="full | int8 | window")
+    kind: str = Field(description="full | int8 | window | server (models.llm_backend='openai')")
     dtype: str = Field(description="Storage dtype of the cached keys and values.")
     bytes: int = Field(description="Bytes of the cache slot this request used.")
     bytes_per_token: float = Field(description="Cache bytes per token (all layers, keys and values).")
@@ -152,6 +156,20 @@ def _prompt_ids(a: GenerateTextInput, tok: object) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
+def _check_schema(ctx: ToolContext, schema: dict[str, Any]) -> None:
+    """json_schema: a valid JSON Schema (jsonschema's meta-schema check), within limits.max_prompt_chars."""
+    import jsonschema
+
+    size = len(json.dumps(schema))
+    if size > ctx.settings.limits.max_prompt_chars:
+        raise ToolError.invalid("json_schema", f"{size} characters",
+                                f"longer than limits.max_prompt_chars={ctx.settings.limits.max_prompt_chars}")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ToolError.invalid("json_schema", schema, f"not a valid JSON Schema: {exc.message}") from None
+
+
 class _NoEstimate(Exception):
     pass
 
@@ -178,6 +196,16 @@ def estimate_memory(args: object, item_size: int, prompt_tokens: int, max_new_to
 
 def run_generate_text(a: GenerateTextInput, ctx: ToolContext) -> ToolOutput:
     _check(ctx, a)
+    if a.json_schema is not None:
+        _check_schema(ctx, a.json_schema)
+    if getattr(ctx.settings.models, "llm_backend", "local") == "openai":
+        from .text_remote import run_remote  # issue 15.3 (H1): the OpenAI-compatible backend
+
+        return run_remote(a, ctx)
+    if a.json_schema is not None:
+        raise ToolError.invalid("json_schema", a.json_schema, "structured output needs models.llm_backend='openai' "
+                                "(a server with JSON-schema constrained decoding: vLLM, llama.cpp); the local "
+                                "decoder has none")
     try:
         models = ctx.settings.models
         svc = service_for(ctx.engine, models.llm, compile_step=models.llm_compile, decode=models.llm_decode,
