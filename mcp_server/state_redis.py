@@ -5,8 +5,7 @@ Keys (all under `state.key_prefix`, default `atelier`):
 - `P:replica:<id>`   this replica's lease: set every `state.heartbeat_s`, expires after `state.lease_s`;
 - `P:job:<id>`       a hash per shared job: `meta` (JSON: tool, owner, state, progress, message, times,
                      the replica running it), `result` (the CallToolResult as JSON, at most
-                     `state.max_result_bytes`), `cancel` (a cancel request from any replica), `lost`
-                     (set by whoever found the running replica's lease gone);
+                     `state.max_result_bytes`), `cancel` (a cancel request from any replica);
 - `P:jobs`           a sorted set of shared job ids by creation time (tasks/list);
 - `P:cancel`         the pub/sub channel cancel requests are announced on;
 - `P:img:<id>`, `P:imgs`, `P:imgexp:<id>`   the image:// index (mcp_server/media.py);
@@ -17,13 +16,15 @@ Which jobs are shared: a job is mirrored to Redis from the moment it detaches
 MCP task; a call that finishes within its call never touches Redis. The
 replica running a job is its only writer of `meta`/`result`; another replica
 writes only `cancel` (and announces it on `P:cancel`, which the running
-replica listens to and, as a fallback, polls every 0.1 s) and `lost`.
+replica listens to and, as a fallback, polls every 0.1 s).
 
 A replica whose lease is gone (killed, frozen, cut off from Redis for longer
 than `state.lease_s`) has its queued/running jobs read as `error` with
-"replica <id> stopped responding": the first replica that reads such a job
-records `lost`, so the answer is the same everywhere from then on. A job
-finished before the replica died keeps its result.
+"replica <id> stopped responding", by every replica alike (the judgement
+reads only the lease key). A replica killed never renews it, so its jobs stay
+failed; one that was only stalled and comes back renews it, and its jobs read
+as they really are again. A job finished before the replica died keeps its
+result.
 """
 
 from __future__ import annotations
@@ -197,20 +198,13 @@ class RedisJobManager(JobManager):
                 job.result = mt.CallToolResult.model_validate(json.loads(data["result"]))
             except ValueError:
                 job.result = None
-        if job.state in _ACTIVE:
-            lost = data.get("lost")
-            if lost is None and not self.shared.alive(job.replica):  # type: ignore[attr-defined]
-                lost = json.dumps({"at": time.time(), "reason": (
-                    f"replica {job.replica} stopped responding (no heartbeat for state.lease_s="
-                    f"{self.shared.lease_s:g} s); the job was lost")})  # type: ignore[attr-defined]
-                self.shared.call(self.shared.r.hsetnx, self.shared.key("job", job_id), "lost", lost)
-                lost = self.shared.call(self.shared.r.hget, self.shared.key("job", job_id), "lost") or lost
-            if lost is not None:
-                info = json.loads(lost)
-                job.state, job.error = "error", info["reason"]
-                job.finished = job.updated = float(info["at"])
-                job.result = mt.CallToolResult(content=[mt.TextContent(type="text", text=info["reason"])],
-                                               is_error=True)
+        if job.state in _ACTIVE and not self.shared.alive(job.replica):  # type: ignore[attr-defined]
+            # its replica's lease is gone: judged from the lease key alone, so every replica answers alike
+            reason = (f"replica {job.replica} stopped responding (no heartbeat for state.lease_s="  # type: ignore
+                      f"{self.shared.lease_s:g} s); the job was lost")
+            job.state, job.error = "error", reason
+            job.finished = job.updated
+            job.result = mt.CallToolResult(content=[mt.TextContent(type="text", text=reason)], is_error=True)
         return job
 
     def get(self, job_id: str, caller: str = LOCAL) -> Job | None:
@@ -352,19 +346,24 @@ class RedisImageIndex:
         return float(v) if v else None
 
 
+def redact(url: str) -> str:
+    """The URL as errors and logs show it: a password (redis://user:secret@host) becomes ***."""
+    return re.sub(r"^(\w+://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
 class RedisState:
     """The connection, this replica's lease, and the background loop (heartbeat, job sync, cancel listener)."""
 
     def __init__(self, settings: Settings) -> None:
         cfg = settings.state
-        self.url = cfg.redis_url
+        self.url = redact(cfg.redis_url)  # as shown in errors and logs
         self.prefix = cfg.key_prefix
         self.heartbeat_s = cfg.heartbeat_s
         self.lease_s = cfg.lease_s
         self.max_result_bytes = cfg.max_result_bytes
         self.event_ttl_s = cfg.event_ttl_s
         self.replica = replica_id()
-        self.r = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=2.0,
+        self.r = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=2.0,
                                       socket_connect_timeout=1.0, health_check_interval=0)
         try:
             self.r.ping()

@@ -119,7 +119,7 @@ auth_token = "{TOKEN}"
 backend = "{backend}"
 redis_url = "{redis_url}"
 heartbeat_s = 0.5
-lease_s = 2.0
+lease_s = 5.0
 [logging]
 level = "WARNING"
 [tools]

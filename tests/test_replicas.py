@@ -93,6 +93,33 @@ def test_round_robin_mixed_load_one_answer_each(cluster):
     assert len(replicas) == 3
 
 
+def test_official_sdk_client_through_the_balancer(cluster):
+    """The SDK's own streamable HTTP client: initialize on one replica, then list and call on the others,
+    round-robin, with no session errors (stateless: no mcp-session-id to lose)."""
+    import asyncio
+
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    from tests.replicas import TOKEN
+
+    async def run() -> list[float]:
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=httpx2.Timeout(60))
+        async with http, Client(streamable_http_client(cluster["lb"].url, http_client=http)) as c:
+            names = {t.name for t in (await c.list_tools()).tools}
+            assert {"color_compare", "job_status", "job_cancel"} <= names
+            out = []
+            for _ in range(9):
+                r = await c.call_tool("color_compare", {"color_a": "#123456", "color_b": "#fedcba"})
+                assert not r.is_error
+                out.append(r.structured_content["delta_e"])
+            return out
+
+    got = asyncio.run(run())
+    assert got == pytest.approx([_oracle("#123456", "#fedcba")] * 9, abs=1e-3)
+
+
 def _png(path: Path, rgb: tuple[int, int, int], size: int = 32) -> str:
     arr = np.zeros((size, size, 3), np.uint8)
     arr[:] = rgb
@@ -153,16 +180,16 @@ def test_job_started_on_one_replica_is_polled_and_cancelled_through_the_others(c
         assert running.replica != where
         assert running.result["structuredContent"]["status"] == "running"
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 60:
+        while time.monotonic() - t0 < 240:  # the model loads first (seconds; much longer on a busy machine)
             st = call(c, r2.url, "job_status", {"job_id": job_id}).result["structuredContent"]
-            if st["progress"] >= 3:
+            if st["progress"] >= 1:
                 break
             time.sleep(0.1)
-        assert st["progress"] >= 3, st
+        assert st["progress"] >= 1 and "tokens" in (st["message"] or ""), st  # r1's decoding progress, seen on r2
         cancel = call(c, r3.url, "job_cancel", {"job_id": job_id})
         assert cancel.replica not in (where, running.replica)
         assert "cancellation requested" in cancel.text
-        done = _wait_status(c, r2.url, job_id, {"cancelled", "done", "error"}, timeout=30)
+        done = _wait_status(c, r2.url, job_id, {"cancelled", "done", "error"}, timeout=120)
         sc = done.result["structuredContent"]
         assert sc["status"] == "cancelled", sc
         assert sc["error"] == "cancelled by job_cancel"
@@ -188,7 +215,7 @@ def test_task_created_on_one_replica_is_read_and_cancelled_on_others(cluster):
         assert task_id in [t["taskId"] for t in listed.result["tasks"]]
         cancelled = rpc(c, r3.url, "tasks/cancel", {"taskId": task_id})
         assert cancelled.result["status"] == "cancelled"
-        final = rpc(c, r2.url, "tasks/result", {"taskId": task_id}, timeout=60)
+        final = rpc(c, r2.url, "tasks/result", {"taskId": task_id}, timeout=240)
         assert final.result["_meta"]["io.modelcontextprotocol/related-task"] == {"taskId": task_id}
         res = final.result  # cancelled while decoding (partial text) or before the first step (an error result)
         assert (res.get("structuredContent") or {}).get("finish_reason") == "cancelled" \
@@ -217,12 +244,14 @@ def test_kill9_replica_under_load(cluster):
     r1, r2, r3 = cluster["replicas"]
     lb = cluster["lb"]
     with httpx.Client() as c:
-        finished_id, _ = _start_job(c, r1.url, tokens=40)
-        fin = _wait_status(c, r1.url, finished_id, {"done", "cancelled", "error"}, timeout=90)
+        made = rpc(c, r1.url, "tools/call", {"name": "generate_text", "task": {"ttl": 600000},  # always shared
+                                             "arguments": {"prompt": "Say hello.", "max_new_tokens": 4}})
+        finished_id = made.result["task"]["taskId"]
+        fin = _wait_status(c, r2.url, finished_id, {"done", "cancelled", "error"}, timeout=240)
         assert fin.result["structuredContent"]["status"] == "done"
         finished_text = fin.result["structuredContent"]["result"]["text"]
         running_id, _ = _start_job(c, r1.url)
-        _wait_status(c, r2.url, running_id, {"running"})
+        assert _wait_status(c, r2.url, running_id, {"running"}).result["structuredContent"]["status"] == "running"
 
         stop = time.monotonic() + 6.0
         errors_after: list = []
@@ -252,7 +281,7 @@ def test_kill9_replica_under_load(cluster):
             counts = [f.result() for f in futs]
         assert sum(counts) > 8
         assert errors_after == []
-        # within state.lease_s (2 s) plus a read, the dead replica's job reads failed, everywhere alike
+        # within state.lease_s (5 s) plus a read, the dead replica's job reads failed, everywhere alike
         t0 = time.monotonic()
         st = _wait_status(c, r3.url, running_id, {"error", "done", "cancelled"}, timeout=15)
         assert time.monotonic() - t0 < 15
