@@ -286,6 +286,7 @@ class Settings(BaseSettings):
     http: HttpSection = Field(default_factory=HttpSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     state: StateSection = Field(default_factory=StateSection)  # issue 15 (h2)
+    catalog: CatalogSection = Field(default_factory=CatalogSection)  # issue 18 (H3)
 
     # not a config key: where the settings came from (set by load_settings)
     config_file: Path | None = Field(default=None, exclude=True)

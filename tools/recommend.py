@@ -42,10 +42,18 @@ def _service(ctx: ToolContext) -> CatalogService:
     svc.max_call_memory_mb = int(getattr(ctx.settings.limits, "max_call_memory_mb", 0) or 0)  # if configured
     svc.index = getattr(ctx.settings.models, "catalog_index", "exact")
     svc.index_min_rows = int(getattr(ctx.settings.models, "catalog_index_min_rows", svc.index_min_rows))
+    c = getattr(ctx.settings, "catalog", None)  # issue 18: catalog.backend = "local" | "qdrant"
+    if c is not None:
+        svc.backend = c.backend
+        svc.qdrant = {"url": c.qdrant_url, "api_key": c.qdrant_api_key.get_secret_value(), "path": c.qdrant_path,
+                      "prefix": c.qdrant_collection_prefix, "hnsw_ef": c.qdrant_hnsw_ef, "exact": c.qdrant_exact,
+                      "timeout_s": c.qdrant_timeout_s}
     return svc
 
 
 def _open(ctx: ToolContext, catalog: str | None) -> tuple[Catalog, LoadReport]:
+    """The catalogue (a local `Catalog`, or with catalog.backend = "qdrant" a `QdrantCatalog`: the same
+    interface) and its load report."""
     source: Path | None = None
     if catalog is not None:  # a client path: always through the sandbox ("" is refused there)
         return _service(ctx).open(ctx.resolve_input(catalog, "catalog"), **_open_kwargs(ctx))
@@ -176,8 +184,9 @@ class UpsertOutput(BaseModel):
     deleted: int
     rows: int
     catalog: str
-    durable: bool = Field(description="the change is on disk (the catalogue's log) and survives a restart")
+    durable: bool = Field(description="the change is on disk (the catalogue's log, or Qdrant) and survives a restart")
     log_file: str | None = Field(None, description="the catalogue's change log")
+    collection: str | None = Field(None, description="the Qdrant collection (catalog.backend = 'qdrant')")
     warning: str | None = Field(None, description="why the change is not durable")
 
 
@@ -231,10 +240,12 @@ def _upsert(args: UpsertInput, ctx: ToolContext) -> ToolOutput:
     added, updated, deleted = _service(ctx).upsert(
         cat, rows, vecs, args.delete, model=ctx.settings.models.embedding, token=ctx.cancel_token(),
         progress=lambda done, total: ctx.report(done, total, f"embedded {done}/{total} items"))
-    durable = report.log_file is not None
+    durable = report.durable
     out = UpsertOutput(added=added, updated=updated, deleted=deleted, rows=len(cat), catalog=report.source,
-                       durable=durable, log_file=report.log_file, warning=None if durable else report.not_durable)
-    note = "saved to the catalogue's log." if durable else f"NOT durable: {report.not_durable}."
+                       durable=durable, log_file=report.log_file, collection=report.collection,
+                       warning=None if durable else report.not_durable)
+    note = (f"NOT durable: {report.not_durable}." if not durable else "saved to the catalogue's log."
+            if report.log_file else f"saved in Qdrant collection {report.collection}.")
     return ToolOutput(text=f"{report.source}: {added} added, {updated} updated, {deleted} deleted; "
                            f"{len(cat)} items now; {note}", structured=out)
 
@@ -263,9 +274,11 @@ class InfoOutput(BaseModel):
     log_file: str | None = Field(None, description="the change log of upserts and deletes (None: not durable)")
     log_bytes: int = 0
     replayed: int = Field(0, description="log records applied when the catalogue was opened")
-    index: str = Field("exact", description="'exact' scan, or 'hnsw' (approximate index; filters and category "
-                                            "limits still exact on the returned items)")
+    index: str = Field("exact", description="'exact' scan, 'hnsw' (approximate index; filters and category "
+                                            "limits still exact on the returned items), or 'qdrant'")
     index_bytes: int = 0
+    backend: str = Field("local", description="'local' (this process) or 'qdrant' (catalog.backend)")
+    collection: str | None = Field(None, description="the Qdrant collection (backend 'qdrant')")
 
 
 def _info(args: InfoInput, ctx: ToolContext) -> ToolOutput:
@@ -277,7 +290,8 @@ def _info(args: InfoInput, ctx: ToolContext) -> ToolOutput:
                      capacity=info["capacity"], categories=info["categories"], fields=info["fields"],
                      warnings=report.errors, cache_file=report.cache_file, log_file=report.log_file,
                      log_bytes=cat.journal.size() if cat.journal is not None else 0, replayed=report.replayed,
-                     index=info["index"], index_bytes=info["index_bytes"])
+                     index=info["index"], index_bytes=info["index_bytes"], backend=report.backend,
+                     collection=report.collection)
     cats = ", ".join(f"{c or '(none)'} {n}" for c, n in list(out.categories.items())[:12])
     text = (f"{out.catalog}: {out.rows} items x {out.dims} dims, model {out.model}, {out.dtype} on {out.device} "
             f"({out.bytes_on_device / 1e6:.1f} MB); categories: {cats}")

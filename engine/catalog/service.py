@@ -1,6 +1,11 @@
 """CatalogService: the engine's catalogues by (source, model, dtype), loaded and embedded on first use,
 with the embedding cache; text embedding and the all-or-nothing upsert (embed, then one `Catalog.apply`).
 
+Backends (`backend`, config `catalog.backend`): "local" holds each catalogue in this process (`store.Catalog`,
+its change log and optional HNSW index); "qdrant" keeps it in a Qdrant collection shared by every replica
+(`qdrant.QdrantCatalog`, the same search and update interface), seeded from the file by the first replica
+that opens it. Reading and embedding the file (`_read`) is the same for both.
+
 Embeddings of a file are cached beside it (or in the engine cache dir when that folder is read-only) as
 `.npy`, keyed by model and a hash of the embedded texts, written atomically (temp file, fsync, replace);
 temp files a crash left are swept on the next load.
@@ -64,6 +69,13 @@ class LoadReport:
     index_file: str | None = None
     index_loaded: bool = False  # the saved index fitted the catalogue (else it was built now)
     index_build_s: float = 0.0
+    backend: str = "local"  # "local" (this process's Catalog) or "qdrant" (engine.catalog.qdrant)
+    collection: str | None = None  # the Qdrant collection (backend "qdrant")
+
+    @property
+    def durable(self) -> bool:
+        """An accepted change survives a restart: written to the change log, or answered by Qdrant."""
+        return self.log_file is not None or (self.backend == "qdrant" and not self.not_durable)
 
 
 class CatalogService:
@@ -72,7 +84,7 @@ class CatalogService:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self._lock = threading.Lock()
-        self._catalogs: dict[tuple[str, str, str], tuple[Catalog, LoadReport]] = {}
+        self._catalogs: dict[tuple[str, ...], tuple[Any, LoadReport]] = {}
         self.chunk_rows = DEFAULT_CHUNK_ROWS
         self.max_call_memory_mb = 0  # the per-call memory limit (0: from the engine budget; see memory_limit)
         self.log_compact_bytes = DEFAULT_COMPACT_BYTES  # a catalogue's log is compacted past this size
@@ -80,6 +92,8 @@ class CatalogService:
         self.index = "exact"  # "exact" | "hnsw" | "auto" (models.catalog_index)
         self.index_min_rows = HNSW_MIN_ROWS  # auto: the approximate index from this many rows (the crossover)
         self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search = 16, 200, 64
+        self.backend = "local"  # "local" | "qdrant" (catalog.backend)
+        self.qdrant: dict[str, Any] = {}  # url, api_key, path, prefix, hnsw_ef, exact, timeout_s (catalog.qdrant_*)
 
     def embedder(self, model: str) -> Any:
         from ..embed import get_embedder
@@ -110,10 +124,11 @@ class CatalogService:
         return j
 
     def open(self, source: Path | None, *, model: str = "", dtype: str = "float32", max_rows: int = 2_000_000,
-             token: Any = None, progress: Callable[[int, int], None] | None = None) -> tuple[Catalog, LoadReport]:
+             token: Any = None, progress: Callable[[int, int], None] | None = None) -> tuple[Any, LoadReport]:
         """The catalogue of `source` (None = the bundled demo), loading and embedding it on first use."""
         path = source.resolve() if source is not None else DEMO_CATALOG  # resolved once, at import
-        key = (str(path), model, dtype, self.index)
+        key = (str(path), model, dtype, self.index, self.backend,
+               self.qdrant.get("url", "") + "|" + self.qdrant.get("path", "") + "|" + self.qdrant.get("prefix", ""))
         with self._lock:
             hit = self._catalogs.get(key)
             if hit is not None:
@@ -123,9 +138,38 @@ class CatalogService:
             return cat, report
 
     def _load(self, path: Path, is_demo: bool, model: str, dtype: str, max_rows: int, token: Any,
-              progress: Callable[[int, int], None] | None) -> tuple[Catalog, LoadReport]:
+              progress: Callable[[int, int], None] | None) -> tuple[Any, LoadReport]:
+        report = LoadReport(source="demo" if is_demo else str(path), rows=0)
+        if self.backend == "qdrant":
+            return self._load_qdrant(path, is_demo, model, dtype, max_rows, token, progress, report)
+        torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+        rows, matrix, model_id = self._read(path, is_demo, model, dtype, max_rows, token, progress, report)
+        cat = Catalog(matrix.shape[1], device=self.engine.device, dtype=torch_dtype, chunk_rows=self.chunk_rows,
+                      model=model_id, source=report.source, capacity=max(1024, len(rows)),
+                      memory_limit=self.memory_limit,
+                      backends=getattr(self.engine, "backends", None))  # issue 16 (H4): the engine's scan choice
+        cat.upsert(rows, matrix)
+        del rows, matrix
+        log, why = self.log_path(None if is_demo else path, model_id)
+        if log is not None:
+            journal = self._journal(log)
+            report.replayed, warnings = journal.replay(cat.apply, cat.has)
+            report.errors.extend(warnings)
+            report.log_file = str(log)
+            cat.journal = journal
+        else:
+            report.not_durable = why
+        if self.index == "hnsw" or (self.index == "auto" and len(cat) >= self.index_min_rows):
+            self._attach_index(cat, report, None if is_demo else path, model_id)
+        return cat, report
+
+    def _read(self, path: Path, is_demo: bool, model: str, dtype: str, max_rows: int, token: Any,
+              progress: Callable[[int, int], None] | None, report: LoadReport
+              ) -> tuple[list[dict[str, Any]], torch.Tensor, str]:
+        """Read a catalogue file and its vectors (the file's own, the embedding cache, or embedded now)
+        -> (rows, vectors [n, dim] float32, model id); fills the report's rows, errors, cache file."""
         rows, vecs, errors = read_catalog(path, max_rows=max_rows)
-        report = LoadReport(source="demo" if is_demo else str(path), rows=len(rows), errors=errors)
+        report.rows, report.errors = len(rows), errors
         torch_dtype = torch.float16 if dtype == "float16" else torch.float32
         emb = self.embedder(model) if vecs[0] is None else None
         texts = [row_text(r) for r in rows] if emb is not None else []
@@ -138,49 +182,69 @@ class CatalogService:
         need += emb.estimate_bytes(texts) if emb is not None else 0
         workmem.require("catalog", report.source, need, self.memory_limit(), f"loading {n} rows of {dim} dims")
         if emb is None:
-            matrix = torch.tensor(np.asarray(vecs, dtype=np.float32))
-            model_id = "provided"
-        else:
-            model_id = emb.name
-            digest = content_hash(model_id, rows)
-            cache = self.cache_path(None if is_demo else path, model_id, digest)
-            report.cache_file = str(cache)
-            sweep_temp_files(cache.parent)
-            matrix = None
-            if cache.is_file():
-                try:
-                    arr = np.load(cache, allow_pickle=False)
-                    if arr.shape == (len(rows), emb.dim):
-                        matrix = torch.from_numpy(arr)
-                except (OSError, ValueError):
-                    matrix = None
-            if matrix is None:
-                matrix = emb.encode(texts, token=token, progress=progress)
-                report.embedded = len(rows)
-                try:
-                    _atomic_save(cache, matrix.numpy())
-                except OSError:
-                    fallback = self.cache_path(None, model_id, digest)
-                    if fallback != cache:
-                        _atomic_save(fallback, matrix.numpy())
-                        report.cache_file = str(fallback)
-        cat = Catalog(matrix.shape[1], device=self.engine.device, dtype=torch_dtype, chunk_rows=self.chunk_rows,
-                      model=model_id, source=report.source, capacity=max(1024, len(rows)),
-                      memory_limit=self.memory_limit,
-                      backends=getattr(self.engine, "backends", None))  # issue 16 (H4): the engine's scan choice
-        cat.upsert(rows, matrix)
-        del rows, vecs, matrix
-        log, why = self.log_path(None if is_demo else path, model_id)
-        if log is not None:
-            journal = self._journal(log)
-            report.replayed, warnings = journal.replay(cat.apply, cat.has)
-            report.errors.extend(warnings)
-            report.log_file = str(log)
-            cat.journal = journal
-        else:
-            report.not_durable = why
-        if self.index == "hnsw" or (self.index == "auto" and len(cat) >= self.index_min_rows):
-            self._attach_index(cat, report, None if is_demo else path, model_id)
+            return rows, torch.tensor(np.asarray(vecs, dtype=np.float32)), "provided"
+        model_id = emb.name
+        digest = content_hash(model_id, rows)
+        cache = self.cache_path(None if is_demo else path, model_id, digest)
+        report.cache_file = str(cache)
+        sweep_temp_files(cache.parent)
+        matrix = None
+        if cache.is_file():
+            try:
+                arr = np.load(cache, allow_pickle=False)
+                if arr.shape == (len(rows), emb.dim):
+                    matrix = torch.from_numpy(arr)
+            except (OSError, ValueError):
+                matrix = None
+        if matrix is None:
+            matrix = emb.encode(texts, token=token, progress=progress)
+            report.embedded = len(rows)
+            try:
+                _atomic_save(cache, matrix.numpy())
+            except OSError:
+                fallback = self.cache_path(None, model_id, digest)
+                if fallback != cache:
+                    _atomic_save(fallback, matrix.numpy())
+                    report.cache_file = str(fallback)
+        return rows, matrix, model_id
+
+    def collection_name(self, path: Path, is_demo: bool, model: str) -> str:
+        """The Qdrant collection of a catalogue: `<prefix><file stem>_<12 hex>`, the hex a hash of the
+        file's resolved path (`demo` for the bundled demo) and the configured embedding model, so every
+        replica that opens the same file with the same model shares one collection."""
+        key = "demo" if is_demo else str(path)
+        stem = "demo" if is_demo else "".join(ch if ch.isalnum() else "_" for ch in path.stem.lower())[:40]
+        digest = hashlib.sha256(f"{key}\x1f{model}".encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        return f"{self.qdrant.get('prefix', 'atelier_')}{stem}_{digest}"
+
+    def _load_qdrant(self, path: Path, is_demo: bool, model: str, dtype: str, max_rows: int, token: Any,
+                     progress: Callable[[int, int], None] | None, report: LoadReport) -> tuple[Any, LoadReport]:
+        """The catalogue's Qdrant collection; seeded from the file (read and embedded as for the local
+        backend) only when no replica has loaded it completely before."""
+        try:
+            from .qdrant import QdrantCatalog, qdrant_client_for
+        except ImportError as exc:  # qdrant_client missing
+            raise InvalidInput("catalog.backend", "qdrant", "needs the qdrant-client package "
+                               "(pip install qdrant-client)") from exc
+        q = self.qdrant
+        url, where = q.get("url", ""), q.get("path", "") or ":memory:"
+        client = qdrant_client_for(url=url, api_key=q.get("api_key", ""), path=where,
+                                   timeout_s=q.get("timeout_s", 10.0))
+        name = self.collection_name(path, is_demo, model)
+        cat = QdrantCatalog(client, name, source=report.source, hnsw_ef=q.get("hnsw_ef", 128),
+                            exact=q.get("exact", False), embedded=not url)
+        report.backend, report.collection = "qdrant", name
+        if not url and where == ":memory:":
+            report.not_durable = ("catalog.qdrant_path is ':memory:' (an in-memory Qdrant): changes live until the "
+                                  "server stops")
+        if not cat.ready():
+            rows, matrix, model_id = self._read(path, is_demo, model, dtype, max_rows, token, progress, report)
+            cat.create(matrix.shape[1], model_id)
+            cat.load(rows, matrix)
+            del rows, matrix
+        report.rows = len(cat)
+        if report.rows > max_rows:  # a collection grown past the limit (by upserts, or another replica's config)
+            raise InvalidInput("catalog", report.source, f"has more than {max_rows} rows (limits.max_catalog_rows)")
         return cat, report
 
     def index_path(self, source: Path | None, model_id: str) -> Path:
@@ -268,9 +332,7 @@ class CatalogService:
         need_text = [i for i, v in enumerate(vectors) if v is None]
         texts = [row_text(rows[i]) for i in need_text]
         emb = self._embedder_for(catalog, model, texts, "items") if texts else None
-        n_new = len({str(r["id"]) for r in rows} - set(catalog._row_of))
-        new_fields = len({k for r in rows for k in r} - set(catalog._columns))
-        need = catalog.upsert_bytes(len(rows), n_new, new_fields) + (emb.estimate_bytes(texts) if emb else 0)
+        need = catalog.upsert_need(rows) + (emb.estimate_bytes(texts) if emb else 0)
         workmem.require("items", f"<{len(rows)} items>", need, self.memory_limit(),
                         f"embedding {len(texts)} and storing {len(rows)} items of {catalog.dim} dims: send fewer "
                         "items per call")
@@ -299,6 +361,6 @@ class CatalogService:
             for j in self._journals.values():
                 j.close()
 
-    def catalogs(self) -> list[tuple[Catalog, LoadReport]]:
+    def catalogs(self) -> list[tuple[Any, LoadReport]]:
         with self._lock:
             return list(self._catalogs.values())
