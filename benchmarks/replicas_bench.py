@@ -134,9 +134,16 @@ def main() -> None:
         if args.text:
             with httpx.Client() as c:
                 prompt = {"prompt": "Describe a lighthouse at night.", "max_new_tokens": 64}
-                call(c, reps[0].url, "generate_text", {**prompt, "max_new_tokens": 4}, timeout=300)
-                a = call(c, reps[0].url, "generate_text", prompt, timeout=300)
-                sc = a.result["structuredContent"]
+                warm = call(c, reps[0].url, "generate_text", {**prompt, "max_new_tokens": 4}, timeout=300)
+                job = warm.result["structuredContent"].get("job_id")
+                while job and call(c, reps[0].url, "job_status", {"job_id": job}).result["structuredContent"][
+                        "status"] in ("queued", "running"):
+                    time.sleep(0.5)
+                sc = call(c, reps[0].url, "generate_text", prompt, timeout=300).result["structuredContent"]
+                while "job_id" in sc and sc.get("status") not in ("done", "error", "cancelled"):  # past the deadline
+                    time.sleep(0.5)
+                    sc = call(c, reps[0].url, "job_status", {"job_id": sc["job_id"]}).result["structuredContent"]
+                sc = sc.get("result", sc)
                 print(f"\n3. generate_text on one replica: {sc['completion_tokens']} tokens at "
                       f"{sc['tokens_per_s']:.1f} tokens/s ({sc['model']})")
     finally:
