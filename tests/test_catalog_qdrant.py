@@ -6,8 +6,9 @@ implementation of the server's API, in-process, on disk in the test's folder), n
 production set-up (a server or cluster at `catalog.qdrant_url`) is in the README. Expected values come from
 NumPy brute force, as in the local backend's tests.
 
-The tool tests of `tests/test_recommend_tool.py` are collected here a second time, with `make_context`
-giving them a Qdrant-backed configuration: the same assertions hold for both backends.
+The tool tests of `tests/test_recommend_tool.py` (and the MCP-client story of `test_server_recommend.py`)
+are collected here a second time, with `make_context` / `make_settings` giving them a Qdrant-backed
+configuration: the same assertions hold for both backends.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 import test_recommend_tool as T
+import test_server_recommend as S
 from fakectx import make_context
 from test_recommend_tool import (  # noqa: F401 - collected again here, against Qdrant
     shop,
@@ -31,6 +33,8 @@ from test_recommend_tool import (  # noqa: F401 - collected again here, against 
     test_item_id_excludes_itself_and_upsert_is_visible,
     test_vector_query_filters_and_warnings,
 )
+from test_server_recommend import test_accessories_for_a_phone_then_upsert  # noqa: F401 - slow: the MCP client
+from tests.helpers import make_settings
 from tools.base import ToolError
 from tools.recommend import TOOLS, InfoInput, RecommendInput, UpsertInput
 
@@ -46,6 +50,8 @@ def _qdrant(tmp_path: Path, **kw):  # noqa: ANN202
 def qdrant_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every make_context in the collected tool tests opens catalogues in embedded Qdrant."""
     monkeypatch.setattr(T, "make_context", lambda tmp_path=None, **kw: _qdrant(tmp_path, **kw))
+    monkeypatch.setattr(S, "make_settings", lambda tmp_path, **kw: make_settings(
+        tmp_path, catalog={"backend": "qdrant", "qdrant_path": str(tmp_path / "qdrant")}, **kw))
 
 
 def _write(path: Path, rows: list[dict], mat: np.ndarray) -> None:
