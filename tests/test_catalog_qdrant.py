@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import test_recommend_tool as T
 import test_server_recommend as S
 from fakectx import make_context
@@ -34,6 +33,7 @@ from test_recommend_tool import (  # noqa: F401 - collected again here, against 
     test_vector_query_filters_and_warnings,
 )
 from test_server_recommend import test_accessories_for_a_phone_then_upsert  # noqa: F401 - slow: the MCP client
+
 from tests.helpers import make_settings
 from tools.base import ToolError
 from tools.recommend import TOOLS, InfoInput, RecommendInput, UpsertInput
@@ -41,7 +41,7 @@ from tools.recommend import TOOLS, InfoInput, RecommendInput, UpsertInput
 recommend, upsert, info = TOOLS
 
 
-def _qdrant(tmp_path: Path, **kw):  # noqa: ANN202
+def _qdrant(tmp_path: Path, **kw):
     catalog = {"backend": "qdrant", "qdrant_path": str(tmp_path / "qdrant"), **kw.pop("catalog", {})}
     return make_context(tmp_path, catalog=catalog, **kw)
 
@@ -76,7 +76,7 @@ def store(tmp_path: Path) -> tuple[Path, np.ndarray, list[dict]]:
     return p, mat, rows
 
 
-def test_filters_limits_and_exclusions_match_numpy(tmp_path: Path, store) -> None:  # noqa: ANN001
+def test_filters_limits_and_exclusions_match_numpy(tmp_path: Path, store) -> None:
     """Every filter form on plain fields, a field holding lists (not pushed down to Qdrant: decided by our
     evaluation), absent fields, nulls, min_score, exclude and the category limit, against NumPy."""
     p, mat, rows = store
@@ -116,7 +116,7 @@ def test_filters_limits_and_exclusions_match_numpy(tmp_path: Path, store) -> Non
     assert [it.id for it in out.structured.items] == [f"p{r}" for r in _brute(mat, qv, list(s >= 0.5))][:50]
 
 
-def test_replicas_share_one_collection_and_changes_survive_a_restart(tmp_path: Path, store) -> None:  # noqa: ANN001
+def test_replicas_share_one_collection_and_changes_survive_a_restart(tmp_path: Path, store) -> None:
     """Two engines (two replicas) on one Qdrant: the second opens the collection the first loaded without
     reading the file; an upsert on one is seen by the other's next query; after the client is closed and
     reopened (a restart), the changes are still there."""
@@ -144,7 +144,7 @@ def test_replicas_share_one_collection_and_changes_survive_a_restart(tmp_path: P
     assert got[0].id == "p17" and got[0].score == pytest.approx(1.0, abs=1e-5)
 
 
-def test_in_memory_qdrant_says_changes_are_not_durable_and_keys_are_checked(tmp_path: Path, store) -> None:  # noqa: ANN001
+def test_in_memory_qdrant_says_changes_are_not_durable_and_keys_are_checked(tmp_path: Path, store) -> None:
     from mcp_server.config import ConfigError, load_settings
 
     p, _, _ = store

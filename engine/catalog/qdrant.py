@@ -80,7 +80,7 @@ def qdrant_client_for(url: str = "", api_key: str = "", path: str = "", timeout_
         client = _clients.get(key)
         if client is None:
             if url:
-                client = QdrantClient(url=url, api_key=api_key or None, timeout=int(math.ceil(timeout_s)))
+                client = QdrantClient(url=url, api_key=api_key or None, timeout=math.ceil(timeout_s))
             elif path and path != ":memory:":
                 client = QdrantClient(path=path)
             else:
@@ -208,7 +208,7 @@ class QdrantCatalog:
                 try:
                     self.client.create_collection(
                         self.collection, vectors_config={VECTOR: qm.VectorParams(size=dim, distance=qm.Distance.COSINE)})
-                except Exception:  # noqa: BLE001 - another replica created it first
+                except Exception:
                     if not self.client.collection_exists(self.collection):
                         raise
                 with warnings.catch_warnings():  # the embedded mode has no payload indexes and says so
@@ -221,7 +221,6 @@ class QdrantCatalog:
     def load(self, rows: Sequence[Mapping[str, Any]], vectors: torch.Tensor,
              progress: Any = None) -> None:
         """Seed the collection with a file's rows (vectors [n, dim]) in file order, then mark it ready."""
-        from qdrant_client import models as qm
 
         v = torch.nn.functional.normalize(vectors.float(), dim=-1).numpy()
         for lo in range(0, len(rows), UPLOAD_BATCH):
