@@ -24,6 +24,7 @@ ann, files stand alone; store uses those; journal uses files; service uses every
 | `journal.py` | the change log: durable upserts (append + fsync before commit), replay on open, compaction |
 | `ann.py` | the approximate index (HNSW, hnswlib) labelled by row: candidates, online updates, save/load |
 | `files.py` | whole-or-nothing files (temp, fsync, replace, folder fsync) and the sweep of a crash's temp files |
+| `qdrant.py` | `QdrantCatalog`: a catalogue in a Qdrant collection (catalog.backend = "qdrant", issue 18.3), same interface |
 
 Contracts kept across the package:
 
