@@ -41,6 +41,7 @@ from engine.errors import EngineError, InvalidInput
 log = logging.getLogger(__name__)
 
 ERROR_CHARS = 300  # a server's error message is cut to this many characters
+MAX_SENT_STOPS = 4  # OpenAI's limit on `stop`; the rest are applied to the streamed text only
 
 
 class RemoteUnavailable(EngineError):
@@ -129,7 +130,7 @@ class RemoteLLM:
         body["repetition_penalty"] = req.repetition_penalty
         body["repeat_penalty"] = req.repetition_penalty
         if req.stop:
-            body["stop"] = list(req.stop)
+            body["stop"] = list(req.stop[:MAX_SENT_STOPS])  # all of them are applied here too
         if req.json_schema is not None:
             if json_format == "json_object":
                 body["response_format"] = {"type": "json_object", "schema": req.json_schema}
@@ -203,15 +204,15 @@ class RemoteLLM:
                         break
                     if event is None:  # [DONE]
                         break
-                    if "error" in event and not event.get("choices"):
+                    if ("error" in event or event.get("object") == "error") and not event.get("choices"):
                         raise RemoteUnavailable(f"{where}: the text server reported an error mid-stream: "
-                                                f"{_cut(json.dumps(event['error']))}")
+                                                f"{_cut(json.dumps(event.get('error', event)))}")
                     model = event.get("model") or model
-                    if event.get("usage"):
+                    if event.get("usage"):  # the last chunk (stream_options.include_usage), or a whole answer
                         usage = event["usage"]
                     for choice in event.get("choices") or []:
-                        piece = (choice.get("delta") or {}).get("content") if req.messages is not None \
-                            else choice.get("text")
+                        piece = (choice.get("delta") or choice.get("message") or {}).get("content") \
+                            if req.messages is not None else choice.get("text")
                         if piece:
                             text += piece
                             chunks += 1
@@ -234,6 +235,8 @@ class RemoteLLM:
                 # the connection go and stops decoding
         except (RemoteUnavailable, _FormatRefused):
             raise
+        except _Malformed as exc:
+            raise RemoteUnavailable(f"{where}: the text server sent a malformed event: {exc}") from None
         except httpx.ConnectError as exc:
             raise RemoteUnavailable(f"{where}: cannot connect to the text server ({_reason(exc)}); is it "
                                     f"running?") from None
@@ -258,6 +261,10 @@ class RemoteLLM:
                             json_format=json_format)
 
 
+class _Malformed(Exception):
+    pass
+
+
 class _FormatRefused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -265,7 +272,16 @@ class _FormatRefused(Exception):
 
 
 def _events(resp: httpx.Response) -> Iterator[dict[str, Any] | None]:
-    """Server-sent events: each `data:` line's JSON; None for `[DONE]`. Other lines are skipped."""
+    """Server-sent events: each `data:` line's JSON; None for `[DONE]`. Other lines are skipped. A server
+    that answers with one JSON document instead (it ignored `stream`) gives that document as one event."""
+    if resp.headers.get("content-type", "").startswith("application/json"):
+        try:
+            event = json.loads(resp.read())
+        except json.JSONDecodeError:
+            raise _Malformed(_cut(resp.text)) from None
+        yield event if isinstance(event, dict) else {}
+        yield None
+        return
     for line in resp.iter_lines():
         if not line.startswith("data:"):
             continue
@@ -276,7 +292,7 @@ def _events(resp: httpx.Response) -> Iterator[dict[str, Any] | None]:
         try:
             event = json.loads(data)
         except json.JSONDecodeError:
-            raise RemoteUnavailable(f"the text server sent a malformed event: {_cut(data)}") from None
+            raise _Malformed(_cut(data)) from None
         if isinstance(event, dict):
             yield event
 
