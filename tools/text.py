@@ -1,4 +1,6 @@
-"""generate_text: text generation with our own KV-cached decoder (engine.llm).
+"""generate_text: text generation with our own KV-cached decoder (engine.llm), or, with
+models.llm_backend = "openai", on an OpenAI-compatible server (tools/text_remote.py: same arguments and
+result; `json_schema` structured output only there).
 
 The model comes from the configuration (`models.llm`: a Hugging Face folder of
 the Llama family or GPT-2, or a .gguf; empty = the embedded
@@ -263,9 +265,10 @@ TOOLS = [
     ToolSpec(
         name="generate_text",
         title="Generate text",
-        description="Generate text with the local language model (default SmolLM2-135M-Instruct): a prompt or "
-                    "chat messages, greedy or sampled (temperature/top_k/top_p/seed), stop strings, and a choice "
-                    "of KV cache (full, int8, or a sliding window for long inputs). Reports progress; cancellable.",
+        description="Generate text with the configured language model (default: local SmolLM2-135M-Instruct; "
+                    "or an OpenAI-compatible server): a prompt or chat messages, greedy or sampled "
+                    "(temperature/top_k/top_p/seed), stop strings, a choice of KV cache (full, int8, or a sliding "
+                    "window for long inputs), JSON-schema output on a server. Reports progress; cancellable.",
         input_model=GenerateTextInput,
         output_model=GenerateTextOutput,
         run=run_generate_text,
