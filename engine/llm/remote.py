@@ -13,9 +13,10 @@ max_new_tokens -> max_tokens; temperature (0 = greedy) -> temperature; when
 sampling (temperature > 0): top_p, top_k (0 = off; llama.cpp and vLLM read it
 as an extra field), min_p = 0 (our sampler has none; llama.cpp's default is
 0.05); seed; repetition_penalty -> `repetition_penalty` (vLLM) and
-`repeat_penalty` (llama.cpp), each server with its own scope; stop strings are
-sent as `stop` and also applied here, on the streamed text, so a server that
-takes fewer stop strings (OpenAI: 4) or none still ends there; a JSON schema
+`repeat_penalty` (llama.cpp), each server with its own scope; the first 4 stop
+strings are sent as `stop` (OpenAI's limit) and all are applied here, on the
+streamed text, so the answer ends at the first of them whatever the server
+does (the stream is then closed); a JSON schema
 -> `response_format` (`json_schema`, or `json_object` + `schema` for
 llama-cpp-python; `auto` falls back to the second once when the server
 refuses the first, and remembers).
