@@ -259,6 +259,10 @@ def main() -> int:
               f"ours packed, drafting off {plain_tps:.1f} tok/s -> {r:.2f}x [target >= 1.0x: {_verdict(r >= 1.0)}]; "
               f"with drafting {ours_tps / l_tps:.2f}x; 8-stream aggregate {agg / l_tps:.2f}x llama.cpp's single stream "
               f"[target >= 3x: {_verdict(agg / l_tps >= 3)}]")
+        gguf_bytes = gguf.stat().st_size
+        print(f"weight bytes per token: ours {wbytes / 1e6:.1f} MB -> {plain_tps * wbytes / 1e9:.1f} GB/s "
+              f"({100 * plain_tps * wbytes / 1e9 / bw:.0f}% of the measured {bw:.1f} GB/s); llama.cpp ~{gguf_bytes / 1e6:.1f}"
+              f" MB -> {l_tps * gguf_bytes / 1e9:.1f} GB/s ({100 * l_tps * gguf_bytes / 1e9 / bw:.0f}%)")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
 
