@@ -110,6 +110,8 @@ class RedisJobManager(JobManager):
                 job.token.cancel(str(exc))  # nobody could follow or cancel it: do not run it orphaned
                 raise
             return
+        if name == "state" and job.state not in _ACTIVE:
+            return  # finish() writes the terminal state together with the result
         if job.id in self._published:
             try:
                 self.push(job)

@@ -182,7 +182,11 @@ class Tasks:
         ttl_s = limit_s if ttl_ms is None else max(1.0, min(limit_s, ttl_ms / 1000.0))
         token = CancelToken()
         job = self.state.jobs.create(spec.name, token, owner=caller)
-        job.is_task, job.ttl_s, job.detached = True, ttl_s, True  # detached last: a shared job publishes then
+        try:
+            job.is_task, job.ttl_s, job.detached = True, ttl_s, True  # detached last: a shared job publishes then
+        except StateUnavailable:  # issue 15: Redis unreachable, the task could not be recorded
+            self.state.jobs.forget(job)
+            raise
         loop = asyncio.get_running_loop()
         last = [0.0]
 
