@@ -93,6 +93,29 @@ class AppState:
     closed: bool = False
     shared: Any = None  # issue 15 (h2): RedisState with state.backend = "redis", else None
 
+    # the lifecycle (issue 16.3): the MCP lifespan holds the state while a transport serves it; when the
+    # last holder lets go and the transport asked for it (`close_when_idle`, set by `serve_stdio` and
+    # `serve_http`), the state (jobs, engine and its services, pool) is closed there, in the lifespan's
+    # `finally`. In-process users (tests, embedding) leave it False and call `close()` themselves.
+    close_when_idle: bool = False
+    _holders: int = 0
+    _holders_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hold(self) -> int:
+        """One more holder (a lifespan, a serving transport) -> how many now."""
+        with self._holders_lock:
+            self._holders += 1
+            return self._holders
+
+    def let_go(self) -> int:
+        """One holder fewer; the last one closes the state when `close_when_idle` -> how many are left."""
+        with self._holders_lock:
+            self._holders = max(0, self._holders - 1)
+            left = self._holders
+        if left == 0 and self.close_when_idle:
+            self.close()
+        return left
+
     def close(self) -> None:
         if self.closed:
             return
@@ -295,11 +318,13 @@ class AtelierServer(MCPServer):
 
         @contextlib.asynccontextmanager
         async def lifespan(_: MCPServer) -> AsyncIterator[AppState]:
-            log.info("server ready", extra={"tools": sorted(state.specs), "device": str(state.engine.device)})
+            # entered once per serving app (streamable HTTP, stdio) or per connection (SSE, in-memory)
+            if state.hold() == 1:
+                log.info("server ready", extra={"tools": sorted(state.specs), "device": str(state.engine.device)})
             try:
                 yield state
             finally:
-                pass
+                state.let_go()  # the last holder closes the state where the transport asked for it
 
         had_handlers = bool(logging.getLogger().handlers)
         super().__init__(

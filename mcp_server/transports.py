@@ -277,10 +277,14 @@ def serve_http(server: AtelierServer, transport: str, host: str, port: int) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     log.info("listening", extra={"transport": transport, "url": f"http://{host}:{port}{path}"})
+    # the serving app holds the state for its whole life (SSE enters the MCP lifespan once per connection,
+    # so a connection's end alone must not close it); the last `let_go` closes it (AppState.hold/let_go)
+    state.close_when_idle = True
+    state.hold()
     try:
         uv.run()
     finally:
-        server.state.close()
+        state.let_go()
         log.info("server stopped", extra={"transport": transport})
 
 
@@ -323,6 +327,7 @@ def serve_stdio(server: AtelierServer) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    state.close_when_idle = True  # stdin's end leaves the MCP lifespan, whose `finally` closes the state
     try:
         anyio.run(server.run_stdio_async)
     except KeyboardInterrupt:
