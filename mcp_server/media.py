@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 from mcp_types import ImageContent, ResourceLink, TextContent
-from PIL import Image, ImageFile, PngImagePlugin
+from PIL import Image, PngImagePlugin
 
 from tools.base import ImageOut, ToolError
 
@@ -134,10 +134,20 @@ class ImageRecord:
         return f"image://{self.id}"
 
 
+def configure_pillow(max_pixels: int) -> None:
+    """Pillow's decompression-bomb limit, set once when the server's media store is built (never per call:
+    `decode` runs on several pool threads at once). Pillow refuses headers over twice the limit by itself;
+    its warning between one and two times the limit is silenced because `decode` refuses those images with
+    its own message. Truncated images stay refused (`LOAD_TRUNCATED_IMAGES` is left False)."""
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 class MediaStore:
     def __init__(self, sandbox: Sandbox, limits: Any) -> None:
         self.sandbox = sandbox
         self.limits = limits
+        configure_pillow(limits.max_image_pixels)
         self._records: dict[str, ImageRecord] = {}
         self._expired: dict[str, float] = {}  # id -> when the retention deleted it
         self.deleted = 0
@@ -313,39 +323,35 @@ class MediaStore:
             raise ToolError.invalid(argument, label,
                                     "unsupported image format; accepted: PNG, JPEG, WEBP")
         max_px = int(self.limits.max_image_pixels)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            old_max, old_trunc = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-            try:
-                Image.MAX_IMAGE_PIXELS = max_px
-                ImageFile.LOAD_TRUNCATED_IMAGES = False
-                img = Image.open(io.BytesIO(data), formats=[fmt])
-                w, h = img.size
-                if w <= 0 or h <= 0 or w * h > max_px:
-                    raise ToolError.invalid(argument, f"{w}x{h}", f"image has {w * h} pixels; the limit is {max_px}")
-                if getattr(img, "n_frames", 1) != 1:
-                    raise ToolError.invalid(argument, f"{img.n_frames} frames",
-                                            "animated images are not accepted; send a single frame")
-                if fmt == "PNG":
-                    try:
-                        short = png_data_short(data)
-                    except (zlib.error, struct.error) as exc:
-                        raise ToolError.invalid(argument, label,
-                                                f"cannot decode image: {exc}") from None
-                    if short:
-                        raise ToolError.invalid(argument, label,
-                                                "cannot decode image: the PNG pixel data is truncated")
-                img.load()
-            except ToolError:
-                raise
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise ToolError.invalid(argument, label,
-                                        f"rejected as a decompression bomb: over the pixel limit of {max_px} "
-                                        f"({exc})") from None
-            except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as exc:
-                raise ToolError.invalid(argument, label, f"cannot decode image: {exc}") from None
-            finally:
-                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_max, old_trunc
+        # no process state is touched here (pool threads decode concurrently): Pillow's own limit was set
+        # once when the store was built (`configure_pillow`); the size check below is ours, made on the
+        # header before any pixel is decoded
+        try:
+            img = Image.open(io.BytesIO(data), formats=[fmt])
+            w, h = img.size
+            if w <= 0 or h <= 0 or w * h > max_px:
+                raise ToolError.invalid(argument, f"{w}x{h}", f"image has {w * h} pixels; the limit is {max_px}")
+            if getattr(img, "n_frames", 1) != 1:
+                raise ToolError.invalid(argument, f"{img.n_frames} frames",
+                                        "animated images are not accepted; send a single frame")
+            if fmt == "PNG":
+                try:
+                    short = png_data_short(data)
+                except (zlib.error, struct.error) as exc:
+                    raise ToolError.invalid(argument, label,
+                                            f"cannot decode image: {exc}") from None
+                if short:
+                    raise ToolError.invalid(argument, label,
+                                            "cannot decode image: the PNG pixel data is truncated")
+            img.load()
+        except ToolError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ToolError.invalid(argument, label,
+                                    f"rejected as a decompression bomb: over the pixel limit of {max_px} "
+                                    f"({exc})") from None
+        except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as exc:
+            raise ToolError.invalid(argument, label, f"cannot decode image: {exc}") from None
         return to_array(img, mode, argument)
 
     def load_image(self, ref: str, argument: str, mode: str = "keep", caller: str = LOCAL) -> np.ndarray:
