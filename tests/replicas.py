@@ -256,9 +256,16 @@ def call(client: httpx.Client, url: str, tool: str, arguments: dict[str, Any], r
 
 
 def stop_all(*procs: Any) -> None:
-    for p in procs:
-        if p is not None:
-            try:
-                p.stop()
-            except Exception:
-                pass
+    """SIGTERM to all at once, then wait for each (a replica takes a few seconds to shut down)."""
+    live = [p for p in procs if p is not None and p.proc is not None and p.proc.poll() is None]
+    for p in live:
+        try:
+            p.proc.send_signal(signal.SIGTERM)
+        except OSError:
+            pass
+    for p in live:
+        try:
+            p.proc.wait(8)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.proc.wait(5)
