@@ -62,11 +62,12 @@ class _Header:
     minute for SmolLM2's 49k-token vocabulary on a busy 2-core machine; this walks it in well under 1 s).
     Arrays are skipped, except their length is kept (`n_tokens`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep: tuple[str, ...] = ()) -> None:
         import mmap
         import struct
 
         self.path = path
+        self.keep = keep  # array keys read whole (the tokenizer's), others skipped
         with open(path, "rb") as f:
             try:
                 buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -119,6 +120,12 @@ class _Header:
         if vtype == 9:
             etype, count = self._num("<I"), self._num("<Q")
             self.array_lengths[key] = count
+            if key in self.keep:
+                if etype == 8:
+                    return [self._str() for _ in range(count)]
+                if etype in _SCALARS:
+                    size = self._struct.calcsize(_SCALARS[etype])
+                    return list(self._struct.unpack(f"<{count}{_SCALARS[etype][1]}", self._raw(size * count)))
             if etype in _SCALARS:
                 self._raw(self._struct.calcsize(_SCALARS[etype]) * count)
             elif etype == 8:  # strings: skipped without decoding
@@ -283,3 +290,51 @@ def build_packed(cfg: dict[str, Any], tensors: dict[str, Any], path: Path, blas:
             raise CorruptGGUF(f"{path}: layer 0 {name} has {rows} rows, the metadata says {n}")
     model = model.eval().requires_grad_(False)
     return model.set_blas(blas_backend(blas, "cpu", torch.float32))
+
+
+TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
+
+
+def byte_level_tokenizer_files(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(tokenizer.json, tokenizer_config.json) contents for a GGUF whose tokenizer is byte-level BPE
+    (`tokenizer.ggml.model = "gpt2"`) with the default GPT-2 split, built from the file's own arrays, as
+    transformers' GGUF converter builds it (BPE on the vocabulary and merges, the ByteLevel pre-tokenizer
+    and decoder, no BOS added, control tokens spelled in the byte alphabet added as special tokens and
+    user-defined ones as plain added tokens). None for any other tokenizer: the caller then uses
+    transformers. Reading the arrays takes a fraction of a second; importing transformers takes 5-15 s."""
+    h = _Header(Path(path), keep=TOKENIZER_ARRAYS)
+    f = h.fields
+    tokens, merges, types = (f.get(k) for k in TOKENIZER_ARRAYS)
+    pre = f.get("tokenizer.ggml.pre")
+    if f.get("tokenizer.ggml.model") != "gpt2" or not isinstance(tokens, list) or not isinstance(merges, list) \
+            or pre not in (None, "default", "gpt-2", "smollm"):
+        return None
+    types = types if isinstance(types, list) and len(types) == len(tokens) else [1] * len(tokens)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    alphabet = {chr(b) for b in bs} | {chr(256 + i) for i in range(256 - len(bs))}
+    added = []
+    for i, (tok, t) in enumerate(zip(tokens, types)):
+        if (t == 3 and set(tok) <= alphabet) or t == 4:
+            added.append({"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": t == 3})
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tok_json = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {}},
+        "decoder": {**byte_level, "add_prefix_space": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": [m.split(" ", 1) for m in merges]},
+    }
+    cfg: dict[str, Any] = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")):
+        i = f.get(f"tokenizer.ggml.{key}")
+        cfg[name] = tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+    if isinstance(f.get("tokenizer.chat_template"), str):
+        cfg["chat_template"] = f["tokenizer.chat_template"]
+    return tok_json, cfg

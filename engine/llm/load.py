@@ -252,10 +252,17 @@ def tokenizer_folder(gguf: Path, out_dir: Path, cfg: dict[str, Any]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
         if cfg.get("_has_tokenizer", True):
-            from transformers import AutoTokenizer
+            from .gguf_load import byte_level_tokenizer_files
 
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            _save_tokenizer(tok, tmp)
+            fast = byte_level_tokenizer_files(gguf)  # byte-level BPE straight from the file's arrays
+            if fast is not None:
+                for fname, content in zip(("tokenizer.json", "tokenizer_config.json"), fast, strict=True):
+                    (tmp / fname).write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+            else:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                _save_tokenizer(tok, tmp)
         (tmp / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
                                                     indent=2), encoding="utf-8")
         if out_dir.exists():
