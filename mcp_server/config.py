@@ -329,6 +329,23 @@ class Settings(BaseSettings):
                                  f"root): that would expose the whole filesystem; name a project folder instead")
 
 
+_SECRET_PARTS = ("key", "token", "secret", "password", "passwd", "auth", "credential")
+
+
+def _mask_secret(key: str, value: Any) -> Any:
+    """What a config error may show of `value`: nothing of a key that looks secret, nor a URL's
+    password (`redis://:pw@host`). Unknown keys (a misspelled `llm_api_kee`) are named without a value."""
+    last = key.rsplit(".", 1)[-1].lower()
+    if any(p in last for p in _SECRET_PARTS) and value not in (None, ""):
+        return "<hidden>"
+    if isinstance(value, dict):
+        return {k: _mask_secret(str(k), v) for k, v in value.items()}
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = value.split("://", 1)
+        return f"{scheme}://<hidden>@{rest.split('@', 1)[1]}"
+    return value
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
@@ -337,7 +354,10 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         if not key:  # a check across keys (model_post_init): its message names the key itself
             lines.append(f"  {msg}")
             continue
-        value = err.get("input")
+        value = _mask_secret(key, err.get("input"))
+        if err.get("type") == "extra_forbidden":  # an unknown (perhaps misspelled secret) key: name it only
+            lines.append(f"  {key}: {msg} (not a configuration key; see the README's Configuration table)")
+            continue
         shown = repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."

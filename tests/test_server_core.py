@@ -313,6 +313,21 @@ def test_invalid_config_names_the_key(tmp_path):
         load_settings(cfg)
 
 
+def test_config_errors_never_show_a_secret(tmp_path):
+    """A misspelled or mistyped secret key, or a URL with a password, is named without its value."""
+    from mcp_server.config import ConfigError, load_settings
+
+    cfg = tmp_path / "bad.toml"
+    for text, key in [('[models]\nllm_api_kee = "sk-SECRET-1"\n', "models.llm_api_kee"),
+                      ('[http]\nauth_token = ["sk-SECRET-1"]\n', "http.auth_token"),
+                      ('[limits]\nmax_k = "redis://:sk-SECRET-1@host:6379"\n', "limits.max_k")]:
+        cfg.write_text(text)
+        with pytest.raises(ConfigError) as ei:
+            load_settings(cfg)
+        assert key in str(ei.value)
+        assert "SECRET" not in str(ei.value), str(ei.value)
+
+
 def test_env_overrides_toml(tmp_path, monkeypatch):
     from mcp_server.config import load_settings
 
