@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.workmem import MemoryLimitExceeded  # issue 16 (H5): tools let the engine's refusal through unwrapped
 from tests.fakectx import make_context
 from tests.rel_memory_worker import Worker
 from tests.reltools import reset_peak
 from tools import color as color_tool
 from tools import masks as mask_tool
-from tools.base import ToolError
 
 MB = 1_000_000
 H, W = 480, 640
@@ -91,7 +91,7 @@ def test_color_compare_within_its_estimate(extra, worker, files):
 
 def test_mask_edit_refused_before_the_work(tight_ctx, files):
     inp = mask_tool.MaskEditInput(image=str(files / "a.png"), operation="blur", expression="h > 3 & l > 2")
-    with pytest.raises(ToolError) as err:
+    with pytest.raises(MemoryLimitExceeded) as err:
         mask_tool.run(inp, tight_ctx)
     msg = str(err.value)
     assert "would need" in msg and "limit 0.002 GB" in msg and "mask_edit blur on a 640x480 image" in msg
@@ -100,7 +100,7 @@ def test_mask_edit_refused_before_the_work(tight_ctx, files):
 def test_color_compare_refused_before_the_work(tight_ctx, files):
     inp = color_tool.ColorCompareInput(image_a=str(files / "a.png"), image_b=str(files / "b.png"),
                                        mask_expression="r > 3")
-    with pytest.raises(ToolError) as err:
+    with pytest.raises(MemoryLimitExceeded) as err:
         color_tool._run(inp, tight_ctx)
     assert str(err.value).startswith("mask_expression='r > 3': would need ")
 
@@ -135,9 +135,9 @@ def test_generate_and_detail_image_refused_before_loading(tmp_path, files):
     (folder / "model_index.json").write_text("{}")
     c = make_context(tmp_path, limits={"max_call_memory_mb": 64}, models={"diffusion": str(folder)})
     try:
-        with pytest.raises(ToolError, match=r"^width='512x512 x 2': would need 1\.\d GB; limit 0\.067 GB"):
+        with pytest.raises(MemoryLimitExceeded, match=r"^width='512x512 x 2': would need 1\.\d GB; limit 0\.067 GB"):
             images._run_generate(images.GenerateImageInput(prompt="a cat", width=512, height=512, num_images=2), c)
-        with pytest.raises(ToolError, match=r"^image='640x480': would need .* GB; limit 0\.067 GB.*top_k"):
+        with pytest.raises(MemoryLimitExceeded, match=r"^image='640x480': would need .* GB; limit 0\.067 GB.*top_k"):
             images._run_detail(images.DetailImageInput(image=str(files / "a.png")), c)
     finally:
         c.engine.close()

@@ -7,8 +7,8 @@ operation), the result goes back to the mask's device.
 
 - `dilate(m, px, footprint=)` / `erode(m, px, footprint=)`: by a disk of
   radius px (skimage `disk(px)`, via an exact Euclidean distance transform;
-  the default) or a (2 px + 1)-square (Chebyshev distance, an exact
-  chessboard distance transform; OpenCV's and ADetailer's kernel). Dilation
+  the default) or a (2 int(px) + 1)-square (OpenCV's dilate / erode with that
+  kernel, as ADetailer does). Dilation
   never grows from outside the image; erosion ignores the outside of the
   image (skimage `binary_erosion(mode="ignore")`, scipy `border_value=1`).
 - `shift(m, dx, dy)`: move by dx px right and dy px down; pixels shifted in
@@ -19,7 +19,9 @@ operation), the result goes back to the mask's device.
 - `feather(m, px)` -> float32: the mask blurred by a Gaussian of sigma px / 2
   truncated at radius int(px) (symmetric borders, scipy / OpenCV "reflect"),
   so it spreads at most int(px) pixels in x and in y: the support is the mask
-  dilated by a (2 int(px) + 1)-square.
+  dilated by a (2 int(px) + 1)-square. On the CPU it is OpenCV's GaussianBlur
+  with that kernel (what ADetailer used), elsewhere `gaussian_blur`; both are
+  within 1e-6 of scipy's `gaussian_filter`.
 - `invert(m)`: not m (or 1 - m).
 - `gaussian_blur(x, sigma, radius)`: the separable Gaussian both `feather` and
   `engine.masks.edits.apply_blur` use, float32 [C, H, W], symmetric borders.
@@ -33,60 +35,75 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInput
-from .tensors import bbox, check_px, grow, to_numpy
+from .tensors import bbox, check_px, clone, grow, put, to_numpy
 
 Footprint = Literal["disk", "square"]
 
 
-def _distance(inside: np.ndarray, footprint: str) -> np.ndarray:
-    """For each True pixel, its distance to the nearest False one (Euclidean or chessboard)."""
-    from scipy.ndimage import distance_transform_cdt, distance_transform_edt
+def _check_footprint(footprint: str) -> None:
+    if footprint not in ("disk", "square"):
+        raise InvalidInput("footprint", footprint, "expected 'disk' or 'square'")
 
-    if footprint == "disk":
-        return distance_transform_edt(inside)
-    if footprint == "square":
-        return distance_transform_cdt(inside, metric="chessboard")
-    raise InvalidInput("footprint", footprint, "expected 'disk' or 'square'")
+
+def _square(crop: np.ndarray, px: int, *, grow: bool) -> np.ndarray:
+    """bool crop -> dilated / eroded by a (2 px + 1)-square (OpenCV: outside the array never counts)."""
+    import cv2
+
+    kernel = np.ones((2 * px + 1, 2 * px + 1), np.uint8)
+    u8 = np.ascontiguousarray(crop).view(np.uint8)
+    return (cv2.dilate(u8, kernel) if grow else cv2.erode(u8, kernel)).view(np.bool_)
 
 
 def dilate(mask: torch.Tensor, px: int, *, footprint: Footprint = "disk") -> torch.Tensor:
     """Grow a bool mask by a disk of radius px (Euclidean distance <= px) or a (2 px + 1)-square."""
+    from scipy.ndimage import distance_transform_edt
+
     check_px("dilate", px)
+    _check_footprint(footprint)
     box = bbox(mask)
     if px == 0 or box is None:
-        return mask.clone()
+        return clone(mask)
     y0, y1, x0, x1 = grow(box, int(px) + 1, *mask.shape)
     crop = to_numpy(mask[y0:y1, x0:x1])
-    grown = _distance(~crop, footprint) <= px
-    out = mask.clone()
-    out[y0:y1, x0:x1] = torch.from_numpy(grown).to(mask.device)
+    if footprint == "square":
+        grown = _square(crop, int(px), grow=True)
+    else:
+        grown = distance_transform_edt(~crop) <= px
+    out = clone(mask)
+    put(out, y0, x0, grown)
     return out
 
 
 def erode(mask: torch.Tensor, px: int, *, footprint: Footprint = "disk") -> torch.Tensor:
     """Shrink a bool mask by a disk of radius px or a (2 px + 1)-square; the outside of the image does not erode."""
+    from scipy.ndimage import distance_transform_edt
+
     check_px("erode", px)
+    _check_footprint(footprint)
     box = bbox(mask)
     if px == 0 or box is None:
-        return mask.clone()
+        return clone(mask)
     y0, y1, x0, x1 = grow(box, int(px) + 1, *mask.shape)
     crop = to_numpy(mask[y0:y1, x0:x1])
     if crop.all():
-        return mask.clone()
-    kept = _distance(crop, footprint) > px  # distance to the nearest unselected pixel
-    out = torch.zeros_like(mask)
-    out[y0:y1, x0:x1] = torch.from_numpy(kept).to(mask.device)
+        return clone(mask)
+    if footprint == "square":
+        kept = _square(crop, int(px), grow=False)
+    else:
+        kept = distance_transform_edt(crop) > px  # distance to the nearest unselected pixel
+    out = torch.from_numpy(np.zeros(mask.shape, np.bool_)).to(mask.device)
+    put(out, y0, x0, kept)
     return out
 
 
 def shift(mask: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     """Move a mask dx px right and dy px down; what is shifted in is unselected, nothing wraps."""
     h, w = mask.shape
-    out = torch.zeros_like(mask)
+    out = torch.from_numpy(np.zeros(mask.shape, to_numpy(mask[:0, :0]).dtype)).to(mask.device)
     src_y, dst_y = slice(max(0, -dy), min(h, h - dy)), slice(max(0, dy), min(h, h + dy))
     src_x, dst_x = slice(max(0, -dx), min(w, w - dx)), slice(max(0, dx), min(w, w + dx))
     if src_y.start < src_y.stop and src_x.start < src_x.stop:
-        out[dst_y, dst_x] = mask[src_y, src_x]
+        put(out, dst_y.start, dst_x.start, to_numpy(mask[src_y, src_x]))
     return out
 
 
@@ -97,12 +114,12 @@ def remove_small_objects(mask: torch.Tensor, min_pixels: int) -> torch.Tensor:
     check_px("remove_small_objects", min_pixels)
     box = bbox(mask)
     if min_pixels <= 1 or box is None:
-        return mask.clone()
+        return clone(mask)
     y0, y1, x0, x1 = box
     crop = to_numpy(mask[y0:y1, x0:x1])
     kept = morphology.remove_small_objects(crop, max_size=int(min_pixels) - 1, connectivity=2)
-    out = mask.clone()
-    out[y0:y1, x0:x1] = torch.from_numpy(kept).to(mask.device)
+    out = clone(mask)
+    put(out, y0, x0, kept)
     return out
 
 
@@ -149,9 +166,21 @@ def gaussian_blur(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
 def feather(mask: torch.Tensor, px: float) -> torch.Tensor:
     """bool [H, W] -> float32 [H, W] in 0..1: Gaussian sigma px / 2 truncated at radius int(px)."""
     check_px("feather", px)
-    m = mask.to(torch.float32) if mask.dtype == torch.bool else mask.to(torch.float32).clone()
     radius = int(px)
-    box = bbox(m)
+    box = bbox(mask)
+    if mask.device.type == "cpu":  # OpenCV's separable float filter: the same kernel and borders, ~50x faster
+        import cv2
+
+        arr = mask.numpy().astype(np.float32)  # a copy
+        if radius < 1 or box is None:
+            return torch.from_numpy(arr)
+        y0, y1, x0, x1 = grow(box, 2 * radius, *arr.shape)
+        k = 2 * radius + 1
+        soft_np = cv2.GaussianBlur(np.ascontiguousarray(arr[y0:y1, x0:x1]), (k, k), sigmaX=px / 2.0,
+                                   sigmaY=px / 2.0, borderType=cv2.BORDER_REFLECT)
+        arr[y0:y1, x0:x1] = np.clip(soft_np, 0.0, 1.0)
+        return torch.from_numpy(arr)
+    m = mask.to(torch.float32) if mask.dtype == torch.bool else mask.to(torch.float32).clone()
     if radius < 1 or box is None:
         return m
     y0, y1, x0, x1 = grow(box, 2 * radius, *m.shape)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInput
+from .tensors import zeros_mask
 
 
 def image_mask(mask: np.ndarray | torch.Tensor, height: int, width: int, *,
@@ -127,13 +128,17 @@ def detection_mask(detections: Iterable[Any], height: int, width: int, *, use_ma
 
     A segmentation mask is used when `use_masks`, it has the image's size and it selects something; else the box.
     """
-    out = torch.zeros(height, width, dtype=torch.bool, device=device)
+    out = zeros_mask(height, width, device)
     for det in detections:
         seg = getattr(det, "mask", None)
         if use_masks and seg is not None and tuple(np.shape(seg)) == (height, width):
-            seg_t = torch.as_tensor(np.asarray(seg, dtype=bool), device=device)
-            if bool(seg_t.any()):
-                out |= seg_t
+            seg_np = np.asarray(seg, dtype=bool)
+            if seg_np.any():
+                if out.device.type == "cpu":
+                    acc = out.numpy()
+                    np.logical_or(acc, seg_np, out=acc)
+                else:
+                    out |= torch.as_tensor(seg_np, device=out.device)
                 continue
         _fill_box(out, det.box)
     return out
@@ -141,7 +146,7 @@ def detection_mask(detections: Iterable[Any], height: int, width: int, *, use_ma
 
 def box_mask(box: Sequence[float], height: int, width: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
     """bool [H, W]: True inside box (x1, y1, x2, y2; x2 / y2 exclusive; int() of each; clipped to the image)."""
-    out = torch.zeros(height, width, dtype=torch.bool, device=device)
+    out = zeros_mask(height, width, device)
     _fill_box(out, box)
     return out
 
@@ -152,7 +157,10 @@ def _fill_box(out: torch.Tensor, box: Sequence[float]) -> None:
     x1, x2 = max(0, x1), min(width, x2)
     y1, y2 = max(0, y1), min(height, y2)
     if x1 < x2 and y1 < y2:
-        out[y1:y2, x1:x2] = True
+        if out.device.type == "cpu":
+            out.numpy()[y1:y2, x1:x2] = True
+        else:
+            out[y1:y2, x1:x2] = True
 
 
 def combine(masks: Sequence[torch.Tensor], how: str = "and") -> torch.Tensor:

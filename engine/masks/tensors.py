@@ -51,8 +51,32 @@ def clone(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
+def zeros_mask(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool [H, W] all False (NumPy's calloc on the CPU)."""
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(np.zeros((height, width), np.bool_))
+    return torch.zeros(height, width, dtype=torch.bool, device=device)
+
+
+def put(out: torch.Tensor, y0: int, x0: int, block: np.ndarray) -> None:
+    """out[y0:y0 + h, x0:x0 + w] = block (a NumPy array), through NumPy when `out` is on the CPU."""
+    h, w = block.shape[:2]
+    if out.device.type == "cpu":
+        out.numpy()[y0:y0 + h, x0:x0 + w] = block
+    else:
+        out[y0:y0 + h, x0:x0 + w] = torch.from_numpy(block).to(out.device)
+
+
 def bbox(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
     """(y0, y1, x0, x1), ends exclusive, of mask > 0; None when empty."""
+    if mask.device.type == "cpu":  # NumPy's single-threaded reductions beat torch's on small, busy CPUs
+        arr = mask.numpy()
+        sel_np = arr if arr.dtype == np.bool_ else arr > 0
+        rows_np = np.flatnonzero(sel_np.any(1))
+        if rows_np.size == 0:
+            return None
+        cols_np = np.flatnonzero(sel_np.any(0))
+        return int(rows_np[0]), int(rows_np[-1]) + 1, int(cols_np[0]), int(cols_np[-1]) + 1
     sel = mask if mask.dtype == torch.bool else mask > 0
     rows = torch.nonzero(sel.any(1)).flatten()
     if rows.numel() == 0:
