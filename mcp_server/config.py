@@ -105,7 +105,9 @@ class ModelsSection(_Section):
         return v.strip()
 
 
-def _check_llm_base_url(v: str) -> str:  # issue 15.3 (H1): models.llm_base_url
+def _check_http_url(v: str, example: str, key_key: str) -> str:
+    """An http(s) URL with a host and no credentials, query or fragment (the key goes in `key_key`);
+    '' stays ''; the trailing '/' is removed. Shared by models.llm_base_url and catalog.qdrant_url."""
     from urllib.parse import urlsplit
 
     v = v.strip()
@@ -117,10 +119,14 @@ def _check_llm_base_url(v: str) -> str:  # issue 15.3 (H1): models.llm_base_url
     except ValueError as exc:
         raise ValueError(f"not a URL ({exc})") from None
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1")
+        raise ValueError(f"must be an http:// or https:// URL with a host, e.g. {example}")
     if u.username or u.password or u.query or u.fragment:
-        raise ValueError("must not carry credentials, a query or a fragment (put the key in models.llm_api_key)")
+        raise ValueError(f"must not carry credentials, a query or a fragment (put the key in {key_key})")
     return v.rstrip("/")
+
+
+def _check_llm_base_url(v: str) -> str:  # issue 15.3 (H1): models.llm_base_url
+    return _check_http_url(v, "http://127.0.0.1:8000/v1", "models.llm_api_key")
 
 
 class PathsSection(_Section):
@@ -240,22 +246,7 @@ class CatalogSection(_Section):
     @field_validator("qdrant_url")
     @classmethod
     def _qdrant_url(cls, v: str) -> str:
-        from urllib.parse import urlsplit
-
-        v = v.strip()
-        if not v:
-            return v
-        try:
-            u = urlsplit(v)
-            u.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            raise ValueError(f"not a URL ({exc})") from None
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://qdrant:6333")
-        if u.username or u.password or u.query or u.fragment:
-            raise ValueError("must not carry credentials, a query or a fragment (put the key in "
-                             "catalog.qdrant_api_key)")
-        return v.rstrip("/")
+        return _check_http_url(v, "http://qdrant:6333", "catalog.qdrant_api_key")
 
 
 class LoggingSection(_Section):
