@@ -155,5 +155,8 @@ def test_in_memory_qdrant_says_changes_are_not_durable_and_keys_are_checked(tmp_
     assert "s3cr3t" not in repr(ctx.settings) and "s3cr3t" not in ctx.settings.model_dump_json()
     with pytest.raises(ToolError, match=r"items\.seq|reserved"):
         upsert.run(UpsertInput(items=[{"id": "y", "_atelier_seq": 1, "embedding": [1.0] * 8}], catalog=str(p)), ctx)
-    with pytest.raises(ConfigError, match=r"catalog.qdrant_url = 'http://u:pw@q:6333': must not carry credentials"):
+    # the error names the key and the rule, and hides the URL's credentials (config._mask_secret)
+    with pytest.raises(ConfigError, match=r"catalog.qdrant_url = 'http://<hidden>@q:6333': must not carry "
+                                          r"credentials") as ei:
         load_settings(None, catalog={"backend": "qdrant", "qdrant_url": "http://u:pw@q:6333"})
+    assert "u:pw" not in str(ei.value)

@@ -389,14 +389,7 @@ class QdrantCatalog:
 
     # -- search --------------------------------------------------------------
     def _check(self, q: Query) -> np.ndarray:
-        if isinstance(q.k, bool) or not isinstance(q.k, int) or q.k < 1:
-            raise InvalidInput("k", q.k, "must be an integer >= 1")
-        if q.category_limit is not None and (isinstance(q.category_limit, bool)
-                                             or not isinstance(q.category_limit, int) or q.category_limit < 1):
-            raise InvalidInput("category_limit", q.category_limit, "must be an integer >= 1")
-        if q.min_score is not None and (isinstance(q.min_score, bool) or not isinstance(q.min_score, (int, float))
-                                        or not math.isfinite(q.min_score)):
-            raise InvalidInput("min_score", q.min_score, "must be a finite number")
+        q.check_scalars()
         v = q.vector
         if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.shape[0] != self.dim:
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__

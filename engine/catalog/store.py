@@ -499,14 +499,7 @@ class Catalog:
         """Check and convert a query: vector, k, category_limit, min_score, filters (fields and values)
         -> a Request; InvalidInput names the argument, the value and the rule. Its upper bound of memory
         is checked against `memory_limit()` (`workmem.MemoryLimitExceeded`: 'would need N GB; limit M GB')."""
-        if isinstance(q.k, bool) or not isinstance(q.k, int) or q.k < 1:
-            raise InvalidInput("k", q.k, "must be an integer >= 1")
-        if q.category_limit is not None and (isinstance(q.category_limit, bool)
-                                             or not isinstance(q.category_limit, int) or q.category_limit < 1):
-            raise InvalidInput("category_limit", q.category_limit, "must be an integer >= 1")
-        if q.min_score is not None and (isinstance(q.min_score, bool) or not isinstance(q.min_score, (int, float))
-                                        or not math.isfinite(q.min_score)):
-            raise InvalidInput("min_score", q.min_score, "must be a finite number")
+        q.check_scalars()
         vec = self._check_vector(q.vector)
         conds = compile_filters(q.filters, self._columns)
         need = self.search_bytes(q, conds)
