@@ -13,6 +13,11 @@ import numpy as np
 import pytest
 
 from tools.base import ToolError
+from engine.errors import InvalidInput  # noqa: E402
+
+# what a tool raises on bad input: its own ToolError, or the engine's InvalidInput, which the server maps
+# to the same client text (issue 16: no wrappers at the tool edge)
+REFUSED = (ToolError, InvalidInput)
 from tools.recommend import TOOLS, InfoInput, RecommendInput, UpsertInput
 
 from fakectx import FakeContext, make_context
@@ -87,21 +92,21 @@ def test_item_id_excludes_itself_and_upsert_is_visible(tmp_path: Path, shop) -> 
 def test_bad_input(tmp_path: Path, shop, args: dict, match: str) -> None:  # noqa: ANN001
     p, _, _ = shop
     ctx = make_context(tmp_path)
-    with pytest.raises(ToolError, match=match):
+    with pytest.raises(REFUSED, match=match):
         recommend.run(RecommendInput(catalog=str(p), **args), ctx)
 
 
 def test_bad_upserts_and_size_limit(tmp_path: Path, shop) -> None:  # noqa: ANN001
     p, _, _ = shop
     ctx = make_context(tmp_path)
-    with pytest.raises(ToolError, match=r"items\[0\]: 'id'"):
+    with pytest.raises(REFUSED, match=r"items\[0\]: 'id'"):
         upsert.run(UpsertInput(items=[{"name": "no id"}], catalog=str(p)), ctx)
-    with pytest.raises(ToolError, match="expected 6 numbers"):
+    with pytest.raises(REFUSED, match="expected 6 numbers"):
         upsert.run(UpsertInput(items=[{"id": "x", "embedding": [1.0, 2.0]}], catalog=str(p)), ctx)
-    with pytest.raises(ToolError, match="unknown item id"):
+    with pytest.raises(REFUSED, match="unknown item id"):
         upsert.run(UpsertInput(delete=["nope"], catalog=str(p)), ctx)
     small = make_context(tmp_path, limits={"max_catalog_rows": 10})
-    with pytest.raises(ToolError, match="more than 10 rows"):
+    with pytest.raises(REFUSED, match="more than 10 rows"):
         info.run(InfoInput(catalog=str(p)), small)
 
 
@@ -112,7 +117,7 @@ def test_catalog_path_goes_through_the_sandbox(tmp_path: Path, shop) -> None:  #
 
     base = make_context(tmp_path)
     ctx = Sandboxed(base.engine, base.settings)
-    with pytest.raises(ToolError, match="catalog='/etc/passwd': outside the read roots"):
+    with pytest.raises(REFUSED, match="catalog='/etc/passwd': outside the read roots"):
         recommend.run(RecommendInput(vector=[1.0] * 6, catalog="/etc/passwd"), ctx)
 
 
@@ -168,7 +173,7 @@ def test_fields_only_update_keeps_the_stored_vector_and_new_items_need_one(tmp_p
     hit = out.structured.items[0]
     assert hit.id == "s7" and hit.score == pytest.approx(1.0)  # the same vector as before
     assert hit.fields["price"] == 99 and hit.fields["name"] == "thing 7"  # merged, not replaced
-    with pytest.raises(ToolError) as err:
+    with pytest.raises(REFUSED) as err:
         upsert.run(UpsertInput(items=[{"id": "f1", "price": 99}], catalog=str(p)), ctx)
     msg = str(err.value)
     assert msg.startswith("items[0]='f1': this catalogue carries its own vectors") and "'embedding' of 6" in msg
@@ -196,6 +201,6 @@ def test_exclusion_filters_match_numpy(tmp_path: Path, shop) -> None:  # noqa: A
             seen.add(rows[r]["category"])
             want.append(f"s{r}")
     assert [it.id for it in out.structured.items] == want
-    with pytest.raises(ToolError, match="filters.category.not_in"):
+    with pytest.raises(REFUSED, match="filters.category.not_in"):
         recommend.run(RecommendInput(vector=q.tolist(), k=5, catalog=str(p),
                                      filters={"category": {"not_in": []}}), ctx)

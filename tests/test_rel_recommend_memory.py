@@ -27,6 +27,11 @@ import torch
 from engine.catalog import Catalog, CatalogService, Coalescer, Query
 from engine.workmem import MemoryLimitExceeded
 from tools.base import ToolError
+from engine.errors import InvalidInput  # noqa: E402
+
+# what a tool raises on bad input: its own ToolError, or the engine's InvalidInput, which the server maps
+# to the same client text (issue 16: no wrappers at the tool edge)
+REFUSED = (ToolError, InvalidInput)
 from tools.recommend import TOOLS, RecommendInput, UpsertInput
 
 from fakectx import make_context
@@ -154,10 +159,10 @@ def test_tools_refuse_over_the_engine_budget(tmp_path: Path, shop: Path) -> None
     items = [{"id": f"n{i}", "category": "x", "price": 1, "embedding": [1.0] * 8} for i in range(5000)]
     up = cat.upsert_bytes(5000, 5000, 0)
     ctx.engine.registry.budget_bytes = min(wide, up) - 1  # over both
-    with pytest.raises(ToolError) as err:
+    with pytest.raises(REFUSED) as err:
         recommend.run(RecommendInput(vector=v, k=5, category_limit=1, catalog=str(shop)), ctx)
     assert str(err.value).startswith("category_limit=1: would need "), str(err.value)
-    with pytest.raises(ToolError) as err:
+    with pytest.raises(REFUSED) as err:
         upsert.run(UpsertInput(items=items, catalog=str(shop)), ctx)
     msg = str(err.value)
     assert msg.startswith("items='<5000 items>': would need ") and "; limit " in msg, msg
@@ -173,7 +178,7 @@ def test_tools_refuse_over_the_engine_budget(tmp_path: Path, shop: Path) -> None
 def test_opening_a_catalogue_over_the_limit_is_refused(tmp_path: Path, shop: Path) -> None:
     ctx = make_context(tmp_path)
     ctx.engine.registry.budget_bytes = 1_000_000  # 3000 rows x 8 dims need more than 1 MB
-    with pytest.raises(ToolError) as err:
+    with pytest.raises(REFUSED) as err:
         info.run(info.input_model(catalog=str(shop)), ctx)
     msg = str(err.value)
     assert msg.startswith(f"catalog={str(shop.resolve())!r}: would need ") and "loading 3000 rows of 8 dims" in msg, msg

@@ -9,6 +9,11 @@ from pydantic import ValidationError
 from engine.scheduler import CancelToken
 from tests.fakectx import make_context
 from tools.base import ToolError
+from engine.errors import InvalidInput  # noqa: E402
+
+# what a tool raises on bad input: its own ToolError, or the engine's InvalidInput, which the server maps
+# to the same client text (issue 16: no wrappers at the tool edge)
+REFUSED = (ToolError, InvalidInput)
 from tools.text import TOOLS, GenerateTextInput, GenerateTextOutput
 
 SPEC = TOOLS[0]
@@ -125,7 +130,7 @@ def test_cancel_stops_and_next_call_succeeds(ctx):
     ({"prompt": "word " * 2100}, "prompt"),
 ])
 def test_bad_input_names_the_argument(ctx, kw, arg):
-    with pytest.raises(ToolError) as ei:
+    with pytest.raises(REFUSED) as ei:
         _run(ctx, **kw)
     assert str(ei.value).startswith(arg + "=")
 
@@ -147,7 +152,7 @@ def test_memory_bound_refuses_before_decoding(ctx):
     """Issue 17.4: the KV cache + prefill bound is checked before the request joins the decode loop."""
     ctx.settings.limits.max_call_memory_mb = 1
     try:
-        with pytest.raises(ToolError) as ei:
+        with pytest.raises(REFUSED) as ei:
             _run(ctx, prompt="hello " * 400, max_new_tokens=64)
         msg = str(ei.value)
         assert msg.startswith("max_new_tokens=64: would need ") and "limit 0.001 GB" in msg

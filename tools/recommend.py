@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import InvalidInput
 from engine.catalog import Catalog, CatalogService, LoadReport, Query, clean_row, text_problem
 
 from .base import ToolContext, ToolError, ToolOutput, ToolSpec
@@ -298,23 +297,13 @@ def _info(args: InfoInput, ctx: ToolContext) -> ToolOutput:
     return ToolOutput(text=text, structured=out)
 
 
-def _engine_errors(fn: Any) -> Any:
-    """InvalidInput from the engine already reads as argument=value: rule; keep it, as a ToolError."""
-    def run(args: Any, ctx: ToolContext) -> ToolOutput:
-        try:
-            return fn(args, ctx)
-        except InvalidInput as exc:
-            raise ToolError(str(exc)) from exc
-    return run
-
-
 recommend_topk = ToolSpec(
     name="recommend_topk", title="Recommend top-k items",
     description=("Exact top-k recommendations from an embedding catalogue by text, by item id ('more like this') "
                  "or by vector, with field filters, excluded ids, a minimum score and at most N per category. "
                  "Example: text='accessories for a Pixel 9 phone', k=5, category_limit=2, "
                  "filters={'category': {'in': ['phone case', 'charger', 'cable']}}."),
-    input_model=RecommendInput, output_model=RecommendOutput, run=_engine_errors(_recommend),
+    input_model=RecommendInput, output_model=RecommendOutput, run=_recommend,
     execution="thread", read_only=True, priority=0)
 
 catalog_upsert = ToolSpec(
@@ -323,13 +312,13 @@ catalog_upsert = ToolSpec(
                 "the change. Each change is saved to the catalogue's log before the answer and survives a "
                 "restart ('durable' says so; not where the catalogue's folder is read-only); the catalogue file "
                 "itself is not rewritten.",
-    input_model=UpsertInput, output_model=UpsertOutput, run=_engine_errors(_upsert),
+    input_model=UpsertInput, output_model=UpsertOutput, run=_upsert,
     execution="thread", read_only=False, priority=0)
 
 catalog_info = ToolSpec(
     name="catalog_info", title="Describe the catalogue",
     description="Rows, dimensions, embedding model, dtype, bytes on the device, and item counts per category.",
-    input_model=InfoInput, output_model=InfoOutput, run=_engine_errors(_info),
+    input_model=InfoInput, output_model=InfoOutput, run=_info,
     execution="thread", read_only=True, priority=0)
 
 TOOLS = [recommend_topk, catalog_upsert, catalog_info]

@@ -35,7 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import workmem
-from engine.errors import InvalidInput, ModelUnavailable
+from engine.errors import ModelUnavailable
 from engine.llm.batcher import CacheSpec, GenerationRequest, service_for
 from engine.llm.sampling import SamplingParams
 
@@ -235,8 +235,6 @@ def run_generate_text(a: GenerateTextInput, ctx: ToolContext) -> ToolOutput:
                         f"or 'window'")
     except _NoEstimate:
         pass
-    except InvalidInput as exc:
-        raise ToolError(str(exc)) from exc
     req = GenerationRequest(
         prompt_ids=ids, max_new_tokens=a.max_new_tokens,
         sampling=SamplingParams(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed,
@@ -247,10 +245,7 @@ def run_generate_text(a: GenerateTextInput, ctx: ToolContext) -> ToolOutput:
         tail = text[-160:].replace("\n", " ")
         ctx.report(n, a.max_new_tokens, f"{n} tokens: {tail}")
 
-    try:
-        r = svc.generate(req, ctx.cancel_token(), progress)
-    except InvalidInput as exc:
-        raise ToolError(str(exc)) from exc
+    r = svc.generate(req, ctx.cancel_token(), progress)  # InvalidInput reaches the server's error mapping as is
     out = GenerateTextOutput(
         text=r.text, prompt_tokens=r.prompt_tokens, reused_tokens=r.reused_tokens,
         completion_tokens=r.completion_tokens, finish_reason=r.finish_reason,  # type: ignore[arg-type]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.errors import InvalidInput
 from engine.llm.remote import RemoteConfig, RemoteRequest, RemoteUnavailable, service_for
 
 from .base import ToolContext, ToolError, ToolOutput
@@ -96,8 +95,6 @@ def run_remote(a: GenerateTextInput, ctx: ToolContext) -> ToolOutput:
         r = svc.generate(req, ctx.cancel_token(), progress)
     except RemoteUnavailable as exc:
         raise ToolError(str(exc)) from None
-    except InvalidInput as exc:
-        raise ToolError(str(exc)) from exc
     if not r.usage_reported:
         notes.append("the server reported no usage: completion_tokens counts streamed chunks, prompt_tokens is 0")
     if r.server_finish_reason not in (None, "stop", "length"):
