@@ -118,10 +118,4 @@ def warm() -> list[str]:
                     np.array([0, 2, 4]), np.full((2, 3), -np.inf), np.zeros((2, 3), np.int64))
     cpu_topk.dots64(np.ones((10, 8), f32), np.arange(3), np.ones(8))
     cpu_topk.half_scores(np.ones((2, 8), f32), np.ones((3, 8), np.float16))
-    u16 = np.zeros((3, 2), np.uint16)
-    for fmt in cpu_qmatmul.FORMATS:  # q4 (Q4_0 and Q4_1 share one kernel), q8, dequant
-        qs = np.zeros((3, 2, 32), np.int8) if fmt == "Q8_0" else np.zeros((3, 2, 16), np.uint8)
-        cpu_qmatmul.matmul(fmt, np.ones((2, 64), f32), qs, u16, u16)
-        cpu_qmatmul.dequant(fmt, qs, u16, u16)
-    return ["rows_matmul", "attend", "filter_rows", "refine", "dots64", "half_scores", "q4_matmul", "q8_matmul",
-            "q_dequant"]
+    return ["rows_matmul", "attend", "filter_rows", "refine", "dots64", "half_scores", *cpu_qmatmul.warm()]

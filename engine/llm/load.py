@@ -33,15 +33,13 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import atomic_folder
 from ..errors import ModelUnavailable
 from .model import Transformer, UnsupportedModel, build
 
@@ -204,9 +202,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:  # engine/files: filled beside out_dir, then moved into place
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         cfg = model.config.to_dict()
@@ -218,12 +214,6 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str), encoding="utf-8")
         _save_tokenizer(tok, tmp)
         del model
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("converted GGUF", extra={"gguf": str(gguf), "folder": str(out_dir)})
     return out_dir
 
@@ -248,9 +238,7 @@ def tokenizer_folder(gguf: Path, out_dir: Path, cfg: dict[str, Any]) -> Path:
     A GGUF without tokenizer metadata gets only config.json."""
     if (out_dir / "config.json").is_file():
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:  # engine/files: filled beside out_dir, then moved into place
         if cfg.get("_has_tokenizer", True):
             from .gguf_load import byte_level_tokenizer_files
 
@@ -265,12 +253,6 @@ def tokenizer_folder(gguf: Path, out_dir: Path, cfg: dict[str, Any]) -> Path:
                 _save_tokenizer(tok, tmp)
         (tmp / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
                                                     indent=2), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

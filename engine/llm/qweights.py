@@ -381,31 +381,15 @@ def save_quantized(model: Any, fmt: str, path: Path) -> None:
     """Write `model`'s packed blocks to `path` whole or not at all: an uncompressed .npz (a zip whose
     members carry CRC-32s) written to a temporary file in the same folder, flushed and fsync'ed, then
     moved into place with `os.replace`. On any failure the temporary file is removed and the error raised."""
-    import os
-
     arrays: dict[str, np.ndarray] = {"__format__": np.array(f"{fmt}:{CACHE_VERSION}")}
     for key, pm in packed_modules(model).items():
         for field, a in pm._arrays():
             arrays[f"{key}/{pm.fmt}/{field}"] = a
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # the rename itself survives a crash once the folder is synced
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    from ..files import atomic_write
+
+    # engine/files: a temp file beside `path` (swept by its prefix), fsync'ed, os.replace'd, folder synced;
+    # the suffix stays .npz or np.savez would add one
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), prefix=f"{path.name}.tmp-", suffix=".npz", mode=0o644)
 
 
 def load_quantized(path: Path, fmt: str) -> dict[str, Packed]:
