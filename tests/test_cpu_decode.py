@@ -99,4 +99,4 @@ def test_warm_compiles_every_kernel():
     from kernels import _numba
 
     assert _numba.warm() == ["rows_matmul", "attend", "filter_rows", "refine", "dots64", "half_scores", "q4_matmul",
-                             "q8_matmul", "q_dequant"]
+                             "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant"]
