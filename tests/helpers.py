@@ -40,17 +40,19 @@ def server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60, what: str = "server") -> None:
+    """Wait until `proc` (named `what` in errors) listens on `port`; its piped stderr is shown if it exits."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited early: {proc.stderr.read().decode()[-2000:]}")
+            tail = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr is not None else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}: {tail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.1)
-    raise TimeoutError("server did not start")
+    raise TimeoutError(f"{what} did not listen on port {port} within {timeout:.0f} s")
 
 
 def make_settings(tmp_path: Path, **over) -> Settings:

@@ -15,14 +15,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.helpers import free_port, wait_port  # noqa: F401  (free_port: test_replicas_state imports it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = "redis-server haproxy"
@@ -37,25 +37,6 @@ def need_binary(name: str) -> str:
         raise RuntimeError(f"{name} not found: install the Debian packages {PACKAGES} "
                            f"(apt-get install -y {PACKAGES}; `make test` does this as root)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what or 'process'} exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{what or 'process'} did not listen on port {port} within {timeout:.0f} s")
 
 
 def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, wait: float = 8.0) -> None:
@@ -85,7 +66,7 @@ class RedisProc:
         self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", str(self.workdir)],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        wait_port(self.port, 20, self.proc, "redis-server")
+        wait_port(self.port, self.proc, 20, "redis-server")
         return self
 
     def kill(self) -> None:
@@ -142,7 +123,7 @@ enabled = ["color_compare", "engine_status", "generate_text", "job_status", "job
         return self
 
     def wait(self, timeout: float = 240.0) -> Replica:
-        wait_port(self.port, timeout, self.proc, f"replica {self.name} (log {self.log})")
+        wait_port(self.port, self.proc, timeout, f"replica {self.name} (log {self.log})")
         return self
 
     def kill9(self) -> None:
@@ -202,8 +183,8 @@ backend replicas_affinity
             raise RuntimeError(f"haproxy config rejected: {check.stdout}{check.stderr}")
         self.proc = subprocess.Popen([self.binary, "-db", "-f", str(self.cfg)], stdout=subprocess.DEVNULL,
                                      stderr=open(self.cfg.with_suffix(".log"), "ab"))
-        wait_port(self.port, 20, self.proc, "haproxy")
-        wait_port(self.affinity_port, 20, self.proc, "haproxy")
+        wait_port(self.port, self.proc, 20, "haproxy")
+        wait_port(self.affinity_port, self.proc, 20, "haproxy")
         return self
 
     def stop(self) -> None:

@@ -46,7 +46,7 @@ def cluster(tmp_path_factory):
             for r in reps:
                 r.wait()
             lb = HaproxyProc(work, reps).start()
-        except RuntimeError as exc:  # a missing binary or a process that would not start: fail, never skip
+        except (RuntimeError, TimeoutError) as exc:  # a missing binary or a process that would not start: fail, never skip
             pytest.fail(str(exc), pytrace=False)
         with httpx.Client() as client:
             # the balancer's health checks see every replica up before the tests start

@@ -25,7 +25,7 @@ from tests.replicas import RedisProc
 def redis_proc(tmp_path_factory):
     try:
         proc = RedisProc(tmp_path_factory.mktemp("redis")).start()
-    except RuntimeError as exc:
+    except (RuntimeError, TimeoutError) as exc:
         pytest.fail(str(exc), pytrace=False)
     yield proc
     proc.stop()

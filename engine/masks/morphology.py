@@ -54,17 +54,26 @@ def _square(crop: np.ndarray, px: int, *, grow: bool) -> np.ndarray:
     return (cv2.dilate(u8, kernel) if grow else cv2.erode(u8, kernel)).view(np.bool_)
 
 
+def _region(argument: str, mask: torch.Tensor, px: int, footprint: Footprint) -> tuple[int, int, np.ndarray] | None:
+    """Check px and footprint; -> (y0, x0, the mask's crop around its selection grown by px + 1) as NumPy,
+    or None when nothing changes (px 0 or an empty mask)."""
+    check_px(argument, px)
+    _check_footprint(footprint)
+    box = bbox(mask)
+    if px == 0 or box is None:
+        return None
+    y0, y1, x0, x1 = grow(box, int(px) + 1, *mask.shape)
+    return y0, x0, to_numpy(mask[y0:y1, x0:x1])
+
+
 def dilate(mask: torch.Tensor, px: int, *, footprint: Footprint = "disk") -> torch.Tensor:
     """Grow a bool mask by a disk of radius px (Euclidean distance <= px) or a (2 px + 1)-square."""
     from scipy.ndimage import distance_transform_edt
 
-    check_px("dilate", px)
-    _check_footprint(footprint)
-    box = bbox(mask)
-    if px == 0 or box is None:
+    region = _region("dilate", mask, px, footprint)
+    if region is None:
         return clone(mask)
-    y0, y1, x0, x1 = grow(box, int(px) + 1, *mask.shape)
-    crop = to_numpy(mask[y0:y1, x0:x1])
+    y0, x0, crop = region
     if footprint == "square":
         grown = _square(crop, int(px), grow=True)
     else:
@@ -78,13 +87,10 @@ def erode(mask: torch.Tensor, px: int, *, footprint: Footprint = "disk") -> torc
     """Shrink a bool mask by a disk of radius px or a (2 px + 1)-square; the outside of the image does not erode."""
     from scipy.ndimage import distance_transform_edt
 
-    check_px("erode", px)
-    _check_footprint(footprint)
-    box = bbox(mask)
-    if px == 0 or box is None:
+    region = _region("erode", mask, px, footprint)
+    if region is None:
         return clone(mask)
-    y0, y1, x0, x1 = grow(box, int(px) + 1, *mask.shape)
-    crop = to_numpy(mask[y0:y1, x0:x1])
+    y0, x0, crop = region
     if crop.all():
         return clone(mask)
     if footprint == "square":
