@@ -64,7 +64,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.config.cache_dir = Path(self.config.cache_dir).expanduser()
         self.config.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.torchvision_state = _compat.prepare(self.config.cache_dir, hf_offline=self.config.hf_offline)
+        # offline switches now; torchvision (and its shim) only when a model library is first imported
+        _compat.configure_offline(self.config.cache_dir, hf_offline=self.config.hf_offline)
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         self.device = select_device(self.config.device)
@@ -91,6 +92,11 @@ class Engine:
     def services(self) -> dict[str, Any]:
         with self._services_lock:
             return dict(self._services)
+
+    @property
+    def torchvision_state(self) -> str:
+        """native, shim or missing; "not imported yet" until a tool first loads a model library."""
+        return _compat.torchvision_state()
 
     @property
     def kernel_backend(self) -> str:

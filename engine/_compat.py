@@ -1,6 +1,8 @@
 """Process-wide set-up the engine needs before importing model libraries.
 
-- `ensure_torchvision()`: PyPI's torchvision wheel is CUDA-linked; beside a CPU
+- `ensure_torchvision()` (also under the name `model_libraries()`, called right before each import of
+  transformers, diffusers or ultralytics; not when the engine starts, since importing torchvision costs
+  about 4 s of a server's start here and most calls never need it): PyPI's torchvision wheel is CUDA-linked; beside a CPU
   torch its C++ ops fail to load and `import torchvision` dies with
   "operator torchvision::nms does not exist", which takes transformers,
   diffusers and ultralytics down with it. Only when the native import fails,
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ import torch
 log = logging.getLogger("atelier.engine.compat")
 
 _TV_STATE: str | None = None  # "native" | "shim" | "missing"
+_TV_LOCK = threading.Lock()  # two tool threads may reach their first model-library import together
 _LIB: torch.library.Library | None = None
 
 
@@ -86,6 +90,13 @@ def _define_nms_ops() -> None:
 
 def ensure_torchvision() -> str:
     """Make `import torchvision` work; returns "native", "shim" or "missing"."""
+    if _TV_STATE is not None:
+        return _TV_STATE
+    with _TV_LOCK:
+        return _ensure_torchvision_locked()
+
+
+def _ensure_torchvision_locked() -> str:
     global _TV_STATE
     if _TV_STATE is not None:
         return _TV_STATE
@@ -111,6 +122,14 @@ def ensure_torchvision() -> str:
         return _TV_STATE
     _TV_STATE = "native"
     return _TV_STATE
+
+
+model_libraries = ensure_torchvision  # the name used at the import sites of transformers/diffusers/ultralytics
+
+
+def torchvision_state() -> str:
+    """native, shim or missing once a model library was imported; before that "not imported yet"."""
+    return _TV_STATE or "not imported yet"
 
 
 def configure_offline(cache_dir: str | os.PathLike[str], hf_offline: bool = True) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._compat import nms_reference
+from ._compat import model_libraries, nms_reference
 from .defaults import EMBEDDED
 from .errors import InvalidInput, ModelUnavailable
 
@@ -83,6 +83,7 @@ def _yolo(engine: Any, path: str) -> Any:
     key = f"detector:yolo:{p.resolve()}"
 
     def loader() -> Any:
+        model_libraries()
         from ultralytics import YOLO
 
         return YOLO(str(p.resolve()), verbose=False)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, InsufficientMemory, InvalidInput, ModelUnavailable
+from ._compat import model_libraries
 from .registry import free_memory, is_oom
 from .scheduler import CancelToken
 
@@ -75,6 +76,7 @@ def normalize_scheduler(name: str) -> str:
 
 
 def _make_scheduler(name: str, config: Any) -> Any:
+    model_libraries()
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -131,6 +133,7 @@ def _use_sdpa(pipe: Any) -> None:
 
 
 def _load_pipelines(path: Path, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
+    model_libraries()
     from diffusers import AutoPipelineForInpainting, AutoPipelineForText2Image, DiffusionPipeline
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging

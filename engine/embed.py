@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ._compat import model_libraries
 from .defaults import EMBEDDED
 from .errors import InvalidInput, ModelUnavailable
 
@@ -55,6 +56,7 @@ class SentenceEmbedder:
     """A loaded sentence-transformers pipeline. Not thread-safe on its own: callers serialise."""
 
     def __init__(self, folder: Path, device: torch.device) -> None:
+        model_libraries()
         from transformers import AutoModel, AutoTokenizer
 
         self.folder = folder

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,13 @@ def smol():
     assert gguf is not None and gguf.name == EMBEDDED_FILE
     ours = load_llm("", CACHE)  # the GGUF's own blocks, kept packed (models.llm_weights = "auto")
     assert ours.model.packed
-    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    # the reference: transformers' own de-quantisation of the GGUF (`from_pretrained(gguf_file=...)`), whose
+    # state dict `convert_gguf` saves unchanged as safetensors (models.llm_weights = "fp32"). Loading that
+    # folder takes 0.3 s; loading the GGUF through transformers again would take ~25 s of the suite.
+    converted = load_llm("", CACHE, weights="fp32")
+    assert converted.folder != gguf.parent and (converted.folder / "model.safetensors").is_file()
+    ref = AutoModelForCausalLM.from_pretrained(converted.folder, dtype=torch.float32).eval()
+    del converted
     ref_tok = AutoTokenizer.from_pretrained(ours.folder)
     return ours, ref, ref_tok
 
@@ -330,29 +337,35 @@ def test_default_repetition_penalty_keeps_short_answers_and_stops_loops(smol):
     ours, ref, _ = smol
     tok = ours.tokenizer
     eos = set(ours.eos_ids)
-    svc = LLMService(lambda: ours, max_slots=1, max_len=512)
+    # our requests run 8 at a time through the batcher (as concurrent clients would): a row's greedy tokens
+    # are the same alone or in a batch (test_llm_batcher's alone-equals-batch tests), in a fraction of the time
+    svc = LLMService(lambda: ours, max_slots=8, max_len=512)
     try:
         default = SamplingParams(repetition_penalty=1.1)  # the tool's defaults: window 64, scope "generated"
         transformers_style = SamplingParams(repetition_penalty=1.1, repetition_window=0, repetition_scope="all")
+        chat = [tok.encode(tok.render_chat([{"role": "user", "content": p}]), add_special_tokens=False)
+                for p in SHORT_FACTUAL + LONG_OUTPUT]
+        short, long_ = chat[:len(SHORT_FACTUAL)], chat[len(SHORT_FACTUAL):]
+        reqs = ([GenerationRequest(ids, 16, default) for ids in short]
+                + [GenerationRequest(ids, 16, transformers_style) for ids in short]
+                + [GenerationRequest(ids, 72, SamplingParams(repetition_penalty=1.0)) for ids in long_]
+                + [GenerationRequest(ids, 72, default) for ids in long_])
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(svc.generate, reqs))
+        n = len(short)
         same = spoiled = 0
-        for p in SHORT_FACTUAL:
-            ids = tok.encode(tok.render_chat([{"role": "user", "content": p}]), add_special_tokens=False)
+        for i, (p, ids) in enumerate(zip(SHORT_FACTUAL, short, strict=True)):
             want = [t for t in _hf_greedy(ref, ids, 16, stop_at_eos=True) if t not in eos]
-            got = [t for t in svc.generate(GenerationRequest(ids, 16, default)).token_ids if t not in eos]
-            old = [t for t in svc.generate(GenerationRequest(ids, 16, transformers_style)).token_ids if t not in eos]
+            got = [t for t in results[i].token_ids if t not in eos]
+            old = [t for t in results[n + i].token_ids if t not in eos]
             first = tok.decode(want).split(". ")[0]
             assert tok.decode(got).startswith(first), (p, tok.decode(got), tok.decode(want))  # the answer itself
             same += got == want
             spoiled += not tok.decode(old).startswith(first)
         assert same >= 10, same  # all 16 tokens identical (measured: 11 of 12; the 12th differs after the answer)
         assert spoiled >= 6, spoiled  # what the old default (transformers' convention) did (measured: 10 of 12)
-        loops_off, loops_default = [], []
-        for p in LONG_OUTPUT:
-            ids = tok.encode(tok.render_chat([{"role": "user", "content": p}]), add_special_tokens=False)
-            off = svc.generate(GenerationRequest(ids, 72, SamplingParams(repetition_penalty=1.0))).text
-            on = svc.generate(GenerationRequest(ids, 72, default)).text
-            loops_off.append(_repeated_4grams(off))
-            loops_default.append(_repeated_4grams(on))
+        loops_off = [_repeated_4grams(r.text) for r in results[2 * n:2 * n + len(long_)]]
+        loops_default = [_repeated_4grams(r.text) for r in results[2 * n + len(long_):]]
         assert max(loops_off) >= 0.25, loops_off  # without a penalty the 135M model loops
         assert max(loops_default) <= 0.08, loops_default  # with the default it does not
     finally:

@@ -57,3 +57,33 @@ def test_building_the_server_state_decides_backends_without_the_environment(tmp_
     """)
     ours = [k for k in r["added"] + r["changed"] if k.startswith(("ATELIER_", "TRITON_"))]
     assert ours == [], r
+
+
+def test_torchvision_is_imported_at_the_first_model_library_not_at_start(tmp_path):
+    """Importing torchvision (and its shim) costs seconds; a server's start must not pay it. It happens at the
+    first import of a model library (here the embedded embedding model's transformers), and engine_status
+    says which state it is in, before and after."""
+    r = _run(f"""
+        import json, sys
+        from mcp_server.config import Settings
+        from mcp_server.app import make_state
+        s = Settings(_env_file=None, paths={{"output_dir": {str(tmp_path / 'out')!r}}},
+                     engine={{"cache_dir": {str(tmp_path / 'cache')!r}}})
+        state = make_state(s)
+        at_start = {{"modules": sorted(m for m in ("torchvision", "transformers", "diffusers", "ultralytics")
+                                      if m in sys.modules), "state": state.engine.torchvision_state}}
+        from engine.embed import SentenceEmbedder, model_folder
+        SentenceEmbedder(model_folder(""), state.engine.device)
+        after = {{"modules": sorted(m for m in ("torchvision", "transformers") if m in sys.modules),
+                 "state": state.engine.torchvision_state}}
+        import torchvision.ops
+        import torch
+        boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]])
+        kept = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist()
+        state.close()
+        print(json.dumps({{"at_start": at_start, "after": after, "kept": kept}}))
+    """)
+    assert r["at_start"] == {"modules": [], "state": "not imported yet"}, r
+    assert r["after"]["modules"] == ["torchvision", "transformers"], r
+    assert r["after"]["state"] in ("native", "shim"), r
+    assert r["kept"] == [0, 2], r  # torchvision's nms works afterwards, native or through the shim

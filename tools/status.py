@@ -44,7 +44,8 @@ class EngineStatusOutput(BaseModel):
     running: str | None
     embedded_defaults: dict[str, dict[str, Any]]
     configured_models: dict[str, Any]
-    torchvision: str = Field(description="native, shim (pure-torch nms) or missing")
+    torchvision: str = Field(description="native, shim (pure-torch nms) or missing; \"not imported yet\" until a "
+                             "tool first loads a model library (transformers, diffusers, ultralytics)")
     services: dict[str, Any] = Field(default_factory=dict,
                                      description="live engine services (text batcher: active/waiting sequences, "
                                                  "cache pools; catalogues)")

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import Cancelled, InsufficientMemory, InvalidInput
+from .._compat import model_libraries
 from ..scheduler import CancelToken
 from .cache import FullCache, Int8Cache, KVCache, WindowCache
 from .load import LoadedLLM
@@ -493,6 +494,7 @@ class LLMService:
     # -- fallback: transformers' generate ----------------------------------------------------
     def _generate_hf(self, m: LoadedLLM, req: GenerationRequest, token: CancelToken,
                      on_progress: ProgressFn | None) -> GenerationResult:
+        model_libraries()
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         if req.cache.kind != "full":

@@ -41,6 +41,7 @@ import torch
 
 from ..files import atomic_folder
 from ..errors import ModelUnavailable
+from .._compat import model_libraries
 from .model import Transformer, UnsupportedModel, build
 
 log = logging.getLogger("atelier.engine.llm")
@@ -200,6 +201,8 @@ def read_state(folder: Path) -> dict[str, torch.Tensor]:
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF into an HF folder at `out_dir` (atomically). Returns out_dir."""
     from safetensors.torch import save_file
+
+    model_libraries()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with atomic_folder(out_dir) as tmp:  # engine/files: filled beside out_dir, then moved into place
@@ -247,6 +250,7 @@ def tokenizer_folder(gguf: Path, out_dir: Path, cfg: dict[str, Any]) -> Path:
                 for fname, content in zip(("tokenizer.json", "tokenizer_config.json"), fast, strict=True):
                     (tmp / fname).write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
             else:
+                model_libraries()
                 from transformers import AutoTokenizer
 
                 tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -336,6 +340,7 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
         elif weights in ("int8", "int4"):
             note = f"{weights} weights are CPU-only in this build; kept {str(dtype).replace('torch.', '')}"
     except UnsupportedModel as exc:
+        model_libraries()
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
