@@ -19,7 +19,6 @@ import importlib.util
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 

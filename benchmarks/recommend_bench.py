@@ -407,7 +407,7 @@ def main() -> int:
               f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs", flush=True)
         for line in hnsw(a.rows, with_usearch=a.usearch, clusters=a.clusters):
             print(line, flush=True)
-        print(f"issue 18: durable upserts (change log)", flush=True)
+        print("issue 18: durable upserts (change log)", flush=True)
         for line in durable(a.log_changes):
             print(line, flush=True)
         return 0

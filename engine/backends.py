@@ -78,7 +78,7 @@ class Backends:
 
 
 def _triton_choice(setting: str, device: torch.device, op: str) -> Choice:
-    from kernels._backend import default_backend, interpret_mode, runnable
+    from kernels._backend import default_backend, interpret_mode
 
     if setting == "torch":
         return Choice("torch", "engine.kernel_backend=torch")

@@ -37,7 +37,6 @@ def test_kernel_matches_its_twin(kernel):
 
 
 def test_check_catches_a_wrong_answer():
-    import numpy as np
 
     k = registry.get("rows_matmul")
     (x, w), _ = next(iter(k.cases("cpu", False)))

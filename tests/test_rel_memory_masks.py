@@ -173,7 +173,7 @@ _oexpr = st.recursive(st.tuples(_onum, st.sampled_from(["<", "<=", ">", ">=", "=
 
 
 def _np_eval(node, img: np.ndarray):
-    from engine.masks.expression import Binary, Call, Channel, Num, Unary
+    from engine.masks.expression import Call, Channel, Num, Unary
 
     h, w, c = img.shape
     f32 = np.float32

@@ -4,10 +4,8 @@ thumbnail + image:// link + saved PNG with parameters, progress, jobs, errors.""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 
-import anyio
 import numpy as np
 from mcp import Client
 from PIL import Image
