@@ -46,6 +46,7 @@ from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine import Engine, EngineConfig
+from engine.device import select_device, select_dtype
 from engine.errors import Busy, Cancelled, EngineError, InsufficientMemory, InvalidInput, ModelUnavailable
 from engine.registry import free_memory, is_oom
 from engine.scheduler import CancelToken
@@ -82,7 +83,7 @@ _LEVELS = ["debug", "info", "notice", "warning", "error", "critical", "alert", "
 @dataclass
 class AppState:
     settings: Settings
-    engine: Engine
+    engine_config: EngineConfig  # the engine itself is built by `open()`: in the MCP lifespan when served
     sandbox: Sandbox
     media: MediaStore
     jobs: JobManager
@@ -100,6 +101,30 @@ class AppState:
     close_when_idle: bool = False
     _holders: int = 0
     _holders_lock: threading.Lock = field(default_factory=threading.Lock)
+    _engine: Engine | None = None
+    _engine_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine: built when the MCP lifespan is first entered (`open`); an in-process user that never
+        enters it (a test, an embedding) gets it built here on first use."""
+        eng = self._engine
+        return eng if eng is not None else self.open()
+
+    @property
+    def engine_built(self) -> bool:
+        return self._engine is not None
+
+    def open(self) -> Engine:
+        """Build the engine once (device, dtype, backends, registry, scheduler) -> it."""
+        with self._engine_lock:
+            if self._engine is None:
+                if self.closed:
+                    raise RuntimeError("the server state is closed")
+                self._engine = Engine(self.engine_config)
+                log.info("engine started", extra={"device": str(self._engine.device),
+                                                  "dtype": str(self._engine.dtype).removeprefix("torch.")})
+            return self._engine
 
     def hold(self) -> int:
         """One more holder (a lifespan, a serving transport) -> how many now."""
@@ -121,14 +146,19 @@ class AppState:
             return
         self.closed = True
         self.jobs.cancel_all()
-        self.engine.close()
+        with self._engine_lock:
+            eng = self._engine
+        if eng is not None:  # never built (no call reached it): nothing to stop
+            eng.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.shared is not None:  # issue 15 (h2): pending job writes, then drop this replica's lease
             self.shared.close()
 
 
 def make_state(settings: Settings, extra_specs: list[ToolSpec] | None = None) -> AppState:
-    engine = Engine(EngineConfig(
+    """The server's state, its engine not built yet (the MCP lifespan builds it: `AppState.open`). The device
+    and dtype are checked here, so that a configuration naming a missing device fails before serving."""
+    engine_config = EngineConfig(
         device=settings.engine.device,
         dtype=settings.engine.dtype,
         memory_budget_bytes=(settings.engine.memory_budget_mb * 1024 * 1024) or None,
@@ -138,7 +168,8 @@ def make_state(settings: Settings, extra_specs: list[ToolSpec] | None = None) ->
         kernel_backend=settings.engine.kernel_backend,
         torch_threads=settings.engine.torch_threads,
         llm_decode=settings.models.llm_decode, llm_compile=settings.models.llm_compile,  # issue 16 (H4): Backends
-    ))
+    )
+    select_dtype(engine_config.dtype, select_device(engine_config.device))  # ValueError naming the setting
     sandbox = Sandbox(settings.resolved_read_roots(), settings.resolved_output_dir())
     swept = sandbox.sweep_temp_files()
     if swept:
@@ -151,7 +182,7 @@ def make_state(settings: Settings, extra_specs: list[ToolSpec] | None = None) ->
     workers = max(2, settings.limits.queue_length)
     shared = open_shared_state(settings)  # issue 15 (h2): None = in-memory state, as before
     state = AppState(
-        settings=settings, engine=engine, sandbox=sandbox,
+        settings=settings, engine_config=engine_config, sandbox=sandbox,
         media=MediaStore(sandbox, settings.limits),
         jobs=shared.jobs if shared is not None else JobManager(settings.limits.job_ttl_s, settings.limits.max_jobs),
         specs=specs,
@@ -318,10 +349,15 @@ class AtelierServer(MCPServer):
 
         @contextlib.asynccontextmanager
         async def lifespan(_: MCPServer) -> AsyncIterator[AppState]:
-            # entered once per serving app (streamable HTTP, stdio) or per connection (SSE, in-memory)
-            if state.hold() == 1:
-                log.info("server ready", extra={"tools": sorted(state.specs), "device": str(state.engine.device)})
+            # entered once per serving app (stdio), per session or request (streamable HTTP) or per connection
+            # (SSE, in-memory); the first entry builds the engine (off the event loop), the last holder's exit
+            # closes the state where the transport asked for it (`close_when_idle`)
+            first = state.hold() == 1
             try:
+                if not state.engine_built:  # a stateless HTTP request enters here each time: no thread hop then
+                    await anyio.to_thread.run_sync(state.open)
+                if first:
+                    log.info("server ready", extra={"tools": sorted(state.specs), "device": str(state.engine.device)})
                 yield state
             finally:
                 state.let_go()  # the last holder closes the state where the transport asked for it

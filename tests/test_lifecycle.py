@@ -71,3 +71,46 @@ def test_per_connection_lifespans_close_only_after_the_last(tmp_path):
     assert not server.state.closed
     server.state.let_go()  # the app stops
     assert server.state.closed and svc.closed == 1
+
+
+def test_the_engine_is_built_in_the_lifespan_and_closed_in_its_finally(tmp_path):
+    server = build_server(make_settings(tmp_path))
+    state = server.state
+    state.close_when_idle = True
+    assert not state.engine_built  # building the server starts no engine (no scheduler thread, no registry)
+    seen = {}
+
+    async def go():
+        async with Client(server) as c:
+            seen["built_while_served"] = state.engine_built
+            seen["device"] = (await c.call_tool("engine_status", {})).structured_content["device"]
+            seen["scheduler_alive"] = state.engine.scheduler is not None and not state.closed
+    anyio.run(go)
+    assert seen == {"built_while_served": True, "device": "cpu", "scheduler_alive": True}
+    assert state.closed  # the lifespan's finally closed it (engine services: test_lifespan_end_closes_...)
+
+
+def test_a_state_closed_before_any_call_never_builds_an_engine(tmp_path):
+    import pytest
+
+    server = build_server(make_settings(tmp_path))
+    server.state.close()
+    assert not server.state.engine_built and server.state.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        server.state.engine  # noqa: B018 - a late caller after shutdown gets an error, not a new engine
+    assert not server.state.engine_built
+
+
+def test_a_configuration_naming_a_missing_device_fails_before_serving(tmp_path):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():  # the check below needs a machine without CUDA; on a GPU, ask for MPS
+        bad, words = "mps", "MPS is not available"
+        import engine.device as d
+        if d.mps_available():
+            return
+    else:
+        bad, words = "cuda", "no CUDA device"
+    with pytest.raises(ValueError, match=words):
+        build_server(make_settings(tmp_path, engine={"device": bad}))

@@ -50,6 +50,7 @@ def test_building_the_server_state_decides_backends_without_the_environment(tmp_
         s = Settings(_env_file=None, paths={{"output_dir": {str(tmp_path / 'out')!r}}},
                      engine={{"cache_dir": {str(tmp_path / 'cache')!r}, "kernel_backend": "torch"}})
         state = make_state(s)
+        state.open()  # the engine (and its Backends) is built here, as the MCP lifespan does when serving
         after = dict(os.environ)
         state.close()
         print(json.dumps({{"added": sorted(set(after) - set(before)),
