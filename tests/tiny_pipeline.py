@@ -24,7 +24,9 @@ use (`models.diffusion = "<folder>"`). Nothing touches the Hub.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -130,9 +132,11 @@ _CACHE: dict[bool, Path] = {}
 
 
 def cached_tiny_sd(*, inpainting: bool = False) -> Path:
-    """One tiny pipeline folder per kind per process (tests share it; it is read-only after saving)."""
+    """One tiny pipeline folder per kind per process (tests share it; it is read-only after saving), removed
+    when the process exits (servers started from it have stopped by then: their fixtures stop them)."""
     if inpainting not in _CACHE:
         root = Path(tempfile.mkdtemp(prefix="atelier-tiny-sd-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
         _CACHE[inpainting] = build_tiny_sd(root / ("sd-inpaint" if inpainting else "sd"), inpainting=inpainting)
     return _CACHE[inpainting]
 
