@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import free_port, wait_port  # noqa: F401  (free_port: test_replicas_state imports it from here)
+from tests.helpers import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = "redis-server haproxy"

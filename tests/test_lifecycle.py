@@ -5,6 +5,8 @@ that (stdio, HTTP); SSE-style lifespans (one per connection) never close it whil
 from __future__ import annotations
 
 import anyio
+import pytest
+import torch
 from mcp import Client
 
 from mcp_server.app import build_server
@@ -91,8 +93,6 @@ def test_the_engine_is_built_in_the_lifespan_and_closed_in_its_finally(tmp_path)
 
 
 def test_a_state_closed_before_any_call_never_builds_an_engine(tmp_path):
-    import pytest
-
     server = build_server(make_settings(tmp_path))
     server.state.close()
     assert not server.state.engine_built and server.state.closed
@@ -102,15 +102,7 @@ def test_a_state_closed_before_any_call_never_builds_an_engine(tmp_path):
 
 
 def test_a_configuration_naming_a_missing_device_fails_before_serving(tmp_path):
-    import pytest
-    import torch
-
-    if torch.cuda.is_available():  # the check below needs a machine without CUDA; on a GPU, ask for MPS
-        bad, words = "mps", "MPS is not available"
-        import engine.device as d
-        if d.mps_available():
-            return
-    else:
-        bad, words = "cuda", "no CUDA device"
+    # a device this machine lacks: CUDA here; on a CUDA machine MPS (Apple only, never beside CUDA)
+    bad, words = ("mps", "MPS is not available") if torch.cuda.is_available() else ("cuda", "no CUDA device")
     with pytest.raises(ValueError, match=words):
         build_server(make_settings(tmp_path, engine={"device": bad}))

@@ -67,7 +67,7 @@ def test_config_refuses_what_cannot_work(tmp_path):
     with pytest.raises(ConfigError, match=r"state.redis_url"):
         load_settings(None, state={"backend": "redis", "redis_url": "http://localhost:6379"})
     from mcp_server.state import open_shared_state
-    from tests.replicas import free_port
+    from tests.helpers import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
     with pytest.raises(ConfigError, match=r"state.redis_url='redis://127.0.0.1:\d+/0': cannot reach Redis"):
