@@ -12,10 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+from engine.errors import InvalidInput
 from mcp_server.config import Settings
+from tools.base import ToolError
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+# what a tool raises on bad input when called in-process: its own ToolError, or the engine's InvalidInput,
+# which it lets through unwrapped (the server answers both alike, naming the argument)
+REFUSED = (ToolError, InvalidInput)
 
 
 def free_port() -> int:
@@ -75,6 +80,10 @@ def run(coro):
 def tiny_llama_folder(folder: Path, *, max_positions: int = 256, seed: int = 0) -> Path:
     """A random 2-layer Llama (vocabulary 256, width 64, GQA 4/2 heads) saved by transformers into `folder`."""
     import torch
+
+    from engine._compat import model_libraries
+
+    model_libraries()  # the torchvision shim first, as the engine does before any transformers import
     import transformers as T
 
     torch.manual_seed(seed)

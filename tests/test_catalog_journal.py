@@ -25,6 +25,7 @@ from engine.catalog import CatalogService, Query
 from engine.catalog import journal as J
 from engine.errors import InvalidInput
 from tools.recommend import TOOLS, InfoInput, RecommendInput, UpsertInput
+from tests.helpers import REFUSED
 
 from fakectx import make_context
 
@@ -222,10 +223,7 @@ def test_failed_log_write_refuses_the_change(tmp_path: Path, monkeypatch: pytest
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(J.os, "fsync", full)
-    from engine.errors import InvalidInput
-    from tools.base import ToolError
-
-    with pytest.raises((ToolError, InvalidInput), match=r"catalog=.*log \(No space left on device\); nothing was changed"):
+    with pytest.raises(REFUSED, match=r"catalog=.*log \(No space left on device\); nothing was changed"):
         upsert.run(UpsertInput(items=[{"id": "lost", "category": "k", "embedding": [2.0] * DIM}],
                                delete=["r1"], catalog=str(src)), ctx)
     monkeypatch.undo()

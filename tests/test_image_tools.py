@@ -11,15 +11,13 @@ from PIL import Image
 from pydantic import ValidationError
 from scipy import ndimage
 
-from engine.errors import Cancelled, InvalidInput
+from engine.errors import Cancelled
 from tests.fakectx import make_context
 from tests.tiny_pipeline import cached_tiny_sd
+from tests.helpers import REFUSED
 from tools.base import ToolError
 from tools.images import TOOLS, DetailImageInput, GenerateImageInput
 
-# the tools let the engine's InvalidInput through unwrapped: the server answers it and ToolError alike, with the
-# text "argument=value: rule" (mcp_server/app.py `_map_error`; tests/test_tool_edge.py checks the client's text)
-CLIENT_ERRORS = (ToolError, InvalidInput)
 
 GEN, DETAIL = TOOLS
 
@@ -93,7 +91,7 @@ def test_generate_image_batch(ctx):
     ({"scheduler": "PLMS"}, "scheduler='PLMS'.*DDIM"),
 ])
 def test_generate_image_bad_input(ctx, kw, match):
-    with pytest.raises(CLIENT_ERRORS, match=match):
+    with pytest.raises(REFUSED, match=match):
         gen(ctx, **kw)
 
 
@@ -184,5 +182,5 @@ def test_detail_image_no_detection_returns_input(ctx, tmp_path):
 ])
 def test_detail_image_bad_input(ctx, astronaut_file, kw, match):
     base = {"image": astronaut_file, "steps": 4, "inpaint_resolution": 64}
-    with pytest.raises(CLIENT_ERRORS, match=match):
+    with pytest.raises(REFUSED, match=match):
         DETAIL.run(DetailImageInput(**(base | kw)), ctx)

@@ -8,12 +8,9 @@ import pytest
 from engine.detect import Detection
 from engine.errors import InvalidInput
 from tests.fakectx import make_context, png_b64
-from tools.base import ToolError
+from tests.helpers import REFUSED
 from tools.masks import TOOLS, MaskEditInput
 
-# the tools let the engine's InvalidInput through unwrapped: the server answers it and ToolError alike, with the
-# text "argument=value: rule" (mcp_server/app.py `_map_error`; tests/test_tool_edge.py checks the client's text)
-CLIENT_ERRORS = (ToolError, InvalidInput)
 
 H, W = 48, 64
 RNG = np.random.default_rng(11)
@@ -105,7 +102,7 @@ def test_empty_selection_is_not_an_error(ctx) -> None:
     (dict(expression="r > 1", operation="inpaint"), "needs a prompt"),
 ])
 def test_bad_input_gives_tool_errors(ctx, kwargs, words) -> None:
-    with pytest.raises(CLIENT_ERRORS, match=words.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(REFUSED, match=words.replace("(", r"\(").replace(")", r"\)")):
         call(ctx, **kwargs)
 
 

@@ -13,12 +13,9 @@ import numpy as np
 import pytest
 
 from tools.base import ToolError
-from engine.errors import InvalidInput  # noqa: E402
 
-# what a tool raises on bad input: its own ToolError, or the engine's InvalidInput, which the server maps
-# to the same client text (issue 16: no wrappers at the tool edge)
-REFUSED = (ToolError, InvalidInput)
 from tools.recommend import TOOLS, InfoInput, RecommendInput, UpsertInput
+from tests.helpers import REFUSED
 
 from fakectx import FakeContext, make_context
 
@@ -123,6 +120,10 @@ def test_catalog_path_goes_through_the_sandbox(tmp_path: Path, shop) -> None:  #
 
 def test_minilm_matches_numpy_mean_pooling(tmp_path: Path) -> None:
     import torch
+
+    from engine._compat import model_libraries
+
+    model_libraries()  # the torchvision shim first, as the engine does before any transformers import
     from transformers import AutoModel, AutoTokenizer
 
     from engine.embed import get_embedder, model_folder

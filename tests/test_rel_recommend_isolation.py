@@ -31,12 +31,9 @@ from hypothesis import strategies as st
 
 from engine.errors import InvalidInput
 from engine.catalog import Catalog, CatalogService, Coalescer, Query, read_catalog
-from tools.base import ToolError
 
-# what a tool raises on bad input: its own ToolError, or the engine's InvalidInput, which the server maps
-# to the same client text (issue 16: no wrappers at the tool edge)
-REFUSED = (ToolError, InvalidInput)
 from tools.recommend import TOOLS, RecommendInput, UpsertInput
+from tests.helpers import REFUSED
 
 from fakectx import make_context
 

@@ -26,13 +26,9 @@ import torch
 
 from engine.catalog import Catalog, CatalogService, Coalescer, Query
 from engine.workmem import MemoryLimitExceeded
-from tools.base import ToolError
-from engine.errors import InvalidInput  # noqa: E402
 
-# what a tool raises on bad input: its own ToolError, or the engine's InvalidInput, which the server maps
-# to the same client text (issue 16: no wrappers at the tool edge)
-REFUSED = (ToolError, InvalidInput)
 from tools.recommend import TOOLS, RecommendInput, UpsertInput
+from tests.helpers import REFUSED
 
 from fakectx import make_context
 

@@ -8,12 +8,8 @@ from pydantic import ValidationError
 
 from engine.scheduler import CancelToken
 from tests.fakectx import make_context
-from tools.base import ToolError
-from engine.errors import InvalidInput  # noqa: E402
+from tests.helpers import REFUSED
 
-# what a tool raises on bad input: its own ToolError, or the engine's InvalidInput, which the server maps
-# to the same client text (issue 16: no wrappers at the tool edge)
-REFUSED = (ToolError, InvalidInput)
 from tools.text import TOOLS, GenerateTextInput, GenerateTextOutput
 
 SPEC = TOOLS[0]
@@ -56,6 +52,9 @@ def test_haiku_answer_with_progress(ctx):
 
 
 def test_messages_use_the_chat_template(ctx):
+    from engine._compat import model_libraries
+
+    model_libraries()  # the torchvision shim first, as the engine does before any transformers import
     from transformers import AutoTokenizer
 
     svc_model = next(iter(ctx.engine.services().values())).model()
