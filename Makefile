@@ -45,7 +45,7 @@ serve: $(STAMP)
 
 # -n 2: both cores (pytest-xdist), a test file per worker at a time (module fixtures load once)
 test: $(STAMP) sysdeps
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -n 2 --dist loadfile $(ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'

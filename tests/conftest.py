@@ -50,12 +50,13 @@ import pytest  # noqa: E402
 def http_server(tmp_path):
     """start(transport="http", **env) -> (port, proc): a server subprocess (tests/tooling.py) on a free port."""
     from tests.helpers import PY, ROOT, free_port, server_env, wait_port
+    from tests.zygote import Popen
 
     procs = []
 
     def start(transport: str = "http", **env_extra: str):
         port = free_port()
-        proc = subprocess.Popen([PY, str(ROOT / "tests" / "tooling.py"), transport, str(port)],
+        proc = Popen([PY, str(ROOT / "tests" / "tooling.py"), transport, str(port)],
                                 env=server_env(tmp_path, **env_extra), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=tmp_path)
         procs.append(proc)
@@ -99,3 +100,11 @@ _LONGEST_FIRST = [
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their inner order
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    zygote = sys.modules.get("tests.zygote")
+    if zygote is not None:
+        zygote.shutdown()  # this worker's pre-imported server parents (tests/zygote.py)

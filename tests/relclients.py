@@ -18,6 +18,7 @@ import httpx
 
 from tests.reltools import init_messages, server_cmd, stop
 from tests.helpers import free_port, server_env, wait_port
+from tests.zygote import Popen
 
 PROTO = "2025-11-25"
 
@@ -28,7 +29,7 @@ class LiveServer:
     def __init__(self, tmp_path: Path, transport: str = "http", wait: bool = True, **env: str) -> None:
         self.port = free_port()
         self.transport = transport
-        self.proc = subprocess.Popen(server_cmd(transport, self.port), env=server_env(tmp_path, **env),
+        self.proc = Popen(server_cmd(transport, self.port), env=server_env(tmp_path, **env),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
         self.logs: list[dict] = []
         self._cond = threading.Condition()

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from tools.base import ImageOut, ToolOutput, ToolSpec  # noqa: E402
+from tests.zygote import Popen  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -180,7 +181,7 @@ class StdioPeer:
     def __init__(self, cmd: list[str], env: dict[str, str], cwd: Path) -> None:
         import threading
 
-        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = Popen(cmd, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.lines: list[bytes] = []
         self.answers: dict = {}  # id -> (message, monotonic time)

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from tests.helpers import free_port, wait_port
+from tests.zygote import Popen
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = "redis-server haproxy"
@@ -117,7 +118,7 @@ enabled = ["color_compare", "engine_status", "generate_text", "job_status", "job
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("ATELIER_CONFIG", None)
         log = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mcp_server.cli", "serve", "--transport", "http",
+        self.proc = Popen([sys.executable, "-m", "mcp_server.cli", "serve", "--transport", "http",
                                       "--port", str(self.port), "--config", str(self.config)],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         return self

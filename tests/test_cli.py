@@ -13,12 +13,14 @@ from pathlib import Path
 import httpx
 
 from tests.helpers import ROOT, free_port, server_env, wait_port
+from tests.zygote import Popen
+from tests.zygote import run as zrun
 
 ATELIER = str(Path(sys.executable).parent / "atelier")
 
 
 def _run(args, tmp_path, env=None, **kw):
-    return subprocess.run([ATELIER, *args], env=env or server_env(tmp_path), capture_output=True, timeout=120,
+    return zrun([ATELIER, *args], env=env or server_env(tmp_path), capture_output=True, timeout=120,
                           cwd=tmp_path, stdin=subprocess.DEVNULL, **kw)
 
 
@@ -80,7 +82,7 @@ def test_doctor_names_every_broken_path_in_words_and_fails(tmp_path):
 def test_doctor_from_filesystem_root_creates_nothing(tmp_path):
     env = server_env(tmp_path)
     del env["ATELIER_PATHS__OUTPUT_DIR"]  # the default ./atelier-output, relative to / here
-    out = subprocess.run([ATELIER, "doctor"], env=env, capture_output=True, timeout=120, cwd="/",
+    out = zrun([ATELIER, "doctor"], env=env, capture_output=True, timeout=120, cwd="/",
                          stdin=subprocess.DEVNULL)
     assert not Path("/atelier-output").exists(), out.stdout.decode()
     assert "output_dir /atelier-output" in out.stdout.decode()
@@ -102,7 +104,7 @@ def test_serve_flags_that_do_not_apply_and_busy_port(tmp_path):
 
 
 def test_tools_into_a_closed_pipe_ends_quietly(tmp_path):
-    proc = subprocess.Popen([ATELIER, "tools"], env=server_env(tmp_path), stdout=subprocess.PIPE,
+    proc = Popen([ATELIER, "tools"], env=server_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=tmp_path)
     proc.stdout.read(10)  # like `| head -c 10`: read a little, then close
     proc.stdout.close()
@@ -137,7 +139,7 @@ def test_stdio_server_in_a_terminal_exits_on_the_first_ctrl_c(tmp_path):
     import threading
 
     master, slave = pty.openpty()  # stdin is a terminal, as when a person runs `atelier serve`
-    proc = subprocess.Popen([ATELIER, "serve"], env=server_env(tmp_path), stdin=slave, stdout=subprocess.PIPE,
+    proc = Popen([ATELIER, "serve"], env=server_env(tmp_path), stdin=slave, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=tmp_path)
     os.close(slave)
     ready = threading.Event()

@@ -11,6 +11,7 @@ import pytest
 
 from tests.inspector import inspector
 from tests.helpers import free_port, server_env, wait_port
+from tests.zygote import Popen
 
 ROOT = Path(__file__).resolve().parents[1]
 ATELIER = str(Path(sys.executable).parent / "atelier")
@@ -40,7 +41,7 @@ def test_inspector_stdio_list_and_call(tmp_path):
 
 def test_inspector_http_list_and_call(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([ATELIER, "serve", "--transport", "http", "--port", str(port)],
+    proc = Popen([ATELIER, "serve", "--transport", "http", "--port", str(port)],
                             env=server_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
         wait_port(port, proc)

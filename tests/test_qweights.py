@@ -57,8 +57,8 @@ def test_kernels_are_installed():
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("R", [1, 3, 8, 9])
-@pytest.mark.parametrize("N,K", [(1, 32), (7, 96), (130, 576)])
+@pytest.mark.parametrize("R", [1, 2, 3, 5, 8, 9, 16])  # the kernels tile 2 rows of x (an odd last row alone)
+@pytest.mark.parametrize("N,K", [(1, 32), (7, 96), (130, 576), (13, 1536)])  # x 4 rows of W: N % 4 = 1, 3, 2, 1
 def test_packed_matmul_matches_float64(fmt, R, N, K):
     rng = np.random.default_rng(R * 1000 + N + K)
     raw = _raw(fmt, rng.standard_normal((N, K)))

@@ -28,6 +28,7 @@ from PIL import Image
 
 from tests.reltools import proc_status, reset_peak, server_cmd, stop
 from tests.helpers import free_port, server_env, wait_port
+from tests.zygote import Popen
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +161,7 @@ def test_image_bombs_rejected_fast_and_small(tmp_path):
         (data / fname).write_bytes(blob)
     (data / "control.png").write_bytes(small_png(64, 48))
     port = free_port()
-    proc = subprocess.Popen(server_cmd("http", port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = Popen(server_cmd("http", port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/mcp"
     ps = psutil.Process(proc.pid)

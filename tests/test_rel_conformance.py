@@ -22,6 +22,7 @@ import pytest
 
 from tests.reltools import stop
 from tests.helpers import free_port, server_env, wait_port
+from tests.zygote import Popen
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def read_results(out_dir: Path) -> dict[str, list[dict]]:
 
 def test_official_conformance_suite_over_http(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([ATELIER, "serve", "--transport", "http", "--port", str(port)],
+    proc = Popen([ATELIER, "serve", "--transport", "http", "--port", str(port)],
                             env=server_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             cwd=tmp_path)
     out_dir = tmp_path / "conformance"

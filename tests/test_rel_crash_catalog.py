@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.zygote import Popen
+from tests.zygote import run as zrun
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
@@ -53,7 +56,7 @@ def test_kill9_during_catalogue_cache_writes(tmp_path):
     cat = tmp_path / "cat.jsonl"
     for trial in range(20):
         _catalog(cat, trial)
-        proc = subprocess.Popen([sys.executable, "-c", LOADER, str(cat)], env=env, stdout=subprocess.PIPE,
+        proc = Popen([sys.executable, "-c", LOADER, str(cat)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, cwd=tmp_path)
         time.sleep(rng.uniform(1.0, 4.5))
         if proc.poll() is None:
@@ -72,7 +75,7 @@ def test_kill9_during_catalogue_cache_writes(tmp_path):
                 figures["corrupt"] += 1
     figures["temps_left"] = len(list(tmp_path.glob(".atelier-tmp-emb-*")))
     # restart: the catalogue loads (from a valid cache or by re-embedding) and temp files are swept
-    out = subprocess.run([sys.executable, "-c", LOADER, str(cat)], env=env, capture_output=True, timeout=300,
+    out = zrun([sys.executable, "-c", LOADER, str(cat)], env=env, capture_output=True, timeout=300,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert b"LOADED 120" in out.stdout
@@ -163,7 +166,7 @@ def test_kill9_during_logged_upserts_loses_nothing_answered(tmp_path):
     figures = {"trials": 0, "acknowledged": 0, "unacknowledged_but_kept": 0, "max_log_bytes": 0}
     log = tmp_path / ".cat.jsonl.provided.log"
     for trial in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(done)], env=env, bufsize=0,
+        proc = Popen([sys.executable, "-c", WRITER, str(src), str(done)], env=env, bufsize=0,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
         # bufsize=0: readline below must not buffer "OK" lines that communicate() would then never see
         assert proc.stdout is not None

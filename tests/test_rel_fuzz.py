@@ -34,6 +34,7 @@ from PIL import Image
 
 from tests.reltools import ROOT, init_messages, server_cmd, stop
 from tests.helpers import free_port, server_env, wait_port
+from tests.zygote import Popen
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +156,7 @@ def test_fuzz_stdio(tmp_path, fuzz_env):
 def test_fuzz_http(tmp_path, fuzz_env):
     env, atimes = fuzz_env
     port = free_port()
-    proc = subprocess.Popen(server_cmd("http", port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = Popen(server_cmd("http", port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             cwd=tmp_path)
     try:
         wait_port(port, proc)

@@ -61,6 +61,7 @@ from mcp_server.config import Settings
 from mcp_server.transports import HostOriginPolicy
 from tests.reltools import proc_status, reset_peak, server_cmd, stop, wait_for
 from tests.helpers import free_port, server_env, wait_port
+from tests.zygote import Popen
 
 pytestmark = pytest.mark.slow
 
@@ -256,7 +257,7 @@ def server(tmp_path_factory):
     port = free_port()
     log_path = tmp / "server.log"
     with open(log_path, "wb") as log_file:  # a file, not a pipe nobody reads: a full pipe would stall the server
-        proc = subprocess.Popen(server_cmd("http", port), env=server_env(tmp, **SERVER_ENV),
+        proc = Popen(server_cmd("http", port), env=server_env(tmp, **SERVER_ENV),
                                 stdout=subprocess.DEVNULL, stderr=log_file, cwd=tmp)
     try:
         wait_port(port, proc)

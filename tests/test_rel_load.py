@@ -29,6 +29,7 @@ from PIL import Image
 
 from tests.helpers import free_port, server_env, wait_port
 from tests.tiny_pipeline import cached_tiny_sd
+from tests.zygote import Popen
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = server_env(tmp_path, ATELIER_MODELS__DIFFUSION=str(cached_tiny_sd()), ATELIER_LOGGING__LEVEL="WARNING",
                      ATELIER_LIMITS__DEADLINE_S="120")
-    proc = subprocess.Popen([ATELIER, "serve", "--transport", "http", "--port", str(port)], env=env,
+    proc = Popen([ATELIER, "serve", "--transport", "http", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     wait_port(port, proc)
     return proc, f"http://127.0.0.1:{port}/mcp"

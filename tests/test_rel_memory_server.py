@@ -24,6 +24,7 @@ from PIL import Image
 from tests.reltools import proc_status, reset_peak, server_cmd, stop
 from tests.test_rel_memory_masks import NESTED_MAX, PROBE_MAX, PROBE_XY
 from tests.helpers import free_port, server_env, wait_port
+from tests.zygote import Popen
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def test_probe_expressions_through_the_server(tmp_path):
     Image.fromarray(rng.integers(0, 256, (1250, 1600, 3), dtype=np.uint8)).save(tmp_path / "data" / "big.png",
                                                                                compress_level=1)
     port = free_port()
-    proc = subprocess.Popen(server_cmd("http", port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = Popen(server_cmd("http", port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/mcp"
     ps = psutil.Process(proc.pid)

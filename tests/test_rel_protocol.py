@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from tests.reltools import StdioPeer, init_messages, server_cmd, stop, valid_jsonrpc_message
 from tests.helpers import free_port, server_env, wait_port
+from tests.zygote import Popen
 
 pytestmark = pytest.mark.slow
 
@@ -335,7 +336,7 @@ def test_malformed_jsonrpc_over_http(tmp_path):
     import subprocess
 
     port = free_port()
-    proc = subprocess.Popen(server_cmd("http", port), env=server_env(tmp_path), stdout=subprocess.DEVNULL,
+    proc = Popen(server_cmd("http", port), env=server_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/mcp"
     figures = {"cases": 0, "failures": 0, "status": {}, "well_formed": 0, "answered_well_formed": 0,
@@ -482,7 +483,7 @@ def test_http_chunked_body_over_limit_is_413(tmp_path):
     import subprocess
 
     port = free_port()
-    proc = subprocess.Popen(server_cmd("http", port), env=server_env(tmp_path), stdout=subprocess.DEVNULL,
+    proc = Popen(server_cmd("http", port), env=server_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=tmp_path)
     try:
         wait_port(port, proc)

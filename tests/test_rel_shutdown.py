@@ -23,6 +23,7 @@ import pytest
 
 from tests.reltools import StdioPeer, init_messages, server_cmd, stop, valid_jsonrpc_message
 from tests.helpers import free_port, server_env, wait_port
+from tests.zygote import Popen
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +122,7 @@ def _http_call(url: str, hdrs: dict, body: dict, out: dict, key: str) -> None:
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_http_shutdown_with_calls_in_flight(tmp_path, sig):
     port = free_port()
-    proc = subprocess.Popen(server_cmd("http", port), env=server_env(tmp_path), stdout=subprocess.DEVNULL,
+    proc = Popen(server_cmd("http", port), env=server_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/mcp"
     try:

@@ -16,6 +16,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 
 from tests.helpers import PY, ROOT, free_port, server_env, wait_port  # noqa: F401  (others import them from here)
+from tests.zygote import run as zrun
 
 
 def test_stdio_subprocess_with_official_client_and_noisy_library(tmp_path):
@@ -37,7 +38,8 @@ def test_stdio_subprocess_with_official_client_and_noisy_library(tmp_path):
 
 
 def test_stdio_stdout_is_only_protocol(tmp_path):
-    """Raw JSON-RPC over a pipe: every stdout line must parse as JSON-RPC."""
+    """Raw JSON-RPC over a pipe: every stdout line must parse as JSON-RPC. A cold start (a plain
+    subprocess, not tests/zygote.py's fork): what the imports print counts too."""
     proc = subprocess.Popen([PY, str(ROOT / "tests" / "tooling.py"), "stdio"], env=server_env(tmp_path),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     msgs = [
@@ -138,7 +140,7 @@ def test_sse_transport_roundtrip(http_server):
 
 def test_refuses_non_loopback_without_token(tmp_path):
     env = server_env(tmp_path)
-    proc = subprocess.run([PY, "-m", "mcp_server.cli", "serve", "--transport", "http", "--host", "0.0.0.0",
+    proc = zrun([PY, "-m", "mcp_server.cli", "serve", "--transport", "http", "--host", "0.0.0.0",
                            "--port", str(free_port())], env=env, capture_output=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2
     assert b"http.host='0.0.0.0'" in proc.stderr and b"auth_token" in proc.stderr
@@ -146,7 +148,7 @@ def test_refuses_non_loopback_without_token(tmp_path):
 
 def test_invalid_config_refuses_to_start(tmp_path):
     env = server_env(tmp_path, ATELIER_LIMITS__QUEUE_LENGTH="zero")
-    proc = subprocess.run([PY, "-m", "mcp_server.cli", "serve"], env=env, capture_output=True, timeout=60,
+    proc = zrun([PY, "-m", "mcp_server.cli", "serve"], env=env, capture_output=True, timeout=60,
                           cwd=tmp_path, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
     assert b"limits.queue_length" in proc.stderr

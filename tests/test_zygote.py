@@ -1,0 +1,133 @@
+"""tests/zygote.py: the suite's forked subprocesses behave as `subprocess.Popen`'s.
+
+The oracle is Python itself: the same command run by a plain `subprocess.run` (a fresh interpreter)
+gives the same argv, working folder, environment, `sys.path[0]`, output and exit code. The tests use
+an environment of their own (one thread per pool, so the zygote may fork: see its module doc), which
+gives them their own zygote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import ROOT
+from tests import zygote
+from tests.zygote import Popen, run
+
+PROBE = ("import json, os, sys; print(json.dumps({'argv': sys.argv, 'cwd': os.getcwd(), 'x': os.environ.get('ATELIER_X'),"
+         " 'path0': sys.path[0], 'ppid': os.getppid(), 'main': __name__, 'torch': 'torch' in sys.modules}));"
+         " sys.stderr.write('to stderr\\n'); sys.exit(int(sys.argv[-1]))")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = "1"
+    env.update(extra)
+    return env
+
+
+def _forked(proc: Popen) -> bool:
+    assert proc._zconn is not None or not zygote.NOT_FORKED, zygote.NOT_FORKED[-1]
+    return proc._zconn is not None
+
+
+def test_code_script_and_module_forms_match_a_fresh_interpreter(tmp_path):
+    env = _env(ATELIER_X="first")
+    p = Popen([sys.executable, "-c", PROBE, "a b", "3"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE)
+    out, err = p.communicate(timeout=120)
+    assert _forked(p), "the zygote did not serve an eligible command"
+    fresh = subprocess.run([sys.executable, "-c", PROBE, "a b", "3"], env=env, cwd=tmp_path, capture_output=True,
+                           timeout=120)
+    got, want = json.loads(out), json.loads(fresh.stdout)
+    assert got["ppid"] != os.getpid() and want["ppid"] == os.getpid()  # forked by the zygote, not by us
+    assert got["torch"] and not want["torch"]  # the zygote's imports are there already
+    for key in ("argv", "cwd", "x", "path0", "main"):
+        assert got[key] == want[key], key
+    assert (p.returncode, err) == (fresh.returncode, fresh.stderr) == (3, b"to stderr\n")
+
+    # an ATELIER_* setting is read at run time: the same zygote serves a different value
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    r = run([sys.executable, str(script), "x", "0"], env=_env(ATELIER_X="second"), cwd=ROOT,
+            capture_output=True, timeout=120)
+    fresh = subprocess.run([sys.executable, str(script), "x", "0"], env=_env(ATELIER_X="second"), cwd=ROOT,
+                           capture_output=True, timeout=120)
+    got, want = json.loads(r.stdout), json.loads(fresh.stdout)
+    assert got["ppid"] != os.getpid()
+    for key in ("argv", "cwd", "x", "path0", "main"):
+        assert got[key] == want[key], key
+    assert r.returncode == 0
+
+    # -m with stdin: json.tool reads what we write
+    p = Popen([sys.executable, "-m", "json.tool"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.communicate('{"a": [1, 2]}', timeout=120) == (json.dumps({"a": [1, 2]}, indent=4) + "\n", None)
+    assert _forked(p) and p.returncode == 0
+
+    # a console script of this venv (`atelier`): the same output and exit code as the real one
+    atelier = str(os.path.join(os.path.dirname(sys.executable), "atelier"))
+    p = Popen([atelier, "--help"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate(timeout=120)
+    fresh = subprocess.run([atelier, "--help"], env=env, cwd=tmp_path, capture_output=True, timeout=120)
+    assert _forked(p) and b"serve" in out
+    assert (out, err, p.returncode) == (fresh.stdout, fresh.stderr, fresh.returncode)
+
+    # an uncaught exception: traceback on stderr, exit 1
+    r = run([sys.executable, "-c", "raise ValueError('boom')"], env=env, capture_output=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.rstrip().endswith(b"ValueError: boom")
+
+
+def test_signals_wait_poll_and_timeouts(tmp_path):
+    env = _env()
+    code = "import signal, sys, time; print('up', flush=True); time.sleep(60)"
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+        p = Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert _forked(p)
+        assert p.stdout.readline() == b"up\n"
+        assert p.poll() is None
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait(0.2)
+        p.send_signal(sig)
+        rc = p.wait(30)
+        # SIGINT: Python's KeyboardInterrupt, which ends the interpreter by SIGINT (as a fresh one does)
+        assert rc == -sig
+        assert p.stdout.read() == b""  # the pipe closed with the child
+    with pytest.raises(subprocess.TimeoutExpired):
+        run([sys.executable, "-c", "import time; time.sleep(30)"], env=env, timeout=0.5)
+    with pytest.raises(subprocess.CalledProcessError):
+        run([sys.executable, "-c", "raise SystemExit(4)"], env=env, check=True, timeout=60)
+    # output written without a flush arrives line by line under PYTHONUNBUFFERED, as in a fresh interpreter
+    p = Popen([sys.executable, "-c", "import time; print('early'); time.sleep(30)"], env=env, stdout=subprocess.PIPE)
+    t0 = time.monotonic()
+    assert p.stdout.readline() == b"early\n" and time.monotonic() - t0 < 20
+    p.kill()
+    assert p.wait(30) == -signal.SIGKILL
+
+
+def test_import_time_settings_and_other_programs_get_a_plain_exec(tmp_path):
+    # a thread count is read while importing: an environment that differs in it is not forked from a
+    # zygote whose imports read another value (it gets its own zygote, or a plain exec)
+    p = Popen([sys.executable, "-c", "import os; print(os.getppid())"], env=_env(OMP_NUM_THREADS="3"),
+              stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0
+    if p._zconn is None:
+        assert int(out) == os.getpid()
+    # not Python: a plain exec
+    p = Popen(["sh", "-c", "echo $PPID"], env=_env(), stdout=subprocess.PIPE)
+    assert int(p.communicate(timeout=30)[0]) == os.getpid() and not _forked(p)
+    # Python options other than -c/-m: a plain exec
+    p = Popen([sys.executable, "-I", "-c", "import os; print(os.getppid())"], env=_env(), stdout=subprocess.PIPE)
+    assert int(p.communicate(timeout=60)[0]) == os.getpid() and not _forked(p)
+    # preexec_fn: a plain exec
+    p = Popen([sys.executable, "-c", "import os; print(os.getppid())"], env=_env(), stdout=subprocess.PIPE,
+              preexec_fn=lambda: None)
+    assert int(p.communicate(timeout=60)[0]) == os.getpid() and not _forked(p)
