@@ -85,15 +85,20 @@ def engine(tmp_path_factory):
 
 
 # -- order: the longest files first --------------------------------------------------------------------
-# `make test` runs pytest-xdist with --dist loadfile: each file goes whole to the next free worker, in
-# collection order. A long file collected last runs alone at the end while the other core idles, so the
+# `make test` runs pytest-xdist with --dist loadfile --no-loadscope-reorder: each file goes whole to the
+# next free worker, in collection order (without --no-loadscope-reorder xdist re-sorts the files by their
+# number of tests, and a long file of one test, like test_rel_crash.py, then ran near the end). A long file collected last runs alone at the end while the other core idles, so the
 # longest files (seconds summed over their tests, measured with --durations=0 on this 2-core machine)
 # are collected first; the rest keep their order. Only the order changes: every test still runs.
 _LONGEST_FIRST = [
-    "test_rel_crash.py", "test_llm_model.py", "test_rel_crash_catalog.py", "test_rel_load.py",
-    "test_llm_cache.py", "test_transports.py", "test_cli.py", "test_rel_shutdown.py", "test_rel_protocol.py",
-    "test_inspector_cli.py", "test_replicas.py", "test_rel_client_isolation.py", "test_rel_fuzz.py",
-    "test_rel_http_guard.py", "test_rel_oom.py", "test_text_tool.py", "test_tasks.py", "test_llm_batcher.py",
+    # test_llm_model converts the embedded GGUF to fp32 on a fresh cache (45 s) and test_llm_cache needs the
+    # result: three long files that do not convert run between them, so the two never convert at once
+    "test_llm_model.py", "test_rel_load.py", "test_rel_crash_catalog.py", "test_llm_cache.py", "test_cli.py",
+    "test_rel_fuzz.py", "test_rel_crash.py", "test_transports.py", "test_rel_client_isolation.py",
+    "test_process_state.py", "test_replicas.py", "test_rel_http_guard.py", "test_inspector_cli.py",
+    "test_text_tool.py", "test_rel_memory_masks.py", "test_adetailer.py", "test_rel_protocol.py",
+    "test_first_contact_server.py", "test_result_fit.py", "test_rel_oom.py", "test_llm_batcher.py",
+    "test_zygote.py", "test_rel_shutdown.py", "test_detect.py",
 ]
 
 
@@ -102,9 +107,33 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their inner order
 
 
+# -- npm packages fetched while the first tests run -----------------------------------------------------
+# The Inspector and conformance tests run Node 22 and their npm packages through npx; on a fresh machine
+# npx first downloads them (~45 s, network-bound, a worker idle meanwhile). The controller starts the same
+# `npx -y -p ...` commands (so the same npx cache entries) in the background at the session's start; a
+# test that gets there first fetches for itself, as before. Only the download moves.
+_NPX_PREFETCH: list = []
+
+
+def pytest_sessionstart(session):
+    import shutil
+
+    if hasattr(session.config, "workerinput") or shutil.which("npx") is None:
+        return
+    from tests.inspector import CONFORMANCE, INSPECTOR
+
+    cmds = [f"npx -y -p node@22 -p {pkg} -- true" for pkg in (INSPECTOR, CONFORMANCE)]
+    _NPX_PREFETCH.append(subprocess.Popen(["sh", "-c", " ; ".join(cmds)], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))
+
+
 def pytest_sessionfinish(session, exitstatus):
     import sys
 
+    for proc in _NPX_PREFETCH:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
     zygote = sys.modules.get("tests.zygote")
     if zygote is not None:
         zygote.shutdown()  # this worker's pre-imported server parents (tests/zygote.py)

@@ -8,6 +8,7 @@ import subprocess
 from typing import Any
 
 INSPECTOR = "@modelcontextprotocol/inspector@2.12.0"
+CONFORMANCE = "@modelcontextprotocol/conformance@0.1.16"  # tests/test_rel_conformance.py
 
 
 def inspector(args: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> tuple[int, Any, str]:

@@ -22,11 +22,11 @@ import pytest
 
 from tests.reltools import stop
 from tests.helpers import free_port, server_env, wait_port
+from tests.inspector import CONFORMANCE
 from tests.zygote import Popen
 
 pytestmark = pytest.mark.slow
 
-CONFORMANCE = "@modelcontextprotocol/conformance@0.1.16"
 EXPECTED = Path(__file__).resolve().parent / "conformance_expected_failures.txt"
 ATELIER = str(Path(sys.executable).parent / "atelier")
 
