@@ -11,18 +11,22 @@ import pytest
 import torch
 
 from engine import _compat
+from engine.errors import InvalidInput
+from engine.llm.batcher import CacheSpec, GenerationRequest, LLMService
+from engine.llm.load import load_llm
+from engine.llm.sampling import SamplingParams, apply_repetition_penalty, sample
+from engine.scheduler import CancelToken
 
-_compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
-
-from engine.errors import InvalidInput  # noqa: E402
-from engine.llm.batcher import CacheSpec, GenerationRequest, LLMService  # noqa: E402
-from engine.llm.load import load_llm  # noqa: E402
-from engine.llm.sampling import SamplingParams, apply_repetition_penalty, sample  # noqa: E402
-from engine.scheduler import CancelToken  # noqa: E402
-
-from tests.helpers import tiny_llama_folder  # noqa: E402
+from tests.helpers import tiny_llama_folder
 
 CACHE = Path(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _model_libraries():
+    """The offline environment and the torchvision shim, as the engine sets them before a model load (in a
+    fixture, not at import: collecting this file then costs every worker neither)."""
+    _compat.prepare(CACHE)
 
 
 @pytest.fixture(scope="module")

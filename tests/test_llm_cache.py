@@ -12,7 +12,14 @@ import torch
 
 from engine import _compat
 
-_compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _model_libraries():
+    """The offline environment and the torchvision shim, as the engine sets them before a model load (in a
+    fixture, not at import: collecting this file then costs no worker the torchvision import)."""
+    _compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
 
 from engine.llm.batcher import CacheSpec, GenerationRequest, LLMService  # noqa: E402
 from engine.llm.cache import FullCache, Int8Cache, WindowCache  # noqa: E402

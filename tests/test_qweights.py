@@ -18,7 +18,14 @@ import torch
 
 from engine import _compat
 
-_compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _model_libraries():
+    """The offline environment and the torchvision shim, as the engine sets them before a model load (in a
+    fixture, not at import: collecting this file then costs no worker the torchvision import)."""
+    _compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
 
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as QT  # noqa: E402

@@ -20,7 +20,14 @@ import torch
 
 from engine import _compat
 
-_compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _model_libraries():
+    """The offline environment and the torchvision shim, as the engine sets them before a model load (in a
+    fixture, not at import: collecting this file then costs no worker the torchvision import)."""
+    _compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
 
 from engine.llm.cache import FullCache  # noqa: E402
 from engine.llm.load import embedded_gguf, load_llm  # noqa: E402

@@ -7,10 +7,18 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 
 from engine import _compat
 
-_compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _model_libraries():
+    """The offline environment and the torchvision shim, as the engine sets them before a model load (in a
+    fixture, not at import: collecting this file then costs no worker the torchvision import)."""
+    _compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+
 
 from engine.llm.gguf_load import byte_level_tokenizer_files  # noqa: E402
 from engine.llm.load import Tokenizer, embedded_gguf, tokenizer_folder  # noqa: E402

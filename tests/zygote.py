@@ -164,12 +164,21 @@ class Popen(subprocess.Popen):
                        creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
                        restore_signals, gid, gids, uid, umask, start_new_session, *rest) -> None:
         plan = None
-        if not (shell or preexec_fn or pass_fds or gid is not None or gids is not None or uid is not None
+        if not (shell or preexec_fn or pass_fds or not close_fds or gid is not None or gids is not None or uid is not None
                 or umask != -1 or executable is not None or any(r not in (None, -1) for r in rest)):
             plan = _plan(list(args) if not isinstance(args, (str, bytes, os.PathLike)) else [])
         env_d = {os.fsdecode(k): os.fsdecode(v) for k, v in (env if env is not None else os.environ).items()}
         zyg = _zygote_for(env_d) if plan is not None else None
-        if zyg is None:
+        conn = None
+        if zyg is not None:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                conn.connect(zyg.path)
+            except OSError as e:  # the zygote is gone: plain execs from now on
+                conn.close()
+                conn, zyg.ok, zyg.why = None, False, f"not answering ({e})"
+                NOT_FORKED.append(f"the zygote will not serve: {zyg.why}")
+        if conn is None:
             return super()._execute_child(args, executable, preexec_fn, close_fds, pass_fds, cwd, env,
                                           startupinfo, creationflags, shell, p2cread, p2cwrite, c2pread,
                                           c2pwrite, errread, errwrite, restore_signals, gid, gids, uid, umask,
@@ -178,9 +187,7 @@ class Popen(subprocess.Popen):
         plan.update(env=env_d, cwd=os.fsdecode(cwd) if cwd is not None else os.getcwd(),
                     new_session=bool(start_new_session))
         fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1, errwrite if errwrite != -1 else 2]
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            conn.connect(zyg.path)
             socket.send_fds(conn, [json.dumps(plan).encode()], fds)
             reply = json.loads(conn.recv(_MAX_MSG))
         except BaseException:
@@ -338,7 +345,10 @@ def _serve(path: str) -> dict[str, Any] | None:
                     if len(fds) != 3:
                         raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
                 except (OSError, ValueError) as e:
-                    conn.send(json.dumps({"error": str(e)}).encode())
+                    try:
+                        conn.send(json.dumps({"error": str(e)}).encode())
+                    except OSError:
+                        pass
                     conn.close()
                     continue
                 sys.stdout.flush()
@@ -358,7 +368,10 @@ def _serve(path: str) -> dict[str, Any] | None:
                     return plan
                 for fd in fds:
                     os.close(fd)
-                conn.send(json.dumps({"pid": pid}).encode())
+                try:
+                    conn.send(json.dumps({"pid": pid}).encode())
+                except OSError:  # the test is gone: the child is nobody's
+                    os.kill(pid, signal.SIGKILL)
                 children[pid] = conn
 
 
