@@ -57,8 +57,8 @@ def http_server(tmp_path):
     def start(transport: str = "http", **env_extra: str):
         port = free_port()
         proc = Popen([PY, str(ROOT / "tests" / "tooling.py"), transport, str(port)],
-                                env=server_env(tmp_path, **env_extra), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=tmp_path)
+                     env=server_env(tmp_path, **env_extra), stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, cwd=tmp_path)
         procs.append(proc)
         wait_port(port, proc)
         return port, proc
@@ -87,9 +87,10 @@ def engine(tmp_path_factory):
 # -- order: the longest files first --------------------------------------------------------------------
 # `make test` runs pytest-xdist with --dist loadfile --no-loadscope-reorder: each file goes whole to the
 # next free worker, in collection order (without --no-loadscope-reorder xdist re-sorts the files by their
-# number of tests, and a long file of one test, like test_rel_crash.py, then ran near the end). A long file collected last runs alone at the end while the other core idles, so the
-# longest files (seconds summed over their tests, measured with --durations=0 on this 2-core machine)
-# are collected first; the rest keep their order. Only the order changes: every test still runs.
+# number of tests, and a long file of one test, like test_rel_crash.py, then ran near the end). A long
+# file collected last runs alone at the end while the other core idles, so the longest files (seconds
+# summed over their tests, measured with --durations=0 on this 2-core machine) are collected first; the
+# rest keep their order. Only the order changes: every test still runs.
 _LONGEST_FIRST = [
     # test_llm_model converts the embedded GGUF to fp32 on a fresh cache (45 s) and test_llm_cache needs the
     # result: three long files that do not convert run between them, so the two never convert at once

@@ -30,7 +30,7 @@ class LiveServer:
         self.port = free_port()
         self.transport = transport
         self.proc = Popen(server_cmd(transport, self.port), env=server_env(tmp_path, **env),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
         self.logs: list[dict] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -182,7 +182,7 @@ class StdioPeer:
         import threading
 
         self.proc = Popen(cmd, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                          stderr=subprocess.PIPE)
         self.lines: list[bytes] = []
         self.answers: dict = {}  # id -> (message, monotonic time)
         self.bad_lines: list[bytes] = []

@@ -21,7 +21,7 @@ ATELIER = str(Path(sys.executable).parent / "atelier")
 
 def _run(args, tmp_path, env=None, **kw):
     return zrun([ATELIER, *args], env=env or server_env(tmp_path), capture_output=True, timeout=120,
-                          cwd=tmp_path, stdin=subprocess.DEVNULL, **kw)
+                cwd=tmp_path, stdin=subprocess.DEVNULL, **kw)
 
 
 def test_tools_lists_enabled_with_schemas(tmp_path):
@@ -83,7 +83,7 @@ def test_doctor_from_filesystem_root_creates_nothing(tmp_path):
     env = server_env(tmp_path)
     del env["ATELIER_PATHS__OUTPUT_DIR"]  # the default ./atelier-output, relative to / here
     out = zrun([ATELIER, "doctor"], env=env, capture_output=True, timeout=120, cwd="/",
-                         stdin=subprocess.DEVNULL)
+               stdin=subprocess.DEVNULL)
     assert not Path("/atelier-output").exists(), out.stdout.decode()
     assert "output_dir /atelier-output" in out.stdout.decode()
 
@@ -105,7 +105,7 @@ def test_serve_flags_that_do_not_apply_and_busy_port(tmp_path):
 
 def test_tools_into_a_closed_pipe_ends_quietly(tmp_path):
     proc = Popen([ATELIER, "tools"], env=server_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=tmp_path)
+                 stderr=subprocess.PIPE, cwd=tmp_path)
     proc.stdout.read(10)  # like `| head -c 10`: read a little, then close
     proc.stdout.close()
     err = proc.stderr.read().decode()
@@ -140,7 +140,7 @@ def test_stdio_server_in_a_terminal_exits_on_the_first_ctrl_c(tmp_path):
 
     master, slave = pty.openpty()  # stdin is a terminal, as when a person runs `atelier serve`
     proc = Popen([ATELIER, "serve"], env=server_env(tmp_path), stdin=slave, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=tmp_path)
+                 stderr=subprocess.PIPE, cwd=tmp_path)
     os.close(slave)
     ready = threading.Event()
 

@@ -42,7 +42,7 @@ def test_inspector_stdio_list_and_call(tmp_path):
 def test_inspector_http_list_and_call(tmp_path):
     port = free_port()
     proc = Popen([ATELIER, "serve", "--transport", "http", "--port", str(port)],
-                            env=server_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+                 env=server_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
         wait_port(port, proc)
         url = f"http://127.0.0.1:{port}/mcp"

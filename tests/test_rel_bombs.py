@@ -162,7 +162,7 @@ def test_image_bombs_rejected_fast_and_small(tmp_path):
     (data / "control.png").write_bytes(small_png(64, 48))
     port = free_port()
     proc = Popen(server_cmd("http", port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=tmp_path)
+                 cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/mcp"
     ps = psutil.Process(proc.pid)
     rows = []

@@ -56,8 +56,8 @@ def read_results(out_dir: Path) -> dict[str, list[dict]]:
 def test_official_conformance_suite_over_http(tmp_path):
     port = free_port()
     proc = Popen([ATELIER, "serve", "--transport", "http", "--port", str(port)],
-                            env=server_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            cwd=tmp_path)
+                 env=server_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 cwd=tmp_path)
     out_dir = tmp_path / "conformance"
     try:
         wait_port(port, proc)

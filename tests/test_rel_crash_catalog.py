@@ -57,7 +57,7 @@ def test_kill9_during_catalogue_cache_writes(tmp_path):
     for trial in range(20):
         _catalog(cat, trial)
         proc = Popen([sys.executable, "-c", LOADER, str(cat)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, cwd=tmp_path)
+                     stderr=subprocess.DEVNULL, cwd=tmp_path)
         time.sleep(rng.uniform(1.0, 4.5))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -76,7 +76,7 @@ def test_kill9_during_catalogue_cache_writes(tmp_path):
     figures["temps_left"] = len(list(tmp_path.glob(".atelier-tmp-emb-*")))
     # restart: the catalogue loads (from a valid cache or by re-embedding) and temp files are swept
     out = zrun([sys.executable, "-c", LOADER, str(cat)], env=env, capture_output=True, timeout=300,
-                         cwd=tmp_path)
+               cwd=tmp_path)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert b"LOADED 120" in out.stdout
     swept = list(tmp_path.glob(".atelier-tmp-emb-*"))
@@ -167,7 +167,7 @@ def test_kill9_during_logged_upserts_loses_nothing_answered(tmp_path):
     log = tmp_path / ".cat.jsonl.provided.log"
     for trial in range(6):
         proc = Popen([sys.executable, "-c", WRITER, str(src), str(done)], env=env, bufsize=0,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
         # bufsize=0: readline below must not buffer "OK" lines that communicate() would then never see
         assert proc.stdout is not None
         line = proc.stdout.readline()

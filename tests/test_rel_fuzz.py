@@ -157,7 +157,7 @@ def test_fuzz_http(tmp_path, fuzz_env):
     env, atimes = fuzz_env
     port = free_port()
     proc = Popen(server_cmd("http", port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            cwd=tmp_path)
+                 cwd=tmp_path)
     try:
         wait_port(port, proc)
         url = f"http://127.0.0.1:{port}/mcp"

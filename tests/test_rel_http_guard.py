@@ -258,7 +258,7 @@ def server(tmp_path_factory):
     log_path = tmp / "server.log"
     with open(log_path, "wb") as log_file:  # a file, not a pipe nobody reads: a full pipe would stall the server
         proc = Popen(server_cmd("http", port), env=server_env(tmp, **SERVER_ENV),
-                                stdout=subprocess.DEVNULL, stderr=log_file, cwd=tmp)
+                     stdout=subprocess.DEVNULL, stderr=log_file, cwd=tmp)
     try:
         wait_port(port, proc)
         yield port, proc

@@ -47,7 +47,7 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     env = server_env(tmp_path, ATELIER_MODELS__DIFFUSION=str(cached_tiny_sd()), ATELIER_LOGGING__LEVEL="WARNING",
                      ATELIER_LIMITS__DEADLINE_S="120")
     proc = Popen([ATELIER, "serve", "--transport", "http", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     wait_port(port, proc)
     return proc, f"http://127.0.0.1:{port}/mcp"
 

@@ -43,7 +43,7 @@ def test_probe_expressions_through_the_server(tmp_path):
                                                                                compress_level=1)
     port = free_port()
     proc = Popen(server_cmd("http", port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            cwd=tmp_path)
+                 cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/mcp"
     ps = psutil.Process(proc.pid)
     rows = []

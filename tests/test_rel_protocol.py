@@ -337,7 +337,7 @@ def test_malformed_jsonrpc_over_http(tmp_path):
 
     port = free_port()
     proc = Popen(server_cmd("http", port), env=server_env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, cwd=tmp_path)
+                 stderr=subprocess.PIPE, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/mcp"
     figures = {"cases": 0, "failures": 0, "status": {}, "well_formed": 0, "answered_well_formed": 0,
                "tools_list_checks": 0}
@@ -484,7 +484,7 @@ def test_http_chunked_body_over_limit_is_413(tmp_path):
 
     port = free_port()
     proc = Popen(server_cmd("http", port), env=server_env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=tmp_path)
+                 stderr=subprocess.DEVNULL, cwd=tmp_path)
     try:
         wait_port(port, proc)
         head = (f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"

@@ -123,7 +123,7 @@ def _http_call(url: str, hdrs: dict, body: dict, out: dict, key: str) -> None:
 def test_http_shutdown_with_calls_in_flight(tmp_path, sig):
     port = free_port()
     proc = Popen(server_cmd("http", port), env=server_env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, cwd=tmp_path)
+                 stderr=subprocess.PIPE, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/mcp"
     try:
         wait_port(port, proc)

@@ -149,7 +149,7 @@ def test_refuses_non_loopback_without_token(tmp_path):
 def test_invalid_config_refuses_to_start(tmp_path):
     env = server_env(tmp_path, ATELIER_LIMITS__QUEUE_LENGTH="zero")
     proc = zrun([PY, "-m", "mcp_server.cli", "serve"], env=env, capture_output=True, timeout=60,
-                          cwd=tmp_path, stdin=subprocess.DEVNULL)
+                cwd=tmp_path, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
     assert b"limits.queue_length" in proc.stderr
 
