@@ -121,12 +121,16 @@ def run_size(n: int, reps: int, bw: float) -> list[str]:
             lines.append(f"  fp16 catalogue resident size {grown / 1e9:.3f} GB [target <= 0.9 GB at 1M: "
                          f"{'PASS' if grown <= 0.9e9 or n < 1_000_000 else 'FAIL'}]")
         if name == "ours fp32":
-            svc = ctx.engine.service("catalog", CatalogService)
-            key = (str(Path(__file__).resolve().parent.parent / "engine" / "data" / "demo_catalog.jsonl"),
-                   ctx.settings.models.embedding, ctx.settings.models.embedding_dtype)
-            svc._catalogs[key] = (cat, LoadReport(source="bench", rows=n))  # the tool's default catalogue
             rec = TOOLS[0]
             args = [RecommendInput(vector=qs[i].tolist(), k=K) for i in range(BATCH)]
+            rec.run(args[0], ctx)  # the tool configures its service and opens the default (demo) catalogue
+            svc = ctx.engine.service("catalog", CatalogService)
+            demo = [k for k in svc._catalogs if k[0].endswith("demo_catalog.jsonl")]
+            assert len(demo) == 1, f"expected the tool's demo catalogue in the service, found keys {list(svc._catalogs)}"
+            svc._catalogs[demo[0]] = (cat, LoadReport(source="bench", rows=n))  # under the service's own key
+            out = rec.run(args[0], ctx).structured
+            tool_ids = [int(it.id) for it in out.items]
+            assert tool_ids == ref, f"the tool did not search the benchmark's catalogue: {tool_ids} vs {ref}"
             pool = ThreadPoolExecutor(BATCH)
             results["tool fp32"] = {
                 "single": best_ms(lambda: rec.run(args[0], ctx), reps),
