@@ -75,6 +75,16 @@ def http_server(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def model_libraries():
+    """The offline environment and the torchvision shim, as the engine sets them before a model load. The LLM
+    test files use it (`pytestmark`) rather than calling `_compat.prepare` at import, so collecting them
+    costs no worker the torchvision import."""
+    from engine import _compat
+
+    _compat.prepare(os.environ["ATELIER_TEST_CACHE"])
+
+
+@pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     """A CPU engine with its own cache folder, one per test module (closed at the module's end)."""
     from engine import Engine, EngineConfig

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import _compat
 from engine.errors import InvalidInput
 from engine.llm.batcher import CacheSpec, GenerationRequest, LLMService
 from engine.llm.load import load_llm
@@ -22,11 +21,8 @@ from tests.helpers import tiny_llama_folder
 CACHE = Path(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _model_libraries():
-    """The offline environment and the torchvision shim, as the engine sets them before a model load (in a
-    fixture, not at import: collecting this file then costs every worker neither)."""
-    _compat.prepare(CACHE)
+# the offline environment and the torchvision shim before any model load (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("model_libraries")
 
 
 @pytest.fixture(scope="module")

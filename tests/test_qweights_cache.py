@@ -10,15 +10,11 @@ import os
 import numpy as np
 import pytest
 
-from engine import _compat
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _model_libraries():
-    """The offline environment and the torchvision shim, as the engine sets them before a model load (in a
-    fixture, not at import: collecting this file then costs no worker the torchvision import)."""
-    _compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+# the offline environment and the torchvision shim before any model load (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("model_libraries")
 
 
 from engine.llm import qweights  # noqa: E402

@@ -5,19 +5,14 @@ parts, same ids on varied text, same chat template and special tokens."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from engine import _compat
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _model_libraries():
-    """The offline environment and the torchvision shim, as the engine sets them before a model load (in a
-    fixture, not at import: collecting this file then costs no worker the torchvision import)."""
-    _compat.prepare(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+# the offline environment and the torchvision shim before any model load (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("model_libraries")
 
 
 from engine.llm.gguf_load import byte_level_tokenizer_files  # noqa: E402
