@@ -11,7 +11,8 @@ Prints, measured in this run on this machine:
 - achieved GB/s (weights + KV bytes read per token) against a measured read bandwidth;
 - 8 concurrent requests: aggregate tokens/s vs single stream (target >= 4x);
 - int8 cache: greedy agreement and mean KL vs the full cache over 10 prompts x 256 tokens, and
-  its bytes per token vs an fp16 cache (targets >= 95%, <= 0.02, <= 0.55x);
+  its bytes per token vs an fp16 cache (targets >= 95%, <= 0.02, <= 0.55x), and the time of a
+  decode step of those 10 rows on each cache;
 - load time, peak RSS, cache bytes;
 - GGUF weights kept packed (models.llm_weights = "auto", the default) against llama.cpp
   (llama-cpp-python, the `bench` extra) on the same Q4_1 file in the same run: batch 1, 32-token
@@ -204,9 +205,13 @@ def main() -> int:
         for i, p in enumerate(prompts):
             cur.append(int(model.prefill(full, i, p).argmax()))
             model.prefill(q8, i, p)
+        t_full = t_q8 = 0.0
         for _ in range(n_tok - 1):
+            t0 = time.perf_counter()
             lf = model.decode(full, list(range(n_q)), cur).log_softmax(-1)
+            t1 = time.perf_counter()
             lq = model.decode(q8, list(range(n_q)), cur).log_softmax(-1)
+            t_full, t_q8 = t_full + t1 - t0, t_q8 + time.perf_counter() - t1
             nxt = lf.argmax(-1)
             agree += int((lq.argmax(-1) == nxt).sum())
             total += n_q
@@ -217,7 +222,9 @@ def main() -> int:
     print(f"int8 cache, {n_q} prompts x {n_tok} greedy tokens ({time.perf_counter() - t:.0f} s): agreement "
           f"{100 * agree / total:.2f}% [>= 95%: {_verdict(agree / total >= 0.95)}], mean KL {kl / total:.5f} "
           f"[<= 0.02: {_verdict(kl / total <= 0.02)}], bytes/token {bpt:.3f}x fp16 [<= 0.55: {_verdict(bpt <= 0.55)}]"
-          f" (plus a fixed {q8.recent}-token full-precision ring per slot)")
+          f" (plus a fixed {q8.recent}-token full-precision ring per slot); decode step of {n_q} rows: full cache "
+          f"{1000 * t_full / (n_tok - 1):.1f} ms, int8 cache {1000 * t_q8 / (n_tok - 1):.1f} ms "
+          f"({t_q8 / t_full:.2f}x the full cache's time)")
 
     if args.compile:
         from engine.llm.model import compile_decode

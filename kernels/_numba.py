@@ -112,10 +112,14 @@ def warm() -> list[str]:
     cpu_decode.rows_matmul(np.ones((2, 8), f32), np.ones((4, 8), f32))
     cpu_decode.attend(np.ones((1, 2, 4), f32), np.ones((1, 1, 3, 4), f32), np.ones((1, 1, 3, 4), f32),
                       np.array([0]), np.array([1]), 0.5)
+    i8 = np.ones((1, 1, 3, 4), np.int8)
+    cpu_decode.attend_q8(np.ones((1, 2, 4), f32), i8, np.ones((1, 1, 3), f32), i8, np.ones((1, 1, 3), f32),
+                         np.ones((1, 1, 2, 4), f32), np.ones((1, 1, 2, 4), f32), np.array([0]), np.array([2]),
+                         np.array([3]), 0.5)
     cpu_topk.filter_rows(np.ones((2, 10), f32), np.ones(10, f32), np.empty((2, 3), f32), np.zeros(2, np.int64),
                          np.empty((2, 10), f32), np.empty((2, 10), np.int64), np.empty(2, np.int64))
     cpu_topk.refine(np.ones((10, 8), f32), np.ones((2, 8)), np.arange(4), np.ones(4, f32),
                     np.array([0, 2, 4]), np.full((2, 3), -np.inf), np.zeros((2, 3), np.int64))
     cpu_topk.dots64(np.ones((10, 8), f32), np.arange(3), np.ones(8))
     cpu_topk.half_scores(np.ones((2, 8), f32), np.ones((3, 8), np.float16))
-    return ["rows_matmul", "attend", "filter_rows", "refine", "dots64", "half_scores", *cpu_qmatmul.warm()]
+    return ["rows_matmul", "attend", "attend_q8", "filter_rows", "refine", "dots64", "half_scores", *cpu_qmatmul.warm()]

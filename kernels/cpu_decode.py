@@ -2,6 +2,7 @@
 
     out = rows_matmul(x, w)                               # x [M, K], w [N, K] -> x @ w.T  [M, N]
     out = attend(q, K, V, row_slot, row_pos, scale)       # q [R, H, hd] -> [R, H, hd]
+    out = attend_q8(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end, scale)   # the int8 cache's layout
 
 `rows_matmul` is a product with few rows: one decode step, a batch of them,
 or a few drafted tokens. BLAS handles the few-row shape badly on our CPUs: it
@@ -25,7 +26,17 @@ already be in the cache. One task per (row, kv head), parallel. NumPy needs a
 dozen small ops per layer for this (about 0.8 ms per layer for 8 rows); the
 kernel takes a few microseconds per task.
 
-Both kernels compute in fp32 with the summation order left to the compiler
+`attend_q8` is the same attention over `engine.llm.cache.Int8Cache`'s layout:
+keys and values older than the slot's last `R` tokens are int8 rows with one
+fp32 scale each (`QK`, `SK`, `QV`, `SV`), the last `R` sit in fp32 rings
+(`RK`, `RV`, position p at ring index p % R). Key j of row r comes from the
+int8 part when j < row_end[r] - R (row_end: the slot's length after this
+step), else from the ring: the rule `Int8Cache._fetch` applies. The int8 rows
+are read as they are (a dot with int8 keys times the scale), never expanded
+to fp32 in memory: that expansion is most of what made the torch forward's
+int8-cache step slower than its full-cache step.
+
+The kernels compute in fp32 with the summation order left to the compiler
 (`fastmath`), like BLAS; tests compare them with the NumPy references at fp32
 tolerance. Numba is optional: without it (`available()` is False) the
 references run (the product's is OpenBLAS: a matrix-vector product for one
@@ -57,20 +68,45 @@ def rows_matmul_reference(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None
         np.matmul(x, w.T, out=out)
 
 
+def _attend_row(qr: np.ndarray, kb: np.ndarray, vb: np.ndarray, scale: float) -> np.ndarray:
+    """qr [H, hd]; kb, vb [KVH, T, hd] -> softmax(scale q k^T) v  [H, hd]."""
+    H, hd = qr.shape
+    KVH = kb.shape[0]
+    sc = qr.reshape(KVH, H // KVH, hd) @ kb.transpose(0, 2, 1) * np.float32(scale)  # [KVH, G, T]
+    sc -= sc.max(axis=-1, keepdims=True)
+    p = np.exp(sc)
+    p /= p.sum(axis=-1, keepdims=True)
+    return (p @ vb).reshape(H, hd)
+
+
 def attend_reference(q: np.ndarray, K: np.ndarray, V: np.ndarray, row_slot: np.ndarray, row_pos: np.ndarray,
                      scale: float, out: np.ndarray) -> None:
     """q [R, H, hd]; K, V [slots, KVH, L, hd]; out [R, H, hd]: softmax(scale q k^T) v over keys 0..row_pos[r]."""
-    R, H, hd = q.shape
-    KVH = K.shape[1]
-    G = H // KVH
-    for r in range(R):
+    for r in range(q.shape[0]):
         T = int(row_pos[r]) + 1
-        kb, vb = K[row_slot[r], :, :T], V[row_slot[r], :, :T]  # [KVH, T, hd]
-        sc = q[r].reshape(KVH, G, hd) @ kb.transpose(0, 2, 1) * np.float32(scale)  # [KVH, G, T]
-        sc -= sc.max(axis=-1, keepdims=True)
-        p = np.exp(sc)
-        p /= p.sum(axis=-1, keepdims=True)
-        out[r] = (p @ vb).reshape(H, hd)
+        out[r] = _attend_row(q[r], K[row_slot[r], :, :T], V[row_slot[r], :, :T], scale)
+
+
+def _q8_keys(Q: np.ndarray, S: np.ndarray, ring: np.ndarray, T: int, cut: int) -> np.ndarray:
+    """Positions 0..T-1 of one slot in fp32 [KVH, T, hd]: int8 rows x scale before `cut`, ring entries after."""
+    R = ring.shape[1]
+    out = np.empty((Q.shape[0], T, Q.shape[2]), np.float32)
+    out[:, :cut] = Q[:, :cut].astype(np.float32) * S[:, :cut, None]
+    out[:, cut:] = ring[:, np.arange(cut, T) % R]
+    return out
+
+
+def attend_q8_reference(q: np.ndarray, QK: np.ndarray, SK: np.ndarray, QV: np.ndarray, SV: np.ndarray,
+                        RK: np.ndarray, RV: np.ndarray, row_slot: np.ndarray, row_pos: np.ndarray,
+                        row_end: np.ndarray, scale: float, out: np.ndarray) -> None:
+    """`attend_reference` over the int8 cache's layout. QK, QV [slots, KVH, L, hd] int8; SK, SV [slots, KVH, L]
+    fp32; RK, RV [slots, KVH, R, hd] fp32 rings; key j of row r is int8 when j < row_end[r] - R, else the ring's."""
+    R = RK.shape[2]
+    for r in range(q.shape[0]):
+        s, T = row_slot[r], int(row_pos[r]) + 1
+        cut = min(max(int(row_end[r]) - R, 0), T)
+        out[r] = _attend_row(q[r], _q8_keys(QK[s], SK[s], RK[s], T, cut), _q8_keys(QV[s], SV[s], RV[s], T, cut),
+                             scale)
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
@@ -157,7 +193,65 @@ def _kernels() -> dict | None:
                 for d in range(hd):
                     o[d] *= inv
 
-    return {"rows_matmul": rows_matmul_nb, "attend": attend_nb}
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def attend_q8_nb(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end, scale, out):  # pragma: no cover
+        R, H, hd = q.shape
+        KVH = QK.shape[1]
+        Rr = RK.shape[2]
+        G = H // KVH
+        for task in prange(R * KVH):
+            r = task // KVH
+            h = task - r * KVH
+            s = row_slot[r]
+            T = row_pos[r] + 1
+            cut = min(max(row_end[r] - Rr, 0), T)  # keys before cut are int8, the rest in the ring
+            qk, sk, qv, sv = QK[s, h], SK[s, h], QV[s, h], SV[s, h]
+            rk, rv = RK[s, h], RV[s, h]
+            p = np.empty(T, np.float32)
+            for g in range(G):
+                qh = q[r, h * G + g]
+                best = -np.inf
+                for j in range(cut):
+                    kr = qk[j]
+                    acc = np.float32(0.0)
+                    for d in range(hd):
+                        acc += qh[d] * np.float32(kr[d])
+                    acc *= sk[j] * scale
+                    p[j] = acc
+                    if acc > best:
+                        best = acc
+                for j in range(cut, T):
+                    kr = rk[j % Rr]
+                    acc = np.float32(0.0)
+                    for d in range(hd):
+                        acc += qh[d] * kr[d]
+                    acc *= scale
+                    p[j] = acc
+                    if acc > best:
+                        best = acc
+                tot = np.float32(0.0)
+                for j in range(T):
+                    e = np.exp(p[j] - best)
+                    p[j] = e
+                    tot += e
+                o = out[r, h * G + g]
+                for d in range(hd):
+                    o[d] = 0.0
+                for j in range(cut):
+                    pj = p[j] * sv[j]
+                    vr = qv[j]
+                    for d in range(hd):
+                        o[d] += pj * np.float32(vr[d])
+                for j in range(cut, T):
+                    pj = p[j]
+                    vr = rv[j % Rr]
+                    for d in range(hd):
+                        o[d] += pj * vr[d]
+                inv = np.float32(1.0) / tot
+                for d in range(hd):
+                    o[d] *= inv
+
+    return {"rows_matmul": rows_matmul_nb, "attend": attend_nb, "attend_q8": attend_q8_nb}
 
 
 def available() -> bool:
@@ -181,4 +275,17 @@ def attend(q: np.ndarray, K: np.ndarray, V: np.ndarray, row_slot: np.ndarray, ro
     out = np.empty(q.shape, np.float32)
     dispatch(_kernels, "attend", attend_reference, backend, np.ascontiguousarray(q, dtype=np.float32), K, V,
              np.asarray(row_slot, dtype=np.int64), np.asarray(row_pos, dtype=np.int64), np.float32(scale), out)
+    return out
+
+
+def attend_q8(q: np.ndarray, QK: np.ndarray, SK: np.ndarray, QV: np.ndarray, SV: np.ndarray, RK: np.ndarray,
+              RV: np.ndarray, row_slot: np.ndarray, row_pos: np.ndarray, row_end: np.ndarray, scale: float,
+              backend: str | None = None) -> np.ndarray:
+    """`attend` over `Int8Cache`'s layout (one layer): QK, QV [slots, KVH, L, hd] int8, SK, SV [slots, KVH, L]
+    fp32, RK, RV [slots, KVH, R, hd] fp32 rings (all C-contiguous, the rows' K/V already written); row_end [R]:
+    each row's slot length after this step -> [R, H, hd] fp32."""
+    out = np.empty(q.shape, np.float32)
+    dispatch(_kernels, "attend_q8", attend_q8_reference, backend, np.ascontiguousarray(q, dtype=np.float32),
+             QK, SK, QV, SV, RK, RV, np.asarray(row_slot, dtype=np.int64), np.asarray(row_pos, dtype=np.int64),
+             np.asarray(row_end, dtype=np.int64), np.float32(scale), out)
     return out

@@ -2,6 +2,7 @@
 
     q, scale = quantize(x)                  # x: [..., D] float -> q: [..., D] int8, scale: [...] fp32
     x_hat = dequantize(q, scale, dtype)     # -> [..., D] dtype
+    q, scale = quantize_np(x)               # the same on NumPy fp32 arrays (the NumPy decode step)
 
 One row is one token of one head (per-token, per-head scales):
 scale = max(|x|) / 127 (at least 1e-8 / 127), q = clamp(floor(x / scale + 0.5), -127, 127).
@@ -15,6 +16,7 @@ reads D + 4 and writes 4D.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._backend import choose, triton_available
@@ -27,6 +29,15 @@ def quantize_reference(x: torch.Tensor, backend: str | None = None) -> tuple[tor
     scale = xf.abs().amax(dim=-1).clamp(min=_EPS) / 127.0
     q = torch.floor(xf / scale.unsqueeze(-1) + 0.5).clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+def quantize_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize_reference` on a NumPy fp32 array (the NumPy decode step's int8 cache writes): the same
+    fp32 operations in the same order, so the same int8 values and scales bit for bit."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.maximum(np.abs(x).max(axis=-1), np.float32(_EPS)) / np.float32(127.0)
+    q = np.clip(np.floor(x / scale[..., None] + np.float32(0.5)), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
 
 
 def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,

@@ -155,6 +155,28 @@ def _attend_cases(device: str, large: bool) -> Iterator[Case]:
         yield (q, K, V, np.arange(rows)[::-1].copy(), pos, 1.0 / np.sqrt(hd)), f"{rows} rows, L={length}"
 
 
+def _attend_q8_cases(device: str, large: bool) -> Iterator[Case]:
+    rng = np.random.default_rng(5)
+    # (rows, heads, kv heads, length, ring, head dim): rows shorter than the ring (ring only), longer (int8 then
+    # ring), and rows of one slot checked causally before its end (row_end past row_pos + 1)
+    for rows, heads, kvh, length, ring, hd, causal in [(1, 2, 1, 3, 4, 4, False), (4, 9, 3, 70, 16, 64, False),
+                                                       (5, 4, 2, 40, 8, 16, True)]:
+        slots = 1 if causal else rows
+        q = rng.standard_normal((rows, heads, hd), dtype=np.float32)
+        QK, QV = (rng.integers(-127, 128, (slots, kvh, length, hd)).astype(np.int8) for _ in range(2))
+        SK, SV = (rng.uniform(0.001, 0.05, (slots, kvh, length)).astype(np.float32) for _ in range(2))
+        RK, RV = (rng.standard_normal((slots, kvh, ring, hd), dtype=np.float32) for _ in range(2))
+        if causal:  # rows are positions end-5 .. end-1 of slot 0
+            pos = np.arange(length - rows, length)
+            slot, end = np.zeros(rows, np.int64), np.full(rows, length)
+        else:
+            pos = rng.integers(0, length, rows)
+            pos[0] = min(ring - 2, length - 1)  # a row that fits in its ring
+            slot, end = np.arange(rows)[::-1].copy(), pos + 1
+        yield (q, QK, SK, QV, SV, RK, RV, slot, pos, end, 1.0 / np.sqrt(hd)), \
+            f"{rows} rows, L={length}, ring {ring}{', causal' if causal else ''}"
+
+
 def _half_cases(device: str, large: bool) -> Iterator[Case]:
     rng = np.random.default_rng(2)
     for m, n, k in [(1, 1, 1), (2, 33, 17), (7, 300, 384)]:
@@ -234,6 +256,9 @@ def _numba_entries() -> list[Kernel]:
         Kernel("attend", "numba", lambda *a: cpu_decode.attend(*a),
                lambda *a: cpu_decode.attend(*a, backend="numpy"), _attend_cases, _close(1e-4, 1e-5),
                "per-row attention over its own slot's length"),
+        Kernel("attend_q8", "numba", lambda *a: cpu_decode.attend_q8(*a),
+               lambda *a: cpu_decode.attend_q8(*a, backend="numpy"), _attend_q8_cases, _close(1e-4, 1e-5),
+               "per-row attention over the int8 cache: int8 rows x scale, then the fp32 ring"),
         Kernel("filter_rows", "numba", _filter_call(None), _filter_call("numpy"), _filter_cases, _exact,
                "sketch filter: running K-best lower bounds, survivors by upper bound"),
         Kernel("refine", "numba", _refine_call(None), _refine_call("numpy"), _refine_cases, _close(1e-12, 1e-12),

@@ -98,5 +98,5 @@ def test_warm_compiles_every_kernel():
     # `make install` runs this so that a fresh install's first query and generation skip the compilation
     from kernels import _numba
 
-    assert _numba.warm() == ["rows_matmul", "attend", "filter_rows", "refine", "dots64", "half_scores", "q4_matmul",
+    assert _numba.warm() == ["rows_matmul", "attend", "attend_q8", "filter_rows", "refine", "dots64", "half_scores", "q4_matmul",
                              "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant"]

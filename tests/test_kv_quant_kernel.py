@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.kv_quant import dequantize, dequantize_reference, quantize, quantize_reference
+from kernels.kv_quant import dequantize, dequantize_reference, quantize, quantize_np, quantize_reference
 
 SHAPES = [(7, 3, 50), (5, 64), (1, 1, 13), (2, 3, 17, 64), (0, 8)]
 
@@ -30,6 +30,20 @@ def test_reference_matches_numpy_oracle(shape):
     # round-trip error is at most half a step
     err = (dequantize_reference(q, s) - x).abs()
     assert (err <= s.unsqueeze(-1) * 0.5 + 1e-6).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_numpy_twin_matches_reference(shape):
+    # quantize_np (the NumPy decode step's int8 cache writes) against the torch reference, as the kernel is
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 4
+    if x.numel():
+        x.view(-1, shape[-1])[0] = 0.0  # an all-zero row: scale floor, q == 0
+    q, s = quantize_reference(x)
+    qn, sn = quantize_np(x.numpy())
+    assert qn.dtype == np.int8 and sn.dtype == np.float32 and qn.shape == x.shape and sn.shape == x.shape[:-1]
+    np.testing.assert_allclose(sn, s.numpy(), rtol=1e-6, atol=0)
+    assert (np.abs(q.numpy().astype(int) - qn.astype(int)) <= 1).all()
+    assert (q.numpy() == qn).mean() > 0.999 if q.numel() else True
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -174,8 +174,8 @@ def test_int8_cache_quality_on_smollm2():
     """The issue's thresholds (>= 95% agreement, mean KL <= 0.02) on 10 prompts x 160 greedy tokens,
     teacher-forced on the full-cache greedy tokens (one early disagreement does not misalign the rest).
     The issue's full size (10 x 256) runs in benchmarks/text_bench.py; it took ~3 minutes here."""
-    # fp32 weights: this measures the cache, not the weights; a batch of 10 rows through the torch forward
-    # is a GEMM that torch runs far faster on fp32 than the packed kernels do (they are built for 1-8 rows)
+    # fp32 weights: this measures the cache, not the weights. Both caches are filled and read by the NumPy
+    # decode step (engine.llm.npstep; its int8 path equals the torch forward's, test_llm_model.py)
     m = load_llm("", CACHE, weights="fp32")
     tok, model = m.tokenizer, m.model
     a = model.args

@@ -171,6 +171,14 @@ def test_converted_folder_is_complete(smol):
     assert ours.tokenizer.chat_template and "<|im_start|>" in ours.tokenizer.chat_template
     im_end = ours.tokenizer._tok.token_to_id("<|im_end|>")
     assert im_end in ours.eos_ids
+    # the conversion shares one gguf-py reader and name map while it runs (engine.llm.load._gguf_parsed_once),
+    # and puts gguf-py's own back afterwards
+    import gguf
+    import gguf.gguf_reader
+    import gguf.tensor_mapping
+
+    assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader
+    assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
 
 
 @pytest.mark.slow
@@ -298,6 +306,57 @@ def test_extend_logits_match_transformers(tiny, cpu_kernels):
             assert cache.lengths[0] == 30
     finally:
         ours.model.set_blas("numpy")
+
+
+def test_numpy_step_on_the_int8_cache_equals_the_torch_forward(tiny, cpu_kernels):
+    # the int8 cache (ring of 8 recent tokens, older ones int8) filled and read by the NumPy step gives the
+    # torch forward's logits on its own int8 cache, and leaves the same cache contents: prompts shorter and
+    # longer than the ring, a prompt extended in two parts (ring entries evicted by a multi-token write), and
+    # batched decode steps of three slots at different lengths. The torch side's int8 cache is itself checked
+    # against quantise-dequantise of a full cache in test_llm_cache.py; transformers' full-precision logits
+    # bound both here (int8 keys and values move the logits a little, never a lot).
+    from engine.llm.cache import Int8Cache
+
+    kind, ours, ref = tiny
+    a = ours.model.args
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 17, 12)]
+    caches, logits = {}, {}
+    try:
+        for backend in ("numpy", "torch"):
+            ours.model.set_blas(backend)
+            assert ours.model._numpy_step_for(Int8Cache(1, 1, 1, 8, 8)) is (None if backend == "torch" else
+                                                                            ours.model._np_step)
+            cache = caches[backend] = Int8Cache(a.n_layers, 3, a.n_kv_heads, a.head_dim, 64, recent=8)
+            rows = [ours.model.prefill(cache, 0, prompts[0]), ours.model.prefill(cache, 1, prompts[1])]
+            ours.model.prefill(cache, 2, prompts[2][:5])
+            rows.append(ours.model.extend(cache, 2, prompts[2][5:])[-1])
+            seqs = [p + [int(r.argmax())] for p, r in zip(prompts, rows)]
+            out = [torch.stack(rows)]
+            for _ in range(12):
+                step = ours.model.decode(cache, [0, 1, 2], [s[-1] for s in seqs])
+                out.append(step)
+                for s, r in zip(seqs, step):
+                    s.append(int(r.argmax()))
+            logits[backend] = (torch.stack(out), seqs)
+            assert cache.lengths == [len(s) - 1 for s in seqs]
+    finally:
+        ours.model.set_blas("numpy")
+    (got, seq_np), (want, seq_t) = logits["numpy"], logits["torch"]
+    cn, ct = caches["numpy"], caches["torch"]
+    dq = torch.cat([(cn.qk.int() - ct.qk.int()).flatten(), (cn.qv.int() - ct.qv.int()).flatten()]).abs()
+    print(f"int8 entries one unit apart: {int((dq == 1).sum())} of {dq.numel()}; "
+          f"logits max diff {float((got - want).abs().max()):.2e}")
+    assert seq_np == seq_t
+    assert dq.max() <= 1  # a K or V value at a rounding tie may round the other way after fp32 noise
+    # 1e-4 is the fp32 agreement of the two paths on a full cache; a value one int8 unit apart (1/254 of its
+    # row's largest) moves the logits by up to ~1e-3
+    assert (got - want).abs().max() < (1e-4 if dq.max() == 0 else 5e-3), (got - want).abs().max()
+    for x, y in ((cn.sk, ct.sk), (cn.sv, ct.sv), (cn.rk, ct.rk), (cn.rv, ct.rv)):  # scales and rings: fp32 noise
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max(), ((x - y).abs().max(), y.abs().max())
+    with torch.inference_mode():  # the full-precision oracle, on the tokens both paths chose
+        full = torch.stack([ref(torch.tensor([s[:-1]])).logits[0, -13:] for s in seq_np], 1)  # [13, 3, V]
+    assert (got - full).abs().max() < 0.05 * full.abs().max(), ((got - full).abs().max(), full.abs().max())
 
 
 def test_numpy_step_leaves_exact_gelu_gpt2_to_torch():

@@ -29,10 +29,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +202,40 @@ def read_state(folder: Path) -> dict[str, torch.Tensor]:
     raise ModelUnavailable(f"no weights (*.safetensors or pytorch_model*.bin) in {folder}")
 
 
+_GGUF_PARSE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Any:
+    """While transformers converts a GGUF, gguf-py's reader and tensor-name map come from a cache.
+
+    transformers parses the whole file three times (config, weights, tokenizer: ~6 s each for SmolLM2's
+    49k-token vocabulary, element by element) and builds gguf-py's `TensorNameMap` once per module
+    (397 times, ~12 s in all); the de-quantisation itself takes ~1.5 s. Both are read-only, so one reader
+    per file and one map per (architecture, layers) give the same result. Both names are looked up on the
+    `gguf` module at call time (`from gguf import ...` inside transformers' functions), so they are replaced
+    there for the duration of the conversion only, under a lock (one conversion at a time), and restored
+    after. Nothing in atelier reads GGUF through gguf-py (`gguf_load` has its own reader)."""
+    import gguf as gguf_py
+
+    with _GGUF_PARSE_LOCK:
+        reader_cls, name_map = gguf_py.GGUFReader, gguf_py.get_tensor_name_map
+        readers: dict[tuple[str, str], Any] = {}
+
+        def reader(path: Any, mode: str = "r") -> Any:
+            key = (os.fspath(path), mode)
+            if key not in readers:
+                readers[key] = reader_cls(path, mode)
+            return readers[key]
+
+        gguf_py.GGUFReader, gguf_py.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+        try:
+            yield
+        finally:
+            gguf_py.GGUFReader, gguf_py.get_tensor_name_map = reader_cls, name_map
+            readers.clear()
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF into an HF folder at `out_dir` (atomically). Returns out_dir."""
     from safetensors.torch import save_file
@@ -205,7 +243,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     model_libraries()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with atomic_folder(out_dir) as tmp:  # engine/files: filled beside out_dir, then moved into place
+    with atomic_folder(out_dir) as tmp, _gguf_parsed_once():  # atomic_folder: filled beside out_dir, then moved
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         cfg = model.config.to_dict()

@@ -12,9 +12,9 @@ tokenisation, sampling, scheduling. The K/V storage is a cache object from
 
 Shapes: hidden [B, S, D]; q [B, H, S, hd]; k, v [B, KVH, S, hd].
 
-Decode steps on the CPU in fp32 with a full cache run in NumPy (`engine.llm.npstep`),
-and so do draft checks and short prompts there; longer prompts, the int8 and window
-caches and other devices use this torch forward. Both compute the same fp32 network
+Decode steps on the CPU in fp32 with a full or int8 cache run in NumPy (`engine.llm.npstep`),
+and so do draft checks and short prompts there; longer prompts, the window
+cache and other devices use this torch forward. Both compute the same fp32 network
 up to summation order. The choice is `models.llm_decode` (auto | numpy | torch),
 resolved by `decode_step_choice` (the engine reports it: `engine.backends`) and
 applied by `Transformer.set_decode_step`; `model.decode_step` says which runs.
@@ -229,7 +229,7 @@ class Transformer(nn.Module):
         return self.decode_step
 
     def _numpy_step_for(self, cache: Any) -> Any:
-        """The NumPy step when it serves this cache (CPU fp32 full cache, not compiled), else None."""
+        """The NumPy step when it serves this cache (CPU fp32, a full or int8 cache, not compiled), else None."""
         if self._np_step is None or self.step_fn is not None:
             return None
         from .npstep import serves

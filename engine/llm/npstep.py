@@ -1,5 +1,5 @@
 """One decode step of `engine.llm.model.Transformer` in NumPy, for fp32 or GGUF-packed weights
-(`engine.llm.qweights`, products in `kernels.cpu_qmatmul`) and a `FullCache` on the CPU.
+(`engine.llm.qweights`, products in `kernels.cpu_qmatmul`) and a `FullCache` or `Int8Cache` on the CPU.
 
     step = NumpyStep(model)                   # views of the model's weights, no copies
     logits = step(cache, slots, tokens)       # tokens: [B] -> logits [B, V] (torch, fp32)
@@ -24,8 +24,14 @@ What it knows: the same network as `Transformer.forward` (RoPE on the
 interleaved layout, grouped-query attention over each row's own length,
 RMSNorm/LayerNorm, SwiGLU/tanh-GELU, biases, tied embeddings) and the
 FullCache layout `[layers, slots, kv_heads, max_len, head_dim]`, written in
-place through NumPy views. The torch forward stays the reference: tests check
-this step against it and against transformers' `generate`.
+place through NumPy views, and the Int8Cache layout (int8 rows and scales for
+positions older than each slot's fp32 ring of recent tokens; a token leaving
+the ring is quantised with the same arithmetic as the torch side, and the
+attention reads the int8 rows as they are: `kernels.cpu_decode.attend_q8`).
+Both caches can be filled by either path: a long prompt goes through the torch
+forward, the decode steps after it through this one. The torch forward stays
+the reference: tests check this step against it and against transformers'
+`generate`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 import torch
 
 from kernels import cpu_decode
+from kernels.kv_quant import quantize_np
 
 
 def supports(model: Any) -> bool:
@@ -47,8 +54,9 @@ def supports(model: Any) -> bool:
 
 
 def serves(cache: Any) -> bool:
-    """Whether this step can use `cache`: a full fp32 cache on the CPU."""
-    return getattr(cache, "kind", "") == "full" and cache.device.type == "cpu" and cache.dtype == torch.float32
+    """Whether this step can use `cache`: a full or int8 cache on the CPU (fp32 values; an int8 cache's ring)."""
+    return getattr(cache, "kind", "") in ("full", "int8") and cache.device.type == "cpu" \
+        and cache.dtype == torch.float32
 
 
 def _mm(x: np.ndarray, w: Any, b: np.ndarray | None) -> np.ndarray:
@@ -134,13 +142,14 @@ class NumpyStep:
                 raise ValueError(f"slot {s}: {p + S} tokens exceed the cache length {cache.max_len}")
         views = getattr(cache, "_np_views", None)
         if views is None:
-            views = cache._np_views = (cache.k.numpy(), cache.v.numpy())
-        K, V = views
+            views = cache._np_views = tuple(t.numpy() for t in cache._tensors())
+        int8 = cache.kind == "int8"
         H, KVH, hd = a.n_heads, a.n_kv_heads, a.head_dim
         nq, nk = H * hd, KVH * hd
         R = len(tok)  # rows
         row_slot = np.asarray(slots * R if S > 1 else slots)
         row_pos = np.asarray([pos[0] + j for j in range(S)] if S > 1 else pos)
+        row_end = row_pos + 1 if S == 1 else np.full(R, row_pos[-1] + 1)  # each row's slot length after the step
         x = self.embed(tok)  # [R, D]
         if self.pos is not None:
             x = x + self.pos[row_pos]
@@ -155,9 +164,17 @@ class NumpyStep:
             if a.rope:  # pairs (2j, 2j + 1) rotated by angle pos * theta_j
                 q = _rotate(q, c, s)
                 k = _rotate(k, c, s)
-            K[i, row_slot, :, row_pos] = k
-            V[i, row_slot, :, row_pos] = v
-            o = cpu_decode.attend(q, K[i], V[i], row_slot, row_pos, self.scale).reshape(R, nq)
+            if int8:
+                QK, QV, SK, SV, RK, RV = (t[i] for t in views)
+                _int8_write(QK, SK, RK, row_slot, row_pos, k, S)
+                _int8_write(QV, SV, RV, row_slot, row_pos, v, S)
+                o = cpu_decode.attend_q8(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end,
+                                         self.scale).reshape(R, nq)
+            else:
+                K, V = views[0][i], views[1][i]
+                K[row_slot, :, row_pos] = k
+                V[row_slot, :, row_pos] = v
+                o = cpu_decode.attend(q, K, V, row_slot, row_pos, self.scale).reshape(R, nq)
             x = x + _mm(o, wo, bo)
             h = _mm(self._norm(x, l2w, l2b), w13, b13)
             if a.arch == "gpt2":  # tanh GELU
@@ -172,6 +189,32 @@ class NumpyStep:
         for sl, p in zip(slots, pos):
             cache.lengths[sl] = p + S
         return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+
+
+def _int8_write(Q: np.ndarray, Sc: np.ndarray, ring: np.ndarray, row_slot: np.ndarray, row_pos: np.ndarray,
+                x: np.ndarray, S: int) -> None:
+    """Write the rows' K or V (x [R, KVH, hd]) into one layer of an `Int8Cache` the way its `update` does:
+    Q [slots, KVH, L, hd] int8, Sc [slots, KVH, L] scales, ring [slots, KVH, Rr, hd] holding each slot's last
+    Rr positions (position p at index p % Rr); a position leaving the ring is quantised into Q/Sc
+    (`kernels.kv_quant.quantize_np`, the same arithmetic as the torch side)."""
+    Rr = ring.shape[2]
+    if S == 1:  # one token per slot at row_pos: quantise the token leaving the ring (clamped like the cache)
+        old = np.maximum(row_pos - Rr, 0)
+        Q[row_slot, :, old], Sc[row_slot, :, old] = quantize_np(ring[row_slot, :, old % Rr])
+        ring[row_slot, :, row_pos % Rr] = x
+        return
+    slot, st = int(row_slot[0]), int(row_pos[0])  # S tokens of one slot at st..n-1
+    n = st + S
+    cut = max(n - Rr, 0)  # positions < cut live in int8 after this write
+    old = np.arange(max(st - Rr, 0), min(st, cut))
+    if old.size:
+        q, sc = quantize_np(ring[slot][:, old % Rr])  # [KVH, N, hd]
+        Q[slot][:, old], Sc[slot][:, old] = q, sc
+    if cut > st:
+        q, sc = quantize_np(x[:cut - st])  # [N, KVH, hd]
+        Q[slot][:, st:cut], Sc[slot][:, st:cut] = q.transpose(1, 0, 2), sc.T
+    keep = np.arange(max(st, cut), n)
+    ring[slot][:, keep % Rr] = x[keep - st].transpose(1, 0, 2)
 
 
 def _rotate(x: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
