@@ -292,7 +292,8 @@ def serve_stdio(server: AtelierServer) -> None:
     """Serve over stdin/stdout; returns on stdin EOF, exits on SIGTERM.
 
     On SIGTERM, and on the first Ctrl-C (SIGINT), in-flight calls are cancelled
-    (they answer "cancelled" at their next step); a second later the state is
+    (they answer "cancelled" at their next step); once none is running (at most
+    a second later; 0.1 s for an idle server) the state is
     closed, the last log line written and the process exits (0 for SIGTERM,
     130 for SIGINT): the SDK's stdin reader sits in a blocking readline() that
     no signal interrupts, so waiting for it would need a Ctrl-D.
@@ -319,7 +320,10 @@ def serve_stdio(server: AtelierServer) -> None:
         state.jobs.cancel_all("server shutting down")
 
         def later() -> None:
-            time.sleep(1.0)
+            deadline = time.monotonic() + 1.0
+            while state.jobs.active() and time.monotonic() < deadline:  # calls reach their next step
+                time.sleep(0.02)
+            time.sleep(0.1)  # their "cancelled" answers are written by the SDK's writer task
             finish()
             os._exit(130 if signum == signal.SIGINT else 0)
 

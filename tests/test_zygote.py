@@ -85,6 +85,40 @@ def test_code_script_and_module_forms_match_a_fresh_interpreter(tmp_path):
     assert r.returncode == 1 and r.stderr.rstrip().endswith(b"ValueError: boom")
 
 
+EXIT_PROBE = """
+import atexit, sys, threading, time
+f = open("unclosed.txt", "w")
+f.write("kept")  # never closed, never flushed: the exit must flush it
+atexit.register(lambda: print("atexit ran", flush=True))
+t = threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True)))
+t.start()  # not a daemon: the exit waits for it, before atexit
+print("main done")  # buffered (a pipe): flushed at exit
+how = sys.argv[1]
+if how == "message":
+    sys.exit("bye in words")
+if how == "big":
+    sys.exit(300)
+"""
+
+
+@pytest.mark.parametrize("how", ["return", "message", "big"])
+def test_exit_paths_match_a_fresh_interpreter(tmp_path, how):
+    # a forked child ends without the interpreter's final teardown (tests/zygote._exit_now): what a script
+    # can see of its exit (threads joined, atexit, open files and streams flushed, the status) is unchanged
+    env = _env()
+    env.pop("PYTHONUNBUFFERED")
+    results = []
+    for runner in (run, subprocess.run):
+        folder = tmp_path / runner.__module__.replace(".", "_")
+        folder.mkdir()
+        r = runner([sys.executable, "-c", EXIT_PROBE, how], env=env, cwd=folder, capture_output=True, timeout=120)
+        results.append((r.returncode, r.stdout, r.stderr, (folder / "unclosed.txt").read_text()))
+    assert results[0] == results[1]
+    code, out, err, kept = results[0]
+    assert out == b"main done\nthread done\natexit ran\n" and kept == "kept"
+    assert (code, err) == {"return": (0, b""), "message": (1, b"bye in words\n"), "big": (44, b"")}[how]
+
+
 def test_signals_wait_poll_and_timeouts(tmp_path):
     env = _env()
     code = "import signal, sys, time; print('up', flush=True); time.sleep(60)"
