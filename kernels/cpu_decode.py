@@ -58,6 +58,8 @@ import numpy as np
 
 from ._numba import dispatch, jit
 
+dot = softmax = axpy = None  # the attention kernels' jitted helpers, set by _kernels()
+
 
 # -- references (NumPy) ---------------------------------------------------------------------------
 def rows_matmul_reference(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
@@ -115,6 +117,37 @@ def _kernels() -> dict | None:
     if jit() is None:
         return None
     njit, prange = jit()  # type: ignore[misc]
+    global dot, softmax, axpy
+    # the attention kernels' shared steps; module globals, not closure variables, which would keep Numba's
+    # on-disk cache from matching (see kernels/cpu_qmatmul.py). Each is generic over the row's dtype (fp32,
+    # or the int8 cache's rows, widened in the loop) and inlined into the kernels.
+
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def dot(a, b):  # pragma: no cover - compiled
+        acc = np.float32(0.0)
+        for d in range(a.shape[0]):
+            acc += a[d] * np.float32(b[d])
+        return acc
+
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def softmax(p):  # pragma: no cover - compiled
+        best = np.float32(-np.inf)
+        for j in range(p.shape[0]):
+            if p[j] > best:
+                best = p[j]
+        tot = np.float32(0.0)
+        for j in range(p.shape[0]):
+            e = np.exp(p[j] - best)
+            p[j] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for j in range(p.shape[0]):
+            p[j] *= inv
+
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def axpy(o, w, v):  # pragma: no cover - compiled
+        for d in range(o.shape[0]):
+            o[d] += w * np.float32(v[d])
 
     # the four-rows loop is also in cpu_topk.half_scores_nb: why it is not shared is noted there (measured)
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -166,32 +199,13 @@ def _kernels() -> dict | None:
             p = np.empty(T, np.float32)
             for g in range(G):
                 qh = q[r, h * G + g]
-                best = -np.inf
                 for j in range(T):
-                    kr = kb[j]
-                    acc = np.float32(0.0)
-                    for d in range(hd):
-                        acc += qh[d] * kr[d]
-                    acc *= scale
-                    p[j] = acc
-                    if acc > best:
-                        best = acc
-                tot = np.float32(0.0)
-                for j in range(T):
-                    e = np.exp(p[j] - best)
-                    p[j] = e
-                    tot += e
+                    p[j] = dot(qh, kb[j]) * scale
+                softmax(p)
                 o = out[r, h * G + g]
-                for d in range(hd):
-                    o[d] = 0.0
+                o[:] = 0.0
                 for j in range(T):
-                    pj = p[j]
-                    vr = vb[j]
-                    for d in range(hd):
-                        o[d] += pj * vr[d]
-                inv = np.float32(1.0) / tot
-                for d in range(hd):
-                    o[d] *= inv
+                    axpy(o, p[j], vb[j])
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def attend_q8_nb(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end, scale, out):  # pragma: no cover
@@ -210,46 +224,17 @@ def _kernels() -> dict | None:
             p = np.empty(T, np.float32)
             for g in range(G):
                 qh = q[r, h * G + g]
-                best = -np.inf
-                for j in range(cut):
-                    kr = qk[j]
-                    acc = np.float32(0.0)
-                    for d in range(hd):
-                        acc += qh[d] * np.float32(kr[d])
-                    acc *= sk[j] * scale
-                    p[j] = acc
-                    if acc > best:
-                        best = acc
+                for j in range(cut):  # int8 rows as they are: the dot, then the row's scale
+                    p[j] = dot(qh, qk[j]) * (sk[j] * scale)
                 for j in range(cut, T):
-                    kr = rk[j % Rr]
-                    acc = np.float32(0.0)
-                    for d in range(hd):
-                        acc += qh[d] * kr[d]
-                    acc *= scale
-                    p[j] = acc
-                    if acc > best:
-                        best = acc
-                tot = np.float32(0.0)
-                for j in range(T):
-                    e = np.exp(p[j] - best)
-                    p[j] = e
-                    tot += e
+                    p[j] = dot(qh, rk[j % Rr]) * scale
+                softmax(p)
                 o = out[r, h * G + g]
-                for d in range(hd):
-                    o[d] = 0.0
+                o[:] = 0.0
                 for j in range(cut):
-                    pj = p[j] * sv[j]
-                    vr = qv[j]
-                    for d in range(hd):
-                        o[d] += pj * np.float32(vr[d])
+                    axpy(o, p[j] * sv[j], qv[j])
                 for j in range(cut, T):
-                    pj = p[j]
-                    vr = rv[j % Rr]
-                    for d in range(hd):
-                        o[d] += pj * vr[d]
-                inv = np.float32(1.0) / tot
-                for d in range(hd):
-                    o[d] *= inv
+                    axpy(o, p[j], rv[j % Rr])
 
     return {"rows_matmul": rows_matmul_nb, "attend": attend_nb, "attend_q8": attend_q8_nb}
 
