@@ -33,7 +33,8 @@ def quantize_reference(x: torch.Tensor, backend: str | None = None) -> tuple[tor
 
 def quantize_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`quantize_reference` on a NumPy fp32 array (the NumPy decode step's int8 cache writes): the same
-    fp32 operations in the same order, so the same int8 values and scales bit for bit."""
+    fp32 operations in the same order: the same scales, and the same int8 values up to the rare .5 tie that
+    torch's division rounds the other way (one unit; tested against the reference like the kernel is)."""
     x = np.asarray(x, dtype=np.float32)
     scale = np.maximum(np.abs(x).max(axis=-1), np.float32(_EPS)) / np.float32(127.0)
     q = np.clip(np.floor(x / scale[..., None] + np.float32(0.5)), -127, 127).astype(np.int8)
