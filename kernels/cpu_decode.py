@@ -187,7 +187,7 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def attend_nb(q, K, V, row_slot, row_pos, scale, out):  # pragma: no cover - compiled
-        R, H, hd = q.shape
+        R, H = q.shape[0], q.shape[1]
         KVH = K.shape[1]
         G = H // KVH
         for task in prange(R * KVH):
@@ -209,7 +209,7 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def attend_q8_nb(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end, scale, out):  # pragma: no cover
-        R, H, hd = q.shape
+        R, H = q.shape[0], q.shape[1]
         KVH = QK.shape[1]
         Rr = RK.shape[2]
         G = H // KVH

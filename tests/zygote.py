@@ -423,15 +423,6 @@ def _run_child(plan: dict[str, Any]) -> None:
         exec(compile(plan["code"], "<string>", "exec"), main.__dict__)
 
 
-def _writers() -> tuple[type, ...]:
-    import io
-
-    return io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom
-
-
-_WRITERS = _writers()
-
-
 def _exit_now(code: object) -> None:
     """End a child that finished (returned or raised SystemExit) as the interpreter's shutdown would, minus
     its last part: wait for non-daemon threads, run `atexit` (logging's flush, `weakref.finalize`,
@@ -462,15 +453,14 @@ def _exit_now(code: object) -> None:
         # files left open are flushed as their finalisers would at teardown (text layers first, then buffers)
         # (exact types: an isinstance check against the io ABCs would touch every object's class, and some
         # objects warn when touched, e.g. torch.distributed.reduce_op)
-        opened = [o for o in gc.get_objects() if type(o) in _WRITERS]
-        for kind in (io.TextIOWrapper, (io.BufferedWriter, io.BufferedRandom)):
-            for f in opened:
-                if type(f) is kind or (isinstance(kind, tuple) and type(f) in kind):
-                    try:
-                        if not f.closed and f.writable():
-                            f.flush()
-                    except Exception:  # noqa: BLE001 - a closed pipe: the interpreter would ignore it too
-                        pass
+        writers = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
+        opened = [o for o in gc.get_objects() if type(o) in writers]
+        for f in sorted(opened, key=lambda f: type(f) is not io.TextIOWrapper):  # text layers first
+            try:
+                if not f.closed and f.writable():
+                    f.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe: the interpreter would ignore it too
+                pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
