@@ -4,6 +4,7 @@
     python benchmarks/recommend_bench.py --quick    # 20 000 items, smoke run
     python benchmarks/recommend_bench.py --durable  # only the change log: cost per upserted item, replay of 100k
     python benchmarks/recommend_bench.py --hnsw 200000   # only the approximate index, on N clustered rows
+    python benchmarks/recommend_bench.py --filters 1000000  # a filter's exact scan: every row vs its rows alone
     nice -n 10 python benchmarks/recommend_bench.py --rows 1000000  # issue 18's figures: the index at N rows
                                                     # (FAISS HNSW baseline, usearch with --usearch) + the change log
 
@@ -26,6 +27,7 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -248,10 +250,11 @@ def clustered(n: int, rng: np.random.Generator, clusters: int = 2000) -> tuple[n
 
 def numpy_truth(mat: np.ndarray, qs: np.ndarray, lab: np.ndarray) -> dict[str, list[list[str]]]:
     """Exact top-K ids per query by NumPy brute force (float64 scores, ties to the lower row): plain, the
-    10 % filter (dept == 3, i.e. cluster % 10 == 3) and the greedy category_limit=2 walk (category =
+    10 % filter (dept == 3, i.e. cluster % 10 == 3), a 30 % one (dept in 3, 4, 5) and the greedy category_limit=2 walk (category =
     cluster % 50)."""
-    out: dict[str, list[list[str]]] = {"plain": [], "filter 10%": [], "category_limit=2": []}
+    out: dict[str, list[list[str]]] = {"plain": [], "filter 10%": [], "filter 30%": [], "category_limit=2": []}
     ok = lab % 10 == 3
+    ok30 = np.isin(lab % 10, [3, 4, 5])
     cats = lab % 50
     for lo in range(0, len(qs), 16):
         s = mat.astype(np.float64) @ qs[lo:lo + 16].astype(np.float64).T  # [n, 16]
@@ -259,6 +262,7 @@ def numpy_truth(mat: np.ndarray, qs: np.ndarray, lab: np.ndarray) -> dict[str, l
             order = np.lexsort((np.arange(len(s)), -s[:, j]))
             out["plain"].append([f"i{r}" for r in order[:K]])
             out["filter 10%"].append([f"i{r}" for r in order[ok[order]][:K]])
+            out["filter 30%"].append([f"i{r}" for r in order[ok30[order]][:K]])
             seen: dict[int, int] = {}
             walk = []
             for r in order:
@@ -271,17 +275,16 @@ def numpy_truth(mat: np.ndarray, qs: np.ndarray, lab: np.ndarray) -> dict[str, l
     return out
 
 
-def hnsw(n: int, nq: int = 100, with_usearch: bool = False, clusters: int = 2000) -> list[str]:
-    """Issue 18.2 figures on n clustered rows: our Catalog with index='hnsw' (hnswlib, M=16, efC=200,
-    ef=64) against the exact Catalog (the recall oracle), FAISS IndexHNSWFlat with the same M/ef, and
+def hnsw(n: int, nq: int = 100, with_usearch: bool = False, clusters: int = 2000) -> Iterator[str]:
+    """Issue 18.2 figures on n clustered rows, yielded line by line as measured: our Catalog with
+    index='hnsw' (hnswlib, M=16, efC=200, ef = `ann.EF_SEARCH`) against the exact Catalog (the recall oracle), FAISS IndexHNSWFlat with the same M/ef, and
     usearch; recall@10 against the exact top-10, p50 single-query latency, a 10 % filter, category_limit=2,
     a batch of 16, build time and resident memory."""
     import psutil
 
     from engine.catalog import Catalog, Query
-    from engine.catalog.ann import HnswIndex
+    from engine.catalog.ann import EF_SEARCH, HnswIndex
 
-    out = []
     rng = np.random.default_rng(18)
     mat, lab = clustered(n + nq, rng, clusters)
     qs, mat, lab = mat[n:], mat[:n], lab[:n]
@@ -301,21 +304,22 @@ def hnsw(n: int, nq: int = 100, with_usearch: bool = False, clusters: int = 2000
     def ids(cat, q, **kw) -> list[str]:
         return [h.id for h in cat.search_many([Query(vector=torch.from_numpy(q), k=K, **kw)])[0]]
 
-    cases = {"plain": {}, "filter 10%": {"filters": {"dept": 3}}, "category_limit=2": {"category_limit": 2}}
+    cases = {"plain": {}, "filter 10%": {"filters": {"dept": 3}}, "filter 30%": {"filters": {"dept": [3, 4, 5]}},
+             "category_limit=2": {"category_limit": 2}}
     truth = numpy_truth(mat, qs, lab)  # the exact answers, from NumPy (float64 scores, ties to the lower row)
     assert truth["plain"][:3] == [ids(exact, q) for q in qs[:3]]  # the exact catalogue agrees
     ex = {c: lat(lambda q: ids(exact, q, **kw), qs[:20]) for c, kw in cases.items()}
-    out.append("  exact (fp32, int8 sketch + rescoring): p50 " + ", ".join(f"{c} {ms:.2f} ms" for c, ms in ex.items())
+    yield ("  exact (fp32, int8 sketch + rescoring): p50 " + ", ".join(f"{c} {ms:.2f} ms" for c, ms in ex.items())
                + " per query")
     rss0 = proc.memory_info().rss
     ours = Catalog(D, capacity=n)
     ours.upsert(rows, torch.from_numpy(mat))
     rss1 = proc.memory_info().rss
     t = time.perf_counter()
-    ours.build_index(HnswIndex(D, M=16, ef_construction=200, ef_search=64))
+    ours.build_index(HnswIndex(D, M=16, ef_construction=200, ef_search=EF_SEARCH))
     build = time.perf_counter() - t
     rss2 = proc.memory_info().rss
-    out.append(f"  ours hnsw (hnswlib M=16 efC=200): build {build:.1f} s ({n / build:.0f} rows/s), index "
+    yield (f"  ours hnsw (hnswlib M=16 efC=200 ef={EF_SEARCH}): build {build:.1f} s ({n / build:.0f} rows/s), index "
                f"{(rss2 - rss1) / 1e6:.0f} MB resident (catalogue {(rss1 - rss0) / 1e6:.0f} MB)")
     fell_back = [0]
     exact_one = ours._exact_one
@@ -334,15 +338,15 @@ def hnsw(n: int, nq: int = 100, with_usearch: bool = False, clusters: int = 2000
         if c == "category_limit=2":
             ok = all(max(np.unique([ours.item(i)["category"] for i in g], return_counts=True)[1]) <= 2 for g in got)
             extra = f", limit obeyed in every answer: {ok}"
-        if c == "filter 10%":
-            ok = all(ours.item(i)["dept"] == 3 for g in got for i in g)
+        if c.startswith("filter"):
+            ok = all(ours.item(i)["dept"] in ((3,) if c == "filter 10%" else (3, 4, 5)) for g in got for i in g)
             extra = f", every item passes the filter: {ok}"
         ms = lat(lambda q: ids(ours, q, **kw), qs[:100])
-        out.append(f"  ours hnsw {c:17s}: recall@10 {rec:.3f}, p50 {ms:.2f} ms per query{extra}; "
+        yield (f"  ours hnsw {c:17s}: recall@10 {rec:.3f}, p50 {ms:.2f} ms per query{extra}; "
                    f"{by_exact}/{len(qs)} answered by the exact scan over the filtered rows")
     bq = [Query(vector=torch.from_numpy(q), k=K) for q in qs[:16]]
     bms = best_ms(lambda: ours.search_many(bq), 5)
-    out.append(f"  ours hnsw batch of 16: {bms / 16:.2f} ms per query ({bms:.1f} ms per batch)")
+    yield (f"  ours hnsw batch of 16: {bms / 16:.2f} ms per query ({bms:.1f} ms per batch)")
     truth_rows = [[int(i[1:]) for i in w] for w in truth["plain"]]
 
     def recall(found) -> float:  # noqa: ANN001
@@ -362,7 +366,7 @@ def hnsw(n: int, nq: int = 100, with_usearch: bool = False, clusters: int = 2000
             fx.hnsw.efSearch = ef
             found = [fx.search(q[None], K)[1][0] for q in qs]
             ms = lat(lambda q: fx.search(q[None], K), qs[:100])
-            out.append(f"  faiss IndexHNSWFlat M=16 efC=200 ef={ef}: build {fb:.1f} s, {fmem / 1e6:.0f} MB, "
+            yield (f"  faiss IndexHNSWFlat M=16 efC=200 ef={ef}: build {fb:.1f} s, {fmem / 1e6:.0f} MB, "
                        f"recall@10 {recall(found):.3f}, p50 {ms:.2f} ms per query")
         sel = faiss.IDSelectorBatch(np.flatnonzero(lab % 10 == 3).astype(np.int64))
         params = faiss.SearchParametersHNSW(sel=sel, efSearch=64)
@@ -370,10 +374,10 @@ def hnsw(n: int, nq: int = 100, with_usearch: bool = False, clusters: int = 2000
         want = [[int(i[1:]) for i in w] for w in truth["filter 10%"]]
         rec = np.mean([len(set(map(int, f)) & set(w)) / K for f, w in zip(found, want)])
         ms = lat(lambda q: fx.search(q[None], K, params=params), qs[:100])
-        out.append(f"  faiss HNSW + IDSelectorBatch (10 % filter): recall@10 {rec:.3f}, p50 {ms:.2f} ms per query")
+        yield (f"  faiss HNSW + IDSelectorBatch (10 % filter): recall@10 {rec:.3f}, p50 {ms:.2f} ms per query")
         del fx
     except ImportError:
-        out.append("  faiss: not installed (pip install faiss-cpu)")
+        yield ("  faiss: not installed (pip install faiss-cpu)")
     try:
         if not with_usearch:
             raise ImportError
@@ -387,11 +391,54 @@ def hnsw(n: int, nq: int = 100, with_usearch: bool = False, clusters: int = 2000
         umem = proc.memory_info().rss - rss0
         found = [ux.search(q, K).keys for q in qs]
         ms = lat(lambda q: ux.search(q, K), qs[:100])
-        out.append(f"  usearch connectivity=16 expansion 200/64: build {ub:.1f} s, {umem / 1e6:.0f} MB, "
+        yield (f"  usearch connectivity=16 expansion 200/64: build {ub:.1f} s, {umem / 1e6:.0f} MB, "
                    f"recall@10 {recall(found):.3f}, p50 {ms:.2f} ms per query")
     except ImportError:
-        out.append("  usearch: not measured (--usearch; pip install usearch)")
-    return out
+        yield ("  usearch: not measured (--usearch; pip install usearch)")
+
+
+def filters(n: int, clusters: int = 2000) -> Iterator[str]:
+    """A filter's cost on the exact catalogue (fp32 with the sketch, fp16): p50 of single queries with
+    filters keeping 2-60 % of n clustered rows, every row scanned and masked against the filter's rows
+    alone (`scan.GATHER_FRACTION` forced to 0 / 1); the crossover sets GATHER_FRACTION."""
+    from engine.catalog import Catalog, Query
+    from engine.catalog import scan as scan_mod
+
+    rng = np.random.default_rng(7)
+    mat, lab = clustered(n + 20, rng, clusters)
+    qs, mat = mat[n:], mat[:n]
+    rows = [{"id": f"i{i}", "dept": int(i % 100)} for i in range(n)]
+    for dtype in (torch.float32, torch.float16):
+        cat = Catalog(D, capacity=n, dtype=dtype)
+        cat.upsert(rows, torch.from_numpy(mat))
+        path = cat.scan_path
+
+        def p50(**kw) -> tuple[float, list[str]]:  # noqa: ANN003
+            ts, ids = [], []
+            for q in qs:
+                t = time.perf_counter()
+                hits = cat.search_many([Query(vector=torch.from_numpy(q), k=K, **kw)])[0]
+                ts.append(time.perf_counter() - t)
+                ids.append([h.id for h in hits])
+            return float(np.median(ts) * 1000), ids
+
+        plain = p50()[0]
+        cells = []
+        saved = scan_mod.GATHER_FRACTION[path]
+        try:
+            for pct in (2, 10, 25, 40, 60):
+                f = {"dept": {"in": list(range(pct))}}
+                scan_mod.GATHER_FRACTION[path] = 0.0
+                masked, a = p50(filters=f)
+                scan_mod.GATHER_FRACTION[path] = 1.0
+                alone, b = p50(filters=f)
+                cells.append(f"{pct} % {masked:.1f} -> {alone:.1f}{'' if a == b else ' (ANSWERS DIFFER)'}")
+        finally:
+            scan_mod.GATHER_FRACTION[path] = saved
+        yield (f"  {str(dtype).removeprefix('torch.')} ({path}): plain {plain:.1f} ms; filtered p50 ms, every row "
+               f"masked -> the filter's rows alone: " + ", ".join(cells) + f" (GATHER_FRACTION {saved})")
+        cat.close()
+        gc.collect()
 
 
 def main() -> int:
@@ -405,7 +452,14 @@ def main() -> int:
                     help="issue 18's figures: the approximate index on N clustered rows (the issue: 1 000 000), "
                          "then the change log (cost per upserted item, replay of --log-changes changes)")
     ap.add_argument("--clusters", type=int, default=2000, help="clusters of the synthetic catalogue (default 2000)")
+    ap.add_argument("--filters", type=int, default=0, metavar="N",
+                    help="only a filter's cost on the exact catalogue, on N rows: every row masked vs its rows alone")
     a = ap.parse_args()
+    if a.filters:
+        print(f"filtered exact search on {a.filters} x {D} clustered rows, k = {K}", flush=True)
+        for line in filters(a.filters, a.clusters):
+            print(line, flush=True)
+        return 0
     if a.rows:
         print(f"issue 18: approximate index on {a.rows} x {D} clustered rows ({a.clusters} clusters), k = {K}; "
               f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs", flush=True)

@@ -266,6 +266,38 @@ def main() -> int:
               f"ours packed, drafting off {plain_tps:.1f} tok/s -> {r:.2f}x [target >= 1.0x: {_verdict(r >= 1.0)}]; "
               f"with drafting {ours_tps / l_tps:.2f}x; 8-stream aggregate {agg / l_tps:.2f}x llama.cpp's single stream "
               f"[target >= 3x: {_verdict(agg / l_tps >= 3)}]")
+        # models.llm_activations = "q8": llama.cpp's arithmetic (Q8 activations, AVX2 integer dot products)
+        mq = load_llm("", cache_dir, activations="q8")
+        if mq.extra.get("activations") == "q8":
+            sq = LLMService(lambda: mq, max_slots=8, max_len=2048)
+            sq.speculate = False
+            sq.generate(GenerationRequest(prompt, max_new_tokens=4, ignore_eos=True, reuse_prefix=False))
+            t = time.perf_counter()
+            rq = sq.generate(req)
+            q_tps = n_new / (time.perf_counter() - t)
+            qres: list = [None] * 8
+
+            def qrun(i: int) -> None:
+                qres[i] = sq.generate(reqs[i])
+
+            t = time.perf_counter()
+            qth = [threading.Thread(target=qrun, args=(i,)) for i in range(8)]
+            for th in qth:
+                th.start()
+            for th in qth:
+                th.join()
+            q_agg = sum(x.completion_tokens for x in qres) / (time.perf_counter() - t)
+            same_q = sum(a == b for a, b in zip(rq.token_ids, plain.token_ids))
+            print(f"Q8 activations (models.llm_activations = q8), drafting off: {q_tps:.1f} tok/s -> "
+                  f"{q_tps / l_tps:.2f}x llama.cpp [target >= 1.0x: {_verdict(q_tps / l_tps >= 1.0)}], "
+                  f"{q_tps / plain_tps:.2f}x fp32 activations; 8 streams {q_agg:.1f} tok/s = {q_agg / q_tps:.2f}x "
+                  f"its single stream, {q_agg / l_tps:.2f}x llama.cpp's; greedy tokens equal to fp32 activations' "
+                  f"for the first {next((i for i, (a, b) in enumerate(zip(rq.token_ids, plain.token_ids)) if a != b), n_new)}"
+                  f" ({same_q}/{n_new} positions)")
+            sq.close()
+        else:
+            print("Q8 activations: not measured (needs Numba and an AVX2 CPU)")
+        del mq
         gguf_bytes = gguf.stat().st_size
         print(f"weight bytes per token: ours {wbytes / 1e6:.1f} MB -> {plain_tps * wbytes / 1e9:.1f} GB/s "
               f"({100 * plain_tps * wbytes / 1e9 / bw:.0f}% of the measured {bw:.1f} GB/s); llama.cpp ~{gguf_bytes / 1e6:.1f}"

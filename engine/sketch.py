@@ -301,3 +301,34 @@ def half_exact_topk(mat16: np.ndarray, q: np.ndarray, masks: list[np.ndarray | N
         return mat16[uniq].astype(np.float32), local.astype(np.int64), uniq
 
     return keep.refine(widen, q, min(kmax, n))
+
+
+def gathered_topk(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-`kmax` of one query over the selected rows only (a selective filter's rows), by filter
+    and refine like `exact_topk`: matrix [n, d] float32 (the catalogue's rows) or float16, rows int64
+    ascending (the rows a filter kept), q [d] float32 -> (values float32, rows int64) [kk], kk = min(kmax,
+    len(rows)), sorted by (score desc, row asc); the scores are the same float64 sums as `exact_topk`'s and
+    `half_exact_topk`'s, so the answer is the one the masked scan of every row gives.
+
+    Filter: `kernels.cpu_topk.gather_scores` scores each selected row in fp32 where it lies, with the sum
+    a = sum |x_j q_j| that bounds its rounding error in any summation order: |x.q - s| <= gamma_d a,
+    gamma_d = d u / (1 - d u); the computed a is itself within gamma_d of the true one, hence the bound
+    gamma_d / (1 - gamma_d) a (x 1.001), + 1e-6 for the fp32 rounding of s +- bound in the filter."""
+    n, d = rows.shape[0], q.shape[0]
+    kk = min(kmax, n)
+    if kk == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    g = d * _F32_U / (1 - d * _F32_U)
+    scale = np.float32(g / (1 - g) * 1.001)
+    width = min(n, GROUP_ROWS)
+    keep = Survivors(1, kmax, width)
+    for lo in range(0, n, GROUP_ROWS):
+        s, a = cpu_topk.gather_scores(matrix, rows[lo:lo + GROUP_ROWS], q)
+        keep.add(s[None], a * scale + np.float32(1e-6), lo)
+
+    def widen(cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        uniq, local = np.unique(cand, return_inverse=True)  # ascending, like the rows: ties keep the row order
+        return matrix[rows[uniq]].astype(np.float32), local.astype(np.int64), rows[uniq]
+
+    vals, got = keep.refine(widen, q[None], kk)
+    return vals[0], got[0]

@@ -78,6 +78,214 @@ def half_to_float_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
     return half_to_float
 
 
+@functools.cache
+def has_avx2() -> bool:
+    """Whether this CPU has AVX2 (LLVM's host features): the Q8-activation products use its byte and word
+    multiply-adds (`q8_row_dot_intrinsic`)."""
+    try:
+        import llvmlite.binding as llvm
+
+        return bool(llvm.get_host_cpu_features().get("avx2", False))
+    except Exception:  # no llvmlite, or it cannot read the features
+        return False
+
+
+def _hsum(builder: Any, v: Any, extra: Any) -> Any:  # pragma: no cover - compiled into the kernels
+    """The 8 float lanes of v summed in a fixed order (halves, quarters, pair), then + extra."""
+    from llvmlite import ir
+
+    def mask(n: int, idx: list[int]) -> ir.Constant:
+        return ir.Constant(ir.VectorType(ir.IntType(32), n), idx)
+
+    s4 = builder.fadd(builder.shuffle_vector(v, v, mask(4, [0, 1, 2, 3])),
+                      builder.shuffle_vector(v, v, mask(4, [4, 5, 6, 7])))
+    s2 = builder.fadd(builder.shuffle_vector(s4, s4, mask(2, [0, 1])), builder.shuffle_vector(s4, s4, mask(2, [2, 3])))
+    i32 = ir.IntType(32)
+    s1 = builder.fadd(builder.extract_element(s2, ir.Constant(i32, 0)), builder.extract_element(s2, ir.Constant(i32, 1)))
+    return builder.fadd(s1, extra)
+
+
+def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into the kernels
+    """A Numba intrinsic (AVX2): one weight row in blocks of 32 against one row of int8 activations ->
+    float32 sum over the row's blocks of d_w[b] * d_x[b] * (integer dot of block b), llama.cpp's Q8
+    product. kind 0: Q4_1 nibbles q (0..15) plus the min's term sum_b m[b] x xs[b], 1: Q4_0 nibbles
+    q - 8, 2: Q8_0 int8 q. Arguments: (w uint8 [..] flat, w offset in bytes, d uint16 fp16 bits flat, d
+    offset (m's too), x int8 flat, x offset, dx float32 flat, dx offset, m uint16 flat, xs float32 flat,
+    xs offset, blocks).
+
+    Per block: the 16 (32) weight bytes and 32 activation bytes are loaded as vectors, nibbles split
+    (low = values 0..15, high = 16..31: llama.cpp's layout), `vpmaddubsw` multiplies unsigned by signed
+    bytes into 16-bit pair sums (|15 x 127 x 2| and |127 x 127 x 2| fit; signed weights go through
+    `vpsignb`: |w| times x with w's sign), `vpmaddwd` sums those into 8 int32, which are exact in fp32
+    (|sum| <= 32 x 127 x 127 < 2**24) and added, times the block's fp32 scale d_w x d_x, into 8 float
+    lanes; the lanes are summed once per row, in a fixed order (Q4_1's min term runs as a scalar fma chain beside
+    them and is added last). So a row's result does not depend on the other rows of the call."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+    v16i8, v32i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
+    v8i32, v8f32 = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
+    bw = 32 if kind == 2 else 16
+
+    def mask(n: int, idx: list[int]) -> ir.Constant:
+        return ir.Constant(ir.VectorType(i32, n), idx)
+
+    @intrinsic
+    def row_dot(typingctx, w, woff, d, doff, x, xoff, dx, dxoff, m, xs, xsoff, nb):  # noqa: ANN001, ANN202
+        ip = types.intp
+        sig = types.float32(w, ip, d, ip, x, ip, dx, ip, m, xs, ip, ip)
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            wa, da, xa, dxa, ma, xsa = (context.make_array(signature.args[i])(context, builder, args[i]).data
+                                        for i in (0, 2, 4, 6, 8, 9))
+            woff, doff, xoff, dxoff, xsoff, nb = args[1], args[3], args[5], args[7], args[10], args[11]
+            fma1 = builder.module.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
+            macc = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
+            mod = builder.module
+            maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw",
+                                            fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
+            maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
+            psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
+            fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
+            acc = cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8))
+            intp = woff.type
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                wp = builder.gep(wa, [builder.add(woff, builder.mul(b, ir.Constant(intp, bw)))])
+                if bw == 16:
+                    packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
+                    lo = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
+                    hi = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
+                    wq = builder.shuffle_vector(lo, hi, mask(32, list(range(32))))
+                    if kind == 1:
+                        wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
+                else:
+                    wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
+                xp = builder.gep(xa, [builder.add(xoff, builder.mul(b, ir.Constant(intp, 32)))])
+                xv = builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1)
+                if kind == 0:
+                    p16 = builder.call(maddubs, [wq, xv])
+                else:
+                    p16 = builder.call(maddubs, [builder.call(psign, [wq, wq]), builder.call(psign, [xv, wq])])
+                pf = builder.sitofp(builder.call(maddwd, [p16, ir.Constant(v16i16, [1] * 16)]), v8f32)
+                dh = builder.load(builder.gep(da, [builder.add(doff, b)]))
+                scale = builder.fmul(builder.fpext(builder.bitcast(dh, ir.HalfType()), f32),
+                                     builder.load(builder.gep(dxa, [builder.add(dxoff, b)])))
+                sv = builder.insert_element(ir.Constant(v8f32, ir.Undefined), scale, ir.Constant(i32, 0))
+                sv = builder.shuffle_vector(sv, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
+                builder.store(builder.call(fma, [pf, sv, builder.load(acc)]), acc)
+                if kind == 0:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
+                    mf = builder.fpext(builder.bitcast(builder.load(builder.gep(ma, [builder.add(doff, b)])),
+                                                       ir.HalfType()), f32)
+                    xsv = builder.load(builder.gep(xsa, [builder.add(xsoff, b)]))
+                    builder.store(builder.call(fma1, [mf, xsv, builder.load(macc)]), macc)
+            return _hsum(builder, builder.load(acc), builder.load(macc))
+
+        return sig, codegen
+
+    return row_dot
+
+
+def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into the kernels
+    """`q8_row_dot_intrinsic` for four rows of activations at once: (w, w offset, d, d offset, x, four x
+    offsets, dx, four dx offsets, blocks) -> a 4-tuple of float32. Each weight block is loaded and
+    unpacked once for the four rows; every row's arithmetic is exactly the one-row intrinsic's (same
+    operations, same order), so its result has the same bits."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+    v16i8, v32i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
+    v8i32, v8f32 = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
+    bw = 32 if kind == 2 else 16
+
+    def mask(n: int, idx: list[int]) -> ir.Constant:
+        return ir.Constant(ir.VectorType(i32, n), idx)
+
+    @intrinsic
+    def rows4_dot(typingctx, w, woff, d, doff, x, xo0, xo1, xo2, xo3, dx, do0, do1, do2, do3, m, xs,  # noqa: ANN001, ANN202
+                  nb):
+        ip = types.intp
+        sig = types.UniTuple(types.float32, 4)(w, ip, d, ip, x, ip, ip, ip, ip, dx, ip, ip, ip, ip, m, xs, ip)
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            wa, da, xa, dxa, ma, xsa = (context.make_array(signature.args[i])(context, builder, args[i]).data
+                                        for i in (0, 2, 4, 9, 14, 15))
+            woff, doff, nb = args[1], args[3], args[16]
+            xoffs, dxoffs = args[5:9], args[10:14]  # xs shares dx's offsets
+            fma1 = builder.module.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
+            maccs = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(4)]
+            mod = builder.module
+            maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw",
+                                            fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
+            maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
+            psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
+            fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(4)]
+            intp = woff.type
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                wp = builder.gep(wa, [builder.add(woff, builder.mul(b, ir.Constant(intp, bw)))])
+                if bw == 16:
+                    packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
+                    lo = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
+                    hi = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
+                    wq = builder.shuffle_vector(lo, hi, mask(32, list(range(32))))
+                    if kind == 1:
+                        wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
+                else:
+                    wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
+                wabs = wq if kind == 0 else builder.call(psign, [wq, wq])
+                dh = builder.load(builder.gep(da, [builder.add(doff, b)]))
+                dw = builder.fpext(builder.bitcast(dh, ir.HalfType()), f32)
+                if kind == 0:
+                    mf = builder.fpext(builder.bitcast(builder.load(builder.gep(ma, [builder.add(doff, b)])),
+                                                       ir.HalfType()), f32)
+                for acc, macc, xo, dxo in zip(accs, maccs, xoffs, dxoffs):
+                    xp = builder.gep(xa, [builder.add(xo, builder.mul(b, ir.Constant(intp, 32)))])
+                    xv = builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1)
+                    p16 = builder.call(maddubs, [wabs, xv if kind == 0 else builder.call(psign, [xv, wq])])
+                    pf = builder.sitofp(builder.call(maddwd, [p16, ir.Constant(v16i16, [1] * 16)]), v8f32)
+                    scale = builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxo, b)])))
+                    sv = builder.insert_element(ir.Constant(v8f32, ir.Undefined), scale, ir.Constant(i32, 0))
+                    sv = builder.shuffle_vector(sv, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
+                    builder.store(builder.call(fma, [pf, sv, builder.load(acc)]), acc)
+                    if kind == 0:
+                        xsv = builder.load(builder.gep(xsa, [builder.add(dxo, b)]))
+                        builder.store(builder.call(fma1, [mf, xsv, builder.load(macc)]), macc)
+            outs = [_hsum(builder, builder.load(acc), builder.load(macc)) for acc, macc in zip(accs, maccs)]
+            return context.make_tuple(builder, signature.return_type, outs)
+
+        return sig, codegen
+
+    return rows4_dot
+
+
+def round_to_half_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
+    """A Numba intrinsic: float32 -> the nearest fp16 value (ties to even), as float32 again: LLVM's
+    `fptrunc` to half then `fpext`, i.e. NumPy's `x.astype(np.float16).astype(np.float32)`."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def round_half(typingctx, v):  # noqa: ANN001, ANN202
+        if v != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(types.float32), codegen
+
+    return round_half
+
+
 CPU_BACKENDS = ("numba", "numpy")
 
 
@@ -122,4 +330,7 @@ def warm() -> list[str]:
                     np.array([0, 2, 4]), np.full((2, 3), -np.inf), np.zeros((2, 3), np.int64))
     cpu_topk.dots64(np.ones((10, 8), f32), np.arange(3), np.ones(8))
     cpu_topk.half_scores(np.ones((2, 8), f32), np.ones((3, 8), np.float16))
-    return ["rows_matmul", "attend", "attend_q8", "filter_rows", "refine", "dots64", "half_scores", *cpu_qmatmul.warm()]
+    cpu_topk.gather_scores(np.ones((10, 8), f32), np.arange(3), np.ones(8, f32))
+    cpu_topk.gather_scores(np.ones((10, 8), np.float16), np.arange(3), np.ones(8, f32))
+    return ["rows_matmul", "attend", "attend_q8", "filter_rows", "refine", "dots64", "half_scores", "gather_scores",
+            *cpu_qmatmul.warm()]

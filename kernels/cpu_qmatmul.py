@@ -1,6 +1,7 @@
 """CPU products with GGUF-packed weights (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): Numba kernels and NumPy twins.
 
     out = matmul(fmt, x, qs, d, m)          # x [R, K] fp32, W packed [N, K] -> x @ W.T  [R, N] fp32
+    out = matmul_q8(fmt, x, qs, d, m)       # the same with x in Q8 blocks (llama.cpp's arithmetic, AVX2)
     out = matmul(fmt, x, qs, d, m, sc=sc, qh=qh)   # the K formats (super-blocks of 256)
     w = dequant(fmt, qs, d, m, n0, n1)      # rows n0..n1 of W as fp32 [n1 - n0, K]
 
@@ -49,6 +50,14 @@ integer q, so this is the de-quantised product up to summation order
 of tiles, parallel. The NumPy twins de-quantise to float64 and multiply (the
 oracle the tests use, beside `gguf.quants.dequantize`).
 
+Q8 activations (`matmul_q8`, `models.llm_activations = "q8"`; Q4_0, Q4_1,
+Q8_0): x is first quantised per row to Q8 blocks of 32 (`quantize_rows`,
+llama.cpp's `quantize_row_q8_1`: fp16 scale max|x| / 127, int8 values, the
+block's de-quantised sum), then each (weight row, x row) is one AVX2 row dot
+(`_numba.q8_row_dot_intrinsic`, four x rows per weight block with
+`q8_rows4_dot_intrinsic`): integer multiply-adds per block, scaled in fp32.
+The twin computes the same quantised product in float64.
+
 Numba is optional (`_numba.jit()`); without it the references run. Calls are
 serialised by `_numba.LOCK` (see `_numba`).
 """
@@ -59,7 +68,8 @@ import functools
 
 import numpy as np
 
-from ._numba import dispatch, half_to_float_intrinsic, jit
+from ._numba import (LOCK, dispatch, half_to_float_intrinsic, has_avx2, jit, q8_row_dot_intrinsic,
+                     q8_rows4_dot_intrinsic, round_to_half_intrinsic)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # blocks of 32 along K
 K_FORMATS = ("Q4_K", "Q6_K")  # super-blocks of 256 along K
@@ -67,6 +77,7 @@ ALL_FORMATS = FORMATS + K_FORMATS
 BLOCK = 32
 QK_K = 256
 BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K}
+Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0")  # products with Q8 activations (`matmul_q8`)
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
@@ -122,6 +133,39 @@ def matmul_reference(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: 
                      out: np.ndarray, sc: np.ndarray | None = None, qh: np.ndarray | None = None) -> None:
     """out[R, N] = x[R, K] @ dequant(W)[N, K].T in float64, stored as fp32."""
     out[...] = x.astype(np.float64) @ dequant_reference(fmt, qs, d, m, sc, qh).T
+
+
+def quantize_rows_reference(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray) -> None:
+    """Activations to Q8 blocks of 32, as llama.cpp's `quantize_row_q8_1` (AVX2): per row r and block b,
+    d = max|x| / 127, xq = rint(x x (1 / d)) (0 where d is 0; ties to even), dx = d rounded to fp16 (the
+    block stores it as fp16), xs = fp16(d x the sum of xq), the de-quantised block's sum (the Q4_1 min's
+    term: with the sum of the exact x instead, the min's term and the nibbles' term no longer cancel alike,
+    and the product's error triples on SmolLM2). x [R, K] fp32 -> xq int8 [R * K] (flat), dx, xs fp32
+    [R, K / 32] (fp16 values)."""
+    R, K = x.shape
+    xb = x.reshape(R, K // BLOCK, BLOCK)
+    amax = np.abs(xb).max(axis=-1)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    inv = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, np.float32(1.0)), np.float32(0.0)).astype(np.float32)
+    q = np.rint(xb * inv[..., None]).astype(np.int8)
+    xq[:] = q.reshape(-1)
+    dx[...] = d.astype(np.float16).astype(np.float32)
+    xs[...] = (d * q.astype(np.int32).sum(axis=-1).astype(np.float32)).astype(np.float16).astype(np.float32)
+
+
+def matmul_q8_reference(fmt: str, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, qs: np.ndarray, d: np.ndarray,
+                        m: np.ndarray | None, out: np.ndarray) -> None:
+    """out[R, N] = the Q8 product in float64: the de-quantised activations (xq x dx) @ W.T (a Q4_1 weight
+    d q + m: d q x the de-quantised x, plus m x xs, the de-quantised block's sum)."""
+    R, nb = dx.shape
+    xd = (xq.reshape(R, nb, BLOCK).astype(np.float64) * dx[..., None].astype(np.float64)).reshape(R, -1)
+    if fmt == "Q4_1":
+        dd = d.view(np.float16).astype(np.float64)[..., None]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float64)
+        out[...] = xd @ (dd * q).reshape(q.shape[0], -1).T \
+            + xs.astype(np.float64) @ m.view(np.float16).astype(np.float64).T
+    else:
+        out[...] = xd @ dequant_reference(fmt, qs, d, None).T
 
 
 def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, out: np.ndarray,
@@ -377,8 +421,136 @@ def _kernels() -> dict | None:
                                 s = np.float32(sc[n, b, h * 8 + 2 * g + (l >> 4)])
                                 out[n, base + l] = dd * s * np.float32(v - 32)
 
-    return {"q4_matmul": q4_nb, "q8_matmul": q8_nb, "q_dequant": dequant_nb, "q4k_matmul": q4k_nb,
-            "q6k_matmul": q6k_nb, "qk_dequant": dequant_k_nb}
+    ks = {"q4_matmul": q4_nb, "q8_matmul": q8_nb, "q_dequant": dequant_nb, "q4k_matmul": q4k_nb,
+          "q6k_matmul": q6k_nb, "qk_dequant": dequant_k_nb}
+    if has_avx2():
+        ks.update(_q8a_kernels(njit, prange))
+    return ks
+
+
+_rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _rh = None  # the AVX2 row dots (module globals: see above)
+
+
+def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
+    """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
+    global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _rh
+    _rh = round_to_half_intrinsic()
+    _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
+    _r4_q41, _r4_q40, _r4_q80 = (q8_rows4_dot_intrinsic(k) for k in (0, 1, 2))
+
+    @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
+    def quantize_nb(x, xq, dx, xs):  # pragma: no cover - compiled
+        R, K = x.shape
+        nb = K // 32
+        for r in range(R):
+            for b in range(nb):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    v = abs(x[r, b * 32 + j])
+                    if v > amax:
+                        amax = v
+                d = amax / np.float32(127.0)
+                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                s = 0
+                for j in range(32):
+                    q = np.int8(np.rint(x[r, b * 32 + j] * inv))
+                    xq[(r * nb + b) * 32 + j] = q
+                    s += np.int32(q)
+                dx[r, b] = _rh(d)
+                xs[r, b] = _rh(d * np.float32(s))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def q8a_nb(xq, dx, xs, qs, d, m, kind, out):  # pragma: no cover - compiled
+        # qs: the weight bytes flat (uint8), d / m: [N, nb] fp16 bits; rows of x four at a time (each
+        # weight block unpacked once for them), the rest one by one: the same arithmetic per row either way
+        R, nb = dx.shape
+        N = d.shape[0]
+        dxf = dx.reshape(-1)
+        xsf = xs.reshape(-1)
+        df = d.reshape(-1)
+        mf = m.reshape(-1)
+        bw = 32 if kind == 2 else 16
+        xr = nb * 32
+        for n in prange(N):
+            wo = n * nb * bw
+            do = n * nb
+            r = 0
+            while r + 4 <= R:
+                if kind == 1:
+                    a = _r4_q41(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
+                elif kind == 0:
+                    a = _r4_q40(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
+                else:
+                    a = _r4_q80(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
+                out[r, n] = a[0]
+                out[r + 1, n] = a[1]
+                out[r + 2, n] = a[2]
+                out[r + 3, n] = a[3]
+                r += 4
+            while r < R:
+                if kind == 1:
+                    out[r, n] = _rd_q41(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, r * nb, nb)
+                elif kind == 0:
+                    out[r, n] = _rd_q40(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, r * nb, nb)
+                else:
+                    out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, r * nb, nb)
+                r += 1
+
+    return {"quantize_rows": quantize_nb, "q8a_matmul": q8a_nb}
+
+
+def q8_available() -> bool:
+    """Whether the Q8-activation kernels run here (Numba and an AVX2 CPU); else `matmul_q8` runs its twins."""
+    ks = _kernels()
+    return ks is not None and "q8a_matmul" in ks
+
+
+def quantize_rows(x: np.ndarray, backend: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [R, K] fp32 (K a multiple of 32) -> (xq int8 [R * K], dx, xs fp32 [R, K / 32]): see
+    `quantize_rows_reference`."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    R, K = x.shape
+    if K % BLOCK:
+        raise ValueError(f"x {x.shape}: rows must be whole blocks of {BLOCK}")
+    xq = np.empty(R * K, np.int8)
+    dx = np.empty((R, K // BLOCK), np.float32)
+    xs = np.empty((R, K // BLOCK), np.float32)
+    ks = None if backend == "numpy" else _kernels()
+    if ks is None or "quantize_rows" not in ks:
+        quantize_rows_reference(x, xq, dx, xs)
+    else:
+        with LOCK:
+            ks["quantize_rows"](x, xq, dx, xs)
+    return xq, dx, xs
+
+
+def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None,
+              backend: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """x [R, K] fp32 @ W.T with W in `fmt` blocks (Q4_0, Q4_1, Q8_0), llama.cpp's way: x quantised to Q8
+    blocks of 32 first (`quantize_rows`), then integer dot products per block (AVX2, see
+    `_numba.q8_row_dot_intrinsic`) scaled in fp32 -> [R, N] fp32. Each row of the result depends only on
+    its row of x (the same bits alone or in a batch). Where the kernels do not run (no Numba, no AVX2,
+    backend="numpy") the float64 twin computes the same quantised product."""
+    _check(fmt, qs, d, m)
+    if fmt not in Q8A_FORMATS:
+        raise ValueError(f"fmt={fmt!r}: Q8 activations take {', '.join(Q8A_FORMATS)}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != qs.shape[1] * BLOCK:
+        raise ValueError(f"x {x.shape}: expected [R, {qs.shape[1] * BLOCK}]")
+    if out is None:
+        out = np.empty((x.shape[0], qs.shape[0]), np.float32)
+    xq, dx, xs = quantize_rows(x, backend)
+    ks = None if backend == "numpy" else _kernels()
+    if ks is None or "q8a_matmul" not in ks:
+        matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out)
+    else:
+        kind = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}[fmt]
+        with LOCK:
+            ks["q8a_matmul"](xq, dx, xs, qs.reshape(-1).view(np.uint8), d, d if m is None else m, kind, out)
+    return out
 
 
 def available() -> bool:
@@ -477,6 +649,12 @@ def warm() -> list[str]:
         matmul(fmt, x, qs, u16, u16, sc=sc, qh=qh)
         matmul(fmt, np.ones((3, x.shape[1]), f32), qs, u16, u16, sc=sc, qh=qh)
         dequant(fmt, qs, u16, u16, sc=sc, qh=qh)
+    if q8_available():
+        for fmt in Q8A_FORMATS:
+            for r in (1, 3):
+                matmul_q8(fmt, np.ones((r, BLOCK), f32), np.zeros((3, 1, _LAYOUT[fmt][1]), _LAYOUT[fmt][0]),
+                          u16[:, :1].copy(), u16[:, :1].copy())
+        return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant", "q8a_matmul"]
     return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant"]
 
 
@@ -533,6 +711,30 @@ def _register() -> None:
                         rel(1e-4), f"x @ W.T with W in GGUF {fmt} blocks, de-quantised per tile of 4 rows"))
         register(Kernel(f"qdequant_{name}", "numba", dq, lambda *a, _dq=dq: _dq(*a, _b="numpy"),
                         _dequant_cases(fmt), rel(1e-6), f"GGUF {fmt} rows to fp32"))
+    for fmt in Q8A_FORMATS:
+        def mq(x, qs, d, m, sc, qh, _f=fmt, _b=None):  # noqa: ANN001, ANN202
+            return matmul_q8(_f, x, qs, d, m, backend=_b)
+
+        register(Kernel(f"q8a_matmul_{fmt.lower()}", "numba", mq, lambda *a, _mq=mq: _mq(*a, _b="numpy"),
+                        _matmul_cases(fmt), rel(1e-5), f"x @ W.T with W in GGUF {fmt} blocks and x in Q8 blocks "
+                        "(AVX2 integer dot products)"))
+    register(Kernel("q8_quantize_rows", "numba", lambda x: quantize_rows(x), lambda x: quantize_rows(x, "numpy"),
+                    _quantize_cases, _exact_arrays, "activations to Q8 blocks of 32 (llama.cpp's rounding)"))
+
+
+def _quantize_cases(device: str, large: bool):  # noqa: ANN202
+    rng = np.random.default_rng(15)
+    for R, nb in [(1, 1), (3, 5), (8, 18)]:
+        x = rng.standard_normal((R, nb * BLOCK), dtype=np.float32) * rng.uniform(0.01, 100)
+        x[0, :BLOCK] = 0.0  # an all-zero block: scale 0, values 0
+        if nb > 1:
+            x[0, BLOCK:2 * BLOCK] = np.float32(127.0) * np.arange(BLOCK, dtype=np.float32) / 2  # ties at .5
+        yield (x,), f"{R} x {nb * BLOCK}"
+
+
+def _exact_arrays(got: tuple, want: tuple) -> None:
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
 
 
 _register()

@@ -1,10 +1,11 @@
 """CPU kernels for the catalogue's exact top-k (`engine.sketch`): Numba kernels and their NumPy twins.
-Four entry points, each registered by name beside its twin in `kernels.registry`:
+Five entry points, each registered by name beside its twin in `kernels.registry`:
 
     filter_rows(approx, bound, heap, count, up_out, rows_out, n_out)   # one block of rows, B queries
     refine(matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out) # exact top-k from the survivors
     dots64(matrix, rows, q)                                            # exact float64 scores
     half_scores(x, w16)                                                # fp32 queries @ fp16 rows (fp16 scan)
+    gather_scores(matrix, rows, q)                                     # one query @ selected rows (filters)
 
 `filter_rows` is the filter pass over approximate scores approx [B, c] with a
 per-row error bound [c] (rows a query must not return are -inf in approx). For
@@ -34,7 +35,14 @@ backends agree to float64 rounding.
 `half_scores` is the fp16 catalogue's filter product: each fp16 row is widened
 to fp32 once, in L1, and multiplied with four query rows at a time (see the
 note at `half_scores_nb` on why that loop is not shared with
-`cpu_decode.rows_matmul`). Numba is optional (`kernels._numba`); `backend=`
+`cpu_decode.rows_matmul`).
+
+`gather_scores` is the filter product of a selective filter's exact scan: one
+query against the rows a filter kept (fp32 rows, or fp16 rows as their uint16
+bits), reading each selected row once where it lies (no gathered copy), in
+parallel. It also returns each row's sum of |x_i q_i|, which bounds the fp32
+sum's rounding error in any order (|s - x.q| <= gamma_d sum |x_i q_i|), so the
+caller can filter and refine exactly. Numba is optional (`kernels._numba`); `backend=`
 ("numba" | "numpy") on each entry point picks one side for tests.
 """
 
@@ -106,6 +114,16 @@ def refine_reference(matrix: np.ndarray, q: np.ndarray, cand_rows: np.ndarray, c
         order = np.lexsort((head, -sc))[:kk]
         vals_out[b, :order.size] = sc[order]
         rows_out[b, :order.size] = head[order]
+
+
+def gather_scores_reference(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray, out: np.ndarray,
+                            abs_out: np.ndarray) -> None:
+    """out[i] = matrix[rows[i]] . q and abs_out[i] = sum_j |matrix[rows[i], j] q[j]| in float32; matrix
+    float32, or uint16 holding fp16 bits; q float32."""
+    x = matrix[rows]
+    x = x.view(np.float16).astype(np.float32) if x.dtype == np.uint16 else x
+    out[:] = x @ q
+    abs_out[:] = np.abs(x) @ np.abs(q)
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
@@ -305,7 +323,39 @@ def _kernels() -> dict | None:
                     out[m, n] = acc
                     m += 1
 
-    return {"filter_rows": filter_nb, "dots64": dots64_nb, "refine": refine_nb, "half_scores": half_scores_nb}
+    # Rows of a selective filter lie scattered over the catalogue: each is read once, where it lies (a
+    # gathered copy first costs twice the memory traffic: 88 ms against 36 ms for 100 000 of 1M x 384 rows).
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def gather_nb(matrix, rows, q, out, abs_out):  # pragma: no cover - compiled
+        d = q.shape[0]
+        qa = np.abs(q)
+        for i in prange(rows.shape[0]):
+            row = matrix[rows[i]]
+            acc = np.float32(0.0)
+            mag = np.float32(0.0)
+            for j in range(d):
+                acc += row[j] * q[j]
+                mag += abs(row[j]) * qa[j]
+            out[i] = acc
+            abs_out[i] = mag
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def gather_half_nb(bits, rows, q, out, abs_out):  # pragma: no cover - compiled
+        d = q.shape[0]
+        qa = np.abs(q)
+        for i in prange(rows.shape[0]):
+            row = bits[rows[i]]
+            acc = np.float32(0.0)
+            mag = np.float32(0.0)
+            for j in range(d):
+                x = _h2f(row[j])
+                acc += x * q[j]
+                mag += abs(x) * qa[j]
+            out[i] = acc
+            abs_out[i] = mag
+
+    return {"filter_rows": filter_nb, "dots64": dots64_nb, "refine": refine_nb, "half_scores": half_scores_nb,
+            "gather_scores": gather_nb, "gather_half": gather_half_nb}
 
 
 def available() -> bool:
@@ -348,3 +398,19 @@ def dots64(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray, backend: str | N
     dispatch(_kernels, "dots64", dots64_reference, backend, matrix, np.asarray(rows, dtype=np.int64),
              np.ascontiguousarray(q, dtype=np.float64), out)
     return out
+
+
+def gather_scores(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray, backend: str | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the selected rows matrix[rows] (float32 or float16 [n, d], C-contiguous rows) against q
+    (float32 [d]) -> (scores, sums of |x_j q_j|), both float32 [len(rows)], summed in fp32 in any order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    out = np.empty(rows.shape[0], np.float32)
+    mag = np.empty(rows.shape[0], np.float32)
+    if matrix.dtype == np.float16:
+        dispatch(_kernels, "gather_half", gather_scores_reference, backend, matrix.view(np.uint16), rows, q, out,
+                 mag)
+    else:
+        dispatch(_kernels, "gather_scores", gather_scores_reference, backend, matrix, rows, q, out, mag)
+    return out, mag

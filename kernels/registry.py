@@ -192,6 +192,15 @@ def _dots64_cases(device: str, large: bool) -> Iterator[Case]:
             f"{r} of {n}x{d}"
 
 
+def _gather_cases(device: str, large: bool) -> Iterator[Case]:
+    rng = np.random.default_rng(6)
+    for n, d, r, dt in [(1, 1, 1, np.float32), (50, 7, 9, np.float32), (1000, 384, 300, np.float32),
+                        (40, 33, 17, np.float16), (1000, 384, 300, np.float16)]:
+        m = rng.standard_normal((n, d)).astype(dt)
+        yield (m, rng.integers(0, n, r), rng.standard_normal(d, dtype=np.float32)), \
+            f"{r} of {n}x{d} {np.dtype(dt).name}"
+
+
 def _filter_cases(device: str, large: bool) -> Iterator[Case]:
     rng = np.random.default_rng(4)
     for B, c, K in [(1, 1, 1), (3, 37, 5), (4, 2000, 10)]:
@@ -269,6 +278,9 @@ def _numba_entries() -> list[Kernel]:
         Kernel("dots64", "numba", lambda m, r, q: cpu_topk.dots64(m, r, q),
                lambda m, r, q: cpu_topk.dots64(m, r, q, backend="numpy"), _dots64_cases, _close(1e-12, 1e-12),
                "float64 rescoring of selected rows"),
+        Kernel("gather_scores", "numba", lambda m, r, q: cpu_topk.gather_scores(m, r, q),
+               lambda m, r, q: cpu_topk.gather_scores(m, r, q, backend="numpy"), _gather_cases, _close(1e-4, 1e-4),
+               "one query against a filter's rows where they lie (fp32 or fp16), with |x||q| sums"),
     ]
 
 

@@ -69,12 +69,19 @@ class ModelsSection(_Section):
     llm_weights: Literal["auto", "gguf", "int8", "int4", "bf16", "fp16", "fp32"] = Field(
         "auto", description="'auto'/'gguf' = a GGUF's own blocks kept packed (CPU); 'int8'/'int4' = quantised at load "
                             "(Q8_0/Q4_1 blocks); 'bf16'/'fp16'/'fp32' = de-quantised in that dtype")
+    llm_activations: Literal["auto", "fp32", "q8"] = Field(
+        "fp32", description="packed Q4_0/Q4_1/Q8_0 weights: 'fp32' = the de-quantised network exactly (up to "
+                            "summation order); 'q8' = activations quantised to Q8 blocks and integer dot products "
+                            "(llama.cpp's arithmetic, AVX2; faster, top-1 = llama.cpp's at ~97 %); 'auto' = q8 "
+                            "where the CPU has AVX2")
     embedding_dtype: Literal["float32", "float16"] = "float32"
     # issue 18.2 (engine/catalog, helper h6): the catalogue's search index
     catalog_index: Literal["exact", "hnsw", "auto"] = Field(
         "exact", description="'exact' scan; 'hnsw' approximate index (hnswlib) with exact filters and category "
                              "limits; 'auto' = hnsw from catalog_index_min_rows live rows")
     catalog_index_min_rows: int = Field(20_000, gt=0, description="catalog_index='auto': the crossover row count")
+    catalog_hnsw_ef_search: int = Field(128, ge=1, le=100_000,
+                                        description="the HNSW graph's search width (recall against latency)")
     # issue 15.3 (helper H1): generate_text on an external OpenAI-compatible engine (vLLM, llama.cpp server)
     llm_backend: Literal["local", "openai"] = Field(
         "local", description="'local' = our decoder (models.llm); 'openai' = the server at llm_base_url")

@@ -96,7 +96,9 @@ def test_attend_kernel_equals_reference(R, KVH, G, hd, data):
 
 def test_warm_compiles_every_kernel():
     # `make install` runs this so that a fresh install's first query and generation skip the compilation
-    from kernels import _numba
+    from kernels import _numba, cpu_qmatmul
 
-    assert _numba.warm() == ["rows_matmul", "attend", "attend_q8", "filter_rows", "refine", "dots64", "half_scores", "q4_matmul",
-                             "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant"]
+    assert _numba.warm() == ["rows_matmul", "attend", "attend_q8", "filter_rows", "refine", "dots64", "half_scores",
+                             "gather_scores", "q4_matmul",
+                             "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant"] \
+        + (["q8a_matmul"] if cpu_qmatmul.q8_available() else [])  # the Q8-activation kernels need AVX2

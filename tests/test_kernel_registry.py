@@ -15,7 +15,7 @@ def test_registry_lists_every_kernel_once_by_name():
     names = [k.name for k in ALL]
     assert len(names) == len(set(names))
     assert {"topk", "deltae2000_rgb8", "kv_quantize", "kv_dequantize"} <= set(names)
-    assert {"rows_matmul", "attend", "filter_rows", "refine", "half_scores", "dots64"} <= set(names)
+    assert {"rows_matmul", "attend", "filter_rows", "refine", "half_scores", "dots64", "gather_scores"} <= set(names)
     assert registry.get("topk").kind == "triton"
     with pytest.raises(KeyError, match="no kernel named 'nope'"):
         registry.get("nope")

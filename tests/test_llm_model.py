@@ -145,7 +145,9 @@ def smol():
 
     gguf = embedded_gguf()
     assert gguf is not None and gguf.name == EMBEDDED_FILE
-    ours = load_llm("", CACHE)  # the GGUF's own blocks, kept packed (models.llm_weights = "auto")
+    # the GGUF's own blocks, kept packed (models.llm_weights = "auto"), against fp32 activations: the
+    # de-quantised network (models.llm_activations = "fp32"; Q8 activations: test_q8_activations_llama_cpp.py)
+    ours = load_llm("", CACHE, activations="fp32")
     assert ours.model.packed
     # the reference: transformers' own de-quantisation of the GGUF (`from_pretrained(gguf_file=...)`), whose
     # state dict `convert_gguf` saves unchanged as safetensors (models.llm_weights = "fp32"). Loading that

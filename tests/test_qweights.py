@@ -164,7 +164,7 @@ def _greedy_hf(ref, ids: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("fmt,tie", [("Q8_0", True), ("Q4_0", False), ("Q4_1", True)])
 def test_tiny_gguf_is_the_network_transformers_loads(tmp_path, fmt, tie):
     path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=tie)
-    ours = load_llm(str(path), tmp_path / "cache")
+    ours = load_llm(str(path), tmp_path / "cache", activations="fp32")  # the de-quantised network exactly
     assert ours.model.packed and ours.native and ours.tokenizer is None
     assert fmt in ours.weights
     ref = _hf(path)
@@ -186,6 +186,38 @@ def test_tiny_gguf_is_the_network_transformers_loads(tmp_path, fmt, tie):
     assert (got_long - want_long).abs().max() < 0.05 * want_long.abs().max()  # int8 K/V: not exact
 
 
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1"])
+def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
+    """models.llm_activations = "q8": every packed product is the Q8 product (activations in Q8 blocks of 32,
+    `matmul_q8`'s float64 twin as the oracle) in the prefill and decode paths, alone or with other rows;
+    decoding token by token gives the prefill's logits."""
+    from kernels import cpu_qmatmul
+
+    path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=True)
+    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    assert ours.extra["activations"] == "q8" and "Q8 activations" in ours.weights
+    lin = ours.model.layers[0].wqkv
+    x = np.random.default_rng(1).standard_normal((3, lin.in_features)).astype(np.float32)
+    want = np.concatenate([cpu_qmatmul.matmul_q8(p.fmt, x, p.qs, p.d, p.m, backend="numpy") for p in lin.parts], 1)
+    got = lin.matmul_np(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for r in range(3):  # a row's result does not depend on the other rows
+        np.testing.assert_array_equal(lin.matmul_np(x[r:r + 1])[0], got[r])
+    ids = [3, 17, 99, 5, 42, 7, 150, 1]
+    a = ours.model.args
+    got_l = ours.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128), 0, ids, all_logits=True)
+    with torch.inference_mode():
+        ref = _hf(path)(torch.tensor([ids])).logits[0]
+    # a random tiny network amplifies the activations' rounding layer by layer: a loose bound that a wrong
+    # product (garbage, ~100 %) cannot meet; the end-to-end oracle is llama.cpp on SmolLM2
+    # (test_q8_activations_llama_cpp.py)
+    assert (got_l - ref).abs().max() < 0.2 * ref.abs().max()
+    cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128)  # decode steps: the same rows one by one
+    ours.model.prefill(cache, 0, ids[:1])
+    steps = [ours.model.decode(cache, [0], [t])[0] for t in ids[1:]]
+    torch.testing.assert_close(torch.stack(steps), got_l[1:], rtol=1e-5, atol=1e-5 * float(got_l.abs().max()))
+
+
 def test_tiny_gguf_resident_bytes_are_the_file_blocks(tmp_path):
     path = write_tiny_gguf(tmp_path / "t.gguf", "Q4_1")
     m = load_llm(str(path), tmp_path / "cache")
@@ -196,7 +228,7 @@ def test_tiny_gguf_resident_bytes_are_the_file_blocks(tmp_path):
 
 def test_mixed_block_types_in_one_projection(tmp_path):
     path = write_tiny_gguf(tmp_path / "mixed.gguf", "Q4_1", extra={"attn_v": "Q8_0"})
-    ours = load_llm(str(path), tmp_path / "cache")
+    ours = load_llm(str(path), tmp_path / "cache", activations="fp32")
     assert ours.model.layers[0].wqkv.formats == ["Q4_1", "Q8_0"]  # q and k stacked, v apart
     ids = [1, 2, 3, 4, 5]
     a = ours.model.args

@@ -88,7 +88,7 @@ def test_search_bound_holds_for_the_widest_search(sketch: bool, fresh_pages: Non
     bound = cat.prepare(q).nbytes
     rss, hits = peak_rss_growth(lambda: cat.search_many([q]))
     tracemalloc.start()
-    cat._numeric.clear()  # the float64 price column is built again, counted
+    cat._typed.clear()  # the float64 price column is built again, counted
     cat.search_many([q])
     traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

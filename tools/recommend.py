@@ -41,6 +41,7 @@ def _service(ctx: ToolContext) -> CatalogService:
     svc.max_call_memory_mb = int(getattr(ctx.settings.limits, "max_call_memory_mb", 0) or 0)  # if configured
     svc.index = getattr(ctx.settings.models, "catalog_index", "exact")
     svc.index_min_rows = int(getattr(ctx.settings.models, "catalog_index_min_rows", svc.index_min_rows))
+    svc.hnsw_ef_search = int(getattr(ctx.settings.models, "catalog_hnsw_ef_search", svc.hnsw_ef_search))
     c = getattr(ctx.settings, "catalog", None)  # issue 18: catalog.backend = "local" | "qdrant"
     if c is not None:
         svc.backend = c.backend

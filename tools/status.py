@@ -87,6 +87,7 @@ def _run(args: EngineStatusInput, ctx: ToolContext) -> ToolOutput:
     models = ctx.settings.models
     configured = {"llm": models.llm or "(embedded SmolLM2-135M-Instruct)",
                   "llm_weights": models.llm_weights,  # issue 13: the weight format (loaded_models: source, bytes)
+                  "llm_activations": models.llm_activations,  # issue 13: q8 / fp32 products on packed weights
                   "llm_backend": "local" if getattr(models, "llm_backend", "local") == "local" else  # issue 15.3 (H1)
                   f"openai {models.llm_base_url} (model {models.llm_remote_model})",  # issue 15.3 (H1); key never shown
                   "embedding": models.embedding or "(embedded all-MiniLM-L6-v2)",

@@ -212,6 +212,7 @@ def run_generate_text(a: GenerateTextInput, ctx: ToolContext) -> ToolOutput:
         models = ctx.settings.models
         svc = service_for(ctx.engine, models.llm, compile_step=models.llm_compile, decode=models.llm_decode,
                           weights=models.llm_weights,  # issue 13: weight format, "loading model" progress
+                          activations=models.llm_activations,
                           progress=lambda message: ctx.report(0, a.max_new_tokens, message))
         m = svc.model()
     except ModelUnavailable as exc:

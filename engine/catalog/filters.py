@@ -9,7 +9,7 @@ bool, a str only a str); a row without the field (`_ABSENT`) matches nothing; a 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,41 +102,112 @@ def compile_filters(filters: Any, fields: Mapping[str, Any]) -> tuple[Cond, ...]
     return tuple(conds)
 
 
-def filter_mask(columns: Mapping[str, np.ndarray], numeric: MutableMapping[str, np.ndarray], n: int,
+class TypedColumns:
+    """Typed views of a catalogue's object columns, built on first use and kept current where rows change
+    (`touch`): per field, float64 numbers (range filters; anything else NaN) and int32 codes of its values
+    (equality and membership: one vectorised comparison instead of a Python pass over every row).
+
+    Codes keep equality type-exact (a bool equals only a bool, a str only a str, a number any equal
+    number, None only None): strings, numbers and None share one table keyed by the value itself
+    (1 and 1.0 share a code, as they are equal; a str never equals a number), booleans have their own (True
+    is not 1 here); a row without the field, a NaN and any other value get -1 (equal to nothing). Arrays
+    have the columns' length (the capacity); the owner calls `touch(columns, positions)` after writing
+    rows, `clear()` after reallocating or reordering the columns."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, np.ndarray] = {}
+        self.codes: dict[str, tuple[np.ndarray, _Codes]] = {}
+
+    def clear(self) -> None:
+        self.numbers.clear()
+        self.codes.clear()
+
+    def nbytes_missing(self, conds: Sequence[Cond], n: int) -> int:
+        """Bytes the views these conditions need and are not built yet would take for n rows: 8 per row for
+        numbers; for codes 4 per row plus a table entry (~64 bytes) per distinct value, at most one per row."""
+        ranged = {c.field for c in conds if c.op in ("min", "max")} - set(self.numbers)
+        coded = {c.field for c in conds if c.op not in ("min", "max")} - set(self.codes)
+        return 8 * n * len(ranged) + 68 * n * len(coded)
+
+    def touch(self, columns: Mapping[str, np.ndarray], positions: np.ndarray | slice) -> None:
+        """Rows at `positions` changed: their entries in every built view are recomputed."""
+        for name, num in self.numbers.items():
+            num[positions] = [_as_float(x) for x in np.atleast_1d(columns[name][positions])]
+        for name, (codes, table) in self.codes.items():
+            codes[positions] = [table.code(x) for x in np.atleast_1d(columns[name][positions])]
+
+    def number_view(self, columns: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+        num = self.numbers.get(name)
+        if num is None:
+            num = self.numbers[name] = numbers_of(columns[name])
+        return num
+
+    def code_view(self, columns: Mapping[str, np.ndarray], name: str) -> tuple[np.ndarray, _Codes]:
+        got = self.codes.get(name)
+        if got is None:
+            table = _Codes()
+            col = columns[name]
+            got = self.codes[name] = (np.fromiter(map(table.code, col), dtype=np.int32, count=len(col)), table)
+        return got
+
+
+class _Codes:
+    """Value -> code for one field (see `TypedColumns`); codes are never reused while the view lives."""
+
+    __slots__ = ("plain", "bools")
+
+    def __init__(self) -> None:
+        self.plain: dict[Any, int] = {}  # str, int, float (not NaN), None
+        self.bools: dict[bool, int] = {}
+
+    def _table(self, x: Any) -> dict[Any, int] | None:
+        if isinstance(x, bool):
+            return self.bools
+        if type(x) is str or x is None or (isinstance(x, (int, float)) and x == x):
+            return self.plain
+        return None  # a row without the field, a NaN, a value no filter can equal (a list)
+
+    def code(self, x: Any) -> int:
+        t = self._table(x)
+        if t is None:
+            return -1
+        c = t.get(x)
+        if c is None:
+            c = t[x] = len(self.plain) + len(self.bools)
+        return c
+
+    def lookup(self, x: Any) -> int:
+        """The code of a filter value; -2 (no row) when no row holds it."""
+        t = self._table(x)
+        return -2 if t is None else t.get(x, -2)
+
+
+def filter_mask(columns: Mapping[str, np.ndarray], typed: TypedColumns | None, n: int,
                 conds: Sequence[Cond]) -> np.ndarray:
-    """Rows [n] that pass every (checked) condition. `numeric` caches float64 copies of range-filtered
-    columns (the caller clears it when rows change)."""
+    """Rows [n] that pass every (checked) condition. `typed`: the columns' cached typed views (None: built
+    for this call only, e.g. over a few returned rows)."""
+    typed = TypedColumns() if typed is None else typed
     mask = np.ones(n, dtype=bool)
     for c in conds:
-        col = columns[c.field][:n]
-        if c.op == "eq":
-            mask &= _equals(col, c.value)
-        elif c.op == "ne":
-            mask &= ~_equals(col, c.value)
-        elif c.op == "in":
-            mask &= _member(col, c.value)
-        elif c.op == "not_in":
-            mask &= ~_member(col, c.value)
-        else:
-            num = numeric_column(columns, numeric, n, c.field)[:n]
+        if c.op in ("min", "max"):
+            num = typed.number_view(columns, c.field)[:n]
             with np.errstate(invalid="ignore"):
                 mask &= (num >= c.value) if c.op == "min" else (num <= c.value)
+            continue
+        codes, table = typed.code_view(columns, c.field)
+        wanted = [table.lookup(v) for v in ((c.value,) if c.op in ("eq", "ne") else c.value)]
+        hit = codes[:n] == wanted[0] if len(wanted) == 1 else np.isin(codes[:n], wanted)
+        mask &= hit if c.op in ("eq", "in") else ~hit
     return mask
 
 
-def numeric_column(columns: Mapping[str, np.ndarray], numeric: MutableMapping[str, np.ndarray], n: int,
-                   name: str) -> np.ndarray:
-    """Field `name` as float64 [n]: numbers as they are, anything else NaN (matched by no range)."""
-    num = numeric.get(name)
-    if num is None:
-        col = columns[name][:n]
-        try:
-            num = np.array([float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else np.nan
-                            for x in col], dtype=np.float64)
-        except OverflowError:  # stored values are checked (value_problem); an engine caller may not have
-            num = np.array([_as_float(x) for x in col], dtype=np.float64)
-        numeric[name] = num
-    return num
+def numbers_of(col: np.ndarray) -> np.ndarray:
+    """A column as float64: numbers as they are, anything else NaN (matched by no range)."""
+    try:
+        return np.fromiter((float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else np.nan
+                            for x in col), dtype=np.float64, count=len(col))
+    except OverflowError:  # stored values are checked (value_problem); an engine caller may not have
+        return np.fromiter(map(_as_float, col), dtype=np.float64, count=len(col))
 
 
 def _as_float(x: Any) -> float:
@@ -146,20 +217,3 @@ def _as_float(x: Any) -> float:
         return float(x)
     except OverflowError:
         return math.copysign(math.inf, x)
-
-
-def _equals(col: np.ndarray, value: Any) -> np.ndarray:
-    """Rows equal to a checked scalar (`_scalar`): a bool only to the same bool, a str only to a str."""
-    if isinstance(value, bool):
-        return np.fromiter((x is value for x in col), dtype=bool, count=len(col))
-    if type(value) is str:  # only a str equals a str: one C loop (a 0-d object operand keeps the str exact)
-        return np.asarray(col == np.array(value, dtype=object), dtype=bool)
-    return np.fromiter((x == value and not isinstance(x, bool) for x in col), dtype=bool, count=len(col))
-
-
-def _member(col: np.ndarray, values: Sequence[Any]) -> np.ndarray:
-    mask = np.zeros(len(col), dtype=bool)
-    for v in values:
-        mask |= _equals(col, v)
-    return mask
-

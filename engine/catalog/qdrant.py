@@ -464,7 +464,7 @@ def _passes(payloads: list[dict[str, Any]], conds: Sequence[Cond]) -> np.ndarray
         col = np.empty(n, dtype=object)
         col[:] = [p.get(name, _ABSENT) for p in payloads]
         cols[name] = col
-    return filter_mask(cols, {}, n, conds)
+    return filter_mask(cols, None, n, conds)
 
 
 def _pushdown(conds: Sequence[Cond], odd: set[str]) -> tuple[list[Any], list[Any]]:

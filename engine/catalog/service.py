@@ -28,7 +28,7 @@ import torch
 from .. import workmem
 from ..errors import InvalidInput
 from .ann import _TMP_PREFIX as ANN_TMP_PREFIX
-from .ann import HnswIndex
+from .ann import EF_SEARCH, HnswIndex
 from .files import atomic_write, sweep
 from .journal import DEFAULT_COMPACT_BYTES, Journal
 from .rows import DEMO_CATALOG, read_catalog, row_text
@@ -91,7 +91,7 @@ class CatalogService:
         self._journals: dict[Path, Journal] = {}  # one per log file, shared by the catalogues that write it
         self.index = "exact"  # "exact" | "hnsw" | "auto" (models.catalog_index)
         self.index_min_rows = HNSW_MIN_ROWS  # auto: the approximate index from this many rows (the crossover)
-        self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search = 16, 200, 64
+        self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search = 16, 200, EF_SEARCH  # models.catalog_hnsw_ef_search
         self.backend = "local"  # "local" | "qdrant" (catalog.backend)
         self.qdrant: dict[str, Any] = {}  # url, api_key, path, prefix, hnsw_ef, exact, timeout_s (catalog.qdrant_*)
 

@@ -572,12 +572,14 @@ _LOAD_LISTENERS: dict[tuple[int, str], list[Any]] = {}
 
 def service_for(engine: Any, spec: str, *, compile_step: bool = False, max_slots: int = 8,
                 max_len: int = 2048, decode: str = "auto", weights: str = "auto",
-                progress: Callable[[str], None] | None = None) -> LLMService:
+                progress: Callable[[str], None] | None = None, activations: str = "fp32") -> LLMService:
     """The engine's LLMService for the model `spec` (models.llm: '' = embedded SmolLM2) with weights in
-    `weights` (models.llm_weights), created once; `progress(message)` hears about loading."""
+    `weights` (models.llm_weights) and packed products' `activations` (models.llm_activations), created
+    once; `progress(message)` hears about loading."""
     from .load import load_llm
 
-    key = f"llm:{spec or 'embedded'}" + (f":{weights}" if weights != "auto" else "")
+    key = f"llm:{spec or 'embedded'}" + (f":{weights}" if weights != "auto" else "") \
+        + (f":{activations}" if activations != "fp32" else "")
     device, dtype = engine.device, (engine.dtype if engine.device.type != "cpu" else torch.float32)
     # the latest caller hears the loading messages (the loader is registered once, callers change)
     listener = _LOAD_LISTENERS.setdefault((id(engine), key), [None])
@@ -592,8 +594,9 @@ def service_for(engine: Any, spec: str, *, compile_step: bool = False, max_slots
                 log.debug("load progress listener failed", exc_info=True)
 
     engine.registry.register(key, lambda: load_llm(spec, engine.config.cache_dir, device, dtype, decode, weights,
-                                                   progress=say),
-                             family="llm", source=(spec or "embedded SmolLM2-135M-Instruct") + f" (weights: {weights})")
+                                                   progress=say, activations=activations),
+                             family="llm", source=(spec or "embedded SmolLM2-135M-Instruct") + f" (weights: {weights}"
+                             + (f", activations: {activations})" if activations != "fp32" else ")"))
 
     def budget() -> int | None:
         b = engine.registry.budget_bytes

@@ -159,6 +159,8 @@ class LoadedLLM:
         parts = sorted(weight_formats(self.model).items(), key=lambda kv: -kv[1])
         kind = self.extra.get("weights", "gguf" if self.model.packed else "")
         text = (kind + " " if kind else "") + " + ".join(f"{k} {v / 1e6:.1f} MB" for k, v in parts)
+        if self.extra.get("activations") == "q8":
+            text += " (Q8 activations)"
         self.extra["_weights_text"] = text
         return text
 
@@ -337,14 +339,19 @@ def resolve_folder(spec: str, cache_dir: Path) -> tuple[str, Path]:
 
 def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32, decode: str = "auto", weights: str = "auto",
-             progress: Any = None) -> LoadedLLM:
+             progress: Any = None, activations: str = "fp32") -> LoadedLLM:
     """Load the model named by `spec` (a folder, a .gguf, or '' for the embedded SmolLM2); `decode` picks
     the decode-step backend (`engine.llm.model.blas_backend`: auto | numpy | torch); `weights` the weight
-    format (`WEIGHTS`, see the module docstring); `progress(message)` is told what loading is doing."""
+    format (`WEIGHTS`, see the module docstring); `activations` how packed weights meet their inputs
+    (`qweights.set_activations`: auto | fp32 | q8); `progress(message)` is told what loading is doing."""
     import time
+
+    from .qweights import ACTIVATIONS
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHTS}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r}: expected one of {', '.join(ACTIVATIONS)}")
     say = progress or (lambda message: None)
     t0 = time.perf_counter()
     note = ""
@@ -354,7 +361,7 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
         from .gguf_load import UnsupportedGGUF
 
         try:
-            return _load_packed(g, Path(cache_dir), decode, say, t0)
+            return _with_activations(_load_packed(g, Path(cache_dir), decode, say, t0), activations)
         except UnsupportedGGUF as exc:
             note = f"{exc}; de-quantised to {str(dtype).replace('torch.', '')} with transformers instead"
             log.warning("GGUF not kept packed", extra={"reason": str(exc)})
@@ -390,6 +397,16 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
                   extra={"weights": weights if weights in ("int8", "int4") else ""})
     if weights in ("int8", "int4") and cpu and native:
         m.extra["qcache"] = qcache
+    return _with_activations(m, activations)
+
+
+def _with_activations(m: LoadedLLM, activations: str) -> LoadedLLM:
+    """Set how the model's packed products take their activations; recorded in extra["activations"]
+    ("q8" / "fp32"; absent for a model without packed weights) and in `weights`."""
+    if isinstance(m.model, Transformer) and m.model.packed:
+        from .qweights import set_activations
+
+        m.extra["activations"] = set_activations(m.model, activations)
     return m
 
 

@@ -222,6 +222,7 @@ class PackedLinear(nn.Module):
         self.out_features = sum(p.shape[0] for p in parts)
         self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
         self.scratch = scratch
+        self.activations = "fp32"  # or "q8": Q4_0/Q4_1/Q8_0 parts take Q8 activations (`set_activations`)
         # the packed arrays as buffers (shared memory): size_bytes() and the registry count them
         for i, p in enumerate(parts):
             for name, a in p._arrays():
@@ -236,12 +237,15 @@ class PackedLinear(nn.Module):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], self.out_features), np.float32)
         o = 0
+        q8 = self.activations == "q8"
         for p in self.parts:
             n = p.shape[0]
-            if len(self.parts) == 1:
-                p.matmul(x, out=out)
+            if q8 and p.fmt in cpu_qmatmul.Q8A_FORMATS:
+                y = cpu_qmatmul.matmul_q8(p.fmt, x, p.qs, p.d, p.m, out=out if len(self.parts) == 1 else None)
             else:
-                out[:, o:o + n] = p.matmul(x)
+                y = p.matmul(x, out=out if len(self.parts) == 1 else None)
+            if len(self.parts) > 1:
+                out[:, o:o + n] = y
             o += n
         if self.bias is not None:
             out += self.bias.numpy()
@@ -312,6 +316,24 @@ def weight_formats(model: Any) -> dict[str, int]:
         key = str(prm.dtype).replace("torch.", "")
         out[key] = out.get(key, 0) + prm.numel() * prm.element_size()
     return out
+
+
+ACTIVATIONS = ("auto", "fp32", "q8")
+
+
+def set_activations(model: Any, mode: str) -> str:
+    """How the packed products of `model` take their activations (`models.llm_activations`): "fp32" (the
+    weights de-quantised in registers against fp32 x: the de-quantised network, up to summation order),
+    "q8" (x quantised to Q8 blocks of 32 and integer dot products, as llama.cpp computes Q4_0/Q4_1/Q8_0:
+    `kernels.cpu_qmatmul.matmul_q8`; other formats stay fp32), "auto" (q8 where its AVX2 kernels run,
+    else fp32). Sets every PackedLinear of the model (the tied head included); returns the mode used."""
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"activations={mode!r}: expected one of {', '.join(ACTIVATIONS)}")
+    used = mode if mode != "auto" else ("q8" if cpu_qmatmul.q8_available() else "fp32")
+    for mod in model.modules():
+        if isinstance(mod, PackedLinear):
+            mod.activations = used
+    return used
 
 
 def head_format(fmt: str) -> str:
