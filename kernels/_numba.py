@@ -90,19 +90,79 @@ def has_avx2() -> bool:
         return False
 
 
-def _hsum(builder: Any, v: Any, extra: Any) -> Any:  # pragma: no cover - compiled into the kernels
-    """The 8 float lanes of v summed in a fixed order (halves, quarters, pair), then + extra."""
+def _q8_rows_codegen(kind: int, n: int) -> Any:  # pragma: no cover - compiled into the kernels
+    """The LLVM code of the Q8 row dots (see `q8_row_dot_intrinsic`) for n rows of activations per weight
+    block. Arguments: (w, w offset, d, d offset, x, n x offsets, dx, n dx offsets, m, xs, blocks); xs
+    shares dx's offsets. One body for every n: each row gets the same operations in the same order."""
     from llvmlite import ir
+    from numba.core import cgutils
 
-    def mask(n: int, idx: list[int]) -> ir.Constant:
-        return ir.Constant(ir.VectorType(ir.IntType(32), n), idx)
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+    v16i8, v32i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
+    v8i32, v8f32 = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
+    bw = 32 if kind == 2 else 16
 
-    s4 = builder.fadd(builder.shuffle_vector(v, v, mask(4, [0, 1, 2, 3])),
-                      builder.shuffle_vector(v, v, mask(4, [4, 5, 6, 7])))
-    s2 = builder.fadd(builder.shuffle_vector(s4, s4, mask(2, [0, 1])), builder.shuffle_vector(s4, s4, mask(2, [2, 3])))
-    i32 = ir.IntType(32)
-    s1 = builder.fadd(builder.extract_element(s2, ir.Constant(i32, 0)), builder.extract_element(s2, ir.Constant(i32, 1)))
-    return builder.fadd(s1, extra)
+    def mask(k: int, idx: list[int]) -> ir.Constant:
+        return ir.Constant(ir.VectorType(i32, k), idx)
+
+    def half(builder: Any, ptr: Any, index: Any) -> Any:
+        return builder.fpext(builder.bitcast(builder.load(builder.gep(ptr, [index])), ir.HalfType()), f32)
+
+    def hsum(builder: Any, v: Any, extra: Any) -> Any:  # the 8 lanes in a fixed order, then + extra
+        s4 = builder.fadd(builder.shuffle_vector(v, v, mask(4, [0, 1, 2, 3])),
+                          builder.shuffle_vector(v, v, mask(4, [4, 5, 6, 7])))
+        s2 = builder.fadd(builder.shuffle_vector(s4, s4, mask(2, [0, 1])),
+                          builder.shuffle_vector(s4, s4, mask(2, [2, 3])))
+        s1 = builder.fadd(builder.extract_element(s2, ir.Constant(i32, 0)),
+                          builder.extract_element(s2, ir.Constant(i32, 1)))
+        return builder.fadd(s1, extra)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        arrays = (0, 2, 4, 5 + n, 6 + 2 * n, 7 + 2 * n)  # w, d, x, dx, m, xs
+        wa, da, xa, dxa, ma, xsa = (context.make_array(signature.args[i])(context, builder, args[i]).data
+                                    for i in arrays)
+        woff, doff, nb = args[1], args[3], args[8 + 2 * n]
+        xoffs, dxoffs = args[5:5 + n], args[6 + n:6 + 2 * n]
+        mod = builder.module
+        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
+        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
+        psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
+        fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
+        fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
+        maccs = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)]
+        intp = woff.type
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            wp = builder.gep(wa, [builder.add(woff, builder.mul(b, ir.Constant(intp, bw)))])
+            if bw == 16:  # nibbles: low = values 0..15, high = 16..31
+                packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
+                lo = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
+                hi = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
+                wq = builder.shuffle_vector(lo, hi, mask(32, list(range(32))))
+                if kind == 1:
+                    wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
+            else:
+                wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
+            wabs = wq if kind == 0 else builder.call(psign, [wq, wq])
+            dw = half(builder, da, builder.add(doff, b))
+            mf = half(builder, ma, builder.add(doff, b)) if kind == 0 else None
+            for acc, macc, xo, dxo in zip(accs, maccs, xoffs, dxoffs):
+                xp = builder.gep(xa, [builder.add(xo, builder.mul(b, ir.Constant(intp, 32)))])
+                xv = builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1)
+                p16 = builder.call(maddubs, [wabs, xv if kind == 0 else builder.call(psign, [xv, wq])])
+                pf = builder.sitofp(builder.call(maddwd, [p16, ir.Constant(v16i16, [1] * 16)]), v8f32)
+                scale = builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxo, b)])))
+                sv = builder.insert_element(ir.Constant(v8f32, ir.Undefined), scale, ir.Constant(i32, 0))
+                sv = builder.shuffle_vector(sv, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
+                builder.store(builder.call(fma, [pf, sv, builder.load(acc)]), acc)
+                if kind == 0:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
+                    xsv = builder.load(builder.gep(xsa, [builder.add(dxo, b)]))
+                    builder.store(builder.call(fma1, [mf, xsv, builder.load(macc)]), macc)
+        outs = [hsum(builder, builder.load(acc), builder.load(macc)) for acc, macc in zip(accs, maccs)]
+        return outs[0] if n == 1 else context.make_tuple(builder, signature.return_type, outs)
+
+    return codegen
 
 
 def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into the kernels
@@ -110,158 +170,41 @@ def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into 
     float32 sum over the row's blocks of d_w[b] * d_x[b] * (integer dot of block b), llama.cpp's Q8
     product. kind 0: Q4_1 nibbles q (0..15) plus the min's term sum_b m[b] x xs[b], 1: Q4_0 nibbles
     q - 8, 2: Q8_0 int8 q. Arguments: (w uint8 [..] flat, w offset in bytes, d uint16 fp16 bits flat, d
-    offset (m's too), x int8 flat, x offset, dx float32 flat, dx offset, m uint16 flat, xs float32 flat,
-    xs offset, blocks).
+    offset (m's too), x int8 flat, x offset, dx float32 flat, dx offset (xs's too), m uint16 flat, xs
+    float32 flat, blocks).
 
     Per block: the 16 (32) weight bytes and 32 activation bytes are loaded as vectors, nibbles split
     (low = values 0..15, high = 16..31: llama.cpp's layout), `vpmaddubsw` multiplies unsigned by signed
     bytes into 16-bit pair sums (|15 x 127 x 2| and |127 x 127 x 2| fit; signed weights go through
     `vpsignb`: |w| times x with w's sign), `vpmaddwd` sums those into 8 int32, which are exact in fp32
     (|sum| <= 32 x 127 x 127 < 2**24) and added, times the block's fp32 scale d_w x d_x, into 8 float
-    lanes; the lanes are summed once per row, in a fixed order (Q4_1's min term runs as a scalar fma chain beside
-    them and is added last). So a row's result does not depend on the other rows of the call."""
-    from llvmlite import ir
+    lanes; the lanes are summed once per row, in a fixed order (Q4_1's min term runs as a scalar fma chain
+    beside them and is added last). So a row's result does not depend on the other rows of the call."""
     from numba import types
-    from numba.core import cgutils
     from numba.extending import intrinsic
 
-    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-    v16i8, v32i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
-    v8i32, v8f32 = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
-    bw = 32 if kind == 2 else 16
-
-    def mask(n: int, idx: list[int]) -> ir.Constant:
-        return ir.Constant(ir.VectorType(i32, n), idx)
-
     @intrinsic
-    def row_dot(typingctx, w, woff, d, doff, x, xoff, dx, dxoff, m, xs, xsoff, nb):  # noqa: ANN001, ANN202
+    def row_dot(typingctx, w, woff, d, doff, x, xoff, dx, dxoff, m, xs, nb):  # noqa: ANN001, ANN202
         ip = types.intp
-        sig = types.float32(w, ip, d, ip, x, ip, dx, ip, m, xs, ip, ip)
-
-        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-            wa, da, xa, dxa, ma, xsa = (context.make_array(signature.args[i])(context, builder, args[i]).data
-                                        for i in (0, 2, 4, 6, 8, 9))
-            woff, doff, xoff, dxoff, xsoff, nb = args[1], args[3], args[5], args[7], args[10], args[11]
-            fma1 = builder.module.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
-            macc = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
-            mod = builder.module
-            maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw",
-                                            fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
-            maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
-            psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
-            fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
-            acc = cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8))
-            intp = woff.type
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
-                wp = builder.gep(wa, [builder.add(woff, builder.mul(b, ir.Constant(intp, bw)))])
-                if bw == 16:
-                    packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
-                    lo = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
-                    hi = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
-                    wq = builder.shuffle_vector(lo, hi, mask(32, list(range(32))))
-                    if kind == 1:
-                        wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
-                else:
-                    wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
-                xp = builder.gep(xa, [builder.add(xoff, builder.mul(b, ir.Constant(intp, 32)))])
-                xv = builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1)
-                if kind == 0:
-                    p16 = builder.call(maddubs, [wq, xv])
-                else:
-                    p16 = builder.call(maddubs, [builder.call(psign, [wq, wq]), builder.call(psign, [xv, wq])])
-                pf = builder.sitofp(builder.call(maddwd, [p16, ir.Constant(v16i16, [1] * 16)]), v8f32)
-                dh = builder.load(builder.gep(da, [builder.add(doff, b)]))
-                scale = builder.fmul(builder.fpext(builder.bitcast(dh, ir.HalfType()), f32),
-                                     builder.load(builder.gep(dxa, [builder.add(dxoff, b)])))
-                sv = builder.insert_element(ir.Constant(v8f32, ir.Undefined), scale, ir.Constant(i32, 0))
-                sv = builder.shuffle_vector(sv, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
-                builder.store(builder.call(fma, [pf, sv, builder.load(acc)]), acc)
-                if kind == 0:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
-                    mf = builder.fpext(builder.bitcast(builder.load(builder.gep(ma, [builder.add(doff, b)])),
-                                                       ir.HalfType()), f32)
-                    xsv = builder.load(builder.gep(xsa, [builder.add(xsoff, b)]))
-                    builder.store(builder.call(fma1, [mf, xsv, builder.load(macc)]), macc)
-            return _hsum(builder, builder.load(acc), builder.load(macc))
-
-        return sig, codegen
+        return types.float32(w, ip, d, ip, x, ip, dx, ip, m, xs, ip), _q8_rows_codegen(kind, 1)
 
     return row_dot
 
 
 def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into the kernels
     """`q8_row_dot_intrinsic` for four rows of activations at once: (w, w offset, d, d offset, x, four x
-    offsets, dx, four dx offsets, blocks) -> a 4-tuple of float32. Each weight block is loaded and
-    unpacked once for the four rows; every row's arithmetic is exactly the one-row intrinsic's (same
-    operations, same order), so its result has the same bits."""
-    from llvmlite import ir
+    offsets, dx, four dx offsets, m, xs, blocks) -> a 4-tuple of float32. Each weight block is loaded and
+    unpacked once for the four rows; every row's arithmetic is exactly the one-row intrinsic's (the same
+    generated code, `_q8_rows_codegen`), so its result has the same bits."""
     from numba import types
-    from numba.core import cgutils
     from numba.extending import intrinsic
-
-    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-    v16i8, v32i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
-    v8i32, v8f32 = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
-    bw = 32 if kind == 2 else 16
-
-    def mask(n: int, idx: list[int]) -> ir.Constant:
-        return ir.Constant(ir.VectorType(i32, n), idx)
 
     @intrinsic
     def rows4_dot(typingctx, w, woff, d, doff, x, xo0, xo1, xo2, xo3, dx, do0, do1, do2, do3, m, xs,  # noqa: ANN001, ANN202
                   nb):
         ip = types.intp
         sig = types.UniTuple(types.float32, 4)(w, ip, d, ip, x, ip, ip, ip, ip, dx, ip, ip, ip, ip, m, xs, ip)
-
-        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-            wa, da, xa, dxa, ma, xsa = (context.make_array(signature.args[i])(context, builder, args[i]).data
-                                        for i in (0, 2, 4, 9, 14, 15))
-            woff, doff, nb = args[1], args[3], args[16]
-            xoffs, dxoffs = args[5:9], args[10:14]  # xs shares dx's offsets
-            fma1 = builder.module.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
-            maccs = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(4)]
-            mod = builder.module
-            maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw",
-                                            fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
-            maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
-            psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
-            fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(4)]
-            intp = woff.type
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
-                wp = builder.gep(wa, [builder.add(woff, builder.mul(b, ir.Constant(intp, bw)))])
-                if bw == 16:
-                    packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
-                    lo = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
-                    hi = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
-                    wq = builder.shuffle_vector(lo, hi, mask(32, list(range(32))))
-                    if kind == 1:
-                        wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
-                else:
-                    wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
-                wabs = wq if kind == 0 else builder.call(psign, [wq, wq])
-                dh = builder.load(builder.gep(da, [builder.add(doff, b)]))
-                dw = builder.fpext(builder.bitcast(dh, ir.HalfType()), f32)
-                if kind == 0:
-                    mf = builder.fpext(builder.bitcast(builder.load(builder.gep(ma, [builder.add(doff, b)])),
-                                                       ir.HalfType()), f32)
-                for acc, macc, xo, dxo in zip(accs, maccs, xoffs, dxoffs):
-                    xp = builder.gep(xa, [builder.add(xo, builder.mul(b, ir.Constant(intp, 32)))])
-                    xv = builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1)
-                    p16 = builder.call(maddubs, [wabs, xv if kind == 0 else builder.call(psign, [xv, wq])])
-                    pf = builder.sitofp(builder.call(maddwd, [p16, ir.Constant(v16i16, [1] * 16)]), v8f32)
-                    scale = builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxo, b)])))
-                    sv = builder.insert_element(ir.Constant(v8f32, ir.Undefined), scale, ir.Constant(i32, 0))
-                    sv = builder.shuffle_vector(sv, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
-                    builder.store(builder.call(fma, [pf, sv, builder.load(acc)]), acc)
-                    if kind == 0:
-                        xsv = builder.load(builder.gep(xsa, [builder.add(dxo, b)]))
-                        builder.store(builder.call(fma1, [mf, xsv, builder.load(macc)]), macc)
-            outs = [_hsum(builder, builder.load(acc), builder.load(macc)) for acc, macc in zip(accs, maccs)]
-            return context.make_tuple(builder, signature.return_type, outs)
-
-        return sig, codegen
+        return sig, _q8_rows_codegen(kind, 4)
 
     return rows4_dot
 

@@ -492,11 +492,11 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 r += 4
             while r < R:
                 if kind == 1:
-                    out[r, n] = _rd_q41(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, r * nb, nb)
+                    out[r, n] = _rd_q41(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
                 elif kind == 0:
-                    out[r, n] = _rd_q40(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, r * nb, nb)
+                    out[r, n] = _rd_q40(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
                 else:
-                    out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, r * nb, nb)
+                    out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
                 r += 1
 
     return {"quantize_rows": quantize_nb, "q8a_matmul": q8a_nb}
