@@ -257,7 +257,7 @@ def warm() -> list[str]:
         return []
     import numpy as np
 
-    from . import cpu_decode, cpu_qmatmul, cpu_topk
+    from . import cpu_decode, cpu_qmatmul, cpu_step, cpu_topk
 
     f32 = np.float32
     cpu_decode.rows_matmul(np.ones((2, 8), f32), np.ones((4, 8), f32))
@@ -276,4 +276,4 @@ def warm() -> list[str]:
     cpu_topk.gather_scores(np.ones((10, 8), f32), np.arange(3), np.ones(8, f32))
     cpu_topk.gather_scores(np.ones((10, 8), np.float16), np.arange(3), np.ones(8, f32))
     return ["rows_matmul", "attend", "attend_q8", "filter_rows", "refine", "dots64", "half_scores", "gather_scores",
-            *cpu_qmatmul.warm()]
+            *cpu_qmatmul.warm(), *cpu_step.warm()]

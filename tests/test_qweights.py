@@ -218,6 +218,43 @@ def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
     torch.testing.assert_close(torch.stack(steps), got_l[1:], rtol=1e-5, atol=1e-5 * float(got_l.abs().max()))
 
 
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
+    """`kernels.cpu_step` runs every layer in one Numba call; its twin is NumpyStep's layer-by-layer path (the
+    same product and attention kernels, NumPy for the rest). Prompts of two slots, then decode steps of one
+    and two rows: the same logits (to float rounding) and the same greedy tokens."""
+    from kernels import cpu_step
+
+    path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=True)
+    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    step = ours.model._np_step
+    assert (step.fused is not None) == cpu_step.available()  # Numba and AVX2; else the layer-by-layer path
+    if step.fused is None:
+        return
+    a = ours.model.args
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        keep = step.fused
+        step.fused = keep if fused else None
+        try:
+            c = FullCache(a.n_layers, 2, a.n_kv_heads, a.head_dim, 64)
+            out = [step.extend(c, 0, [3, 17, 99, 5, 42]), step.extend(c, 1, [7, 150, 1])]
+            toks = [int(out[0][-1].argmax()), int(out[1][-1].argmax())]
+            for i in range(12):
+                rows = [0, 1] if i % 2 else [0]
+                lg = step(c, rows, toks[:len(rows)])
+                out.append(lg)
+                toks = lg.argmax(-1).tolist() + toks[len(rows):]
+            return out
+        finally:
+            step.fused = keep
+
+    fused, plain = run(True), run(False)
+    for f, p in zip(fused, plain):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-4 * float(p.abs().max()))
+        assert torch.equal(f.argmax(-1), p.argmax(-1))
+
+
 def test_tiny_gguf_resident_bytes_are_the_file_blocks(tmp_path):
     path = write_tiny_gguf(tmp_path / "t.gguf", "Q4_1")
     m = load_llm(str(path), tmp_path / "cache")

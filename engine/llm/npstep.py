@@ -28,6 +28,10 @@ place through NumPy views, and the Int8Cache layout (int8 rows and scales for
 positions older than each slot's fp32 ring of recent tokens; a token leaving
 the ring is quantised with the same arithmetic as the torch side, and the
 attention reads the int8 rows as they are: `kernels.cpu_decode.attend_q8`).
+With Q8 activations (`models.llm_activations = "q8"`) and a full cache, a
+Llama/Qwen2 model whose products are single Q4_0/Q4_1/Q8_0 matrices runs every
+layer in one Numba call instead (`kernels.cpu_step`: the same kernels, no
+Python between the layers); the layer-by-layer path below is its twin.
 Both caches can be filled by either path: a long prompt goes through the torch
 forward, the decode steps after it through this one. The torch forward stays
 the reference: tests check this step against it and against transformers'
@@ -41,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels import cpu_decode
+from kernels import cpu_decode, cpu_step
 from kernels.kv_quant import quantize_np
 
 
@@ -111,6 +115,27 @@ class NumpyStep:
             self.cos = f.real.float().numpy().copy()
             self.sin = f.imag.float().numpy().copy()
         self.eps = np.float32(a.norm_eps)
+        self.refresh(model)
+
+    def refresh(self, model: Any) -> None:
+        """Decide again whether the fused Q8 step applies (`qweights.set_activations` calls this)."""
+        self.fused = self._fused_layers(model)
+
+    def _fused_layers(self, model: Any) -> Any:
+        """`kernels.cpu_step.Q8Layers` when every layer can run in the fused Q8 step (Llama/Qwen2 layers whose
+        four products are each one Q4_0/Q4_1/Q8_0 matrix with Q8 activations, Numba with AVX2), else None."""
+        a = self.args
+        if a.arch == "gpt2" or not a.rope or not cpu_step.available():
+            return None
+        layers = []
+        for (l1w, l1b, wqkv, _, wo, _, l2w, l2b, w13, _, w2, _) in self.layers:
+            lins = (wqkv, wo, w13, w2)
+            if l1b is not None or l2b is not None or not all(
+                    getattr(lin, "activations", "") == "q8" and len(lin.parts) == 1
+                    and lin.parts[0].fmt in cpu_step.KIND for lin in lins):
+                return None
+            layers.append((l1w, l2w, lins))
+        return cpu_step.Q8Layers(layers, a.norm_eps)
 
     def _norm(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         if self.args.arch == "gpt2":  # LayerNorm
@@ -153,6 +178,11 @@ class NumpyStep:
         x = self.embed(tok)  # [R, D]
         if self.pos is not None:
             x = x + self.pos[row_pos]
+        if self.fused is not None and not int8:
+            # every layer in one Numba call (kernels.cpu_step): no Python between the layers
+            x = cpu_step.step_q8(self.fused, x, views[0], views[1], self.cos, self.sin, row_slot, row_pos, H, KVH,
+                                 hd, a.intermediate, self.scale)
+            return self._finish(cache, slots, pos, S, x, last_only)
         if a.rope:
             c = self.cos[row_pos][:, None, :]  # [R, 1, hd/2]
             s = self.sin[row_pos][:, None, :]
@@ -183,6 +213,11 @@ class NumpyStep:
                 g, u = h[:, :a.intermediate], h[:, a.intermediate:]
                 h = g / (1.0 + np.exp(-g)) * u
             x = x + _mm(h, w2, b2)
+        return self._finish(cache, slots, pos, S, x, last_only)
+
+    def _finish(self, cache: Any, slots: list[int], pos: list[int], S: int, x: np.ndarray,
+                last_only: bool) -> torch.Tensor:
+        """The final norm and the output head over the rows (or the last), and the slots' new lengths."""
         if last_only:
             x = x[-1:]
         logits = _mm(self._norm(x, *self.norm), self.head, None)

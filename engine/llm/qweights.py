@@ -333,6 +333,9 @@ def set_activations(model: Any, mode: str) -> str:
     for mod in model.modules():
         if isinstance(mod, PackedLinear):
             mod.activations = used
+    step = getattr(model, "_np_step", None)
+    if step is not None:  # the NumPy decode step: whether its fused Q8 path (kernels.cpu_step) applies
+        step.refresh(model)
     return used
 
 
