@@ -72,7 +72,7 @@ class ModelsSection(_Section):
     llm_activations: Literal["auto", "fp32", "q8"] = Field(
         "fp32", description="packed Q4_0/Q4_1/Q8_0 weights: 'fp32' = the de-quantised network exactly (up to "
                             "summation order); 'q8' = activations quantised to Q8 blocks and integer dot products "
-                            "(llama.cpp's arithmetic, AVX2; faster, top-1 = llama.cpp's at ~97 %); 'auto' = q8 "
+                            "(llama.cpp's arithmetic and speed, AVX2; top-1 = llama.cpp's at 93-96 %); 'auto' = q8 "
                             "where the CPU has AVX2")
     embedding_dtype: Literal["float32", "float16"] = "float32"
     # issue 18.2 (engine/catalog, helper h6): the catalogue's search index
