@@ -51,6 +51,39 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def _plain_service(m, prompt: list[int], max_slots: int):  # noqa: ANN001, ANN202
+    """An LLMService on the loaded model m, drafting off, warmed up with a 4-token generation."""
+    from engine.llm.batcher import GenerationRequest, LLMService
+
+    svc = LLMService(lambda: m, max_slots=max_slots, max_len=2048)
+    svc.speculate = False
+    svc.generate(GenerationRequest(prompt, max_new_tokens=4, ignore_eos=True, reuse_prefix=False))
+    return svc
+
+
+def _timed(svc, req) -> tuple:  # noqa: ANN001
+    """One generation -> (its result, tokens/s)."""
+    t = time.perf_counter()
+    r = svc.generate(req)
+    return r, r.completion_tokens / (time.perf_counter() - t)
+
+
+def _concurrently(svc, reqs) -> tuple[list, float]:  # noqa: ANN001
+    """The requests generated at once on svc, one thread each -> (results, aggregate tokens/s)."""
+    results: list = [None] * len(reqs)
+
+    def run(i: int) -> None:
+        results[i] = svc.generate(reqs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results, sum(r.completion_tokens for r in results) / (time.perf_counter() - t)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -123,12 +156,8 @@ def main() -> int:
           f"{plain_tps * wbytes / 1e9:.1f} GB/s of weight bytes")
     if args.fp32:
         m32 = load_llm("", cache_dir, weights="fp32")
-        s32 = LLMService(lambda: m32, max_slots=1, max_len=2048)
-        s32.speculate = False
-        s32.generate(GenerationRequest(prompt, max_new_tokens=4, ignore_eos=True, reuse_prefix=False))
-        t = time.perf_counter()
-        r32 = s32.generate(req)
-        tps32 = n_new / (time.perf_counter() - t)
+        s32 = _plain_service(m32, prompt, 1)
+        r32, tps32 = _timed(s32, req)
         print(f"fp32 de-quantised weights ({m32.size_bytes() / 1e6:.0f} MB), plain decoding: {tps32:.1f} tok/s; "
               f"packed GGUF {plain_tps / tps32:.2f}x that; same tokens: {r32.token_ids == plain.token_ids}")
         s32.close()
@@ -168,18 +197,7 @@ def main() -> int:
     t = time.perf_counter()
     single = svc.generate(reqs[0])
     single_tps = single.completion_tokens / (time.perf_counter() - t)
-    results: list = [None] * 8
-
-    def run(i: int) -> None:
-        results[i] = svc.generate(reqs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    agg = sum(r.completion_tokens for r in results) / (time.perf_counter() - t)
+    _, agg = _concurrently(svc, reqs)
     r8 = agg / single_tps
     print(f"8 concurrent requests: {agg:.1f} tok/s aggregate vs {single_tps:.1f} tok/s single stream -> "
           f"{r8:.2f}x [target >= 4x: {_verdict(r8 >= 4)}]")
@@ -269,24 +287,9 @@ def main() -> int:
         # models.llm_activations = "q8": llama.cpp's arithmetic (Q8 activations, AVX2 integer dot products)
         mq = load_llm("", cache_dir, activations="q8")
         if mq.extra.get("activations") == "q8":
-            sq = LLMService(lambda: mq, max_slots=8, max_len=2048)
-            sq.speculate = False
-            sq.generate(GenerationRequest(prompt, max_new_tokens=4, ignore_eos=True, reuse_prefix=False))
-            t = time.perf_counter()
-            rq = sq.generate(req)
-            q_tps = n_new / (time.perf_counter() - t)
-            qres: list = [None] * 8
-
-            def qrun(i: int) -> None:
-                qres[i] = sq.generate(reqs[i])
-
-            t = time.perf_counter()
-            qth = [threading.Thread(target=qrun, args=(i,)) for i in range(8)]
-            for th in qth:
-                th.start()
-            for th in qth:
-                th.join()
-            q_agg = sum(x.completion_tokens for x in qres) / (time.perf_counter() - t)
+            sq = _plain_service(mq, prompt, 8)
+            rq, q_tps = _timed(sq, req)
+            _, q_agg = _concurrently(sq, reqs)
             same_q = sum(a == b for a, b in zip(rq.token_ids, plain.token_ids))
             print(f"Q8 activations (models.llm_activations = q8), drafting off: {q_tps:.1f} tok/s -> "
                   f"{q_tps / l_tps:.2f}x llama.cpp [target >= 1.0x: {_verdict(q_tps / l_tps >= 1.0)}], "

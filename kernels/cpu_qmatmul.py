@@ -68,7 +68,7 @@ import functools
 
 import numpy as np
 
-from ._numba import (LOCK, dispatch, half_to_float_intrinsic, has_avx2, jit, q8_row_dot_intrinsic,
+from ._numba import (dispatch, half_to_float_intrinsic, has_avx2, jit, q8_row_dot_intrinsic,
                      q8_rows4_dot_intrinsic, round_to_half_intrinsic)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # blocks of 32 along K
@@ -502,10 +502,16 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     return {"quantize_rows": quantize_nb, "q8a_matmul": q8a_nb}
 
 
+def _q8_kernels() -> dict | None:
+    """The kernels when the Q8-activation ones are among them (Numba and an AVX2 CPU), else None (for
+    `dispatch`: the twins run)."""
+    ks = _kernels()
+    return ks if ks is not None and "q8a_matmul" in ks else None
+
+
 def q8_available() -> bool:
     """Whether the Q8-activation kernels run here (Numba and an AVX2 CPU); else `matmul_q8` runs its twins."""
-    ks = _kernels()
-    return ks is not None and "q8a_matmul" in ks
+    return _q8_kernels() is not None
 
 
 def quantize_rows(x: np.ndarray, backend: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -518,12 +524,7 @@ def quantize_rows(x: np.ndarray, backend: str | None = None) -> tuple[np.ndarray
     xq = np.empty(R * K, np.int8)
     dx = np.empty((R, K // BLOCK), np.float32)
     xs = np.empty((R, K // BLOCK), np.float32)
-    ks = None if backend == "numpy" else _kernels()
-    if ks is None or "quantize_rows" not in ks:
-        quantize_rows_reference(x, xq, dx, xs)
-    else:
-        with LOCK:
-            ks["quantize_rows"](x, xq, dx, xs)
+    dispatch(_q8_kernels, "quantize_rows", quantize_rows_reference, backend, x, xq, dx, xs)
     return xq, dx, xs
 
 
@@ -543,13 +544,10 @@ def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndar
     if out is None:
         out = np.empty((x.shape[0], qs.shape[0]), np.float32)
     xq, dx, xs = quantize_rows(x, backend)
-    ks = None if backend == "numpy" else _kernels()
-    if ks is None or "q8a_matmul" not in ks:
-        matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out)
-    else:
-        kind = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}[fmt]
-        with LOCK:
-            ks["q8a_matmul"](xq, dx, xs, qs.reshape(-1).view(np.uint8), d, d if m is None else m, kind, out)
+    dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _k, out:
+             matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out), backend,
+             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, d if m is None else m, {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}[fmt],
+             out)
     return out
 
 

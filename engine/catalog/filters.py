@@ -203,11 +203,7 @@ def filter_mask(columns: Mapping[str, np.ndarray], typed: TypedColumns | None, n
 
 def numbers_of(col: np.ndarray) -> np.ndarray:
     """A column as float64: numbers as they are, anything else NaN (matched by no range)."""
-    try:
-        return np.fromiter((float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else np.nan
-                            for x in col), dtype=np.float64, count=len(col))
-    except OverflowError:  # stored values are checked (value_problem); an engine caller may not have
-        return np.fromiter(map(_as_float, col), dtype=np.float64, count=len(col))
+    return np.fromiter(map(_as_float, col), dtype=np.float64, count=len(col))
 
 
 def _as_float(x: Any) -> float:
