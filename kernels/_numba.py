@@ -90,10 +90,15 @@ def has_avx2() -> bool:
         return False
 
 
-def _q8_rows_codegen(kind: int, n: int) -> Any:  # pragma: no cover - compiled into the kernels
-    """The LLVM code of the Q8 row dots (see `q8_row_dot_intrinsic`) for n rows of activations per weight
-    block. Arguments: (w, w offset, d, d offset, x, n x offsets, dx, n dx offsets, m, xs, blocks); xs
-    shares dx's offsets. One body for every n: each row gets the same operations in the same order."""
+def _q8_rows_codegen(kind: int, n: int, nw: int = 1) -> Any:  # pragma: no cover - compiled into the kernels
+    """The LLVM code of the Q8 row dots (see `q8_row_dot_intrinsic`) for a tile of nw weight rows x n rows of
+    activations. Arguments: (w, nw w offsets, d, nw d offsets (m's too), x, n x offsets, dx, n dx offsets, m,
+    xs, blocks); xs shares dx's offsets. Returns the nw x n sums, weight row by weight row. One body for every
+    tile: each (weight row, activation row) pair gets the same operations in the same order, in accumulators
+    of its own, so its result has the same bits in any tile. A tile shares loads (an activation block serves
+    nw weight rows, an unpacked weight block n activation rows) and interleaves independent chains: a fused
+    multiply-add waits ~5 cycles for the previous one of its chain, so one chain per call leaves the core
+    mostly idle."""
     from llvmlite import ir
     from numba.core import cgutils
 
@@ -118,49 +123,59 @@ def _q8_rows_codegen(kind: int, n: int) -> Any:  # pragma: no cover - compiled i
         return builder.fadd(s1, extra)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        arrays = (0, 2, 4, 5 + n, 6 + 2 * n, 7 + 2 * n)  # w, d, x, dx, m, xs
+        iw, idd, ix = 0, 1 + nw, 2 + 2 * nw
+        idx, im = ix + 1 + n, ix + 2 + 2 * n
         wa, da, xa, dxa, ma, xsa = (context.make_array(signature.args[i])(context, builder, args[i]).data
-                                    for i in arrays)
-        woff, doff, nb = args[1], args[3], args[8 + 2 * n]
-        xoffs, dxoffs = args[5:5 + n], args[6 + n:6 + 2 * n]
+                                    for i in (iw, idd, ix, idx, im, im + 1))
+        woffs, doffs, nb = args[iw + 1:iw + 1 + nw], args[idd + 1:idd + 1 + nw], args[im + 2]
+        xoffs, dxoffs = args[ix + 1:ix + 1 + n], args[idx + 1:idx + 1 + n]
         mod = builder.module
         maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
         maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
         psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
         fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
         fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
-        maccs = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)]
-        intp = woff.type
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
+                for _ in range(nw)]
+        maccs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)] for _ in range(nw)]
+        intp = nb.type
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
-            wp = builder.gep(wa, [builder.add(woff, builder.mul(b, ir.Constant(intp, bw)))])
-            if bw == 16:  # nibbles: low = values 0..15, high = 16..31
-                packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
-                lo = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
-                hi = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
-                wq = builder.shuffle_vector(lo, hi, mask(32, list(range(32))))
-                if kind == 1:
-                    wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
-            else:
-                wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
-            wabs = wq if kind == 0 else builder.call(psign, [wq, wq])
-            dw = half(builder, da, builder.add(doff, b))
-            mf = half(builder, ma, builder.add(doff, b)) if kind == 0 else None
-            for acc, macc, xo, dxo in zip(accs, maccs, xoffs, dxoffs):
+            xvs, dxs, xss = [], [], []
+            for xo, dxo in zip(xoffs, dxoffs):  # the activation rows' block b, loaded once for the tile
                 xp = builder.gep(xa, [builder.add(xo, builder.mul(b, ir.Constant(intp, 32)))])
-                xv = builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1)
-                p16 = builder.call(maddubs, [wabs, xv if kind == 0 else builder.call(psign, [xv, wq])])
-                pf = builder.sitofp(builder.call(maddwd, [p16, ir.Constant(v16i16, [1] * 16)]), v8f32)
-                scale = builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxo, b)])))
-                sv = builder.insert_element(ir.Constant(v8f32, ir.Undefined), scale, ir.Constant(i32, 0))
-                sv = builder.shuffle_vector(sv, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
-                builder.store(builder.call(fma, [pf, sv, builder.load(acc)]), acc)
-                if kind == 0:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
-                    xsv = builder.load(builder.gep(xsa, [builder.add(dxo, b)]))
-                    builder.store(builder.call(fma1, [mf, xsv, builder.load(macc)]), macc)
-        outs = [hsum(builder, builder.load(acc), builder.load(macc)) for acc, macc in zip(accs, maccs)]
-        return outs[0] if n == 1 else context.make_tuple(builder, signature.return_type, outs)
+                xvs.append(builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1))
+                dxs.append(builder.load(builder.gep(dxa, [builder.add(dxo, b)])))
+                xss.append(builder.load(builder.gep(xsa, [builder.add(dxo, b)])) if kind == 0 else None)
+            for t in range(nw):
+                wp = builder.gep(wa, [builder.add(woffs[t], builder.mul(b, ir.Constant(intp, bw)))])
+                if bw == 16:  # nibbles: low = values 0..15, high = 16..31
+                    packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
+                    lo = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
+                    hi = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
+                    wq = builder.shuffle_vector(lo, hi, mask(32, list(range(32))))
+                    if kind == 1:
+                        wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
+                else:
+                    wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
+                wabs = wq if kind == 0 else builder.call(psign, [wq, wq])
+                dw = half(builder, da, builder.add(doffs[t], b))
+                mf = half(builder, ma, builder.add(doffs[t], b)) if kind == 0 else None
+                for j in range(n):
+                    xv = xvs[j]
+                    p16 = builder.call(maddubs, [wabs, xv if kind == 0 else builder.call(psign, [xv, wq])])
+                    pf = builder.sitofp(builder.call(maddwd, [p16, ir.Constant(v16i16, [1] * 16)]), v8f32)
+                    scale = builder.fmul(dw, dxs[j])
+                    sv = builder.insert_element(ir.Constant(v8f32, ir.Undefined), scale, ir.Constant(i32, 0))
+                    sv = builder.shuffle_vector(sv, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
+                    acc = accs[t][j]
+                    builder.store(builder.call(fma, [pf, sv, builder.load(acc)]), acc)
+                    if kind == 0:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
+                        macc = maccs[t][j]
+                        builder.store(builder.call(fma1, [mf, xss[j], builder.load(macc)]), macc)
+        outs = [hsum(builder, builder.load(accs[t][j]), builder.load(maccs[t][j])) for t in range(nw)
+                for j in range(n)]
+        return outs[0] if n * nw == 1 else context.make_tuple(builder, signature.return_type, outs)
 
     return codegen
 
@@ -209,6 +224,30 @@ def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled int
     return rows4_dot
 
 
+@functools.cache
+def q8_tile_dot_intrinsic(kind: int, nw: int, n: int) -> Any:  # pragma: no cover - compiled into the kernels
+    """`q8_row_dot_intrinsic` for nw weight rows x n activation rows: (w, nw w offsets, d, nw d offsets, x,
+    n x offsets, dx, n dx offsets, m, xs, blocks) -> an (nw x n)-tuple of float32, weight row by weight row.
+    Every pair's arithmetic is the one-row intrinsic's (`_q8_rows_codegen`), so its result has the same bits."""
+    from numba import types
+    from numba.extending import intrinsic
+
+    names = (["w"] + [f"wo{i}" for i in range(nw)] + ["d"] + [f"do{i}" for i in range(nw)] + ["x"]
+             + [f"xo{j}" for j in range(n)] + ["dx"] + [f"dxo{j}" for j in range(n)] + ["m", "xs", "nb"])
+
+    def typer(typingctx, *args):  # noqa: ANN001, ANN202
+        ip = types.intp
+        arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n}
+        sig = types.UniTuple(types.float32, nw * n)(*[a if i in arrays else ip for i, a in enumerate(args)])
+        return sig, _q8_rows_codegen(kind, n, nw)
+
+    # an intrinsic's parameters are read from its signature: spell them out (Numba takes no *args there)
+    src = f"def tile_dot(typingctx, {', '.join(names)}):\n    return typer(typingctx, {', '.join(names)})\n"
+    scope: dict = {"typer": typer}
+    exec(src, scope)  # noqa: S102 - names generated above, no outside input
+    return intrinsic(scope["tile_dot"])
+
+
 def round_to_half_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
     """A Numba intrinsic: float32 -> the nearest fp16 value (ties to even), as float32 again: LLVM's
     `fptrunc` to half then `fpext`, i.e. NumPy's `x.astype(np.float16).astype(np.float32)`."""
@@ -227,6 +266,115 @@ def round_to_half_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
         return types.float32(types.float32), codegen
 
     return round_half
+
+
+@functools.cache
+def fma_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
+    """A Numba intrinsic: fma(a, b, c) = a x b + c in float32 with one rounding (LLVM's `llvm.fma.f32`; the
+    vfmadd of an AVX2 CPU). Kernels that reproduce another engine's float arithmetic (`kernels.cpu_ggml`) call
+    it where that engine fuses a multiply-add: without `fastmath`, LLVM never fuses one by itself."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def fma32(typingctx, a, b, c):  # noqa: ANN001, ANN202
+        if not (a == b == c == types.float32):
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            f32 = ir.FloatType()
+            fn = builder.module.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
+            return builder.call(fn, list(args))
+
+        return types.float32(types.float32, types.float32, types.float32), codegen
+
+    return fma32
+
+
+@functools.cache
+def float_bits_intrinsics() -> tuple[Any, Any]:  # pragma: no cover - compiled into the kernels
+    """Two Numba intrinsics: `bits(x)`, a float32's 32 bits as an int64 in 0 .. 2**32 - 1, and `from_bits(i)`,
+    the float32 whose bits are the low 32 bits of the int64 i (so integer arithmetic on bits can wrap as
+    32-bit SIMD integer lanes do)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def bits(typingctx, x):  # noqa: ANN001, ANN202
+        if x != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+
+        return types.int64(types.float32), codegen
+
+    @intrinsic
+    def from_bits(typingctx, i):  # noqa: ANN001, ANN202
+        if i != types.int64:
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
+
+        return types.float32(types.int64), codegen
+
+    return bits, from_bits
+
+
+@functools.cache
+def atomic_intrinsics() -> tuple[Any, Any, Any]:  # pragma: no cover - compiled into the kernels
+    """Three Numba intrinsics for threads that share one parallel region (`kernels.cpu_step`):
+    `fetch_add(a, i, v)`: a[i] += v atomically (a: int64 array), returns the old value; `load(a, i)`: a[i]
+    read atomically; `pause()`: the spin-wait hint (x86 `pause`; nothing elsewhere). All sequentially
+    consistent: a thread that reads a counter another thread raised also sees what that thread wrote first."""
+    import platform
+
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    def ptr(context: Any, builder: Any, aty: Any, arr: Any, i: Any) -> Any:
+        data = context.make_array(aty)(context, builder, arr).data
+        return builder.gep(data, [i])
+
+    @intrinsic
+    def fetch_add(typingctx, a, i, v):  # noqa: ANN001, ANN202
+        if not (isinstance(a, types.Array) and a.dtype == types.int64):
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            p = ptr(context, builder, signature.args[0], args[0], args[1])
+            return builder.atomic_rmw("add", p, context.cast(builder, args[2], signature.args[2], types.int64),
+                                      "seq_cst")
+
+        return types.int64(a, types.intp, types.int64), codegen
+
+    @intrinsic
+    def load(typingctx, a, i):  # noqa: ANN001, ANN202
+        if not (isinstance(a, types.Array) and a.dtype == types.int64):
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            return builder.load_atomic(ptr(context, builder, signature.args[0], args[0], args[1]), "seq_cst", 8)
+
+        return types.int64(a, types.intp), codegen
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+    @intrinsic
+    def pause(typingctx):  # noqa: ANN001, ANN202
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            if x86:
+                fn = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
+                builder.call(fn, [])
+            return context.get_dummy_value()
+
+        return types.none(), codegen
+
+    return fetch_add, load, pause
 
 
 CPU_BACKENDS = ("numba", "numpy")
@@ -257,7 +405,7 @@ def warm() -> list[str]:
         return []
     import numpy as np
 
-    from . import cpu_decode, cpu_qmatmul, cpu_step, cpu_topk
+    from . import cpu_decode, cpu_ggml, cpu_qmatmul, cpu_step, cpu_topk
 
     f32 = np.float32
     cpu_decode.rows_matmul(np.ones((2, 8), f32), np.ones((4, 8), f32))
@@ -276,4 +424,4 @@ def warm() -> list[str]:
     cpu_topk.gather_scores(np.ones((10, 8), f32), np.arange(3), np.ones(8, f32))
     cpu_topk.gather_scores(np.ones((10, 8), np.float16), np.arange(3), np.ones(8, f32))
     return ["rows_matmul", "attend", "attend_q8", "filter_rows", "refine", "dots64", "half_scores", "gather_scores",
-            *cpu_qmatmul.warm(), *cpu_step.warm()]
+            *cpu_qmatmul.warm(), *cpu_ggml.warm(), *cpu_step.warm()]

@@ -137,7 +137,8 @@ def matmul_reference(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: 
 
 def quantize_rows_reference(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray) -> None:
     """Activations to Q8 blocks of 32, as llama.cpp's `quantize_row_q8_1` (AVX2): per row r and block b,
-    d = max|x| / 127, xq = rint(x x (1 / d)) (0 where d is 0; ties to even), dx = d rounded to fp16 (the
+    d = max|x| / 127, xq = rint(x x (127 / max|x|)) (0 where d is 0; ties to even; 127 / max|x|, not 1 / d,
+    which differs in the last bit and moves a value across a rounding boundary now and then), dx = d rounded to fp16 (the
     block stores it as fp16), xs = fp16(d x the sum of xq), the de-quantised block's sum (the Q4_1 min's
     term: with the sum of the exact x instead, the min's term and the nibbles' term no longer cancel alike,
     and the product's error triples on SmolLM2). x [R, K] fp32 -> xq int8 [R * K] (flat), dx, xs fp32
@@ -146,7 +147,8 @@ def quantize_rows_reference(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: n
     xb = x.reshape(R, K // BLOCK, BLOCK)
     amax = np.abs(xb).max(axis=-1)
     d = (amax / np.float32(127.0)).astype(np.float32)
-    inv = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, np.float32(1.0)), np.float32(0.0)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, np.float32(1.0)), np.float32(0.0)
+                   ).astype(np.float32)
     q = np.rint(xb * inv[..., None]).astype(np.int8)
     xq[:] = q.reshape(-1)
     dx[...] = d.astype(np.float16).astype(np.float32)
@@ -429,20 +431,22 @@ def _kernels() -> dict | None:
 
 
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _rh = None  # the AVX2 row dots (module globals: see above)
+quantize_span = q8a_span = None  # the Q8 kernels' bodies over a span of rows (kernels.cpu_step calls them too)
 
 
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
-    global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _rh
+    global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _rh, quantize_span, q8a_span
     _rh = round_to_half_intrinsic()
     _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
     _r4_q41, _r4_q40, _r4_q80 = (q8_rows4_dot_intrinsic(k) for k in (0, 1, 2))
 
     @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
-    def quantize_nb(x, xq, dx, xs):  # pragma: no cover - compiled
-        R, K = x.shape
+    def quantize_span(x, xq, dxf, xsf, r0, r1):  # pragma: no cover - compiled
+        # rows r0 .. r1 - 1 of x [R, K]: xq flat [R * K], dxf / xsf flat [R * K / 32] (row stride K / 32)
+        K = x.shape[1]
         nb = K // 32
-        for r in range(R):
+        for r in range(r0, r1):
             for b in range(nb):
                 amax = np.float32(0.0)
                 for j in range(32):
@@ -450,28 +454,23 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     if v > amax:
                         amax = v
                 d = amax / np.float32(127.0)
-                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
                 s = 0
                 for j in range(32):
                     q = np.int8(np.rint(x[r, b * 32 + j] * inv))
                     xq[(r * nb + b) * 32 + j] = q
                     s += np.int32(q)
-                dx[r, b] = _rh(d)
-                xs[r, b] = _rh(d * np.float32(s))
+                dxf[r * nb + b] = _rh(d)
+                xsf[r * nb + b] = _rh(d * np.float32(s))
 
-    @njit(parallel=True, cache=True, nogil=True)
-    def q8a_nb(xq, dx, xs, qs, d, m, kind, out):  # pragma: no cover - compiled
-        # qs: the weight bytes flat (uint8), d / m: [N, nb] fp16 bits; rows of x four at a time (each
-        # weight block unpacked once for them), the rest one by one: the same arithmetic per row either way
-        R, nb = dx.shape
-        N = d.shape[0]
-        dxf = dx.reshape(-1)
-        xsf = xs.reshape(-1)
-        df = d.reshape(-1)
-        mf = m.reshape(-1)
+    @njit(cache=True, nogil=True)
+    def q8a_span(xq, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
+        # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1. qs: the weight
+        # bytes flat (uint8), df / mf: fp16 bits flat [N * nb]; rows of x four at a time (each weight block
+        # unpacked once for them), the rest one by one: the same arithmetic per row either way
         bw = 32 if kind == 2 else 16
         xr = nb * 32
-        for n in prange(N):
+        for n in range(n0, n1):
             wo = n * nb * bw
             do = n * nb
             r = 0
@@ -498,6 +497,18 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 else:
                     out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
                 r += 1
+
+    @njit(cache=True, nogil=True)
+    def quantize_nb(x, xq, dx, xs):  # pragma: no cover - compiled
+        quantize_span(x, xq, dx.reshape(-1), xs.reshape(-1), 0, x.shape[0])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def q8a_nb(xq, dx, xs, qs, d, m, kind, out):  # pragma: no cover - compiled
+        R, nb = dx.shape
+        N = d.shape[0]
+        dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
+        for n in prange(N):
+            q8a_span(xq, dxf, xsf, qs, df, mf, kind, R, nb, n, n + 1, out)
 
     return {"quantize_rows": quantize_nb, "q8a_matmul": q8a_nb}
 

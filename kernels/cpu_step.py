@@ -1,21 +1,29 @@
 """One decode step of a Llama-family decoder in a single Numba call, on Q8 activations (issue 13).
 
-    layers_out = step_q8(x, tables..., caches..., rows...)     # every layer, no Python in between
+    layers_out = step_q8(layers, x, K, V, cos, sin, rows...)   # every layer, no Python in between
 
 `engine.llm.npstep.NumpyStep` runs a step layer by layer from Python: per layer
 about 25 NumPy operations and 8 kernel calls, ~8 ms of a 23.5 ms step on
 SmolLM2 (30 layers) with Q8 activations, where llama.cpp's whole step is
 13.8 ms. This kernel runs the same layers inside one compiled function:
-RMSNorm, the Q8 products (`cpu_qmatmul`'s `quantize_rows` and `q8a_matmul`
-kernels, called from here), the optional biases, RoPE on the interleaved pairs,
-the K/V writes into the full cache, the attention (`cpu_decode`'s `attend`
-kernel), the output projection, SwiGLU and the residuals. Its twin is
-NumpyStep's own path (the same products and attention kernels; the norms,
-RoPE and SiLU there are NumPy expressions, summed in another order), which the
-tests compare it with.
+RMSNorm, the Q8 products (`cpu_qmatmul`'s `quantize_span` and `q8a_span`), the
+optional biases, RoPE, the K/V writes into the full cache, the attention, the
+output projection, SwiGLU and the residuals, with llama.cpp's arithmetic
+between the products (`kernels.cpu_ggml`). Its twin is NumpyStep's own path
+(the same kernels called one by one), which the tests compare it with bit for
+bit.
 
-What it serves (`supports` in `engine.llm.npstep`): Llama/Qwen2 layers (RMSNorm,
-RoPE, SwiGLU) whose four products are each one Q4_0/Q4_1/Q8_0 matrix with Q8
+One parallel region for the whole step: every thread runs the same sequence of
+phases (per layer: norm, qkv, RoPE, attention, ..., the FFN's down product)
+and takes a phase's items (a row, a (row, kv head) task, a run of a product's
+output rows) from an atomic counter; a thread that finds none left waits until
+the phase's finished-counter says all are done. Launching a parallel loop per
+product instead (4 x 30 per step, plus the attention's) costs a thread wake-up
+each. No thread waits for a particular other one, so the step finishes with
+any number of threads, one included.
+
+What it serves (`NumpyStep._fused_layers`): Llama/Qwen2 layers (RMSNorm, RoPE,
+SwiGLU) whose four products are each one Q4_0/Q4_1/Q8_0 matrix with Q8
 activations, a full KV cache on the CPU, Numba and AVX2. Anything else takes the
 layer-by-layer path.
 """
@@ -28,21 +36,25 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cpu_decode, cpu_qmatmul
-from ._numba import jit
+from . import cpu_ggml, cpu_qmatmul
+from ._numba import atomic_intrinsics, fma_intrinsic, jit
 
-_quant = _q8a = _attend = product = rmsnorm = None  # set by _kernels(): module globals, as a closure variable
-# (even a jitted function) would keep Numba's on-disk cache from ever matching (see cpu_qmatmul._kernels)
+# set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
+# cache from ever matching (see cpu_qmatmul._kernels)
+_quant = _span = _attend = _norm_row = _expf = _fma = _add = _load = _pause = None
+claim = finish = wait = layers_nb = None
+PHASES = 10  # phases per layer (see worker)
+ITEMS = 4  # a product's items per thread (see product)
 
 
 def _drop_stale_cache() -> None:
     """Numba's on-disk cache of this module's kernels is keyed on this file alone, but they compile in the
-    kernels they call from cpu_qmatmul, cpu_decode and _numba: cached entries older than any of those files
+    kernels they call from cpu_qmatmul, cpu_ggml and _numba: cached entries older than any of those files
     are removed, so a changed callee is compiled in again (the cache beside the sources; a cache elsewhere,
     NUMBA_CACHE_DIR, is not checked)."""
     here = Path(__file__)
     with contextlib.suppress(OSError):
-        newest = max(here.with_name(f).stat().st_mtime for f in ("cpu_qmatmul.py", "cpu_decode.py", "_numba.py"))
+        newest = max(here.with_name(f).stat().st_mtime for f in ("cpu_qmatmul.py", "cpu_ggml.py", "_numba.py"))
         for f in (here.parent / "__pycache__").glob(f"{here.stem}.*.nb[ic]"):
             if f.stat().st_mtime < newest:
                 f.unlink(missing_ok=True)
@@ -53,99 +65,205 @@ def _kernels() -> dict | None:
     if jit() is None or not cpu_qmatmul.q8_available():
         return None
     _drop_stale_cache()
-    # the cached step calls parallel kernels: their scheduler symbols (allocate_sched, ...) must be known to
-    # LLVM before the cached code is linked, or loading it aborts the process ("Symbol not found"); they are
+    # the step is a parallel kernel: Numba's scheduler symbols (allocate_sched, ...) must be known to LLVM
+    # before its cached code is linked, or loading it aborts the process ("Symbol not found"); they are
     # registered when Numba's threading layer starts, which a fresh process has not done yet
     from numba.np.ufunc.parallel import _launch_threads
 
     _launch_threads()
-    njit, _prange = jit()  # type: ignore[misc]
-    global _quant, _q8a, _attend, product, rmsnorm
-    qk = cpu_qmatmul._kernels()
-    _quant, _q8a = qk["quantize_rows"], qk["q8a_matmul"]
-    _attend = cpu_decode._kernels()["attend"]
+    njit, prange = jit()  # type: ignore[misc]
+    global _quant, _span, _attend, _norm_row, _expf, _fma, _add, _load, _pause, claim, finish, wait, layers_nb
+    cpu_qmatmul._kernels()
+    cpu_ggml._kernels()
+    _quant, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.q8a_span
+    _attend, _norm_row, _expf = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.v_expf
+    _fma = fma_intrinsic()
+    _add, _load, _pause = atomic_intrinsics()
+
+    # phase k's counters: sync[k * 16] hands out its items, sync[k * 16 + 8] counts those finished (apart:
+    # one cache line each)
+    @njit(cache=True, nogil=True, inline="always")
+    def claim(sync, k):  # pragma: no cover - compiled
+        return _add(sync, k * 16, 1)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def finish(sync, k):  # pragma: no cover - compiled
+        _add(sync, k * 16 + 8, 1)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def wait(sync, k, n):  # pragma: no cover - compiled
+        while _load(sync, k * 16 + 8) < n:
+            _pause()
 
     @njit(cache=True, nogil=True)
-    def product(x, qs, d, m, kind, bias, out):  # pragma: no cover - compiled
-        R, K = x.shape
-        nb = K // 32
-        xq = np.empty(R * K, np.int8)
-        dx = np.empty((R, nb), np.float32)
-        xs = np.empty((R, nb), np.float32)
-        _quant(x, xq, dx, xs)
-        _q8a(xq, dx, xs, qs, d, m, kind, out)
-        if bias.shape[0]:
-            for r in range(R):
-                for n in range(out.shape[1]):
-                    out[r, n] += bias[n]
+    def product(sync, ph, threads, xq, dxf, xsf, qs, d, m, kind, bias, R, nb, N, out):  # pragma: no cover
+        # one phase: the product's output rows in ~ITEMS items per thread (whole tiles of 4 rows), claimed by
+        # whichever thread is free: long runs of rows (the weights stream in order), evenly shared
+        chunk = max(4, (N + ITEMS * threads - 1) // (ITEMS * threads) + 3) // 4 * 4
+        items = (N + chunk - 1) // chunk
+        df, mf = d.reshape(-1), m.reshape(-1)
+        while True:
+            i = claim(sync, ph)
+            if i >= items:
+                break
+            n0 = i * chunk
+            n1 = min(n0 + chunk, N)
+            _span(xq, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out)
+            if bias.shape[0]:
+                for r in range(R):
+                    for n in range(n0, n1):
+                        out[r, n] += bias[n]
+            finish(sync, ph)
+        wait(sync, ph, items)
 
     @njit(cache=True, nogil=True)
-    def rmsnorm(x, w, eps, out):  # pragma: no cover - compiled
-        R, D = x.shape
-        for r in range(R):
-            ss = np.float32(0.0)
-            for i in range(D):
-                ss += x[r, i] * x[r, i]
-            inv = np.float32(1.0) / np.sqrt(ss / np.float32(D) + eps)
-            for i in range(D):
-                out[r, i] = x[r, i] * inv * w[i]
-
-    @njit(cache=True, nogil=True)
-    def step_nb(x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m, w13_b,
-                w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps,
-                scale):  # pragma: no cover - compiled
+    def worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m,
+               w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps,
+               scale, batch, h, xq, dxf, xsf, qkv, q, att, o, gu, act):  # pragma: no cover - compiled
         R, D = x.shape
         L = kinds.shape[0]
         nq, nk = H * hd, KVH * hd
         half = hd // 2
+        vec = inter - inter % 8
+        T = 0
+        for r in range(R):
+            T = max(T, row_pos[r] + 1)
+        p = np.zeros(T + 8, np.float32)  # this thread's attention scratch
+        lanes = np.empty(32, np.float32)
+        acc = np.empty((32, hd), np.float32)
+        ph = 0
+        for layer in range(L):
+            Kl = K[layer]
+            Vl = V[layer]
+            while True:  # rows: the last layer's FFN output added, RMSNorm, Q8 blocks
+                r = claim(sync, ph)
+                if r >= R:
+                    break
+                if layer:
+                    for i in range(D):
+                        x[r, i] += o[r, i]
+                _norm_row(x[r], ln1[layer], eps, h[r])
+                _quant(h, xq, dxf, xsf, r, r + 1)
+                finish(sync, ph)
+            wait(sync, ph, R)
+            ph += 1
+            product(sync, ph, threads, xq, dxf, xsf, qkv_qs[layer], qkv_d[layer], qkv_m[layer], kinds[layer, 0],
+                    qkv_b[layer], R, D // 32, nq + 2 * nk, qkv)
+            ph += 1
+            while True:  # rows: RoPE (ggml's fused multiply-adds), K and V into the cache
+                r = claim(sync, ph)
+                if r >= R:
+                    break
+                pos = row_pos[r]
+                s = row_slot[r]
+                for hh in range(H):
+                    base = hh * hd
+                    for j in range(half):
+                        x0 = qkv[r, base + 2 * j]
+                        x1 = qkv[r, base + 2 * j + 1]
+                        q[r, hh, 2 * j] = _fma(x0, cos[pos, j], -(x1 * sin[pos, j]))
+                        q[r, hh, 2 * j + 1] = _fma(x0, sin[pos, j], x1 * cos[pos, j])
+                for hh in range(KVH):
+                    base = nq + hh * hd
+                    for j in range(half):
+                        x0 = qkv[r, base + 2 * j]
+                        x1 = qkv[r, base + 2 * j + 1]
+                        Kl[s, hh, pos, 2 * j] = _fma(x0, cos[pos, j], -(x1 * sin[pos, j]))
+                        Kl[s, hh, pos, 2 * j + 1] = _fma(x0, sin[pos, j], x1 * cos[pos, j])
+                    for i in range(hd):
+                        Vl[s, hh, pos, i] = qkv[r, nq + nk + hh * hd + i]
+                finish(sync, ph)
+            wait(sync, ph, R)
+            ph += 1
+            while True:  # (row, kv head) tasks: the attention
+                t = claim(sync, ph)
+                if t >= R * KVH:
+                    break
+                r = t // KVH
+                _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, t - r * KVH, p, lanes, acc)
+                finish(sync, ph)
+            wait(sync, ph, R * KVH)
+            ph += 1
+            a2 = att.reshape(R, nq)
+            while True:  # rows: the attention's output to Q8 blocks
+                r = claim(sync, ph)
+                if r >= R:
+                    break
+                _quant(a2, xq, dxf, xsf, r, r + 1)
+                finish(sync, ph)
+            wait(sync, ph, R)
+            ph += 1
+            product(sync, ph, threads, xq, dxf, xsf, wo_qs[layer], wo_d[layer], wo_m[layer], kinds[layer, 1], wo_b[layer],
+                    R, nq // 32, D, o)
+            ph += 1
+            while True:  # rows: the residual, RMSNorm, Q8 blocks
+                r = claim(sync, ph)
+                if r >= R:
+                    break
+                for i in range(D):
+                    x[r, i] += o[r, i]
+                _norm_row(x[r], ln2[layer], eps, h[r])
+                _quant(h, xq, dxf, xsf, r, r + 1)
+                finish(sync, ph)
+            wait(sync, ph, R)
+            ph += 1
+            product(sync, ph, threads, xq, dxf, xsf, w13_qs[layer], w13_d[layer], w13_m[layer], kinds[layer, 2],
+                    w13_b[layer], R, D // 32, 2 * inter, gu)
+            ph += 1
+            while True:  # rows: SwiGLU (ggml's exp on 8-lane groups, libm's on the rest), Q8 blocks
+                r = claim(sync, ph)
+                if r >= R:
+                    break
+                for i in range(vec):
+                    g = gu[r, i]
+                    act[r, i] = g / (np.float32(1.0) + _expf(np.float32(0.0) - g)) * gu[r, inter + i]
+                for i in range(vec, inter):
+                    g = gu[r, i]
+                    act[r, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, inter + i]
+                _quant(act, xq, dxf, xsf, r, r + 1)
+                finish(sync, ph)
+            wait(sync, ph, R)
+            ph += 1
+            product(sync, ph, threads, xq, dxf, xsf, w2_qs[layer], w2_d[layer], w2_m[layer], kinds[layer, 3], w2_b[layer],
+                    R, inter // 32, D, o)
+            ph += 1
+        while True:  # rows: the last layer's FFN output added
+            r = claim(sync, ph)
+            if r >= R:
+                break
+            for i in range(D):
+                x[r, i] += o[r, i]
+            finish(sync, ph)
+        wait(sync, ph, R)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def layers_nb(threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m,
+                  w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps,
+                  scale, batch):  # pragma: no cover - compiled
+        R, D = x.shape
+        L = kinds.shape[0]
+        nq, nk = H * hd, KVH * hd
+        kmax = max(D, nq, inter)
+        sync = np.zeros((PHASES * L + 1) * 16, np.int64)
         h = np.empty((R, D), np.float32)
+        xq = np.empty(R * kmax, np.int8)
+        dxf = np.empty(R * kmax // 32, np.float32)
+        xsf = np.empty(R * kmax // 32, np.float32)
         qkv = np.empty((R, nq + 2 * nk), np.float32)
         q = np.empty((R, H, hd), np.float32)
         att = np.empty((R, H, hd), np.float32)
         o = np.empty((R, D), np.float32)
         gu = np.empty((R, 2 * inter), np.float32)
         act = np.empty((R, inter), np.float32)
-        for layer in range(L):
-            rmsnorm(x, ln1[layer], eps, h)
-            product(h, qkv_qs[layer], qkv_d[layer], qkv_m[layer], kinds[layer, 0], qkv_b[layer], qkv)
-            Kl = K[layer]
-            Vl = V[layer]
-            for r in range(R):
-                p = row_pos[r]
-                s = row_slot[r]
-                for hh in range(H):  # RoPE on the pairs (2j, 2j + 1)
-                    base = hh * hd
-                    for j in range(half):
-                        x0 = qkv[r, base + 2 * j]
-                        x1 = qkv[r, base + 2 * j + 1]
-                        q[r, hh, 2 * j] = x0 * cos[p, j] - x1 * sin[p, j]
-                        q[r, hh, 2 * j + 1] = x0 * sin[p, j] + x1 * cos[p, j]
-                for hh in range(KVH):
-                    base = nq + hh * hd
-                    for j in range(half):
-                        x0 = qkv[r, base + 2 * j]
-                        x1 = qkv[r, base + 2 * j + 1]
-                        Kl[s, hh, p, 2 * j] = x0 * cos[p, j] - x1 * sin[p, j]
-                        Kl[s, hh, p, 2 * j + 1] = x0 * sin[p, j] + x1 * cos[p, j]
-                    for i in range(hd):
-                        Vl[s, hh, p, i] = qkv[r, nq + nk + hh * hd + i]
-            _attend(q, Kl, Vl, row_slot, row_pos, scale, att)
-            product(att.reshape(R, nq), wo_qs[layer], wo_d[layer], wo_m[layer], kinds[layer, 1], wo_b[layer], o)
-            for r in range(R):
-                for i in range(D):
-                    x[r, i] += o[r, i]
-            rmsnorm(x, ln2[layer], eps, h)
-            product(h, w13_qs[layer], w13_d[layer], w13_m[layer], kinds[layer, 2], w13_b[layer], gu)
-            for r in range(R):
-                for i in range(inter):
-                    g = gu[r, i]
-                    act[r, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, inter + i]
-            product(act, w2_qs[layer], w2_d[layer], w2_m[layer], kinds[layer, 3], w2_b[layer], o)
-            for r in range(R):
-                for i in range(D):
-                    x[r, i] += o[r, i]
+        # one parallel region for every layer: each thread runs the same phases and takes items as it comes
+        # to them; a thread that finds a phase's items gone waits for the others to finish them. No thread
+        # waits for a given other one, so any number of them (one included) finish the step
+        for _t in prange(threads):
+            worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m,
+                   w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps,
+                   scale, batch, h, xq, dxf, xsf, qkv, q, att, o, gu, act)
 
-    return {"step_q8": step_nb}
+    return {"step_q8": layers_nb}
 
 
 def available() -> bool:
@@ -190,20 +308,24 @@ class Q8Layers:
 
 
 def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-            row_slot: np.ndarray, row_pos: np.ndarray, H: int, KVH: int, hd: int, inter: int, scale: float
-            ) -> np.ndarray:
+            row_slot: np.ndarray, row_pos: np.ndarray, H: int, KVH: int, hd: int, inter: int, scale: float,
+            batch: bool = False) -> np.ndarray:
     """Run every layer on x [R, D] (changed in place and returned): rows are (slot, position) pairs whose K/V
-    are written into K, V [layers, slots, KVH, L, hd] (the full cache) before each layer's attention."""
+    are written into K, V [layers, slots, KVH, L, hd] (the full cache) before each layer's attention. cos, sin:
+    `cpu_ggml.rope_tables`; batch: the rows are several tokens of one slot (llama.cpp's prompt sums, see
+    `cpu_ggml.attend`)."""
     from ._numba import LOCK
+
+    import numba
 
     fn = _kernels()["step_q8"]  # type: ignore[index]
     t = layers.lists
     x = np.ascontiguousarray(x, dtype=np.float32)
     with LOCK:
-        fn(x, t["ln1"], t["ln2"], t["qkv_qs"], t["qkv_d"], t["qkv_m"], t["qkv_b"], t["wo_qs"], t["wo_d"], t["wo_m"],
+        fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["qkv_qs"], t["qkv_d"], t["qkv_m"], t["qkv_b"], t["wo_qs"], t["wo_d"], t["wo_m"],
            t["wo_b"], t["w13_qs"], t["w13_d"], t["w13_m"], t["w13_b"], t["w2_qs"], t["w2_d"], t["w2_m"], t["w2_b"],
            layers.kinds, K, V, cos, sin, np.asarray(row_slot, np.int64), np.asarray(row_pos, np.int64), H, KVH, hd,
-           inter, layers.eps, np.float32(scale))
+           inter, layers.eps, np.float32(scale), bool(batch))
     return x
 
 

@@ -308,7 +308,7 @@ class Transformer(nn.Module):
         """Write `ids` at positions start.. of `slot`; logits [V] of the last token ([S, V] if all_logits)."""
         step = self._numpy_step_for(cache)
         n = len(ids) if isinstance(ids, list) else int(torch.as_tensor(ids).numel())
-        if step is not None and n <= step.max_prompt_rows:
+        if step is not None and (n <= step.max_prompt_rows or step.ggml):  # Q8 activations: any length
             return step.extend(cache, slot, torch.as_tensor(ids).view(-1).tolist(), start, all_logits)
         tokens = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
         plan = cache.plan([slot], [start], tokens.shape[1])

@@ -28,10 +28,14 @@ place through NumPy views, and the Int8Cache layout (int8 rows and scales for
 positions older than each slot's fp32 ring of recent tokens; a token leaving
 the ring is quantised with the same arithmetic as the torch side, and the
 attention reads the int8 rows as they are: `kernels.cpu_decode.attend_q8`).
-With Q8 activations (`models.llm_activations = "q8"`) and a full cache, a
-Llama/Qwen2 model whose products are single Q4_0/Q4_1/Q8_0 matrices runs every
-layer in one Numba call instead (`kernels.cpu_step`: the same kernels, no
-Python between the layers); the layer-by-layer path below is its twin.
+With Q8 activations (`models.llm_activations = "q8"`) the steps between the
+products follow llama.cpp's arithmetic (`kernels.cpu_ggml`: its RMSNorm, RoPE
+tables, SwiGLU exp and attention sums), so the logits are llama.cpp's bit for
+bit on an AVX2 CPU; every prompt then runs here, in llama.cpp's micro-batches
+(`ubatch`). With a full cache, a Llama/Qwen2 model whose products are single
+Q4_0/Q4_1/Q8_0 matrices runs every layer in one Numba call instead
+(`kernels.cpu_step`: the same kernels, no Python between the layers); the
+layer-by-layer path below is its twin.
 Both caches can be filled by either path: a long prompt goes through the torch
 forward, the decode steps after it through this one. The torch forward stays
 the reference: tests check this step against it and against transformers'
@@ -45,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels import cpu_decode, cpu_step
+from kernels import cpu_decode, cpu_ggml, cpu_step
 from kernels.kv_quant import quantize_np
 
 
@@ -80,6 +84,9 @@ class NumpyStep:
     # Prompts up to this many tokens are prefilled here too; longer ones by the torch forward, whose GEMM
     # wins once the products are compute-bound (measured: 35 tokens 219 vs 281 ms, 128 tokens 691 vs 485).
     max_prompt_rows = 48
+    # With Q8 activations every prompt runs here (llama.cpp's arithmetic, `refresh`), in chunks of this many
+    # tokens: llama.cpp's default micro-batch (n_ubatch), so that a chunk of one token takes its one-token sums
+    ubatch = 512
 
     def __init__(self, model: Any) -> None:
         a = model.args
@@ -118,14 +125,22 @@ class NumpyStep:
         self.refresh(model)
 
     def refresh(self, model: Any) -> None:
-        """Decide again whether the fused Q8 step applies (`qweights.set_activations` calls this)."""
+        """Decide again whether the fused Q8 step applies and which arithmetic the steps between the products
+        follow (`qweights.set_activations` calls this)."""
+        a = self.args
+        # Q8 activations: llama.cpp's arithmetic between the products too (kernels.cpu_ggml), for Llama-style
+        # layers (RMSNorm, RoPE, SwiGLU) where those kernels run
+        self.ggml = (a.arch != "gpt2" and a.rope and cpu_ggml.available()
+                     and any(getattr(m, "activations", "") == "q8" for m in model.modules()))
+        if self.ggml and getattr(self, "gcos", None) is None:
+            self.gcos, self.gsin = cpu_ggml.rope_tables(a.rope_theta, a.head_dim, self.cos.shape[0])
         self.fused = self._fused_layers(model)
 
     def _fused_layers(self, model: Any) -> Any:
         """`kernels.cpu_step.Q8Layers` when every layer can run in the fused Q8 step (Llama/Qwen2 layers whose
         four products are each one Q4_0/Q4_1/Q8_0 matrix with Q8 activations, Numba with AVX2), else None."""
         a = self.args
-        if a.arch == "gpt2" or not a.rope or not cpu_step.available():
+        if not self.ggml or not cpu_step.available():
             return None
         layers = []
         for (l1w, l1b, wqkv, _, wo, _, l2w, l2b, w13, _, w2, _) in self.layers:
@@ -138,6 +153,8 @@ class NumpyStep:
         return cpu_step.Q8Layers(layers, a.norm_eps)
 
     def _norm(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+        if self.ggml:
+            return cpu_ggml.rmsnorm(x, w, self.eps)
         if self.args.arch == "gpt2":  # LayerNorm
             mu = x.mean(axis=-1, keepdims=True)
             d = x - mu
@@ -155,7 +172,19 @@ class NumpyStep:
         """S tokens for one slot at positions start.. (default: its current length), causal among
         themselves: a prompt, or drafted tokens to verify -> logits [S, V] (all_logits) or [V] (the last)."""
         p = cache.lengths[slot] if start is None else start
-        out = self._run(cache, [slot], [p], np.asarray(tokens, dtype=np.int64), len(tokens), not all_logits)
+        ids = np.asarray(tokens, dtype=np.int64)
+        if self.ggml and ids.size > self.ubatch:  # llama.cpp's micro-batches: the same sums chunk by chunk
+            outs = []
+            for i in range(0, ids.size, self.ubatch):
+                part = ids[i:i + self.ubatch]
+                last = i + self.ubatch >= ids.size
+                if all_logits or last:
+                    outs.append(self._run(cache, [slot], [p + i], part, part.size, not all_logits))
+                else:
+                    self._run(cache, [slot], [p + i], part, part.size, True)
+            out = torch.cat(outs) if all_logits else outs[-1]
+        else:
+            out = self._run(cache, [slot], [p], ids, ids.size, not all_logits)
         return out if all_logits else out[0]
 
     def _run(self, cache: Any, slots: list[int], pos: list[int], tok: np.ndarray, S: int,
@@ -180,10 +209,12 @@ class NumpyStep:
             x = x + self.pos[row_pos]
         if self.fused is not None and not int8:
             # every layer in one Numba call (kernels.cpu_step): no Python between the layers
-            x = cpu_step.step_q8(self.fused, x, views[0], views[1], self.cos, self.sin, row_slot, row_pos, H, KVH,
-                                 hd, a.intermediate, self.scale)
+            x = cpu_step.step_q8(self.fused, x, views[0], views[1], self.gcos, self.gsin, row_slot, row_pos, H, KVH,
+                                 hd, a.intermediate, self.scale, S > 1)
             return self._finish(cache, slots, pos, S, x, last_only)
-        if a.rope:
+        if self.ggml:
+            gc, gs = self.gcos[row_pos], self.gsin[row_pos]
+        elif a.rope:
             c = self.cos[row_pos][:, None, :]  # [R, 1, hd/2]
             s = self.sin[row_pos][:, None, :]
         for i, (l1w, l1b, wqkv, bqkv, wo, bo, l2w, l2b, w13, b13, w2, b2) in enumerate(self.layers):
@@ -191,7 +222,10 @@ class NumpyStep:
             q = qkv[:, :nq].reshape(R, H, hd)
             k = qkv[:, nq:nq + nk].reshape(R, KVH, hd)
             v = qkv[:, nq + nk:].reshape(R, KVH, hd)
-            if a.rope:  # pairs (2j, 2j + 1) rotated by angle pos * theta_j
+            if self.ggml:  # llama.cpp's tables and fused multiply-adds
+                q = cpu_ggml.rope(q, gc, gs)
+                k = cpu_ggml.rope(k, gc, gs)
+            elif a.rope:  # pairs (2j, 2j + 1) rotated by angle pos * theta_j
                 q = _rotate(q, c, s)
                 k = _rotate(k, c, s)
             if int8:
@@ -204,11 +238,16 @@ class NumpyStep:
                 K, V = views[0][i], views[1][i]
                 K[row_slot, :, row_pos] = k
                 V[row_slot, :, row_pos] = v
-                o = cpu_decode.attend(q, K, V, row_slot, row_pos, self.scale).reshape(R, nq)
+                if self.ggml:  # llama.cpp's sums: a prompt's (several tokens of a slot) or a decode step's
+                    o = cpu_ggml.attend(q, K, V, row_slot, row_pos, self.scale, S > 1).reshape(R, nq)
+                else:
+                    o = cpu_decode.attend(q, K, V, row_slot, row_pos, self.scale).reshape(R, nq)
             x = x + _mm(o, wo, bo)
             h = _mm(self._norm(x, l2w, l2b), w13, b13)
             if a.arch == "gpt2":  # tanh GELU
                 h = 0.5 * h * (1.0 + np.tanh(np.float32(0.7978845608028654) * (h + np.float32(0.044715) * h ** 3)))
+            elif self.ggml:
+                h = cpu_ggml.swiglu(h)
             else:
                 g, u = h[:, :a.intermediate], h[:, a.intermediate:]
                 h = g / (1.0 + np.exp(-g)) * u
