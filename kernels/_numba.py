@@ -377,6 +377,67 @@ def atomic_intrinsics() -> tuple[Any, Any, Any]:  # pragma: no cover - compiled 
     return fetch_add, load, pause
 
 
+@functools.cache
+def ggml_dot_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
+    """A Numba intrinsic: `dot(x, xo, y, yo, n)`, float32 arrays read flat from offsets xo, yo -> ggml_vec_dot_f32
+    (AVX2) of their n values: four 8-lane fused multiply-add accumulators over 32 values at a time, reduced
+    (0 + 2) + (1 + 3), the halves added, then (0 + 1) + (2 + 3); values past the last 32 one fused multiply-add
+    each after that. The same bits as `kernels.cpu_ggml.vec_dot_reference`."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    v8f32, v4f32 = ir.VectorType(f32, 8), ir.VectorType(f32, 4)
+
+    def mask(k: int, idx: list[int]) -> ir.Constant:
+        return ir.Constant(ir.VectorType(i32, k), idx)
+
+    @intrinsic
+    def dot(typingctx, x, xo, y, yo, n):  # noqa: ANN001, ANN202
+        if not (isinstance(x, types.Array) and x.dtype == types.float32 and isinstance(y, types.Array)
+                and y.dtype == types.float32):
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            xa = context.make_array(signature.args[0])(context, builder, args[0]).data
+            ya = context.make_array(signature.args[2])(context, builder, args[2]).data
+            xo_, yo_, n_ = args[1], args[3], args[4]
+            mod = builder.module
+            fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
+            fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
+            intp = n_.type
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(4)]
+            whole = builder.udiv(n_, ir.Constant(intp, 32))
+            with cgutils.for_range(builder, whole) as loop:
+                base = builder.mul(loop.index, ir.Constant(intp, 32))
+                for j in range(4):
+                    off = builder.add(base, ir.Constant(intp, 8 * j))
+                    xv = builder.load(builder.bitcast(builder.gep(xa, [builder.add(xo_, off)]), v8f32.as_pointer()),
+                                      align=4)
+                    yv = builder.load(builder.bitcast(builder.gep(ya, [builder.add(yo_, off)]), v8f32.as_pointer()),
+                                      align=4)
+                    builder.store(builder.call(fma, [xv, yv, builder.load(accs[j])]), accs[j])
+            a0, a1, a2, a3 = (builder.load(a) for a in accs)
+            s = builder.fadd(builder.fadd(a0, a2), builder.fadd(a1, a3))
+            t = builder.fadd(builder.shuffle_vector(s, s, mask(4, [0, 1, 2, 3])),
+                             builder.shuffle_vector(s, s, mask(4, [4, 5, 6, 7])))
+            e = [builder.extract_element(t, ir.Constant(i32, k)) for k in range(4)]
+            res = cgutils.alloca_once_value(builder, builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])))
+            start = builder.mul(whole, ir.Constant(intp, 32))
+            with cgutils.for_range(builder, builder.sub(n_, start)) as loop:
+                k = builder.add(start, loop.index)
+                xs = builder.load(builder.gep(xa, [builder.add(xo_, k)]))
+                ys = builder.load(builder.gep(ya, [builder.add(yo_, k)]))
+                builder.store(builder.call(fma1, [xs, ys, builder.load(res)]), res)
+            return builder.load(res)
+
+        return types.float32(x, types.intp, y, types.intp, types.intp), codegen
+
+    return dot
+
+
 CPU_BACKENDS = ("numba", "numpy")
 
 

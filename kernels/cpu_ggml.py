@@ -55,7 +55,7 @@ import functools
 
 import numpy as np
 
-from ._numba import dispatch, float_bits_intrinsics, fma_intrinsic, jit
+from ._numba import dispatch, float_bits_intrinsics, fma_intrinsic, ggml_dot_intrinsic, jit
 
 F32 = np.float32
 _EXP_C = tuple(F32(float.fromhex(h)) for h in (
@@ -229,7 +229,7 @@ def rope_tables_reference(base: float, n_dims: int, n_pos: int, cos: np.ndarray,
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
-_fma = _bits = _from_bits = v_expf = hsum8 = reduce32 = dot32 = rmsnorm_row = attend_task = None  # by _kernels()
+_fma = _bits = _from_bits = _dot = v_expf = expf_all = hsum8 = reduce32 = rmsnorm_row = attend_task = None  # _kernels()
 
 
 @functools.cache
@@ -237,11 +237,12 @@ def _kernels() -> dict | None:
     if jit() is None:
         return None
     njit, prange = jit()  # type: ignore[misc]
-    global _fma, _bits, _from_bits, v_expf, hsum8, reduce32, dot32, rmsnorm_row, attend_task
+    global _fma, _bits, _from_bits, _dot, v_expf, expf_all, hsum8, reduce32, rmsnorm_row, attend_task
     # module globals, not closure variables (see kernels/cpu_qmatmul.py); no fastmath anywhere here: the
     # order of every operation is the point
     _fma = fma_intrinsic()
     _bits, _from_bits = float_bits_intrinsics()
+    _dot = ggml_dot_intrinsic()
     r_, l2e, c1, c2, p5, p4, p3, p2, p1 = (float(c) for c in _EXP_C)
 
     @njit(cache=True, nogil=True, inline="always")
@@ -281,19 +282,26 @@ def _kernels() -> dict | None:
         return (t0 + t1) + (t2 + t3)
 
     @njit(cache=True, nogil=True, inline="always")
-    def dot32(x, y, acc):  # pragma: no cover - compiled
-        # ggml_vec_dot_f32 of x and y (acc: 32 scratch lanes); a length past the last 32 is a fma per value
-        n = x.shape[0]
-        whole = n - n % 32
-        for l in range(32):
-            acc[l] = np.float32(0.0)
-        for i in range(0, whole, 32):
-            for l in range(32):
-                acc[l] = _fma(x[i + l], y[i + l], acc[l])
-        s = reduce32(acc)
-        for i in range(whole, n):
-            s = _fma(x[i], y[i], s)
-        return s
+    def expf_all(p, n):  # pragma: no cover - compiled
+        # v_expf over p[:n], written without branches (both ranges computed, one kept) so that LLVM runs it
+        # eight lanes at a time: the same operations per value as v_expf
+        r = np.float32(r_)
+        for i in range(n):
+            x = p[i]
+            z = _fma(x, np.float32(l2e), r)
+            nn = z - r
+            b = _fma(-nn, np.float32(c2), _fma(-nn, np.float32(c1), x))
+            e = (_bits(z) << 23) & 0xFFFFFFFF
+            k = _from_bits(e + 0x3F800000)
+            u = b * b
+            j = _fma(_fma(_fma(np.float32(p5), b, np.float32(p4)), u, _fma(np.float32(p3), b, np.float32(p2))), u,
+                     np.float32(p1) * b)
+            near = _fma(j, k, k)
+            g = 0x82000000 if nn <= np.float32(0.0) else 0
+            s1 = _from_bits(g + 0x7F000000)
+            s2 = _from_bits(e - g)
+            far = s1 * s1 if abs(nn) > np.float32(192.0) else _fma(s2, j, s2) * s1
+            p[i] = near if abs(nn) <= np.float32(126.0) else far
 
     @njit(cache=True, nogil=True, inline="always")
     def rmsnorm_row(x, w, eps, out):  # pragma: no cover - compiled
@@ -355,16 +363,19 @@ def _kernels() -> dict | None:
         T = row_pos[r] + 1
         kb = K[row_slot[r], h]
         vb = V[row_slot[r], h]
+        kf = kb.reshape(-1)
+        qf = q.reshape(-1)
         for g in range(G):
-            qh = q[r, h * G + g]
+            qo = (r * H + h * G + g) * hd
             best = np.float32(-np.inf)
             for j in range(T):
-                s = dot32(kb[j], qh, lanes) * scale
+                s = _dot(kf, j * hd, qf, qo, hd) * scale
                 p[j] = s
                 if s > best:
                     best = s
             for j in range(T):
-                p[j] = v_expf(p[j] - best)
+                p[j] = p[j] - best
+            expf_all(p, T)
             tot = 0.0
             for j in range(0, T, 8):  # p[T:] is 0: a partial group adds zeros
                 tot += np.float64(hsum8(p, j))

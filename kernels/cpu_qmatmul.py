@@ -69,7 +69,7 @@ import functools
 import numpy as np
 
 from ._numba import (dispatch, half_to_float_intrinsic, has_avx2, jit, q8_row_dot_intrinsic,
-                     q8_rows4_dot_intrinsic, round_to_half_intrinsic)
+                     q8_rows4_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # blocks of 32 along K
 K_FORMATS = ("Q4_K", "Q6_K")  # super-blocks of 256 along K
@@ -430,16 +430,17 @@ def _kernels() -> dict | None:
     return ks
 
 
-_rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _rh = None  # the AVX2 row dots (module globals: see above)
+_rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None  # the AVX2 row dots (module globals: see above)
 quantize_span = q8a_span = None  # the Q8 kernels' bodies over a span of rows (kernels.cpu_step calls them too)
 
 
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
-    global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _rh, quantize_span, q8a_span
+    global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh, quantize_span, q8a_span
     _rh = round_to_half_intrinsic()
     _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
     _r4_q41, _r4_q40, _r4_q80 = (q8_rows4_dot_intrinsic(k) for k in (0, 1, 2))
+    _w4_q41, _w4_q40, _w4_q80 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (0, 1, 2))
 
     @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
     def quantize_span(x, xq, dxf, xsf, r0, r1):  # pragma: no cover - compiled
@@ -470,6 +471,30 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # unpacked once for them), the rest one by one: the same arithmetic per row either way
         bw = 32 if kind == 2 else 16
         xr = nb * 32
+        n0, n1 = np.int64(n0), np.int64(n1)  # a prange index is unsigned: n + 1 would be a float
+        R4 = R - R % 4
+        if R4 < R:  # rows past the last four: four weight rows at a time (four independent chains)
+            w = n0
+            while w + 4 <= n1:
+                wo, do = w * nb * bw, w * nb
+                for r in range(R4, R):
+                    if kind == 1:
+                        a = _w4_q41(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
+                                    do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                    elif kind == 0:
+                        a = _w4_q40(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
+                                    do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                    else:
+                        a = _w4_q80(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
+                                    do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                    out[r, w] = a[0]
+                    out[r, w + 1] = a[1]
+                    out[r, w + 2] = a[2]
+                    out[r, w + 3] = a[3]
+                w += 4
+            tail = w  # weight rows from here still need every row of x
+        else:
+            tail = n1
         for n in range(n0, n1):
             wo = n * nb * bw
             do = n * nb
@@ -489,6 +514,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 out[r + 2, n] = a[2]
                 out[r + 3, n] = a[3]
                 r += 4
+            if n < tail:
+                r = R  # done above, four weight rows at a time
             while r < R:
                 if kind == 1:
                     out[r, n] = _rd_q41(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
