@@ -389,7 +389,7 @@ def ggml_dot_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
     from numba.extending import intrinsic
 
     f32, i32 = ir.FloatType(), ir.IntType(32)
-    v8f32, v4f32 = ir.VectorType(f32, 8), ir.VectorType(f32, 4)
+    v8f32 = ir.VectorType(f32, 8)
 
     def mask(k: int, idx: list[int]) -> ir.Constant:
         return ir.Constant(ir.VectorType(i32, k), idx)
