@@ -47,6 +47,36 @@ def _bandwidth() -> float:
     return best
 
 
+_LLAMA_CHILD = r"""
+import json, os, sys, time
+import llama_cpp
+path, n, prompt = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+def run(k):
+    llm.reset()
+    t = time.perf_counter()
+    for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+        if i + 1 >= k:
+            break
+    return k / (time.perf_counter() - t)
+run(4)
+print(json.dumps(run(n)))
+"""
+
+
+def _llama_cpp_tps(gguf: Path, prompt: list[int], n: int) -> float | None:
+    """llama.cpp's plain greedy tokens/s on gguf (prompt evaluation included), in a child process of its own."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(gguf), str(n), json.dumps(prompt)],
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        print(f"llama.cpp child failed: {out.stderr.strip()[-500:]}")
+        return None
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -103,14 +133,17 @@ def main() -> int:
     contexts = (128, 256) if args.quick else (128, 512, 1024)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, quick={args.quick}")
 
+    from mcp_server.config import ModelsSection
+
+    act = ModelsSection().llm_activations  # the configured default ("auto": Q8 activations where AVX2 runs)
     t = time.perf_counter()
-    m = load_llm("", cache_dir)
+    m = load_llm("", cache_dir, activations=act)
     first = time.perf_counter() - t
     warms = []
     for _ in range(3):
         del m
         t = time.perf_counter()
-        m = load_llm("", cache_dir)
+        m = load_llm("", cache_dir, activations=act)
         warms.append(time.perf_counter() - t)
     warm = sorted(warms)[1]
     print(f"weights: {m.weights} ({m.size_bytes() / 1e6:.1f} MB resident, GGUF file "
@@ -265,46 +298,49 @@ def main() -> int:
     except ImportError:
         print("llama-cpp-python: not installed (pip install -e '.[bench]'); the llama.cpp ratio is skipped")
     else:
-        # same file, same 32-token prompt, n_new greedy tokens (EOS ignored: the count is fixed), its own
-        # prompt evaluation included as ours is
-        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
-
-        def llama_run(n: int) -> float:
-            llm.reset()
-            t = time.perf_counter()
-            for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
-                if i + 1 >= n:
-                    break
-            return n / (time.perf_counter() - t)
-
-        llama_run(4)
-        l_tps = llama_run(n_new)
-        r = plain_tps / l_tps
-        print(f"llama-cpp-python {llama_cpp.__version__} (same Q4_1 GGUF, {os.cpu_count()} threads): {l_tps:.1f} tok/s; "
-              f"ours packed, drafting off {plain_tps:.1f} tok/s -> {r:.2f}x [target >= 1.0x: {_verdict(r >= 1.0)}]; "
-              f"with drafting {ours_tps / l_tps:.2f}x; 8-stream aggregate {agg / l_tps:.2f}x llama.cpp's single stream "
-              f"[target >= 3x: {_verdict(agg / l_tps >= 3)}]")
-        # models.llm_activations = "q8": llama.cpp's arithmetic (Q8 activations, AVX2 integer dot products)
-        mq = load_llm("", cache_dir, activations="q8")
-        if mq.extra.get("activations") == "q8":
-            sq = _plain_service(mq, prompt, 8)
-            rq, q_tps = _timed(sq, req)
+        # same file, same 32-token prompt, n_new greedy tokens (EOS ignored: the count is fixed), prompt
+        # evaluation included on both sides. llama.cpp runs alone in a child process, as its users run it:
+        # measured in this process beside our loaded engine it ran 40-60 % slower here (31-50 vs 55-70 tok/s
+        # in one session). Three rounds, alternating with ours, so that drift on a shared machine hits both.
+        sq = _plain_service(m, prompt, 8)
+        l_runs, o_runs = [], []
+        for _ in range(1 if args.quick else 3):
+            lt = _llama_cpp_tps(gguf, prompt, n_new)
+            if lt is None:
+                break
+            l_runs.append(lt)
+            time.sleep(1)
+            rq, o = _timed(sq, req)
+            o_runs.append(o)
+            time.sleep(1)
+        if l_runs:
+            l_tps, q_tps = sorted(l_runs)[len(l_runs) // 2], sorted(o_runs)[len(o_runs) // 2]
             _, q_agg = _concurrently(sq, reqs)
-            same_q = sum(a == b for a, b in zip(rq.token_ids, plain.token_ids))
-            print(f"Q8 activations (models.llm_activations = q8), drafting off: {q_tps:.1f} tok/s -> "
-                  f"{q_tps / l_tps:.2f}x llama.cpp [target >= 1.0x: {_verdict(q_tps / l_tps >= 1.0)}], "
-                  f"{q_tps / plain_tps:.2f}x fp32 activations; 8 streams {q_agg:.1f} tok/s = {q_agg / q_tps:.2f}x "
-                  f"its single stream, {q_agg / l_tps:.2f}x llama.cpp's; greedy tokens equal to fp32 activations' "
-                  f"for the first {next((i for i, (a, b) in enumerate(zip(rq.token_ids, plain.token_ids)) if a != b), n_new)}"
-                  f" ({same_q}/{n_new} positions)")
-            sq.close()
-        else:
-            print("Q8 activations: not measured (needs Numba and an AVX2 CPU)")
-        del mq
+            r = q_tps / l_tps
+            print(f"llama-cpp-python {llama_cpp.__version__} (same Q4_1 GGUF, {os.cpu_count()} threads, alone in a "
+                  f"process) vs ours (activations: {m.extra.get('activations', 'fp32')}), drafting off, "
+                  f"rounds: " + ", ".join(f"{lt:.1f} vs {o:.1f}" for lt, o in zip(l_runs, o_runs)) + " tok/s")
+            print(f"median: llama.cpp {l_tps:.1f} tok/s, ours {q_tps:.1f} tok/s -> {r:.2f}x [target >= 1.0x: "
+                  f"{_verdict(r >= 1.0)}]; 8 streams {q_agg:.1f} tok/s = {q_agg / q_tps:.2f}x our single stream "
+                  f"[target >= 4x: {_verdict(q_agg / q_tps >= 4)}], {q_agg / l_tps:.2f}x llama.cpp's "
+                  f"[target >= 3x: {_verdict(q_agg / l_tps >= 3)}]; with drafting (first line) "
+                  f"{ours_tps / l_tps:.2f}x")
+        sq.close()
+        if l_runs and m.extra.get("activations") == "q8":
+            m32 = load_llm("", cache_dir, activations="fp32")
+            s32 = _plain_service(m32, prompt, 8)
+            r32, t32 = _timed(s32, req)
+            print(f"fp32 activations (models.llm_activations = fp32: transformers' network to float rounding), "
+                  f"drafting off: {t32:.1f} tok/s = {t32 / l_tps:.2f}x llama.cpp; Q8 activations {q_tps / t32:.2f}x "
+                  f"that")
+            s32.close()
+            del m32
         gguf_bytes = gguf.stat().st_size
-        print(f"weight bytes per token: ours {wbytes / 1e6:.1f} MB -> {plain_tps * wbytes / 1e9:.1f} GB/s "
-              f"({100 * plain_tps * wbytes / 1e9 / bw:.0f}% of the measured {bw:.1f} GB/s); llama.cpp ~{gguf_bytes / 1e6:.1f}"
-              f" MB -> {l_tps * gguf_bytes / 1e9:.1f} GB/s ({100 * l_tps * gguf_bytes / 1e9 / bw:.0f}%)")
+        if l_runs:
+            print(f"weight bytes per token: ours {wbytes / 1e6:.1f} MB -> {q_tps * wbytes / 1e9:.1f} GB/s "
+                  f"({100 * q_tps * wbytes / 1e9 / bw:.0f}% of the measured {bw:.1f} GB/s); llama.cpp "
+                  f"~{gguf_bytes / 1e6:.1f} MB -> {l_tps * gguf_bytes / 1e9:.1f} GB/s "
+                  f"({100 * l_tps * gguf_bytes / 1e9 / bw:.0f}%)")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
 

@@ -229,7 +229,7 @@ def rope_tables_reference(base: float, n_dims: int, n_pos: int, cos: np.ndarray,
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
-_fma = _bits = _from_bits = _dot = v_expf = expf_all = hsum8 = reduce32 = rmsnorm_row = attend_task = None  # _kernels()
+_fma = _bits = _from_bits = _dot = expf_all = hsum8 = rmsnorm_row = attend_task = None  # set by _kernels()
 
 
 @functools.cache
@@ -237,33 +237,13 @@ def _kernels() -> dict | None:
     if jit() is None:
         return None
     njit, prange = jit()  # type: ignore[misc]
-    global _fma, _bits, _from_bits, _dot, v_expf, expf_all, hsum8, reduce32, rmsnorm_row, attend_task
+    global _fma, _bits, _from_bits, _dot, expf_all, hsum8, rmsnorm_row, attend_task
     # module globals, not closure variables (see kernels/cpu_qmatmul.py); no fastmath anywhere here: the
     # order of every operation is the point
     _fma = fma_intrinsic()
     _bits, _from_bits = float_bits_intrinsics()
     _dot = ggml_dot_intrinsic()
     r_, l2e, c1, c2, p5, p4, p3, p2, p1 = (float(c) for c in _EXP_C)
-
-    @njit(cache=True, nogil=True, inline="always")
-    def v_expf(x):  # pragma: no cover - compiled
-        r = np.float32(r_)
-        z = _fma(x, np.float32(l2e), r)
-        n = z - r
-        b = _fma(-n, np.float32(c2), _fma(-n, np.float32(c1), x))
-        e = (_bits(z) << 23) & 0xFFFFFFFF
-        k = _from_bits(e + 0x3F800000)
-        u = b * b
-        j = _fma(_fma(_fma(np.float32(p5), b, np.float32(p4)), u, _fma(np.float32(p3), b, np.float32(p2))), u,
-                 np.float32(p1) * b)
-        if abs(n) <= np.float32(126.0):
-            return _fma(j, k, k)
-        g = 0x82000000 if n <= np.float32(0.0) else 0
-        s1 = _from_bits(g + 0x7F000000)
-        if abs(n) > np.float32(192.0):
-            return s1 * s1
-        s2 = _from_bits(e - g)
-        return _fma(s2, j, s2) * s1
 
     @njit(cache=True, nogil=True, inline="always")
     def hsum8(a, o):  # pragma: no cover - compiled
@@ -274,17 +254,9 @@ def _kernels() -> dict | None:
         return (t0 + t2) + (t1 + t3)
 
     @njit(cache=True, nogil=True, inline="always")
-    def reduce32(a):  # pragma: no cover - compiled
-        t0 = (a[0] + a[16]) + (a[8] + a[24]) + ((a[4] + a[20]) + (a[12] + a[28]))
-        t1 = (a[1] + a[17]) + (a[9] + a[25]) + ((a[5] + a[21]) + (a[13] + a[29]))
-        t2 = (a[2] + a[18]) + (a[10] + a[26]) + ((a[6] + a[22]) + (a[14] + a[30]))
-        t3 = (a[3] + a[19]) + (a[11] + a[27]) + ((a[7] + a[23]) + (a[15] + a[31]))
-        return (t0 + t1) + (t2 + t3)
-
-    @njit(cache=True, nogil=True, inline="always")
     def expf_all(p, n):  # pragma: no cover - compiled
-        # v_expf over p[:n], written without branches (both ranges computed, one kept) so that LLVM runs it
-        # eight lanes at a time: the same operations per value as v_expf
+        # ggml_v_expf (AVX2) over p[:n] in place (the same operations per value as `expf_reference`), written
+        # without branches (both ranges computed, one kept) so that LLVM runs it eight lanes at a time
         r = np.float32(r_)
         for i in range(n):
             x = p[i]
@@ -324,9 +296,12 @@ def _kernels() -> dict | None:
         R, inter = out.shape
         vec = inter - inter % 8
         for r in range(R):
+            o = out[r]
             for i in range(vec):
-                g = gu[r, i]
-                out[r, i] = g / (np.float32(1.0) + v_expf(np.float32(0.0) - g)) * gu[r, inter + i]
+                o[i] = np.float32(0.0) - gu[r, i]
+            expf_all(o, vec)
+            for i in range(vec):
+                o[i] = gu[r, i] / (np.float32(1.0) + o[i]) * gu[r, inter + i]
             for i in range(vec, inter):
                 g = gu[r, i]
                 out[r, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, inter + i]
@@ -354,9 +329,9 @@ def _kernels() -> dict | None:
                 th = th * ts
 
     @njit(cache=True, nogil=True)
-    def attend_task(q, K, V, row_slot, row_pos, scale, batch, out, r, h, p, lanes, acc):  # pragma: no cover
+    def attend_task(q, K, V, row_slot, row_pos, scale, batch, out, r, h, p, acc):  # pragma: no cover - compiled
         # row r, kv head h: its query heads over keys 0 .. row_pos[r] of its slot. Scratch: p [>= T + 8]
-        # zeros (left zero), lanes [32], acc [32, hd]
+        # zeros (left zero), acc [32, hd]
         H, hd = q.shape[1], q.shape[2]
         G = H // K.shape[1]
         width = 8 if batch else 32
@@ -382,19 +357,32 @@ def _kernels() -> dict | None:
             inv = np.float32(1.0 / tot)
             for j in range(T):
                 p[j] = p[j] * inv
-            acc[:width] = np.float32(0.0)
-            for j in range(T):
-                a = acc[j % width]
-                w = p[j]
-                vj = vb[j]
+            for l in range(width):
                 for d in range(hd):
-                    a[d] = _fma(vj[d], w, a[d])
-            o = out[r, h * G + g]
-            for d in range(hd):
-                for l in range(width):
-                    lanes[l] = acc[l, d]
-                o[d] = hsum8(lanes, 0) if batch else reduce32(lanes)
-            p[:T] = np.float32(0.0)
+                    acc[l, d] = np.float32(0.0)
+            for j in range(T):
+                l = j % width
+                w = p[j]
+                for d in range(hd):
+                    acc[l, d] = _fma(vb[j, d], w, acc[l, d])
+            o = h * G + g
+            if batch:  # tinyBLAS's hsum of the 8 lanes, for every d at once
+                for d in range(hd):
+                    out[r, o, d] = ((acc[0, d] + acc[4, d]) + (acc[2, d] + acc[6, d])) + \
+                        ((acc[1, d] + acc[5, d]) + (acc[3, d] + acc[7, d]))
+            else:  # GGML_F32x8_REDUCE of the 32 lanes (see `_reduce32`), for every d at once
+                for d in range(hd):
+                    t0 = ((acc[0, d] + acc[16, d]) + (acc[8, d] + acc[24, d])) + \
+                        ((acc[4, d] + acc[20, d]) + (acc[12, d] + acc[28, d]))
+                    t1 = ((acc[1, d] + acc[17, d]) + (acc[9, d] + acc[25, d])) + \
+                        ((acc[5, d] + acc[21, d]) + (acc[13, d] + acc[29, d]))
+                    t2 = ((acc[2, d] + acc[18, d]) + (acc[10, d] + acc[26, d])) + \
+                        ((acc[6, d] + acc[22, d]) + (acc[14, d] + acc[30, d]))
+                    t3 = ((acc[3, d] + acc[19, d]) + (acc[11, d] + acc[27, d])) + \
+                        ((acc[7, d] + acc[23, d]) + (acc[15, d] + acc[31, d]))
+                    out[r, o, d] = (t0 + t1) + (t2 + t3)
+            for j in range(T):
+                p[j] = np.float32(0.0)
 
     @njit(parallel=True, cache=True, nogil=True)
     def attend_nb(q, K, V, row_slot, row_pos, scale, batch, out):  # pragma: no cover - compiled
@@ -403,7 +391,7 @@ def _kernels() -> dict | None:
         for task in prange(R * KVH):
             r = task // KVH
             attend_task(q, K, V, row_slot, row_pos, scale, batch, out, r, task - r * KVH,
-                        np.zeros(row_pos[r] + 9, np.float32), np.empty(32, np.float32), np.empty((32, hd), np.float32))
+                        np.zeros(row_pos[r] + 9, np.float32), np.empty((32, hd), np.float32))
 
     return {"rmsnorm": rmsnorm_nb, "swiglu": swiglu_nb, "rope": rope_nb, "rope_tables": rope_tables_nb,
             "attend": attend_nb}

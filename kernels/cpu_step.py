@@ -41,8 +41,8 @@ from ._numba import atomic_intrinsics, fma_intrinsic, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
-_quant = _span = _attend = _norm_row = _expf = _fma = _add = _load = _pause = None
-claim = finish = wait = layers_nb = None
+_quant = _span = _attend = _norm_row = _expf_all = _fma = _add = _load = _pause = None
+claim = finish = wait = product = worker = None
 PHASES = 10  # phases per layer (see worker)
 ITEMS = 4  # a product's items per thread (see product)
 
@@ -72,11 +72,11 @@ def _kernels() -> dict | None:
 
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
-    global _quant, _span, _attend, _norm_row, _expf, _fma, _add, _load, _pause, claim, finish, wait, layers_nb
+    global _quant, _span, _attend, _norm_row, _expf_all, _fma, _add, _load, _pause, claim, finish, wait, product, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
     _quant, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.q8a_span
-    _attend, _norm_row, _expf = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.v_expf
+    _attend, _norm_row, _expf_all = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.expf_all
     _fma = fma_intrinsic()
     _add, _load, _pause = atomic_intrinsics()
 
@@ -129,7 +129,6 @@ def _kernels() -> dict | None:
         for r in range(R):
             T = max(T, row_pos[r] + 1)
         p = np.zeros(T + 8, np.float32)  # this thread's attention scratch
-        lanes = np.empty(32, np.float32)
         acc = np.empty((32, hd), np.float32)
         ph = 0
         for layer in range(L):
@@ -180,7 +179,7 @@ def _kernels() -> dict | None:
                 if t >= R * KVH:
                     break
                 r = t // KVH
-                _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, t - r * KVH, p, lanes, acc)
+                _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, t - r * KVH, p, acc)
                 finish(sync, ph)
             wait(sync, ph, R * KVH)
             ph += 1
@@ -214,9 +213,12 @@ def _kernels() -> dict | None:
                 r = claim(sync, ph)
                 if r >= R:
                     break
+                ar = act[r]
                 for i in range(vec):
-                    g = gu[r, i]
-                    act[r, i] = g / (np.float32(1.0) + _expf(np.float32(0.0) - g)) * gu[r, inter + i]
+                    ar[i] = np.float32(0.0) - gu[r, i]
+                _expf_all(ar, vec)  # ggml_v_expf, eight lanes at a time
+                for i in range(vec):
+                    ar[i] = gu[r, i] / (np.float32(1.0) + ar[i]) * gu[r, inter + i]
                 for i in range(vec, inter):
                     g = gu[r, i]
                     act[r, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, inter + i]
