@@ -55,6 +55,22 @@ def jit() -> tuple[Any, Any] | None:
     return njit, prange
 
 
+def drop_stale_cache(module_file: str, deps: tuple[str, ...]) -> None:
+    """Numba's on-disk cache of a module's kernels is keyed on that file alone, but they compile in code from
+    other files of this package (this one's intrinsics, other modules' kernels): cached entries older than any
+    of `deps` (file names beside module_file) are removed, so a changed callee is compiled in again. Only the
+    cache beside the sources is checked (not one under NUMBA_CACHE_DIR)."""
+    import contextlib
+    from pathlib import Path
+
+    here = Path(module_file)
+    with contextlib.suppress(OSError):
+        newest = max(here.with_name(f).stat().st_mtime for f in deps)
+        for f in (here.parent / "__pycache__").glob(f"{here.stem}.*.nb[ic]"):
+            if f.stat().st_mtime < newest:
+                f.unlink(missing_ok=True)
+
+
 @functools.cache
 def half_to_float_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
     """A Numba intrinsic: uint16 bits of an fp16 value -> float32, as LLVM's `fpext half to float`: exact

@@ -55,7 +55,7 @@ import functools
 
 import numpy as np
 
-from ._numba import dispatch, float_bits_intrinsics, fma_intrinsic, ggml_dot_intrinsic, jit
+from ._numba import dispatch, drop_stale_cache, float_bits_intrinsics, fma_intrinsic, ggml_dot_intrinsic, jit
 
 F32 = np.float32
 _EXP_C = tuple(F32(float.fromhex(h)) for h in (
@@ -236,6 +236,7 @@ _fma = _bits = _from_bits = _dot = expf_all = hsum8 = rmsnorm_row = attend_task 
 def _kernels() -> dict | None:
     if jit() is None:
         return None
+    drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
     global _fma, _bits, _from_bits, _dot, expf_all, hsum8, rmsnorm_row, attend_task
     # module globals, not closure variables (see kernels/cpu_qmatmul.py); no fastmath anywhere here: the

@@ -68,7 +68,7 @@ import functools
 
 import numpy as np
 
-from ._numba import (dispatch, half_to_float_intrinsic, has_avx2, jit, q8_row_dot_intrinsic,
+from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, jit, q8_row_dot_intrinsic,
                      q8_rows4_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # blocks of 32 along K
@@ -184,6 +184,7 @@ _h2f = q4k_scales = tile_dot = unpack_q4 = unpack_q8 = unpack_q4k = unpack_q6k =
 def _kernels() -> dict | None:
     if jit() is None:
         return None
+    drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
     global _h2f, q4k_scales, tile_dot, unpack_q4, unpack_q8, unpack_q4k, unpack_q6k
     # helpers are module globals: a closure variable (even another jitted function) would keep Numba's

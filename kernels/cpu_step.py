@@ -30,14 +30,12 @@ layer-by-layer path.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from pathlib import Path
 
 import numpy as np
 
 from . import cpu_ggml, cpu_qmatmul
-from ._numba import atomic_intrinsics, fma_intrinsic, jit
+from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
@@ -47,24 +45,11 @@ PHASES = 10  # phases per layer (see worker)
 ITEMS = 4  # a product's items per thread (see product)
 
 
-def _drop_stale_cache() -> None:
-    """Numba's on-disk cache of this module's kernels is keyed on this file alone, but they compile in the
-    kernels they call from cpu_qmatmul, cpu_ggml and _numba: cached entries older than any of those files
-    are removed, so a changed callee is compiled in again (the cache beside the sources; a cache elsewhere,
-    NUMBA_CACHE_DIR, is not checked)."""
-    here = Path(__file__)
-    with contextlib.suppress(OSError):
-        newest = max(here.with_name(f).stat().st_mtime for f in ("cpu_qmatmul.py", "cpu_ggml.py", "_numba.py"))
-        for f in (here.parent / "__pycache__").glob(f"{here.stem}.*.nb[ic]"):
-            if f.stat().st_mtime < newest:
-                f.unlink(missing_ok=True)
-
-
 @functools.cache
 def _kernels() -> dict | None:
     if jit() is None or not cpu_qmatmul.q8_available():
         return None
-    _drop_stale_cache()
+    drop_stale_cache(__file__, ("cpu_qmatmul.py", "cpu_ggml.py", "_numba.py"))
     # the step is a parallel kernel: Numba's scheduler symbols (allocate_sched, ...) must be known to LLVM
     # before its cached code is linked, or loading it aborts the process ("Symbol not found"); they are
     # registered when Numba's threading layer starts, which a fresh process has not done yet

@@ -230,8 +230,10 @@ def test_generate_text_disconnected_stops_decoding(http_srv):
     warm = owner.call("generate_text", {"prompt": "Hi", "max_new_tokens": 2})  # loads the model
     if "job_id" in (warm.get("structuredContent") or {}):  # the load outlasted the 3 s deadline
         assert _wait_job(owner, warm["structuredContent"]["job_id"], ("done", "error"))["status"] == "done"
+    # sampled, so that no draft speeds it up: 1024 plain decoding steps (~14 s here); greedy counting with
+    # prompt-lookup drafting finished all 1024 tokens in under 3 s, before the client could leave
     args = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "raw": True, "max_new_tokens": 1024,
-            "repetition_penalty": 1.0}
+            "repetition_penalty": 1.0, "temperature": 0.7, "seed": 7}
     mark = srv.mark()
     sock = owner.raw_call("generate_text", args)
     assert read_until(sock, b"\r\n\r\n", 30).startswith(b"HTTP/1.1 200")

@@ -17,7 +17,7 @@ import gguf  # noqa: E402
 from gguf import quants  # noqa: E402
 
 from engine.llm.qweights import Packed  # noqa: E402
-from kernels import wq_matmul  # noqa: E402
+from kernels import wq_matmul
 
 
 def _gguf_bytes(p: Packed) -> np.ndarray:
