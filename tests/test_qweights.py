@@ -215,7 +215,11 @@ def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
     cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128)  # decode steps: the same rows one by one
     ours.model.prefill(cache, 0, ids[:1])
     steps = [ours.model.decode(cache, [0], [t])[0] for t in ids[1:]]
+    # a prompt's attention sums in llama.cpp's prompt order, a decode step's in its one-token order: close
     torch.testing.assert_close(torch.stack(steps), got_l[1:], rtol=1e-5, atol=1e-5 * float(got_l.abs().max()))
+    cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128)  # a draft check: the decode steps' bits
+    ours.model.prefill(cache, 0, ids[:1])
+    assert torch.equal(ours.model.extend(cache, 0, ids[1:]), torch.stack(steps))
 
 
 @pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])

@@ -304,12 +304,15 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def prefill(self, cache: Any, slot: int, ids: list[int] | torch.Tensor, start: int = 0,
-                all_logits: bool = False) -> torch.Tensor:
-        """Write `ids` at positions start.. of `slot`; logits [V] of the last token ([S, V] if all_logits)."""
+                all_logits: bool = False, prompt: bool = True) -> torch.Tensor:
+        """Write `ids` at positions start.. of `slot`; logits [V] of the last token ([S, V] if all_logits).
+        prompt=False (drafted tokens to check): with Q8 activations each token is summed as a decode step would
+        sum it, so a draft check keeps exactly the tokens plain decoding would give."""
         step = self._numpy_step_for(cache)
         n = len(ids) if isinstance(ids, list) else int(torch.as_tensor(ids).numel())
         if step is not None and (n <= step.max_prompt_rows or step.ggml):  # Q8 activations: any length
-            return step.extend(cache, slot, torch.as_tensor(ids).view(-1).tolist(), start, all_logits)
+            return step.extend(cache, slot, torch.as_tensor(ids).view(-1).tolist(), start, all_logits,
+                               batch=None if prompt else False)
         tokens = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
         plan = cache.plan([slot], [start], tokens.shape[1])
         out = self(tokens, cache, plan, last_only=not all_logits)
@@ -319,7 +322,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def extend(self, cache: Any, slot: int, ids: list[int]) -> torch.Tensor:
         """Append `ids` to `slot` at its current length; logits [S, V] of every new token (draft checks)."""
-        return self.prefill(cache, slot, ids, cache.lengths[slot], all_logits=True)
+        return self.prefill(cache, slot, ids, cache.lengths[slot], all_logits=True, prompt=False)
 
     @torch.inference_mode()
     def decode(self, cache: Any, slots: list[int], tokens: list[int] | torch.Tensor) -> torch.Tensor:

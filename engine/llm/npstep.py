@@ -168,9 +168,12 @@ class NumpyStep:
         return self._run(cache, slots, pos, tok, 1)
 
     def extend(self, cache: Any, slot: int, tokens: list[int], start: int | None = None,
-               all_logits: bool = True) -> torch.Tensor:
+               all_logits: bool = True, batch: bool | None = None) -> torch.Tensor:
         """S tokens for one slot at positions start.. (default: its current length), causal among
-        themselves: a prompt, or drafted tokens to verify -> logits [S, V] (all_logits) or [V] (the last)."""
+        themselves: a prompt, or drafted tokens to verify -> logits [S, V] (all_logits) or [V] (the last).
+        batch (Q8 activations): the attention's sums as llama.cpp's prompt evaluation takes them (None: when
+        a micro-batch has more than one token, as llama.cpp does) or as its one-token step does (False: a
+        draft check then computes exactly what decoding its tokens one by one computes)."""
         p = cache.lengths[slot] if start is None else start
         ids = np.asarray(tokens, dtype=np.int64)
         if self.ggml and ids.size > self.ubatch:  # llama.cpp's micro-batches: the same sums chunk by chunk
@@ -179,18 +182,20 @@ class NumpyStep:
                 part = ids[i:i + self.ubatch]
                 last = i + self.ubatch >= ids.size
                 if all_logits or last:
-                    outs.append(self._run(cache, [slot], [p + i], part, part.size, not all_logits))
+                    outs.append(self._run(cache, [slot], [p + i], part, part.size, not all_logits, batch))
                 else:
-                    self._run(cache, [slot], [p + i], part, part.size, True)
+                    self._run(cache, [slot], [p + i], part, part.size, True, batch)
             out = torch.cat(outs) if all_logits else outs[-1]
         else:
-            out = self._run(cache, [slot], [p], ids, ids.size, not all_logits)
+            out = self._run(cache, [slot], [p], ids, ids.size, not all_logits, batch)
         return out if all_logits else out[0]
 
     def _run(self, cache: Any, slots: list[int], pos: list[int], tok: np.ndarray, S: int,
-             last_only: bool = False) -> torch.Tensor:
-        """Rows are (slot, position) pairs: B slots x 1 token, or 1 slot x S tokens (S > 1)."""
+             last_only: bool = False, batch: bool | None = None) -> torch.Tensor:
+        """Rows are (slot, position) pairs: B slots x 1 token, or 1 slot x S tokens (S > 1). batch: see
+        `extend` (None: S > 1)."""
         a = self.args
+        batch = S > 1 if batch is None else batch
         for s, p in zip(slots, pos):
             if p + S > cache.max_len:
                 raise ValueError(f"slot {s}: {p + S} tokens exceed the cache length {cache.max_len}")
@@ -210,7 +215,7 @@ class NumpyStep:
         if self.fused is not None and not int8:
             # every layer in one Numba call (kernels.cpu_step): no Python between the layers
             x = cpu_step.step_q8(self.fused, x, views[0], views[1], self.gcos, self.gsin, row_slot, row_pos, H, KVH,
-                                 hd, a.intermediate, self.scale, S > 1)
+                                 hd, a.intermediate, self.scale, batch)
             return self._finish(cache, slots, pos, S, x, last_only)
         if self.ggml:
             gc, gs = self.gcos[row_pos], self.gsin[row_pos]
@@ -239,7 +244,7 @@ class NumpyStep:
                 K[row_slot, :, row_pos] = k
                 V[row_slot, :, row_pos] = v
                 if self.ggml:  # llama.cpp's sums: a prompt's (several tokens of a slot) or a decode step's
-                    o = cpu_ggml.attend(q, K, V, row_slot, row_pos, self.scale, S > 1).reshape(R, nq)
+                    o = cpu_ggml.attend(q, K, V, row_slot, row_pos, self.scale, batch).reshape(R, nq)
                 else:
                     o = cpu_decode.attend(q, K, V, row_slot, row_pos, self.scale).reshape(R, nq)
             x = x + _mm(o, wo, bo)
