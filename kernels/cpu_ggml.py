@@ -508,7 +508,8 @@ def _register() -> None:
                     swiglu_cases, exact, "silu(gate) x up with ggml_v_expf (AVX2 lanes)"))
     register(Kernel("ggml_rope", "numba", lambda *a: rope(*a), lambda *a: rope(*a, backend="numpy"), rope_cases,
                     exact, "RoPE on adjacent pairs with ggml's fused multiply-adds"))
-    register(Kernel("ggml_rope_tables", "numba", lambda *a: rope_tables(*a), lambda *a: rope_tables(*a, backend="numpy"),
+    register(Kernel("ggml_rope_tables", "numba", lambda *a: rope_tables(*a),
+                    lambda *a: rope_tables(*a, backend="numpy"),
                     lambda device, large: iter([((100000.0, 64, 40), "base 1e5, 64 dims, 40 positions"),
                                                 ((10000.0, 128, 9), "base 1e4, 128 dims, 9 positions"),
                                                 ((500000.0, 96, 3000), "base 5e5, 96 dims, 3000 positions")]),

@@ -138,8 +138,8 @@ def matmul_reference(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: 
 def quantize_rows_reference(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray) -> None:
     """Activations to Q8 blocks of 32, as llama.cpp's `quantize_row_q8_1` (AVX2): per row r and block b,
     d = max|x| / 127, xq = rint(x x (127 / max|x|)) (0 where d is 0; ties to even; 127 / max|x|, not 1 / d,
-    which differs in the last bit and moves a value across a rounding boundary now and then), dx = d rounded to fp16 (the
-    block stores it as fp16), xs = fp16(d x the sum of xq), the de-quantised block's sum (the Q4_1 min's
+    which differs in the last bit and moves a value across a rounding boundary now and then), dx = d rounded
+    to fp16 (the block stores it as fp16), xs = fp16(d x the sum of xq), the de-quantised block's sum (the Q4_1 min's
     term: with the sum of the exact x instead, the min's term and the nibbles' term no longer cancel alike,
     and the product's error triples on SmolLM2). x [R, K] fp32 -> xq int8 [R * K] (flat), dx, xs fp32
     [R, K / 32] (fp16 values)."""
@@ -431,13 +431,15 @@ def _kernels() -> dict | None:
     return ks
 
 
-_rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None  # the AVX2 row dots (module globals: see above)
+# the AVX2 row dots (module globals: see above)
+_rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
 quantize_span = q8a_span = None  # the Q8 kernels' bodies over a span of rows (kernels.cpu_step calls them too)
 
 
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
-    global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh, quantize_span, q8a_span
+    global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
+    global quantize_span, q8a_span
     _rh = round_to_half_intrinsic()
     _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
     _r4_q41, _r4_q40, _r4_q80 = (q8_rows4_dot_intrinsic(k) for k in (0, 1, 2))

@@ -40,7 +40,7 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
 _quant = _span = _attend = _norm_row = _expf_all = _fma = _add = _load = _pause = None
-claim = finish = wait = product = worker = None
+claim = finish = wait = product = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
 ITEMS = 4  # a product's items per thread (see product)
 
@@ -57,7 +57,8 @@ def _kernels() -> dict | None:
 
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
-    global _quant, _span, _attend, _norm_row, _expf_all, _fma, _add, _load, _pause, claim, finish, wait, product, worker
+    global _quant, _span, _attend, _norm_row, _expf_all, _fma, _add, _load, _pause
+    global claim, finish, wait, product, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
     _quant, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.q8a_span
@@ -102,6 +103,22 @@ def _kernels() -> dict | None:
         wait(sync, ph, items)
 
     @njit(cache=True, nogil=True)
+    def norm_phase(sync, ph, add, x, o, w, eps, h, xq, dxf, xsf):  # pragma: no cover - compiled
+        # one phase over the rows: x += o (when add), RMSNorm into h, h's Q8 blocks
+        R, D = x.shape
+        while True:
+            r = claim(sync, ph)
+            if r >= R:
+                break
+            if add:
+                for i in range(D):
+                    x[r, i] += o[r, i]
+            _norm_row(x[r], w, eps, h[r])
+            _quant(h, xq, dxf, xsf, r, r + 1)
+            finish(sync, ph)
+        wait(sync, ph, R)
+
+    @njit(cache=True, nogil=True)
     def worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m,
                w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps,
                scale, batch, h, xq, dxf, xsf, qkv, q, att, o, gu, act):  # pragma: no cover - compiled
@@ -119,17 +136,7 @@ def _kernels() -> dict | None:
         for layer in range(L):
             Kl = K[layer]
             Vl = V[layer]
-            while True:  # rows: the last layer's FFN output added, RMSNorm, Q8 blocks
-                r = claim(sync, ph)
-                if r >= R:
-                    break
-                if layer:
-                    for i in range(D):
-                        x[r, i] += o[r, i]
-                _norm_row(x[r], ln1[layer], eps, h[r])
-                _quant(h, xq, dxf, xsf, r, r + 1)
-                finish(sync, ph)
-            wait(sync, ph, R)
+            norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, xq, dxf, xsf)  # the last FFN output added
             ph += 1
             product(sync, ph, threads, xq, dxf, xsf, qkv_qs[layer], qkv_d[layer], qkv_m[layer], kinds[layer, 0],
                     qkv_b[layer], R, D // 32, nq + 2 * nk, qkv)
@@ -177,19 +184,10 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, dxf, xsf, wo_qs[layer], wo_d[layer], wo_m[layer], kinds[layer, 1], wo_b[layer],
-                    R, nq // 32, D, o)
+            product(sync, ph, threads, xq, dxf, xsf, wo_qs[layer], wo_d[layer], wo_m[layer], kinds[layer, 1],
+                    wo_b[layer], R, nq // 32, D, o)
             ph += 1
-            while True:  # rows: the residual, RMSNorm, Q8 blocks
-                r = claim(sync, ph)
-                if r >= R:
-                    break
-                for i in range(D):
-                    x[r, i] += o[r, i]
-                _norm_row(x[r], ln2[layer], eps, h[r])
-                _quant(h, xq, dxf, xsf, r, r + 1)
-                finish(sync, ph)
-            wait(sync, ph, R)
+            norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, xq, dxf, xsf)  # the attention's output added
             ph += 1
             product(sync, ph, threads, xq, dxf, xsf, w13_qs[layer], w13_d[layer], w13_m[layer], kinds[layer, 2],
                     w13_b[layer], R, D // 32, 2 * inter, gu)
@@ -211,8 +209,8 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, dxf, xsf, w2_qs[layer], w2_d[layer], w2_m[layer], kinds[layer, 3], w2_b[layer],
-                    R, inter // 32, D, o)
+            product(sync, ph, threads, xq, dxf, xsf, w2_qs[layer], w2_d[layer], w2_m[layer], kinds[layer, 3],
+                    w2_b[layer], R, inter // 32, D, o)
             ph += 1
         while True:  # rows: the last layer's FFN output added
             r = claim(sync, ph)
@@ -246,9 +244,9 @@ def _kernels() -> dict | None:
         # to them; a thread that finds a phase's items gone waits for the others to finish them. No thread
         # waits for a given other one, so any number of them (one included) finish the step
         for _t in prange(threads):
-            worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m,
-                   w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps,
-                   scale, batch, h, xq, dxf, xsf, qkv, q, att, o, gu, act)
+            worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d,
+                   w13_m, w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter,
+                   eps, scale, batch, h, xq, dxf, xsf, qkv, q, att, o, gu, act)
 
     return {"step_q8": layers_nb}
 
@@ -309,10 +307,10 @@ def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: 
     t = layers.lists
     x = np.ascontiguousarray(x, dtype=np.float32)
     with LOCK:
-        fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["qkv_qs"], t["qkv_d"], t["qkv_m"], t["qkv_b"], t["wo_qs"], t["wo_d"], t["wo_m"],
-           t["wo_b"], t["w13_qs"], t["w13_d"], t["w13_m"], t["w13_b"], t["w2_qs"], t["w2_d"], t["w2_m"], t["w2_b"],
-           layers.kinds, K, V, cos, sin, np.asarray(row_slot, np.int64), np.asarray(row_pos, np.int64), H, KVH, hd,
-           inter, layers.eps, np.float32(scale), bool(batch))
+        fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["qkv_qs"], t["qkv_d"], t["qkv_m"], t["qkv_b"],
+           t["wo_qs"], t["wo_d"], t["wo_m"], t["wo_b"], t["w13_qs"], t["w13_d"], t["w13_m"], t["w13_b"], t["w2_qs"],
+           t["w2_d"], t["w2_m"], t["w2_b"], layers.kinds, K, V, cos, sin, np.asarray(row_slot, np.int64),
+           np.asarray(row_pos, np.int64), H, KVH, hd, inter, layers.eps, np.float32(scale), bool(batch))
     return x
 
 

@@ -44,7 +44,8 @@ def _check(fmt: str, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torc
         raise ValueError(f"qs {tuple(qs.shape)}: expected [N, K/32, {width}] for {fmt}")
     N, nb = qs.shape[:2]
     if tuple(d.shape) != (N, nb) or (fmt == "Q4_1" and (m is None or tuple(m.shape) != (N, nb))):
-        raise ValueError(f"scales {tuple(d.shape)} / mins {None if m is None else tuple(m.shape)}: expected [{N}, {nb}]")
+        raise ValueError(f"scales {tuple(d.shape)} / mins {None if m is None else tuple(m.shape)}: "
+                         f"expected [{N}, {nb}]")
     if x.ndim != 2 or x.shape[1] != nb * BLOCK:
         raise ValueError(f"x {tuple(x.shape)}: expected [M, {nb * BLOCK}]")
 
@@ -166,8 +167,8 @@ def _register() -> None:
     for fmt in FORMATS:
         register(Kernel(f"wq_matmul_{fmt.lower()}", "triton", lambda *a: matmul(*a, backend="triton"),
                         lambda *a: matmul_reference(*a), _cases(fmt), close,
-                        f"x @ W.T with W in {fmt} blocks de-quantised in registers ({'int8' if fmt == 'Q8_0' else 'int4'}"
-                        " weight-only, gpt-fast style)"))
+                        f"x @ W.T with W in {fmt} blocks de-quantised in registers "
+                        f"({'int8' if fmt == 'Q8_0' else 'int4'} weight-only, gpt-fast style)"))
 
 
 _register()
