@@ -9,9 +9,10 @@
 Why: with Q8 activations (`models.llm_activations = "q8"`) every product
 input is rounded to int8 blocks, and a value that lands on the other side of
 a rounding boundary moves its block by a whole step. A network computed twice
-with float differences of 1e-7 (another summation order, another exp) then
-drifts apart layer by layer: on SmolLM2 a 1e-7 difference at layer 0 is a 3 %
-difference in the logits by layer 29, and the top-1 token differs from
+with float differences of 1e-7 (another summation order, another exp) flips
+a few such roundings, and the network drifts apart layer by layer: on SmolLM2
+8e-5 of layer 0's output became 3 % of the logits by layer 29, and the top-1
+token differed from
 llama.cpp's at 4-7 % of the positions of a greedy run, as far as two unrelated
 roundings of the network (measured against llama.cpp 0.3.36 with its
 intermediate tensors, `cb_eval`). So where the Q8 products already match
@@ -36,8 +37,8 @@ here too, as ggml's CPU backend computes them on an AVX2 CPU with FMA (its
   product).
 
 Checked against llama.cpp's own tensors (tests/test_q8_activations_llama_cpp.py
-compares the logits of a whole greedy run): with these the top-1 token equals
-llama.cpp's at every position measured. An AVX-512 build of llama.cpp sums in
+compares the logits of whole greedy runs): with these every logit equals
+llama.cpp's, bit for bit, at every position measured. An AVX-512 build of llama.cpp sums in
 16 lanes and would part from these in the last bit again; so would a change of
 those ggml paths.
 
