@@ -182,8 +182,15 @@ class Transformer(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
         self.args = a
-        self.tok = nn.Embedding(a.vocab_size, a.dim)
-        self.pos = nn.Embedding(a.max_pos, a.dim) if a.arch == "gpt2" else None
+        # built on the meta device (the loaders), the checkpoint fills the tables: no random init there (on
+        # meta, normal_'s first call imports torch's decompositions: 1.5-1.9 s of a first load)
+        meta = torch.empty(0).device.type == "meta"
+
+        def table(n: int) -> nn.Embedding:
+            return nn.Embedding(n, a.dim, _weight=torch.empty(n, a.dim)) if meta else nn.Embedding(n, a.dim)
+
+        self.tok = table(a.vocab_size)
+        self.pos = table(a.max_pos) if a.arch == "gpt2" else None
         self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
         self.norm = nn.LayerNorm(a.dim, eps=a.norm_eps) if a.arch == "gpt2" else RMSNorm(a.dim, a.norm_eps)
         self.output = None if a.tie_embeddings else nn.Linear(a.dim, a.vocab_size, bias=False)
