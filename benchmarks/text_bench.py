@@ -14,10 +14,13 @@ Prints, measured in this run on this machine:
   its bytes per token vs an fp16 cache (targets >= 95%, <= 0.02, <= 0.55x), and the time of a
   decode step of those 10 rows on each cache;
 - load time, peak RSS, cache bytes;
-- GGUF weights kept packed (models.llm_weights = "auto", the default) against llama.cpp
-  (llama-cpp-python, the `bench` extra) on the same Q4_1 file in the same run: batch 1, 32-token
-  prompt, 256 new greedy tokens, drafting off; tokens/s, the ratio (target >= 1.0x) and the achieved
-  GB/s of weight bytes; with --fp32 also the de-quantised fp32 model for before/after.
+- GGUF weights kept packed (models.llm_weights = "auto", the default) with the configured activations
+  (models.llm_activations, default auto = Q8 where AVX2 runs) against llama.cpp (llama-cpp-python, the
+  `bench` extra) on the same Q4_1 file in the same run, llama.cpp alone in a child process, three rounds
+  alternating with ours: batch 1, 32-token prompt, 256 new greedy tokens, drafting off; tokens/s per
+  round, the medians' ratio (target >= 1.0x), 8 streams against both single streams (targets 4x / 3x),
+  fp32 activations for comparison and the achieved GB/s of weight bytes; with --fp32 also the
+  de-quantised fp32 model for before/after.
 """
 
 from __future__ import annotations
