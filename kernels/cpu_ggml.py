@@ -230,7 +230,7 @@ def rope_tables_reference(base: float, n_dims: int, n_pos: int, cos: np.ndarray,
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
-_fma = _bits = _from_bits = _dot = expf_all = hsum8 = rmsnorm_row = attend_task = None  # set by _kernels()
+_fma = _bits = _from_bits = _dot = expf_all = hsum8 = rmsnorm_row = swiglu_row = attend_task = None  # _kernels()
 
 
 @functools.cache
@@ -239,7 +239,7 @@ def _kernels() -> dict | None:
         return None
     drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
-    global _fma, _bits, _from_bits, _dot, expf_all, hsum8, rmsnorm_row, attend_task
+    global _fma, _bits, _from_bits, _dot, expf_all, hsum8, rmsnorm_row, swiglu_row, attend_task
     # module globals, not closure variables (see kernels/cpu_qmatmul.py); no fastmath anywhere here: the
     # order of every operation is the point
     _fma = fma_intrinsic()
@@ -294,19 +294,23 @@ def _kernels() -> dict | None:
             rmsnorm_row(x[r], w, eps, out[r])
 
     @njit(cache=True, nogil=True)
-    def swiglu_nb(gu, out):  # pragma: no cover - compiled
-        R, inter = out.shape
+    def swiglu_row(gu, o):  # pragma: no cover - compiled
+        # one row: gu [2 I] (gate | up) -> o [I]; ggml_v_expf on whole groups of 8, libm's expf on the rest
+        inter = o.shape[0]
         vec = inter - inter % 8
-        for r in range(R):
-            o = out[r]
-            for i in range(vec):
-                o[i] = np.float32(0.0) - gu[r, i]
-            expf_all(o, vec)
-            for i in range(vec):
-                o[i] = gu[r, i] / (np.float32(1.0) + o[i]) * gu[r, inter + i]
-            for i in range(vec, inter):
-                g = gu[r, i]
-                out[r, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, inter + i]
+        for i in range(vec):
+            o[i] = np.float32(0.0) - gu[i]
+        expf_all(o, vec)
+        for i in range(vec):
+            o[i] = gu[i] / (np.float32(1.0) + o[i]) * gu[inter + i]
+        for i in range(vec, inter):
+            g = gu[i]
+            o[i] = g / (np.float32(1.0) + np.exp(-g)) * gu[inter + i]
+
+    @njit(cache=True, nogil=True)
+    def swiglu_nb(gu, out):  # pragma: no cover - compiled
+        for r in range(out.shape[0]):
+            swiglu_row(gu[r], out[r])
 
     @njit(cache=True, nogil=True)
     def rope_nb(x, cos, sin, out):  # pragma: no cover - compiled

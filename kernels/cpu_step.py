@@ -39,7 +39,7 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
-_quant = _span = _attend = _norm_row = _expf_all = _fma = _add = _load = _pause = None
+_quant = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
 claim = finish = wait = product = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
 ITEMS = 4  # a product's items per thread (see product)
@@ -57,12 +57,12 @@ def _kernels() -> dict | None:
 
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
-    global _quant, _span, _attend, _norm_row, _expf_all, _fma, _add, _load, _pause
+    global _quant, _span, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
     global claim, finish, wait, product, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
     _quant, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.q8a_span
-    _attend, _norm_row, _expf_all = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.expf_all
+    _attend, _norm_row, _swiglu_row = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.swiglu_row
     _fma = fma_intrinsic()
     _add, _load, _pause = atomic_intrinsics()
 
@@ -126,7 +126,6 @@ def _kernels() -> dict | None:
         L = kinds.shape[0]
         nq, nk = H * hd, KVH * hd
         half = hd // 2
-        vec = inter - inter % 8
         T = 0
         for r in range(R):
             T = max(T, row_pos[r] + 1)
@@ -196,15 +195,7 @@ def _kernels() -> dict | None:
                 r = claim(sync, ph)
                 if r >= R:
                     break
-                ar = act[r]
-                for i in range(vec):
-                    ar[i] = np.float32(0.0) - gu[r, i]
-                _expf_all(ar, vec)  # ggml_v_expf, eight lanes at a time
-                for i in range(vec):
-                    ar[i] = gu[r, i] / (np.float32(1.0) + ar[i]) * gu[r, inter + i]
-                for i in range(vec, inter):
-                    g = gu[r, i]
-                    act[r, i] = g / (np.float32(1.0) + np.exp(-g)) * gu[r, inter + i]
+                _swiglu_row(gu[r], act[r])
                 _quant(act, xq, dxf, xsf, r, r + 1)
                 finish(sync, ph)
             wait(sync, ph, R)
