@@ -211,15 +211,7 @@ def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into 
     (|sum| <= 32 x 127 x 127 < 2**24) and added, times the block's fp32 scale d_w x d_x, into 8 float
     lanes; the lanes are summed once per row, in a fixed order (Q4_1's min term runs as a scalar fma chain
     beside them and is added last). So a row's result does not depend on the other rows of the call."""
-    from numba import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def row_dot(typingctx, w, woff, d, doff, x, xoff, dx, dxoff, m, xs, nb):  # noqa: ANN001, ANN202
-        ip = types.intp
-        return types.float32(w, ip, d, ip, x, ip, dx, ip, m, xs, ip), _q8_rows_codegen(kind, 1)
-
-    return row_dot
+    return q8_tile_dot_intrinsic(kind, 1, 1)
 
 
 def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into the kernels
@@ -227,24 +219,15 @@ def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled int
     offsets, dx, four dx offsets, m, xs, blocks) -> a 4-tuple of float32. Each weight block is loaded and
     unpacked once for the four rows; every row's arithmetic is exactly the one-row intrinsic's (the same
     generated code, `_q8_rows_codegen`), so its result has the same bits."""
-    from numba import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def rows4_dot(typingctx, w, woff, d, doff, x, xo0, xo1, xo2, xo3, dx, do0, do1, do2, do3, m, xs,  # noqa: ANN001, ANN202
-                  nb):
-        ip = types.intp
-        sig = types.UniTuple(types.float32, 4)(w, ip, d, ip, x, ip, ip, ip, ip, dx, ip, ip, ip, ip, m, xs, ip)
-        return sig, _q8_rows_codegen(kind, 4)
-
-    return rows4_dot
+    return q8_tile_dot_intrinsic(kind, 1, 4)
 
 
 @functools.cache
 def q8_tile_dot_intrinsic(kind: int, nw: int, n: int) -> Any:  # pragma: no cover - compiled into the kernels
     """`q8_row_dot_intrinsic` for nw weight rows x n activation rows: (w, nw w offsets, d, nw d offsets, x,
-    n x offsets, dx, n dx offsets, m, xs, blocks) -> an (nw x n)-tuple of float32, weight row by weight row.
-    Every pair's arithmetic is the one-row intrinsic's (`_q8_rows_codegen`), so its result has the same bits."""
+    n x offsets, dx, n dx offsets, m, xs, blocks) -> an (nw x n)-tuple of float32, weight row by weight row
+    (one float32 for 1 x 1). Every pair's arithmetic is the same (`_q8_rows_codegen`), so its result has the
+    same bits in any tile."""
     from numba import types
     from numba.extending import intrinsic
 
@@ -254,7 +237,8 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int) -> Any:  # pragma: no cove
     def typer(typingctx, *args):  # noqa: ANN001, ANN202
         ip = types.intp
         arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n}
-        sig = types.UniTuple(types.float32, nw * n)(*[a if i in arrays else ip for i, a in enumerate(args)])
+        out = types.float32 if nw * n == 1 else types.UniTuple(types.float32, nw * n)
+        sig = out(*[a if i in arrays else ip for i, a in enumerate(args)])
         return sig, _q8_rows_codegen(kind, n, nw)
 
     # an intrinsic's parameters are read from its signature: spell them out (Numba takes no *args there)
