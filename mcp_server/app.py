@@ -652,15 +652,24 @@ class AtelierServer(MCPServer):
         job = self.state.jobs.create(spec.name, token, owner=caller)
         loop = asyncio.get_running_loop()
         last_sent = [time.monotonic(), -1.0]  # when, and the highest progress value sent
+        # notifications go out at most every 0.1 s; the newest one held back is sent before the result
+        # (`flush_progress`), so a client always sees the final state ("16 tokens: ...") even of a fast call
+        held: list[tuple[float, float | None, str | None] | None] = [None]
+        in_flight: list[Future] = []
+        progress_lock = threading.Lock()
 
         def send(progress: float, total: float | None, message: str | None) -> None:
-            # progress values must increase (MCP): a repeated or lower value is nudged above the last one
-            value = max(progress, last_sent[1] + 1e-6) if progress <= last_sent[1] else progress
-            if total is not None and value > total:
-                return
-            last_sent[0], last_sent[1] = time.monotonic(), value
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(context.report_progress(value, total, message), loop)
+            with progress_lock:
+                # progress values must increase (MCP): a repeated or lower value is nudged above the last one
+                value = max(progress, last_sent[1] + 1e-6) if progress <= last_sent[1] else progress
+                if total is not None and value > total:
+                    return
+                last_sent[0], last_sent[1] = time.monotonic(), value
+                held[0] = None
+                with contextlib.suppress(Exception):
+                    in_flight[:] = [f for f in in_flight if not f.done()]
+                    in_flight.append(asyncio.run_coroutine_threadsafe(
+                        context.report_progress(value, total, message), loop))
 
         def on_progress(progress: float, total: float | None, message: str | None) -> None:
             if job.state == "queued":
@@ -669,8 +678,27 @@ class AtelierServer(MCPServer):
                 return
             final = total is not None and progress >= total
             if not final and time.monotonic() - last_sent[0] < 0.1:
+                held[0] = (progress, total, message)
                 return
             send(progress, total, message)
+
+        async def flush_progress() -> None:
+            """Send the newest held-back notification, after those already on their way (in order)."""
+            if context is None or job.detached:
+                return
+            token.remove_listener(on_progress)
+            with progress_lock:
+                pending, last = list(in_flight), held[0]
+            for f in pending:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.wrap_future(f), 2.0)
+            if last is not None:
+                send(*last)
+                with progress_lock:
+                    pending = list(in_flight)
+                for f in pending:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(asyncio.wrap_future(f), 2.0)
 
         async def heartbeat() -> None:
             """No silent waits: a long call that reported nothing for HEARTBEAT_S seconds (a model loading,
@@ -724,6 +752,7 @@ class AtelierServer(MCPServer):
                     "timeout", {"job_id": job.id})
         self.state.jobs.forget(job)
         token.remove_listener(on_progress)
+        await flush_progress()
         exc = fut.exception()
         if exc is None:
             return fut.result(), "ok", {}

@@ -189,6 +189,7 @@ class Tasks:
             raise
         loop = asyncio.get_running_loop()
         last = [0.0]
+        held: list[tuple[float, float | None, str | None] | None] = [None]  # newest throttled report
 
         def on_progress(progress: float, total: float | None, message: str | None) -> None:
             job.updated = time.time()
@@ -196,8 +197,9 @@ class Tasks:
                 job.state = "running"
             now = time.monotonic()
             if now - last[0] < 0.1 and not (total is not None and progress >= total):
+                held[0] = (progress, total, message)
                 return
-            last[0] = now
+            last[0], held[0] = now, None
             if context.request_context.meta is None or context.request_context.meta.progress_token is None:
                 return
             try:  # the request's progress token stays valid for the task's lifetime, while the session lives
@@ -214,7 +216,15 @@ class Tasks:
             res, _ = server._map_error(exc, spec.name)
             raise MCPError(code=INVALID_PARAMS, message=res.content[0].text) from None
         job.future = fut
-        fut.add_done_callback(lambda f: server._finish_job(job, f))
+
+        def finished(f: Any) -> None:
+            token.remove_listener(on_progress)
+            if held[0] is not None:  # the final state of a fast task is not lost to the throttle
+                last[0] = 0.0
+                on_progress(*held[0])
+            server._finish_job(job, f)
+
+        fut.add_done_callback(finished)
         return mt.CreateTaskResult(task=mt.Task.model_validate(task_of(job)))
 
     # -- methods ----------------------------------------------------------------------------------

@@ -142,12 +142,13 @@ def test_same_arguments_same_text_as_the_server_with_progress(tmp_path, llama_se
     assert out["completion_tokens"] == chat["usage"]["completion_tokens"]  # one streamed chunk per token
     assert out["cache"]["kind"] == "server" and "reported no usage" in out["note"]
     assert out_raw["text"] == raw["choices"][0]["text"] and out_raw["finish_reason"] == "length"
-    # progress: a notification per chunk, "<n> tokens: <text so far>", as on the local path (the last ones
-    # may arrive after the result, so not all are required)
+    # progress: "<n> tokens: <text so far>" as on the local path, at most every 0.1 s, and the newest one
+    # held back is sent before the result: the last notification has every token, however fast the server
     seen = [(int(m.group(1)), m.group(2)) for _, t, msg in progress
             if (m := re.match(r"(\d+) tokens: (.*)$", msg or "", re.S)) and t == 16]
     flat = out["text"].replace("\n", " ")
-    assert len(seen) >= 2, progress
+    assert seen and seen[-1][0] == out["completion_tokens"], progress
+    assert seen[-1][1] == flat[-160:], progress
     assert [n for n, _ in seen] == sorted(n for n, _ in seen)
     assert all(flat.startswith(tail) and tail for _, tail in seen)  # the text so far (a short answer)
     svc = [v for k, v in status["services"].items() if k.startswith("llm-openai:")]

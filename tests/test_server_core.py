@@ -117,6 +117,27 @@ def test_progress_notifications_reach_the_client(tmp_path):
     assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
 
 
+def test_the_newest_throttled_progress_arrives_before_the_result(tmp_path):
+    # 40 reports within a few ms against a total of 50 (the work ends early, as text at its end-of-text
+    # token): notifications are throttled to one per 0.1 s, but the newest held-back one is sent before the
+    # result
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append((progress, total, message))
+
+    async def body(c, srv):
+        for _ in range(3):
+            seen.clear()
+            r = await c.call_tool("test_steps", {"steps": 40, "step_s": 0, "early": 10},
+                                  progress_callback=on_progress)
+            assert not r.is_error and r.structured_content["done_steps"] == 40
+            assert seen and seen[-1] == (40, 50, "step 40"), seen
+            assert len(seen) < 40 and [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
+
+    run(_with_client(make_settings(tmp_path), body))
+
+
 def test_job_after_deadline_then_status_then_result(tmp_path):
     s = make_settings(tmp_path, limits={"deadline_s": 0.3})
 

@@ -24,6 +24,8 @@ class StepsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(10, ge=1, le=100000)
     step_s: float = Field(0.05, ge=0, le=5)
+    early: int = Field(0, ge=0, le=100000, description="report a total this much above steps (ends early, as "
+                                                        "text that stops before max_new_tokens)")
 
 
 class StepsOut(BaseModel):
@@ -36,7 +38,7 @@ def _steps(args: StepsIn, ctx) -> ToolOutput:
         ctx.check()
         time.sleep(args.step_s)
         done = i + 1
-        ctx.report(done, args.steps, f"step {done}")
+        ctx.report(done, args.steps + args.early, f"step {done}")
     return ToolOutput(text=f"{done} steps", structured=StepsOut(done_steps=done))
 
 
