@@ -29,6 +29,7 @@ def test_haiku_with_progress_and_errors(tmp_path):
                                                         "max_new_tokens": 48}, progress_callback=on_progress)
                 assert not r.is_error, r.content[0].text
                 st = r.structured_content
+                assert progress and (progress[-1][2] or "").startswith(f"{st['completion_tokens']} tokens: ")
                 assert st["completion_tokens"] > 0 and st["finish_reason"] in ("stop", "length")
                 assert st["text"].strip() and st["prompt_tokens"] > 0
                 assert st["cache"]["kind"] == "full" and st["cache"]["bytes"] > 0
