@@ -47,7 +47,7 @@ def test_haiku_answer_with_progress(ctx):
     assert s.cache.kind == "full" and s.cache.dtype == "float32" and s.cache.bytes > 0
     assert ctx.progress and all(t == 24 for _, t, _ in ctx.progress)
     n, _, msg = ctx.progress[-1]
-    assert msg.startswith(f"{int(n)} tokens: ")
+    assert msg.startswith(f"{int(n)} tokens: ") and int(n) == s.completion_tokens  # the final count last
     assert [p for p, _, _ in ctx.progress] == sorted(p for p, _, _ in ctx.progress)
 
 

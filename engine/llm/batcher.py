@@ -202,7 +202,10 @@ class LLMService:
                     raise
         if seq.error is not None:
             raise seq.error
-        return self._result(seq)
+        result = self._result(seq)
+        if on_progress is not None and result.completion_tokens != shown:  # the final count and text too
+            on_progress(result.completion_tokens, result.text)
+        return result
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
