@@ -14,6 +14,7 @@ Operations and their implementations:
 | kv_quant | triton, torch | `kernels.kv_quant`: the int8 K/V cache |
 | cpu_kernels | numba, numpy | `kernels.cpu_decode`, `kernels.cpu_topk`: the Numba kernels or their NumPy twins |
 | qmatmul | numba, numpy | `kernels.cpu_qmatmul`: products with GGUF-packed weights (same switch as cpu_kernels) |
+| wq_matmul | cpu, triton, dequant | packed weights (GGUF, int8/int4) on a CUDA device: kept packed, `kernels.wq_matmul` (triton), or de-quantised at load (dequant); cpu: they run in qmatmul |
 | catalog_scan_float32 | sketch, numpy, torch | `engine.catalog.scan` for fp32 catalogues |
 | catalog_scan_float16 | half, torch | `engine.catalog.scan` for fp16 catalogues |
 | llm_decode_step | numpy, torch, torch.compile | the decoder's step (CPU fp32: `engine.llm.npstep`) |
@@ -41,7 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
-OPERATIONS = ("topk", "deltae", "kv_quant", "cpu_kernels", "qmatmul", "catalog_scan_float32",
+OPERATIONS = ("topk", "deltae", "kv_quant", "cpu_kernels", "qmatmul", "wq_matmul", "catalog_scan_float32",
               "catalog_scan_float16", "llm_decode_step")
 
 
@@ -60,6 +61,7 @@ class Backends:
     kv_quant: Choice
     cpu_kernels: Choice
     qmatmul: Choice
+    wq_matmul: Choice
     catalog_scan_float32: Choice
     catalog_scan_float16: Choice
     llm_decode_step: Choice
@@ -90,6 +92,20 @@ def _triton_choice(setting: str, device: torch.device, op: str) -> Choice:
     if device.type == "cuda":
         return Choice("torch", "auto: Triton is not installed, the torch reference runs")
     return Choice("torch", f"auto: the torch reference on {device.type} (Triton kernels run on CUDA)")
+
+
+def _wq_choice(setting: str, device: torch.device) -> Choice:
+    from kernels._backend import triton_available
+
+    if device.type == "cpu":
+        return Choice("cpu", "packed weights on the CPU run in kernels.cpu_qmatmul (qmatmul); the Triton "
+                             "weight-only products serve CUDA devices")
+    packed = "GGUF Q8_0/Q4_0/Q4_1 blocks and int8/int4 weights stay packed on " + device.type
+    if setting == "triton" or (setting == "auto" and triton_available()):
+        return Choice("triton", f"{packed}: Triton weight-only products (kernels.wq_matmul); other block types "
+                                "are de-quantised at load")
+    why = "engine.kernel_backend=torch" if setting == "torch" else "Triton is not installed"
+    return Choice("dequant", f"{why}: packed weights are de-quantised to the engine dtype at load")
 
 
 def _scan_choice(device: torch.device, dtype: torch.dtype, topk: Choice) -> Choice:
@@ -138,6 +154,7 @@ def resolve(*, device: torch.device, dtype: torch.dtype, kernel_backend: str = "
         kv_quant=_triton_choice(kernel_backend, device, "K/V int8"),
         cpu_kernels=Choice(cpu_impl, cpu_why),
         qmatmul=Choice(cpu_impl, "GGUF-packed weight products: " + cpu_why),
+        wq_matmul=_wq_choice(kernel_backend, device),
         catalog_scan_float32=_scan_choice(device, torch.float32, topk),
         catalog_scan_float16=_scan_choice(device, torch.float16, topk),
         llm_decode_step=_decode_choice(llm_decode, llm_compile, device),

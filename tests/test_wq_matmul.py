@@ -30,7 +30,7 @@ def _gguf_bytes(p: Packed) -> np.ndarray:
     return np.concatenate(parts, axis=-1).reshape(N, -1)
 
 
-@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1"])
 def test_triton_product_on_engine_blocks_matches_gguf_decoder(fmt):
     rng = np.random.default_rng(21)
     w = (rng.standard_normal((70, 96)) * 0.05).astype(np.float32)

@@ -596,8 +596,11 @@ def service_for(engine: Any, spec: str, *, compile_step: bool = False, max_slots
             except Exception:  # a progress sink must never break a load
                 log.debug("load progress listener failed", exc_info=True)
 
+    backends = getattr(engine, "backends", None)
+    packed_on = backends.wq_matmul.impl if backends is not None else "cpu"  # "triton": packed on a GPU
     engine.registry.register(key, lambda: load_llm(spec, engine.config.cache_dir, device, dtype, decode, weights,
-                                                   progress=say, activations=activations),
+                                                   progress=say, activations=activations,
+                                                   device_products=packed_on),
                              family="llm", source=(spec or "embedded SmolLM2-135M-Instruct") + f" (weights: {weights}"
                              + (f", activations: {activations})" if activations != "fp32" else ")"))
 

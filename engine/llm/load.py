@@ -161,6 +161,8 @@ class LoadedLLM:
         text = (kind + " " if kind else "") + " + ".join(f"{k} {v / 1e6:.1f} MB" for k, v in parts)
         if self.extra.get("activations") == "q8":
             text += " (Q8 activations)"
+        if self.extra.get("placed"):  # packed blocks on a device (qweights.place_model)
+            text += f", packed on {self.extra['placed']}"
         self.extra["_weights_text"] = text
         return text
 
@@ -339,11 +341,15 @@ def resolve_folder(spec: str, cache_dir: Path) -> tuple[str, Path]:
 
 def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32, decode: str = "auto", weights: str = "auto",
-             progress: Any = None, activations: str = "fp32") -> LoadedLLM:
+             progress: Any = None, activations: str = "fp32", device_products: str = "dequant") -> LoadedLLM:
     """Load the model named by `spec` (a folder, a .gguf, or '' for the embedded SmolLM2); `decode` picks
     the decode-step backend (`engine.llm.model.blas_backend`: auto | numpy | torch); `weights` the weight
     format (`WEIGHTS`, see the module docstring); `activations` how packed weights meet their inputs
-    (`qweights.set_activations`: auto | fp32 | q8); `progress(message)` is told what loading is doing."""
+    (`qweights.set_activations`: auto | fp32 | q8); `progress(message)` is told what loading is doing.
+    `device_products` (the engine's `wq_matmul` backend) applies off the CPU: "triton" keeps GGUF / int8 /
+    int4 blocks packed on `device` (`qweights.place_model`), "dequant" de-quantises them at load; "torch"
+    places them with the kernels' float64 twins and "triton" with device="cpu" runs the kernels under
+    TRITON_INTERPRET=1 (both for tests)."""
     import time
 
     from .qweights import ACTIVATIONS
@@ -355,18 +361,28 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
     say = progress or (lambda message: None)
     t0 = time.perf_counter()
     note = ""
+    if device_products not in DEVICE_PRODUCTS:
+        raise ValueError(f"device_products={device_products!r}: expected one of {', '.join(DEVICE_PRODUCTS)}")
     g = _gguf_of(spec)
-    cpu = torch.device(device).type == "cpu"
-    if g is not None and weights in ("auto", "gguf") and cpu:
+    dev = torch.device(device)
+    # packed blocks on a device, multiplied by kernels.wq_matmul (a GPU; the tests place them on the CPU)
+    place = device_products in ("triton", "torch") and (dev.type != "cpu" or device_products == "torch"
+                                                        or _interpreting())
+    cpu = dev.type == "cpu" and not place
+    if g is not None and weights in ("auto", "gguf") and (cpu or place):
         from .gguf_load import UnsupportedGGUF
 
         try:
-            return _with_activations(_load_packed(g, Path(cache_dir), decode, say, t0), activations)
+            m = _load_packed(g, Path(cache_dir), decode, say, t0)
+            if place:
+                return _placed(m, dev, dtype, device_products, say)
+            return _with_activations(m, activations)
         except UnsupportedGGUF as exc:
             note = f"{exc}; de-quantised to {str(dtype).replace('torch.', '')} with transformers instead"
             log.warning("GGUF not kept packed", extra={"reason": str(exc)})
     elif g is not None and weights == "gguf":
-        note = f"GGUF blocks are kept packed on the CPU only; de-quantised for {torch.device(device).type}"
+        note = (f"GGUF blocks are kept packed on the CPU, or on a GPU with Triton (engine backend wq_matmul); "
+                f"de-quantised for {dev.type}")
     if weights in ("fp32", "fp16", "bf16"):
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weights]
     say("loading model: converting" if g is not None else "loading model")
@@ -378,12 +394,20 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
         eos = tok.eos_ids
     ctx = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
     try:
-        model: Any = build(cfg, read_state(folder), device=device, dtype=dtype, blas=decode)
+        quantise = weights in ("int8", "int4") and (cpu or place)
+        model: Any = build(cfg, read_state(folder), device="cpu" if quantise else device,
+                           dtype=torch.float32 if quantise else dtype, blas=decode)
         native = True
-        if weights in ("int8", "int4") and cpu:
+        if quantise:
             model, qcache = _quantize_cached(model, folder, Path(cache_dir), weights, decode, say)
+            if place:
+                from .qweights import place_model
+
+                say(f"loading model: {weights} blocks to {dev.type}")
+                model = place_model(model, dev, dtype, device_products)
         elif weights in ("int8", "int4"):
-            note = f"{weights} weights are CPU-only in this build; kept {str(dtype).replace('torch.', '')}"
+            note = (f"{weights} weights are kept packed on the CPU, or on a GPU with Triton (engine backend "
+                    f"wq_matmul); kept {str(dtype).replace('torch.', '')}")
     except UnsupportedModel as exc:
         model_libraries()
         from transformers import AutoModelForCausalLM
@@ -395,9 +419,31 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
     m = LoadedLLM(name=name, folder=folder, model=model, tokenizer=tok, native=native, config=cfg,
                   eos_ids=eos, context_len=ctx, note=note, load_seconds=time.perf_counter() - t0,
                   extra={"weights": weights if weights in ("int8", "int4") else ""})
-    if weights in ("int8", "int4") and cpu and native:
+    if weights in ("int8", "int4") and (cpu or place) and native:
         m.extra["qcache"] = qcache
+        if place:
+            m.extra["placed"] = f"{dev.type} ({device_products})"
+            return m
     return _with_activations(m, activations)
+
+
+DEVICE_PRODUCTS = ("cpu", "triton", "torch", "dequant")
+
+
+def _interpreting() -> bool:
+    from kernels._backend import interpret_mode
+
+    return interpret_mode()
+
+
+def _placed(m: LoadedLLM, dev: torch.device, dtype: torch.dtype, impl: str, say: Any) -> LoadedLLM:
+    """A packed GGUF model moved onto `dev` with its blocks kept packed (`qweights.place_model`)."""
+    from .qweights import place_model
+
+    say(f"loading model: GGUF blocks to {dev.type}")
+    place_model(m.model, dev, dtype, impl)
+    m.extra["placed"] = f"{dev.type} ({impl})"
+    return m
 
 
 def _with_activations(m: LoadedLLM, activations: str) -> LoadedLLM:

@@ -223,6 +223,8 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
         self.scratch = scratch
         self.activations = "fp32"  # or "q8": Q4_0/Q4_1/Q8_0 parts take Q8 activations (`set_activations`)
+        self.placed: list[tuple] | None = None  # the parts on a device (`place`), else None: the CPU arrays
+        self.placed_impl = ""
         # the packed arrays as buffers (shared memory): size_bytes() and the registry count them
         for i, p in enumerate(parts):
             for name, a in p._arrays():
@@ -251,9 +253,46 @@ class PackedLinear(nn.Module):
             out += self.bias.numpy()
         return out
 
+    def place(self, device: torch.device, dtype: torch.dtype, impl: str) -> None:
+        """Hold the parts on `device` for the torch forward (`place_model`): Q8_0 / Q4_0 / Q4_1 parts as their
+        blocks, multiplied by `kernels.wq_matmul` (impl "triton"; "torch": its float64 twin, for tests), any
+        other block type (Q4_K, Q6_K) de-quantised once into a `dtype` matrix. The CPU buffers go (a placed
+        module does not run on the CPU arrays' products any more); `parts` stay for `weight_formats`."""
+        from kernels import wq_matmul
+
+        for name in [n for n in self._buffers if n.startswith("p")]:
+            del self._buffers[name]
+        self.placed, self.placed_impl = [], impl
+        for i, p in enumerate(self.parts):
+            if p.fmt in wq_matmul.FORMATS:
+                arrays = [torch.from_numpy(np.ascontiguousarray(p.qs)).to(device),
+                          torch.from_numpy(p.d.view(np.int16)).to(device),
+                          None if p.m is None else torch.from_numpy(p.m.view(np.int16)).to(device)]
+                for name, t in zip(("qs", "d", "m"), arrays):
+                    if t is not None:
+                        self.register_buffer(f"g{i}_{name}", t, persistent=False)
+                self.placed.append((p.fmt, *arrays))
+            else:
+                w = torch.from_numpy(p.dequant()).to(device=device, dtype=dtype)
+                self.register_buffer(f"g{i}_w", w, persistent=False)
+                self.placed.append(("dense", w, None, None))
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+
+    def _placed_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        from kernels import wq_matmul
+
+        ys = [torch.nn.functional.linear(x2, qs) if fmt == "dense" else
+              wq_matmul.matmul(x2, fmt, qs, d, m, backend=self.placed_impl)
+              for fmt, qs, d, m in self.placed]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        return y if self.bias is None else y + self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.placed is not None:
+            return self._placed_forward(x2).view(*lead, self.out_features)
         if x2.device.type == "cpu" and x2.shape[0] <= DIRECT_ROWS:
             y = torch.from_numpy(self.matmul_np(x2.detach().float().numpy()))
             return y.to(x.dtype).view(*lead, self.out_features)
@@ -286,6 +325,7 @@ class PackedEmbedding(nn.Module):
         self.table = table
         self.head = PackedLinear([table], None, scratch)  # shares table's arrays (and its buffers)
         self.num_embeddings, self.embedding_dim = table.shape
+        self.dtype = torch.float32  # of the looked-up rows (`place_model` sets the model's)
 
     def lookup_np(self, ids: np.ndarray) -> np.ndarray:
         """ids [R] int -> fp32 [R, D]."""
@@ -295,11 +335,28 @@ class PackedEmbedding(nn.Module):
         return self.table.rows(ids).dequant()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [...] -> [..., D]
-        rows = self.lookup_np(ids.detach().cpu().numpy())
-        return torch.from_numpy(rows).to(ids.device).view(*ids.shape, self.embedding_dim)
+        rows = torch.from_numpy(self.lookup_np(ids.detach().cpu().numpy()))  # a few rows, de-quantised here
+        return rows.to(device=ids.device, dtype=self.dtype).view(*ids.shape, self.embedding_dim)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
+
+
+def place_model(model: Any, device: torch.device | str, dtype: torch.dtype, impl: str) -> Any:
+    """Put a packed decoder (`gguf_load.build_packed`, `quantize_model`) on `device` for the torch forward,
+    its blocks kept packed: every `PackedLinear` (the tied head included) `place`s its parts, the embedding
+    keeps its table on the CPU (a step looks up one row per sequence there), the norms and biases move in
+    `dtype`. impl: "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1) or "torch" (the kernels' float64
+    twins: the tests' oracle). Returns the model, set to the torch decode step."""
+    device = torch.device(device)
+    for mod in list(model.modules()):
+        if isinstance(mod, PackedLinear):
+            mod.place(device, dtype, impl)
+        elif isinstance(mod, PackedEmbedding):
+            mod.dtype = dtype
+    model.to(device=device, dtype=dtype)
+    model._freqs = None
+    return model.set_decode_step("torch")
 
 
 def weight_formats(model: Any) -> dict[str, int]:
