@@ -121,7 +121,10 @@ print("READY", flush=True)
 while True:
     rows, vecs, dels = change(i, cat.has)
     svc.upsert(cat, rows, [torch.tensor(v) for v in vecs], dels)
-    print("OK", i, flush=True)  # answered "ok": from here on the change must survive anything
+    # answered "ok": from here on the change must survive anything. One write of the whole line (under
+    # PYTHONUNBUFFERED, which .ci/run sets, print() writes "OK", " ", i and the newline one by one)
+    sys.stdout.write(f"OK {i}\n")
+    sys.stdout.flush()
     i += 1
 """
 
@@ -175,7 +178,9 @@ def test_kill9_during_logged_upserts_loses_nothing_answered(tmp_path):
         time.sleep(float(rng.uniform(0.05, 0.6)))
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
-        acked = [int(x.split()[1]) for x in out.decode().splitlines() if x.startswith("OK ")]
+        # an answer is a whole line: a kill may cut the last one short ("OK 1" of "OK 12"), and that one
+        # was never answered
+        acked = [int(x.split()[1]) for x in out.decode().split("\n")[:-1] if x.startswith("OK ")]
         assert acked == list(range(done, done + len(acked)))
         for i in acked:  # the oracle follows every acknowledged change
             _model_apply(model, *ns["change"](i, model.__contains__))
