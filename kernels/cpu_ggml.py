@@ -335,9 +335,10 @@ def _kernels() -> dict | None:
                 th = th * ts
 
     @njit(cache=True, nogil=True)
-    def attend_task(q, K, V, row_slot, row_pos, scale, batch, out, r, h, p, acc):  # pragma: no cover - compiled
-        # row r, kv head h: its query heads over keys 0 .. row_pos[r] of its slot. Scratch: p [>= T + 8]
-        # zeros (left zero), acc [32, hd]
+    def attend_task(q, K, V, row_slot, row_pos, scale, batch, out, r, h, g0, g1, p, acc):  # pragma: no cover
+        # row r, kv head h: its query heads g0 .. g1 - 1 (of the G sharing h) over keys 0 .. row_pos[r] of its
+        # slot; each head's arithmetic is the same whichever task holds it. Scratch: p [>= T + 8] zeros (left
+        # zero), acc [32, hd]
         H, hd = q.shape[1], q.shape[2]
         G = H // K.shape[1]
         width = 8 if batch else 32
@@ -346,7 +347,7 @@ def _kernels() -> dict | None:
         vb = V[row_slot[r], h]
         kf = kb.reshape(-1)
         qf = q.reshape(-1)
-        for g in range(G):
+        for g in range(g0, g1):
             qo = (r * H + h * G + g) * hd
             best = np.float32(-np.inf)
             for j in range(T):
@@ -396,7 +397,7 @@ def _kernels() -> dict | None:
         KVH = K.shape[1]
         for task in prange(R * KVH):
             r = task // KVH
-            attend_task(q, K, V, row_slot, row_pos, scale, batch, out, r, task - r * KVH,
+            attend_task(q, K, V, row_slot, row_pos, scale, batch, out, r, task - r * KVH, 0, q.shape[1] // KVH,
                         np.zeros(row_pos[r] + 9, np.float32), np.empty((32, hd), np.float32))
 
     return {"rmsnorm": rmsnorm_nb, "swiglu": swiglu_nb, "rope": rope_nb, "rope_tables": rope_tables_nb,

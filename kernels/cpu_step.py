@@ -129,6 +129,10 @@ def _kernels() -> dict | None:
         T = 0
         for r in range(R):
             T = max(T, row_pos[r] + 1)
+        G = H // KVH
+        gs = G if R * KVH >= 4 * threads else 1  # query heads per attention task
+        per_row = H // gs
+        n_att = R * per_row
         p = np.zeros(T + 8, np.float32)  # this thread's attention scratch
         acc = np.empty((32, hd), np.float32)
         ph = 0
@@ -165,14 +169,15 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            while True:  # (row, kv head) tasks: the attention
-                t = claim(sync, ph)
-                if t >= R * KVH:
+            while True:  # the attention: (row, kv head) tasks, or (row, query head) ones when those are few
+                t = claim(sync, ph)  # (a row's 3 kv heads on 2 threads would leave one idle a third of the time)
+                if t >= n_att:
                     break
-                r = t // KVH
-                _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, t - r * KVH, p, acc)
+                r = t // per_row
+                g = (t - r * per_row) * gs  # the task's first query head
+                _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, g // G, g % G, g % G + gs, p, acc)
                 finish(sync, ph)
-            wait(sync, ph, R * KVH)
+            wait(sync, ph, n_att)
             ph += 1
             a2 = att.reshape(R, nq)
             while True:  # rows: the attention's output to Q8 blocks
