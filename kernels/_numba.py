@@ -106,7 +106,7 @@ def has_avx2() -> bool:
         return False
 
 
-def _q8_rows_codegen(kind: int, n: int, nw: int = 1) -> Any:  # pragma: no cover - compiled into the kernels
+def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False) -> Any:  # pragma: no cover - compiled
     """The LLVM code of the Q8 row dots (see `q8_row_dot_intrinsic`) for a tile of nw weight rows x n rows of
     activations. Arguments: (w, nw w offsets, d, nw d offsets (m's too), x, n x offsets, dx, n dx offsets, m,
     xs, blocks); xs shares dx's offsets. Returns the nw x n sums, weight row by weight row. One body for every
@@ -114,7 +114,11 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1) -> Any:  # pragma: no cover
     of its own, so its result has the same bits in any tile. A tile shares loads (an activation block serves
     nw weight rows, an unpacked weight block n activation rows) and interleaves independent chains: a fused
     multiply-add waits ~5 cycles for the previous one of its chain, so one chain per call leaves the core
-    mostly idle."""
+    mostly idle.
+
+    tmin (Q4_1, one weight row): xs is the tile's activation rows' xs transposed, value (row j, block b) at
+    dx offset of row 0 + b n + j, so that the n min terms of a block are one vector fused multiply-add (lane j
+    has the bits of row j's scalar chain) instead of n scalar ones."""
     from llvmlite import ir
     from numba.core import cgutils
 
@@ -154,6 +158,11 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1) -> Any:  # pragma: no cover
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
                 for _ in range(nw)]
         maccs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)] for _ in range(nw)]
+        vt = tmin and kind == 0 and nw == 1
+        if vt:
+            vnf = ir.VectorType(f32, n)
+            fman = mod.declare_intrinsic(f"llvm.fma.v{n}f32", fnty=ir.FunctionType(vnf, [vnf, vnf, vnf]))
+            vmacc = cgutils.alloca_once_value(builder, ir.Constant(vnf, [0.0] * n))
         intp = nb.type
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
@@ -162,7 +171,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1) -> Any:  # pragma: no cover
                 xp = builder.gep(xa, [builder.add(xo, builder.mul(b, ir.Constant(intp, 32)))])
                 xvs.append(builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1))
                 dxs.append(builder.load(builder.gep(dxa, [builder.add(dxo, b)])))
-                xss.append(builder.load(builder.gep(xsa, [builder.add(dxo, b)])) if kind == 0 else None)
+                xss.append(builder.load(builder.gep(xsa, [builder.add(dxo, b)])) if kind == 0 and not vt else None)
             for t in range(nw):
                 wp = builder.gep(wa, [builder.add(woffs[t], builder.mul(b, ir.Constant(intp, bw)))])
                 if bw == 16:  # nibbles: low = values 0..15, high = 16..31
@@ -177,6 +186,12 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1) -> Any:  # pragma: no cover
                 wabs = wq if kind == 0 else builder.call(psign, [wq, wq])
                 dw = half(builder, da, builder.add(doffs[t], b))
                 mf = half(builder, ma, builder.add(doffs[t], b)) if kind == 0 else None
+                if vt:  # the n rows' min terms of block b at once
+                    xp = builder.gep(xsa, [builder.add(dxoffs[0], builder.mul(b, ir.Constant(intp, n)))])
+                    xsv = builder.load(builder.bitcast(xp, vnf.as_pointer()), align=4)
+                    mv = builder.insert_element(ir.Constant(vnf, ir.Undefined), mf, ir.Constant(i32, 0))
+                    mv = builder.shuffle_vector(mv, ir.Constant(vnf, ir.Undefined), mask(n, [0] * n))
+                    builder.store(builder.call(fman, [mv, xsv, builder.load(vmacc)]), vmacc)
                 for j in range(n):
                     xv = xvs[j]
                     p16 = builder.call(maddubs, [wabs, xv if kind == 0 else builder.call(psign, [xv, wq])])
@@ -186,11 +201,15 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1) -> Any:  # pragma: no cover
                     sv = builder.shuffle_vector(sv, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
                     acc = accs[t][j]
                     builder.store(builder.call(fma, [pf, sv, builder.load(acc)]), acc)
-                    if kind == 0:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
+                    if kind == 0 and not vt:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
                         macc = maccs[t][j]
                         builder.store(builder.call(fma1, [mf, xss[j], builder.load(macc)]), macc)
-        outs = [hsum(builder, builder.load(accs[t][j]), builder.load(maccs[t][j])) for t in range(nw)
-                for j in range(n)]
+        if vt:
+            outs = [hsum(builder, builder.load(accs[0][j]),
+                         builder.extract_element(builder.load(vmacc), ir.Constant(i32, j))) for j in range(n)]
+        else:
+            outs = [hsum(builder, builder.load(accs[t][j]), builder.load(maccs[t][j])) for t in range(nw)
+                    for j in range(n)]
         return outs[0] if n * nw == 1 else context.make_tuple(builder, signature.return_type, outs)
 
     return codegen
@@ -223,7 +242,7 @@ def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled int
 
 
 @functools.cache
-def q8_tile_dot_intrinsic(kind: int, nw: int, n: int) -> Any:  # pragma: no cover - compiled into the kernels
+def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False) -> Any:  # pragma: no cover - compiled
     """`q8_row_dot_intrinsic` for nw weight rows x n activation rows: (w, nw w offsets, d, nw d offsets, x,
     n x offsets, dx, n dx offsets, m, xs, blocks) -> an (nw x n)-tuple of float32, weight row by weight row
     (one float32 for 1 x 1). Every pair's arithmetic is the same (`_q8_rows_codegen`), so its result has the
@@ -239,7 +258,7 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int) -> Any:  # pragma: no cove
         arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n}
         out = types.float32 if nw * n == 1 else types.UniTuple(types.float32, nw * n)
         sig = out(*[a if i in arrays else ip for i, a in enumerate(args)])
-        return sig, _q8_rows_codegen(kind, n, nw)
+        return sig, _q8_rows_codegen(kind, n, nw, tmin)
 
     # an intrinsic's parameters are read from its signature: spell them out (Numba takes no *args there)
     src = f"def tile_dot(typingctx, {', '.join(names)}):\n    return typer(typingctx, {', '.join(names)})\n"

@@ -433,17 +433,21 @@ def _kernels() -> dict | None:
 
 # the AVX2 row dots (module globals: see above)
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
+_r8_q41 = _r8_q40 = _r8_q80 = None
 quantize_span = q8a_span = None  # the Q8 kernels' bodies over a span of rows (kernels.cpu_step calls them too)
 
 
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
+    global _r8_q41, _r8_q40, _r8_q80
     global quantize_span, q8a_span
     _rh = round_to_half_intrinsic()
     _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
     _r4_q41, _r4_q40, _r4_q80 = (q8_rows4_dot_intrinsic(k) for k in (0, 1, 2))
     _w4_q41, _w4_q40, _w4_q80 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (0, 1, 2))
+    # eight rows of x per weight row (a batch of 8): Q4_1's min terms as one vector chain over the rows
+    _r8_q41, _r8_q40, _r8_q80 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True) for k in (0, 1, 2))
 
     @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
     def quantize_span(x, xq, dxf, xsf, r0, r1):  # pragma: no cover - compiled
@@ -475,7 +479,15 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         bw = 32 if kind == 2 else 16
         xr = nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)  # a prange index is unsigned: n + 1 would be a float
-        R4 = R - R % 4
+        R8 = R - R % 8
+        # rows in groups of eight first (`_r8_*`); Q4_1 reads their xs transposed: group r0's (row j, block
+        # b) at r0 nb + b 8 + j (the same values, so the same sums)
+        xst = np.empty(R8 * nb if kind == 1 else 0, np.float32)
+        for r0 in range(0, R8, 8):
+            for b in range(nb if kind == 1 else 0):
+                for j in range(8):
+                    xst[r0 * nb + b * 8 + j] = xsf[(r0 + j) * nb + b]
+        R4 = R8 + (R - R8) // 4 * 4
         if R4 < R:  # rows past the last four: four weight rows at a time (four independent chains)
             w = n0
             while w + 4 <= n1:
@@ -502,6 +514,22 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             wo = n * nb * bw
             do = n * nb
             r = 0
+            while r + 8 <= R:
+                if kind == 1:
+                    a8 = _r8_q41(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xst, nb)
+                elif kind == 0:
+                    a8 = _r8_q40(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, nb)
+                else:
+                    a8 = _r8_q80(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, nb)
+                for j in range(8):
+                    out[r + j, n] = a8[j]
+                r += 8
             while r + 4 <= R:
                 if kind == 1:
                     a = _r4_q41(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
@@ -537,8 +565,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         R, nb = dx.shape
         N = d.shape[0]
         dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
-        for n in prange(N):
-            q8a_span(xq, dxf, xsf, qs, df, mf, kind, R, nb, n, n + 1, out)
+        for c in prange((N + 15) // 16):  # runs of 16 weight rows: q8a_span's tiles, its setup shared
+            q8a_span(xq, dxf, xsf, qs, df, mf, kind, R, nb, c * 16, min(N, c * 16 + 16), out)
 
     return {"quantize_rows": quantize_nb, "q8a_matmul": q8a_nb}
 
