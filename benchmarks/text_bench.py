@@ -344,15 +344,16 @@ def main() -> int:
                   f"({100 * q_tps * wbytes / 1e9 / bw:.0f}% of the measured {bw:.1f} GB/s); llama.cpp "
                   f"~{gguf_bytes / 1e6:.1f} MB -> {l_tps * gguf_bytes / 1e9:.1f} GB/s "
                   f"({100 * l_tps * gguf_bytes / 1e9 / bw:.0f}%)")
-    _gpu_section(cache_dir, prompt, n_new)
+    _gpu_section(cache_dir, prompt, n_new, args.quick)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
 
 
-def _gpu_section(cache_dir: Path, prompt: list[int], n_new: int) -> None:
+def _gpu_section(cache_dir: Path, prompt: list[int], n_new: int, quick: bool) -> None:
     """On a CUDA machine with Triton: the embedded GGUF with its blocks kept packed in GPU memory (the Triton
     weight-only products, `qweights.place_model`) against the same file de-quantised to fp16 at load: tokens/s
-    of each, resident weight bytes, and how many greedy tokens agree with the CPU's fp32-activation path."""
+    of each, resident weight bytes, and how many greedy tokens agree with the CPU's fp32-activation path (--quick:
+    the packed path only; the de-quantised one converts the file first, ~20 s)."""
     from engine.llm.batcher import GenerationRequest
     from engine.llm.load import load_llm
     from kernels._backend import triton_available
@@ -362,7 +363,7 @@ def _gpu_section(cache_dir: Path, prompt: list[int], n_new: int) -> None:
         return
     req = GenerationRequest(prompt, max_new_tokens=n_new, ignore_eos=True, reuse_prefix=False)
     ref = _plain_service(load_llm("", cache_dir, activations="fp32"), prompt, 1).generate(req).token_ids
-    for impl in ("triton", "dequant"):
+    for impl in ("triton",) if quick else ("triton", "dequant"):
         m = load_llm("", cache_dir, device="cuda", dtype=torch.float16, device_products=impl)
         svc = _plain_service(m, prompt, 8)
         r, tps = _timed(svc, req)
