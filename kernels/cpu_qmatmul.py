@@ -565,8 +565,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         R, nb = dx.shape
         N = d.shape[0]
         dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
-        for c in prange((N + 15) // 16):  # runs of 16 weight rows: q8a_span's tiles, its setup shared
-            q8a_span(xq, dxf, xsf, qs, df, mf, kind, R, nb, c * 16, min(N, c * 16 + 16), out)
+        for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
+            q8a_span(xq, dxf, xsf, qs, df, mf, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
 
     return {"quantize_rows": quantize_nb, "q8a_matmul": q8a_nb}
 
