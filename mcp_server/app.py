@@ -682,23 +682,22 @@ class AtelierServer(MCPServer):
                 return
             send(progress, total, message)
 
-        async def flush_progress() -> None:
-            """Send the newest held-back notification, after those already on their way (in order)."""
-            if context is None or job.detached:
-                return
-            token.remove_listener(on_progress)
+        async def drain() -> None:  # the notifications on their way, sent
             with progress_lock:
-                pending, last = list(in_flight), held[0]
+                pending = list(in_flight)
             for f in pending:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.wrap_future(f), 2.0)
-            if last is not None:
-                send(*last)
-                with progress_lock:
-                    pending = list(in_flight)
-                for f in pending:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(asyncio.wrap_future(f), 2.0)
+
+        async def flush_progress() -> None:
+            """Send the newest held-back notification, after those already on their way (in order); call it
+            once the listener is removed."""
+            if context is None or job.detached:
+                return
+            await drain()
+            if held[0] is not None:
+                send(*held[0])
+                await drain()
 
         async def heartbeat() -> None:
             """No silent waits: a long call that reported nothing for HEARTBEAT_S seconds (a model loading,

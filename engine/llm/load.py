@@ -375,7 +375,7 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
         try:
             m = _load_packed(g, Path(cache_dir), decode, say, t0)
             if place:
-                return _placed(m, dev, dtype, device_products, say)
+                return _placed(m, dev, dtype, device_products, say, "GGUF blocks")
             return _with_activations(m, activations)
         except UnsupportedGGUF as exc:
             note = f"{exc}; de-quantised to {str(dtype).replace('torch.', '')} with transformers instead"
@@ -400,11 +400,6 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
         native = True
         if quantise:
             model, qcache = _quantize_cached(model, folder, Path(cache_dir), weights, decode, say)
-            if place:
-                from .qweights import place_model
-
-                say(f"loading model: {weights} blocks to {dev.type}")
-                model = place_model(model, dev, dtype, device_products)
         elif weights in ("int8", "int4"):
             note = (f"{weights} weights are kept packed on the CPU, or on a GPU with Triton (engine backend "
                     f"wq_matmul); kept {str(dtype).replace('torch.', '')}")
@@ -422,8 +417,7 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
     if weights in ("int8", "int4") and (cpu or place) and native:
         m.extra["qcache"] = qcache
         if place:
-            m.extra["placed"] = f"{dev.type} ({device_products})"
-            return m
+            return _placed(m, dev, dtype, device_products, say, f"{weights} blocks")
     return _with_activations(m, activations)
 
 
@@ -436,11 +430,12 @@ def _interpreting() -> bool:
     return interpret_mode()
 
 
-def _placed(m: LoadedLLM, dev: torch.device, dtype: torch.dtype, impl: str, say: Any) -> LoadedLLM:
-    """A packed GGUF model moved onto `dev` with its blocks kept packed (`qweights.place_model`)."""
+def _placed(m: LoadedLLM, dev: torch.device, dtype: torch.dtype, impl: str, say: Any, what: str) -> LoadedLLM:
+    """A packed model (a GGUF's blocks, or int8/int4 ones) moved onto `dev` with its blocks kept packed
+    (`qweights.place_model`)."""
     from .qweights import place_model
 
-    say(f"loading model: GGUF blocks to {dev.type}")
+    say(f"loading model: {what} to {dev.type}")
     place_model(m.model, dev, dtype, impl)
     m.extra["placed"] = f"{dev.type} ({impl})"
     return m
