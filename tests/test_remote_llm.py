@@ -21,6 +21,7 @@ import secrets
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import anyio
 import httpx
@@ -52,8 +53,9 @@ def llama_server(tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
     logf = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", ALIAS,
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
+    # python -m llama_cpp.server without llama.cpp's AMX weight buffers, which crash on batches (llama_ref.py)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("llama_ref.py")), "--model", str(gguf),
+                             "--model_alias", ALIAS, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
                              "--api_key", KEY],
                             stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}/v1"
