@@ -185,6 +185,13 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             vnf = ir.VectorType(f32, n)
             fman = mod.declare_intrinsic(f"llvm.fma.v{n}f32", fnty=ir.FunctionType(vnf, [vnf, vnf, vnf]))
             vmacc = cgutils.alloca_once_value(builder, ir.Constant(vnf, [0.0] * n))
+        # Q4_1, one activation row, several weight rows: the rows' min chains as one vector (lane t = row t's
+        # scalar chain, the same bits)
+        vw = kind == 0 and n == 1 and nw > 1
+        if vw:
+            vwf = ir.VectorType(f32, nw)
+            fmaw = mod.declare_intrinsic(f"llvm.fma.v{nw}f32", fnty=ir.FunctionType(vwf, [vwf, vwf, vwf]))
+            vwacc = cgutils.alloca_once_value(builder, ir.Constant(vwf, [0.0] * nw))
         intp = nb.type
         v8i16, v8h = ir.VectorType(i16, 8), ir.VectorType(ir.HalfType(), 8)
 
@@ -196,27 +203,30 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
             return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
 
-        def block(b: Any, scale_v: Callable, m_s: Callable) -> None:
+        def block(b: Any, scale_v: Callable, m_s: Callable, m_v: Callable) -> None:
             # block b of every pair: scale_v(t, j) = d_w x d_x of the pair in 8 lanes, m_s(t) = the weight row's
-            # min (Q4_1) as a float
+            # min (Q4_1) as a float, m_v() = the nw rows' mins as one vector (vw)
             xvs, xss = [], []
             for xo, dxo in zip(xoffs, dxoffs):  # the activation rows' block b, loaded once for the tile
                 xp = builder.gep(xa, [builder.add(xo, builder.mul(b, ir.Constant(intp, 32)))])
                 xvs.append(builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1))
                 xss.append(builder.load(builder.gep(xsa, [builder.add(dxo, b)])) if kind == 0 and not vt else None)
+            if vw:
+                builder.store(builder.call(fmaw, [m_v(), splat1(xss[0], nw), builder.load(vwacc)]), vwacc)
             for t in range(nw):
                 wp = builder.gep(wa, [builder.add(woffs[t], builder.mul(b, ir.Constant(intp, bw)))])
-                if bw == 16:  # nibbles: low = values 0..15, high = 16..31
+                if bw == 16:  # nibbles: low = values 0..15, high = 16..31: the 16 bytes in both halves, the
+                    # high half's dwords shifted right by 4, every byte's low nibble kept
                     packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
-                    lo = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
-                    hi = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
-                    wq = builder.shuffle_vector(lo, hi, mask(32, list(range(32))))
+                    dup = builder.bitcast(builder.shuffle_vector(packed, packed, mask(32, list(range(16)) * 2)), v8i32)
+                    sh = builder.lshr(dup, ir.Constant(v8i32, [0, 0, 0, 0, 4, 4, 4, 4]))
+                    wq = builder.and_(builder.bitcast(sh, v32i8), ir.Constant(v32i8, [15] * 32))
                     if kind == 1:
                         wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
                 else:
                     wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
                 wabs = wq if kind == 0 else builder.call(psign, [wq, wq])
-                mf = m_s(t) if kind == 0 else None
+                mf = m_s(t) if kind == 0 and not vw else None
                 if vt:  # the n rows' min terms of block b at once
                     xp = builder.gep(xsa, [builder.add(dxoffs[0], builder.mul(b, ir.Constant(intp, n)))])
                     xsv = builder.load(builder.bitcast(xp, vnf.as_pointer()), align=4)
@@ -231,13 +241,19 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                     pf = builder.sitofp(p32, v8f32)
                     acc = accs[t][j]
                     builder.store(builder.call(fma, [pf, scale_v(t, j), builder.load(acc)]), acc)
-                    if kind == 0 and not vt:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
+                    if kind == 0 and not vt and not vw:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
                         macc = maccs[t][j]
                         builder.store(builder.call(fma1, [mf, xss[j], builder.load(macc)]), macc)
 
         # blocks 8 at a time: the 8 fp16 scales (and mins) of a weight row converted as one vector, times the 8
         # d_x of each activation row in one vector multiply (each lane the scalar product: the same bits), then
         # lane k serves block k; the blocks past the last 8 one by one
+        def gather(xs: list) -> Any:  # scalars -> one vector
+            v = ir.Constant(ir.VectorType(f32, len(xs)), ir.Undefined)
+            for i, x in enumerate(xs):
+                v = builder.insert_element(v, x, ir.Constant(i32, i))
+            return v
+
         def vec8(ptr: Any, off: Any, ty: Any) -> Any:
             return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=2)
 
@@ -253,14 +269,19 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             sc8 = [[builder.fmul(d8[t], dx8[j]) for j in range(n)] for t in range(nw)]
             for k in range(8):
                 block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: splat(sc8[t][j], k, 8),
-                      lambda t, k=k: builder.extract_element(m8[t], ir.Constant(i32, k)))
+                      lambda t, k=k: builder.extract_element(m8[t], ir.Constant(i32, k)),
+                      lambda k=k: gather([builder.extract_element(m8[t], ir.Constant(i32, k)) for t in range(nw)]))
         with cgutils.for_range_slice(builder, builder.mul(ng, ir.Constant(intp, 8)), nb, ir.Constant(intp, 1)) as (b, _):
             def scale1(t: int, j: int, b: Any = b) -> Any:
                 dw = half(builder, da, builder.add(doffs[t], b))
                 return splat1(builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b)]))), 8)
 
-            block(b, scale1, lambda t, b=b: half(builder, ma, builder.add(doffs[t], b)))
-        if vt:
+            block(b, scale1, lambda t, b=b: half(builder, ma, builder.add(doffs[t], b)),
+                  lambda b=b: gather([half(builder, ma, builder.add(doffs[t], b)) for t in range(nw)]))
+        if vw:
+            outs = [hsum(builder, builder.load(accs[t][0]),
+                         builder.extract_element(builder.load(vwacc), ir.Constant(i32, t))) for t in range(nw)]
+        elif vt:
             outs = [hsum(builder, builder.load(accs[0][j]),
                          builder.extract_element(builder.load(vmacc), ir.Constant(i32, j))) for j in range(n)]
         else:
