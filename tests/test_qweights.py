@@ -359,3 +359,81 @@ def test_generate_text_reports_loading_and_names_the_weights(tmp_path):
         svc.close()
     finally:
         ctx.engine.close()
+
+
+def _tile_callers(kind: int, vnni: bool):  # noqa: ANN202
+    """njit callers of the Q8 tile intrinsics of one kind (0 Q4_1, 1 Q4_0, 2 Q8_0) and VNNI setting: 1 x 1,
+    4 weight rows x 1, 1 x 4 and 1 x 8 (Q4_1's min terms over the 8 rows as one vector, xs transposed)."""
+    from numba import njit
+
+    from kernels._numba import q8_tile_dot_intrinsic
+
+    t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n == 8, vnni) for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
+
+    @njit
+    def one(w, wo, d, do, x, xo, dx, dxo, m, xs, nb):  # noqa: ANN001, ANN202
+        return t11(w, wo, d, do, x, xo, dx, dxo, m, xs, nb)
+
+    @njit
+    def w4(w, wr, d, nb, x, xo, dx, dxo, m, xs):  # noqa: ANN001, ANN202 - weight rows 0..3, row stride wr
+        return t41(w, 0, wr, 2 * wr, 3 * wr, d, 0, nb, 2 * nb, 3 * nb, x, xo, dx, dxo, m, xs, nb)
+
+    @njit
+    def r4(w, wo, d, do, x, xr, dx, m, xs, nb):  # noqa: ANN001, ANN202 - activation rows 0..3
+        return t14(w, wo, d, do, x, 0, xr, 2 * xr, 3 * xr, dx, 0, nb, 2 * nb, 3 * nb, m, xs, nb)
+
+    @njit
+    def r8(w, wo, d, do, x, xr, dx, m, xst, nb):  # noqa: ANN001, ANN202 - activation rows 0..7
+        return t18(w, wo, d, do, x, 0, xr, 2 * xr, 3 * xr, 4 * xr, 5 * xr, 6 * xr, 7 * xr, dx, 0, nb, 2 * nb,
+                   3 * nb, 4 * nb, 5 * nb, 6 * nb, 7 * nb, m, xst, nb)
+
+    return one, w4, r4, r8
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_0", "Q8_0"])
+def test_q8_tiles_give_every_pair_the_same_bits(fmt):
+    """The Q8 tile intrinsics (`_numba._q8_rows_codegen`): blocks 8 at a time with their scales converted and
+    multiplied as vectors, the rest one by one, Q4_1's min chains as vectors over weight rows (4 x 1) or
+    activation rows (1 x 8): every (weight row, activation row) result equals the 1 x 1 tile's bits and the
+    float64 twin to fp32 rounding, for 5 (no group of 8), 16 and 19 blocks; where the CPU has VNNI, the
+    `vpdpbusd` variant equals the AVX2 one bit for bit (on a CPU without it only the AVX2 one can run)."""
+    from kernels import cpu_qmatmul
+    from kernels._numba import has_avx2, has_vnni, jit
+
+    assert jit() is not None and has_avx2(), "the Q8 kernels run here (Numba, AVX2)"
+    kind = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2}[fmt]
+    bw = 32 if fmt == "Q8_0" else 16
+    variants = [False] + ([True] if has_vnni() else [])
+    rng = np.random.default_rng(7)
+    for nb in (5, 16, 19):
+        W, R = 4, 8
+        qs = rng.integers(0, 256, (W, nb, bw), dtype=np.uint8)
+        if fmt == "Q8_0":
+            qs = qs.view(np.int8).clip(-127, 127).view(np.uint8)
+        d = rng.uniform(1e-3, 3e-2, (W, nb)).astype(np.float16).view(np.uint16)
+        m = (-rng.uniform(1e-3, 0.2, (W, nb))).astype(np.float16).view(np.uint16)
+        x = rng.standard_normal((R, nb * 32)).astype(np.float32)
+        xq, dx, xs = cpu_qmatmul.quantize_rows(x)
+        want = np.empty((R, W))
+        cpu_qmatmul.matmul_q8_reference(fmt, xq, dx, xs, qs if fmt != "Q8_0" else qs.view(np.int8), d,
+                                        m if fmt == "Q4_1" else None, want)
+        wf, df, mf, dxf, xsf = qs.reshape(-1), d.reshape(-1), m.reshape(-1), dx.reshape(-1), xs.reshape(-1)
+        xst = np.ascontiguousarray(xs.T).reshape(-1)  # (row j, block b) at b * 8 + j
+        xr = nb * 32
+        results = []
+        for vnni in variants:
+            one, w4, r4, r8 = _tile_callers(kind, vnni)
+            ref = np.array([[one(wf, t * nb * bw, df, t * nb, xq, j * xr, dxf, j * nb, mf, xsf, nb) for t in range(W)]
+                            for j in range(R)], np.float32)
+            np.testing.assert_allclose(ref, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+            for j in range(R):
+                np.testing.assert_array_equal(np.array(w4(wf, nb * bw, df, nb, xq, j * xr, dxf, j * nb, mf, xsf),
+                                                       np.float32), ref[j])
+            for t in range(W):
+                np.testing.assert_array_equal(np.array(r4(wf, t * nb * bw, df, t * nb, xq, xr, dxf, mf, xsf, nb),
+                                                       np.float32), ref[:4, t])
+                np.testing.assert_array_equal(np.array(r8(wf, t * nb * bw, df, t * nb, xq, xr, dxf, mf,
+                                                          xst if kind == 0 else xsf, nb), np.float32), ref[:, t])
+            results.append(ref)
+        for other in results[1:]:
+            np.testing.assert_array_equal(other, results[0])
