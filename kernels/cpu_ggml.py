@@ -56,7 +56,8 @@ import functools
 
 import numpy as np
 
-from ._numba import dispatch, drop_stale_cache, float_bits_intrinsics, fma_intrinsic, ggml_dot_intrinsic, jit
+from ._numba import (dispatch, drop_stale_cache, float_bits_intrinsics, fma_intrinsic, ggml_dot_intrinsic,
+                     ggml_scores64_intrinsic, jit)
 
 F32 = np.float32
 _EXP_C = tuple(F32(float.fromhex(h)) for h in (
@@ -230,7 +231,7 @@ def rope_tables_reference(base: float, n_dims: int, n_pos: int, cos: np.ndarray,
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
-_fma = _bits = _from_bits = _dot = expf_all = hsum8 = rmsnorm_row = swiglu_row = attend_task = None  # _kernels()
+_fma = _bits = _from_bits = _dot = _scores64 = expf_all = hsum8 = rmsnorm_row = swiglu_row = attend_task = None  # _kernels()
 
 
 @functools.cache
@@ -239,12 +240,13 @@ def _kernels() -> dict | None:
         return None
     drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
-    global _fma, _bits, _from_bits, _dot, expf_all, hsum8, rmsnorm_row, swiglu_row, attend_task
+    global _fma, _bits, _from_bits, _dot, _scores64, expf_all, hsum8, rmsnorm_row, swiglu_row, attend_task
     # module globals, not closure variables (see kernels/cpu_qmatmul.py); no fastmath anywhere here: the
     # order of every operation is the point
     _fma = fma_intrinsic()
     _bits, _from_bits = float_bits_intrinsics()
     _dot = ggml_dot_intrinsic()
+    _scores64 = ggml_scores64_intrinsic()
     r_, l2e, c1, c2, p5, p4, p3, p2, p1 = (float(c) for c in _EXP_C)
 
     @njit(cache=True, nogil=True, inline="always")
@@ -354,12 +356,15 @@ def _kernels() -> dict | None:
         qf = q.reshape(-1)
         for g in range(g0, g1):
             qo = (r * H + h * G + g) * hd
-            best = np.float32(-np.inf)
-            for j in range(T):
-                s = _dot(kf, j * hd, qf, qo, hd) * scale
-                p[j] = s
-                if s > best:
-                    best = s
+            if hd == 64:  # the query held in registers across the positions: the same sums
+                best = _scores64(kf, 0, qf, qo, T, scale, p)
+            else:
+                best = np.float32(-np.inf)
+                for j in range(T):
+                    s = _dot(kf, j * hd, qf, qo, hd) * scale
+                    p[j] = s
+                    if s > best:
+                        best = s
             for j in range(T):
                 p[j] = p[j] - best
             expf_all(p, T)
