@@ -538,11 +538,13 @@ def ggml_dot_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
 
 
 def ggml_scores64_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
-    """A Numba intrinsic: `scores64(k, ko, q, qo, T, scale, p)` -> float32: for j < T, p[j] = the
+    """A Numba intrinsic: `scores64(k, ko, q, qo, T, scale, p, v, vo)` -> float32: for j < T, p[j] = the
     `ggml_dot_intrinsic` dot of k[ko + 64 j : + 64] and q[qo : qo + 64] (ggml_vec_dot_f32's four 8-lane
     accumulators over two runs of 32, its reduction order) times scale; returns the largest p[j] (-inf for
     T = 0; a NaN score is never taken, as `s > best` would not). The same bits per score as the dot
-    intrinsic, with the query's eight vectors loaded once for all positions instead of once per score."""
+    intrinsic, with the query's eight vectors loaded once for all positions instead of once per score. Row j
+    of v (from vo, 64 floats) is prefetched beside key j: `vsum64` reads those rows next, lane by lane (not in
+    an order the hardware prefetchers follow)."""
     from llvmlite import ir
     from numba import types
     from numba.core import cgutils
@@ -555,16 +557,20 @@ def ggml_scores64_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
         return ir.Constant(ir.VectorType(i32, k), idx)
 
     @intrinsic
-    def scores64(typingctx, k, ko, q, qo, T, scale, p):  # noqa: ANN001, ANN202
-        if not all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (k, q, p)):
+    def scores64(typingctx, k, ko, q, qo, T, scale, p, v, vo):  # noqa: ANN001, ANN202
+        if not all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (k, q, p, v)):
             return None
 
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-            ka, qa, pa = (context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 2, 6))
-            ko_, qo_, T_, sc = args[1], args[3], args[4], args[5]
+            ka, qa, pa, va = (context.make_array(signature.args[i])(context, builder, args[i]).data
+                              for i in (0, 2, 6, 7))
+            ko_, qo_, T_, sc, vo_ = args[1], args[3], args[4], args[5], args[8]
             intp = T_.type
             fma = builder.module.declare_intrinsic("llvm.fma.v8f32",
                                                    fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
+            i8p = ir.IntType(8).as_pointer()
+            prefetch = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
+                ir.VoidType(), [i8p, i32, i32, i32]))
 
             def vload(ptr: Any, off: Any) -> Any:
                 return builder.load(builder.bitcast(builder.gep(ptr, [off]), v8f32.as_pointer()), align=4)
@@ -574,6 +580,10 @@ def ggml_scores64_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
             zero = ir.Constant(v8f32, [0.0] * 8)
             with cgutils.for_range(builder, T_) as loop:
                 base = builder.add(ko_, builder.mul(loop.index, ir.Constant(intp, 64)))
+                vbase = builder.add(vo_, builder.mul(loop.index, ir.Constant(intp, 64)))
+                for i in range(4):  # the row's four cache lines (when 64-byte aligned: the cache's rows are)
+                    builder.call(prefetch, [builder.bitcast(builder.gep(va, [builder.add(vbase, ir.Constant(
+                        intp, 16 * i))]), i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
                 acc = [builder.call(fma, [vload(ka, builder.add(base, ir.Constant(intp, 8 * i))), qv[i], zero])
                        for i in range(4)]
                 acc = [builder.call(fma, [vload(ka, builder.add(base, ir.Constant(intp, 32 + 8 * i))), qv[4 + i],
@@ -589,9 +599,65 @@ def ggml_scores64_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
                 builder.store(builder.select(builder.fcmp_ordered(">", r, b), r, b), best)
             return builder.load(best)
 
-        return types.float32(k, types.intp, q, types.intp, types.intp, types.float32, p), codegen
+        return types.float32(k, types.intp, q, types.intp, types.intp, types.float32, p, v, types.intp), codegen
 
     return scores64
+
+
+def ggml_vsum64_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
+    """A Numba intrinsic: `vsum64(v, vo, p, T, width, acc)`: for each lane l < width, acc[l, :64] = the sum
+    over the positions j = l, l + width, ... < T (in that order) of p[j] x v[vo + 64 j : + 64], one fused
+    multiply-add per position and value — exactly the lanes of `attend_task`'s one pass over the positions
+    (acc[j % width] += p[j] v[j]), lane by lane so that a lane's 64 sums stay in eight registers."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    f32 = ir.FloatType()
+    v8f32 = ir.VectorType(f32, 8)
+    i32 = ir.IntType(32)
+
+    @intrinsic
+    def vsum64(typingctx, v, vo, p, T, width, acc):  # noqa: ANN001, ANN202
+        if not all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (v, p, acc)):
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            va, pa, aa = (context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 2, 5))
+            vo_, T_, w_ = args[1], args[3], args[4]
+            intp = T_.type
+            fma = builder.module.declare_intrinsic("llvm.fma.v8f32",
+                                                   fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
+
+            def vptr(ptr: Any, off: Any) -> Any:
+                return builder.bitcast(builder.gep(ptr, [off]), v8f32.as_pointer())
+
+            with cgutils.for_range(builder, w_) as lane:
+                l = lane.index
+                accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(8)]
+                for a in accs:
+                    builder.store(ir.Constant(v8f32, [0.0] * 8), a)
+                n = builder.sdiv(builder.add(builder.sub(T_, l), builder.sub(w_, ir.Constant(intp, 1))), w_)
+                with cgutils.for_range(builder, n) as it:
+                    j = builder.add(l, builder.mul(it.index, w_))
+                    pj = builder.load(builder.gep(pa, [j]))
+                    wv = builder.insert_element(ir.Constant(v8f32, ir.Undefined), pj, ir.Constant(i32, 0))
+                    wv = builder.shuffle_vector(wv, ir.Constant(v8f32, ir.Undefined), ir.Constant(
+                        ir.VectorType(i32, 8), [0] * 8))
+                    base = builder.add(vo_, builder.mul(j, ir.Constant(intp, 64)))
+                    for i in range(8):
+                        x = builder.load(vptr(va, builder.add(base, ir.Constant(intp, 8 * i))), align=4)
+                        builder.store(builder.call(fma, [x, wv, builder.load(accs[i])]), accs[i])
+                out = builder.mul(l, ir.Constant(intp, 64))
+                for i in range(8):
+                    builder.store(builder.load(accs[i]), vptr(aa, builder.add(out, ir.Constant(intp, 8 * i))),
+                                  align=4)
+            return context.get_dummy_value()
+
+        return types.none(v, types.intp, p, types.intp, types.intp, acc), codegen
+
+    return vsum64
 
 
 CPU_BACKENDS = ("numba", "numpy")

@@ -57,7 +57,7 @@ import functools
 import numpy as np
 
 from ._numba import (dispatch, drop_stale_cache, float_bits_intrinsics, fma_intrinsic, ggml_dot_intrinsic,
-                     ggml_scores64_intrinsic, jit)
+                     ggml_scores64_intrinsic, ggml_vsum64_intrinsic, jit)
 
 F32 = np.float32
 _EXP_C = tuple(F32(float.fromhex(h)) for h in (
@@ -231,7 +231,7 @@ def rope_tables_reference(base: float, n_dims: int, n_pos: int, cos: np.ndarray,
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
-_fma = _bits = _from_bits = _dot = _scores64 = expf_all = hsum8 = rmsnorm_row = swiglu_row = attend_task = None  # _kernels()
+_fma = _bits = _from_bits = _dot = _scores64 = _vsum64 = expf_all = hsum8 = rmsnorm_row = swiglu_row = attend_task = None  # _kernels()
 
 
 @functools.cache
@@ -240,13 +240,14 @@ def _kernels() -> dict | None:
         return None
     drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
-    global _fma, _bits, _from_bits, _dot, _scores64, expf_all, hsum8, rmsnorm_row, swiglu_row, attend_task
+    global _fma, _bits, _from_bits, _dot, _scores64, _vsum64, expf_all, hsum8, rmsnorm_row, swiglu_row, attend_task
     # module globals, not closure variables (see kernels/cpu_qmatmul.py); no fastmath anywhere here: the
     # order of every operation is the point
     _fma = fma_intrinsic()
     _bits, _from_bits = float_bits_intrinsics()
     _dot = ggml_dot_intrinsic()
     _scores64 = ggml_scores64_intrinsic()
+    _vsum64 = ggml_vsum64_intrinsic()
     r_, l2e, c1, c2, p5, p4, p3, p2, p1 = (float(c) for c in _EXP_C)
 
     @njit(cache=True, nogil=True, inline="always")
@@ -353,11 +354,12 @@ def _kernels() -> dict | None:
         kb = K[row_slot[r], h]
         vb = V[row_slot[r], h]
         kf = kb.reshape(-1)
+        vf = vb.reshape(-1)
         qf = q.reshape(-1)
         for g in range(g0, g1):
             qo = (r * H + h * G + g) * hd
             if hd == 64:  # the query held in registers across the positions: the same sums
-                best = _scores64(kf, 0, qf, qo, T, scale, p)
+                best = _scores64(kf, 0, qf, qo, T, scale, p, vf, 0)
             else:
                 best = np.float32(-np.inf)
                 for j in range(T):
@@ -374,14 +376,17 @@ def _kernels() -> dict | None:
             inv = np.float32(1.0 / tot)
             for j in range(T):
                 p[j] = p[j] * inv
-            for l in range(width):
-                for d in range(hd):
-                    acc[l, d] = np.float32(0.0)
-            for j in range(T):
-                l = j % width
-                w = p[j]
-                for d in range(hd):
-                    acc[l, d] = _fma(vb[j, d], w, acc[l, d])
+            if hd == 64:  # lane by lane, a lane's sums in registers: the same chains
+                _vsum64(vf, 0, p, T, width, acc.reshape(-1))
+            else:
+                for l in range(width):
+                    for d in range(hd):
+                        acc[l, d] = np.float32(0.0)
+                for j in range(T):
+                    l = j % width
+                    w = p[j]
+                    for d in range(hd):
+                        acc[l, d] = _fma(vb[j, d], w, acc[l, d])
             o = h * G + g
             if batch:  # tinyBLAS's hsum of the 8 lanes, for every d at once
                 for d in range(hd):
