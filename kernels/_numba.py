@@ -271,7 +271,8 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                 block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: splat(sc8[t][j], k, 8),
                       lambda t, k=k: builder.extract_element(m8[t], ir.Constant(i32, k)),
                       lambda k=k: gather([builder.extract_element(m8[t], ir.Constant(i32, k)) for t in range(nw)]))
-        with cgutils.for_range_slice(builder, builder.mul(ng, ir.Constant(intp, 8)), nb, ir.Constant(intp, 1)) as (b, _):
+        tail0 = builder.mul(ng, ir.Constant(intp, 8))
+        with cgutils.for_range_slice(builder, tail0, nb, ir.Constant(intp, 1)) as (b, _):
             def scale1(t: int, j: int, b: Any = b) -> Any:
                 dw = half(builder, da, builder.add(doffs[t], b))
                 return splat1(builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b)]))), 8)

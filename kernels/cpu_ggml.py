@@ -231,7 +231,9 @@ def rope_tables_reference(base: float, n_dims: int, n_pos: int, cos: np.ndarray,
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
-_fma = _bits = _from_bits = _dot = _scores64 = _vsum64 = expf_all = hsum8 = rmsnorm_row = swiglu_row = attend_task = None  # _kernels()
+# set by _kernels()
+_fma = _bits = _from_bits = _dot = _scores64 = _vsum64 = expf_all = hsum8 = rmsnorm_row = swiglu_row = None
+attend_task = None
 
 
 @functools.cache
@@ -240,7 +242,8 @@ def _kernels() -> dict | None:
         return None
     drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
-    global _fma, _bits, _from_bits, _dot, _scores64, _vsum64, expf_all, hsum8, rmsnorm_row, swiglu_row, attend_task
+    global _fma, _bits, _from_bits, _dot, _scores64, _vsum64, expf_all, hsum8, rmsnorm_row, swiglu_row
+    global attend_task
     # module globals, not closure variables (see kernels/cpu_qmatmul.py); no fastmath anywhere here: the
     # order of every operation is the point
     _fma = fma_intrinsic()

@@ -368,7 +368,8 @@ def _tile_callers(kind: int, vnni: bool):  # noqa: ANN202
 
     from kernels._numba import q8_tile_dot_intrinsic
 
-    t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n == 8, vnni) for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
+    t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n == 8, vnni)
+                          for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
 
     @njit
     def one(w, wo, d, do, x, xo, dx, dxo, m, xs, nb):  # noqa: ANN001, ANN202

@@ -55,8 +55,8 @@ def llama_server(tmp_path_factory):
     logf = open(log_path, "wb")
     # python -m llama_cpp.server without llama.cpp's AMX weight buffers, which crash on batches (llama_ref.py)
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("llama_ref.py")), "--model", str(gguf),
-                             "--model_alias", ALIAS, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
-                             "--api_key", KEY],
+                             "--model_alias", ALIAS, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+                             "--n_threads", "1", "--api_key", KEY],
                             stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}/v1"
     try:
