@@ -110,8 +110,15 @@ def has_avx2() -> bool:
 def has_vnni() -> bool:
     """Whether this CPU has a 256-bit `vpdpbusd` (AVX512-VNNI with AVX512-VL, or AVX-VNNI): the Q8 products'
     byte dot (`_q8_rows_codegen`) is then one instruction instead of two (the same integers). Numba's
-    on-disk cache keys compiled code by the CPU's features, so a cache from another CPU is not reused."""
+    on-disk cache keys compiled code by the CPU's features, so a cache from another CPU is not reused. Where
+    Numba is told to compile for another CPU (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES), only features named in
+    NUMBA_CPU_FEATURES count."""
     try:
+        from numba.core import config
+
+        if config.CPU_NAME or config.CPU_FEATURES:
+            feats = set((config.CPU_FEATURES or "").split(","))
+            return "+avxvnni" in feats or {"+avx512vnni", "+avx512vl"} <= feats
         import llvmlite.binding as llvm
 
         f = llvm.get_host_cpu_features()
