@@ -545,6 +545,34 @@ def ggml_dot_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
     return dot
 
 
+def prefetch_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
+    """A Numba intrinsic: `prefetch(a, i)` asks for the cache line holding a.flat[i] (a read, kept in all
+    levels); a hint with no result and no fault (an address past the end is fine)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    i32 = ir.IntType(32)
+    i8p = ir.IntType(8).as_pointer()
+
+    @intrinsic
+    def prefetch(typingctx, a, i):  # noqa: ANN001, ANN202
+        if not isinstance(a, types.Array):
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            fn = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
+                ir.VoidType(), [i8p, i32, i32, i32]))
+            builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p), ir.Constant(i32, 0),
+                              ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.none(a, types.intp), codegen
+
+    return prefetch
+
+
 def ggml_scores64_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
     """A Numba intrinsic: `scores64(k, ko, q, qo, T, scale, p, v, vo)` -> float32: for j < T, p[j] = the
     `ggml_dot_intrinsic` dot of k[ko + 64 j : + 64] and q[qo : qo + 64] (ggml_vec_dot_f32's four 8-lane

@@ -68,7 +68,8 @@ import functools
 
 import numpy as np
 
-from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, jit, q8_row_dot_intrinsic,
+from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, jit, prefetch_intrinsic,
+                     q8_row_dot_intrinsic,
                      q8_rows4_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # blocks of 32 along K
@@ -433,18 +434,22 @@ def _kernels() -> dict | None:
 
 # the AVX2 row dots (module globals: see above)
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
-_r8_q41 = _r8_q40 = _r8_q80 = None
+_r8_q41 = _r8_q40 = _r8_q80 = _pf = None
+PF = 2  # weight rows ahead that q8a_span prefetches when rows of x come in tiles
+PF1 = 2  # tiles of 4 weight rows ahead that it prefetches for the last rows of x (one row: decoding)
 quantize_span = q8a_span = None  # the Q8 kernels' bodies over a span of rows (kernels.cpu_step calls them too)
 
 
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
-    global _r8_q41, _r8_q40, _r8_q80
+    global _r8_q41, _r8_q40, _r8_q80, _pf
+    _pf = prefetch_intrinsic()
     global quantize_span, q8a_span
     _rh = round_to_half_intrinsic()
     _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
-    _r4_q41, _r4_q40, _r4_q80 = (q8_rows4_dot_intrinsic(k) for k in (0, 1, 2))
+    # four rows of x per weight row: Q4_1's min terms as one 4-lane vector chain (xs transposed, as for 8)
+    _r4_q41, _r4_q40, _r4_q80 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True) for k in (0, 1, 2))
     _w4_q41, _w4_q40, _w4_q80 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (0, 1, 2))
     # eight rows of x per weight row (a batch of 8): Q4_1's min terms as one vector chain over the rows
     _r8_q41, _r8_q40, _r8_q80 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True) for k in (0, 1, 2))
@@ -480,18 +485,26 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         xr = nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)  # a prange index is unsigned: n + 1 would be a float
         R8 = R - R % 8
-        # rows in groups of eight first (`_r8_*`); Q4_1 reads their xs transposed: group r0's (row j, block
-        # b) at r0 nb + b 8 + j (the same values, so the same sums)
-        xst = np.empty(R8 * nb if kind == 1 else 0, np.float32)
-        for r0 in range(0, R8, 8):
-            for b in range(nb if kind == 1 else 0):
-                for j in range(8):
-                    xst[r0 * nb + b * 8 + j] = xsf[(r0 + j) * nb + b]
         R4 = R8 + (R - R8) // 4 * 4
+        # rows in groups of eight first (`_r8_*`), then one of four (`_r4_*`); Q4_1 reads their xs transposed:
+        # group r0's (row j, block b) at r0 nb + b g + j for a group of g (the same values, so the same sums)
+        xst = np.empty(R4 * nb if kind == 1 else 0, np.float32)
+        for r0 in range(0, R4, 8):
+            g = 8 if r0 < R8 else 4
+            for b in range(nb if kind == 1 else 0):
+                for j in range(g):
+                    xst[r0 * nb + b * g + j] = xsf[(r0 + j) * nb + b]
         if R4 < R:  # rows past the last four: four weight rows at a time (four independent chains)
             w = n0
             while w + 4 <= n1:
                 wo, do = w * nb * bw, w * nb
+                if w + 4 * PF1 + 4 <= n1:  # the weights' stream: the tile PF1 ahead prefetched
+                    for off in range(0, 4 * nb * bw, 64):
+                        _pf(qs, wo + 4 * PF1 * nb * bw + off)
+                    for off in range(0, 4 * nb, 32):
+                        _pf(df, do + 4 * PF1 * nb + off)
+                        if kind == 1:
+                            _pf(mf, do + 4 * PF1 * nb + off)
                 for r in range(R4, R):
                     if kind == 1:
                         a = _w4_q41(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
@@ -513,6 +526,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         for n in range(n0, n1):
             wo = n * nb * bw
             do = n * nb
+            if R4 >= 4 and n + PF < n1:  # rows of x in tiles: compute-bound, the weights' stream prefetched
+                for off in range(0, nb * bw, 64):
+                    _pf(qs, wo + PF * nb * bw + off)
+                _pf(df, do + PF * nb)
+                if kind == 1:
+                    _pf(mf, do + PF * nb)
             r = 0
             while r + 8 <= R:
                 if kind == 1:
@@ -533,7 +552,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             while r + 4 <= R:
                 if kind == 1:
                     a = _r4_q41(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
-                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, nb)
                 elif kind == 0:
                     a = _r4_q40(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)

@@ -197,11 +197,12 @@ def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
     ours = load_llm(str(path), tmp_path / "cache", activations="q8")
     assert ours.extra["activations"] == "q8" and "Q8 activations" in ours.weights
     lin = ours.model.layers[0].wqkv
-    x = np.random.default_rng(1).standard_normal((3, lin.in_features)).astype(np.float32)
+    # 13 rows: a group of 8, one of 4 and one left over (each tile kind of `q8a_span`)
+    x = np.random.default_rng(1).standard_normal((13, lin.in_features)).astype(np.float32)
     want = np.concatenate([cpu_qmatmul.matmul_q8(p.fmt, x, p.qs, p.d, p.m, backend="numpy") for p in lin.parts], 1)
     got = lin.matmul_np(x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    for r in range(3):  # a row's result does not depend on the other rows
+    for r in range(13):  # a row's result does not depend on the other rows
         np.testing.assert_array_equal(lin.matmul_np(x[r:r + 1])[0], got[r])
     ids = [3, 17, 99, 5, 42, 7, 150, 1]
     a = ours.model.args
@@ -363,12 +364,12 @@ def test_generate_text_reports_loading_and_names_the_weights(tmp_path):
 
 def _tile_callers(kind: int, vnni: bool):  # noqa: ANN202
     """njit callers of the Q8 tile intrinsics of one kind (0 Q4_1, 1 Q4_0, 2 Q8_0) and VNNI setting: 1 x 1,
-    4 weight rows x 1, 1 x 4 and 1 x 8 (Q4_1's min terms over the 8 rows as one vector, xs transposed)."""
+    4 weight rows x 1, 1 x 4 and 1 x 8 (Q4_1's min terms over the 4 / 8 rows as one vector, xs transposed)."""
     from numba import njit
 
     from kernels._numba import q8_tile_dot_intrinsic
 
-    t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n == 8, vnni)
+    t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n >= 4, vnni)
                           for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
 
     @njit
@@ -420,6 +421,7 @@ def test_q8_tiles_give_every_pair_the_same_bits(fmt):
                                         m if fmt == "Q4_1" else None, want)
         wf, df, mf, dxf, xsf = qs.reshape(-1), d.reshape(-1), m.reshape(-1), dx.reshape(-1), xs.reshape(-1)
         xst = np.ascontiguousarray(xs.T).reshape(-1)  # (row j, block b) at b * 8 + j
+        xst4 = np.ascontiguousarray(xs[:4].T).reshape(-1)  # rows 0..3: at b * 4 + j
         xr = nb * 32
         results = []
         for vnni in variants:
@@ -431,8 +433,8 @@ def test_q8_tiles_give_every_pair_the_same_bits(fmt):
                 np.testing.assert_array_equal(np.array(w4(wf, nb * bw, df, nb, xq, j * xr, dxf, j * nb, mf, xsf),
                                                        np.float32), ref[j])
             for t in range(W):
-                np.testing.assert_array_equal(np.array(r4(wf, t * nb * bw, df, t * nb, xq, xr, dxf, mf, xsf, nb),
-                                                       np.float32), ref[:4, t])
+                np.testing.assert_array_equal(np.array(r4(wf, t * nb * bw, df, t * nb, xq, xr, dxf, mf,
+                                                          xst4 if kind == 0 else xsf, nb), np.float32), ref[:4, t])
                 np.testing.assert_array_equal(np.array(r8(wf, t * nb * bw, df, t * nb, xq, xr, dxf, mf,
                                                           xst if kind == 0 else xsf, nb), np.float32), ref[:, t])
             results.append(ref)
