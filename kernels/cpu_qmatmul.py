@@ -69,8 +69,7 @@ import functools
 import numpy as np
 
 from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, jit, prefetch_intrinsic,
-                     q8_row_dot_intrinsic,
-                     q8_rows4_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic)
+                     q8_row_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # blocks of 32 along K
 K_FORMATS = ("Q4_K", "Q6_K")  # super-blocks of 256 along K
