@@ -54,8 +54,9 @@ Q8 activations (`matmul_q8`, `models.llm_activations = "q8"`; Q4_0, Q4_1,
 Q8_0): x is first quantised per row to Q8 blocks of 32 (`quantize_rows`,
 llama.cpp's `quantize_row_q8_1`: fp16 scale max|x| / 127, int8 values, the
 block's de-quantised sum), then each (weight row, x row) is one AVX2 row dot
-(`_numba.q8_row_dot_intrinsic`, four x rows per weight block with
-`q8_rows4_dot_intrinsic`): integer multiply-adds per block, scaled in fp32.
+(`_numba.q8_row_dot_intrinsic`; tiles of 8 or 4 x rows per weight row and of
+4 weight rows per x row with `q8_tile_dot_intrinsic`, the weights' stream
+prefetched ahead): integer multiply-adds per block, scaled in fp32.
 The twin computes the same quantised product in float64.
 
 Numba is optional (`_numba.jit()`); without it the references run. Calls are
