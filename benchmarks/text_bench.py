@@ -33,7 +33,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+NATIVE = ROOT / "build" / "llama-native"  # `make bench`: llama.cpp built for this CPU (GGML_NATIVE)
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -73,24 +75,20 @@ print(json.dumps([run(n), llama_cpp.llama_print_system_info().decode().strip()])
 """
 
 
-LLAMA_BUILD: list[str] = []  # the llama.cpp build the child ran (its system info)
-
-
-def _llama_cpp_tps(gguf: Path, prompt: list[int], n: int) -> float | None:
-    """llama.cpp's plain greedy tokens/s on gguf (prompt evaluation included), in a child process of its own:
-    the native build `make bench` puts in build/llama-native where there is one, else the venv's (AVX2)."""
+def _llama_cpp_tps(gguf: Path, prompt: list[int], n: int) -> tuple[float, str] | None:
+    """llama.cpp's plain greedy tokens/s on gguf (prompt evaluation included), in a child process of its own,
+    and the build's system info: the native build `make bench` puts in NATIVE where there is one, else the
+    venv's (AVX2)."""
     import json
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(gguf), str(n), json.dumps(prompt),
-                          str(Path(__file__).resolve().parents[1])],
+    out = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(gguf), str(n), json.dumps(prompt), str(ROOT)],
                          capture_output=True, text=True, timeout=900)
     if out.returncode:
         print(f"llama.cpp child failed: {out.stderr.strip()[-500:]}")
         return None
     tps, info = json.loads(out.stdout.strip().splitlines()[-1])
-    LLAMA_BUILD[:] = [info]
-    return float(tps)
+    return float(tps), info
 
 
 def _verdict(ok: bool) -> str:
@@ -319,11 +317,12 @@ def main() -> int:
         # measured in this process beside our loaded engine it ran 40-60 % slower here (31-50 vs 55-70 tok/s
         # in one session). Three rounds, alternating with ours, so that drift on a shared machine hits both.
         sq = _plain_service(m, prompt, 8)
-        l_runs, o_runs = [], []
+        l_runs, o_runs, build = [], [], ""
         for _ in range(1 if args.quick else 3):
-            lt = _llama_cpp_tps(gguf, prompt, n_new)
-            if lt is None:
+            got = _llama_cpp_tps(gguf, prompt, n_new)
+            if got is None:
                 break
+            lt, build = got
             l_runs.append(lt)
             time.sleep(1)
             rq, o = _timed(sq, req)
@@ -333,11 +332,10 @@ def main() -> int:
             l_tps, q_tps = sorted(l_runs)[len(l_runs) // 2], sorted(o_runs)[len(o_runs) // 2]
             _, q_agg = _concurrently(sq, reqs)
             r = q_tps / l_tps
-            info = (LLAMA_BUILD or [""])[0].replace("CPU :", "")
-            feats = [f.split("=")[0].strip() for f in info.split("|") if f.strip().endswith("= 1")]
-            print(f"llama.cpp build: {' '.join(feats)}"
-                  + ("" if (Path(__file__).resolve().parents[1] / "build" / "llama-native" / "llama_cpp").is_dir()
-                     else " (the venv's AVX2 build; `make bench` builds a native one into build/llama-native)"))
+            feats = [f.split("=")[0].strip() for f in build.replace("CPU :", "").split("|")
+                     if f.strip().endswith("= 1")]
+            print(f"llama.cpp build: {' '.join(feats)}" + ("" if (NATIVE / "llama_cpp").is_dir() else
+                  " (the venv's AVX2 build; `make bench` builds a native one into build/llama-native)"))
             print(f"llama-cpp-python {llama_cpp.__version__} (same Q4_1 GGUF, {os.cpu_count()} threads, alone in a "
                   f"process) vs ours (activations: {m.extra.get('activations', 'fp32')}), drafting off, "
                   f"rounds: " + ", ".join(f"{lt:.1f} vs {o:.1f}" for lt, o in zip(l_runs, o_runs)) + " tok/s")

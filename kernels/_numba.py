@@ -95,37 +95,57 @@ def half_to_float_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
 
 
 @functools.cache
-def has_avx2() -> bool:
-    """Whether this CPU has AVX2 (LLVM's host features): the Q8-activation products use its byte and word
-    multiply-adds (`q8_row_dot_intrinsic`)."""
-    try:
-        import llvmlite.binding as llvm
-
-        return bool(llvm.get_host_cpu_features().get("avx2", False))
-    except Exception:  # no llvmlite, or it cannot read the features
-        return False
-
-
-@functools.cache
-def has_vnni() -> bool:
-    """Whether this CPU has a 256-bit `vpdpbusd` (AVX512-VNNI with AVX512-VL, or AVX-VNNI): the Q8 products'
-    byte dot (`_q8_rows_codegen`) is then one instruction instead of two (the same integers). Numba's
-    on-disk cache keys compiled code by the CPU's features, so a cache from another CPU is not reused. Where
-    Numba is told to compile for another CPU (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES), only features named in
-    NUMBA_CPU_FEATURES count."""
+def _target_features() -> frozenset[str]:
+    """The CPU features Numba compiles for, as its codegen takes them: those named in NUMBA_CPU_FEATURES where
+    it is set, else LLVM's host features. Empty where llvmlite cannot tell."""
     try:
         from numba.core import config
 
-        if config.CPU_NAME or config.CPU_FEATURES:
-            feats = set((config.CPU_FEATURES or "").split(","))
-            return "+avxvnni" in feats or {"+avx512vnni", "+avx512vl"} <= feats
+        if config.CPU_FEATURES is not None:
+            return frozenset(f[1:] for f in (config.CPU_FEATURES or "").split(",") if f.startswith("+"))
         import llvmlite.binding as llvm
 
-        f = llvm.get_host_cpu_features()
-        return bool(f.get("avx2", False) and (f.get("avxvnni", False)
-                                              or (f.get("avx512vnni", False) and f.get("avx512vl", False))))
+        return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
     except Exception:  # no llvmlite, or it cannot read the features
-        return False
+        return frozenset()
+
+
+def has_avx2() -> bool:
+    """Whether the CPU Numba compiles for has AVX2 (`_target_features`): the Q8-activation products use its
+    byte and word multiply-adds (`q8_row_dot_intrinsic`)."""
+    return "avx2" in _target_features()
+
+
+def has_vnni() -> bool:
+    """Whether the CPU Numba compiles for has a 256-bit `vpdpbusd` (AVX512-VNNI with AVX512-VL, or AVX-VNNI):
+    the Q8 products' byte dot (`_q8_rows_codegen`) is then one instruction instead of two (the same integers).
+    Numba's on-disk cache keys compiled code by the CPU's features, so a cache from another CPU is not
+    reused."""
+    f = _target_features()
+    return "avx2" in f and ("avxvnni" in f or {"avx512vnni", "avx512vl"} <= f)
+
+
+def _emit_prefetch(builder: Any, ptr: Any) -> None:  # pragma: no cover - compiled into the kernels
+    """LLVM code asking for the cache line at ptr (a read, kept in all levels): a hint, no fault."""
+    from llvmlite import ir
+
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(ir.VoidType(),
+                                                                                 [i8p, i32, i32, i32]))
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
+def _ggml_reduce4(builder: Any, a0: Any, a1: Any, a2: Any, a3: Any) -> Any:  # pragma: no cover - compiled
+    """GGML_F32x8_REDUCE of four 8-lane accumulators, in its order: (0 + 2) + (1 + 3), the halves added,
+    then (0 + 1) + (2 + 3) -> one float."""
+    from llvmlite import ir
+
+    i32 = ir.IntType(32)
+    s = builder.fadd(builder.fadd(a0, a2), builder.fadd(a1, a3))
+    t = builder.fadd(builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(i32, 4), [0, 1, 2, 3])),
+                     builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(i32, 4), [4, 5, 6, 7])))
+    e = [builder.extract_element(t, ir.Constant(i32, k)) for k in range(4)]
+    return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
 
 
 def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
@@ -495,11 +515,8 @@ def ggml_dot_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    f32, i32 = ir.FloatType(), ir.IntType(32)
+    f32 = ir.FloatType()
     v8f32 = ir.VectorType(f32, 8)
-
-    def mask(k: int, idx: list[int]) -> ir.Constant:
-        return ir.Constant(ir.VectorType(i32, k), idx)
 
     @intrinsic
     def dot(typingctx, x, xo, y, yo, n):  # noqa: ANN001, ANN202
@@ -526,12 +543,7 @@ def ggml_dot_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
                     yv = builder.load(builder.bitcast(builder.gep(ya, [builder.add(yo_, off)]), v8f32.as_pointer()),
                                       align=4)
                     builder.store(builder.call(fma, [xv, yv, builder.load(accs[j])]), accs[j])
-            a0, a1, a2, a3 = (builder.load(a) for a in accs)
-            s = builder.fadd(builder.fadd(a0, a2), builder.fadd(a1, a3))
-            t = builder.fadd(builder.shuffle_vector(s, s, mask(4, [0, 1, 2, 3])),
-                             builder.shuffle_vector(s, s, mask(4, [4, 5, 6, 7])))
-            e = [builder.extract_element(t, ir.Constant(i32, k)) for k in range(4)]
-            res = cgutils.alloca_once_value(builder, builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])))
+            res = cgutils.alloca_once_value(builder, _ggml_reduce4(builder, *(builder.load(a) for a in accs)))
             start = builder.mul(whole, ir.Constant(intp, 32))
             with cgutils.for_range(builder, builder.sub(n_, start)) as loop:
                 k = builder.add(start, loop.index)
@@ -548,12 +560,8 @@ def ggml_dot_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
 def prefetch_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
     """A Numba intrinsic: `prefetch(a, i)` asks for the cache line holding a.flat[i] (a read, kept in all
     levels); a hint with no result and no fault (an address past the end is fine)."""
-    from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
-
-    i32 = ir.IntType(32)
-    i8p = ir.IntType(8).as_pointer()
 
     @intrinsic
     def prefetch(typingctx, a, i):  # noqa: ANN001, ANN202
@@ -561,11 +569,8 @@ def prefetch_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
             return None
 
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-            data = context.make_array(signature.args[0])(context, builder, args[0]).data
-            fn = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
-                ir.VoidType(), [i8p, i32, i32, i32]))
-            builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p), ir.Constant(i32, 0),
-                              ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            _emit_prefetch(builder, builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data,
+                                                [args[1]]))
             return context.get_dummy_value()
 
         return types.none(a, types.intp), codegen
@@ -586,11 +591,8 @@ def ggml_scores64_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    f32, i32 = ir.FloatType(), ir.IntType(32)
+    f32 = ir.FloatType()
     v8f32 = ir.VectorType(f32, 8)
-
-    def mask(k: int, idx: list[int]) -> ir.Constant:
-        return ir.Constant(ir.VectorType(i32, k), idx)
 
     @intrinsic
     def scores64(typingctx, k, ko, q, qo, T, scale, p, v, vo):  # noqa: ANN001, ANN202
@@ -604,9 +606,6 @@ def ggml_scores64_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
             intp = T_.type
             fma = builder.module.declare_intrinsic("llvm.fma.v8f32",
                                                    fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
-            i8p = ir.IntType(8).as_pointer()
-            prefetch = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
-                ir.VoidType(), [i8p, i32, i32, i32]))
 
             def vload(ptr: Any, off: Any) -> Any:
                 return builder.load(builder.bitcast(builder.gep(ptr, [off]), v8f32.as_pointer()), align=4)
@@ -618,18 +617,12 @@ def ggml_scores64_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
                 base = builder.add(ko_, builder.mul(loop.index, ir.Constant(intp, 64)))
                 vbase = builder.add(vo_, builder.mul(loop.index, ir.Constant(intp, 64)))
                 for i in range(4):  # the row's four cache lines (when 64-byte aligned: the cache's rows are)
-                    builder.call(prefetch, [builder.bitcast(builder.gep(va, [builder.add(vbase, ir.Constant(
-                        intp, 16 * i))]), i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+                    _emit_prefetch(builder, builder.gep(va, [builder.add(vbase, ir.Constant(intp, 16 * i))]))
                 acc = [builder.call(fma, [vload(ka, builder.add(base, ir.Constant(intp, 8 * i))), qv[i], zero])
                        for i in range(4)]
                 acc = [builder.call(fma, [vload(ka, builder.add(base, ir.Constant(intp, 32 + 8 * i))), qv[4 + i],
                                           acc[i]]) for i in range(4)]
-                a0, a1, a2, a3 = acc
-                s = builder.fadd(builder.fadd(a0, a2), builder.fadd(a1, a3))
-                t = builder.fadd(builder.shuffle_vector(s, s, mask(4, [0, 1, 2, 3])),
-                                 builder.shuffle_vector(s, s, mask(4, [4, 5, 6, 7])))
-                e = [builder.extract_element(t, ir.Constant(i32, i)) for i in range(4)]
-                r = builder.fmul(builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])), sc)
+                r = builder.fmul(_ggml_reduce4(builder, *acc), sc)
                 builder.store(r, builder.gep(pa, [loop.index]))
                 b = builder.load(best)
                 builder.store(builder.select(builder.fcmp_ordered(">", r, b), r, b), best)

@@ -434,7 +434,7 @@ def _kernels() -> dict | None:
 
 # the AVX2 row dots (module globals: see above)
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
-_r8_q41 = _r8_q40 = _r8_q80 = _pf = None
+_r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = None
 PF = 2  # weight rows ahead that q8a_span prefetches when rows of x come in tiles
 PF1 = 2  # tiles of 4 weight rows ahead that it prefetches for the last rows of x (one row: decoding)
 quantize_span = q8a_span = None  # the Q8 kernels' bodies over a span of rows (kernels.cpu_step calls them too)
@@ -443,7 +443,7 @@ quantize_span = q8a_span = None  # the Q8 kernels' bodies over a span of rows (k
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
-    global _r8_q41, _r8_q40, _r8_q80, _pf
+    global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows
     _pf = prefetch_intrinsic()
     global quantize_span, q8a_span
     _rh = round_to_half_intrinsic()
@@ -453,6 +453,16 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     _w4_q41, _w4_q40, _w4_q80 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (0, 1, 2))
     # eight rows of x per weight row (a batch of 8): Q4_1's min terms as one vector chain over the rows
     _r8_q41, _r8_q40, _r8_q80 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True) for k in (0, 1, 2))
+
+    @njit(cache=True, nogil=True, inline="always")
+    def prefetch_rows(qs, df, mf, kind, bw, nb, n, rows):  # pragma: no cover - compiled
+        # weight rows n .. n + rows - 1 (contiguous): their bytes, fp16 scales and (Q4_1) mins asked for
+        for off in range(0, rows * nb * bw, 64):
+            _pf(qs, n * nb * bw + off)
+        for off in range(0, rows * nb, 32):
+            _pf(df, n * nb + off)
+            if kind == 1:
+                _pf(mf, n * nb + off)
 
     @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
     def quantize_span(x, xq, dxf, xsf, r0, r1):  # pragma: no cover - compiled
@@ -499,12 +509,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             while w + 4 <= n1:
                 wo, do = w * nb * bw, w * nb
                 if w + 4 * PF1 + 4 <= n1:  # the weights' stream: the tile PF1 ahead prefetched
-                    for off in range(0, 4 * nb * bw, 64):
-                        _pf(qs, wo + 4 * PF1 * nb * bw + off)
-                    for off in range(0, 4 * nb, 32):
-                        _pf(df, do + 4 * PF1 * nb + off)
-                        if kind == 1:
-                            _pf(mf, do + 4 * PF1 * nb + off)
+                    prefetch_rows(qs, df, mf, kind, bw, nb, w + 4 * PF1, 4)
                 for r in range(R4, R):
                     if kind == 1:
                         a = _w4_q41(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
@@ -527,11 +532,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             wo = n * nb * bw
             do = n * nb
             if R4 >= 4 and n + PF < n1:  # rows of x in tiles: compute-bound, the weights' stream prefetched
-                for off in range(0, nb * bw, 64):
-                    _pf(qs, wo + PF * nb * bw + off)
-                _pf(df, do + PF * nb)
-                if kind == 1:
-                    _pf(mf, do + PF * nb)
+                prefetch_rows(qs, df, mf, kind, bw, nb, n + PF, 1)
             r = 0
             while r + 8 <= R:
                 if kind == 1:
