@@ -188,15 +188,16 @@ class Scheduler:
                 item = None  # type: ignore[assignment]
                 continue
             self._running = item
-            result = None
+            result = error = None
             try:
                 result = item.fn(item.token)
             except BaseException as exc:  # delivered to the waiting caller
-                item.future.set_exception(exc)
-                del exc
+                error = exc
+            # idle before the caller hears: whoever sees the outcome must not then see the worker busy
+            self._running = None
+            if error is not None:
+                item.future.set_exception(error)
             else:
                 item.future.set_result(result)
-            finally:
-                # while idle, hold nothing of the last work (its tensors, its exception's frames)
-                self._running = None
-                item = result = None  # type: ignore[assignment]
+            # while idle, hold nothing of the last work (its tensors, its exception's frames)
+            item = result = error = None  # type: ignore[assignment]

@@ -99,6 +99,24 @@ def test_progress_listeners():
     assert seen == [(1.0, 4, "a"), (2.0, 4, "b")] and tok.progress == 2.0
 
 
+def test_scheduler_is_idle_when_the_caller_hears_the_outcome():
+    # a job's status turns "done" / "cancelled" when its future resolves; whoever sees that must not then find
+    # the worker still busy (seen on a loaded machine: job_cancel's server test read busy=True after "cancelled")
+    s = Scheduler("t", max_queue=4)
+    busy_at_outcome = []
+    try:
+        ok, _ = s.submit(lambda t: "ok")
+        ok.add_done_callback(lambda f: busy_at_outcome.append(s.busy))
+        assert ok.result(5) == "ok"
+        bad, _ = s.submit(lambda t: 1 / 0)
+        bad.add_done_callback(lambda f: busy_at_outcome.append(s.busy))
+        with pytest.raises(ZeroDivisionError):
+            bad.result(5)
+        assert busy_at_outcome == [False, False]
+    finally:
+        s.shutdown(timeout=5)
+
+
 def test_shutdown_cancels_queued_work():
     s = Scheduler("t", max_queue=4)
     gate = threading.Event()

@@ -351,9 +351,11 @@ def test_numpy_step_on_the_int8_cache_equals_the_torch_forward(tiny, cpu_kernels
           f"logits max diff {float((got - want).abs().max()):.2e}")
     assert seq_np == seq_t
     assert dq.max() <= 1  # a K or V value at a rounding tie may round the other way after fp32 noise
+    assert int((dq == 1).sum()) <= 4  # ... which is rare (a systematic difference would move many)
     # 1e-4 is the fp32 agreement of the two paths on a full cache; a value one int8 unit apart (1/254 of its
-    # row's largest) moves the logits by up to ~1e-3
-    assert (got - want).abs().max() < (1e-4 if dq.max() == 0 else 5e-3), (got - want).abs().max()
+    # row's largest) moves this tiny random model's logits by up to ~1e-2 (measured: 5.6e-3 for one such entry,
+    # on an AMD Zen 4)
+    assert (got - want).abs().max() < (1e-4 if dq.max() == 0 else 2e-2), (got - want).abs().max()
     for x, y in ((cn.sk, ct.sk), (cn.sv, ct.sv), (cn.rk, ct.rk), (cn.rv, ct.rv)):  # scales and rings: fp32 noise
         assert (x - y).abs().max() <= 1e-5 * y.abs().max(), ((x - y).abs().max(), y.abs().max())
     with torch.inference_mode():  # the full-precision oracle, on the tokens both paths chose

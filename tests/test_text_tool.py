@@ -88,11 +88,19 @@ def test_prefix_reuse_reported_and_identical(ctx):
 
 
 def test_cache_options(ctx):
+    f = _run(ctx, prompt="Say hi.", max_new_tokens=4, kv_cache="full")
     q = _run(ctx, prompt="Say hi.", max_new_tokens=4, kv_cache="int8")
     assert q.structured.cache.kind == "int8" and q.structured.cache.dtype == "int8"
+    # the int8 cache keeps its last 128 tokens in fp32 and is read by the same step as the full cache: the same
+    # text while the conversation fits in the ring
+    assert q.structured.text == f.structured.text
     w = _run(ctx, prompt="Say hi.", max_new_tokens=4, kv_cache="window", window=64, sink_tokens=4)
     assert w.structured.cache.kind == "window" and w.structured.cache.bytes == 30 * 2 * 3 * 64 * 64 * 4
-    assert w.structured.text == q.structured.text  # both exact while the prompt fits in the window / ring
+    # the window cache runs the torch forward: its own attention arithmetic, and with Q8 activations an
+    # activation at a rounding boundary can land one Q8 unit apart (logits ~0.1 apart on SmolLM2: a near tie,
+    # "," vs "!" 0.02 apart after "Hello there", went either way on different CPUs). Its exactness before the
+    # window fills is tested on fp32 weights (test_llm_cache.test_window_equals_full_cache_until_the_window_fills)
+    assert w.structured.completion_tokens == 4 and w.structured.text.strip()
 
 
 def test_cancel_stops_and_next_call_succeeds(ctx):
