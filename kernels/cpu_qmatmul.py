@@ -70,7 +70,7 @@ import functools
 import numpy as np
 
 from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, jit, prefetch_intrinsic,
-                     q8_row_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic)
+                     q8_row_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic, stream_prefetch)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # blocks of 32 along K
 K_FORMATS = ("Q4_K", "Q6_K")  # super-blocks of 256 along K
@@ -435,8 +435,10 @@ def _kernels() -> dict | None:
 # the AVX2 row dots (module globals: see above)
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
 _r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = None
-PF = 2  # weight rows ahead that q8a_span prefetches when rows of x come in tiles
-PF1 = 2  # tiles of 4 weight rows ahead that it prefetches for the last rows of x (one row: decoding)
+# how q8a_span prefetches the weights' stream (`_numba.stream_prefetch`: measured per CPU): the locality, PF1
+# tiles of 4 weight rows ahead for the last rows of x (one row: decoding), PF weight rows ahead when rows of x
+# come in tiles; the prefetch runs on past the span's end (the next span's rows, up to the matrix's end)
+PF_LOC, PF1, PF = stream_prefetch()
 quantize_span = q8a_span = None  # the Q8 kernels' bodies over a span of rows (kernels.cpu_step calls them too)
 
 
@@ -444,7 +446,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
     global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows
-    _pf = prefetch_intrinsic()
+    _pf = prefetch_intrinsic(PF_LOC)
     global quantize_span, q8a_span
     _rh = round_to_half_intrinsic()
     _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
@@ -494,6 +496,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         bw = 32 if kind == 2 else 16
         xr = nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)  # a prange index is unsigned: n + 1 would be a float
+        N = qs.size // (nb * bw)  # the matrix's rows (the prefetch's bound)
         R8 = R - R % 8
         R4 = R8 + (R - R8) // 4 * 4
         # rows in groups of eight first (`_r8_*`), then one of four (`_r4_*`); Q4_1 reads their xs transposed:
@@ -508,7 +511,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             w = n0
             while w + 4 <= n1:
                 wo, do = w * nb * bw, w * nb
-                if w + 4 * PF1 + 4 <= n1:  # the weights' stream: the tile PF1 ahead prefetched
+                if w + 4 * PF1 + 4 <= N:  # the weights' stream: the tile PF1 ahead prefetched
                     prefetch_rows(qs, df, mf, kind, bw, nb, w + 4 * PF1, 4)
                 for r in range(R4, R):
                     if kind == 1:
@@ -531,7 +534,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         for n in range(n0, n1):
             wo = n * nb * bw
             do = n * nb
-            if R4 >= 4 and n + PF < n1:  # rows of x in tiles: compute-bound, the weights' stream prefetched
+            if R4 >= 4 and n + PF < N:  # rows of x in tiles: compute-bound, the weights' stream prefetched
                 prefetch_rows(qs, df, mf, kind, bw, nb, n + PF, 1)
             r = 0
             while r + 8 <= R:
