@@ -165,3 +165,19 @@ def test_import_time_settings_and_other_programs_get_a_plain_exec(tmp_path):
     p = Popen([sys.executable, "-c", "import os; print(os.getppid())"], env=_env(), stdout=subprocess.PIPE,
               preexec_fn=lambda: None)
     assert int(p.communicate(timeout=60)[0]) == os.getpid() and not _forked(p)
+
+
+def test_a_popen_whose_socket_closed_under_it_polls_as_ended():
+    # a failed test's Popen can sit in a garbage cycle whose finalizers close its socket before Popen.__del__
+    # hands it to subprocess's list of children to reap; the next Popen anywhere polls that list: it must not
+    # raise (it did: EBADF failed every later test of the worker)
+    p = Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], env=_env(),
+              stdout=subprocess.PIPE)
+    try:
+        assert _forked(p)
+        assert p.stdout.readline() == b"up\n"
+        os.close(p._zconn.fileno())  # what the finalizer does, behind the socket object's back
+        assert p.poll() == -signal.SIGKILL  # the status can no longer arrive: reported as the zygote's death
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.stdout.close()

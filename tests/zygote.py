@@ -206,13 +206,20 @@ class Popen(subprocess.Popen):
     def _take_status(self, timeout: float | None) -> bool:
         """Read the exit status the zygote sends when the child ends; False when it has not ended yet."""
         assert self._zconn is not None
-        self._zconn.settimeout(timeout)
         try:
+            self._zconn.settimeout(timeout)
             data = self._zconn.recv(_MAX_MSG)
         except (BlockingIOError, TimeoutError, socket.timeout):
             return False
+        except OSError:  # the socket closed under us: a Popen left in a garbage cycle (a failed test's
+            # traceback) has its socket finalized before Popen.__del__ puts it on subprocess's list of
+            # children to reap, whose next poll (at any later Popen) then failed every test in the worker
+            data = b""
         self.returncode = json.loads(data)["returncode"] if data else -signal.SIGKILL  # zygote gone: child killed
-        self._zconn.close()
+        try:
+            self._zconn.close()
+        except OSError:
+            pass
         return True
 
     def _internal_poll(self, _deadstate=None, **_kw):  # noqa: ANN001, ANN202
