@@ -136,6 +136,11 @@ def test_signals_wait_poll_and_timeouts(tmp_path):
             try:
                 with open(f"/proc/{p.pid}/stat") as f:
                     state = f.read().split(")")[-1].split()[0]  # Z: the child ended, the zygote did not reap it
+                with open(f"/proc/{p.pid}/status") as f:  # its signal masks: ignored, caught, blocked
+                    state += " " + " ".join(ln.strip() for ln in f if ln.startswith(("SigBlk", "SigIgn", "SigCgt")))
+                with open(f"/proc/{p.pid}/wchan") as f:
+                    state += " wchan " + f.read()
+                p.kill()
             except OSError:
                 state = "gone"  # reaped, but its status never reached us
             raise AssertionError(f"no exit status 30 s after signal {sig!r}; the child's state: {state}") from None
@@ -189,3 +194,25 @@ def test_a_popen_whose_socket_closed_under_it_polls_as_ended():
     finally:
         os.kill(p.pid, signal.SIGKILL)
         p.stdout.close()
+
+
+def test_signal_dispositions_follow_the_caller_as_after_exec():
+    # an ignored SIGINT / SIGTERM survives exec; anything else is reset (SIGINT to KeyboardInterrupt): a forked
+    # child must match what a real fresh interpreter started by the caller at that moment reports, whatever the
+    # zygote itself was started with
+    code = ("import signal; print(*[signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)],"
+            " signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    seen = []
+    for ignore in (True, False):
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN if ignore else signal.default_int_handler)
+        try:
+            for cls in (Popen, subprocess.Popen):  # forked from the zygote; a plain exec (the oracle)
+                p = cls([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE)
+                out, _ = p.communicate(timeout=120)
+                seen.append((ignore, cls is Popen and _forked(p), out.decode().split()))
+        finally:
+            signal.signal(signal.SIGINT, old)
+    assert any(forked for _, forked, _ in seen)  # the zygote served
+    for ignore in (True, False):
+        outs = [o for i, _, o in seen if i == ignore]
+        assert outs[0] == outs[1] == [str(ignore), "False", str(not ignore)], seen

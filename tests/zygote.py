@@ -156,6 +156,21 @@ def shutdown() -> None:
         _ZYGOTES.clear()
 
 
+_EXEC_KEPT = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")  # an ignored signal stays ignored across exec
+
+
+def _ignored_here() -> list[int]:
+    """The signals this process ignores, which a fresh interpreter exec'd from here would ignore too (every
+    other disposition is reset by exec): the child takes these from its caller, not from the zygote, which
+    may have been started at another moment."""
+    out = []
+    for name in _EXEC_KEPT:
+        num = getattr(signal, name, None)
+        if num is not None and signal.getsignal(num) == signal.SIG_IGN:
+            out.append(int(num))
+    return out
+
+
 class Popen(subprocess.Popen):
     """`subprocess.Popen`, with the child forked from a zygote where the command allows (module doc)."""
 
@@ -186,7 +201,7 @@ class Popen(subprocess.Popen):
                                           start_new_session, *rest)
         FORKED.append(" ".join(map(str, args))[:160])
         plan.update(env=env_d, cwd=os.fsdecode(cwd) if cwd is not None else os.getcwd(),
-                    new_session=bool(start_new_session))
+                    new_session=bool(start_new_session), ignored=_ignored_here())
         fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1, errwrite if errwrite != -1 else 2]
         try:
             socket.send_fds(conn, [json.dumps(plan).encode()], fds)
@@ -405,6 +420,11 @@ def _run_child(plan: dict[str, Any]) -> None:
 
     if plan["new_session"]:
         os.setsid()
+    for name in _EXEC_KEPT:  # the dispositions a fresh interpreter started by the caller would have
+        num = getattr(signal, name, None)
+        if num is not None:
+            default = signal.default_int_handler if num == signal.SIGINT else signal.SIG_DFL
+            signal.signal(num, signal.SIG_IGN if int(num) in plan.get("ignored", ()) else default)
     for target, fd in enumerate(plan["fds"]):
         os.dup2(fd, target)
     for fd in set(plan["fds"]):
