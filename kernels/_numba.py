@@ -318,11 +318,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         buf = cgutils.alloca_once(builder, v8f32, size=nbuf)
         fence = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [buf.type]), "", "r,~{memory}", side_effect=True)
 
-        def bcast(i: int, k: int) -> Any:  # lane k of buffer vector i in every lane, loaded from memory
-            p = builder.gep(builder.bitcast(buf, f32.as_pointer()), [ir.Constant(i32, 8 * i + k)])
-            return splat1(builder.load(p), 8)
-
-        def lane(i: int, k: int) -> Any:  # lane k of buffer vector i as a scalar
+        def lane(i: int, k: int) -> Any:  # lane k of buffer vector i as a scalar, loaded from memory
             return builder.load(builder.gep(builder.bitcast(buf, f32.as_pointer()), [ir.Constant(i32, 8 * i + k)]))
 
         ng = builder.sdiv(nb, ir.Constant(intp, 8))
@@ -338,7 +334,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                                   builder.gep(buf, [ir.Constant(i32, nw * n + t)]))
             builder.call(fence, [buf])
             for k in range(8):
-                block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: bcast(t * n + j, k),
+                block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: splat1(lane(t * n + j, k), 8),
                       lambda t, k=k: lane(nw * n + t, k),
                       lambda k=k: gather([lane(nw * n + t, k) for t in range(nw)]))
         tail0 = builder.mul(ng, ir.Constant(intp, 8))

@@ -146,7 +146,7 @@ def test_signals_wait_poll_and_timeouts(tmp_path, default_signals):
         p.send_signal(sig)
         try:
             rc = p.wait(30)
-        except subprocess.TimeoutExpired:  # seen once in a full run (not reproduced): say which side stalled
+        except subprocess.TimeoutExpired:  # say which side stalled (see default_signals)
             try:
                 with open(f"/proc/{p.pid}/stat") as f:
                     state = f.read().split(")")[-1].split()[0]  # Z: the child ended, the zygote did not reap it
