@@ -174,7 +174,7 @@ def _ggml_reduce4(builder: Any, a0: Any, a1: Any, a2: Any, a3: Any) -> Any:  # p
 
 
 def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
-                     vnni: bool = False) -> Any:  # pragma: no cover - compiled
+                     vnni: bool = False, ux: bool = False) -> Any:  # pragma: no cover - compiled
     """The LLVM code of the Q8 row dots (see `q8_row_dot_intrinsic`) for a tile of nw weight rows x n rows of
     activations. Arguments: (w, nw w offsets, d, nw d offsets (m's too), x, n x offsets, dx, n dx offsets, m,
     xs, blocks); xs shares dx's offsets. Returns the nw x n sums, weight row by weight row. One body for every
@@ -190,7 +190,14 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
 
     vnni: each block's byte dot is one `vpdpbusd` (unsigned x signed bytes, four products summed into each
     int32 lane) instead of `vpmaddubsw` + `vpmaddwd`: lane i sums the same four products (bytes 4i .. 4i + 3)
-    exactly, in 32 bits, so every integer and every float after it is the same as without."""
+    exactly, in 32 bits, so every integer and every float after it is the same as without.
+
+    ux (VNNI, Q4_0 / Q8_0, one weight row): the x argument holds the activations with their sign bit flipped
+    (x ^ 0x80 = x + 128 as an unsigned byte), and the signed weights are `vpdpbusd`'s signed operand: lane i
+    = c_i + sum (x + 128) w over its four bytes, with c_i = -128 x (the four weights' sum), one `vpdpbusd`
+    of 128s into the weights and one subtraction per weight block, shared by the tile's n rows. The same
+    exact integer as w's sign moved onto x by `vpsignb` (twice per pair, once per block: the operand must be
+    unsigned), without a `vpsignb` per pair: 3 vector operations per (block, row) instead of 4."""
     from llvmlite import ir
     from numba.core import cgutils
 
@@ -198,6 +205,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     v16i8, v32i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
     v8i32, v8f32 = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
     bw = 32 if kind == 2 else 16
+    assert not ux or (vnni and kind != 0 and nw == 1), "ux: VNNI, Q4_0 / Q8_0, one weight row"
 
     def mask(k: int, idx: list[int]) -> ir.Constant:
         return ir.Constant(ir.VectorType(i32, k), idx)
@@ -274,15 +282,21 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                         wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
                 else:
                     wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
-                wabs = wq if kind == 0 else builder.call(psign, [wq, wq])
+                if ux:  # -128 x the sum of each lane's four weights: the offset the flipped x adds
+                    c128 = builder.call(dpbusd, [ir.Constant(v8i32, [0] * 8), ir.Constant(v8i32, [0x80808080] * 8),
+                                                 builder.bitcast(wq, v8i32)])
+                    corr = builder.sub(ir.Constant(v8i32, [0] * 8), c128)
+                wabs = wq if kind == 0 or ux else builder.call(psign, [wq, wq])
                 mf = m_s(t) if kind == 0 and not vw else None
                 if vt:  # the n rows' min terms of block b at once
                     xp = builder.gep(xsa, [builder.add(dxoffs[0], builder.mul(b, ir.Constant(intp, n)))])
                     xsv = builder.load(builder.bitcast(xp, vnf.as_pointer()), align=4)
                     builder.store(builder.call(fman, [splat1(mf, n), xsv, builder.load(vmacc)]), vmacc)
                 for j in range(n):
-                    xsg = xvs[j] if kind == 0 else builder.call(psign, [xvs[j], wq])
-                    if vnni:
+                    xsg = xvs[j] if kind == 0 or ux else builder.call(psign, [xvs[j], wq])
+                    if ux:
+                        p32 = builder.call(dpbusd, [corr, builder.bitcast(xsg, v8i32), builder.bitcast(wq, v8i32)])
+                    elif vnni:
                         p32 = builder.call(dpbusd, [ir.Constant(v8i32, [0] * 8), builder.bitcast(wabs, v8i32),
                                                     builder.bitcast(xsg, v8i32)])
                     else:
@@ -387,11 +401,12 @@ def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled int
 
 @functools.cache
 def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
-                          vnni: bool | None = None) -> Any:  # pragma: no cover - compiled
+                          vnni: bool | None = None, ux: bool = False) -> Any:  # pragma: no cover - compiled
     """`q8_row_dot_intrinsic` for nw weight rows x n activation rows: (w, nw w offsets, d, nw d offsets, x,
     n x offsets, dx, n dx offsets, m, xs, blocks) -> an (nw x n)-tuple of float32, weight row by weight row
     (one float32 for 1 x 1). Every pair's arithmetic is the same (`_q8_rows_codegen`), so its result has the
-    same bits in any tile. vnni: None = where the CPU has it (`has_vnni`)."""
+    same bits in any tile. vnni: None = where the CPU has it (`has_vnni`). ux (needs VNNI, Q4_0 / Q8_0,
+    nw = 1): x is the activations with their sign bit flipped (see `_q8_rows_codegen`); the same bits."""
     if vnni is None:
         vnni = has_vnni()
     from numba import types
@@ -405,7 +420,7 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
         arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n}
         out = types.float32 if nw * n == 1 else types.UniTuple(types.float32, nw * n)
         sig = out(*[a if i in arrays else ip for i, a in enumerate(args)])
-        return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni)
+        return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni, ux)
 
     # an intrinsic's parameters are read from its signature: spell them out (Numba takes no *args there)
     src = f"def tile_dot(typingctx, {', '.join(names)}):\n    return typer(typingctx, {', '.join(names)})\n"

@@ -69,8 +69,9 @@ import functools
 
 import numpy as np
 
-from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, jit, prefetch_intrinsic,
-                     q8_row_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic, stream_prefetch)
+from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, has_vnni, jit,
+                     prefetch_intrinsic, q8_row_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic,
+                     stream_prefetch)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # blocks of 32 along K
 K_FORMATS = ("Q4_K", "Q6_K")  # super-blocks of 256 along K
@@ -434,7 +435,10 @@ def _kernels() -> dict | None:
 
 # the AVX2 row dots (module globals: see above)
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
-_r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = None
+_r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = flip_rows = None
+# VNNI: Q4_0 / Q8_0's tiles of rows take the activations with their sign bit flipped (`xu`, see
+# `_numba._q8_rows_codegen`'s ux: no vpsignb per pair); elsewhere they take xq and xu is unused
+UX = False
 # how q8a_span prefetches the weights' stream (`_numba.stream_prefetch`: measured per CPU): the locality, PF1
 # tiles of 4 weight rows ahead for the last rows of x (one row: decoding), PF weight rows ahead when rows of x
 # come in tiles; the prefetch runs on past the span's end (the next span's rows, up to the matrix's end)
@@ -445,16 +449,23 @@ quantize_span = q8a_span = None  # the Q8 kernels' bodies over a span of rows (k
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
-    global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows
+    global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows, flip_rows, UX
     _pf = prefetch_intrinsic(PF_LOC)
+    UX = has_vnni()
     global quantize_span, q8a_span
     _rh = round_to_half_intrinsic()
     _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
     # four rows of x per weight row: Q4_1's min terms as one 4-lane vector chain (xs transposed, as for 8)
-    _r4_q41, _r4_q40, _r4_q80 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True) for k in (0, 1, 2))
+    _r4_q41, _r4_q40, _r4_q80 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True, ux=UX and k > 0) for k in (0, 1, 2))
     _w4_q41, _w4_q40, _w4_q80 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (0, 1, 2))
     # eight rows of x per weight row (a batch of 8): Q4_1's min terms as one vector chain over the rows
-    _r8_q41, _r8_q40, _r8_q80 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True) for k in (0, 1, 2))
+    _r8_q41, _r8_q40, _r8_q80 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True, ux=UX and k > 0) for k in (0, 1, 2))
+
+    @njit(cache=True, nogil=True, inline="always")
+    def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled
+        # rows r0 .. r1 - 1 of the quantised activations (row stride K) with their sign bit flipped: x + 128
+        for i in range(r0 * K, r1 * K):
+            xu[i] = xq[i] ^ np.int8(-128)
 
     @njit(cache=True, nogil=True, inline="always")
     def prefetch_rows(qs, df, mf, kind, bw, nb, n, rows):  # pragma: no cover - compiled
@@ -489,10 +500,11 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 xsf[r * nb + b] = _rh(d * np.float32(s))
 
     @njit(cache=True, nogil=True)
-    def q8a_span(xq, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
+    def q8a_span(xq, xu, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
         # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1. qs: the weight
         # bytes flat (uint8), df / mf: fp16 bits flat [N * nb]; rows of x four at a time (each weight block
-        # unpacked once for them), the rest one by one: the same arithmetic per row either way
+        # unpacked once for them), the rest one by one: the same arithmetic per row either way. xu: xq with
+        # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q8_0 tiles of rows read it), else unused
         bw = 32 if kind == 2 else 16
         xr = nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)  # a prange index is unsigned: n + 1 would be a float
@@ -531,6 +543,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             tail = w  # weight rows from here still need every row of x
         else:
             tail = n1
+        xa = xu if UX and kind != 1 else xq  # what the tiles of rows read
         for n in range(n0, n1):
             wo = n * nb * bw
             do = n * nb
@@ -543,11 +556,11 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xst, nb)
                 elif kind == 0:
-                    a8 = _r8_q40(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                    a8 = _r8_q40(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, nb)
                 else:
-                    a8 = _r8_q80(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                    a8 = _r8_q80(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, nb)
                 for j in range(8):
@@ -558,10 +571,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     a = _r4_q41(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, nb)
                 elif kind == 0:
-                    a = _r4_q40(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                    a = _r4_q40(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
                 else:
-                    a = _r4_q80(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                    a = _r4_q80(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
                 out[r, n] = a[0]
                 out[r + 1, n] = a[1]
@@ -588,8 +601,11 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         R, nb = dx.shape
         N = d.shape[0]
         dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
+        xu = np.empty(R * nb * 32 if UX and kind != 1 and R >= 4 else 0, np.int8)
+        if xu.size:
+            flip_rows(xq, xu, nb * 32, 0, R)
         for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
-            q8a_span(xq, dxf, xsf, qs, df, mf, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
+            q8a_span(xq, xu, dxf, xsf, qs, df, mf, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
 
     return {"quantize_rows": quantize_nb, "q8a_matmul": q8a_nb}
 

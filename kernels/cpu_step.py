@@ -35,13 +35,14 @@ import functools
 import numpy as np
 
 from . import cpu_ggml, cpu_qmatmul
-from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
+from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, has_vnni, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
-_quant = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
+_quant = _flip = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
 claim = finish = wait = product = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
+UX = has_vnni()  # as cpu_qmatmul.UX: the products' tiles of rows read sign-flipped activations
 ITEMS = 4  # a product's items per thread (see product)
 
 
@@ -57,11 +58,11 @@ def _kernels() -> dict | None:
 
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
-    global _quant, _span, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
+    global _quant, _flip, _span, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
     global claim, finish, wait, product, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
-    _quant, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.q8a_span
+    _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
     _attend, _norm_row, _swiglu_row = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.swiglu_row
     _fma = fma_intrinsic()
     _add, _load, _pause = atomic_intrinsics()
@@ -82,7 +83,7 @@ def _kernels() -> dict | None:
             _pause()
 
     @njit(cache=True, nogil=True)
-    def product(sync, ph, threads, xq, dxf, xsf, qs, d, m, kind, bias, R, nb, N, out):  # pragma: no cover
+    def product(sync, ph, threads, xq, xu, dxf, xsf, qs, d, m, kind, bias, R, nb, N, out):  # pragma: no cover
         # one phase: the product's output rows in ~ITEMS items per thread (whole tiles of 4 rows), claimed by
         # whichever thread is free: long runs of rows (the weights stream in order), evenly shared
         chunk = max(4, (N + ITEMS * threads - 1) // (ITEMS * threads) + 3) // 4 * 4
@@ -94,7 +95,7 @@ def _kernels() -> dict | None:
                 break
             n0 = i * chunk
             n1 = min(n0 + chunk, N)
-            _span(xq, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out)
+            _span(xq, xu, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out)
             if bias.shape[0]:
                 for r in range(R):
                     for n in range(n0, n1):
@@ -103,8 +104,9 @@ def _kernels() -> dict | None:
         wait(sync, ph, items)
 
     @njit(cache=True, nogil=True)
-    def norm_phase(sync, ph, add, x, o, w, eps, h, xq, dxf, xsf):  # pragma: no cover - compiled
-        # one phase over the rows: x += o (when add), RMSNorm into h, h's Q8 blocks
+    def norm_phase(sync, ph, add, x, o, w, eps, h, xq, xu, dxf, xsf):  # pragma: no cover - compiled
+        # one phase over the rows: x += o (when add), RMSNorm into h, h's Q8 blocks (and xu: their sign bits
+        # flipped, for the Q4_0 / Q8_0 tiles of rows where VNNI runs them, `cpu_qmatmul.UX`)
         R, D = x.shape
         while True:
             r = claim(sync, ph)
@@ -115,13 +117,15 @@ def _kernels() -> dict | None:
                     x[r, i] += o[r, i]
             _norm_row(x[r], w, eps, h[r])
             _quant(h, xq, dxf, xsf, r, r + 1)
+            if xu.size:
+                _flip(xq, xu, D, r, r + 1)
             finish(sync, ph)
         wait(sync, ph, R)
 
     @njit(cache=True, nogil=True)
     def worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m,
                w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps,
-               scale, batch, h, xq, dxf, xsf, qkv, q, att, o, gu, act):  # pragma: no cover - compiled
+               scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu, act):  # pragma: no cover - compiled
         R, D = x.shape
         L = kinds.shape[0]
         nq, nk = H * hd, KVH * hd
@@ -139,9 +143,9 @@ def _kernels() -> dict | None:
         for layer in range(L):
             Kl = K[layer]
             Vl = V[layer]
-            norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, xq, dxf, xsf)  # the last FFN output added
+            norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, xq, xu, dxf, xsf)  # the last FFN output added
             ph += 1
-            product(sync, ph, threads, xq, dxf, xsf, qkv_qs[layer], qkv_d[layer], qkv_m[layer], kinds[layer, 0],
+            product(sync, ph, threads, xq, xu, dxf, xsf, qkv_qs[layer], qkv_d[layer], qkv_m[layer], kinds[layer, 0],
                     qkv_b[layer], R, D // 32, nq + 2 * nk, qkv)
             ph += 1
             while True:  # rows: RoPE (ggml's fused multiply-adds), K and V into the cache
@@ -185,15 +189,17 @@ def _kernels() -> dict | None:
                 if r >= R:
                     break
                 _quant(a2, xq, dxf, xsf, r, r + 1)
+                if xu.size:
+                    _flip(xq, xu, nq, r, r + 1)
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, dxf, xsf, wo_qs[layer], wo_d[layer], wo_m[layer], kinds[layer, 1],
+            product(sync, ph, threads, xq, xu, dxf, xsf, wo_qs[layer], wo_d[layer], wo_m[layer], kinds[layer, 1],
                     wo_b[layer], R, nq // 32, D, o)
             ph += 1
-            norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, xq, dxf, xsf)  # the attention's output added
+            norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, xq, xu, dxf, xsf)  # the attention's output added
             ph += 1
-            product(sync, ph, threads, xq, dxf, xsf, w13_qs[layer], w13_d[layer], w13_m[layer], kinds[layer, 2],
+            product(sync, ph, threads, xq, xu, dxf, xsf, w13_qs[layer], w13_d[layer], w13_m[layer], kinds[layer, 2],
                     w13_b[layer], R, D // 32, 2 * inter, gu)
             ph += 1
             while True:  # rows: SwiGLU (ggml's exp on 8-lane groups, libm's on the rest), Q8 blocks
@@ -202,10 +208,12 @@ def _kernels() -> dict | None:
                     break
                 _swiglu_row(gu[r], act[r])
                 _quant(act, xq, dxf, xsf, r, r + 1)
+                if xu.size:
+                    _flip(xq, xu, inter, r, r + 1)
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, dxf, xsf, w2_qs[layer], w2_d[layer], w2_m[layer], kinds[layer, 3],
+            product(sync, ph, threads, xq, xu, dxf, xsf, w2_qs[layer], w2_d[layer], w2_m[layer], kinds[layer, 3],
                     w2_b[layer], R, inter // 32, D, o)
             ph += 1
         while True:  # rows: the last layer's FFN output added
@@ -228,6 +236,7 @@ def _kernels() -> dict | None:
         sync = np.zeros((PHASES * L + 1) * 16, np.int64)
         h = np.empty((R, D), np.float32)
         xq = np.empty(R * kmax, np.int8)
+        xu = np.empty(R * kmax if UX and R >= 4 else 0, np.int8)
         dxf = np.empty(R * kmax // 32, np.float32)
         xsf = np.empty(R * kmax // 32, np.float32)
         qkv = np.empty((R, nq + 2 * nk), np.float32)
@@ -242,7 +251,7 @@ def _kernels() -> dict | None:
         for _t in prange(threads):
             worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d,
                    w13_m, w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter,
-                   eps, scale, batch, h, xq, dxf, xsf, qkv, q, att, o, gu, act)
+                   eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu, act)
 
     return {"step_q8": layers_nb}
 

@@ -223,11 +223,12 @@ def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
     assert torch.equal(ours.model.extend(cache, 0, ids[1:]), torch.stack(steps))
 
 
-@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_0", "Q8_0"])
 def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
     """`kernels.cpu_step` runs every layer in one Numba call; its twin is NumpyStep's layer-by-layer path (the
-    same product, attention, norm, RoPE and SwiGLU arithmetic: llama.cpp's, `kernels.cpu_ggml`). Prompts of two
-    slots, then decode steps of one and two rows: the same logits, bit for bit."""
+    same product, attention, norm, RoPE and SwiGLU arithmetic: llama.cpp's, `kernels.cpu_ggml`). Prompts of nine
+    slots, then decode steps of 1, 2, 5 (a tile of 4 rows and one more) and 9 rows (a tile of 8 and one): the
+    same logits, bit for bit."""
     from kernels import cpu_step
 
     path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=True)
@@ -242,11 +243,12 @@ def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
         keep = step.fused
         step.fused = keep if fused else None
         try:
-            c = FullCache(a.n_layers, 2, a.n_kv_heads, a.head_dim, 64)
+            c = FullCache(a.n_layers, 9, a.n_kv_heads, a.head_dim, 64)
             out = [step.extend(c, 0, [3, 17, 99, 5, 42]), step.extend(c, 1, [7, 150, 1])]
-            toks = [int(out[0][-1].argmax()), int(out[1][-1].argmax())]
+            out += [step.extend(c, s, [11 * s + 1, 13 * s + 2]) for s in range(2, 9)]
+            toks = [int(o[-1].argmax()) for o in out]
             for i in range(12):
-                rows = [0, 1] if i % 2 else [0]
+                rows = list(range((1, 2, 5, 9)[i % 4]))
                 lg = step(c, rows, toks[:len(rows)])
                 out.append(lg)
                 toks = lg.argmax(-1).tolist() + toks[len(rows):]
@@ -362,14 +364,15 @@ def test_generate_text_reports_loading_and_names_the_weights(tmp_path):
         ctx.engine.close()
 
 
-def _tile_callers(kind: int, vnni: bool):  # noqa: ANN202
+def _tile_callers(kind: int, vnni: bool, ux: bool = False):  # noqa: ANN202
     """njit callers of the Q8 tile intrinsics of one kind (0 Q4_1, 1 Q4_0, 2 Q8_0) and VNNI setting: 1 x 1,
-    4 weight rows x 1, 1 x 4 and 1 x 8 (Q4_1's min terms over the 4 / 8 rows as one vector, xs transposed)."""
+    4 weight rows x 1, 1 x 4 and 1 x 8 (Q4_1's min terms over the 4 / 8 rows as one vector, xs transposed);
+    ux: the 1 x 4 and 1 x 8 tiles take the activations with their sign bit flipped."""
     from numba import njit
 
     from kernels._numba import q8_tile_dot_intrinsic
 
-    t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n >= 4, vnni)
+    t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n >= 4, vnni, ux and n >= 4)
                           for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
 
     @njit
@@ -398,7 +401,8 @@ def test_q8_tiles_give_every_pair_the_same_bits(fmt):
     multiplied as vectors, the rest one by one, Q4_1's min chains as vectors over weight rows (4 x 1) or
     activation rows (1 x 8): every (weight row, activation row) result equals the 1 x 1 tile's bits and the
     float64 twin to fp32 rounding, for 5 (no group of 8), 16 and 19 blocks; where the CPU has VNNI, the
-    `vpdpbusd` variant equals the AVX2 one bit for bit (on a CPU without it only the AVX2 one can run)."""
+    `vpdpbusd` variant equals the AVX2 one bit for bit (on a CPU without it only the AVX2 one can run), and
+    so do Q4_0 / Q8_0's tiles of rows on sign-flipped activations (weights as the signed operand)."""
     from kernels import cpu_qmatmul
     from kernels._numba import has_avx2, has_vnni, jit
 
@@ -437,6 +441,14 @@ def test_q8_tiles_give_every_pair_the_same_bits(fmt):
                                                           xst4 if kind == 0 else xsf, nb), np.float32), ref[:4, t])
                 np.testing.assert_array_equal(np.array(r8(wf, t * nb * bw, df, t * nb, xq, xr, dxf, mf,
                                                           xst if kind == 0 else xsf, nb), np.float32), ref[:, t])
+            if vnni and kind != 0:  # the tiles of rows on sign-flipped activations (no vpsignb): the same bits
+                _, _, r4u, r8u = _tile_callers(kind, vnni, ux=True)
+                xu = xq ^ np.int8(-128)
+                for t in range(W):
+                    np.testing.assert_array_equal(np.array(r4u(wf, t * nb * bw, df, t * nb, xu, xr, dxf, mf, xsf, nb),
+                                                           np.float32), ref[:4, t])
+                    np.testing.assert_array_equal(np.array(r8u(wf, t * nb * bw, df, t * nb, xu, xr, dxf, mf, xsf, nb),
+                                                           np.float32), ref[:, t])
             results.append(ref)
         for other in results[1:]:
             np.testing.assert_array_equal(other, results[0])
