@@ -54,6 +54,23 @@ def test_packed_blocks_decode_like_gguf(fmt):
     np.testing.assert_array_equal(pm.rows(np.array([36, 0, 7])).dequant(), want[[36, 0, 7]])
 
 
+def test_q5_0_blocks_are_widened_to_q8_0_exactly():
+    """A Q5_0 tensor (llama.cpp's fallback for Q4_K rows that are not whole super-blocks) is held as Q8_0 blocks
+    with the same scales: every value is the gguf package's own Q5_0 decoding, bit for bit, in 34 bytes per
+    block instead of 22."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((29, 96)).astype(np.float32) * rng.uniform(0.01, 3, (29, 1)).astype(np.float32)
+    w[3] = 0.0  # an all-zero row: d = 0
+    raw = _raw("Q5_0", w)
+    pm = Packed.from_blocks("Q5_0", raw)
+    want = quants.dequantize(raw, QT.Q5_0)
+    assert pm.fmt == "Q8_0" and pm.shape == (29, 96) and pm.qs.dtype == np.int8
+    assert pm.nbytes == raw.nbytes // 22 * 34
+    assert pm.qs.min() >= -16 and pm.qs.max() <= 15  # 5-bit values minus 16
+    np.testing.assert_array_equal(pm.dequant64(), want.astype(np.float64))
+    np.testing.assert_array_equal(cpu_qmatmul.dequant("Q8_0", pm.qs, pm.d), want)
+
+
 def test_kernels_are_installed():
     assert cpu_qmatmul.available()
 
@@ -161,12 +178,12 @@ def _greedy_hf(ref, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("fmt,tie", [("Q8_0", True), ("Q4_0", False), ("Q4_1", True)])
+@pytest.mark.parametrize("fmt,tie", [("Q8_0", True), ("Q4_0", False), ("Q4_1", True), ("Q5_0", False)])
 def test_tiny_gguf_is_the_network_transformers_loads(tmp_path, fmt, tie):
     path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=tie)
     ours = load_llm(str(path), tmp_path / "cache", activations="fp32")  # the de-quantised network exactly
     assert ours.model.packed and ours.native and ours.tokenizer is None
-    assert fmt in ours.weights
+    assert {"Q5_0": "Q8_0"}.get(fmt, fmt) in ours.weights  # Q5_0 is held as Q8_0 (the same values)
     ref = _hf(path)
     ids = [3, 17, 99, 5, 42, 7, 150, 1]
     a = ours.model.args
@@ -306,12 +323,12 @@ def test_unsupported_block_type_names_file_tensor_and_type(tmp_path):
     path = tmp_path / "q5.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 22), np.uint8), raw_dtype=QT.Q5_0)
+    w.add_tensor("token_embd.weight", np.zeros((4, 24), np.uint8), raw_dtype=QT.Q5_1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedGGUF, match=r"q5\.gguf: tensor token_embd\.weight has block type Q5_0"):
+    with pytest.raises(UnsupportedGGUF, match=r"q5\.gguf: tensor token_embd\.weight has block type Q5_1"):
         read_gguf(path)
 
 

@@ -159,6 +159,11 @@ class LoadedLLM:
         parts = sorted(weight_formats(self.model).items(), key=lambda kv: -kv[1])
         kind = self.extra.get("weights", "gguf" if self.model.packed else "")
         text = (kind + " " if kind else "") + " + ".join(f"{k} {v / 1e6:.1f} MB" for k, v in parts)
+        widened = self.config.get("_widened") if isinstance(self.config, dict) else None
+        if widened:  # the file's types that are held in another format (gguf_load: qweights.WIDENED)
+            from .qweights import WIDENED
+
+            text += " (" + ", ".join(f"{t} held as {WIDENED[t]}" for t in widened) + ")"
         if self.extra.get("activations") == "q8":
             text += " (Q8 activations)"
         if self.extra.get("placed"):  # packed blocks on a device (qweights.place_model)
@@ -516,6 +521,12 @@ def _load_packed(g: tuple[str, str, Path], cache_dir: Path, decode: str, say: An
     tok = Tokenizer(folder, eos) if (folder / "tokenizer.json").is_file() else None
     if tok is not None:
         eos = tok.eos_ids
+    from .qweights import FILE_BLOCK_BYTES, WIDENED
+
+    widened = cfg.get("_widened") or {}
+    note = "; ".join(f"{n} {t} tensor{'s' * (n > 1)} held exactly as {WIDENED[t]} blocks "
+                     f"({FILE_BLOCK_BYTES[WIDENED[t]]} instead of {FILE_BLOCK_BYTES[t]} bytes per 32 weights)"
+                     for t, n in widened.items())
     return LoadedLLM(name=name, folder=folder, model=model, tokenizer=tok, native=True, config=cfg, eos_ids=eos,
-                     context_len=int(cfg["max_position_embeddings"]), note="",
+                     context_len=int(cfg["max_position_embeddings"]), note=note,
                      load_seconds=time.perf_counter() - t0, extra={"weights": "gguf", "gguf": str(path)})

@@ -43,6 +43,14 @@ FORMATS = cpu_qmatmul.ALL_FORMATS
 # per super-block of 256: Q4_K = d + dmin + 12 scale bytes + 128; Q6_K = 128 ql + 64 qh + 16 scales + d
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
 BLOCK_VALUES = cpu_qmatmul.BLOCK_VALUES
+# block types read from a file and held in another format that holds every one of their values exactly:
+# Q5_0 (d x (q - 16), q 5 bits: 2 + 4 + 16 bytes per 32 values; llama.cpp's fallback for Q4_K where rows are
+# not whole super-blocks of 256, as in most small models' Q4_K_M files) becomes Q8_0 with the same d and the
+# int8 values q - 16. The same weights, and the same products as llama.cpp's (its Q5_0 x Q8_0 dot sums the
+# same integers and scales them as its Q8_0 one does); 34 instead of 22 bytes per block.
+WIDENED = {"Q5_0": "Q8_0"}
+FILE_BLOCK_BYTES = {**BLOCK_BYTES, "Q5_0": 22}
+FILE_BLOCK_VALUES = {**BLOCK_VALUES, "Q5_0": 32}
 DIRECT_ROWS = 64
 SCRATCH_ELEMS = 1 << 21  # 8 MB of fp32
 
@@ -75,16 +83,23 @@ class Packed:
 
     @classmethod
     def from_blocks(cls, fmt: str, raw: np.ndarray) -> Packed:
-        """raw: uint8 [N, (K/32) * block bytes], llama.cpp's block layout -> split arrays (one copy)."""
-        if fmt not in BLOCK_BYTES:
-            raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
-        bb = BLOCK_BYTES[fmt]
+        """raw: uint8 [N, (K/32) * block bytes], llama.cpp's block layout -> split arrays (one copy). A
+        `WIDENED` type (Q5_0) comes back in the format that holds it exactly (Q8_0)."""
+        if fmt not in FILE_BLOCK_BYTES:
+            raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)}; widened: "
+                                    f"{', '.join(f'{k} -> {v}' for k, v in WIDENED.items())})")
+        bb = FILE_BLOCK_BYTES[fmt]
         raw = np.asarray(raw, dtype=np.uint8)
         if raw.ndim != 2 or raw.shape[1] % bb:
             raise ValueError(f"{fmt} bytes of shape {raw.shape}: rows are not whole {bb}-byte blocks")
         N, nb = raw.shape[0], raw.shape[1] // bb
         blk = raw.reshape(N, nb, bb)
         d = np.ascontiguousarray(blk[..., 0:2]).view(np.uint16).reshape(N, nb)
+        if fmt == "Q5_0":  # value j = d x ((nibble j | bit j of qh << 4) - 16); nibbles as Q4_0's (low, high)
+            qh = np.ascontiguousarray(blk[..., 2:6]).view("<u4").reshape(N, nb, 1)
+            nib = np.concatenate([blk[..., 6:22] & 0x0F, blk[..., 6:22] >> 4], axis=-1)
+            hi = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+            return cls("Q8_0", ((nib | hi).astype(np.int16) - 16).astype(np.int8), d)
         if fmt == "Q8_0":
             return cls(fmt, np.ascontiguousarray(blk[..., 2:]).view(np.int8), d)
         if fmt == "Q4_0":
