@@ -24,8 +24,9 @@ any number of threads, one included.
 
 What it serves (`NumpyStep._fused_layers`): Llama/Qwen2 layers (RMSNorm, RoPE,
 SwiGLU) whose four products are each one Q4_0/Q4_1/Q8_0 matrix with Q8
-activations, a full KV cache on the CPU, Numba and AVX2. Anything else takes the
-layer-by-layer path.
+activations or one Q4_K/Q6_K matrix (fp32 activations, as `cpu_qmatmul.matmul`
+computes them: a small model's Q4_K_M mix), a full KV cache on the CPU, Numba and
+AVX2. Anything else takes the layer-by-layer path.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, has_vnni
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
 _quant = _flip = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
+_uq4k = _uq6k = _tdot = None
 claim = finish = wait = product = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
 UX = has_vnni()  # as cpu_qmatmul.UX: the products' tiles of rows read sign-flipped activations
@@ -58,11 +60,13 @@ def _kernels() -> dict | None:
 
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
+    global _uq4k, _uq6k, _tdot
     global _quant, _flip, _span, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
     global claim, finish, wait, product, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
     _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
+    _uq4k, _uq6k, _tdot = cpu_qmatmul.unpack_q4k, cpu_qmatmul.unpack_q6k, cpu_qmatmul.tile_dot
     _attend, _norm_row, _swiglu_row = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.swiglu_row
     _fma = fma_intrinsic()
     _add, _load, _pause = atomic_intrinsics()
@@ -83,19 +87,39 @@ def _kernels() -> dict | None:
             _pause()
 
     @njit(cache=True, nogil=True)
-    def product(sync, ph, threads, xq, xu, dxf, xsf, qs, d, m, kind, bias, R, nb, N, out):  # pragma: no cover
+    def product(sync, ph, threads, xq, xu, dxf, xsf, x32, qs, d, m, sc, qh, kind, bias, R, nb, N,
+                out):  # pragma: no cover - compiled
         # one phase: the product's output rows in ~ITEMS items per thread (whole tiles of 4 rows), claimed by
-        # whichever thread is free: long runs of rows (the weights stream in order), evenly shared
+        # whichever thread is free: long runs of rows (the weights stream in order), evenly shared. Q4_K / Q6_K
+        # (kind 3 / 4) take the fp32 input x32 as `cpu_qmatmul.matmul` does: each tile of 4 weight rows
+        # de-quantised into wt, then `tile_dot` for every row (the same functions, tiles and bits)
         chunk = max(4, (N + ITEMS * threads - 1) // (ITEMS * threads) + 3) // 4 * 4
         items = (N + chunk - 1) // chunk
         df, mf = d.reshape(-1), m.reshape(-1)
+        nbk = nb // 8
+        wt = np.empty((4 if kind >= 3 else 0, nb * 32), np.float32)
+        s8 = np.empty(8, np.float32)
+        m8 = np.empty(8, np.float32)
         while True:
             i = claim(sync, ph)
             if i >= items:
                 break
             n0 = i * chunk
             n1 = min(n0 + chunk, N)
-            _span(xq, xu, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out)
+            if kind == 3:
+                qs3, sc3 = qs.reshape(N, nbk, 128), sc.reshape(N, nbk, 12)
+                for n in range(n0, n1, 4):
+                    for t in range(4):
+                        _uq4k(qs3, sc3, d, m, min(n + t, N - 1), wt, t, s8, m8)
+                    _tdot(x32, wt, n, N, out)
+            elif kind == 4:
+                qs3, qh3, sc6 = qs.reshape(N, nbk, 128), qh.reshape(N, nbk, 64), sc.view(np.int8).reshape(N, nbk, 16)
+                for n in range(n0, n1, 4):
+                    for t in range(4):
+                        _uq6k(qs3, qh3, sc6, d, min(n + t, N - 1), wt, t)
+                    _tdot(x32, wt, n, N, out)
+            else:
+                _span(xq, xu, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out)
             if bias.shape[0]:
                 for r in range(R):
                     for n in range(n0, n1):
@@ -124,8 +148,8 @@ def _kernels() -> dict | None:
 
     @njit(cache=True, nogil=True)
     def worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m,
-               w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps,
-               scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu, act):  # pragma: no cover - compiled
+               w13_b, w2_qs, w2_d, w2_m, w2_b, ksc, kqh, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter,
+               eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu, act):  # pragma: no cover - compiled
         R, D = x.shape
         L = kinds.shape[0]
         nq, nk = H * hd, KVH * hd
@@ -145,8 +169,8 @@ def _kernels() -> dict | None:
             Vl = V[layer]
             norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, xq, xu, dxf, xsf)  # the last FFN output added
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, qkv_qs[layer], qkv_d[layer], qkv_m[layer], kinds[layer, 0],
-                    qkv_b[layer], R, D // 32, nq + 2 * nk, qkv)
+            product(sync, ph, threads, xq, xu, dxf, xsf, h, qkv_qs[layer], qkv_d[layer], qkv_m[layer],
+                    ksc[4 * layer], kqh[4 * layer], kinds[layer, 0], qkv_b[layer], R, D // 32, nq + 2 * nk, qkv)
             ph += 1
             while True:  # rows: RoPE (ggml's fused multiply-adds), K and V into the cache
                 r = claim(sync, ph)
@@ -194,13 +218,13 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, wo_qs[layer], wo_d[layer], wo_m[layer], kinds[layer, 1],
-                    wo_b[layer], R, nq // 32, D, o)
+            product(sync, ph, threads, xq, xu, dxf, xsf, a2, wo_qs[layer], wo_d[layer], wo_m[layer],
+                    ksc[4 * layer + 1], kqh[4 * layer + 1], kinds[layer, 1], wo_b[layer], R, nq // 32, D, o)
             ph += 1
             norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, xq, xu, dxf, xsf)  # the attention's output added
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, w13_qs[layer], w13_d[layer], w13_m[layer], kinds[layer, 2],
-                    w13_b[layer], R, D // 32, 2 * inter, gu)
+            product(sync, ph, threads, xq, xu, dxf, xsf, h, w13_qs[layer], w13_d[layer], w13_m[layer],
+                    ksc[4 * layer + 2], kqh[4 * layer + 2], kinds[layer, 2], w13_b[layer], R, D // 32, 2 * inter, gu)
             ph += 1
             while True:  # rows: SwiGLU (ggml's exp on 8-lane groups, libm's on the rest), Q8 blocks
                 r = claim(sync, ph)
@@ -213,8 +237,8 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, w2_qs[layer], w2_d[layer], w2_m[layer], kinds[layer, 3],
-                    w2_b[layer], R, inter // 32, D, o)
+            product(sync, ph, threads, xq, xu, dxf, xsf, act, w2_qs[layer], w2_d[layer], w2_m[layer],
+                    ksc[4 * layer + 3], kqh[4 * layer + 3], kinds[layer, 3], w2_b[layer], R, inter // 32, D, o)
             ph += 1
         while True:  # rows: the last layer's FFN output added
             r = claim(sync, ph)
@@ -227,8 +251,8 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, cache=True, nogil=True)
     def layers_nb(threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m,
-                  w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps,
-                  scale, batch):  # pragma: no cover - compiled
+                  w13_b, w2_qs, w2_d, w2_m, w2_b, ksc, kqh, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter,
+                  eps, scale, batch):  # pragma: no cover - compiled
         R, D = x.shape
         L = kinds.shape[0]
         nq, nk = H * hd, KVH * hd
@@ -250,8 +274,8 @@ def _kernels() -> dict | None:
         # waits for a given other one, so any number of them (one included) finish the step
         for _t in prange(threads):
             worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d,
-                   w13_m, w13_b, w2_qs, w2_d, w2_m, w2_b, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter,
-                   eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu, act)
+                   w13_m, w13_b, w2_qs, w2_d, w2_m, w2_b, ksc, kqh, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH,
+                   hd, inter, eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu, act)
 
     return {"step_q8": layers_nb}
 
@@ -261,7 +285,7 @@ def available() -> bool:
     return _kernels() is not None
 
 
-KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4}
 
 
 class Q8Layers:
@@ -277,7 +301,8 @@ class Q8Layers:
             return out
 
         empty = np.zeros(0, np.float32)
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ln1", "ln2")}
+        none = np.zeros(0, np.uint8)
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ln1", "ln2", "ksc", "kqh")}
         kinds = []
         for ln1, ln2, lins in layers:
             cols["ln1"].append(np.ascontiguousarray(ln1, np.float32))
@@ -290,6 +315,9 @@ class Q8Layers:
                 cols.setdefault(f"{name}_m", []).append(p.m if p.m is not None else p.d)
                 b = lin.bias
                 cols.setdefault(f"{name}_b", []).append(empty if b is None else b.detach().numpy())
+                # the K formats' packed scales (Q6_K's int8 as bytes) and Q6_K's high bits, flat; [layer * 4 + k]
+                cols["ksc"].append(none if p.sc is None else p.sc.reshape(-1).view(np.uint8))
+                cols["kqh"].append(none if p.qh is None else p.qh.reshape(-1).view(np.uint8))
                 row.append(KIND[p.fmt])
             kinds.append(row)
         self.lists = {k: lst(v) for k, v in cols.items()}
@@ -314,14 +342,16 @@ def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: 
     with LOCK:
         fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["qkv_qs"], t["qkv_d"], t["qkv_m"], t["qkv_b"],
            t["wo_qs"], t["wo_d"], t["wo_m"], t["wo_b"], t["w13_qs"], t["w13_d"], t["w13_m"], t["w13_b"], t["w2_qs"],
-           t["w2_d"], t["w2_m"], t["w2_b"], layers.kinds, K, V, cos, sin, np.asarray(row_slot, np.int64),
+           t["w2_d"], t["w2_m"], t["w2_b"], t["ksc"], t["kqh"], layers.kinds, K, V, cos, sin,
+           np.asarray(row_slot, np.int64),
            np.asarray(row_pos, np.int64), H, KVH, hd, inter, layers.eps, np.float32(scale), bool(batch))
     return x
 
 
 def warm() -> list[str]:
     """Compile the fused step once with the argument types the engine passes (one tiny Q4_1 layer and one
-    Q8_0 layer); Numba's on-disk cache keeps it. Returns its name, or nothing where it does not run."""
+    Q8_0 layer; the K formats' arrays have the same types); Numba's on-disk cache keeps it. Returns its name, or
+    nothing where it does not run."""
     if not available():
         return []
     from types import SimpleNamespace
@@ -332,7 +362,8 @@ def warm() -> list[str]:
         width = 32 if fmt == "Q8_0" else 16
         dt = np.int8 if fmt == "Q8_0" else np.uint8
         d = np.full((n, k // 32), 0x2000, np.uint16)
-        part = SimpleNamespace(fmt=fmt, qs=np.zeros((n, k // 32, width), dt), d=d, m=None if fmt == "Q8_0" else d)
+        part = SimpleNamespace(fmt=fmt, qs=np.zeros((n, k // 32, width), dt), d=d, m=None if fmt == "Q8_0" else d,
+                               sc=None, qh=None)
         return SimpleNamespace(parts=[part], bias=None)
 
     layers = [(np.ones(D, np.float32), np.ones(D, np.float32),

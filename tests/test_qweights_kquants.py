@@ -207,3 +207,69 @@ def test_k_rows_not_whole_super_blocks_are_refused(tmp_path):
     with pytest.raises(CorruptGGUF, match=r"odd\.gguf: tensor token_embd\.weight \(Q4_K\) rows of 96 are not whole "
                                           r"blocks of 256"):
         read_gguf(path)
+
+
+def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path):
+    """A Q4_K_M-style mix whose projections are each one block type, some Q8_0 and some Q4_K / Q6_K (as in a
+    small model's Q4_K_M file, its Q5_0 held as Q8_0): the fused Q8 step (`kernels.cpu_step`) runs the K
+    products on fp32 activations inside the one parallel call, with the layer-by-layer path's functions and
+    tiles: the same logits bit for bit for prompts of nine slots and steps of 1, 2, 5 and 9 rows."""
+    from kernels import cpu_step
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "mixed.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_block_count, LAYERS), (w.add_context_length, 256), (w.add_embedding_length, D),
+                   (w.add_feed_forward_length, INTER), (w.add_head_count, H), (w.add_head_count_kv, KVH),
+                   (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
+                   (w.add_rope_dimension_count, HD), (w.add_vocab_size, VOCAB), (w.add_file_type, 15)):
+        add(v)
+
+    def mat(name: str, n: int, k: int, fmt: str, scale: float = 0.1) -> None:
+        x = (rng.standard_normal((n, k)) * scale).astype(np.float32)
+        raw = quantize_k(x, fmt) if fmt in ("Q4_K", "Q6_K") else quants.quantize(x, getattr(QT, fmt))
+        w.add_tensor(name, raw, raw_dtype=getattr(QT, fmt))
+
+    mat("token_embd.weight", VOCAB, D, "Q8_0", 1.0)
+    for i, (attn, ffn, down) in enumerate((("Q8_0", "Q4_K", "Q6_K"), ("Q4_K", "Q8_0", "Q4_K"))):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32))
+        for name, n in (("attn_q", H * HD), ("attn_k", KVH * HD), ("attn_v", KVH * HD)):
+            mat(p + name + ".weight", n, D, attn)
+        mat(p + "attn_output.weight", D, H * HD, "Q6_K" if attn == "Q4_K" else attn)
+        w.add_tensor(p + "ffn_norm.weight", (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32))
+        mat(p + "ffn_gate.weight", INTER, D, ffn)
+        mat(p + "ffn_up.weight", INTER, D, ffn)
+        mat(p + "ffn_down.weight", D, INTER, down, 0.05)
+    w.add_tensor("output_norm.weight", np.ones(D, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    step = ours.model._np_step
+    assert (step.fused is not None) == cpu_step.available()
+    if step.fused is None:  # no Numba / AVX2 here: the layer-by-layer path is the only one
+        return
+    assert sorted(set(step.fused.kinds.reshape(-1).tolist())) == [2, 3, 4]  # Q8_0, Q4_K, Q6_K products
+    a = ours.model.args
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        keep = step.fused
+        step.fused = keep if fused else None
+        try:
+            c = FullCache(a.n_layers, 9, a.n_kv_heads, a.head_dim, 64)
+            out = [step.extend(c, s, [11 * s + 1, 13 * s + 2, 5]) for s in range(9)]
+            toks = [int(o[-1].argmax()) for o in out]
+            for i in range(8):
+                rows = list(range((1, 2, 5, 9)[i % 4]))
+                lg = step(c, rows, toks[:len(rows)])
+                out.append(lg)
+                toks = lg.argmax(-1).tolist() + toks[len(rows):]
+            return out
+        finally:
+            step.fused = keep
+
+    for f, p in zip(run(True), run(False)):
+        assert torch.equal(f, p)

@@ -138,7 +138,8 @@ class NumpyStep:
 
     def _fused_layers(self, model: Any) -> Any:
         """`kernels.cpu_step.Q8Layers` when every layer can run in the fused Q8 step (Llama/Qwen2 layers whose
-        four products are each one Q4_0/Q4_1/Q8_0 matrix with Q8 activations, Numba with AVX2), else None."""
+        four products are each one Q4_0/Q4_1/Q8_0 matrix with Q8 activations or one Q4_K/Q6_K matrix, Numba with
+        AVX2), else None."""
         a = self.args
         if not self.ggml or not cpu_step.available():
             return None
