@@ -30,6 +30,7 @@ from engine.llm.cache import FullCache, Int8Cache  # noqa: E402
 from engine.llm.gguf_load import CorruptGGUF, UnsupportedGGUF, read_gguf  # noqa: E402
 from engine.llm.load import load_llm  # noqa: E402
 from engine.llm.qweights import Packed  # noqa: E402
+from tests.fused_twin import fused_and_layer_by_layer  # noqa: E402
 from kernels import cpu_qmatmul  # noqa: E402
 
 FMTS = ("Q8_0", "Q4_0", "Q4_1")
@@ -254,26 +255,7 @@ def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
     assert (step.fused is not None) == cpu_step.available()  # Numba and AVX2; else the layer-by-layer path
     if step.fused is None:
         return
-    a = ours.model.args
-
-    def run(fused: bool) -> list[torch.Tensor]:
-        keep = step.fused
-        step.fused = keep if fused else None
-        try:
-            c = FullCache(a.n_layers, 9, a.n_kv_heads, a.head_dim, 64)
-            out = [step.extend(c, 0, [3, 17, 99, 5, 42]), step.extend(c, 1, [7, 150, 1])]
-            out += [step.extend(c, s, [11 * s + 1, 13 * s + 2]) for s in range(2, 9)]
-            toks = [int(o[-1].argmax()) for o in out]
-            for i in range(12):
-                rows = list(range((1, 2, 5, 9)[i % 4]))
-                lg = step(c, rows, toks[:len(rows)])
-                out.append(lg)
-                toks = lg.argmax(-1).tolist() + toks[len(rows):]
-            return out
-        finally:
-            step.fused = keep
-
-    fused, plain = run(True), run(False)
+    fused, plain = fused_and_layer_by_layer(step, ours.model.args, steps=12)
     for f, p in zip(fused, plain):
         assert torch.equal(f, p)
 

@@ -26,6 +26,7 @@ from engine.llm.cache import FullCache  # noqa: E402
 from engine.llm.gguf_load import CorruptGGUF, read_gguf  # noqa: E402
 from engine.llm.load import load_llm  # noqa: E402
 from engine.llm.qweights import BLOCK_BYTES, Packed, quantize_k  # noqa: E402
+from tests.fused_twin import fused_and_layer_by_layer  # noqa: E402
 from kernels import cpu_qmatmul  # noqa: E402
 
 KF = ("Q4_K", "Q6_K")
@@ -112,16 +113,22 @@ def test_k_matmul_rejects_bad_arrays():
 D, H, KVH, HD, INTER, LAYERS, VOCAB = 256, 4, 2, 64, 512, 2, 160
 
 
-def write_k_gguf(path: Path, seed: int = 0, tie: bool = True) -> Path:
-    """A random 2-layer llama GGUF as llama.cpp's Q4_K_M mixes it: Q4_K matrices, Q6_K attn_v / ffn_down
-    (and the embedding / output head), F32 norms."""
-    rng = np.random.default_rng(seed)
+def _k_writer(path: Path) -> gguf.GGUFWriter:
+    """A GGUF writer with this file's tiny llama metadata (tensors to be added)."""
     w = gguf.GGUFWriter(str(path), "llama")
     for add, v in ((w.add_block_count, LAYERS), (w.add_context_length, 256), (w.add_embedding_length, D),
                    (w.add_feed_forward_length, INTER), (w.add_head_count, H), (w.add_head_count_kv, KVH),
                    (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
                    (w.add_rope_dimension_count, HD), (w.add_vocab_size, VOCAB), (w.add_file_type, 15)):
         add(v)
+    return w
+
+
+def write_k_gguf(path: Path, seed: int = 0, tie: bool = True) -> Path:
+    """A random 2-layer llama GGUF as llama.cpp's Q4_K_M mixes it: Q4_K matrices, Q6_K attn_v / ffn_down
+    (and the embedding / output head), F32 norms."""
+    rng = np.random.default_rng(seed)
+    w = _k_writer(path)
 
     def mat(name: str, n: int, k: int, fmt: str, scale: float = 0.1) -> None:
         x = (rng.standard_normal((n, k)) * scale).astype(np.float32)
@@ -218,12 +225,7 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
 
     rng = np.random.default_rng(3)
     path = tmp_path / "mixed.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, v in ((w.add_block_count, LAYERS), (w.add_context_length, 256), (w.add_embedding_length, D),
-                   (w.add_feed_forward_length, INTER), (w.add_head_count, H), (w.add_head_count_kv, KVH),
-                   (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
-                   (w.add_rope_dimension_count, HD), (w.add_vocab_size, VOCAB), (w.add_file_type, 15)):
-        add(v)
+    w = _k_writer(path)
 
     def mat(name: str, n: int, k: int, fmt: str, scale: float = 0.1) -> None:
         x = (rng.standard_normal((n, k)) * scale).astype(np.float32)
@@ -253,23 +255,6 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
     if step.fused is None:  # no Numba / AVX2 here: the layer-by-layer path is the only one
         return
     assert sorted(set(step.fused.kinds.reshape(-1).tolist())) == [2, 3, 4]  # Q8_0, Q4_K, Q6_K products
-    a = ours.model.args
-
-    def run(fused: bool) -> list[torch.Tensor]:
-        keep = step.fused
-        step.fused = keep if fused else None
-        try:
-            c = FullCache(a.n_layers, 9, a.n_kv_heads, a.head_dim, 64)
-            out = [step.extend(c, s, [11 * s + 1, 13 * s + 2, 5]) for s in range(9)]
-            toks = [int(o[-1].argmax()) for o in out]
-            for i in range(8):
-                rows = list(range((1, 2, 5, 9)[i % 4]))
-                lg = step(c, rows, toks[:len(rows)])
-                out.append(lg)
-                toks = lg.argmax(-1).tolist() + toks[len(rows):]
-            return out
-        finally:
-            step.fused = keep
-
-    for f, p in zip(run(True), run(False)):
+    fused, plain = fused_and_layer_by_layer(step, ours.model.args)
+    for f, p in zip(fused, plain):
         assert torch.equal(f, p)
