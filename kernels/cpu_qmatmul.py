@@ -179,7 +179,7 @@ def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarra
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
-_h2f = q4k_scales = tile_dot = unpack_q4 = unpack_q8 = unpack_q4k = unpack_q6k = None  # set by _kernels()
+_h2f = q4k_scales = tile_dot = unpack_q4 = unpack_q8 = unpack_q4k = unpack_q6k = k_tiles = None  # by _kernels()
 
 
 @functools.cache
@@ -188,7 +188,7 @@ def _kernels() -> dict | None:
         return None
     drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
-    global _h2f, q4k_scales, tile_dot, unpack_q4, unpack_q8, unpack_q4k, unpack_q6k
+    global _h2f, q4k_scales, tile_dot, unpack_q4, unpack_q8, unpack_q4k, unpack_q6k, k_tiles
     # helpers are module globals: a closure variable (even another jitted function) would keep Numba's
     # on-disk cache from ever matching (a new index entry, and a recompile, in every process)
     _h2f = half_to_float_intrinsic()
@@ -363,39 +363,38 @@ def _kernels() -> dict | None:
                             | (((np.int32(qh[n, b, h * L + l]) >> hs) & 3) << 4)
                         wt[t, base + l] = np.float32(v - 32) * (s0 if l < 16 else s1)
 
+    @njit(fastmath=True, cache=True, nogil=True)
+    def k_tiles(x, qs, sc, qh, d, dm, kind, t0, t1, wt, s8, m8, out):  # pragma: no cover - compiled
+        # tiles t0 .. t1 - 1 of 4 output rows (the last one repeats row N - 1), kind 3: Q4_K (dm: its dmin),
+        # 4: Q6_K (qh: its high bits), each de-quantised into wt [4, >= K], then tile_dot for all rows of x.
+        # Also the fused step's K products (kernels.cpu_step): the same tiles and bits
+        N = qs.shape[0]
+        for tl in range(t0, t1):
+            n0 = tl * 4
+            for t in range(4):
+                if kind == 3:
+                    unpack_q4k(qs, sc, d, dm, min(n0 + t, N - 1), wt, t, s8, m8)
+                else:
+                    unpack_q6k(qs, qh, sc, d, min(n0 + t, N - 1), wt, t)
+            tile_dot(x, wt, n0, N, out)
+
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def q4k_nb(x, qs, sc, d, dm, out):  # pragma: no cover - compiled
         K = x.shape[1]
-        N = qs.shape[0]
-        ntile = (N + 3) // 4
+        ntile = (qs.shape[0] + 3) // 4
         nchunk = min(ntile, 64)
         for c in prange(nchunk):
-            t0 = c * ntile // nchunk
-            t1 = (c + 1) * ntile // nchunk
-            wt = np.empty((4, K), np.float32)
-            s8 = np.empty(8, np.float32)
-            m8 = np.empty(8, np.float32)
-            for tl in range(t0, t1):
-                n0 = tl * 4
-                for t in range(4):
-                    unpack_q4k(qs, sc, d, dm, min(n0 + t, N - 1), wt, t, s8, m8)
-                tile_dot(x, wt, n0, N, out)
+            k_tiles(x, qs, sc, qs, d, dm, 3, c * ntile // nchunk, (c + 1) * ntile // nchunk,
+                    np.empty((4, K), np.float32), np.empty(8, np.float32), np.empty(8, np.float32), out)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def q6k_nb(x, qs, qh, sc, d, out):  # pragma: no cover - compiled
         K = x.shape[1]
-        N = qs.shape[0]
-        ntile = (N + 3) // 4
+        ntile = (qs.shape[0] + 3) // 4
         nchunk = min(ntile, 64)
         for c in prange(nchunk):
-            t0 = c * ntile // nchunk
-            t1 = (c + 1) * ntile // nchunk
-            wt = np.empty((4, K), np.float32)
-            for tl in range(t0, t1):
-                n0 = tl * 4
-                for t in range(4):
-                    unpack_q6k(qs, qh, sc, d, min(n0 + t, N - 1), wt, t)
-                tile_dot(x, wt, n0, N, out)
+            k_tiles(x, qs, sc, qh, d, d, 4, c * ntile // nchunk, (c + 1) * ntile // nchunk,
+                    np.empty((4, K), np.float32), np.empty(8, np.float32), np.empty(8, np.float32), out)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def dequant_k_nb(qs, qh, sc, d, dm, kind, out):  # pragma: no cover - compiled

@@ -36,15 +36,15 @@ import functools
 import numpy as np
 
 from . import cpu_ggml, cpu_qmatmul
-from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, has_vnni, jit
+from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
 _quant = _flip = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
-_uq4k = _uq6k = _tdot = None
+_ktiles = None
 claim = finish = wait = product = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
-UX = has_vnni()  # as cpu_qmatmul.UX: the products' tiles of rows read sign-flipped activations
+UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q8_0 tiles of rows read sign-flipped activations
 ITEMS = 4  # a product's items per thread (see product)
 
 
@@ -60,13 +60,13 @@ def _kernels() -> dict | None:
 
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
-    global _uq4k, _uq6k, _tdot
+    global _ktiles, UX
     global _quant, _flip, _span, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
     global claim, finish, wait, product, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
     _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
-    _uq4k, _uq6k, _tdot = cpu_qmatmul.unpack_q4k, cpu_qmatmul.unpack_q6k, cpu_qmatmul.tile_dot
+    _ktiles, UX = cpu_qmatmul.k_tiles, cpu_qmatmul.UX
     _attend, _norm_row, _swiglu_row = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.swiglu_row
     _fma = fma_intrinsic()
     _add, _load, _pause = atomic_intrinsics()
@@ -87,19 +87,16 @@ def _kernels() -> dict | None:
             _pause()
 
     @njit(cache=True, nogil=True)
-    def product(sync, ph, threads, xq, xu, dxf, xsf, x32, qs, d, m, sc, qh, kind, bias, R, nb, N,
-                out):  # pragma: no cover - compiled
+    def product(sync, ph, threads, xq, xu, dxf, xsf, x32, qs, d, m, sc, qh, kind, bias, R, nb, N, out, wt, s8,
+                m8):  # pragma: no cover - compiled
         # one phase: the product's output rows in ~ITEMS items per thread (whole tiles of 4 rows), claimed by
         # whichever thread is free: long runs of rows (the weights stream in order), evenly shared. Q4_K / Q6_K
-        # (kind 3 / 4) take the fp32 input x32 as `cpu_qmatmul.matmul` does: each tile of 4 weight rows
-        # de-quantised into wt, then `tile_dot` for every row (the same functions, tiles and bits)
+        # (kind 3 / 4) take the fp32 input x32 as `cpu_qmatmul.matmul` does (`k_tiles`: each tile of 4 weight
+        # rows de-quantised into the thread's wt, then `tile_dot` for every row: the same tiles and bits)
         chunk = max(4, (N + ITEMS * threads - 1) // (ITEMS * threads) + 3) // 4 * 4
         items = (N + chunk - 1) // chunk
         df, mf = d.reshape(-1), m.reshape(-1)
         nbk = nb // 8
-        wt = np.empty((4 if kind >= 3 else 0, nb * 32), np.float32)
-        s8 = np.empty(8, np.float32)
-        m8 = np.empty(8, np.float32)
         while True:
             i = claim(sync, ph)
             if i >= items:
@@ -107,17 +104,11 @@ def _kernels() -> dict | None:
             n0 = i * chunk
             n1 = min(n0 + chunk, N)
             if kind == 3:
-                qs3, sc3 = qs.reshape(N, nbk, 128), sc.reshape(N, nbk, 12)
-                for n in range(n0, n1, 4):
-                    for t in range(4):
-                        _uq4k(qs3, sc3, d, m, min(n + t, N - 1), wt, t, s8, m8)
-                    _tdot(x32, wt, n, N, out)
+                qs3 = qs.reshape(N, nbk, 128)
+                _ktiles(x32, qs3, sc.reshape(N, nbk, 12), qs3, d, m, 3, n0 // 4, (n1 + 3) // 4, wt, s8, m8, out)
             elif kind == 4:
-                qs3, qh3, sc6 = qs.reshape(N, nbk, 128), qh.reshape(N, nbk, 64), sc.view(np.int8).reshape(N, nbk, 16)
-                for n in range(n0, n1, 4):
-                    for t in range(4):
-                        _uq6k(qs3, qh3, sc6, d, min(n + t, N - 1), wt, t)
-                    _tdot(x32, wt, n, N, out)
+                _ktiles(x32, qs.reshape(N, nbk, 128), sc.view(np.int8).reshape(N, nbk, 16), qh.reshape(N, nbk, 64),
+                        d, d, 4, n0 // 4, (n1 + 3) // 4, wt, s8, m8, out)
             else:
                 _span(xq, xu, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out)
             if bias.shape[0]:
@@ -163,6 +154,14 @@ def _kernels() -> dict | None:
         n_att = R * per_row
         p = np.zeros(T + 8, np.float32)  # this thread's attention scratch
         acc = np.empty((32, hd), np.float32)
+        kw = 0  # this thread's scratch for the Q4_K / Q6_K products' tiles, where the layers have such products
+        for layer in range(L):
+            for k in range(4):
+                if kinds[layer, k] >= 3:
+                    kw = 4
+        wt = np.empty((kw, max(D, nq, inter)), np.float32)
+        s8 = np.empty(8, np.float32)
+        m8 = np.empty(8, np.float32)
         ph = 0
         for layer in range(L):
             Kl = K[layer]
@@ -170,7 +169,8 @@ def _kernels() -> dict | None:
             norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, xq, xu, dxf, xsf)  # the last FFN output added
             ph += 1
             product(sync, ph, threads, xq, xu, dxf, xsf, h, qkv_qs[layer], qkv_d[layer], qkv_m[layer],
-                    ksc[4 * layer], kqh[4 * layer], kinds[layer, 0], qkv_b[layer], R, D // 32, nq + 2 * nk, qkv)
+                    ksc[4 * layer], kqh[4 * layer], kinds[layer, 0], qkv_b[layer], R, D // 32, nq + 2 * nk, qkv,
+                    wt, s8, m8)
             ph += 1
             while True:  # rows: RoPE (ggml's fused multiply-adds), K and V into the cache
                 r = claim(sync, ph)
@@ -219,12 +219,13 @@ def _kernels() -> dict | None:
             wait(sync, ph, R)
             ph += 1
             product(sync, ph, threads, xq, xu, dxf, xsf, a2, wo_qs[layer], wo_d[layer], wo_m[layer],
-                    ksc[4 * layer + 1], kqh[4 * layer + 1], kinds[layer, 1], wo_b[layer], R, nq // 32, D, o)
+                    ksc[4 * layer + 1], kqh[4 * layer + 1], kinds[layer, 1], wo_b[layer], R, nq // 32, D, o, wt, s8, m8)
             ph += 1
             norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, xq, xu, dxf, xsf)  # the attention's output added
             ph += 1
             product(sync, ph, threads, xq, xu, dxf, xsf, h, w13_qs[layer], w13_d[layer], w13_m[layer],
-                    ksc[4 * layer + 2], kqh[4 * layer + 2], kinds[layer, 2], w13_b[layer], R, D // 32, 2 * inter, gu)
+                    ksc[4 * layer + 2], kqh[4 * layer + 2], kinds[layer, 2], w13_b[layer], R, D // 32, 2 * inter, gu,
+                    wt, s8, m8)
             ph += 1
             while True:  # rows: SwiGLU (ggml's exp on 8-lane groups, libm's on the rest), Q8 blocks
                 r = claim(sync, ph)
@@ -238,7 +239,8 @@ def _kernels() -> dict | None:
             wait(sync, ph, R)
             ph += 1
             product(sync, ph, threads, xq, xu, dxf, xsf, act, w2_qs[layer], w2_d[layer], w2_m[layer],
-                    ksc[4 * layer + 3], kqh[4 * layer + 3], kinds[layer, 3], w2_b[layer], R, inter // 32, D, o)
+                    ksc[4 * layer + 3], kqh[4 * layer + 3], kinds[layer, 3], w2_b[layer], R, inter // 32, D, o,
+                    wt, s8, m8)
             ph += 1
         while True:  # rows: the last layer's FFN output added
             r = claim(sync, ph)
@@ -260,7 +262,12 @@ def _kernels() -> dict | None:
         sync = np.zeros((PHASES * L + 1) * 16, np.int64)
         h = np.empty((R, D), np.float32)
         xq = np.empty(R * kmax, np.int8)
-        xu = np.empty(R * kmax if UX and R >= 4 else 0, np.int8)
+        flip = False  # a Q4_0 / Q8_0 product's tiles of rows read xu (UX): only then is it filled
+        for layer in range(L):
+            for k in range(4):
+                if kinds[layer, k] == 0 or kinds[layer, k] == 2:
+                    flip = True
+        xu = np.empty(R * kmax if UX and flip and R >= 4 else 0, np.int8)
         dxf = np.empty(R * kmax // 32, np.float32)
         xsf = np.empty(R * kmax // 32, np.float32)
         qkv = np.empty((R, nq + 2 * nk), np.float32)
