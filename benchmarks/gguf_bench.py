@@ -4,7 +4,7 @@
 
 `text_bench.py` measures the embedded SmolLM2 (a Q4_1 file) in depth; this one takes the file a user
 brings — a Q4_K_M download, a Q5_0 or Q8_0 file — and prints how it loads here (the weights text: which
-block types stay packed, which are widened, or the fp32 fallback and why), then llama.cpp's and our
+block types stay packed, or the fp32 fallback and why), then llama.cpp's and our
 tokens/s in alternating rounds (llama.cpp alone in a child process, `make bench`'s native build where
 there is one, as in text_bench), drafting off, a 32-token prompt, `--tokens` new greedy tokens with EOS
 ignored, and the medians' ratio. Without a path (`make bench`) it writes two files from the embedded model

@@ -192,7 +192,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     int32 lane) instead of `vpmaddubsw` + `vpmaddwd`: lane i sums the same four products (bytes 4i .. 4i + 3)
     exactly, in 32 bits, so every integer and every float after it is the same as without.
 
-    ux (VNNI, Q4_0 / Q8_0, one weight row): the x argument holds the activations with their sign bit flipped
+    ux (VNNI, Q4_0 / Q5_0 / Q8_0, one weight row): the x argument holds the activations with their sign bit flipped
     (x ^ 0x80 = x + 128 as an unsigned byte), and the signed weights are `vpdpbusd`'s signed operand: lane i
     = c_i + sum (x + 128) w over its four bytes, with c_i = -128 x (the four weights' sum), one `vpdpbusd`
     of 128s into the weights and one subtraction per weight block, shared by the tile's n rows. The same
@@ -204,8 +204,10 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
     v16i8, v32i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
     v8i32, v8f32 = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
-    bw = 32 if kind == 2 else 16
-    assert not ux or (vnni and kind != 0 and nw == 1), "ux: VNNI, Q4_0 / Q8_0, one weight row"
+    mn = kind in (0, 3)  # unsigned weights and a min per block (Q4_1, Q5_1)
+    q5 = kind in (3, 4)  # 5-bit weights: the nibbles' 16 bytes, then the block's 32 high bits
+    bw = 32 if kind == 2 else 20 if q5 else 16
+    assert not ux or (vnni and not mn and nw == 1), "ux: VNNI, Q4_0 / Q5_0 / Q8_0, one weight row"
 
     def mask(k: int, idx: list[int]) -> ir.Constant:
         return ir.Constant(ir.VectorType(i32, k), idx)
@@ -240,14 +242,14 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
                 for _ in range(nw)]
         maccs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)] for _ in range(nw)]
-        vt = tmin and kind == 0 and nw == 1
+        vt = tmin and mn and nw == 1
         if vt:
             vnf = ir.VectorType(f32, n)
             fman = mod.declare_intrinsic(f"llvm.fma.v{n}f32", fnty=ir.FunctionType(vnf, [vnf, vnf, vnf]))
             vmacc = cgutils.alloca_once_value(builder, ir.Constant(vnf, [0.0] * n))
         # Q4_1, one activation row, several weight rows: the rows' min chains as one vector (lane t = row t's
         # scalar chain, the same bits)
-        vw = kind == 0 and n == 1 and nw > 1
+        vw = mn and n == 1 and nw > 1
         if vw:
             vwf = ir.VectorType(f32, nw)
             fmaw = mod.declare_intrinsic(f"llvm.fma.v{nw}f32", fnty=ir.FunctionType(vwf, [vwf, vwf, vwf]))
@@ -267,12 +269,12 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             for xo, dxo in zip(xoffs, dxoffs):  # the activation rows' block b, loaded once for the tile
                 xp = builder.gep(xa, [builder.add(xo, builder.mul(b, ir.Constant(intp, 32)))])
                 xvs.append(builder.load(builder.bitcast(xp, v32i8.as_pointer()), align=1))
-                xss.append(builder.load(builder.gep(xsa, [builder.add(dxo, b)])) if kind == 0 and not vt else None)
+                xss.append(builder.load(builder.gep(xsa, [builder.add(dxo, b)])) if mn and not vt else None)
             if vw:
                 builder.store(builder.call(fmaw, [m_v(), splat1(xss[0], nw), builder.load(vwacc)]), vwacc)
             for t in range(nw):
                 wp = builder.gep(wa, [builder.add(woffs[t], builder.mul(b, ir.Constant(intp, bw)))])
-                if bw == 16:  # nibbles: low = values 0..15, high = 16..31: the 16 bytes in both halves, the
+                if bw != 32:  # nibbles: low = values 0..15, high = 16..31: the 16 bytes in both halves, the
                     # high half's dwords shifted right by 4, every byte's low nibble kept
                     packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
                     dup = builder.bitcast(builder.shuffle_vector(packed, packed, mask(32, list(range(16)) * 2)), v8i32)
@@ -280,20 +282,35 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                     wq = builder.and_(builder.bitcast(sh, v32i8), ir.Constant(v32i8, [15] * 32))
                     if kind == 1:
                         wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
+                    if q5:  # bit j of the 32-bit qh -> byte j all ones or zero (llama.cpp's bytes_from_bits_32),
+                        # then Q5_1: | 0x10 where set (q 0..31); Q5_0: | 0xF0 where clear (q - 16 as a signed byte)
+                        hp = builder.gep(wa, [builder.add(woffs[t], builder.add(builder.mul(b, ir.Constant(intp, bw)),
+                                                                                ir.Constant(intp, 16)))])
+                        h32 = builder.load(builder.bitcast(hp, i32.as_pointer()), align=1)
+                        hb = builder.bitcast(splat1(h32, 8), v32i8)
+                        hb = builder.shuffle_vector(hb, hb, mask(32, [i // 8 for i in range(32)]))
+                        hb = builder.and_(hb, ir.Constant(v32i8, [1 << (i % 8) for i in range(32)]))
+                        set_ = builder.icmp_unsigned("!=", hb, ir.Constant(v32i8, [0] * 32))
+                        if kind == 3:
+                            wq = builder.or_(wq, builder.select(set_, ir.Constant(v32i8, [0x10] * 32),
+                                                                ir.Constant(v32i8, [0] * 32)))
+                        else:
+                            wq = builder.or_(wq, builder.select(set_, ir.Constant(v32i8, [0] * 32),
+                                                                ir.Constant(v32i8, [-16] * 32)))
                 else:
                     wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
                 if ux:  # -128 x the sum of each lane's four weights: the offset the flipped x adds
                     c128 = builder.call(dpbusd, [ir.Constant(v8i32, [0] * 8), ir.Constant(v8i32, [0x80808080] * 8),
                                                  builder.bitcast(wq, v8i32)])
                     corr = builder.sub(ir.Constant(v8i32, [0] * 8), c128)
-                wabs = wq if kind == 0 or ux else builder.call(psign, [wq, wq])
-                mf = m_s(t) if kind == 0 and not vw else None
+                wabs = wq if mn or ux else builder.call(psign, [wq, wq])
+                mf = m_s(t) if mn and not vw else None
                 if vt:  # the n rows' min terms of block b at once
                     xp = builder.gep(xsa, [builder.add(dxoffs[0], builder.mul(b, ir.Constant(intp, n)))])
                     xsv = builder.load(builder.bitcast(xp, vnf.as_pointer()), align=4)
                     builder.store(builder.call(fman, [splat1(mf, n), xsv, builder.load(vmacc)]), vmacc)
                 for j in range(n):
-                    xsg = xvs[j] if kind == 0 or ux else builder.call(psign, [xvs[j], wq])
+                    xsg = xvs[j] if mn or ux else builder.call(psign, [xvs[j], wq])
                     if ux:
                         p32 = builder.call(dpbusd, [corr, builder.bitcast(xsg, v8i32), builder.bitcast(wq, v8i32)])
                     elif vnni:
@@ -304,7 +321,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                     pf = builder.sitofp(p32, v8f32)
                     acc = accs[t][j]
                     builder.store(builder.call(fma, [pf, scale_v(t, j), builder.load(acc)]), acc)
-                    if kind == 0 and not vt and not vw:  # Q4_1: + m_b x xs_b, a scalar chain beside the vector one
+                    if mn and not vt and not vw:  # Q4_1 / Q5_1: + m_b x xs_b, a scalar chain beside the vector one
                         macc = maccs[t][j]
                         builder.store(builder.call(fma1, [mf, xss[j], builder.load(macc)]), macc)
 
@@ -328,7 +345,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         # multiply-add's broadcast operand), where splatting lane k of a register costs one or two shuffles per
         # pair (Zen 4, weights in L2, one thread, interleaved: the 1x8 and 4x1 tiles 5-10 % faster). Same values,
         # same bits.
-        nbuf = nw * n + (nw if kind == 0 else 0)
+        nbuf = nw * n + (nw if mn else 0)
         buf = cgutils.alloca_once(builder, v8f32, size=nbuf)
         fence = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [buf.type]), "", "r,~{memory}", side_effect=True)
 
@@ -343,7 +360,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             for t in range(nw):
                 for j in range(n):
                     builder.store(builder.fmul(d8[t], dx8[j]), builder.gep(buf, [ir.Constant(i32, t * n + j)]))
-                if kind == 0:
+                if mn:
                     builder.store(halves8(ma, builder.add(doffs[t], b0)),
                                   builder.gep(buf, [ir.Constant(i32, nw * n + t)]))
             builder.call(fence, [buf])
@@ -377,9 +394,11 @@ def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into 
     """A Numba intrinsic (AVX2): one weight row in blocks of 32 against one row of int8 activations ->
     float32 sum over the row's blocks of d_w[b] * d_x[b] * (integer dot of block b), llama.cpp's Q8
     product. kind 0: Q4_1 nibbles q (0..15) plus the min's term sum_b m[b] x xs[b], 1: Q4_0 nibbles
-    q - 8, 2: Q8_0 int8 q. Arguments: (w uint8 [..] flat, w offset in bytes, d uint16 fp16 bits flat, d
-    offset (m's too), x int8 flat, x offset, dx float32 flat, dx offset (xs's too), m uint16 flat, xs
-    float32 flat, blocks).
+    q - 8, 2: Q8_0 int8 q, 3: Q5_1 (5-bit q 0..31, the min's term as Q4_1's), 4: Q5_0 (q - 16); Q5's
+    blocks are 20 bytes: the 16 nibble bytes, then 32 high bits (value j's bit 4 = bit j), unpacked per
+    block into bytes as llama.cpp's AVX2 `bytes_from_bits_32` does. Arguments: (w uint8 [..] flat, w offset
+    in bytes, d uint16 fp16 bits flat, d offset (m's too), x int8 flat, x offset, dx float32 flat, dx offset
+    (xs's too), m uint16 flat, xs float32 flat, blocks).
 
     Per block: the 16 (32) weight bytes and 32 activation bytes are loaded as vectors, nibbles split
     (low = values 0..15, high = 16..31: llama.cpp's layout), `vpmaddubsw` multiplies unsigned by signed
@@ -405,7 +424,7 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
     """`q8_row_dot_intrinsic` for nw weight rows x n activation rows: (w, nw w offsets, d, nw d offsets, x,
     n x offsets, dx, n dx offsets, m, xs, blocks) -> an (nw x n)-tuple of float32, weight row by weight row
     (one float32 for 1 x 1). Every pair's arithmetic is the same (`_q8_rows_codegen`), so its result has the
-    same bits in any tile. vnni: None = where the CPU has it (`has_vnni`). ux (needs VNNI, Q4_0 / Q8_0,
+    same bits in any tile. vnni: None = where the CPU has it (`has_vnni`). ux (needs VNNI, Q4_0 / Q5_0 / Q8_0,
     nw = 1): x is the activations with their sign bit flipped (see `_q8_rows_codegen`); the same bits."""
     if vnni is None:
         vnni = has_vnni()

@@ -1,4 +1,5 @@
-"""CPU products with GGUF-packed weights (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): Numba kernels and NumPy twins.
+"""CPU products with GGUF-packed weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K): Numba kernels and NumPy
+twins.
 
     out = matmul(fmt, x, qs, d, m)          # x [R, K] fp32, W packed [N, K] -> x @ W.T  [R, N] fp32
     out = matmul_q8(fmt, x, qs, d, m)       # the same with x in Q8 blocks (llama.cpp's arithmetic, AVX2)
@@ -13,10 +14,14 @@ holds them, split once at load into separate arrays, no byte added):
 | Q8_0 | int8  [N, K/32, 32]      | uint16 [N, K/32] | -           | d * qs[j]                  |
 | Q4_0 | uint8 [N, K/32, 16]      | uint16 [N, K/32] | -           | d * (nibble_j - 8)         |
 | Q4_1 | uint8 [N, K/32, 16]      | uint16 [N, K/32] | uint16 [N, K/32] | d * nibble_j + m     |
+| Q5_0 | uint8 [N, K/32, 20]      | uint16 [N, K/32] | -           | d * (q5_j - 16)            |
+| Q5_1 | uint8 [N, K/32, 20]      | uint16 [N, K/32] | uint16 [N, K/32] | d * q5_j + m         |
 
 where nibble_j is the low nibble of qs[j] for j < 16 and the high nibble of
-qs[j - 16] for j >= 16. Bytes read per product: Q4_1 20 per 32 weights
-(0.625 B/weight, against 4 for fp32), Q4_0 18, Q8_0 34.
+qs[j - 16] for j >= 16, and q5_j = nibble_j | (bit j of the block's 32-bit qh) << 4,
+qh being bytes 16..19 of the block (little-endian; in the file they come before
+the nibbles). Bytes read per product: Q4_1 20 per 32 weights (0.625 B/weight,
+against 4 for fp32), Q4_0 18, Q5_0 22, Q5_1 24, Q8_0 34.
 
 The K formats (llama.cpp's `block_q4_K` / `block_q6_K`) use super-blocks of 256 along K:
 
@@ -51,7 +56,7 @@ of tiles, parallel. The NumPy twins de-quantise to float64 and multiply (the
 oracle the tests use, beside `gguf.quants.dequantize`).
 
 Q8 activations (`matmul_q8`, `models.llm_activations = "q8"`; Q4_0, Q4_1,
-Q8_0): x is first quantised per row to Q8 blocks of 32 (`quantize_rows`,
+Q5_0, Q5_1, Q8_0): x is first quantised per row to Q8 blocks of 32 (`quantize_rows`,
 llama.cpp's `quantize_row_q8_1`: fp16 scale max|x| / 127, int8 values, the
 block's de-quantised sum), then each (weight row, x row) is one AVX2 row dot
 (`_numba.q8_row_dot_intrinsic`; tiles of 8 or 4 x rows per weight row and of
@@ -73,13 +78,14 @@ from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_av
                      prefetch_intrinsic, q8_row_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic,
                      stream_prefetch)
 
-FORMATS = ("Q8_0", "Q4_0", "Q4_1")  # blocks of 32 along K
+FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32 along K
 K_FORMATS = ("Q4_K", "Q6_K")  # super-blocks of 256 along K
 ALL_FORMATS = FORMATS + K_FORMATS
 BLOCK = 32
 QK_K = 256
-BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K}
-Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0")  # products with Q8 activations (`matmul_q8`)
+BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K}
+Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1")  # products with Q8 activations (`matmul_q8`)
+Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6}  # q8a_span's kinds
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
@@ -123,9 +129,14 @@ def dequant_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | N
     if fmt == "Q8_0":
         w = dd * qs.view(np.int8).astype(np.float64)
     else:
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float64)  # [N, nb, 32]
+        q = np.concatenate([qs[..., :16] & 0x0F, qs[..., :16] >> 4], axis=-1).astype(np.float64)  # [N, nb, 32]
+        if fmt in ("Q5_0", "Q5_1"):  # bit j of the block's 32-bit qh (bytes 16..19) is value j's bit 4
+            qh = np.ascontiguousarray(qs[..., 16:20]).view("<u4")  # [N, nb, 1]
+            q += 16.0 * ((qh >> np.arange(32, dtype=np.uint32)) & 1)
         if fmt == "Q4_0":
             w = dd * (q - 8.0)
+        elif fmt == "Q5_0":
+            w = dd * (q - 16.0)
         else:
             w = dd * q + m.view(np.float16).astype(np.float64)[..., None]
     return w.reshape(w.shape[0], -1)
@@ -159,14 +170,12 @@ def quantize_rows_reference(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: n
 
 def matmul_q8_reference(fmt: str, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, qs: np.ndarray, d: np.ndarray,
                         m: np.ndarray | None, out: np.ndarray) -> None:
-    """out[R, N] = the Q8 product in float64: the de-quantised activations (xq x dx) @ W.T (a Q4_1 weight
-    d q + m: d q x the de-quantised x, plus m x xs, the de-quantised block's sum)."""
+    """out[R, N] = the Q8 product in float64: the de-quantised activations (xq x dx) @ W.T (a Q4_1 / Q5_1
+    weight d q + m: d q x the de-quantised x, plus m x xs, the de-quantised block's sum)."""
     R, nb = dx.shape
     xd = (xq.reshape(R, nb, BLOCK).astype(np.float64) * dx[..., None].astype(np.float64)).reshape(R, -1)
-    if fmt == "Q4_1":
-        dd = d.view(np.float16).astype(np.float64)[..., None]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float64)
-        out[...] = xd @ (dd * q).reshape(q.shape[0], -1).T \
+    if fmt in ("Q4_1", "Q5_1"):  # d q against the de-quantised x, the min against the blocks' sums
+        out[...] = xd @ dequant_reference(fmt, qs, d, np.zeros_like(m)).T \
             + xs.astype(np.float64) @ m.view(np.float16).astype(np.float64).T
     else:
         out[...] = xd @ dequant_reference(fmt, qs, d, None).T
@@ -179,7 +188,7 @@ def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarra
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
-_h2f = q4k_scales = tile_dot = unpack_q4 = unpack_q8 = unpack_q4k = unpack_q6k = k_tiles = None  # by _kernels()
+_h2f = q4k_scales = tile_dot = unpack_q4 = unpack_q5 = unpack_q8 = unpack_q4k = unpack_q6k = k_tiles = None
 
 
 @functools.cache
@@ -188,7 +197,7 @@ def _kernels() -> dict | None:
         return None
     drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
-    global _h2f, q4k_scales, tile_dot, unpack_q4, unpack_q8, unpack_q4k, unpack_q6k, k_tiles
+    global _h2f, q4k_scales, tile_dot, unpack_q4, unpack_q5, unpack_q8, unpack_q4k, unpack_q6k, k_tiles
     # helpers are module globals: a closure variable (even another jitted function) would keep Numba's
     # on-disk cache from ever matching (a new index entry, and a recompile, in every process)
     _h2f = half_to_float_intrinsic()
@@ -262,6 +271,24 @@ def _kernels() -> dict | None:
                 wt[t, base + H + j] = db * np.float32(v >> 4) + mb
 
     @njit(fastmath=True, cache=True, nogil=True)
+    def unpack_q5(qs, d, m, kind, n, wt, t):  # pragma: no cover - compiled
+        # row n of W (kind 5: Q5_0, 6: Q5_1) -> wt[t] fp32: unpack_q4's nibbles, bit j of the block's qh (bytes
+        # 16..19) as value j's bit 4
+        nb, H = qs.shape[1], qs.shape[2] - 4  # H = 16 at run time (see unpack_q4)
+        for b in range(nb):
+            db = _h2f(d[n, b])
+            mb = _h2f(m[n, b]) if kind == 6 else np.float32(-16.0) * db
+            qh = (np.uint32(qs[n, b, H]) | (np.uint32(qs[n, b, H + 1]) << 8) | (np.uint32(qs[n, b, H + 2]) << 16)
+                  | (np.uint32(qs[n, b, H + 3]) << 24))
+            base = b * 2 * H
+            for j in range(H):
+                v = np.int32(qs[n, b, j])
+                lo = (v & 15) | np.int32(((qh >> j) & 1) << 4)
+                hi = (v >> 4) | np.int32(((qh >> (j + H)) & 1) << 4)
+                wt[t, base + j] = db * np.float32(lo) + mb
+                wt[t, base + H + j] = db * np.float32(hi) + mb
+
+    @njit(fastmath=True, cache=True, nogil=True)
     def unpack_q8(qs, d, n, wt, t):  # pragma: no cover - compiled
         nb, W = qs.shape[1], qs.shape[2]  # W = 32 at run time (see unpack_q4)
         for b in range(nb):
@@ -272,8 +299,9 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def q4_nb(x, qs, d, m, kind, out):  # pragma: no cover - compiled
-        # kind 0: Q4_0 (offset -8), 1: Q4_1 (min m). Tiles of NT = 4 output rows: de-quantised once into
-        # wt (fp32, 4 x K, L1/L2), then tile_dot for all rows of x; the last tile repeats row N - 1
+        # kind 0: Q4_0 (offset -8), 1: Q4_1 (min m), 5: Q5_0 (offset -16), 6: Q5_1 (min m). Tiles of NT = 4
+        # output rows: de-quantised once into wt (fp32, 4 x K, L1/L2), then tile_dot for all rows of x; the
+        # last tile repeats row N - 1
         K = x.shape[1]
         N = qs.shape[0]
         ntile = (N + 3) // 4
@@ -285,7 +313,10 @@ def _kernels() -> dict | None:
             for tl in range(t0, t1):
                 n0 = tl * 4
                 for t in range(4):
-                    unpack_q4(qs, d, m, kind, min(n0 + t, N - 1), wt, t)
+                    if kind >= 5:
+                        unpack_q5(qs, d, m, kind, min(n0 + t, N - 1), wt, t)
+                    else:
+                        unpack_q4(qs, d, m, kind, min(n0 + t, N - 1), wt, t)
                 tile_dot(x, wt, n0, N, out)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -306,7 +337,7 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def dequant_nb(qs, d, m, kind, out):  # pragma: no cover - compiled
-        # kind 0: Q4_0, 1: Q4_1, 2: Q8_0 (qs int8)
+        # kind 0: Q4_0, 1: Q4_1, 2: Q8_0 (qs int8), 5: Q5_0, 6: Q5_1
         N, nb = d.shape
         for n in prange(N):
             for b in range(nb):
@@ -315,6 +346,14 @@ def _kernels() -> dict | None:
                 if kind == 2:
                     for j in range(32):
                         out[n, base + j] = db * np.float32(qs[n, b, j])
+                elif kind >= 5:
+                    mb = _h2f(m[n, b]) if kind == 6 else np.float32(-16.0) * db
+                    qh = (np.uint32(qs[n, b, 16]) | (np.uint32(qs[n, b, 17]) << 8)
+                          | (np.uint32(qs[n, b, 18]) << 16) | (np.uint32(qs[n, b, 19]) << 24))
+                    for j in range(16):
+                        v = np.int32(qs[n, b, j])
+                        out[n, base + j] = db * np.float32((v & 15) | np.int32(((qh >> j) & 1) << 4)) + mb
+                        out[n, base + 16 + j] = db * np.float32((v >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)) + mb
                 else:
                     mb = _h2f(m[n, b]) if kind == 1 else np.float32(-8.0) * db
                     for j in range(16):
@@ -435,6 +474,7 @@ def _kernels() -> dict | None:
 # the AVX2 row dots (module globals: see above)
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
 _r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = flip_rows = None
+_rd_q50 = _rd_q51 = _r4_q50 = _r4_q51 = _w4_q50 = _w4_q51 = _r8_q50 = _r8_q51 = None
 # VNNI: Q4_0 / Q8_0's tiles of rows take the activations with their sign bit flipped (`xu`, see
 # `_numba._q8_rows_codegen`'s ux: no vpsignb per pair); elsewhere they take xq and xu is unused
 UX = False
@@ -449,6 +489,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
     global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows, flip_rows, UX
+    global _rd_q50, _rd_q51, _r4_q50, _r4_q51, _w4_q50, _w4_q51, _r8_q50, _r8_q51
     _pf = prefetch_intrinsic(PF_LOC)
     UX = has_vnni()
     global quantize_span, q8a_span
@@ -459,6 +500,11 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     _w4_q41, _w4_q40, _w4_q80 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (0, 1, 2))
     # eight rows of x per weight row (a batch of 8): Q4_1's min terms as one vector chain over the rows
     _r8_q41, _r8_q40, _r8_q80 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True, ux=UX and k > 0) for k in (0, 1, 2))
+    # Q5_1 / Q5_0 (the intrinsics' kinds 3 / 4): the same tiles
+    _rd_q51, _rd_q50 = (q8_row_dot_intrinsic(k) for k in (3, 4))
+    _r4_q51, _r4_q50 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True, ux=UX and k == 4) for k in (3, 4))
+    _w4_q51, _w4_q50 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (3, 4))
+    _r8_q51, _r8_q50 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True, ux=UX and k == 4) for k in (3, 4))
 
     @njit(cache=True, nogil=True, inline="always")
     def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled
@@ -468,12 +514,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
 
     @njit(cache=True, nogil=True, inline="always")
     def prefetch_rows(qs, df, mf, kind, bw, nb, n, rows):  # pragma: no cover - compiled
-        # weight rows n .. n + rows - 1 (contiguous): their bytes, fp16 scales and (Q4_1) mins asked for
+        # weight rows n .. n + rows - 1 (contiguous): their bytes, fp16 scales and (Q4_1 / Q5_1) mins asked for
         for off in range(0, rows * nb * bw, 64):
             _pf(qs, n * nb * bw + off)
         for off in range(0, rows * nb, 32):
             _pf(df, n * nb + off)
-            if kind == 1:
+            if kind == 1 or kind == 6:
                 _pf(mf, n * nb + off)
 
     @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
@@ -503,8 +549,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1. qs: the weight
         # bytes flat (uint8), df / mf: fp16 bits flat [N * nb]; rows of x four at a time (each weight block
         # unpacked once for them), the rest one by one: the same arithmetic per row either way. xu: xq with
-        # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q8_0 tiles of rows read it), else unused
-        bw = 32 if kind == 2 else 16
+        # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q5_0 / Q8_0 tiles of rows read it), else
+        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 5 Q5_0, 6 Q5_1 (`Q8A_KIND`)
+        bw = 32 if kind == 2 else 20 if kind >= 5 else 16
+        mn = kind == 1 or kind == 6  # a min per block: xs read transposed by the tiles of rows
         xr = nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)  # a prange index is unsigned: n + 1 would be a float
         N = qs.size // (nb * bw)  # the matrix's rows (the prefetch's bound)
@@ -512,10 +560,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         R4 = R8 + (R - R8) // 4 * 4
         # rows in groups of eight first (`_r8_*`), then one of four (`_r4_*`); Q4_1 reads their xs transposed:
         # group r0's (row j, block b) at r0 nb + b g + j for a group of g (the same values, so the same sums)
-        xst = np.empty(R4 * nb if kind == 1 else 0, np.float32)
+        xst = np.empty(R4 * nb if mn else 0, np.float32)
         for r0 in range(0, R4, 8):
             g = 8 if r0 < R8 else 4
-            for b in range(nb if kind == 1 else 0):
+            for b in range(nb if mn else 0):
                 for j in range(g):
                     xst[r0 * nb + b * g + j] = xsf[(r0 + j) * nb + b]
         if R4 < R:  # rows past the last four: four weight rows at a time (four independent chains)
@@ -531,6 +579,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     elif kind == 0:
                         a = _w4_q40(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
                                     do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                    elif kind == 5:
+                        a = _w4_q50(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
+                                    do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                    elif kind == 6:
+                        a = _w4_q51(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
+                                    do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
                     else:
                         a = _w4_q80(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
                                     do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
@@ -542,7 +596,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             tail = w  # weight rows from here still need every row of x
         else:
             tail = n1
-        xa = xu if UX and kind != 1 else xq  # what the tiles of rows read
+        xa = xu if UX and not mn else xq  # what the tiles of rows read
         for n in range(n0, n1):
             wo = n * nb * bw
             do = n * nb
@@ -558,6 +612,14 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     a8 = _r8_q40(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, nb)
+                elif kind == 5:
+                    a8 = _r8_q50(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, nb)
+                elif kind == 6:
+                    a8 = _r8_q51(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xst, nb)
                 else:
                     a8 = _r8_q80(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
@@ -572,6 +634,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 elif kind == 0:
                     a = _r4_q40(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
+                elif kind == 5:
+                    a = _r4_q50(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
+                elif kind == 6:
+                    a = _r4_q51(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, nb)
                 else:
                     a = _r4_q80(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
@@ -587,6 +655,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_q41(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
                 elif kind == 0:
                     out[r, n] = _rd_q40(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                elif kind == 5:
+                    out[r, n] = _rd_q50(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                elif kind == 6:
+                    out[r, n] = _rd_q51(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
                 else:
                     out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
                 r += 1
@@ -600,7 +672,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         R, nb = dx.shape
         N = d.shape[0]
         dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
-        xu = np.empty(R * nb * 32 if UX and kind != 1 and R >= 4 else 0, np.int8)
+        xu = np.empty(R * nb * 32 if UX and kind != 1 and kind != 6 and R >= 4 else 0, np.int8)
         if xu.size:
             flip_rows(xq, xu, nb * 32, 0, R)
         for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
@@ -637,7 +709,7 @@ def quantize_rows(x: np.ndarray, backend: str | None = None) -> tuple[np.ndarray
 
 def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None,
               backend: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """x [R, K] fp32 @ W.T with W in `fmt` blocks (Q4_0, Q4_1, Q8_0), llama.cpp's way: x quantised to Q8
+    """x [R, K] fp32 @ W.T with W in `fmt` blocks (`Q8A_FORMATS`), llama.cpp's way: x quantised to Q8
     blocks of 32 first (`quantize_rows`), then integer dot products per block (AVX2, see
     `_numba.q8_row_dot_intrinsic`) scaled in fp32 -> [R, N] fp32. Each row of the result depends only on
     its row of x (the same bits alone or in a batch). Where the kernels do not run (no Numba, no AVX2,
@@ -653,8 +725,7 @@ def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndar
     xq, dx, xs = quantize_rows(x, backend)
     dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _k, out:
              matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out), backend,
-             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, d if m is None else m, {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}[fmt],
-             out)
+             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, d if m is None else m, Q8A_KIND[fmt], out)
     return out
 
 
@@ -663,10 +734,11 @@ def available() -> bool:
     return _kernels() is not None
 
 
-_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4}
-# fmt -> (qs dtype, qs bytes per block); the K formats' sc / qh are checked in _check
+_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1": 6}
+# fmt -> (qs dtype, qs bytes per block); the K formats' sc / qh are checked in _check. Q5_0 / Q5_1: the 16
+# nibble bytes, then the block's 32 high bits (4 bytes, little-endian)
 _LAYOUT = {"Q8_0": (np.int8, 32), "Q4_0": (np.uint8, 16), "Q4_1": (np.uint8, 16), "Q4_K": (np.uint8, 128),
-           "Q6_K": (np.uint8, 128)}
+           "Q6_K": (np.uint8, 128), "Q5_0": (np.uint8, 20), "Q5_1": (np.uint8, 20)}
 
 
 def _check(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np.ndarray | None = None,
@@ -675,7 +747,7 @@ def _check(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np
         raise ValueError(f"fmt={fmt!r}: expected one of {ALL_FORMATS}")
     want, width = _LAYOUT[fmt]
     bad = (qs.dtype != want or qs.ndim != 3 or qs.shape[2] != width or d.dtype != np.uint16
-           or d.shape != qs.shape[:2] or (fmt in ("Q4_1", "Q4_K") and (m is None or m.shape != d.shape)))
+           or d.shape != qs.shape[:2] or (fmt in ("Q4_1", "Q5_1", "Q4_K") and (m is None or m.shape != d.shape)))
     if fmt == "Q4_K":
         bad = bad or sc is None or sc.dtype != np.uint8 or sc.shape != (*d.shape, 12)
     if fmt == "Q6_K":
@@ -725,7 +797,7 @@ def dequant(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None
     if out is None:
         out = np.empty((n1 - n0, qs.shape[1] * BLOCK_VALUES[fmt]), np.float32)
     kind = _KIND[fmt]
-    if kind >= 3:
+    if fmt in K_FORMATS:
         sc = sc[n0:n1]
         qh2 = qh[n0:n1] if qh is not None else qs
         mm = m[n0:n1] if m is not None else d
@@ -736,7 +808,8 @@ def dequant(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None
         return out
     mm = (m if m is not None else d)[n0:n1] if fmt != "Q8_0" else d
     dispatch(_kernels, "q_dequant",
-             lambda qs, d, m, k, out: dequant_rows_reference(fmt, qs, d, m if fmt == "Q4_1" else None, out),
+             lambda qs, d, m, k, out: dequant_rows_reference(fmt, qs, d, m if fmt in ("Q4_1", "Q5_1") else None,
+                                                             out),
              backend, qs, d, mm, kind, out)
     return out
 

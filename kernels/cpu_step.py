@@ -23,7 +23,7 @@ each. No thread waits for a particular other one, so the step finishes with
 any number of threads, one included.
 
 What it serves (`NumpyStep._fused_layers`): Llama/Qwen2 layers (RMSNorm, RoPE,
-SwiGLU) whose four products are each one Q4_0/Q4_1/Q8_0 matrix with Q8
+SwiGLU) whose four products are each one Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrix with Q8
 activations or one Q4_K/Q6_K matrix (fp32 activations, as `cpu_qmatmul.matmul`
 computes them: a small model's Q4_K_M mix), a full KV cache on the CPU, Numba and
 AVX2. Anything else takes the layer-by-layer path.
@@ -44,7 +44,7 @@ _quant = _flip = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load
 _ktiles = None
 claim = finish = wait = product = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
-UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q8_0 tiles of rows read sign-flipped activations
+UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q5_0 / Q8_0 tiles of rows read sign-flipped activations
 ITEMS = 4  # a product's items per thread (see product)
 
 
@@ -157,7 +157,7 @@ def _kernels() -> dict | None:
         kw = 0  # this thread's scratch for the Q4_K / Q6_K products' tiles, where the layers have such products
         for layer in range(L):
             for k in range(4):
-                if kinds[layer, k] >= 3:
+                if kinds[layer, k] == 3 or kinds[layer, k] == 4:
                     kw = 4
         wt = np.empty((kw, max(D, nq, inter)), np.float32)
         s8 = np.empty(8, np.float32)
@@ -262,10 +262,10 @@ def _kernels() -> dict | None:
         sync = np.zeros((PHASES * L + 1) * 16, np.int64)
         h = np.empty((R, D), np.float32)
         xq = np.empty(R * kmax, np.int8)
-        flip = False  # a Q4_0 / Q8_0 product's tiles of rows read xu (UX): only then is it filled
+        flip = False  # a Q4_0 / Q5_0 / Q8_0 product's tiles of rows read xu (UX): only then is it filled
         for layer in range(L):
             for k in range(4):
-                if kinds[layer, k] == 0 or kinds[layer, k] == 2:
+                if kinds[layer, k] == 0 or kinds[layer, k] == 2 or kinds[layer, k] == 5:
                     flip = True
         xu = np.empty(R * kmax if UX and flip and R >= 4 else 0, np.int8)
         dxf = np.empty(R * kmax // 32, np.float32)
@@ -292,7 +292,7 @@ def available() -> bool:
     return _kernels() is not None
 
 
-KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4}
+KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1": 6}
 
 
 class Q8Layers:

@@ -121,24 +121,27 @@ def test_top1_equals_llama_cpp_on_the_same_gguf(capsys):
 
 
 @pytest.mark.slow
-def test_a_q5_0_file_widened_to_q8_0_gives_llama_cpps_logits(tmp_path, capsys):
-    """A GGUF of Q5_0 blocks (the embedded model requantised by llama.cpp's own quantizer, the Q5_0 that most
-    small models' Q4_K_M files fall back to) loads packed, its Q5_0 blocks held exactly as Q8_0 blocks
-    (`qweights.WIDENED`), and decodes with llama.cpp's logits on that file: llama.cpp's Q5_0 dot sums the same
-    integers and scales them as its Q8_0 one does."""
+@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1"])
+def test_a_q5_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
+    """A GGUF of Q5_0 (or Q5_1) blocks (the embedded model requantised by llama.cpp's own quantizer; Q5_0 is
+    what most small models' Q4_K_M files fall back to) loads packed in its own 5-bit blocks and decodes with
+    llama.cpp's logits on that file: our Q5 dot unpacks the high bits as its AVX2 one does and sums the same
+    integers in the same order."""
     import ctypes
     import gguf
 
-    path = tmp_path / "smollm2-q5_0.gguf"
+    path = tmp_path / f"smollm2-{fmt.lower()}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0, True, 2
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{fmt}")
+    params.allow_requantize, params.nthread = True, 2
     assert llama_cpp.llama_model_quantize(str(embedded_gguf()).encode(), str(path).encode(),
                                           ctypes.byref(params)) == 0
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
-    assert "Q5_0" in types and types <= {"Q5_0", "Q8_0", "F32"}, types
+    assert fmt in types and types <= {fmt, "Q8_0", "F32"}, types
     ours = load_llm(str(path), tmp_path / "cache", activations="q8")
-    assert ours.model.packed and "Q8_0" in ours.weights and "float32 538" not in ours.weights, ours.weights
-    assert ours.model._np_step.fused is not None, "Q8_0 everywhere: the fused step runs"
+    assert ours.model.packed and fmt in ours.weights and "float32 538" not in ours.weights, ours.weights
+    assert ours.size_bytes() <= 1.1 * path.stat().st_size
+    assert ours.model._np_step.fused is not None, "Q5 / Q8_0 everywhere: the fused step runs"
     tok = ours.tokenizer
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=os.cpu_count() or 1, logits_all=True,
                           verbose=False, type_k=0, type_v=0)
@@ -153,7 +156,7 @@ def test_a_q5_0_file_widened_to_q8_0_gives_llama_cpps_logits(tmp_path, capsys):
         agree += (got.argmax(1) == rows.argmax(1)).tolist()
         diff, span = max(diff, float(np.abs(got - rows).max())), max(span, float(rows.max() - rows.min()))
     with capsys.disabled():
-        print(f"\nQ5_0 file (widened to Q8_0): top-1 = llama.cpp's at {100 * np.mean(agree):.2f} % of {len(agree)} "
+        print(f"\n{fmt} file: top-1 = llama.cpp's at {100 * np.mean(agree):.2f} % of {len(agree)} "
               f"positions; largest |logit - llama.cpp's| {diff:.3g} (span {span:.1f})")
     assert np.mean(agree) >= 0.99
     assert diff <= 1e-3 * span

@@ -33,7 +33,7 @@ from engine.llm.qweights import Packed  # noqa: E402
 from tests.fused_twin import fused_and_layer_by_layer  # noqa: E402
 from kernels import cpu_qmatmul  # noqa: E402
 
-FMTS = ("Q8_0", "Q4_0", "Q4_1")
+FMTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def _raw(fmt: str, w: np.ndarray) -> np.ndarray:
@@ -55,21 +55,35 @@ def test_packed_blocks_decode_like_gguf(fmt):
     np.testing.assert_array_equal(pm.rows(np.array([36, 0, 7])).dequant(), want[[36, 0, 7]])
 
 
-def test_q5_0_blocks_are_widened_to_q8_0_exactly():
-    """A Q5_0 tensor (llama.cpp's fallback for Q4_K rows that are not whole super-blocks) is held as Q8_0 blocks
-    with the same scales: every value is the gguf package's own Q5_0 decoding, bit for bit, in 34 bytes per
-    block instead of 22."""
+@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1"])
+def test_q5_blocks_stay_packed_with_their_high_bits(fmt):
+    """A Q5_0 / Q5_1 tensor (Q5_0: llama.cpp's fallback for Q4_K rows that are not whole super-blocks, as in
+    most small models' Q4_K_M files) stays in its own bytes: 16 nibble bytes, then the block's 32 high bits.
+    Rows whose high bits are all set, all clear, or zero (d = 0) decode as the gguf package decodes them."""
     rng = np.random.default_rng(5)
     w = rng.standard_normal((29, 96)).astype(np.float32) * rng.uniform(0.01, 3, (29, 1)).astype(np.float32)
     w[3] = 0.0  # an all-zero row: d = 0
-    raw = _raw("Q5_0", w)
-    pm = Packed.from_blocks("Q5_0", raw)
-    want = quants.dequantize(raw, QT.Q5_0)
-    assert pm.fmt == "Q8_0" and pm.shape == (29, 96) and pm.qs.dtype == np.int8
-    assert pm.nbytes == raw.nbytes // 22 * 34
-    assert pm.qs.min() >= -16 and pm.qs.max() <= 15  # 5-bit values minus 16
+    w[4] = np.abs(w[4])  # Q5_0: every value at or above the block's midpoint
+    w[5] = -np.abs(w[5])
+    raw = _raw(fmt, w)
+    pm = Packed.from_blocks(fmt, raw)
+    want = quants.dequantize(raw, getattr(QT, fmt))
+    assert pm.fmt == fmt and pm.qs.shape == (29, 3, 20) and pm.nbytes == raw.nbytes
     np.testing.assert_array_equal(pm.dequant64(), want.astype(np.float64))
-    np.testing.assert_array_equal(cpu_qmatmul.dequant("Q8_0", pm.qs, pm.d), want)
+    for backend in (None, "numpy"):
+        np.testing.assert_array_equal(cpu_qmatmul.dequant(fmt, pm.qs, pm.d, pm.m, backend=backend), want)
+    x = rng.standard_normal((6, 96)).astype(np.float32)
+    want_q8 = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, backend="numpy")
+    # the float64 twin de-quantises x's Q8 blocks and W: the oracle for the integer kernels
+    xq, dx, xs = cpu_qmatmul.quantize_rows(x, "numpy")
+    xd = (xq.reshape(6, 3, 32).astype(np.float64) * dx[..., None]).reshape(6, 96)
+    ref = xd @ want.astype(np.float64).T
+    if fmt == "Q5_1":  # the min against the block's de-quantised sum, xs (llama.cpp's Q8_1 s)
+        mm = pm.m.view(np.float16).astype(np.float64)
+        ref = ref - (xd.reshape(6, 1, 3, 32).sum(-1) * mm[None]).sum(-1) + xs.astype(np.float64) @ mm.T
+    np.testing.assert_allclose(want_q8, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())  # fp32 out
+    got = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
 def test_kernels_are_installed():
@@ -97,7 +111,9 @@ def test_packed_matmul_rejects_bad_shapes():
     pm = Packed.from_blocks("Q4_1", _raw("Q4_1", np.ones((4, 64))))
     with pytest.raises(ValueError, match=r"x \(2, 63\)"):
         pm.matmul(np.ones((2, 63), np.float32))
-    with pytest.raises(ValueError, match="fmt='Q5_0'"):
+    with pytest.raises(ValueError, match="fmt='Q5_K'"):
+        cpu_qmatmul.matmul("Q5_K", np.ones((1, 64), np.float32), pm.qs, pm.d, pm.m)
+    with pytest.raises(ValueError, match="fmt=Q5_0: qs uint8"):  # Q4_1's 16-byte blocks are not Q5_0's 20
         cpu_qmatmul.matmul("Q5_0", np.ones((1, 64), np.float32), pm.qs, pm.d, pm.m)
     with pytest.raises(ValueError, match="not whole 20-byte blocks"):
         Packed.from_blocks("Q4_1", np.zeros((2, 30), np.uint8))
@@ -179,12 +195,13 @@ def _greedy_hf(ref, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("fmt,tie", [("Q8_0", True), ("Q4_0", False), ("Q4_1", True), ("Q5_0", False)])
+@pytest.mark.parametrize("fmt,tie", [("Q8_0", True), ("Q4_0", False), ("Q4_1", True), ("Q5_0", False),
+                                     ("Q5_1", True)])
 def test_tiny_gguf_is_the_network_transformers_loads(tmp_path, fmt, tie):
     path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=tie)
     ours = load_llm(str(path), tmp_path / "cache", activations="fp32")  # the de-quantised network exactly
     assert ours.model.packed and ours.native and ours.tokenizer is None
-    assert {"Q5_0": "Q8_0"}.get(fmt, fmt) in ours.weights  # Q5_0 is held as Q8_0 (the same values)
+    assert fmt in ours.weights
     ref = _hf(path)
     ids = [3, 17, 99, 5, 42, 7, 150, 1]
     a = ours.model.args
@@ -204,7 +221,7 @@ def test_tiny_gguf_is_the_network_transformers_loads(tmp_path, fmt, tie):
     assert (got_long - want_long).abs().max() < 0.05 * want_long.abs().max()  # int8 K/V: not exact
 
 
-@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
     """models.llm_activations = "q8": every packed product is the Q8 product (activations in Q8 blocks of 32,
     `matmul_q8`'s float64 twin as the oracle) in the prefill and decode paths, alone or with other rows;
@@ -241,7 +258,7 @@ def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
     assert torch.equal(ours.model.extend(cache, 0, ids[1:]), torch.stack(steps))
 
 
-@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_0", "Q8_0", "Q5_0", "Q5_1"])
 def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
     """`kernels.cpu_step` runs every layer in one Numba call; its twin is NumpyStep's layer-by-layer path (the
     same product, attention, norm, RoPE and SwiGLU arithmetic: llama.cpp's, `kernels.cpu_ggml`). Prompts of nine
@@ -305,12 +322,12 @@ def test_unsupported_block_type_names_file_tensor_and_type(tmp_path):
     path = tmp_path / "q5.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 24), np.uint8), raw_dtype=QT.Q5_1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 176), np.uint8), raw_dtype=QT.Q5_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedGGUF, match=r"q5\.gguf: tensor token_embd\.weight has block type Q5_1"):
+    with pytest.raises(UnsupportedGGUF, match=r"q5\.gguf: tensor token_embd\.weight has block type Q5_K"):
         read_gguf(path)
 
 
@@ -364,8 +381,9 @@ def test_generate_text_reports_loading_and_names_the_weights(tmp_path):
 
 
 def _tile_callers(kind: int, vnni: bool, ux: bool = False):  # noqa: ANN202
-    """njit callers of the Q8 tile intrinsics of one kind (0 Q4_1, 1 Q4_0, 2 Q8_0) and VNNI setting: 1 x 1,
-    4 weight rows x 1, 1 x 4 and 1 x 8 (Q4_1's min terms over the 4 / 8 rows as one vector, xs transposed);
+    """njit callers of the Q8 tile intrinsics of one kind (0 Q4_1, 1 Q4_0, 2 Q8_0, 3 Q5_1, 4 Q5_0) and VNNI
+    setting: 1 x 1, 4 weight rows x 1, 1 x 4 and 1 x 8 (Q4_1 / Q5_1's min terms over the 4 / 8 rows as one
+    vector, xs transposed);
     ux: the 1 x 4 and 1 x 8 tiles take the activations with their sign bit flipped."""
     from numba import njit
 
@@ -394,7 +412,7 @@ def _tile_callers(kind: int, vnni: bool, ux: bool = False):  # noqa: ANN202
     return one, w4, r4, r8
 
 
-@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_0", "Q8_0", "Q5_0", "Q5_1"])
 def test_q8_tiles_give_every_pair_the_same_bits(fmt):
     """The Q8 tile intrinsics (`_numba._q8_rows_codegen`): blocks 8 at a time with their scales converted and
     multiplied as vectors, the rest one by one, Q4_1's min chains as vectors over weight rows (4 x 1) or
@@ -406,8 +424,9 @@ def test_q8_tiles_give_every_pair_the_same_bits(fmt):
     from kernels._numba import has_avx2, has_vnni, jit
 
     assert jit() is not None and has_avx2(), "the Q8 kernels run here (Numba, AVX2)"
-    kind = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2}[fmt]
-    bw = 32 if fmt == "Q8_0" else 16
+    kind = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2, "Q5_1": 3, "Q5_0": 4}[fmt]
+    bw = {"Q8_0": 32, "Q5_0": 20, "Q5_1": 20}.get(fmt, 16)
+    mn = fmt in ("Q4_1", "Q5_1")
     variants = [False] + ([True] if has_vnni() else [])
     rng = np.random.default_rng(7)
     for nb in (5, 16, 19):
@@ -421,7 +440,7 @@ def test_q8_tiles_give_every_pair_the_same_bits(fmt):
         xq, dx, xs = cpu_qmatmul.quantize_rows(x)
         want = np.empty((R, W))
         cpu_qmatmul.matmul_q8_reference(fmt, xq, dx, xs, qs if fmt != "Q8_0" else qs.view(np.int8), d,
-                                        m if fmt == "Q4_1" else None, want)
+                                        m if mn else None, want)
         wf, df, mf, dxf, xsf = qs.reshape(-1), d.reshape(-1), m.reshape(-1), dx.reshape(-1), xs.reshape(-1)
         xst = np.ascontiguousarray(xs.T).reshape(-1)  # (row j, block b) at b * 8 + j
         xst4 = np.ascontiguousarray(xs[:4].T).reshape(-1)  # rows 0..3: at b * 4 + j
@@ -437,10 +456,10 @@ def test_q8_tiles_give_every_pair_the_same_bits(fmt):
                                                        np.float32), ref[j])
             for t in range(W):
                 np.testing.assert_array_equal(np.array(r4(wf, t * nb * bw, df, t * nb, xq, xr, dxf, mf,
-                                                          xst4 if kind == 0 else xsf, nb), np.float32), ref[:4, t])
+                                                          xst4 if mn else xsf, nb), np.float32), ref[:4, t])
                 np.testing.assert_array_equal(np.array(r8(wf, t * nb * bw, df, t * nb, xq, xr, dxf, mf,
-                                                          xst if kind == 0 else xsf, nb), np.float32), ref[:, t])
-            if vnni and kind != 0:  # the tiles of rows on sign-flipped activations (no vpsignb): the same bits
+                                                          xst if mn else xsf, nb), np.float32), ref[:, t])
+            if vnni and not mn:  # the tiles of rows on sign-flipped activations (no vpsignb): the same bits
                 _, _, r4u, r8u = _tile_callers(kind, vnni, ux=True)
                 xu = xq ^ np.int8(-128)
                 for t in range(W):

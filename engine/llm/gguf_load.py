@@ -8,7 +8,7 @@ bytes through a memory map, copied once into the packed arrays), the llama archi
 llama.cpp's converter stores q/k rows already in the interleaved RoPE layout our
 decoder uses (so, unlike `model.build`, no permutation; and 1/sqrt(head_dim)
 stays in `attn_scale` rather than folded into fp16 scales). Block types kept
-packed: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, and Q5_0 widened exactly to Q8_0 (`qweights.WIDENED`);
+packed: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K;
 F32/F16/BF16 tensors become fp32. Any other block
 type or architecture raises `UnsupportedGGUF` naming the file, the tensor and
 the type; the caller falls back to transformers' de-quantising conversion. A
@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from .model import ModelArgs, Transformer, blas_backend
-from .qweights import (FILE_BLOCK_BYTES, FILE_BLOCK_VALUES, WIDENED, Packed, PackedEmbedding, PackedLinear,
-                       Scratch)
+from .qweights import BLOCK_BYTES, BLOCK_VALUES, Packed, PackedEmbedding, PackedLinear, Scratch
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
@@ -44,9 +43,9 @@ class CorruptGGUF(Exception):
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 # ggml type id -> name, for the types we read (others are reported by id and name when gguf knows it)
-_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K", 30: "BF16"}
-_KEPT = (", ".join(t for t in FILE_BLOCK_BYTES if t not in WIDENED) + "; widened: "
-         + ", ".join(f"{k} -> {v}" for k, v in WIDENED.items()) + "; floats: " + ", ".join(FLOAT_TYPES))
+_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K",
+          30: "BF16"}
+_KEPT = ", ".join(BLOCK_BYTES) + "; floats: " + ", ".join(FLOAT_TYPES)
 _SKIP = object()
 
 
@@ -162,7 +161,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     for name, _, t, _ in h.tensors:
         ttype = _type_name(t)
-        if ttype not in FLOAT_TYPES and ttype not in FILE_BLOCK_BYTES:
+        if ttype not in FLOAT_TYPES and ttype not in BLOCK_BYTES:
             raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} (kept packed: {_KEPT})")
 
     def need(key: str) -> Any:
@@ -176,19 +175,18 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     size = len(h.buf)
     data = np.frombuffer(h.buf, dtype=np.uint8)
     tensors: dict[str, Any] = {}
-    widened: dict[str, int] = {}
     for name, dims, t, off in h.tensors:
         ttype = _type_name(t)
         shape = tuple(reversed(dims))  # ggml lists the fastest axis first
         n = int(np.prod(shape))
         if ttype in FLOAT_TYPES:
             nbytes = n * (4 if ttype == "F32" else 2)
-        elif ttype in FILE_BLOCK_BYTES:
-            qk = FILE_BLOCK_VALUES[ttype]
+        elif ttype in BLOCK_BYTES:
+            qk = BLOCK_VALUES[ttype]
             if shape[-1] % qk:
                 raise CorruptGGUF(f"{path}: tensor {name} ({ttype}) rows of {shape[-1]} are not whole blocks "
                                   f"of {qk}")
-            nbytes = n // qk * FILE_BLOCK_BYTES[ttype]
+            nbytes = n // qk * BLOCK_BYTES[ttype]
         else:
             raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} (kept packed: {_KEPT})")
         start = h.data_start + off
@@ -205,8 +203,6 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         else:
             rows = n // shape[-1]
             tensors[name] = Packed.from_blocks(ttype, raw.reshape(rows, -1))
-            if ttype in WIDENED:
-                widened[ttype] = widened.get(ttype, 0) + 1
     del data
     if "token_embd.weight" not in tensors:
         raise CorruptGGUF(f"{path}: tensor token_embd.weight is missing")
@@ -227,8 +223,6 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if isinstance(fields.get(name), int):
             cfg[key] = int(fields[name])
     cfg["_has_tokenizer"] = "tokenizer.ggml.tokens" in h.array_lengths
-    if widened:  # {file block type: tensors held in WIDENED's format}
-        cfg["_widened"] = widened
     return cfg, tensors
 
 

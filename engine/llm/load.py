@@ -13,7 +13,7 @@
   architecture is loaded with transformers and generated with its `generate`
   (`LoadedLLM.native` is False and `note` says so).
 - Weights (`models.llm_weights`, the `weights` argument of `load_llm`): a GGUF is by default
-  ("auto" or "gguf", on the CPU) loaded as it is, its Q8_0/Q4_0/Q4_1 blocks kept packed
+  ("auto" or "gguf", on the CPU) loaded as it is, its Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K blocks kept packed
   (`engine.llm.gguf_load`, `engine.llm.qweights`): no fp32 copy, no safetensors conversion; only its
   tokenizer files (and a config.json) are written once to `<cache_dir>/llm/<name>.tok/`, atomically.
   A GGUF with another architecture or block type falls back to the conversion above, with a note.
@@ -159,11 +159,6 @@ class LoadedLLM:
         parts = sorted(weight_formats(self.model).items(), key=lambda kv: -kv[1])
         kind = self.extra.get("weights", "gguf" if self.model.packed else "")
         text = (kind + " " if kind else "") + " + ".join(f"{k} {v / 1e6:.1f} MB" for k, v in parts)
-        widened = self.config.get("_widened") if isinstance(self.config, dict) else None
-        if widened:  # the file's types that are held in another format (gguf_load: qweights.WIDENED)
-            from .qweights import WIDENED
-
-            text += " (" + ", ".join(f"{t} held as {WIDENED[t]}" for t in widened) + ")"
         if self.extra.get("activations") == "q8":
             text += " (Q8 activations)"
         if self.extra.get("placed"):  # packed blocks on a device (qweights.place_model)
@@ -521,12 +516,6 @@ def _load_packed(g: tuple[str, str, Path], cache_dir: Path, decode: str, say: An
     tok = Tokenizer(folder, eos) if (folder / "tokenizer.json").is_file() else None
     if tok is not None:
         eos = tok.eos_ids
-    from .qweights import FILE_BLOCK_BYTES, WIDENED
-
-    widened = cfg.get("_widened") or {}
-    note = "; ".join(f"{n} {t} tensor{'s' * (n > 1)} held exactly as {WIDENED[t]} blocks "
-                     f"({FILE_BLOCK_BYTES[WIDENED[t]]} instead of {FILE_BLOCK_BYTES[t]} bytes per 32 weights)"
-                     for t, n in widened.items())
     return LoadedLLM(name=name, folder=folder, model=model, tokenizer=tok, native=True, config=cfg, eos_ids=eos,
-                     context_len=int(cfg["max_position_embeddings"]), note=note,
+                     context_len=int(cfg["max_position_embeddings"]),
                      load_seconds=time.perf_counter() - t0, extra={"weights": "gguf", "gguf": str(path)})

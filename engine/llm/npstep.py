@@ -33,7 +33,7 @@ products follow llama.cpp's arithmetic (`kernels.cpu_ggml`: its RMSNorm, RoPE
 tables, SwiGLU exp and attention sums), so the logits are llama.cpp's bit for
 bit on an AVX2 CPU; every prompt then runs here, in llama.cpp's micro-batches
 (`ubatch`). With a full cache, a Llama/Qwen2 model whose products are single
-Q4_0/Q4_1/Q8_0 matrices runs every layer in one Numba call instead
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices (or Q4_K/Q6_K) runs every layer in one Numba call instead
 (`kernels.cpu_step`: the same kernels, no Python between the layers); the
 layer-by-layer path below is its twin.
 Both caches can be filled by either path: a long prompt goes through the torch
@@ -138,8 +138,8 @@ class NumpyStep:
 
     def _fused_layers(self, model: Any) -> Any:
         """`kernels.cpu_step.Q8Layers` when every layer can run in the fused Q8 step (Llama/Qwen2 layers whose
-        four products are each one Q4_0/Q4_1/Q8_0 matrix with Q8 activations or one Q4_K/Q6_K matrix, Numba with
-        AVX2), else None."""
+        four products are each one Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrix with Q8 activations or one Q4_K/Q6_K
+        matrix, Numba with AVX2), else None."""
         a = self.args
         if not self.ggml or not cpu_step.available():
             return None

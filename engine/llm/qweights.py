@@ -1,4 +1,4 @@
-"""Weights kept in their GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): the packed matrix, its NumPy oracle,
+"""Weights kept in their GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K): the packed matrix, its NumPy oracle,
 and the torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
 
     pm = Packed.from_gguf(tensor)           # a gguf.ReaderTensor [N, K] -> blocks split into qs / d / m
@@ -8,9 +8,10 @@ and the torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
 What it knows: llama.cpp's block layouts (see `kernels.cpu_qmatmul`) and how to
 split a GGUF tensor's raw bytes into the arrays the kernels read: the nibble or
 int8 bytes, and the fp16 scales (and mins) as their uint16 bits; for the K
-formats also the packed sub-block scales (`sc`) and Q6_K's high bits (`qh`).
+formats also the packed sub-block scales (`sc`) and Q6_K's high bits (`qh`);
+Q5_0 / Q5_1 keep each block's 4 bytes of high bits after its 16 nibble bytes.
 The split adds no byte: resident size = the tensor's size in the file.
-`quantize` writes Q8_0/Q4_0/Q4_1 with llama.cpp's rounding (`gguf.quants`) and
+`quantize` writes Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 with llama.cpp's rounding (`gguf.quants`) and
 Q4_K/Q6_K with a plain min/max search of our own (`quantize_k`; the `gguf`
 package only decodes those).
 
@@ -39,18 +40,11 @@ from torch import nn
 from kernels import cpu_qmatmul
 
 FORMATS = cpu_qmatmul.ALL_FORMATS
-# bytes per block of 32: Q8_0 = d + 32 int8; Q4_0 = d + 16 nibble bytes; Q4_1 = d + m + 16;
-# per super-block of 256: Q4_K = d + dmin + 12 scale bytes + 128; Q6_K = 128 ql + 64 qh + 16 scales + d
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
+# bytes per block of 32: Q8_0 = d + 32 int8; Q4_0 = d + 16 nibble bytes; Q4_1 = d + m + 16; Q5_0 = d + 4 bytes
+# of high bits + 16 nibble bytes; Q5_1 = d + m + 4 + 16; per super-block of 256: Q4_K = d + dmin + 12 scale
+# bytes + 128; Q6_K = 128 ql + 64 qh + 16 scales + d
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q6_K": 210}
 BLOCK_VALUES = cpu_qmatmul.BLOCK_VALUES
-# block types read from a file and held in another format that holds every one of their values exactly:
-# Q5_0 (d x (q - 16), q 5 bits: 2 + 4 + 16 bytes per 32 values; llama.cpp's fallback for Q4_K where rows are
-# not whole super-blocks of 256, as in most small models' Q4_K_M files) becomes Q8_0 with the same d and the
-# int8 values q - 16. The same weights, and the same products as llama.cpp's (its Q5_0 x Q8_0 dot sums the
-# same integers and scales them as its Q8_0 one does); 34 instead of 22 bytes per block.
-WIDENED = {"Q5_0": "Q8_0"}
-FILE_BLOCK_BYTES = {**BLOCK_BYTES, "Q5_0": 22}
-FILE_BLOCK_VALUES = {**BLOCK_VALUES, "Q5_0": 32}
 DIRECT_ROWS = 64
 SCRATCH_ELEMS = 1 << 21  # 8 MB of fp32
 
@@ -64,9 +58,11 @@ class Packed:
     """A weight matrix W [N, K] in blocks of 32 (K % 32 == 0) or super-blocks of 256 (the K formats) along K."""
 
     fmt: str
-    qs: np.ndarray  # uint8 [N, K/32, 16] (Q4_0/Q4_1), int8 [N, K/32, 32] (Q8_0), uint8 [N, K/256, 128] (Q4_K, Q6_K ql)
+    # uint8 [N, K/32, 16] (Q4_0/Q4_1), [N, K/32, 20] (Q5_0/Q5_1: nibbles, high bits), int8 [N, K/32, 32] (Q8_0),
+    # uint8 [N, K/256, 128] (Q4_K, Q6_K ql)
+    qs: np.ndarray
     d: np.ndarray  # uint16 [N, nb]: fp16 scale bits
-    m: np.ndarray | None = None  # uint16 [N, nb]: fp16 min bits (Q4_1), dmin bits (Q4_K)
+    m: np.ndarray | None = None  # uint16 [N, nb]: fp16 min bits (Q4_1, Q5_1), dmin bits (Q4_K)
     sc: np.ndarray | None = None  # uint8 [N, nb, 12] (Q4_K packed 6-bit scales/mins), int8 [N, nb, 16] (Q6_K)
     qh: np.ndarray | None = None  # uint8 [N, nb, 64]: Q6_K's high 2 bits
 
@@ -83,23 +79,19 @@ class Packed:
 
     @classmethod
     def from_blocks(cls, fmt: str, raw: np.ndarray) -> Packed:
-        """raw: uint8 [N, (K/32) * block bytes], llama.cpp's block layout -> split arrays (one copy). A
-        `WIDENED` type (Q5_0) comes back in the format that holds it exactly (Q8_0)."""
-        if fmt not in FILE_BLOCK_BYTES:
-            raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)}; widened: "
-                                    f"{', '.join(f'{k} -> {v}' for k, v in WIDENED.items())})")
-        bb = FILE_BLOCK_BYTES[fmt]
+        """raw: uint8 [N, (K/32) * block bytes], llama.cpp's block layout -> split arrays (one copy; Q5_0 /
+        Q5_1 keep the nibbles and the high bits together, nibbles first: `cpu_qmatmul`'s layout)."""
+        if fmt not in BLOCK_BYTES:
+            raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
+        bb = BLOCK_BYTES[fmt]
         raw = np.asarray(raw, dtype=np.uint8)
         if raw.ndim != 2 or raw.shape[1] % bb:
             raise ValueError(f"{fmt} bytes of shape {raw.shape}: rows are not whole {bb}-byte blocks")
         N, nb = raw.shape[0], raw.shape[1] // bb
         blk = raw.reshape(N, nb, bb)
         d = np.ascontiguousarray(blk[..., 0:2]).view(np.uint16).reshape(N, nb)
-        if fmt == "Q5_0":  # value j = d x ((nibble j | bit j of qh << 4) - 16); nibbles as Q4_0's (low, high)
-            qh = np.ascontiguousarray(blk[..., 2:6]).view("<u4").reshape(N, nb, 1)
-            nib = np.concatenate([blk[..., 6:22] & 0x0F, blk[..., 6:22] >> 4], axis=-1)
-            hi = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
-            return cls("Q8_0", ((nib | hi).astype(np.int16) - 16).astype(np.int8), d)
+        if fmt == "Q5_0":  # d, qh (4 bytes), 16 nibble bytes -> qs = nibbles + qh
+            return cls(fmt, np.concatenate([blk[..., 6:22], blk[..., 2:6]], axis=-1), d)
         if fmt == "Q8_0":
             return cls(fmt, np.ascontiguousarray(blk[..., 2:]).view(np.int8), d)
         if fmt == "Q4_0":
@@ -112,12 +104,14 @@ class Packed:
         m = np.ascontiguousarray(blk[..., 2:4]).view(np.uint16).reshape(N, nb)
         if fmt == "Q4_K":
             return cls(fmt, np.ascontiguousarray(blk[..., 16:]), d, m, sc=np.ascontiguousarray(blk[..., 4:16]))
+        if fmt == "Q5_1":  # d, m, qh (4 bytes), 16 nibble bytes
+            return cls(fmt, np.concatenate([blk[..., 8:24], blk[..., 4:8]], axis=-1), d, m)
         return cls(fmt, np.ascontiguousarray(blk[..., 4:]), d, m)
 
     @classmethod
     def quantize(cls, w: np.ndarray, fmt: str) -> Packed:
-        """fp32 W [N, K] (K a multiple of the block) -> blocks: Q8_0/Q4_0/Q4_1 with llama.cpp's rounding
-        (`gguf.quants.quantize`), Q4_K/Q6_K with `quantize_k`."""
+        """fp32 W [N, K] (K a multiple of the block) -> blocks: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 with llama.cpp's
+        rounding (`gguf.quants.quantize`), Q4_K/Q6_K with `quantize_k`."""
         if fmt not in BLOCK_BYTES:
             raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
         w = np.ascontiguousarray(w, dtype=np.float32)
@@ -237,7 +231,7 @@ class PackedLinear(nn.Module):
         self.out_features = sum(p.shape[0] for p in parts)
         self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
         self.scratch = scratch
-        self.activations = "fp32"  # or "q8": Q4_0/Q4_1/Q8_0 parts take Q8 activations (`set_activations`)
+        self.activations = "fp32"  # or "q8": Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 parts take Q8 activations (`set_activations`)
         self.placed: list[tuple] | None = None  # the parts on a device (`place`), else None: the CPU arrays
         self.placed_impl = ""
         # the packed arrays as buffers (shared memory): size_bytes() and the registry count them
@@ -396,7 +390,7 @@ ACTIVATIONS = ("auto", "fp32", "q8")
 def set_activations(model: Any, mode: str) -> str:
     """How the packed products of `model` take their activations (`models.llm_activations`): "fp32" (the
     weights de-quantised in registers against fp32 x: the de-quantised network, up to summation order),
-    "q8" (x quantised to Q8 blocks of 32 and integer dot products, as llama.cpp computes Q4_0/Q4_1/Q8_0:
+    "q8" (x quantised to Q8 blocks of 32 and integer dot products, as llama.cpp computes Q4_0/Q4_1/Q5_0/Q5_1/Q8_0:
     `kernels.cpu_qmatmul.matmul_q8`; other formats stay fp32), "auto" (q8 where its AVX2 kernels run,
     else fp32). Sets every PackedLinear of the model (the tied head included); returns the mode used."""
     if mode not in ACTIVATIONS:
