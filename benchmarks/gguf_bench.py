@@ -7,9 +7,9 @@ brings — a Q4_K_M download, a Q5_0 or Q8_0 file — and prints how it loads he
 block types stay packed, or the fp32 fallback and why), then llama.cpp's and our
 tokens/s in alternating rounds (llama.cpp alone in a child process, `make bench`'s native build where
 there is one, as in text_bench), drafting off, a 32-token prompt, `--tokens` new greedy tokens with EOS
-ignored, and the medians' ratio. Without a path (`make bench`) it writes two files from the embedded model
-with llama.cpp's own quantizer into a temporary folder — a Q4_K_M (on SmolLM2 mostly Q5_0: 576 is not a
-multiple of Q4_K's 256) and a Q5_0 one — and measures both.
+ignored, and the medians' ratio. Without a path (`make bench`) it writes three files from the embedded
+model with llama.cpp's own quantizer into a temporary folder — a Q4_K_M (on SmolLM2 mostly Q5_0: 576 is not
+a multiple of Q4_K's 256), a Q5_0 and a Q5_1 one — and measures each.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from engine.llm.load import load_llm  # noqa: E402
 
 
 def _requantised(folder: Path) -> list[Path]:
-    """The embedded GGUF requantised by llama.cpp (Q4_K_M, Q5_0) into folder; [] without llama-cpp-python."""
+    """The embedded GGUF requantised by llama.cpp (Q4_K_M, Q5_0, Q5_1) into folder; [] without llama-cpp-python."""
     try:
         import llama_cpp
     except ImportError:
@@ -39,7 +39,8 @@ def _requantised(folder: Path) -> list[Path]:
     from engine.llm.load import embedded_gguf
 
     out = []
-    for name, ftype in (("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M), ("q5_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0)):
+    for name, ftype in (("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M), ("q5_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0),
+                        ("q5_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1)):
         p = llama_cpp.llama_model_quantize_default_params()
         p.ftype, p.allow_requantize, p.nthread = ftype, True, os.cpu_count() or 1
         dst = folder / f"SmolLM2-135M-Instruct.{name}.gguf"

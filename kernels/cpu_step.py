@@ -23,10 +23,11 @@ each. No thread waits for a particular other one, so the step finishes with
 any number of threads, one included.
 
 What it serves (`NumpyStep._fused_layers`): Llama/Qwen2 layers (RMSNorm, RoPE,
-SwiGLU) whose four products are each one Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrix with Q8
-activations or one Q4_K/Q6_K matrix (fp32 activations, as `cpu_qmatmul.matmul`
-computes them: a small model's Q4_K_M mix), a full KV cache on the CPU, Numba and
-AVX2. Anything else takes the layer-by-layer path.
+SwiGLU) whose four products are Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices with Q8
+activations or Q4_K/Q6_K ones (fp32 activations, as `cpu_qmatmul.matmul`
+computes them), one block type or several side by side (a Q4_K_M file's q and
+k in Q5_0 or Q4_K beside a Q8_0 or Q6_K v), a full KV cache on the CPU, Numba
+and AVX2. Anything else takes the layer-by-layer path.
 """
 
 from __future__ import annotations
@@ -87,34 +88,51 @@ def _kernels() -> dict | None:
             _pause()
 
     @njit(cache=True, nogil=True)
-    def product(sync, ph, threads, xq, xu, dxf, xsf, x32, qs, d, m, sc, qh, kind, bias, R, nb, N, out, wt, s8,
-                m8):  # pragma: no cover - compiled
-        # one phase: the product's output rows in ~ITEMS items per thread (whole tiles of 4 rows), claimed by
-        # whichever thread is free: long runs of rows (the weights stream in order), evenly shared. Q4_K / Q6_K
-        # (kind 3 / 4) take the fp32 input x32 as `cpu_qmatmul.matmul` does (`k_tiles`: each tile of 4 weight
-        # rows de-quantised into the thread's wt, then `tile_dot` for every row: the same tiles and bits)
-        chunk = max(4, (N + ITEMS * threads - 1) // (ITEMS * threads) + 3) // 4 * 4
-        items = (N + chunk - 1) // chunk
-        df, mf = d.reshape(-1), m.reshape(-1)
-        nbk = nb // 8
+    def product(sync, ph, threads, xq, xu, dxf, xsf, x32, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol, first, count,
+                R, nb, out, wt, s8, m8):  # pragma: no cover - compiled
+        # one phase: a projection's parts first .. first + count - 1 (each one block type: the columns pcol[j] ..
+        # pcol[j] + prows[j] - 1 of out), their output rows in ~ITEMS items per thread and part (whole tiles of 4
+        # rows), claimed by whichever thread is free: long runs of rows (the weights stream in order), evenly
+        # shared. Q4_K / Q6_K (kind 3 / 4) take the fp32 input x32 as `cpu_qmatmul.matmul` does (`k_tiles`:
+        # each tile of 4 weight rows de-quantised into the thread's wt, then `tile_dot` for every row: the same
+        # tiles and bits)
+        items = 0
+        for j in range(first, first + count):
+            N = prows[j]
+            chunk = max(4, (N + ITEMS * threads - 1) // (ITEMS * threads) + 3) // 4 * 4
+            items += (N + chunk - 1) // chunk
         while True:
             i = claim(sync, ph)
             if i >= items:
                 break
+            j = first
+            while True:  # the item's part
+                N = prows[j]
+                chunk = max(4, (N + ITEMS * threads - 1) // (ITEMS * threads) + 3) // 4 * 4
+                it = (N + chunk - 1) // chunk
+                if i < it:
+                    break
+                i -= it
+                j += 1
             n0 = i * chunk
             n1 = min(n0 + chunk, N)
+            o = out[:, pcol[j]:pcol[j] + N]
+            kind = pkind[j]
+            qs, d, m, sc = pqs[j], pd[j], pm[j], psc[j]
+            nbk = nb // 8
             if kind == 3:
                 qs3 = qs.reshape(N, nbk, 128)
-                _ktiles(x32, qs3, sc.reshape(N, nbk, 12), qs3, d, m, 3, n0 // 4, (n1 + 3) // 4, wt, s8, m8, out)
+                _ktiles(x32, qs3, sc.reshape(N, nbk, 12), qs3, d, m, 3, n0 // 4, (n1 + 3) // 4, wt, s8, m8, o)
             elif kind == 4:
-                _ktiles(x32, qs.reshape(N, nbk, 128), sc.view(np.int8).reshape(N, nbk, 16), qh.reshape(N, nbk, 64),
-                        d, d, 4, n0 // 4, (n1 + 3) // 4, wt, s8, m8, out)
+                _ktiles(x32, qs.reshape(N, nbk, 128), sc.view(np.int8).reshape(N, nbk, 16),
+                        pqh[j].reshape(N, nbk, 64), d, d, 4, n0 // 4, (n1 + 3) // 4, wt, s8, m8, o)
             else:
-                _span(xq, xu, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out)
+                _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), kind, R, nb, n0, n1, o)
+            bias = pb[j]
             if bias.shape[0]:
                 for r in range(R):
                     for n in range(n0, n1):
-                        out[r, n] += bias[n]
+                        o[r, n] += bias[n]
             finish(sync, ph)
         wait(sync, ph, items)
 
@@ -138,11 +156,11 @@ def _kernels() -> dict | None:
         wait(sync, ph, R)
 
     @njit(cache=True, nogil=True)
-    def worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m,
-               w13_b, w2_qs, w2_d, w2_m, w2_b, ksc, kqh, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter,
-               eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu, act):  # pragma: no cover - compiled
+    def worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos,
+               sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu,
+               act):  # pragma: no cover - compiled
         R, D = x.shape
-        L = kinds.shape[0]
+        L = pfirst.shape[0]
         nq, nk = H * hd, KVH * hd
         half = hd // 2
         T = 0
@@ -155,10 +173,9 @@ def _kernels() -> dict | None:
         p = np.zeros(T + 8, np.float32)  # this thread's attention scratch
         acc = np.empty((32, hd), np.float32)
         kw = 0  # this thread's scratch for the Q4_K / Q6_K products' tiles, where the layers have such products
-        for layer in range(L):
-            for k in range(4):
-                if kinds[layer, k] == 3 or kinds[layer, k] == 4:
-                    kw = 4
+        for j in range(pkind.shape[0]):
+            if pkind[j] == 3 or pkind[j] == 4:
+                kw = 4
         wt = np.empty((kw, max(D, nq, inter)), np.float32)
         s8 = np.empty(8, np.float32)
         m8 = np.empty(8, np.float32)
@@ -168,9 +185,8 @@ def _kernels() -> dict | None:
             Vl = V[layer]
             norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, xq, xu, dxf, xsf)  # the last FFN output added
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, h, qkv_qs[layer], qkv_d[layer], qkv_m[layer],
-                    ksc[4 * layer], kqh[4 * layer], kinds[layer, 0], qkv_b[layer], R, D // 32, nq + 2 * nk, qkv,
-                    wt, s8, m8)
+            product(sync, ph, threads, xq, xu, dxf, xsf, h, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol,
+                    pfirst[layer, 0], pcount[layer, 0], R, D // 32, qkv, wt, s8, m8)
             ph += 1
             while True:  # rows: RoPE (ggml's fused multiply-adds), K and V into the cache
                 r = claim(sync, ph)
@@ -218,14 +234,13 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, a2, wo_qs[layer], wo_d[layer], wo_m[layer],
-                    ksc[4 * layer + 1], kqh[4 * layer + 1], kinds[layer, 1], wo_b[layer], R, nq // 32, D, o, wt, s8, m8)
+            product(sync, ph, threads, xq, xu, dxf, xsf, a2, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol,
+                    pfirst[layer, 1], pcount[layer, 1], R, nq // 32, o, wt, s8, m8)
             ph += 1
             norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, xq, xu, dxf, xsf)  # the attention's output added
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, h, w13_qs[layer], w13_d[layer], w13_m[layer],
-                    ksc[4 * layer + 2], kqh[4 * layer + 2], kinds[layer, 2], w13_b[layer], R, D // 32, 2 * inter, gu,
-                    wt, s8, m8)
+            product(sync, ph, threads, xq, xu, dxf, xsf, h, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol,
+                    pfirst[layer, 2], pcount[layer, 2], R, D // 32, gu, wt, s8, m8)
             ph += 1
             while True:  # rows: SwiGLU (ggml's exp on 8-lane groups, libm's on the rest), Q8 blocks
                 r = claim(sync, ph)
@@ -238,9 +253,8 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, act, w2_qs[layer], w2_d[layer], w2_m[layer],
-                    ksc[4 * layer + 3], kqh[4 * layer + 3], kinds[layer, 3], w2_b[layer], R, inter // 32, D, o,
-                    wt, s8, m8)
+            product(sync, ph, threads, xq, xu, dxf, xsf, act, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol,
+                    pfirst[layer, 3], pcount[layer, 3], R, inter // 32, o, wt, s8, m8)
             ph += 1
         while True:  # rows: the last layer's FFN output added
             r = claim(sync, ph)
@@ -252,21 +266,19 @@ def _kernels() -> dict | None:
         wait(sync, ph, R)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def layers_nb(threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d, w13_m,
-                  w13_b, w2_qs, w2_d, w2_m, w2_b, ksc, kqh, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter,
-                  eps, scale, batch):  # pragma: no cover - compiled
+    def layers_nb(threads, x, ln1, ln2, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos, sin,
+                  row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch):  # pragma: no cover - compiled
         R, D = x.shape
-        L = kinds.shape[0]
+        L = pfirst.shape[0]
         nq, nk = H * hd, KVH * hd
         kmax = max(D, nq, inter)
         sync = np.zeros((PHASES * L + 1) * 16, np.int64)
         h = np.empty((R, D), np.float32)
         xq = np.empty(R * kmax, np.int8)
         flip = False  # a Q4_0 / Q5_0 / Q8_0 product's tiles of rows read xu (UX): only then is it filled
-        for layer in range(L):
-            for k in range(4):
-                if kinds[layer, k] == 0 or kinds[layer, k] == 2 or kinds[layer, k] == 5:
-                    flip = True
+        for j in range(pkind.shape[0]):
+            if pkind[j] == 0 or pkind[j] == 2 or pkind[j] == 5:
+                flip = True
         xu = np.empty(R * kmax if UX and flip and R >= 4 else 0, np.int8)
         dxf = np.empty(R * kmax // 32, np.float32)
         xsf = np.empty(R * kmax // 32, np.float32)
@@ -280,9 +292,9 @@ def _kernels() -> dict | None:
         # to them; a thread that finds a phase's items gone waits for the others to finish them. No thread
         # waits for a given other one, so any number of them (one included) finish the step
         for _t in prange(threads):
-            worker(sync, threads, x, ln1, ln2, qkv_qs, qkv_d, qkv_m, qkv_b, wo_qs, wo_d, wo_m, wo_b, w13_qs, w13_d,
-                   w13_m, w13_b, w2_qs, w2_d, w2_m, w2_b, ksc, kqh, kinds, K, V, cos, sin, row_slot, row_pos, H, KVH,
-                   hd, inter, eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu, act)
+            worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos,
+                   sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o,
+                   gu, act)
 
     return {"step_q8": layers_nb}
 
@@ -296,7 +308,10 @@ KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1"
 
 
 class Q8Layers:
-    """The per-layer arrays `step_q8` reads, gathered once (views of the model's packed arrays: no copy)."""
+    """The per-layer arrays `step_q8` reads, gathered once (views of the model's packed arrays: no copy). A
+    projection may have several parts of different block types (a Q4_K_M file's q and k in Q5_0 or Q4_K, its v
+    in Q8_0 or Q6_K): parts are listed flat, pfirst / pcount [layer, projection] index them, pcol is each part's
+    first output column."""
 
     def __init__(self, layers: list[tuple], eps: float) -> None:
         from numba.typed import List
@@ -309,26 +324,35 @@ class Q8Layers:
 
         empty = np.zeros(0, np.float32)
         none = np.zeros(0, np.uint8)
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ln1", "ln2", "ksc", "kqh")}
-        kinds = []
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ln1", "ln2", "pqs", "pd", "pm", "psc", "pqh", "pb")}
+        kinds, rows, pcol, first, count = [], [], [], [], []
         for ln1, ln2, lins in layers:
             cols["ln1"].append(np.ascontiguousarray(ln1, np.float32))
             cols["ln2"].append(np.ascontiguousarray(ln2, np.float32))
-            row = []
-            for name, lin in zip(("qkv", "wo", "w13", "w2"), lins):
-                p = lin.parts[0]
-                cols.setdefault(f"{name}_qs", []).append(p.qs.reshape(-1).view(np.uint8))
-                cols.setdefault(f"{name}_d", []).append(p.d)
-                cols.setdefault(f"{name}_m", []).append(p.m if p.m is not None else p.d)
-                b = lin.bias
-                cols.setdefault(f"{name}_b", []).append(empty if b is None else b.detach().numpy())
-                # the K formats' packed scales (Q6_K's int8 as bytes) and Q6_K's high bits, flat; [layer * 4 + k]
-                cols["ksc"].append(none if p.sc is None else p.sc.reshape(-1).view(np.uint8))
-                cols["kqh"].append(none if p.qh is None else p.qh.reshape(-1).view(np.uint8))
-                row.append(KIND[p.fmt])
-            kinds.append(row)
+            f_row, c_row = [], []
+            for lin in lins:
+                b = None if lin.bias is None else lin.bias.detach().numpy()
+                f_row.append(len(kinds))
+                c_row.append(len(lin.parts))
+                col = 0
+                for p in lin.parts:
+                    n = p.qs.shape[0]
+                    cols["pqs"].append(p.qs.reshape(-1).view(np.uint8))
+                    cols["pd"].append(np.ascontiguousarray(p.d))
+                    cols["pm"].append(np.ascontiguousarray(p.m if p.m is not None else p.d))
+                    # the K formats' packed scales (Q6_K's int8 as bytes) and Q6_K's high bits, flat
+                    cols["psc"].append(none if p.sc is None else p.sc.reshape(-1).view(np.uint8))
+                    cols["pqh"].append(none if p.qh is None else p.qh.reshape(-1).view(np.uint8))
+                    cols["pb"].append(empty if b is None else np.ascontiguousarray(b[col:col + n], np.float32))
+                    kinds.append(KIND[p.fmt])
+                    rows.append(n)
+                    pcol.append(col)
+                    col += n
+            first.append(f_row)
+            count.append(c_row)
         self.lists = {k: lst(v) for k, v in cols.items()}
-        self.kinds = np.asarray(kinds, np.int64)
+        self.pkind, self.prows, self.pcol = (np.asarray(v, np.int64) for v in (kinds, rows, pcol))
+        self.pfirst, self.pcount = np.asarray(first, np.int64), np.asarray(count, np.int64)
         self.eps = np.float32(eps)
 
 
@@ -347,9 +371,8 @@ def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: 
     t = layers.lists
     x = np.ascontiguousarray(x, dtype=np.float32)
     with LOCK:
-        fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["qkv_qs"], t["qkv_d"], t["qkv_m"], t["qkv_b"],
-           t["wo_qs"], t["wo_d"], t["wo_m"], t["wo_b"], t["w13_qs"], t["w13_d"], t["w13_m"], t["w13_b"], t["w2_qs"],
-           t["w2_d"], t["w2_m"], t["w2_b"], t["ksc"], t["kqh"], layers.kinds, K, V, cos, sin,
+        fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["pqs"], t["pd"], t["pm"], t["psc"], t["pqh"], t["pb"],
+           layers.pkind, layers.prows, layers.pcol, layers.pfirst, layers.pcount, K, V, cos, sin,
            np.asarray(row_slot, np.int64),
            np.asarray(row_pos, np.int64), H, KVH, hd, inter, layers.eps, np.float32(scale), bool(batch))
     return x

@@ -113,10 +113,10 @@ def test_k_matmul_rejects_bad_arrays():
 D, H, KVH, HD, INTER, LAYERS, VOCAB = 256, 4, 2, 64, 512, 2, 160
 
 
-def _k_writer(path: Path) -> gguf.GGUFWriter:
+def _k_writer(path: Path, layers: int = LAYERS) -> gguf.GGUFWriter:
     """A GGUF writer with this file's tiny llama metadata (tensors to be added)."""
     w = gguf.GGUFWriter(str(path), "llama")
-    for add, v in ((w.add_block_count, LAYERS), (w.add_context_length, 256), (w.add_embedding_length, D),
+    for add, v in ((w.add_block_count, layers), (w.add_context_length, 256), (w.add_embedding_length, D),
                    (w.add_feed_forward_length, INTER), (w.add_head_count, H), (w.add_head_count_kv, KVH),
                    (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
                    (w.add_rope_dimension_count, HD), (w.add_vocab_size, VOCAB), (w.add_file_type, 15)):
@@ -217,15 +217,17 @@ def test_k_rows_not_whole_super_blocks_are_refused(tmp_path):
 
 
 def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path):
-    """A Q4_K_M-style mix whose projections are each one block type, some Q8_0 and some Q4_K / Q6_K (as in a
-    small model's Q4_K_M file, its Q5_0 held as Q8_0): the fused Q8 step (`kernels.cpu_step`) runs the K
-    products on fp32 activations inside the one parallel call, with the layer-by-layer path's functions and
-    tiles: the same logits bit for bit for prompts of nine slots and steps of 1, 2, 5 and 9 rows."""
+    """A Q4_K_M-style mix: projections of one block type (Q8_0, Q4_K, Q6_K) and projections whose parts have
+    different types side by side (q and k in Q5_0 beside a Q6_K v; q, k and v in three types; gate Q4_K beside
+    up Q5_1), as llama.cpp's quantizer writes them. The fused Q8 step (`kernels.cpu_step`) runs every part in
+    the one parallel call — the K products on fp32 activations with the layer-by-layer path's tiles, the others
+    on Q8 activations — each into its own columns: the same logits bit for bit as the layer-by-layer path, for
+    prompts of nine slots and steps of 1, 2, 5 and 9 rows."""
     from kernels import cpu_step
 
     rng = np.random.default_rng(3)
     path = tmp_path / "mixed.gguf"
-    w = _k_writer(path)
+    w = _k_writer(path, 4)
 
     def mat(name: str, n: int, k: int, fmt: str, scale: float = 0.1) -> None:
         x = (rng.standard_normal((n, k)) * scale).astype(np.float32)
@@ -233,15 +235,20 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
         w.add_tensor(name, raw, raw_dtype=getattr(QT, fmt))
 
     mat("token_embd.weight", VOCAB, D, "Q8_0", 1.0)
-    for i, (attn, ffn, down) in enumerate((("Q8_0", "Q4_K", "Q6_K"), ("Q4_K", "Q8_0", "Q4_K"))):
+    # per layer: (q, k, v), output, (gate, up), down
+    layers = ((("Q8_0",) * 3, "Q8_0", ("Q4_K",) * 2, "Q6_K"),
+              (("Q4_K",) * 3, "Q6_K", ("Q8_0",) * 2, "Q4_K"),
+              (("Q5_0", "Q5_0", "Q6_K"), "Q5_1", ("Q4_K", "Q5_1"), "Q6_K"),
+              (("Q4_K", "Q5_0", "Q8_0"), "Q4_0", ("Q4_1", "Q4_1"), "Q5_0"))
+    for i, (qkv, out, gu, down) in enumerate(layers):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32))
-        for name, n in (("attn_q", H * HD), ("attn_k", KVH * HD), ("attn_v", KVH * HD)):
-            mat(p + name + ".weight", n, D, attn)
-        mat(p + "attn_output.weight", D, H * HD, "Q6_K" if attn == "Q4_K" else attn)
+        for name, n, fmt in zip(("attn_q", "attn_k", "attn_v"), (H * HD, KVH * HD, KVH * HD), qkv):
+            mat(p + name + ".weight", n, D, fmt)
+        mat(p + "attn_output.weight", D, H * HD, out)
         w.add_tensor(p + "ffn_norm.weight", (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32))
-        mat(p + "ffn_gate.weight", INTER, D, ffn)
-        mat(p + "ffn_up.weight", INTER, D, ffn)
+        mat(p + "ffn_gate.weight", INTER, D, gu[0])
+        mat(p + "ffn_up.weight", INTER, D, gu[1])
         mat(p + "ffn_down.weight", D, INTER, down, 0.05)
     w.add_tensor("output_norm.weight", np.ones(D, np.float32))
     w.write_header_to_file()
@@ -254,7 +261,8 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
     assert (step.fused is not None) == cpu_step.available()
     if step.fused is None:  # no Numba / AVX2 here: the layer-by-layer path is the only one
         return
-    assert sorted(set(step.fused.kinds.reshape(-1).tolist())) == [2, 3, 4]  # Q8_0, Q4_K, Q6_K products
+    assert sorted(set(step.fused.pkind.tolist())) == [0, 1, 2, 3, 4, 5, 6]  # every block type
+    assert step.fused.pcount.max() == 3  # q, k and v in three types: three parts side by side
     fused, plain = fused_and_layer_by_layer(step, ours.model.args)
     for f, p in zip(fused, plain):
         assert torch.equal(f, p)

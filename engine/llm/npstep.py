@@ -32,8 +32,8 @@ With Q8 activations (`models.llm_activations = "q8"`) the steps between the
 products follow llama.cpp's arithmetic (`kernels.cpu_ggml`: its RMSNorm, RoPE
 tables, SwiGLU exp and attention sums), so the logits are llama.cpp's bit for
 bit on an AVX2 CPU; every prompt then runs here, in llama.cpp's micro-batches
-(`ubatch`). With a full cache, a Llama/Qwen2 model whose products are single
-Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices (or Q4_K/Q6_K) runs every layer in one Numba call instead
+(`ubatch`). With a full cache, a Llama/Qwen2 model whose products are
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K blocks runs every layer in one Numba call instead
 (`kernels.cpu_step`: the same kernels, no Python between the layers); the
 layer-by-layer path below is its twin.
 Both caches can be filled by either path: a long prompt goes through the torch
@@ -138,8 +138,8 @@ class NumpyStep:
 
     def _fused_layers(self, model: Any) -> Any:
         """`kernels.cpu_step.Q8Layers` when every layer can run in the fused Q8 step (Llama/Qwen2 layers whose
-        four products are each one Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrix with Q8 activations or one Q4_K/Q6_K
-        matrix, Numba with AVX2), else None."""
+        four products are Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices with Q8 activations or Q4_K/Q6_K ones, one block
+        type or several side by side, Numba with AVX2), else None."""
         a = self.args
         if not self.ggml or not cpu_step.available():
             return None
@@ -147,8 +147,8 @@ class NumpyStep:
         for (l1w, l1b, wqkv, _, wo, _, l2w, l2b, w13, _, w2, _) in self.layers:
             lins = (wqkv, wo, w13, w2)
             if l1b is not None or l2b is not None or not all(
-                    getattr(lin, "activations", "") == "q8" and len(lin.parts) == 1
-                    and lin.parts[0].fmt in cpu_step.KIND for lin in lins):
+                    getattr(lin, "activations", "") == "q8" and all(p.fmt in cpu_step.KIND for p in lin.parts)
+                    for lin in lins):
                 return None
             layers.append((l1w, l2w, lins))
         return cpu_step.Q8Layers(layers, a.norm_eps)
