@@ -43,7 +43,7 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 # cache from ever matching (see cpu_qmatmul._kernels)
 _quant = _flip = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
 _ktiles = None
-claim = finish = wait = product = norm_phase = worker = None
+claim = finish = wait = product = part_rows = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
 UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q5_0 / Q8_0 tiles of rows read sign-flipped activations
 ITEMS = 4  # a product's items per thread (see product)
@@ -63,7 +63,7 @@ def _kernels() -> dict | None:
     njit, prange = jit()  # type: ignore[misc]
     global _ktiles, UX
     global _quant, _flip, _span, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
-    global claim, finish, wait, product, norm_phase, worker
+    global claim, finish, wait, product, part_rows, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
     _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
@@ -116,25 +116,32 @@ def _kernels() -> dict | None:
                 j += 1
             n0 = i * chunk
             n1 = min(n0 + chunk, N)
-            o = out[:, pcol[j]:pcol[j] + N]
-            kind = pkind[j]
-            qs, d, m, sc = pqs[j], pd[j], pm[j], psc[j]
-            nbk = nb // 8
-            if kind == 3:
-                qs3 = qs.reshape(N, nbk, 128)
-                _ktiles(x32, qs3, sc.reshape(N, nbk, 12), qs3, d, m, 3, n0 // 4, (n1 + 3) // 4, wt, s8, m8, o)
-            elif kind == 4:
-                _ktiles(x32, qs.reshape(N, nbk, 128), sc.view(np.int8).reshape(N, nbk, 16),
-                        pqh[j].reshape(N, nbk, 64), d, d, 4, n0 // 4, (n1 + 3) // 4, wt, s8, m8, o)
-            else:
-                _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), kind, R, nb, n0, n1, o)
-            bias = pb[j]
-            if bias.shape[0]:
-                for r in range(R):
-                    for n in range(n0, n1):
-                        o[r, n] += bias[n]
+            if N == out.shape[1]:  # the projection's only part: out itself (C-contiguous, as the kernels prefer)
+                part_rows(xq, xu, dxf, xsf, x32, pqs[j], pd[j], pm[j], psc[j], pqh[j], pb[j], pkind[j], R, nb, N,
+                          n0, n1, out, wt, s8, m8)
+            else:  # its columns of out
+                part_rows(xq, xu, dxf, xsf, x32, pqs[j], pd[j], pm[j], psc[j], pqh[j], pb[j], pkind[j], R, nb, N,
+                          n0, n1, out[:, pcol[j]:pcol[j] + N], wt, s8, m8)
             finish(sync, ph)
         wait(sync, ph, items)
+
+    @njit(cache=True, nogil=True)
+    def part_rows(xq, xu, dxf, xsf, x32, qs, d, m, sc, qh, bias, kind, R, nb, N, n0, n1, o, wt, s8,
+                  m8):  # pragma: no cover - compiled
+        # rows n0 .. n1 - 1 of one part (N rows) into o [R, N]
+        nbk = nb // 8
+        if kind == 3:
+            qs3 = qs.reshape(N, nbk, 128)
+            _ktiles(x32, qs3, sc.reshape(N, nbk, 12), qs3, d, m, 3, n0 // 4, (n1 + 3) // 4, wt, s8, m8, o)
+        elif kind == 4:
+            _ktiles(x32, qs.reshape(N, nbk, 128), sc.view(np.int8).reshape(N, nbk, 16), qh.reshape(N, nbk, 64),
+                    d, d, 4, n0 // 4, (n1 + 3) // 4, wt, s8, m8, o)
+        else:
+            _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), kind, R, nb, n0, n1, o)
+        if bias.shape[0]:
+            for r in range(R):
+                for n in range(n0, n1):
+                    o[r, n] += bias[n]
 
     @njit(cache=True, nogil=True)
     def norm_phase(sync, ph, add, x, o, w, eps, h, xq, xu, dxf, xsf):  # pragma: no cover - compiled
