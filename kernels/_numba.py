@@ -204,10 +204,13 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
     v16i8, v32i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
     v8i32, v8f32 = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
-    mn = kind in (0, 3)  # unsigned weights and a min per block (Q4_1, Q5_1)
+    mn = kind in (0, 3, 5)  # unsigned weights and a min per block (Q4_1, Q5_1, Q4_K)
     q5 = kind in (3, 4)  # 5-bit weights: the nibbles' 16 bytes, then the block's 32 high bits
+    qk = kind == 5  # Q4_K: super-blocks of 256 (8 blocks of 32), one d / dmin / 12 scale bytes each
     bw = 32 if kind == 2 else 20 if q5 else 16
     assert not ux or (vnni and not mn and nw == 1), "ux: VNNI, Q4_0 / Q5_0 / Q8_0, one weight row"
+    # where the codegen's arguments are: (w, nw w offsets, d, nw d offsets, x, n x offsets, dx, n dx offsets, m,
+    # xs, sc, blocks)
 
     def mask(k: int, idx: list[int]) -> ir.Constant:
         return ir.Constant(ir.VectorType(i32, k), idx)
@@ -227,9 +230,9 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
         iw, idd, ix = 0, 1 + nw, 2 + 2 * nw
         idx, im = ix + 1 + n, ix + 2 + 2 * n
-        wa, da, xa, dxa, ma, xsa = (context.make_array(signature.args[i])(context, builder, args[i]).data
-                                    for i in (iw, idd, ix, idx, im, im + 1))
-        woffs, doffs, nb = args[iw + 1:iw + 1 + nw], args[idd + 1:idd + 1 + nw], args[im + 2]
+        wa, da, xa, dxa, ma, xsa, sca = (context.make_array(signature.args[i])(context, builder, args[i]).data
+                                         for i in (iw, idd, ix, idx, im, im + 1, im + 2))
+        woffs, doffs, nb = args[iw + 1:iw + 1 + nw], args[idd + 1:idd + 1 + nw], args[im + 3]
         xoffs, dxoffs = args[ix + 1:ix + 1 + n], args[idx + 1:idx + 1 + n]
         mod = builder.module
         maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
@@ -262,7 +265,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
             return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
 
-        def block(b: Any, scale_v: Callable, m_s: Callable, m_v: Callable) -> None:
+        def block(b: Any, scale_v: Callable, m_s: Callable, m_v: Callable, k: int = 0) -> None:
             # block b of every pair: scale_v(t, j) = d_w x d_x of the pair in 8 lanes, m_s(t) = the weight row's
             # min (Q4_1) as a float, m_v() = the nw rows' mins as one vector (vw)
             xvs, xss = [], []
@@ -273,8 +276,20 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             if vw:
                 builder.store(builder.call(fmaw, [m_v(), splat1(xss[0], nw), builder.load(vwacc)]), vwacc)
             for t in range(nw):
-                wp = builder.gep(wa, [builder.add(woffs[t], builder.mul(b, ir.Constant(intp, bw)))])
-                if bw != 32:  # nibbles: low = values 0..15, high = 16..31: the 16 bytes in both halves, the
+                if qk:  # block k of super-block b // 8: the low (k even) or high nibbles of bytes 32 (k // 2) ..
+                    # 32 (k // 2) + 31 of its 128 (values 64 (k // 2) .. + 31, then + 32 .. + 63: ggml's layout)
+                    sb = builder.sdiv(b, ir.Constant(intp, 8))
+                    wp = builder.gep(wa, [builder.add(woffs[t], builder.add(builder.mul(sb, ir.Constant(intp, 128)),
+                                                                            ir.Constant(intp, 32 * (k // 2))))])
+                    wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
+                    if k % 2:
+                        wq = builder.lshr(wq, ir.Constant(v32i8, [4] * 32))
+                    wq = builder.and_(wq, ir.Constant(v32i8, [15] * 32))
+                else:
+                    wp = builder.gep(wa, [builder.add(woffs[t], builder.mul(b, ir.Constant(intp, bw)))])
+                if qk:
+                    pass  # unpacked above
+                elif bw != 32:  # nibbles: low = values 0..15, high = 16..31: the 16 bytes in both halves, the
                     # high half's dwords shifted right by 4, every byte's low nibble kept
                     packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
                     dup = builder.bitcast(builder.shuffle_vector(packed, packed, mask(32, list(range(16)) * 2)), v8i32)
@@ -352,23 +367,50 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         def lane(i: int, k: int) -> Any:  # lane k of buffer vector i as a scalar, loaded from memory
             return builder.load(builder.gep(builder.bitcast(buf, f32.as_pointer()), [ir.Constant(i32, 8 * i + k)]))
 
+        def k_scales(t: Any, sb: Any) -> tuple[Any, Any]:
+            # Q4_K super-block sb of weight row t: (d x its 8 six-bit scales, -dmin x its 8 six-bit mins) as
+            # fp32 vectors (products of an fp16 and a 6-bit integer: exact). The 12 bytes as three dwords,
+            # unpacked as ggml's get_scale_min_k4 (llama.cpp's utmp masks)
+            so = builder.mul(builder.add(doffs[t], sb), ir.Constant(intp, 12))
+            u = [builder.load(builder.bitcast(builder.gep(sca, [builder.add(so, ir.Constant(intp, 4 * i))]),
+                                              i32.as_pointer()), align=1) for i in range(3)]
+
+            def c(v: int) -> Any:
+                return ir.Constant(i32, v)
+
+            lo6, lo4, hi2 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
+            s_lo, m_lo = builder.and_(u[0], lo6), builder.and_(u[1], lo6)
+            s_hi = builder.or_(builder.and_(u[2], lo4), builder.shl(builder.and_(builder.lshr(u[0], c(6)), hi2), c(4)))
+            m_hi = builder.or_(builder.and_(builder.lshr(u[2], c(4)), lo4),
+                               builder.shl(builder.and_(builder.lshr(u[1], c(6)), hi2), c(4)))
+            v2 = ir.VectorType(i32, 2)
+
+            def bytes8(a: Any, b_: Any) -> Any:  # two dwords -> their 8 bytes as fp32
+                v = builder.insert_element(builder.insert_element(ir.Constant(v2, ir.Undefined), a, c(0)), b_, c(1))
+                return builder.uitofp(builder.zext(builder.bitcast(v, ir.VectorType(i8, 8)), v8i32), v8f32)
+
+            dd = splat1(half(builder, da, builder.add(doffs[t], sb)), 8)
+            dm = splat1(half(builder, ma, builder.add(doffs[t], sb)), 8)
+            return builder.fmul(dd, bytes8(s_lo, s_hi)), builder.fneg(builder.fmul(dm, bytes8(m_lo, m_hi)))
+
         ng = builder.sdiv(nb, ir.Constant(intp, 8))
         with cgutils.for_range(builder, ng) as loop:
             b0 = builder.mul(loop.index, ir.Constant(intp, 8))
-            d8 = [halves8(da, builder.add(doffs[t], b0)) for t in range(nw)]
+            ks = [k_scales(t, loop.index) for t in range(nw)] if qk else None
+            d8 = [ks[t][0] if qk else halves8(da, builder.add(doffs[t], b0)) for t in range(nw)]
             dx8 = [vec8(dxa, builder.add(dxoffs[j], b0), v8f32) for j in range(n)]
             for t in range(nw):
                 for j in range(n):
                     builder.store(builder.fmul(d8[t], dx8[j]), builder.gep(buf, [ir.Constant(i32, t * n + j)]))
                 if mn:
-                    builder.store(halves8(ma, builder.add(doffs[t], b0)),
+                    builder.store(ks[t][1] if qk else halves8(ma, builder.add(doffs[t], b0)),
                                   builder.gep(buf, [ir.Constant(i32, nw * n + t)]))
             builder.call(fence, [buf])
             for k in range(8):
                 block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: splat1(lane(t * n + j, k), 8),
                       lambda t, k=k: lane(nw * n + t, k),
-                      lambda k=k: gather([lane(nw * n + t, k) for t in range(nw)]))
-        tail0 = builder.mul(ng, ir.Constant(intp, 8))
+                      lambda k=k: gather([lane(nw * n + t, k) for t in range(nw)]), k)
+        tail0 = builder.mul(ng, ir.Constant(intp, 8)) if not qk else nb  # Q4_K: whole super-blocks only
         with cgutils.for_range_slice(builder, tail0, nb, ir.Constant(intp, 1)) as (b, _):
             def scale1(t: int, j: int, b: Any = b) -> Any:
                 dw = half(builder, da, builder.add(doffs[t], b))
@@ -398,7 +440,15 @@ def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into 
     blocks are 20 bytes: the 16 nibble bytes, then 32 high bits (value j's bit 4 = bit j), unpacked per
     block into bytes as llama.cpp's AVX2 `bytes_from_bits_32` does. Arguments: (w uint8 [..] flat, w offset
     in bytes, d uint16 fp16 bits flat, d offset (m's too), x int8 flat, x offset, dx float32 flat, dx offset
-    (xs's too), m uint16 flat, xs float32 flat, blocks).
+    (xs's too), m uint16 flat, xs float32 flat, sc uint8 flat (Q4_K's scale bytes; unread by the others),
+    blocks).
+
+    kind 5: Q4_K on Q8 activations (blocks of 32 as above): w = the row's bytes [K/256, 128], d / m its
+    super-blocks' d / dmin (d offset = row x K/256), sc their 12 scale bytes (at 12 x (d offset + s)). Per
+    super-block the 8 scales and mins are unpacked from three dwords (ggml's masks) into d x scale and -dmin x
+    min, fp32 vectors (exact), and each block of 32 runs as a Q4_1 block with those as its scale and min: its
+    nibbles (the low or high ones of 32 bytes, ggml's order), one integer dot, the min against xs. Not
+    llama.cpp's arithmetic (it quantises activations for Q4_K per 256, Q8_K): the Q8 product, to rounding.
 
     Per block: the 16 (32) weight bytes and 32 activation bytes are loaded as vectors, nibbles split
     (low = values 0..15, high = 16..31: llama.cpp's layout), `vpmaddubsw` multiplies unsigned by signed
@@ -412,7 +462,7 @@ def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into 
 
 def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into the kernels
     """`q8_row_dot_intrinsic` for four rows of activations at once: (w, w offset, d, d offset, x, four x
-    offsets, dx, four dx offsets, m, xs, blocks) -> a 4-tuple of float32. Each weight block is loaded and
+    offsets, dx, four dx offsets, m, xs, sc, blocks) -> a 4-tuple of float32. Each weight block is loaded and
     unpacked once for the four rows; every row's arithmetic is exactly the one-row intrinsic's (the same
     generated code, `_q8_rows_codegen`), so its result has the same bits."""
     return q8_tile_dot_intrinsic(kind, 1, 4)
@@ -422,7 +472,7 @@ def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled int
 def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
                           vnni: bool | None = None, ux: bool = False) -> Any:  # pragma: no cover - compiled
     """`q8_row_dot_intrinsic` for nw weight rows x n activation rows: (w, nw w offsets, d, nw d offsets, x,
-    n x offsets, dx, n dx offsets, m, xs, blocks) -> an (nw x n)-tuple of float32, weight row by weight row
+    n x offsets, dx, n dx offsets, m, xs, sc, blocks) -> an (nw x n)-tuple of float32, weight row by weight row
     (one float32 for 1 x 1). Every pair's arithmetic is the same (`_q8_rows_codegen`), so its result has the
     same bits in any tile. vnni: None = where the CPU has it (`has_vnni`). ux (needs VNNI, Q4_0 / Q5_0 / Q8_0,
     nw = 1): x is the activations with their sign bit flipped (see `_q8_rows_codegen`); the same bits."""
@@ -432,11 +482,11 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
     from numba.extending import intrinsic
 
     names = (["w"] + [f"wo{i}" for i in range(nw)] + ["d"] + [f"do{i}" for i in range(nw)] + ["x"]
-             + [f"xo{j}" for j in range(n)] + ["dx"] + [f"dxo{j}" for j in range(n)] + ["m", "xs", "nb"])
+             + [f"xo{j}" for j in range(n)] + ["dx"] + [f"dxo{j}" for j in range(n)] + ["m", "xs", "sc", "nb"])
 
     def typer(typingctx, *args):  # noqa: ANN001, ANN202
         ip = types.intp
-        arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n}
+        arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n, 6 + 2 * nw + 2 * n}
         out = types.float32 if nw * n == 1 else types.UniTuple(types.float32, nw * n)
         sig = out(*[a if i in arrays else ip for i, a in enumerate(args)])
         return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni, ux)

@@ -84,8 +84,8 @@ ALL_FORMATS = FORMATS + K_FORMATS
 BLOCK = 32
 QK_K = 256
 BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K}
-Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1")  # products with Q8 activations (`matmul_q8`)
-Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6}  # q8a_span's kinds
+Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K")  # products with Q8 activations (`matmul_q8`)
+Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "Q4_K": 7}  # q8a_span's kinds
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
@@ -169,12 +169,17 @@ def quantize_rows_reference(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: n
 
 
 def matmul_q8_reference(fmt: str, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, qs: np.ndarray, d: np.ndarray,
-                        m: np.ndarray | None, out: np.ndarray) -> None:
+                        m: np.ndarray | None, out: np.ndarray, sc: np.ndarray | None = None) -> None:
     """out[R, N] = the Q8 product in float64: the de-quantised activations (xq x dx) @ W.T (a Q4_1 / Q5_1
-    weight d q + m: d q x the de-quantised x, plus m x xs, the de-quantised block's sum)."""
+    weight d q + m: d q x the de-quantised x, plus m x xs, the de-quantised block's sum; Q4_K's d s_j q -
+    dmin m_j the same way, per block of 32)."""
     R, nb = dx.shape
     xd = (xq.reshape(R, nb, BLOCK).astype(np.float64) * dx[..., None].astype(np.float64)).reshape(R, -1)
-    if fmt in ("Q4_1", "Q5_1"):  # d q against the de-quantised x, the min against the blocks' sums
+    if fmt == "Q4_K":
+        _, mins = q4k_scale_min(sc)  # [N, nb / 8, 8]
+        mb = (m.view(np.float16).astype(np.float64)[..., None] * mins).reshape(mins.shape[0], -1)  # dmin m_j
+        out[...] = xd @ dequant_reference(fmt, qs, d, np.zeros_like(m), sc).T - xs.astype(np.float64) @ mb.T
+    elif fmt in ("Q4_1", "Q5_1"):  # d q against the de-quantised x, the min against the blocks' sums
         out[...] = xd @ dequant_reference(fmt, qs, d, np.zeros_like(m)).T \
             + xs.astype(np.float64) @ m.view(np.float16).astype(np.float64).T
     else:
@@ -475,6 +480,7 @@ def _kernels() -> dict | None:
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
 _r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = flip_rows = None
 _rd_q50 = _rd_q51 = _r4_q50 = _r4_q51 = _w4_q50 = _w4_q51 = _r8_q50 = _r8_q51 = None
+_rd_q4k = _r4_q4k = _w4_q4k = _r8_q4k = None
 # VNNI: Q4_0 / Q8_0's tiles of rows take the activations with their sign bit flipped (`xu`, see
 # `_numba._q8_rows_codegen`'s ux: no vpsignb per pair); elsewhere they take xq and xu is unused
 UX = False
@@ -489,7 +495,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
     global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows, flip_rows, UX
-    global _rd_q50, _rd_q51, _r4_q50, _r4_q51, _w4_q50, _w4_q51, _r8_q50, _r8_q51
+    global _rd_q50, _rd_q51, _r4_q50, _r4_q51, _w4_q50, _w4_q51, _r8_q50, _r8_q51, _rd_q4k, _r4_q4k, _w4_q4k, _r8_q4k
     _pf = prefetch_intrinsic(PF_LOC)
     UX = has_vnni()
     global quantize_span, q8a_span
@@ -505,6 +511,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     _r4_q51, _r4_q50 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True, ux=UX and k == 4) for k in (3, 4))
     _w4_q51, _w4_q50 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (3, 4))
     _r8_q51, _r8_q50 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True, ux=UX and k == 4) for k in (3, 4))
+    # Q4_K (the intrinsics' kind 5): super-blocks of 8 blocks, each block a Q4_1 one (see _q8_rows_codegen)
+    _rd_q4k, _w4_q4k = q8_row_dot_intrinsic(5), q8_tile_dot_intrinsic(5, 4, 1)
+    _r4_q4k, _r8_q4k = (q8_tile_dot_intrinsic(5, 1, r, tmin=True) for r in (4, 8))
 
     @njit(cache=True, nogil=True, inline="always")
     def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled
@@ -513,14 +522,15 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             xu[i] = xq[i] ^ np.int8(-128)
 
     @njit(cache=True, nogil=True, inline="always")
-    def prefetch_rows(qs, df, mf, kind, bw, nb, n, rows):  # pragma: no cover - compiled
-        # weight rows n .. n + rows - 1 (contiguous): their bytes, fp16 scales and (Q4_1 / Q5_1) mins asked for
+    def prefetch_rows(qs, df, mf, kind, bw, nb, dn, n, rows):  # pragma: no cover - compiled
+        # weight rows n .. n + rows - 1 (contiguous): their bytes, fp16 scales (dn per row) and (Q4_1 / Q5_1 /
+        # Q4_K) mins asked for
         for off in range(0, rows * nb * bw, 64):
             _pf(qs, n * nb * bw + off)
-        for off in range(0, rows * nb, 32):
-            _pf(df, n * nb + off)
-            if kind == 1 or kind == 6:
-                _pf(mf, n * nb + off)
+        for off in range(0, rows * dn, 32):
+            _pf(df, n * dn + off)
+            if kind == 1 or kind == 6 or kind == 7:
+                _pf(mf, n * dn + off)
 
     @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
     def quantize_span(x, xq, dxf, xsf, r0, r1):  # pragma: no cover - compiled
@@ -545,14 +555,15 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 xsf[r * nb + b] = _rh(d * np.float32(s))
 
     @njit(cache=True, nogil=True)
-    def q8a_span(xq, xu, dxf, xsf, qs, df, mf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
+    def q8a_span(xq, xu, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
         # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1. qs: the weight
         # bytes flat (uint8), df / mf: fp16 bits flat [N * nb]; rows of x four at a time (each weight block
         # unpacked once for them), the rest one by one: the same arithmetic per row either way. xu: xq with
         # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q5_0 / Q8_0 tiles of rows read it), else
-        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 5 Q5_0, 6 Q5_1 (`Q8A_KIND`)
-        bw = 32 if kind == 2 else 20 if kind >= 5 else 16
-        mn = kind == 1 or kind == 6  # a min per block: xs read transposed by the tiles of rows
+        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 5 Q5_0, 6 Q5_1, 7 Q4_K (`Q8A_KIND`; scf: Q4_K's scale bytes)
+        bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 else 16  # weight bytes per block of 32
+        dn = nb // 8 if kind == 7 else nb  # scales per weight row (Q4_K: one d / dmin per 8 blocks)
+        mn = kind == 1 or kind == 6 or kind == 7  # a min per block: xs read transposed by the tiles of rows
         xr = nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)  # a prange index is unsigned: n + 1 would be a float
         N = qs.size // (nb * bw)  # the matrix's rows (the prefetch's bound)
@@ -569,25 +580,28 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         if R4 < R:  # rows past the last four: four weight rows at a time (four independent chains)
             w = n0
             while w + 4 <= n1:
-                wo, do = w * nb * bw, w * nb
+                wo, do = w * nb * bw, w * dn
                 if w + 4 * PF1 + 4 <= N:  # the weights' stream: the tile PF1 ahead prefetched
-                    prefetch_rows(qs, df, mf, kind, bw, nb, w + 4 * PF1, 4)
+                    prefetch_rows(qs, df, mf, kind, bw, nb, dn, w + 4 * PF1, 4)
                 for r in range(R4, R):
                     if kind == 1:
-                        a = _w4_q41(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
-                                    do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                        a = _w4_q41(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 0:
-                        a = _w4_q40(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
-                                    do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                        a = _w4_q40(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 5:
-                        a = _w4_q50(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
-                                    do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                        a = _w4_q50(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 6:
-                        a = _w4_q51(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
-                                    do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                        a = _w4_q51(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 7:
+                        a = _w4_q4k(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     else:
-                        a = _w4_q80(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + nb,
-                                    do + 2 * nb, do + 3 * nb, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                        a = _w4_q80(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     out[r, w] = a[0]
                     out[r, w + 1] = a[1]
                     out[r, w + 2] = a[2]
@@ -599,50 +613,57 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         xa = xu if UX and not mn else xq  # what the tiles of rows read
         for n in range(n0, n1):
             wo = n * nb * bw
-            do = n * nb
+            do = n * dn
             if R4 >= 4 and n + PF < N:  # rows of x in tiles: compute-bound, the weights' stream prefetched
-                prefetch_rows(qs, df, mf, kind, bw, nb, n + PF, 1)
+                prefetch_rows(qs, df, mf, kind, bw, nb, dn, n + PF, 1)
             r = 0
             while r + 8 <= R:
                 if kind == 1:
                     a8 = _r8_q41(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
-                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xst, nb)
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xst, scf, nb)
                 elif kind == 0:
                     a8 = _r8_q40(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
-                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, nb)
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 elif kind == 5:
                     a8 = _r8_q50(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
-                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, nb)
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 elif kind == 6:
                     a8 = _r8_q51(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
-                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xst, nb)
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xst, scf, nb)
+                elif kind == 7:
+                    a8 = _r8_q4k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xst, scf, nb)
                 else:
                     a8 = _r8_q80(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
-                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, nb)
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 for j in range(8):
                     out[r + j, n] = a8[j]
                 r += 8
             while r + 4 <= R:
                 if kind == 1:
                     a = _r4_q41(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
-                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, nb)
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, scf, nb)
                 elif kind == 0:
                     a = _r4_q40(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
-                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 elif kind == 5:
                     a = _r4_q50(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
-                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 elif kind == 6:
                     a = _r4_q51(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
-                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, nb)
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, scf, nb)
+                elif kind == 7:
+                    a = _r4_q4k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, scf, nb)
                 else:
                     a = _r4_q80(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
-                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 out[r, n] = a[0]
                 out[r + 1, n] = a[1]
                 out[r + 2, n] = a[2]
@@ -652,15 +673,17 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 r = R  # done above, four weight rows at a time
             while r < R:
                 if kind == 1:
-                    out[r, n] = _rd_q41(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                    out[r, n] = _rd_q41(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 0:
-                    out[r, n] = _rd_q40(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                    out[r, n] = _rd_q40(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 5:
-                    out[r, n] = _rd_q50(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                    out[r, n] = _rd_q50(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 6:
-                    out[r, n] = _rd_q51(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                    out[r, n] = _rd_q51(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 7:
+                    out[r, n] = _rd_q4k(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 else:
-                    out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                    out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 r += 1
 
     @njit(cache=True, nogil=True)
@@ -668,15 +691,15 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         quantize_span(x, xq, dx.reshape(-1), xs.reshape(-1), 0, x.shape[0])
 
     @njit(parallel=True, cache=True, nogil=True)
-    def q8a_nb(xq, dx, xs, qs, d, m, kind, out):  # pragma: no cover - compiled
+    def q8a_nb(xq, dx, xs, qs, d, m, sc, kind, out):  # pragma: no cover - compiled
         R, nb = dx.shape
         N = d.shape[0]
         dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
-        xu = np.empty(R * nb * 32 if UX and kind != 1 and kind != 6 and R >= 4 else 0, np.int8)
+        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 5) and R >= 4 else 0, np.int8)
         if xu.size:
             flip_rows(xq, xu, nb * 32, 0, R)
         for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
-            q8a_span(xq, xu, dxf, xsf, qs, df, mf, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
+            q8a_span(xq, xu, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
 
     return {"quantize_rows": quantize_nb, "q8a_matmul": q8a_nb}
 
@@ -708,24 +731,27 @@ def quantize_rows(x: np.ndarray, backend: str | None = None) -> tuple[np.ndarray
 
 
 def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None,
-              backend: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+              backend: str | None = None, out: np.ndarray | None = None, sc: np.ndarray | None = None) -> np.ndarray:
     """x [R, K] fp32 @ W.T with W in `fmt` blocks (`Q8A_FORMATS`), llama.cpp's way: x quantised to Q8
     blocks of 32 first (`quantize_rows`), then integer dot products per block (AVX2, see
     `_numba.q8_row_dot_intrinsic`) scaled in fp32 -> [R, N] fp32. Each row of the result depends only on
     its row of x (the same bits alone or in a batch). Where the kernels do not run (no Numba, no AVX2,
-    backend="numpy") the float64 twin computes the same quantised product."""
-    _check(fmt, qs, d, m)
+    backend="numpy") the float64 twin computes the same quantised product. Q4_K (with `sc`): its blocks of 32
+    against the same Q8 blocks (not llama.cpp's Q8_K activations: the same product to rounding)."""
+    _check(fmt, qs, d, m, sc)
     if fmt not in Q8A_FORMATS:
         raise ValueError(f"fmt={fmt!r}: Q8 activations take {', '.join(Q8A_FORMATS)}")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != qs.shape[1] * BLOCK:
-        raise ValueError(f"x {x.shape}: expected [R, {qs.shape[1] * BLOCK}]")
+    K = qs.shape[1] * BLOCK_VALUES[fmt]
+    if x.ndim != 2 or x.shape[1] != K:
+        raise ValueError(f"x {x.shape}: expected [R, {K}]")
     if out is None:
         out = np.empty((x.shape[0], qs.shape[0]), np.float32)
     xq, dx, xs = quantize_rows(x, backend)
-    dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _k, out:
-             matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out), backend,
-             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, d if m is None else m, Q8A_KIND[fmt], out)
+    scf = sc.reshape(-1) if sc is not None else np.zeros(0, np.uint8)
+    dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _s, _k, out:
+             matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out, sc), backend,
+             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, d if m is None else m, scf, Q8A_KIND[fmt], out)
     return out
 
 
@@ -830,8 +856,9 @@ def warm() -> list[str]:
     if q8_available():
         for fmt in Q8A_FORMATS:
             for r in (1, 3):
-                matmul_q8(fmt, np.ones((r, BLOCK), f32), np.zeros((3, 1, _LAYOUT[fmt][1]), _LAYOUT[fmt][0]),
-                          u16[:, :1].copy(), u16[:, :1].copy())
+                matmul_q8(fmt, np.ones((r, BLOCK_VALUES[fmt]), f32), np.zeros((3, 1, _LAYOUT[fmt][1]),
+                                                                               _LAYOUT[fmt][0]),
+                          u16[:, :1].copy(), u16[:, :1].copy(), sc=np.zeros((3, 1, 12), np.uint8))
         return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant", "q8a_matmul"]
     return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant"]
 
@@ -891,7 +918,7 @@ def _register() -> None:
                         _dequant_cases(fmt), rel(1e-6), f"GGUF {fmt} rows to fp32"))
     for fmt in Q8A_FORMATS:
         def mq(x, qs, d, m, sc, qh, _f=fmt, _b=None):  # noqa: ANN001, ANN202
-            return matmul_q8(_f, x, qs, d, m, backend=_b)
+            return matmul_q8(_f, x, qs, d, m, backend=_b, sc=sc)
 
         register(Kernel(f"q8a_matmul_{fmt.lower()}", "numba", mq, lambda *a, _mq=mq: _mq(*a, _b="numpy"),
                         _matmul_cases(fmt), rel(1e-5), f"x @ W.T with W in GGUF {fmt} blocks and x in Q8 blocks "

@@ -93,9 +93,9 @@ def _kernels() -> dict | None:
         # one phase: a projection's parts first .. first + count - 1 (each one block type: the columns pcol[j] ..
         # pcol[j] + prows[j] - 1 of out), their output rows in ~ITEMS items per thread and part (whole tiles of 4
         # rows), claimed by whichever thread is free: long runs of rows (the weights stream in order), evenly
-        # shared. Q4_K / Q6_K (kind 3 / 4) take the fp32 input x32 as `cpu_qmatmul.matmul` does (`k_tiles`:
-        # each tile of 4 weight rows de-quantised into the thread's wt, then `tile_dot` for every row: the same
-        # tiles and bits)
+        # shared. Q6_K (kind 4) takes the fp32 input x32 as `cpu_qmatmul.matmul` does (`k_tiles`: each tile of
+        # 4 weight rows de-quantised into the thread's wt, then `tile_dot` for every row: the same tiles and
+        # bits); the others, Q4_K included, the Q8 blocks (`q8a_span`)
         items = 0
         for j in range(first, first + count):
             N = prows[j]
@@ -129,15 +129,12 @@ def _kernels() -> dict | None:
     def part_rows(xq, xu, dxf, xsf, x32, qs, d, m, sc, qh, bias, kind, R, nb, N, n0, n1, o, wt, s8,
                   m8):  # pragma: no cover - compiled
         # rows n0 .. n1 - 1 of one part (N rows) into o [R, N]
-        nbk = nb // 8
-        if kind == 3:
-            qs3 = qs.reshape(N, nbk, 128)
-            _ktiles(x32, qs3, sc.reshape(N, nbk, 12), qs3, d, m, 3, n0 // 4, (n1 + 3) // 4, wt, s8, m8, o)
-        elif kind == 4:
+        if kind == 4:  # Q6_K: fp32 activations
+            nbk = nb // 8
             _ktiles(x32, qs.reshape(N, nbk, 128), sc.view(np.int8).reshape(N, nbk, 16), qh.reshape(N, nbk, 64),
                     d, d, 4, n0 // 4, (n1 + 3) // 4, wt, s8, m8, o)
         else:
-            _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), kind, R, nb, n0, n1, o)
+            _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
         if bias.shape[0]:
             for r in range(R):
                 for n in range(n0, n1):
@@ -179,9 +176,9 @@ def _kernels() -> dict | None:
         n_att = R * per_row
         p = np.zeros(T + 8, np.float32)  # this thread's attention scratch
         acc = np.empty((32, hd), np.float32)
-        kw = 0  # this thread's scratch for the Q4_K / Q6_K products' tiles, where the layers have such products
+        kw = 0  # this thread's scratch for the Q6_K products' tiles, where the layers have such products
         for j in range(pkind.shape[0]):
-            if pkind[j] == 3 or pkind[j] == 4:
+            if pkind[j] == 4:
                 kw = 4
         wt = np.empty((kw, max(D, nq, inter)), np.float32)
         s8 = np.empty(8, np.float32)
@@ -311,7 +308,8 @@ def available() -> bool:
     return _kernels() is not None
 
 
-KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1": 6}
+# a part's kind: `cpu_qmatmul.Q8A_KIND` (Q8 activations), or 4: Q6_K on fp32 activations (`cpu_qmatmul.k_tiles`)
+KIND = {**cpu_qmatmul.Q8A_KIND, "Q6_K": 4}
 
 
 class Q8Layers:

@@ -120,34 +120,28 @@ def test_top1_equals_llama_cpp_on_the_same_gguf(capsys):
     assert diff <= 1e-3 * span
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1"])
-def test_a_q5_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
-    """A GGUF of Q5_0 (or Q5_1) blocks (the embedded model requantised by llama.cpp's own quantizer; Q5_0 is
-    what most small models' Q4_K_M files fall back to) loads packed in its own 5-bit blocks and decodes with
-    llama.cpp's logits on that file: our Q5 dot unpacks the high bits as its AVX2 one does and sums the same
-    integers in the same order."""
+def _requantised(tmp_path: Path, ftype: str) -> Path:
+    """The embedded model requantised by llama.cpp's own quantizer (LLAMA_FTYPE_MOSTLY_<ftype>)."""
     import ctypes
-    import gguf
 
-    path = tmp_path / f"smollm2-{fmt.lower()}.gguf"
+    path = tmp_path / f"smollm2-{ftype.lower()}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{fmt}")
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.allow_requantize, params.nthread = True, 2
     assert llama_cpp.llama_model_quantize(str(embedded_gguf()).encode(), str(path).encode(),
                                           ctypes.byref(params)) == 0
-    types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
-    assert fmt in types and types <= {fmt, "Q8_0", "F32"}, types
-    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
-    assert ours.model.packed and fmt in ours.weights and "float32 538" not in ours.weights, ours.weights
-    assert ours.size_bytes() <= 1.1 * path.stat().st_size
-    assert ours.model._np_step.fused is not None, "Q5 / Q8_0 everywhere: the fused step runs"
+    return path
+
+
+def _against_llama_cpp(path: Path, ours, prompts: list[str]) -> tuple[list[bool], float, float]:  # noqa: ANN001
+    """Our logits fed llama.cpp's greedy tokens on the same file -> (top-1 equal per position, largest
+    |logit difference|, the logits' span)."""
     tok = ours.tokenizer
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=os.cpu_count() or 1, logits_all=True,
                           verbose=False, type_k=0, type_v=0)
     a = ours.model.args
     agree, diff, span = [], 0.0, 0.0
-    for p in PROMPTS[:2]:
+    for p in prompts:
         ids = tok.encode(tok.render_chat([{"role": "user", "content": p}]), add_special_tokens=False)
         out, rows = _llama_greedy(llm, ids)
         cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, len(ids) + NEW + 8)
@@ -155,8 +149,70 @@ def test_a_q5_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
                           + [ours.model.decode(cache, [0], [t])[0] for t in out[:-1]]).numpy()
         agree += (got.argmax(1) == rows.argmax(1)).tolist()
         diff, span = max(diff, float(np.abs(got - rows).max())), max(span, float(rows.max() - rows.min()))
+    return agree, diff, span
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1"])
+def test_a_q5_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
+    """A GGUF of Q5_0 (or Q5_1) blocks (the embedded model requantised by llama.cpp's own quantizer; Q5_0 is
+    what most small models' Q4_K_M files fall back to) loads packed in its own 5-bit blocks and decodes with
+    llama.cpp's logits on that file: our Q5 dot unpacks the high bits as its AVX2 one does and sums the same
+    integers in the same order."""
+    import gguf
+
+    path = _requantised(tmp_path, fmt)
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert fmt in types and types <= {fmt, "Q8_0", "F32"}, types
+    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    assert ours.model.packed and fmt in ours.weights and "float32 538" not in ours.weights, ours.weights
+    assert ours.size_bytes() <= 1.1 * path.stat().st_size
+    assert ours.model._np_step.fused is not None, "Q5 / Q8_0 everywhere: the fused step runs"
+    agree, diff, span = _against_llama_cpp(path, ours, PROMPTS[:2])
     with capsys.disabled():
         print(f"\n{fmt} file: top-1 = llama.cpp's at {100 * np.mean(agree):.2f} % of {len(agree)} "
               f"positions; largest |logit - llama.cpp's| {diff:.3g} (span {span:.1f})")
     assert np.mean(agree) >= 0.99
     assert diff <= 1e-3 * span
+
+
+@pytest.mark.slow
+def test_a_q4_k_m_file_is_closer_to_its_network_than_llama_cpp(tmp_path, capsys):
+    """The embedded model requantised to Q4_K_M by llama.cpp's quantizer (on SmolLM2: Q5_0 where rows of 576
+    are not whole super-blocks, Q4_K, Q6_K and Q8_0; q / k and v of different types in some layers) loads
+    packed at its file's size and runs in the fused step. Q4_K runs on our Q8 blocks of 32 and Q6_K on fp32
+    activations, where llama.cpp quantises their activations per 256 (Q8_K): not its bits. Measured here
+    (5 prompts x 32 positions, llama.cpp's tokens teacher-forced): llama.cpp's top-1 equals the file's own
+    de-quantised network (transformers) at 92.5 % of the positions, ours at 96.2 %, ours = llama.cpp's at
+    92.5 %; the fp32 activations give transformers' at 100 %. So issue 13's 99 % against llama.cpp cannot
+    hold here without its Q8_K arithmetic; the claim tested is that we are at least as close to the network
+    the file describes as llama.cpp is."""
+    from transformers import AutoModelForCausalLM
+
+    path = _requantised(tmp_path, "Q4_K_M")
+    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    assert all(t in ours.weights for t in ("Q4_K", "Q6_K", "Q5_0")), ours.weights
+    assert ours.size_bytes() <= 1.1 * path.stat().st_size
+    assert ours.model._np_step.fused is not None, "parts of several types side by side: the fused step runs"
+    tok = ours.tokenizer
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=os.cpu_count() or 1, logits_all=True,
+                          verbose=False, type_k=0, type_v=0)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    a = ours.model.args
+    mine, ref, net = [], [], []
+    for p in PROMPTS:
+        ids = tok.encode(tok.render_chat([{"role": "user", "content": p}]), add_special_tokens=False)
+        out, rows = _llama_greedy(llm, ids)
+        cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, len(ids) + NEW + 8)
+        mine += [int(ours.model.prefill(cache, 0, ids).argmax())]
+        mine += [int(ours.model.decode(cache, [0], [t])[0].argmax()) for t in out[:-1]]
+        ref += rows.argmax(1).tolist()
+        with torch.inference_mode():
+            net += hf(torch.tensor([ids + out[:-1]])).logits[0, len(ids) - 1:].argmax(-1).tolist()
+    m, r, h = np.asarray(mine), np.asarray(ref), np.asarray(net)
+    with capsys.disabled():
+        print(f"\nQ4_K_M file, {m.size} positions: top-1 = the file's network (transformers) ours "
+              f"{100 * (m == h).mean():.1f} %, llama.cpp {100 * (r == h).mean():.1f} %; ours = llama.cpp's "
+              f"{100 * (m == r).mean():.1f} %")
+    assert (m == h).mean() >= (r == h).mean()
+    assert (m == r).mean() >= 0.85

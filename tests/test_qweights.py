@@ -392,22 +392,24 @@ def _tile_callers(kind: int, vnni: bool, ux: bool = False):  # noqa: ANN202
     t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n >= 4, vnni, ux and n >= 4)
                           for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
 
+    sc = np.zeros(0, np.uint8)  # Q4_K's scale bytes: unread by these kinds
+
     @njit
     def one(w, wo, d, do, x, xo, dx, dxo, m, xs, nb):  # noqa: ANN001, ANN202
-        return t11(w, wo, d, do, x, xo, dx, dxo, m, xs, nb)
+        return t11(w, wo, d, do, x, xo, dx, dxo, m, xs, sc, nb)
 
     @njit
     def w4(w, wr, d, nb, x, xo, dx, dxo, m, xs):  # noqa: ANN001, ANN202 - weight rows 0..3, row stride wr
-        return t41(w, 0, wr, 2 * wr, 3 * wr, d, 0, nb, 2 * nb, 3 * nb, x, xo, dx, dxo, m, xs, nb)
+        return t41(w, 0, wr, 2 * wr, 3 * wr, d, 0, nb, 2 * nb, 3 * nb, x, xo, dx, dxo, m, xs, sc, nb)
 
     @njit
     def r4(w, wo, d, do, x, xr, dx, m, xs, nb):  # noqa: ANN001, ANN202 - activation rows 0..3
-        return t14(w, wo, d, do, x, 0, xr, 2 * xr, 3 * xr, dx, 0, nb, 2 * nb, 3 * nb, m, xs, nb)
+        return t14(w, wo, d, do, x, 0, xr, 2 * xr, 3 * xr, dx, 0, nb, 2 * nb, 3 * nb, m, xs, sc, nb)
 
     @njit
     def r8(w, wo, d, do, x, xr, dx, m, xst, nb):  # noqa: ANN001, ANN202 - activation rows 0..7
         return t18(w, wo, d, do, x, 0, xr, 2 * xr, 3 * xr, 4 * xr, 5 * xr, 6 * xr, 7 * xr, dx, 0, nb, 2 * nb,
-                   3 * nb, 4 * nb, 5 * nb, 6 * nb, 7 * nb, m, xst, nb)
+                   3 * nb, 4 * nb, 5 * nb, 6 * nb, 7 * nb, m, xst, sc, nb)
 
     return one, w4, r4, r8
 

@@ -78,6 +78,33 @@ def test_k_matmul_matches_float64(fmt, R, N, nb):
         assert np.abs(got - want).max() <= tol, (backend, np.abs(got - want).max(), tol)
 
 
+def test_q4_k_on_q8_activations_is_the_quantised_product():
+    """Q4_K with Q8 activations (`matmul_q8`, what "auto" runs where the CPU has AVX2): each block of 32 as a
+    Q4_1 block whose scale and min are d x scale_j and -dmin x min_j. Oracle: the gguf package's own Q4_K
+    decoding times the de-quantised Q8 activations in float64, with the min's term taken against the blocks'
+    fp16 sums (xs, as for Q4_1). Every tile of `q8a_span` (13 rows: a group of 8, one of 4, one more; 4
+    weight rows at a time for the last) gives each row the bits it gets alone."""
+    rng = np.random.default_rng(11)
+    N, nb, R = 37, 3, 13
+    raw = random_blocks("Q4_K", N, nb, seed=5)
+    pm = Packed.from_blocks("Q4_K", raw)
+    w64 = quants.dequantize(raw, QT.Q4_K).astype(np.float64)
+    x = rng.standard_normal((R, nb * 256)).astype(np.float32)
+    xq, dx, xs = cpu_qmatmul.quantize_rows(x, "numpy")
+    xd = (xq.reshape(R, -1, 32).astype(np.float64) * dx[..., None]).reshape(R, -1)
+    _, mins = cpu_qmatmul.q4k_scale_min(pm.sc)
+    mb = (pm.m.view(np.float16).astype(np.float64)[..., None] * mins).reshape(N, -1)  # dmin x min_j per block
+    ref = xd @ w64.T + (xd.reshape(R, 1, -1, 32).sum(-1) * mb[None]).sum(-1) - xs.astype(np.float64) @ mb.T
+    for backend in ("numpy", None):
+        got = cpu_qmatmul.matmul_q8("Q4_K", x, pm.qs, pm.d, pm.m, backend=backend, sc=pm.sc)
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+    for r in range(R):
+        one = cpu_qmatmul.matmul_q8("Q4_K", x[r:r + 1], pm.qs, pm.d, pm.m, sc=pm.sc)
+        np.testing.assert_array_equal(one[0], got[r])
+    exact = x.astype(np.float64) @ w64.T  # the activations' int8 rounding: well under 1 % here
+    assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
+
+
 @pytest.mark.parametrize("fmt", KF)
 def test_quantize_k_round_trips_through_gguf(fmt):
     rng = np.random.default_rng(7)
@@ -164,7 +191,7 @@ def test_k_gguf_is_the_network_transformers_loads(tmp_path, tie):
     from transformers import AutoModelForCausalLM
 
     path = write_k_gguf(tmp_path / f"tiny-k-{tie}.gguf", seed=int(tie), tie=tie)
-    ours = load_llm(str(path), tmp_path / "cache")
+    ours = load_llm(str(path), tmp_path / "cache", activations="fp32")  # the de-quantised network exactly
     assert ours.model.packed and ours.native and not ours.note
     assert ours.model.layers[0].wqkv.formats == ["Q4_K", "Q6_K"]  # q/k stacked, v apart
     assert "Q4_K" in ours.weights and "Q6_K" in ours.weights
@@ -220,8 +247,8 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
     """A Q4_K_M-style mix: projections of one block type (Q8_0, Q4_K, Q6_K) and projections whose parts have
     different types side by side (q and k in Q5_0 beside a Q6_K v; q, k and v in three types; gate Q4_K beside
     up Q5_1), as llama.cpp's quantizer writes them. The fused Q8 step (`kernels.cpu_step`) runs every part in
-    the one parallel call — the K products on fp32 activations with the layer-by-layer path's tiles, the others
-    on Q8 activations — each into its own columns: the same logits bit for bit as the layer-by-layer path, for
+    the one parallel call — Q6_K on fp32 activations with the layer-by-layer path's tiles, the others (Q4_K
+    included) on Q8 activations — each into its own columns: the same logits bit for bit as the layer-by-layer path, for
     prompts of nine slots and steps of 1, 2, 5 and 9 rows."""
     from kernels import cpu_step
 
@@ -261,7 +288,7 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
     assert (step.fused is not None) == cpu_step.available()
     if step.fused is None:  # no Numba / AVX2 here: the layer-by-layer path is the only one
         return
-    assert sorted(set(step.fused.pkind.tolist())) == [0, 1, 2, 3, 4, 5, 6]  # every block type
+    assert sorted(set(step.fused.pkind.tolist())) == sorted(cpu_step.KIND.values())  # every block type
     assert step.fused.pcount.max() == 3  # q, k and v in three types: three parts side by side
     fused, plain = fused_and_layer_by_layer(step, ours.model.args)
     for f, p in zip(fused, plain):
