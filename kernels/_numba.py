@@ -207,6 +207,9 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     mn = kind in (0, 3, 5)  # unsigned weights and a min per block (Q4_1, Q5_1, Q4_K)
     q5 = kind in (3, 4)  # 5-bit weights: the nibbles' 16 bytes, then the block's 32 high bits
     qk = kind == 5  # Q4_K: super-blocks of 256 (8 blocks of 32), one d / dmin / 12 scale bytes each
+    q6 = kind == 6  # Q6_K: super-blocks of 256, 128 low-nibble bytes (w), 64 high-bit bytes (m's slot), 16 int8
+    # scales (sc: two per block of 32, one per 16 values) and d
+    sup = qk or q6
     bw = 32 if kind == 2 else 20 if q5 else 16
     assert not ux or (vnni and not mn and nw == 1), "ux: VNNI, Q4_0 / Q5_0 / Q8_0, one weight row"
     # where the codegen's arguments are: (w, nw w offsets, d, nw d offsets, x, n x offsets, dx, n dx offsets, m,
@@ -285,9 +288,29 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                     if k % 2:
                         wq = builder.lshr(wq, ir.Constant(v32i8, [4] * 32))
                     wq = builder.and_(wq, ir.Constant(v32i8, [15] * 32))
+                elif q6:  # block k = 4 h + g of super-block b // 8: ggml's q = (nibble of ql[64 h + 32 (g & 1) + l],
+                    # the high one for g >= 2) | ((qh[32 h + l] >> 2 g) & 3) << 4, w = q - 32 (signed bytes)
+                    sb = builder.sdiv(b, ir.Constant(intp, 8))
+                    h_, g_ = k // 4, k % 4
+                    lo_off = builder.add(builder.mul(sb, ir.Constant(intp, 128)),
+                                         ir.Constant(intp, 64 * h_ + 32 * (g_ & 1)))
+                    wp = builder.gep(wa, [builder.add(woffs[t], lo_off)])
+                    lo = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
+                    if g_ >= 2:
+                        lo = builder.lshr(lo, ir.Constant(v32i8, [4] * 32))
+                    lo = builder.and_(lo, ir.Constant(v32i8, [15] * 32))
+                    qhb = builder.bitcast(ma, i8.as_pointer())  # the high bits ride in m's slot, as bytes
+                    hp = builder.gep(qhb, [builder.add(builder.sdiv(woffs[t], ir.Constant(intp, 2)),
+                                                       builder.add(builder.mul(sb, ir.Constant(intp, 64)),
+                                                                   ir.Constant(intp, 32 * h_)))])
+                    hi = builder.load(builder.bitcast(hp, v32i8.as_pointer()), align=1)
+                    if g_:
+                        hi = builder.lshr(hi, ir.Constant(v32i8, [2 * g_] * 32))
+                    hi = builder.shl(builder.and_(hi, ir.Constant(v32i8, [3] * 32)), ir.Constant(v32i8, [4] * 32))
+                    wq = builder.sub(builder.or_(lo, hi), ir.Constant(v32i8, [32] * 32))
                 else:
                     wp = builder.gep(wa, [builder.add(woffs[t], builder.mul(b, ir.Constant(intp, bw)))])
-                if qk:
+                if sup:
                     pass  # unpacked above
                 elif bw != 32:  # nibbles: low = values 0..15, high = 16..31: the 16 bytes in both halves, the
                     # high half's dwords shifted right by 4, every byte's low nibble kept
@@ -360,7 +383,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         # multiply-add's broadcast operand), where splatting lane k of a register costs one or two shuffles per
         # pair (Zen 4, weights in L2, one thread, interleaved: the 1x8 and 4x1 tiles 5-10 % faster). Same values,
         # same bits.
-        nbuf = nw * n + (nw if mn else 0)
+        nbuf = nw * n + (nw if mn else 0) + (nw * n if q6 else 0)
         buf = cgutils.alloca_once(builder, v8f32, size=nbuf)
         fence = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [buf.type]), "", "r,~{memory}", side_effect=True)
 
@@ -393,24 +416,42 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             dm = splat1(half(builder, ma, builder.add(doffs[t], sb)), 8)
             return builder.fmul(dd, bytes8(s_lo, s_hi)), builder.fneg(builder.fmul(dm, bytes8(m_lo, m_hi)))
 
+        def q6_scales(t: Any, sb: Any) -> tuple[Any, Any]:
+            # Q6_K super-block sb of weight row t: d x its 16 int8 scales, the even ones (values 0..15 of each
+            # block of 32) and the odd ones (16..31), as two fp32 vectors (exact: fp16 x int8)
+            v16 = builder.load(builder.bitcast(builder.gep(sca, [builder.mul(builder.add(doffs[t], sb),
+                                                                             ir.Constant(intp, 16))]),
+                                               ir.VectorType(i8, 16).as_pointer()), align=1)
+            dd = splat1(half(builder, da, builder.add(doffs[t], sb)), 8)
+            half8 = [builder.shuffle_vector(v16, v16, mask(8, list(range(o, 16, 2)))) for o in (0, 1)]
+            return tuple(builder.fmul(dd, builder.sitofp(v, v8f32)) for v in half8)
+
+        def scale6(t: int, j: int, k: int) -> Any:  # block k's scale vector: 4 lanes of each of its two scales
+            e, o = splat1(lane(t * n + j, k), 8), splat1(lane(nw * n + t * n + j, k), 8)
+            return builder.shuffle_vector(e, o, mask(8, [0, 1, 2, 3, 12, 13, 14, 15]))
+
         ng = builder.sdiv(nb, ir.Constant(intp, 8))
         with cgutils.for_range(builder, ng) as loop:
             b0 = builder.mul(loop.index, ir.Constant(intp, 8))
-            ks = [k_scales(t, loop.index) for t in range(nw)] if qk else None
-            d8 = [ks[t][0] if qk else halves8(da, builder.add(doffs[t], b0)) for t in range(nw)]
+            ks = [k_scales(t, loop.index) if qk else q6_scales(t, loop.index) for t in range(nw)] if sup else None
+            d8 = [ks[t][0] if sup else halves8(da, builder.add(doffs[t], b0)) for t in range(nw)]
             dx8 = [vec8(dxa, builder.add(dxoffs[j], b0), v8f32) for j in range(n)]
             for t in range(nw):
                 for j in range(n):
                     builder.store(builder.fmul(d8[t], dx8[j]), builder.gep(buf, [ir.Constant(i32, t * n + j)]))
+                    if q6:  # the odd scales' products after every pair's even ones
+                        builder.store(builder.fmul(ks[t][1], dx8[j]),
+                                      builder.gep(buf, [ir.Constant(i32, nw * n + t * n + j)]))
                 if mn:
                     builder.store(ks[t][1] if qk else halves8(ma, builder.add(doffs[t], b0)),
                                   builder.gep(buf, [ir.Constant(i32, nw * n + t)]))
             builder.call(fence, [buf])
             for k in range(8):
-                block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: splat1(lane(t * n + j, k), 8),
+                block(builder.add(b0, ir.Constant(intp, k)),
+                      (lambda t, j, k=k: scale6(t, j, k)) if q6 else (lambda t, j, k=k: splat1(lane(t * n + j, k), 8)),
                       lambda t, k=k: lane(nw * n + t, k),
                       lambda k=k: gather([lane(nw * n + t, k) for t in range(nw)]), k)
-        tail0 = builder.mul(ng, ir.Constant(intp, 8)) if not qk else nb  # Q4_K: whole super-blocks only
+        tail0 = builder.mul(ng, ir.Constant(intp, 8)) if not sup else nb  # K formats: whole super-blocks only
         with cgutils.for_range_slice(builder, tail0, nb, ir.Constant(intp, 1)) as (b, _):
             def scale1(t: int, j: int, b: Any = b) -> Any:
                 dw = half(builder, da, builder.add(doffs[t], b))

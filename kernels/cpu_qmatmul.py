@@ -84,8 +84,8 @@ ALL_FORMATS = FORMATS + K_FORMATS
 BLOCK = 32
 QK_K = 256
 BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K}
-Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K")  # products with Q8 activations (`matmul_q8`)
-Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "Q4_K": 7}  # q8a_span's kinds
+Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K")  # with Q8 activations (`matmul_q8`)
+Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "Q4_K": 7, "Q6_K": 8}  # q8a_span's kinds
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
@@ -169,7 +169,8 @@ def quantize_rows_reference(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: n
 
 
 def matmul_q8_reference(fmt: str, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, qs: np.ndarray, d: np.ndarray,
-                        m: np.ndarray | None, out: np.ndarray, sc: np.ndarray | None = None) -> None:
+                        m: np.ndarray | None, out: np.ndarray, sc: np.ndarray | None = None,
+                        qh: np.ndarray | None = None) -> None:
     """out[R, N] = the Q8 product in float64: the de-quantised activations (xq x dx) @ W.T (a Q4_1 / Q5_1
     weight d q + m: d q x the de-quantised x, plus m x xs, the de-quantised block's sum; Q4_K's d s_j q -
     dmin m_j the same way, per block of 32)."""
@@ -183,7 +184,7 @@ def matmul_q8_reference(fmt: str, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray
         out[...] = xd @ dequant_reference(fmt, qs, d, np.zeros_like(m)).T \
             + xs.astype(np.float64) @ m.view(np.float16).astype(np.float64).T
     else:
-        out[...] = xd @ dequant_reference(fmt, qs, d, None).T
+        out[...] = xd @ dequant_reference(fmt, qs, d, None, sc, qh).T
 
 
 def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, out: np.ndarray,
@@ -410,8 +411,7 @@ def _kernels() -> dict | None:
     @njit(fastmath=True, cache=True, nogil=True)
     def k_tiles(x, qs, sc, qh, d, dm, kind, t0, t1, wt, s8, m8, out):  # pragma: no cover - compiled
         # tiles t0 .. t1 - 1 of 4 output rows (the last one repeats row N - 1), kind 3: Q4_K (dm: its dmin),
-        # 4: Q6_K (qh: its high bits), each de-quantised into wt [4, >= K], then tile_dot for all rows of x.
-        # Also the fused step's K products (kernels.cpu_step): the same tiles and bits
+        # 4: Q6_K (qh: its high bits), each de-quantised into wt [4, >= K], then tile_dot for all rows of x
         N = qs.shape[0]
         for tl in range(t0, t1):
             n0 = tl * 4
@@ -480,7 +480,7 @@ def _kernels() -> dict | None:
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
 _r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = flip_rows = None
 _rd_q50 = _rd_q51 = _r4_q50 = _r4_q51 = _w4_q50 = _w4_q51 = _r8_q50 = _r8_q51 = None
-_rd_q4k = _r4_q4k = _w4_q4k = _r8_q4k = None
+_rd_q4k = _r4_q4k = _w4_q4k = _r8_q4k = _rd_q6k = _r4_q6k = _w4_q6k = _r8_q6k = None
 # VNNI: Q4_0 / Q8_0's tiles of rows take the activations with their sign bit flipped (`xu`, see
 # `_numba._q8_rows_codegen`'s ux: no vpsignb per pair); elsewhere they take xq and xu is unused
 UX = False
@@ -496,6 +496,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
     global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows, flip_rows, UX
     global _rd_q50, _rd_q51, _r4_q50, _r4_q51, _w4_q50, _w4_q51, _r8_q50, _r8_q51, _rd_q4k, _r4_q4k, _w4_q4k, _r8_q4k
+    global _rd_q6k, _r4_q6k, _w4_q6k, _r8_q6k
     _pf = prefetch_intrinsic(PF_LOC)
     UX = has_vnni()
     global quantize_span, q8a_span
@@ -514,6 +515,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     # Q4_K (the intrinsics' kind 5): super-blocks of 8 blocks, each block a Q4_1 one (see _q8_rows_codegen)
     _rd_q4k, _w4_q4k = q8_row_dot_intrinsic(5), q8_tile_dot_intrinsic(5, 4, 1)
     _r4_q4k, _r8_q4k = (q8_tile_dot_intrinsic(5, 1, r, tmin=True) for r in (4, 8))
+    # Q6_K (kind 6): signed blocks of 32 (q - 32), two scales each; its high bits ride in the m argument
+    _rd_q6k, _w4_q6k = q8_row_dot_intrinsic(6), q8_tile_dot_intrinsic(6, 4, 1)
+    _r4_q6k, _r8_q6k = (q8_tile_dot_intrinsic(6, 1, r, ux=UX) for r in (4, 8))
 
     @njit(cache=True, nogil=True, inline="always")
     def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled
@@ -529,7 +533,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             _pf(qs, n * nb * bw + off)
         for off in range(0, rows * dn, 32):
             _pf(df, n * dn + off)
-            if kind == 1 or kind == 6 or kind == 7:
+            if kind == 1 or kind == 6 or kind == 7:  # (Q6_K's high bits: the hardware's stream prefetch)
                 _pf(mf, n * dn + off)
 
     @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
@@ -560,9 +564,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # bytes flat (uint8), df / mf: fp16 bits flat [N * nb]; rows of x four at a time (each weight block
         # unpacked once for them), the rest one by one: the same arithmetic per row either way. xu: xq with
         # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q5_0 / Q8_0 tiles of rows read it), else
-        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 5 Q5_0, 6 Q5_1, 7 Q4_K (`Q8A_KIND`; scf: Q4_K's scale bytes)
+        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K (`Q8A_KIND`; scf: the K formats'
+        # scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block viewed as uint16)
         bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 else 16  # weight bytes per block of 32
-        dn = nb // 8 if kind == 7 else nb  # scales per weight row (Q4_K: one d / dmin per 8 blocks)
+        dn = nb // 8 if kind >= 7 else nb  # scales per weight row (K formats: one d per 8 blocks)
         mn = kind == 1 or kind == 6 or kind == 7  # a min per block: xs read transposed by the tiles of rows
         xr = nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)  # a prange index is unsigned: n + 1 would be a float
@@ -598,6 +603,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 7:
                         a = _w4_q4k(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 8:
+                        a = _w4_q6k(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     else:
                         a = _w4_q80(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
@@ -638,6 +646,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     a8 = _r8_q4k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xst, scf, nb)
+                elif kind == 8:
+                    a8 = _r8_q6k(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 else:
                     a8 = _r8_q80(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
@@ -661,6 +673,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 elif kind == 7:
                     a = _r4_q4k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, scf, nb)
+                elif kind == 8:
+                    a = _r4_q6k(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 else:
                     a = _r4_q80(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
@@ -682,6 +697,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_q51(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 7:
                     out[r, n] = _rd_q4k(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 8:
+                    out[r, n] = _rd_q6k(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 else:
                     out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 r += 1
@@ -695,7 +712,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         R, nb = dx.shape
         N = d.shape[0]
         dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
-        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 5) and R >= 4 else 0, np.int8)
+        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 5 or kind == 8) and R >= 4 else 0,
+                      np.int8)
         if xu.size:
             flip_rows(xq, xu, nb * 32, 0, R)
         for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
@@ -731,14 +749,16 @@ def quantize_rows(x: np.ndarray, backend: str | None = None) -> tuple[np.ndarray
 
 
 def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None,
-              backend: str | None = None, out: np.ndarray | None = None, sc: np.ndarray | None = None) -> np.ndarray:
+              backend: str | None = None, out: np.ndarray | None = None, sc: np.ndarray | None = None,
+              qh: np.ndarray | None = None) -> np.ndarray:
     """x [R, K] fp32 @ W.T with W in `fmt` blocks (`Q8A_FORMATS`), llama.cpp's way: x quantised to Q8
     blocks of 32 first (`quantize_rows`), then integer dot products per block (AVX2, see
     `_numba.q8_row_dot_intrinsic`) scaled in fp32 -> [R, N] fp32. Each row of the result depends only on
     its row of x (the same bits alone or in a batch). Where the kernels do not run (no Numba, no AVX2,
-    backend="numpy") the float64 twin computes the same quantised product. Q4_K (with `sc`): its blocks of 32
-    against the same Q8 blocks (not llama.cpp's Q8_K activations: the same product to rounding)."""
-    _check(fmt, qs, d, m, sc)
+    backend="numpy") the float64 twin computes the same quantised product. Q4_K (with `sc`) and Q6_K (`sc`,
+    `qh`): their blocks of 32 against the same Q8 blocks (not llama.cpp's Q8_K activations: the same product
+    to rounding)."""
+    _check(fmt, qs, d, m, sc, qh)
     if fmt not in Q8A_FORMATS:
         raise ValueError(f"fmt={fmt!r}: Q8 activations take {', '.join(Q8A_FORMATS)}")
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -748,10 +768,11 @@ def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndar
     if out is None:
         out = np.empty((x.shape[0], qs.shape[0]), np.float32)
     xq, dx, xs = quantize_rows(x, backend)
-    scf = sc.reshape(-1) if sc is not None else np.zeros(0, np.uint8)
+    scf = sc.reshape(-1).view(np.uint8) if sc is not None else np.zeros(0, np.uint8)
+    mm = qh.reshape(d.shape[0], -1).view(np.uint16) if fmt == "Q6_K" else d if m is None else m
     dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _s, _k, out:
-             matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out, sc), backend,
-             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, d if m is None else m, scf, Q8A_KIND[fmt], out)
+             matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out, sc, qh), backend,
+             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf, Q8A_KIND[fmt], out)
     return out
 
 
@@ -858,7 +879,9 @@ def warm() -> list[str]:
             for r in (1, 3):
                 matmul_q8(fmt, np.ones((r, BLOCK_VALUES[fmt]), f32), np.zeros((3, 1, _LAYOUT[fmt][1]),
                                                                                _LAYOUT[fmt][0]),
-                          u16[:, :1].copy(), u16[:, :1].copy(), sc=np.zeros((3, 1, 12), np.uint8))
+                          u16[:, :1].copy(), u16[:, :1].copy(),
+                          sc=np.zeros((3, 1, 16), np.int8) if fmt == "Q6_K" else np.zeros((3, 1, 12), np.uint8),
+                          qh=np.zeros((3, 1, 64), np.uint8))
         return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant", "q8a_matmul"]
     return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant"]
 
@@ -918,7 +941,7 @@ def _register() -> None:
                         _dequant_cases(fmt), rel(1e-6), f"GGUF {fmt} rows to fp32"))
     for fmt in Q8A_FORMATS:
         def mq(x, qs, d, m, sc, qh, _f=fmt, _b=None):  # noqa: ANN001, ANN202
-            return matmul_q8(_f, x, qs, d, m, backend=_b, sc=sc)
+            return matmul_q8(_f, x, qs, d, m, backend=_b, sc=sc, qh=qh)
 
         register(Kernel(f"q8a_matmul_{fmt.lower()}", "numba", mq, lambda *a, _mq=mq: _mq(*a, _b="numpy"),
                         _matmul_cases(fmt), rel(1e-5), f"x @ W.T with W in GGUF {fmt} blocks and x in Q8 blocks "

@@ -42,7 +42,6 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
 _quant = _flip = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
-_ktiles = None
 claim = finish = wait = product = part_rows = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
 UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q5_0 / Q8_0 tiles of rows read sign-flipped activations
@@ -61,13 +60,13 @@ def _kernels() -> dict | None:
 
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
-    global _ktiles, UX
+    global UX
     global _quant, _flip, _span, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
     global claim, finish, wait, product, part_rows, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
     _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
-    _ktiles, UX = cpu_qmatmul.k_tiles, cpu_qmatmul.UX
+    UX = cpu_qmatmul.UX
     _attend, _norm_row, _swiglu_row = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.swiglu_row
     _fma = fma_intrinsic()
     _add, _load, _pause = atomic_intrinsics()
@@ -88,14 +87,12 @@ def _kernels() -> dict | None:
             _pause()
 
     @njit(cache=True, nogil=True)
-    def product(sync, ph, threads, xq, xu, dxf, xsf, x32, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol, first, count,
-                R, nb, out, wt, s8, m8):  # pragma: no cover - compiled
+    def product(sync, ph, threads, xq, xu, dxf, xsf, pqs, pd, pm, psc, pb, pkind, prows, pcol, first, count, R, nb,
+                out):  # pragma: no cover - compiled
         # one phase: a projection's parts first .. first + count - 1 (each one block type: the columns pcol[j] ..
         # pcol[j] + prows[j] - 1 of out), their output rows in ~ITEMS items per thread and part (whole tiles of 4
         # rows), claimed by whichever thread is free: long runs of rows (the weights stream in order), evenly
-        # shared. Q6_K (kind 4) takes the fp32 input x32 as `cpu_qmatmul.matmul` does (`k_tiles`: each tile of
-        # 4 weight rows de-quantised into the thread's wt, then `tile_dot` for every row: the same tiles and
-        # bits); the others, Q4_K included, the Q8 blocks (`q8a_span`)
+        # shared. Every block type runs on the Q8 blocks (`q8a_span`)
         items = 0
         for j in range(first, first + count):
             N = prows[j]
@@ -117,24 +114,17 @@ def _kernels() -> dict | None:
             n0 = i * chunk
             n1 = min(n0 + chunk, N)
             if N == out.shape[1]:  # the projection's only part: out itself (C-contiguous, as the kernels prefer)
-                part_rows(xq, xu, dxf, xsf, x32, pqs[j], pd[j], pm[j], psc[j], pqh[j], pb[j], pkind[j], R, nb, N,
-                          n0, n1, out, wt, s8, m8)
+                part_rows(xq, xu, dxf, xsf, pqs[j], pd[j], pm[j], psc[j], pb[j], pkind[j], R, nb, n0, n1, out)
             else:  # its columns of out
-                part_rows(xq, xu, dxf, xsf, x32, pqs[j], pd[j], pm[j], psc[j], pqh[j], pb[j], pkind[j], R, nb, N,
-                          n0, n1, out[:, pcol[j]:pcol[j] + N], wt, s8, m8)
+                part_rows(xq, xu, dxf, xsf, pqs[j], pd[j], pm[j], psc[j], pb[j], pkind[j], R, nb, n0, n1,
+                          out[:, pcol[j]:pcol[j] + N])
             finish(sync, ph)
         wait(sync, ph, items)
 
     @njit(cache=True, nogil=True)
-    def part_rows(xq, xu, dxf, xsf, x32, qs, d, m, sc, qh, bias, kind, R, nb, N, n0, n1, o, wt, s8,
-                  m8):  # pragma: no cover - compiled
-        # rows n0 .. n1 - 1 of one part (N rows) into o [R, N]
-        if kind == 4:  # Q6_K: fp32 activations
-            nbk = nb // 8
-            _ktiles(x32, qs.reshape(N, nbk, 128), sc.view(np.int8).reshape(N, nbk, 16), qh.reshape(N, nbk, 64),
-                    d, d, 4, n0 // 4, (n1 + 3) // 4, wt, s8, m8, o)
-        else:
-            _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
+    def part_rows(xq, xu, dxf, xsf, qs, d, m, sc, bias, kind, R, nb, n0, n1, o):  # pragma: no cover - compiled
+        # rows n0 .. n1 - 1 of one part into o [R, its rows]
+        _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
         if bias.shape[0]:
             for r in range(R):
                 for n in range(n0, n1):
@@ -160,8 +150,8 @@ def _kernels() -> dict | None:
         wait(sync, ph, R)
 
     @njit(cache=True, nogil=True)
-    def worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos,
-               sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu,
+    def worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos, sin,
+               row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu,
                act):  # pragma: no cover - compiled
         R, D = x.shape
         L = pfirst.shape[0]
@@ -176,21 +166,14 @@ def _kernels() -> dict | None:
         n_att = R * per_row
         p = np.zeros(T + 8, np.float32)  # this thread's attention scratch
         acc = np.empty((32, hd), np.float32)
-        kw = 0  # this thread's scratch for the Q6_K products' tiles, where the layers have such products
-        for j in range(pkind.shape[0]):
-            if pkind[j] == 4:
-                kw = 4
-        wt = np.empty((kw, max(D, nq, inter)), np.float32)
-        s8 = np.empty(8, np.float32)
-        m8 = np.empty(8, np.float32)
         ph = 0
         for layer in range(L):
             Kl = K[layer]
             Vl = V[layer]
             norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, xq, xu, dxf, xsf)  # the last FFN output added
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, h, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol,
-                    pfirst[layer, 0], pcount[layer, 0], R, D // 32, qkv, wt, s8, m8)
+            product(sync, ph, threads, xq, xu, dxf, xsf, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+                    pfirst[layer, 0], pcount[layer, 0], R, D // 32, qkv)
             ph += 1
             while True:  # rows: RoPE (ggml's fused multiply-adds), K and V into the cache
                 r = claim(sync, ph)
@@ -238,13 +221,13 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, a2, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol,
-                    pfirst[layer, 1], pcount[layer, 1], R, nq // 32, o, wt, s8, m8)
+            product(sync, ph, threads, xq, xu, dxf, xsf, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+                    pfirst[layer, 1], pcount[layer, 1], R, nq // 32, o)
             ph += 1
             norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, xq, xu, dxf, xsf)  # the attention's output added
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, h, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol,
-                    pfirst[layer, 2], pcount[layer, 2], R, D // 32, gu, wt, s8, m8)
+            product(sync, ph, threads, xq, xu, dxf, xsf, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+                    pfirst[layer, 2], pcount[layer, 2], R, D // 32, gu)
             ph += 1
             while True:  # rows: SwiGLU (ggml's exp on 8-lane groups, libm's on the rest), Q8 blocks
                 r = claim(sync, ph)
@@ -257,8 +240,8 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, act, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol,
-                    pfirst[layer, 3], pcount[layer, 3], R, inter // 32, o, wt, s8, m8)
+            product(sync, ph, threads, xq, xu, dxf, xsf, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+                    pfirst[layer, 3], pcount[layer, 3], R, inter // 32, o)
             ph += 1
         while True:  # rows: the last layer's FFN output added
             r = claim(sync, ph)
@@ -270,7 +253,7 @@ def _kernels() -> dict | None:
         wait(sync, ph, R)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def layers_nb(threads, x, ln1, ln2, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos, sin,
+    def layers_nb(threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos, sin,
                   row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch):  # pragma: no cover - compiled
         R, D = x.shape
         L = pfirst.shape[0]
@@ -281,7 +264,7 @@ def _kernels() -> dict | None:
         xq = np.empty(R * kmax, np.int8)
         flip = False  # a Q4_0 / Q5_0 / Q8_0 product's tiles of rows read xu (UX): only then is it filled
         for j in range(pkind.shape[0]):
-            if pkind[j] == 0 or pkind[j] == 2 or pkind[j] == 5:
+            if pkind[j] == 0 or pkind[j] == 2 or pkind[j] == 5 or pkind[j] == 8:
                 flip = True
         xu = np.empty(R * kmax if UX and flip and R >= 4 else 0, np.int8)
         dxf = np.empty(R * kmax // 32, np.float32)
@@ -296,9 +279,9 @@ def _kernels() -> dict | None:
         # to them; a thread that finds a phase's items gone waits for the others to finish them. No thread
         # waits for a given other one, so any number of them (one included) finish the step
         for _t in prange(threads):
-            worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pqh, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos,
-                   sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o,
-                   gu, act)
+            worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos, sin,
+                   row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu,
+                   act)
 
     return {"step_q8": layers_nb}
 
@@ -308,8 +291,7 @@ def available() -> bool:
     return _kernels() is not None
 
 
-# a part's kind: `cpu_qmatmul.Q8A_KIND` (Q8 activations), or 4: Q6_K on fp32 activations (`cpu_qmatmul.k_tiles`)
-KIND = {**cpu_qmatmul.Q8A_KIND, "Q6_K": 4}
+KIND = cpu_qmatmul.Q8A_KIND  # a part's kind (`q8a_span`'s)
 
 
 class Q8Layers:
@@ -329,7 +311,7 @@ class Q8Layers:
 
         empty = np.zeros(0, np.float32)
         none = np.zeros(0, np.uint8)
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ln1", "ln2", "pqs", "pd", "pm", "psc", "pqh", "pb")}
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ln1", "ln2", "pqs", "pd", "pm", "psc", "pb")}
         kinds, rows, pcol, first, count = [], [], [], [], []
         for ln1, ln2, lins in layers:
             cols["ln1"].append(np.ascontiguousarray(ln1, np.float32))
@@ -344,10 +326,11 @@ class Q8Layers:
                     n = p.qs.shape[0]
                     cols["pqs"].append(p.qs.reshape(-1).view(np.uint8))
                     cols["pd"].append(np.ascontiguousarray(p.d))
-                    cols["pm"].append(np.ascontiguousarray(p.m if p.m is not None else p.d))
-                    # the K formats' packed scales (Q6_K's int8 as bytes) and Q6_K's high bits, flat
+                    # m: the mins (Q4_1, Q5_1), dmin (Q4_K), Q6_K's high bits as uint16 (`q8a_span`), else unread
+                    m = p.qh.reshape(n, -1).view(np.uint16) if p.fmt == "Q6_K" else p.m if p.m is not None else p.d
+                    cols["pm"].append(np.ascontiguousarray(m))
+                    # the K formats' packed scales (Q6_K's int8 as bytes), flat
                     cols["psc"].append(none if p.sc is None else p.sc.reshape(-1).view(np.uint8))
-                    cols["pqh"].append(none if p.qh is None else p.qh.reshape(-1).view(np.uint8))
                     cols["pb"].append(empty if b is None else np.ascontiguousarray(b[col:col + n], np.float32))
                     kinds.append(KIND[p.fmt])
                     rows.append(n)
@@ -376,7 +359,7 @@ def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: 
     t = layers.lists
     x = np.ascontiguousarray(x, dtype=np.float32)
     with LOCK:
-        fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["pqs"], t["pd"], t["pm"], t["psc"], t["pqh"], t["pb"],
+        fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["pqs"], t["pd"], t["pm"], t["psc"], t["pb"],
            layers.pkind, layers.prows, layers.pcol, layers.pfirst, layers.pcount, K, V, cos, sin,
            np.asarray(row_slot, np.int64),
            np.asarray(row_pos, np.int64), H, KVH, hd, inter, layers.eps, np.float32(scale), bool(batch))

@@ -70,7 +70,7 @@ class ModelsSection(_Section):
         "auto", description="'auto'/'gguf' = a GGUF's own blocks kept packed (CPU); 'int8'/'int4' = quantised at load "
                             "(Q8_0/Q4_1 blocks); 'bf16'/'fp16'/'fp32' = de-quantised in that dtype")
     llm_activations: Literal["auto", "fp32", "q8"] = Field(
-        "auto", description="packed Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K weights: 'q8' = activations quantised to Q8 blocks "
+        "auto", description="packed GGUF / int8 / int4 weights: 'q8' = activations quantised to Q8 blocks "
                             "and integer dot products, and llama.cpp's float arithmetic between them (its logits bit "
                             "for bit on an AVX2 CPU, at its speed); 'fp32' = the de-quantised network exactly "
                             "(transformers' logits up to summation order, ~2.5x slower); 'auto' = q8 where the CPU "

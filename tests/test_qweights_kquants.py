@@ -78,28 +78,32 @@ def test_k_matmul_matches_float64(fmt, R, N, nb):
         assert np.abs(got - want).max() <= tol, (backend, np.abs(got - want).max(), tol)
 
 
-def test_q4_k_on_q8_activations_is_the_quantised_product():
-    """Q4_K with Q8 activations (`matmul_q8`, what "auto" runs where the CPU has AVX2): each block of 32 as a
-    Q4_1 block whose scale and min are d x scale_j and -dmin x min_j. Oracle: the gguf package's own Q4_K
-    decoding times the de-quantised Q8 activations in float64, with the min's term taken against the blocks'
-    fp16 sums (xs, as for Q4_1). Every tile of `q8a_span` (13 rows: a group of 8, one of 4, one more; 4
-    weight rows at a time for the last) gives each row the bits it gets alone."""
+@pytest.mark.parametrize("fmt", KF)
+def test_k_blocks_on_q8_activations_are_the_quantised_product(fmt):
+    """Q4_K / Q6_K with Q8 activations (`matmul_q8`, what "auto" runs where the CPU has AVX2), per block of 32:
+    Q4_K's as a Q4_1 block whose scale and min are d x scale_j and -dmin x min_j, Q6_K's as a signed block
+    (q - 32) with one scale per 16 values. Oracle: the gguf package's own decoding times the de-quantised Q8
+    activations in float64 (Q4_K's min term taken against the blocks' fp16 sums, xs, as for Q4_1). Every tile
+    of `q8a_span` (13 rows: a group of 8, one of 4, one more; 4 weight rows at a time for the last) gives each
+    row the bits it gets alone."""
     rng = np.random.default_rng(11)
     N, nb, R = 37, 3, 13
-    raw = random_blocks("Q4_K", N, nb, seed=5)
-    pm = Packed.from_blocks("Q4_K", raw)
-    w64 = quants.dequantize(raw, QT.Q4_K).astype(np.float64)
+    raw = random_blocks(fmt, N, nb, seed=5)
+    pm = Packed.from_blocks(fmt, raw)
+    w64 = quants.dequantize(raw, getattr(QT, fmt)).astype(np.float64)
     x = rng.standard_normal((R, nb * 256)).astype(np.float32)
     xq, dx, xs = cpu_qmatmul.quantize_rows(x, "numpy")
     xd = (xq.reshape(R, -1, 32).astype(np.float64) * dx[..., None]).reshape(R, -1)
-    _, mins = cpu_qmatmul.q4k_scale_min(pm.sc)
-    mb = (pm.m.view(np.float16).astype(np.float64)[..., None] * mins).reshape(N, -1)  # dmin x min_j per block
-    ref = xd @ w64.T + (xd.reshape(R, 1, -1, 32).sum(-1) * mb[None]).sum(-1) - xs.astype(np.float64) @ mb.T
+    ref = xd @ w64.T
+    if fmt == "Q4_K":
+        _, mins = cpu_qmatmul.q4k_scale_min(pm.sc)
+        mb = (pm.m.view(np.float16).astype(np.float64)[..., None] * mins).reshape(N, -1)  # dmin x min_j per block
+        ref += (xd.reshape(R, 1, -1, 32).sum(-1) * mb[None]).sum(-1) - xs.astype(np.float64) @ mb.T
     for backend in ("numpy", None):
-        got = cpu_qmatmul.matmul_q8("Q4_K", x, pm.qs, pm.d, pm.m, backend=backend, sc=pm.sc)
+        got = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, backend=backend, sc=pm.sc, qh=pm.qh)
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
     for r in range(R):
-        one = cpu_qmatmul.matmul_q8("Q4_K", x[r:r + 1], pm.qs, pm.d, pm.m, sc=pm.sc)
+        one = cpu_qmatmul.matmul_q8(fmt, x[r:r + 1], pm.qs, pm.d, pm.m, sc=pm.sc, qh=pm.qh)
         np.testing.assert_array_equal(one[0], got[r])
     exact = x.astype(np.float64) @ w64.T  # the activations' int8 rounding: well under 1 % here
     assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
@@ -293,3 +297,70 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
     fused, plain = fused_and_layer_by_layer(step, ours.model.args)
     for f, p in zip(fused, plain):
         assert torch.equal(f, p)
+
+
+@pytest.mark.parametrize("fmt", KF)
+def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
+    """The Q8 tile intrinsics on K blocks (`_numba._q8_rows_codegen` kinds 5 / 6): every (weight row,
+    activation row) of the 4 x 1, 1 x 4 and 1 x 8 tiles equals the 1 x 1 tile's bits; where the CPU has VNNI,
+    the `vpdpbusd` variant equals the AVX2 one, and Q6_K's tiles of rows on sign-flipped activations too."""
+    from numba import njit
+
+    from kernels._numba import has_avx2, has_vnni, jit, q8_tile_dot_intrinsic
+
+    assert jit() is not None and has_avx2()
+    kind = {"Q4_K": 5, "Q6_K": 6}[fmt]
+    W, R, nbk = 4, 8, 2
+    nb = nbk * 8
+    raw = random_blocks(fmt, W, nbk, seed=9)
+    pm = Packed.from_blocks(fmt, raw)
+    wf, df = pm.qs.reshape(-1).view(np.uint8), pm.d.reshape(-1)
+    mf = pm.qh.reshape(-1).view(np.uint16) if fmt == "Q6_K" else pm.m.reshape(-1)
+    scf = pm.sc.reshape(-1).view(np.uint8)
+    x = np.random.default_rng(2).standard_normal((R, nb * 32)).astype(np.float32)
+    xq, dx, xs = cpu_qmatmul.quantize_rows(x)
+    dxf, xsf, xr = dx.reshape(-1), xs.reshape(-1), nb * 32
+    xst = np.ascontiguousarray(xs.T).reshape(-1)  # Q4_K's min terms over 8 rows: (row j, block b) at b * 8 + j
+    xst4 = np.ascontiguousarray(xs[:4].T).reshape(-1)
+    wr = nbk * 128  # weight bytes per row; scales per row: nbk
+    want = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, backend="numpy", sc=pm.sc, qh=pm.qh)
+    results = []
+    for vnni in [False] + ([True] if has_vnni() else []):
+        for ux in [False] + ([True] if vnni and fmt == "Q6_K" else []):
+            t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n >= 4, vnni, ux and n >= 4)
+                                  for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
+
+            @njit
+            def run(xq, xa, x4, x8):  # noqa: ANN001, ANN202 - x4 / x8: what the 1 x 4 / 1 x 8 tiles read as xs
+                one = np.empty((R, W), np.float32)
+                w4 = np.empty((R, W), np.float32)
+                r4 = np.empty((4, W), np.float32)
+                r8 = np.empty((R, W), np.float32)
+                for j in range(R):
+                    for t in range(W):
+                        one[j, t] = t11(wf, t * wr, df, t * nbk, xq, j * xr, dxf, j * nb, mf, xsf, scf, nb)
+                    a = t41(wf, 0, wr, 2 * wr, 3 * wr, df, 0, nbk, 2 * nbk, 3 * nbk, xq, j * xr, dxf, j * nb, mf,
+                            xsf, scf, nb)
+                    for t in range(W):
+                        w4[j, t] = a[t]
+                for t in range(W):
+                    a4 = t14(wf, t * wr, df, t * nbk, xa, 0, xr, 2 * xr, 3 * xr, dxf, 0, nb, 2 * nb, 3 * nb, mf, x4,
+                             scf, nb)
+                    a8 = t18(wf, t * wr, df, t * nbk, xa, 0, xr, 2 * xr, 3 * xr, 4 * xr, 5 * xr, 6 * xr, 7 * xr, dxf,
+                             0, nb, 2 * nb, 3 * nb, 4 * nb, 5 * nb, 6 * nb, 7 * nb, mf, x8, scf, nb)
+                    for j in range(4):
+                        r4[j, t] = a4[j]
+                    for j in range(8):
+                        r8[j, t] = a8[j]
+                return one, w4, r4, r8
+
+            xa = xq ^ np.int8(-128) if ux else xq
+            x4, x8 = (xst4, xst) if fmt == "Q4_K" else (xsf, xsf)
+            one, w4, r4, r8 = run(xq, xa, x4, x8)
+            np.testing.assert_allclose(one, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+            np.testing.assert_array_equal(w4, one)
+            np.testing.assert_array_equal(r4, one[:4])
+            np.testing.assert_array_equal(r8, one)
+            results.append(one)
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])

@@ -231,7 +231,7 @@ class PackedLinear(nn.Module):
         self.out_features = sum(p.shape[0] for p in parts)
         self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
         self.scratch = scratch
-        # or "q8": the Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K parts take Q8 activations (`set_activations`)
+        # or "q8": the parts take Q8 activations (`set_activations`)
         self.activations = "fp32"
         self.placed: list[tuple] | None = None  # the parts on a device (`place`), else None: the CPU arrays
         self.placed_impl = ""
@@ -254,7 +254,7 @@ class PackedLinear(nn.Module):
             n = p.shape[0]
             if q8 and p.fmt in cpu_qmatmul.Q8A_FORMATS:
                 y = cpu_qmatmul.matmul_q8(p.fmt, x, p.qs, p.d, p.m, out=out if len(self.parts) == 1 else None,
-                                          sc=p.sc)
+                                          sc=p.sc, qh=p.qh)
             else:
                 y = p.matmul(x, out=out if len(self.parts) == 1 else None)
             if len(self.parts) > 1:
@@ -393,8 +393,8 @@ def set_activations(model: Any, mode: str) -> str:
     """How the packed products of `model` take their activations (`models.llm_activations`): "fp32" (the
     weights de-quantised in registers against fp32 x: the de-quantised network, up to summation order),
     "q8" (x quantised to Q8 blocks of 32 and integer dot products, as llama.cpp computes Q4_0/Q4_1/Q5_0/Q5_1/
-    Q8_0, and Q4_K per block of 32: `kernels.cpu_qmatmul.matmul_q8`; Q6_K stays fp32), "auto" (q8 where its
-    AVX2 kernels run, else fp32). Sets every PackedLinear of the model (the tied head included); returns the mode used."""
+    Q8_0, and Q4_K / Q6_K per block of 32: `kernels.cpu_qmatmul.matmul_q8`), "auto" (q8 where its AVX2
+    kernels run, else fp32). Sets every PackedLinear of the model (the tied head included); returns the mode used."""
     if mode not in ACTIVATIONS:
         raise ValueError(f"activations={mode!r}: expected one of {', '.join(ACTIVATIONS)}")
     used = mode if mode != "auto" else ("q8" if cpu_qmatmul.q8_available() else "fp32")
