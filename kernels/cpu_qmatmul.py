@@ -55,9 +55,9 @@ integer q, so this is the de-quantised product up to summation order
 of tiles, parallel. The NumPy twins de-quantise to float64 and multiply (the
 oracle the tests use, beside `gguf.quants.dequantize`).
 
-Q8 activations (`matmul_q8`, `models.llm_activations = "q8"`; Q4_0, Q4_1,
-Q5_0, Q5_1, Q8_0): x is first quantised per row to Q8 blocks of 32 (`quantize_rows`,
-llama.cpp's `quantize_row_q8_1`: fp16 scale max|x| / 127, int8 values, the
+Q8 activations (`matmul_q8`, `models.llm_activations = "q8"`; every format
+here, the K ones per block of 32): x is first quantised per row to Q8 blocks
+of 32 (`quantize_rows`, llama.cpp's `quantize_row_q8_1`: fp16 scale max|x| / 127, int8 values, the
 block's de-quantised sum), then each (weight row, x row) is one AVX2 row dot
 (`_numba.q8_row_dot_intrinsic`; tiles of 8 or 4 x rows per weight row and of
 4 weight rows per x row with `q8_tile_dot_intrinsic`, the weights' stream

@@ -23,11 +23,10 @@ each. No thread waits for a particular other one, so the step finishes with
 any number of threads, one included.
 
 What it serves (`NumpyStep._fused_layers`): Llama/Qwen2 layers (RMSNorm, RoPE,
-SwiGLU) whose four products are Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices with Q8
-activations or Q4_K/Q6_K ones (fp32 activations, as `cpu_qmatmul.matmul`
-computes them), one block type or several side by side (a Q4_K_M file's q and
-k in Q5_0 or Q4_K beside a Q8_0 or Q6_K v), a full KV cache on the CPU, Numba
-and AVX2. Anything else takes the layer-by-layer path.
+SwiGLU) whose four products are packed matrices (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/
+Q4_K/Q6_K) with Q8 activations, one block type or several side by side (a
+Q4_K_M file's q and k in Q5_0 or Q4_K beside a Q8_0 or Q6_K v), a full KV cache
+on the CPU, Numba and AVX2. Anything else takes the layer-by-layer path.
 """
 
 from __future__ import annotations
