@@ -320,15 +320,13 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                     wq = builder.and_(builder.bitcast(sh, v32i8), ir.Constant(v32i8, [15] * 32))
                     if kind == 1:
                         wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
-                    if q5:  # bit j of the 32-bit qh -> byte j all ones or zero (llama.cpp's bytes_from_bits_32),
-                        # then Q5_1: | 0x10 where set (q 0..31); Q5_0: | 0xF0 where clear (q - 16 as a signed byte)
+                    if q5:  # bit j of the 32-bit qh selects for byte j (a mask register and one masked byte
+                        # operation with AVX512-BW/VL; llama.cpp's bytes_from_bits_32 expansion with AVX2 alone):
+                        # Q5_1: | 0x10 where set (q 0..31); Q5_0: | 0xF0 where clear (q - 16 as a signed byte)
                         hp = builder.gep(wa, [builder.add(woffs[t], builder.add(builder.mul(b, ir.Constant(intp, bw)),
                                                                                 ir.Constant(intp, 16)))])
                         h32 = builder.load(builder.bitcast(hp, i32.as_pointer()), align=1)
-                        hb = builder.bitcast(splat1(h32, 8), v32i8)
-                        hb = builder.shuffle_vector(hb, hb, mask(32, [i // 8 for i in range(32)]))
-                        hb = builder.and_(hb, ir.Constant(v32i8, [1 << (i % 8) for i in range(32)]))
-                        set_ = builder.icmp_unsigned("!=", hb, ir.Constant(v32i8, [0] * 32))
+                        set_ = builder.bitcast(h32, ir.VectorType(ir.IntType(1), 32))  # element j = bit j
                         if kind == 3:
                             wq = builder.or_(wq, builder.select(set_, ir.Constant(v32i8, [0x10] * 32),
                                                                 ir.Constant(v32i8, [0] * 32)))
@@ -478,8 +476,9 @@ def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into 
     float32 sum over the row's blocks of d_w[b] * d_x[b] * (integer dot of block b), llama.cpp's Q8
     product. kind 0: Q4_1 nibbles q (0..15) plus the min's term sum_b m[b] x xs[b], 1: Q4_0 nibbles
     q - 8, 2: Q8_0 int8 q, 3: Q5_1 (5-bit q 0..31, the min's term as Q4_1's), 4: Q5_0 (q - 16); Q5's
-    blocks are 20 bytes: the 16 nibble bytes, then 32 high bits (value j's bit 4 = bit j), unpacked per
-    block into bytes as llama.cpp's AVX2 `bytes_from_bits_32` does. Arguments: (w uint8 [..] flat, w offset
+    blocks are 20 bytes: the 16 nibble bytes, then 32 high bits (value j's bit 4 = bit j), which select
+    bytes as a 32-lane mask (a mask register with AVX512-BW/VL; with AVX2, LLVM expands it as llama.cpp's
+    `bytes_from_bits_32` does). Arguments: (w uint8 [..] flat, w offset
     in bytes, d uint16 fp16 bits flat, d offset (m's too), x int8 flat, x offset, dx float32 flat, dx offset
     (xs's too), m uint16 flat, xs float32 flat, sc uint8 flat (Q4_K's scale bytes; unread by the others),
     blocks).
