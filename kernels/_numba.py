@@ -192,10 +192,11 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     int32 lane) instead of `vpmaddubsw` + `vpmaddwd`: lane i sums the same four products (bytes 4i .. 4i + 3)
     exactly, in 32 bits, so every integer and every float after it is the same as without.
 
-    ux (VNNI, Q4_0 / Q5_0 / Q8_0, one weight row): the x argument holds the activations with their sign bit flipped
-    (x ^ 0x80 = x + 128 as an unsigned byte), and the signed weights are `vpdpbusd`'s signed operand: lane i
-    = c_i + sum (x + 128) w over its four bytes, with c_i = -128 x (the four weights' sum), one `vpdpbusd`
-    of 128s into the weights and one subtraction per weight block, shared by the tile's n rows. The same
+    ux (VNNI, the signed kinds Q4_0 / Q5_0 / Q8_0 / Q6_K, one weight row): the x argument holds the
+    activations with their sign bit flipped (x ^ 0x80 = x + 128 as an unsigned byte), and the signed weights
+    are `vpdpbusd`'s signed operand: lane i = c_i + sum (x + 128) w over its four bytes, with c_i = -128 x
+    (the four weights' sum), one `vpdpbusd` of 128s into the weights and one subtraction per weight block,
+    shared by the tile's n rows. The same
     exact integer as w's sign moved onto x by `vpsignb` (twice per pair, once per block: the operand must be
     unsigned), without a `vpsignb` per pair: 3 vector operations per (block, row) instead of 4."""
     from llvmlite import ir
@@ -211,7 +212,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     # scales (sc: two per block of 32, one per 16 values) and d
     sup = qk or q6
     bw = 32 if kind == 2 else 20 if q5 else 16
-    assert not ux or (vnni and not mn and nw == 1), "ux: VNNI, Q4_0 / Q5_0 / Q8_0, one weight row"
+    assert not ux or (vnni and not mn and nw == 1), "ux: VNNI, a signed kind, one weight row"
     # where the codegen's arguments are: (w, nw w offsets, d, nw d offsets, x, n x offsets, dx, n dx offsets, m,
     # xs, sc, blocks)
 
@@ -487,8 +488,12 @@ def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into 
     super-blocks' d / dmin (d offset = row x K/256), sc their 12 scale bytes (at 12 x (d offset + s)). Per
     super-block the 8 scales and mins are unpacked from three dwords (ggml's masks) into d x scale and -dmin x
     min, fp32 vectors (exact), and each block of 32 runs as a Q4_1 block with those as its scale and min: its
-    nibbles (the low or high ones of 32 bytes, ggml's order), one integer dot, the min against xs. Not
-    llama.cpp's arithmetic (it quantises activations for Q4_K per 256, Q8_K): the Q8 product, to rounding.
+    nibbles (the low or high ones of 32 bytes, ggml's order), one integer dot, the min against xs. kind 6:
+    Q6_K, the same way: w = its ql bytes [K/256, 128], m = its qh bytes [K/256, 64] viewed as uint16 (read
+    as bytes at half w's offset), sc its 16 int8 scales; each block of 32 is a signed block q - 32 (as Q4_0's)
+    whose scale vector holds d x its two scales, 4 lanes each (lanes 0..3 sum values 0..15). Neither is
+    llama.cpp's arithmetic (it quantises the activations of K products per 256, Q8_K): the Q8 product, to
+    rounding.
 
     Per block: the 16 (32) weight bytes and 32 activation bytes are loaded as vectors, nibbles split
     (low = values 0..15, high = 16..31: llama.cpp's layout), `vpmaddubsw` multiplies unsigned by signed
@@ -514,7 +519,7 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
     """`q8_row_dot_intrinsic` for nw weight rows x n activation rows: (w, nw w offsets, d, nw d offsets, x,
     n x offsets, dx, n dx offsets, m, xs, sc, blocks) -> an (nw x n)-tuple of float32, weight row by weight row
     (one float32 for 1 x 1). Every pair's arithmetic is the same (`_q8_rows_codegen`), so its result has the
-    same bits in any tile. vnni: None = where the CPU has it (`has_vnni`). ux (needs VNNI, Q4_0 / Q5_0 / Q8_0,
+    same bits in any tile. vnni: None = where the CPU has it (`has_vnni`). ux (needs VNNI, a signed kind,
     nw = 1): x is the activations with their sign bit flipped (see `_q8_rows_codegen`); the same bits."""
     if vnni is None:
         vnni = has_vnni()
