@@ -80,6 +80,14 @@ class Engine:
         self._services: dict[str, Any] = {}
         self._services_lock = threading.Lock()
 
+    @staticmethod
+    def start_thread() -> None:
+        """Start the calling thread's intra-op threads now. OpenMP gives every thread that runs a parallel op
+        its own team (torch.get_num_threads() - 1 more threads) at its first one: a server's pool threads
+        call this when they start, so the process's thread count is set when the pools start and does not
+        grow later with whichever pool threads happen to run a parallel op (mcp_server/pool.py)."""
+        torch.ones(1 << 17).mul_(2)  # an element-wise op over 4 x at::internal::GRAIN_SIZE elements: parallel
+
     # -- domain services (lazy singletons: catalogue, llm batcher, ...) ------
     def service(self, name: str, factory: Callable[[Engine], T]) -> T:
         with self._services_lock:

@@ -36,7 +36,7 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncIterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,7 @@ from .disconnect import ExchangeWatch, exchange_watch
 from .jobs import Job, JobManager
 from .logs import request_id, set_third_party_level, setup_logging, summarize_args
 from .media import EXPIRED, MediaStore
+from .pool import FixedPool
 from .sandbox import NO_SPACE_ERRNOS, Sandbox
 from .state import StateUnavailable, open_shared_state, stateless_caller  # issue 15 (h2)
 from .tasks import Tasks
@@ -76,6 +77,7 @@ INSTRUCTIONS = (
     "Images are returned as a thumbnail plus an image:// link to the full file."
 )
 
+INLINE_THREADS = 4  # the inline tools' threads: they answer in milliseconds, a few threads serve any load
 _LEVELS = ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"]
 
 
@@ -88,7 +90,8 @@ class AppState:
     media: MediaStore
     jobs: JobManager
     specs: dict[str, ToolSpec]
-    pool: ThreadPoolExecutor
+    pool: FixedPool  # tool calls that run on a thread (not the device worker)
+    inline: FixedPool  # inline tools (engine_status, a colour pair...): never queued behind the pool's calls
     thread_slots: threading.BoundedSemaphore
     client_log_levels: dict[int, str] = field(default_factory=dict)  # open connection -> level
     closed: bool = False
@@ -126,6 +129,13 @@ class AppState:
                                                   "dtype": str(self._engine.dtype).removeprefix("torch.")})
             return self._engine
 
+    def start_thread(self) -> None:
+        """A pool thread starting: its native intra-op threads start now too, when the engine is built (the
+        pools start at their first call, after the MCP lifespan built it), see `Engine.start_thread`."""
+        eng = self._engine
+        if eng is not None:
+            eng.start_thread()
+
     def hold(self) -> int:
         """One more holder (a lifespan, a serving transport) -> how many now."""
         with self._holders_lock:
@@ -151,6 +161,7 @@ class AppState:
         if eng is not None:  # never built (no call reached it): nothing to stop
             eng.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.inline.shutdown(wait=False, cancel_futures=True)
         if self.shared is not None:  # issue 15 (h2): pending job writes, then drop this replica's lease
             self.shared.close()
 
@@ -186,10 +197,12 @@ def make_state(settings: Settings, extra_specs: list[ToolSpec] | None = None) ->
         media=MediaStore(sandbox, settings.limits),
         jobs=shared.jobs if shared is not None else JobManager(settings.limits.job_ttl_s, settings.limits.max_jobs),
         specs=specs,
-        pool=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atelier-tool"),
+        pool=FixedPool(workers, "atelier-tool"),
+        inline=FixedPool(INLINE_THREADS, "atelier-inline"),
         thread_slots=threading.BoundedSemaphore(settings.limits.queue_length + 1),
         shared=shared,
     )
+    state.pool.initializer = state.inline.initializer = state.start_thread
     if shared is not None:  # issue 15 (h2)
         state.media.shared = shared.images
     return state
@@ -643,7 +656,7 @@ class AtelierServer(MCPServer):
                            watch: ExchangeWatch | None) -> tuple[mt.CallToolResult, str, dict]:
         if spec.execution == "inline" and not spec.long_running:
             try:
-                result = await anyio.to_thread.run_sync(self._execute, spec, args, token, caller)
+                result = await asyncio.wrap_future(self.state.inline.submit(self._execute, spec, args, token, caller))
                 return result, "ok", {}
             except Exception as exc:
                 res, outcome = self._map_error(exc, spec.name)

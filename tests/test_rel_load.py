@@ -97,14 +97,26 @@ async def _client_loop(url: str, cid: int, n: int, log: list, stop_at: float) ->
             log.append((cid, kind, outcome, (time.perf_counter() - t0) * 1000))
 
 
+async def _call(url: str, name: str, args: dict):
+    async with Client(url) as c:
+        return await c.call_tool(name, args)
+
+
 def test_http_load_mixed_clients(tmp_path):
     proc, url = _start(tmp_path)
     try:
         async def main():
-            # warm-up at the same concurrency: loads every model, fills every pool
+            # warm-up at the same concurrency as the measured run (a generation in flight and 8 clients calling
+            # at once): loads every model and starts every thread (the server's pools start all their threads
+            # at their first call, mcp_server/pool.py: a pool that grew with how calls overlapped once ended
+            # this run 2 threads above its baseline)
             warm: list = []
+            warm_long = asyncio.create_task(_call(url, "generate_text", {"prompt": "Tell a long story about the sea.",
+                                                                         "max_new_tokens": 48}))
+            await asyncio.sleep(0.5)
             await asyncio.gather(*(_client_loop(url, i, len(ORDER), warm, time.monotonic() + 300)
                                    for i in range(8)))
+            assert not (await asyncio.wait_for(warm_long, 300)).is_error
             assert all(o[2] == "ok" for o in warm), [o for o in warm if o[2] != "ok"]
             await asyncio.sleep(1.0)
             base = _snapshot(proc.pid)
@@ -143,7 +155,8 @@ def test_http_load_mixed_clients(tmp_path):
     p99 = cheap[max(0, int(len(cheap) * 0.99) - 1)] if cheap else float("nan")
     p50 = cheap[len(cheap) // 2] if cheap else float("nan")
     print(f"\nload: {len(log)} calls in {wall:.1f} s, outcomes {outcomes}; cheap tools p50 {p50:.1f} ms, "
-          f"p99 {p99:.1f} ms (the long generation beside them: {long_s:.1f} s); rss {base['rss'] / 1e6:.0f} -> {after['rss'] / 1e6:.0f} MB, threads "
+          f"p99 {p99:.1f} ms (the long generation beside them: {long_s:.1f} s); "
+          f"rss {base['rss'] / 1e6:.0f} -> {after['rss'] / 1e6:.0f} MB, threads "
           f"{base['threads']} -> {after['threads']}, fds {base['fds']} -> {after['fds']}")
     assert len(log) == 400
     assert not [o for o in outcomes if o.startswith("exception") or o == "timeout-budget"], outcomes
