@@ -472,6 +472,198 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     return codegen
 
 
+def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False) -> Any:  # pragma: no cover - compiled
+    """The LLVM code of the K types' row dots on Q8_K activations (kinds 5 Q4_K, 6 Q6_K of
+    `q8_tile_dot_intrinsic`), with llama.cpp's arithmetic, for a tile of nw weight rows x n activation rows.
+    Arguments as `_q8_rows_codegen`'s, the activations as `cpu_qmatmul.quantize_rows(k=True)` lays them out:
+    x int8, dx one fp32 scale per super-block (read at each super-block's first block), xs its 16 bsums
+    (int16 sums of 16 values) in the float32 array's bytes, 8 "floats" per super-block.
+
+    Q4_K (llama.cpp's `ggml_gemv_q4_K_8x8_q8_K` / `gemm`, the AVX2 path it repacks Q4_K into where a matrix's
+    rows come in eights): per super-block the integer sum of scale_j x (the byte dot of block j) and the
+    integer sum of min_j x (block j's sum of x, from the bsums), each converted to fp32 once and multiplied
+    into its own fused multiply-add chain, d_w x d_x and dmin_w x d_x rounded to fp32 first; the result is the
+    first chain minus the second. Q6_K (`ggml_vec_dot_q6_K_q8_K`, AVX2): 8 int32 lanes, lane l summing
+    scale x (q x x) over bytes 4l .. 4l + 3 of every block of 32 (q unsigned, 0 .. 63; a block's first 16
+    values take its first scale), minus 32 x (bsum_2l scale_2l + bsum_2l+1 scale_2l+1); the lanes converted to
+    fp32 and fused-multiply-added times d_w x d_x into 8 float lanes, summed at the end as ggml's
+    `hsum_float_8`. Q6_K with prompt (kind 7 of the intrinsics: what llama.cpp computes for a micro-batch of 8
+    or more tokens, its tiled K-quant matmul, `ggml_compute_forward_mul_mat_tiled`): per super-block the
+    lanes' integer total, converted once, times d_w (rounded to fp32), fused-multiply-added times d_x into
+    one chain. Q4_K with prompt (kind 8: the rows of a micro-batch that llama.cpp's repacked kernels take four
+    at a time, `ggml_gemm_q4_K_8x8_q8_K`): the two chains step per 64 values (two blocks' integer sums) instead
+    of per super-block. Integer sums are exact in any order: a pair's result is llama.cpp's bits in any
+    tile."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+    v32i8, v16i16, v8i32, v8f32 = (ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8),
+                                   ir.VectorType(f32, 8))
+    q6 = kind == 6
+
+    def mask(k: int, idx: list[int]) -> ir.Constant:
+        return ir.Constant(ir.VectorType(i32, k), idx)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        iw, idd, ix = 0, 1 + nw, 2 + 2 * nw
+        idx, im = ix + 1 + n, ix + 2 + 2 * n
+        wa, da, xa, dxa, ma, xsa, sca = (context.make_array(signature.args[i])(context, builder, args[i]).data
+                                         for i in (iw, idd, ix, idx, im, im + 1, im + 2))
+        woffs, doffs, nb = args[iw + 1:iw + 1 + nw], args[idd + 1:idd + 1 + nw], args[im + 3]
+        xoffs, dxoffs = args[ix + 1:ix + 1 + n], args[idx + 1:idx + 1 + n]
+        intp = nb.type
+        mod = builder.module
+        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
+        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
+        fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
+        fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
+        zero8 = ir.Constant(v8i32, [0] * 8)
+        if q6 and not prompt:
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
+                    for _ in range(nw)]
+        elif q6:
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)] for _ in range(nw)]
+        else:
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)] for _ in range(nw)]
+            maccs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)]
+                     for _ in range(nw)]
+
+        def c(v: int, ty: Any = intp) -> Any:
+            return ir.Constant(ty, v)
+
+        def half(ptr: Any, index: Any) -> Any:
+            return builder.fpext(builder.bitcast(builder.load(builder.gep(ptr, [index])), ir.HalfType()), f32)
+
+        def splat(x: Any, width: int) -> Any:
+            vty = ir.VectorType(x.type, width)
+            v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
+
+        def load(ptr: Any, off: Any, ty: Any) -> Any:
+            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
+
+        def hsum_i(v: Any) -> Any:  # 8 int32 lanes -> their (exact) sum
+            s4 = builder.add(builder.shuffle_vector(v, v, mask(4, [0, 1, 2, 3])),
+                             builder.shuffle_vector(v, v, mask(4, [4, 5, 6, 7])))
+            s2 = builder.add(builder.shuffle_vector(s4, s4, mask(2, [0, 1])),
+                             builder.shuffle_vector(s4, s4, mask(2, [2, 3])))
+            return builder.add(builder.extract_element(s2, c(0, i32)), builder.extract_element(s2, c(1, i32)))
+
+        def hsum_f8(v: Any) -> Any:  # ggml's hsum_float_8: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))
+            s4 = builder.fadd(builder.shuffle_vector(v, v, mask(4, [4, 5, 6, 7])),
+                              builder.shuffle_vector(v, v, mask(4, [0, 1, 2, 3])))
+            s2 = builder.fadd(builder.shuffle_vector(s4, s4, mask(2, [0, 1])),
+                              builder.shuffle_vector(s4, s4, mask(2, [2, 3])))
+            return builder.fadd(builder.extract_element(s2, c(0, i32)), builder.extract_element(s2, c(1, i32)))
+
+        def q4k_scales(t: int, sb: Any) -> tuple[Any, Any]:
+            # super-block sb of weight row t: its 8 six-bit scales and 8 mins as <8 x i16> (ggml's
+            # get_scale_min_k4 through llama.cpp's utmp masks on three dwords)
+            so = builder.mul(builder.add(doffs[t], sb), c(12))
+            u = [load(sca, builder.add(so, c(4 * i)), i32) for i in range(3)]
+            lo6, lo4, hi2 = c(0x3F3F3F3F, i32), c(0x0F0F0F0F, i32), c(0x03030303, i32)
+            s_lo, m_lo = builder.and_(u[0], lo6), builder.and_(u[1], lo6)
+            s_hi = builder.or_(builder.and_(u[2], lo4),
+                               builder.shl(builder.and_(builder.lshr(u[0], c(6, i32)), hi2), c(4, i32)))
+            m_hi = builder.or_(builder.and_(builder.lshr(u[2], c(4, i32)), lo4),
+                               builder.shl(builder.and_(builder.lshr(u[1], c(6, i32)), hi2), c(4, i32)))
+            v2 = ir.VectorType(i32, 2)
+
+            def bytes8(a: Any, b_: Any) -> Any:
+                v = builder.insert_element(builder.insert_element(ir.Constant(v2, ir.Undefined), a, c(0, i32)), b_,
+                                           c(1, i32))
+                return builder.zext(builder.bitcast(v, ir.VectorType(i8, 8)), ir.VectorType(i16, 8))
+
+            return bytes8(s_lo, s_hi), bytes8(m_lo, m_hi)
+
+        ns = builder.sdiv(nb, c(8))
+        with cgutils.for_range(builder, ns) as loop:
+            sb = loop.index
+            b0 = builder.mul(sb, c(8))
+            # the activation rows' super-block: d_x, the 16 bsums, the 8 blocks (loaded once for the tile)
+            dxs = [builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b0)])) for j in range(n)]
+            bss = [load(xsa, builder.add(dxoffs[j], b0), v16i16) for j in range(n)]
+            xvs = [[load(xa, builder.add(xoffs[j], builder.mul(builder.add(b0, c(k)), c(32))), v32i8)
+                    for k in range(8)] for j in range(n)]
+            for t in range(nw):
+                dw = half(da, builder.add(doffs[t], sb))
+                sumi = [zero8] * n
+                if q6:
+                    s16 = load(sca, builder.mul(builder.add(doffs[t], sb), c(16)), ir.VectorType(i8, 16))
+                    sc16 = builder.sext(s16, v16i16)  # the 16 scales as int16 (lane 2l, 2l + 1: block l's)
+                    qhb = builder.bitcast(ma, i8.as_pointer())  # the high bits ride in m's slot, as bytes
+                else:
+                    scl, mins = q4k_scales(t, sb)
+                    m16 = builder.shuffle_vector(mins, mins, mask(16, [i // 2 for i in range(16)]))
+                    mm = [builder.call(maddwd, [bss[j], m16]) for j in range(n)]  # lane k: min_k x block k's sum
+                    dmw = half(ma, builder.add(doffs[t], sb))
+                for k in range(8):
+                    if q6:  # block k = 4 h + g: ggml's q = (nibble of ql[64 h + 32 (g & 1) + l], the high one for
+                        # g >= 2) | ((qh[32 h + l] >> 2 g) & 3) << 4, unsigned (0 .. 63)
+                        h_, g_ = k // 4, k % 4
+                        lo_off = builder.add(builder.mul(sb, c(128)), c(64 * h_ + 32 * (g_ & 1)))
+                        lo = load(wa, builder.add(woffs[t], lo_off), v32i8)
+                        if g_ >= 2:
+                            lo = builder.lshr(lo, ir.Constant(v32i8, [4] * 32))
+                        lo = builder.and_(lo, ir.Constant(v32i8, [15] * 32))
+                        hp = builder.add(builder.sdiv(woffs[t], c(2)), builder.add(builder.mul(sb, c(64)), c(32 * h_)))
+                        hi = builder.load(builder.bitcast(builder.gep(qhb, [hp]), v32i8.as_pointer()), align=1)
+                        if g_:
+                            hi = builder.lshr(hi, ir.Constant(v32i8, [2 * g_] * 32))
+                        hi = builder.shl(builder.and_(hi, ir.Constant(v32i8, [3] * 32)), ir.Constant(v32i8, [4] * 32))
+                        wq = builder.or_(lo, hi)
+                        # its two scales, 8 int16 lanes each (lanes 0..3 of the product: values 0..15)
+                        sv = builder.shuffle_vector(sc16, sc16, mask(16, [2 * k] * 8 + [2 * k + 1] * 8))
+                    else:  # block k: the low (k even) or high nibbles of bytes 32 (k // 2) .. + 31 of its 128
+                        wq = load(wa, builder.add(woffs[t], builder.add(builder.mul(sb, c(128)), c(32 * (k // 2)))),
+                                  v32i8)
+                        if k % 2:
+                            wq = builder.lshr(wq, ir.Constant(v32i8, [4] * 32))
+                        wq = builder.and_(wq, ir.Constant(v32i8, [15] * 32))
+                        sv = builder.shuffle_vector(scl, scl, mask(16, [k] * 16))
+                    for j in range(n):
+                        p16 = builder.call(maddubs, [wq, xvs[j][k]])
+                        sumi[j] = builder.add(sumi[j], builder.call(maddwd, [p16, sv]))
+                        if prompt and not q6 and k % 2:  # the 4-row kernel: both chains step per 64 values
+                            d = builder.fmul(dw, dxs[j])
+                            fi = builder.sitofp(hsum_i(sumi[j]), f32)
+                            builder.store(builder.call(fma1, [fi, d, builder.load(accs[t][j])]), accs[t][j])
+                            im = builder.add(builder.extract_element(mm[j], c(k - 1, i32)),
+                                             builder.extract_element(mm[j], c(k, i32)))
+                            dm = builder.fmul(dmw, dxs[j])
+                            builder.store(builder.call(fma1, [builder.sitofp(im, f32), dm,
+                                                              builder.load(maccs[t][j])]), maccs[t][j])
+                            sumi[j] = zero8
+                for j in range(n):
+                    d = builder.fmul(dw, dxs[j])  # llama.cpp: d_w x d_x rounded to fp32, then the fma
+                    if q6:  # minus 32 x (bsum x scale) per lane: lane l, the bsums 2l, 2l + 1 of the super-block
+                        corr = builder.shl(builder.call(maddwd, [bss[j], sc16]), ir.Constant(v8i32, [5] * 8))
+                        if prompt:  # the tiled matmul: (d_w x the integer total) then x d_x into one chain
+                            res = builder.fmul(dw, builder.sitofp(hsum_i(builder.sub(sumi[j], corr)), f32))
+                            builder.store(builder.call(fma1, [res, dxs[j], builder.load(accs[t][j])]), accs[t][j])
+                        else:
+                            fi = builder.sitofp(builder.sub(sumi[j], corr), v8f32)
+                            builder.store(builder.call(fma, [splat(d, 8), fi, builder.load(accs[t][j])]),
+                                          accs[t][j])
+                    elif not prompt:  # the super-block's sum of min_j x (bsum_2j + bsum_2j+1), one step each
+                        fi = builder.sitofp(hsum_i(sumi[j]), f32)
+                        builder.store(builder.call(fma1, [fi, d, builder.load(accs[t][j])]), accs[t][j])
+                        dm = builder.fmul(dmw, dxs[j])
+                        builder.store(builder.call(fma1, [builder.sitofp(hsum_i(mm[j]), f32), dm,
+                                                          builder.load(maccs[t][j])]), maccs[t][j])
+        if q6 and prompt:
+            outs = [builder.load(accs[t][j]) for t in range(nw) for j in range(n)]
+        elif q6:
+            outs = [hsum_f8(builder.load(accs[t][j])) for t in range(nw) for j in range(n)]
+        else:
+            outs = [builder.fsub(builder.load(accs[t][j]), builder.load(maccs[t][j])) for t in range(nw)
+                    for j in range(n)]
+        return outs[0] if n * nw == 1 else context.make_tuple(builder, signature.return_type, outs)
+
+    return codegen
+
+
 def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into the kernels
     """A Numba intrinsic (AVX2): one weight row in blocks of 32 against one row of int8 activations ->
     float32 sum over the row's blocks of d_w[b] * d_x[b] * (integer dot of block b), llama.cpp's Q8
@@ -534,6 +726,9 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
         arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n, 6 + 2 * nw + 2 * n}
         out = types.float32 if nw * n == 1 else types.UniTuple(types.float32, nw * n)
         sig = out(*[a if i in arrays else ip for i, a in enumerate(args)])
+        if kind in (5, 6, 7, 8):  # the K types: llama.cpp's arithmetic on Q8_K activations (no VNNI, no ux);
+            # 7 / 8: Q6_K / Q4_K as llama.cpp computes them in a prompt's micro-batch
+            return sig, _q8k_rows_codegen({7: 6, 8: 5}.get(kind, kind), n, nw, prompt=kind in (7, 8))
         return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni, ux)
 
     # an intrinsic's parameters are read from its signature: spell them out (Numba takes no *args there)

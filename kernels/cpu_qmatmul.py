@@ -168,23 +168,42 @@ def quantize_rows_reference(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: n
     xs[...] = (d * q.astype(np.int32).sum(axis=-1).astype(np.float32)).astype(np.float16).astype(np.float32)
 
 
+def quantize_rows_k_reference(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray) -> None:
+    """Activations to llama.cpp's Q8_K blocks of 256 (`quantize_row_q8_K_ref`, the activations of its Q4_K /
+    Q6_K dot products), in `quantize_rows`' arrays: per row r and super-block, inv = 127 / max|x| in fp32,
+    xq = rint(x x inv) (ties to even), d = 1 / inv in fp32 (not rounded to fp16), 0 where max|x| is 0; dx = d
+    for each of its 8 blocks of 32; xs holds the block's bsums (the int16 sums of xq over each 16 values, 16
+    per super-block) in its bytes: xs.view(np.int16) [R, K / 16]. llama.cpp takes iscale = -127 / max with
+    max the value of largest magnitude, and d = 1 / iscale: its xq, d and bsums are ours or all three negated
+    (negating is exact, rint symmetric), so every product d xq, and every integer dot product and bsum term
+    scaled by d, is the same. x [R, K] fp32 (K a multiple of 256) -> xq int8 [R * K] (flat), dx, xs fp32
+    [R, K / 32]."""
+    R, K = x.shape
+    xb = x.reshape(R, K // QK_K, QK_K)
+    amax = np.abs(xb).max(axis=-1)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, np.float32(1.0)), np.float32(0.0)
+                   ).astype(np.float32)
+    d = np.where(amax > 0, np.float32(1.0) / np.where(amax > 0, inv, np.float32(1.0)), np.float32(0.0)
+                 ).astype(np.float32)
+    q = np.rint(xb * inv[..., None]).astype(np.int8)
+    xq[:] = q.reshape(-1)
+    dx[...] = np.repeat(d, QK_K // BLOCK, axis=1)
+    xs.view(np.int16)[...] = q.reshape(R, K // 16, 16).astype(np.int16).sum(axis=-1, dtype=np.int16)
+
+
 def matmul_q8_reference(fmt: str, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, qs: np.ndarray, d: np.ndarray,
                         m: np.ndarray | None, out: np.ndarray, sc: np.ndarray | None = None,
                         qh: np.ndarray | None = None) -> None:
     """out[R, N] = the Q8 product in float64: the de-quantised activations (xq x dx) @ W.T (a Q4_1 / Q5_1
     weight d q + m: d q x the de-quantised x, plus m x xs, the de-quantised block's sum; Q4_K's d s_j q -
-    dmin m_j the same way, per block of 32)."""
+    the K types: the de-quantised Q8_K activations @ W.T, xs unread)."""
     R, nb = dx.shape
     xd = (xq.reshape(R, nb, BLOCK).astype(np.float64) * dx[..., None].astype(np.float64)).reshape(R, -1)
-    if fmt == "Q4_K":
-        _, mins = q4k_scale_min(sc)  # [N, nb / 8, 8]
-        mb = (m.view(np.float16).astype(np.float64)[..., None] * mins).reshape(mins.shape[0], -1)  # dmin m_j
-        out[...] = xd @ dequant_reference(fmt, qs, d, np.zeros_like(m), sc).T - xs.astype(np.float64) @ mb.T
-    elif fmt in ("Q4_1", "Q5_1"):  # d q against the de-quantised x, the min against the blocks' sums
+    if fmt in ("Q4_1", "Q5_1"):  # d q against the de-quantised x, the min against the blocks' sums
         out[...] = xd @ dequant_reference(fmt, qs, d, np.zeros_like(m)).T \
             + xs.astype(np.float64) @ m.view(np.float16).astype(np.float64).T
     else:
-        out[...] = xd @ dequant_reference(fmt, qs, d, None, sc, qh).T
+        out[...] = xd @ dequant_reference(fmt, qs, d, m, sc, qh).T
 
 
 def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, out: np.ndarray,
@@ -488,7 +507,7 @@ UX = False
 # tiles of 4 weight rows ahead for the last rows of x (one row: decoding), PF weight rows ahead when rows of x
 # come in tiles; the prefetch runs on past the span's end (the next span's rows, up to the matrix's end)
 PF_LOC, PF1, PF = stream_prefetch()
-quantize_span = q8a_span = None  # the Q8 kernels' bodies over a span of rows (kernels.cpu_step calls them too)
+quantize_span = quantize_span_k = q8a_span = None  # the Q8 kernels' bodies over a span of rows (kernels.cpu_step calls them too)
 
 
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
@@ -496,10 +515,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
     global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows, flip_rows, UX
     global _rd_q50, _rd_q51, _r4_q50, _r4_q51, _w4_q50, _w4_q51, _r8_q50, _r8_q51, _rd_q4k, _r4_q4k, _w4_q4k, _r8_q4k
-    global _rd_q6k, _r4_q6k, _w4_q6k, _r8_q6k
+    global _rd_q6k, _r4_q6k, _w4_q6k, _r8_q6k, _rd_q6p, _r4_q6p, _w4_q6p, _r8_q6p, _r4_q4p, _r8_q4p
     _pf = prefetch_intrinsic(PF_LOC)
     UX = has_vnni()
-    global quantize_span, q8a_span
+    global quantize_span, quantize_span_k, q8a_span
     _rh = round_to_half_intrinsic()
     _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
     # four rows of x per weight row: Q4_1's min terms as one 4-lane vector chain (xs transposed, as for 8)
@@ -512,12 +531,17 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     _r4_q51, _r4_q50 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True, ux=UX and k == 4) for k in (3, 4))
     _w4_q51, _w4_q50 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (3, 4))
     _r8_q51, _r8_q50 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True, ux=UX and k == 4) for k in (3, 4))
-    # Q4_K (the intrinsics' kind 5): super-blocks of 8 blocks, each block a Q4_1 one (see _q8_rows_codegen)
+    # Q4_K / Q6_K (the intrinsics' kinds 5 / 6): llama.cpp's arithmetic on Q8_K activations (_q8k_rows_codegen);
+    # Q6_K's high bits ride in the m argument
     _rd_q4k, _w4_q4k = q8_row_dot_intrinsic(5), q8_tile_dot_intrinsic(5, 4, 1)
-    _r4_q4k, _r8_q4k = (q8_tile_dot_intrinsic(5, 1, r, tmin=True) for r in (4, 8))
-    # Q6_K (kind 6): signed blocks of 32 (q - 32), two scales each; its high bits ride in the m argument
+    _r4_q4k, _r8_q4k = (q8_tile_dot_intrinsic(5, 1, r) for r in (4, 8))
     _rd_q6k, _w4_q6k = q8_row_dot_intrinsic(6), q8_tile_dot_intrinsic(6, 4, 1)
-    _r4_q6k, _r8_q6k = (q8_tile_dot_intrinsic(6, 1, r, ux=UX) for r in (4, 8))
+    _r4_q6k, _r8_q6k = (q8_tile_dot_intrinsic(6, 1, r) for r in (4, 8))
+    # Q6_K in a prompt of 8 tokens or more (kind 7 of the intrinsics): llama.cpp's tiled matmul arithmetic
+    _rd_q6p, _w4_q6p = q8_row_dot_intrinsic(7), q8_tile_dot_intrinsic(7, 4, 1)
+    _r4_q6p, _r8_q6p = (q8_tile_dot_intrinsic(7, 1, r) for r in (4, 8))
+    # Q4_K on a prompt's rows in fours (kind 8): llama.cpp's 4-row repacked kernel (the rest: its 1-row one)
+    _r4_q4p, _r8_q4p = (q8_tile_dot_intrinsic(8, 1, r) for r in (4, 8))
 
     @njit(cache=True, nogil=True, inline="always")
     def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled
@@ -533,7 +557,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             _pf(qs, n * nb * bw + off)
         for off in range(0, rows * dn, 32):
             _pf(df, n * dn + off)
-            if kind == 1 or kind == 6 or kind == 7:  # (Q6_K's high bits: the hardware's stream prefetch)
+            if kind == 1 or kind == 6 or kind == 7 or kind == 10:
+                # (Q6_K's high bits: the hardware's stream prefetch)
                 _pf(mf, n * dn + off)
 
     @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
@@ -558,17 +583,44 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 dxf[r * nb + b] = _rh(d)
                 xsf[r * nb + b] = _rh(d * np.float32(s))
 
+    @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
+    def quantize_span_k(x, xq, dxf, xsf, r0, r1):  # pragma: no cover - compiled
+        # rows r0 .. r1 - 1 of x [R, K] (K a multiple of 256) to Q8_K blocks in quantize_span's layout, the
+        # bsums in xsf's bytes (`quantize_rows_k_reference`)
+        K = x.shape[1]
+        nb = K // 32
+        bs = xsf.view(np.int16)
+        for r in range(r0, r1):
+            for sb in range(K // 256):
+                amax = np.float32(0.0)
+                for j in range(256):
+                    v = abs(x[r, sb * 256 + j])
+                    if v > amax:
+                        amax = v
+                inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+                d = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
+                for b in range(sb * 8, sb * 8 + 8):
+                    for h in range(2):
+                        s = 0
+                        for j in range(h * 16, h * 16 + 16):
+                            q = np.int8(np.rint(x[r, b * 32 + j] * inv))
+                            xq[(r * nb + b) * 32 + j] = q
+                            s += np.int32(q)
+                        bs[(r * nb + b) * 2 + h] = np.int16(s)
+                    dxf[r * nb + b] = d
+
     @njit(cache=True, nogil=True)
     def q8a_span(xq, xu, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
         # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1. qs: the weight
         # bytes flat (uint8), df / mf: fp16 bits flat [N * nb]; rows of x four at a time (each weight block
         # unpacked once for them), the rest one by one: the same arithmetic per row either way. xu: xq with
         # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q5_0 / Q8_0 tiles of rows read it), else
-        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K (`Q8A_KIND`; scf: the K formats'
+        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K (`Q8A_KIND`), 9 Q6_K in a prompt
+        # of 8 rows or more, 10 Q4_K in a prompt (its rows in fours, the rest as 7; `prompt_kind`; scf: the K formats'
         # scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block viewed as uint16)
         bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 else 16  # weight bytes per block of 32
         dn = nb // 8 if kind >= 7 else nb  # scales per weight row (K formats: one d per 8 blocks)
-        mn = kind == 1 or kind == 6 or kind == 7  # a min per block: xs read transposed by the tiles of rows
+        mn = kind == 1 or kind == 6  # a min per block: xs read transposed by the tiles of rows
         xr = nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)  # a prange index is unsigned: n + 1 would be a float
         N = qs.size // (nb * bw)  # the matrix's rows (the prefetch's bound)
@@ -601,11 +653,14 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     elif kind == 6:
                         a = _w4_q51(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
-                    elif kind == 7:
+                    elif kind == 7 or kind == 10:  # (10: rows past the last four take the 1-row kernel)
                         a = _w4_q4k(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 8:
                         a = _w4_q6k(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 9:
+                        a = _w4_q6p(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     else:
                         a = _w4_q80(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
@@ -618,7 +673,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             tail = w  # weight rows from here still need every row of x
         else:
             tail = n1
-        xa = xu if UX and not mn else xq  # what the tiles of rows read
+        xa = xu if UX and not mn and kind < 7 else xq  # what the tiles of rows read (the K types: llama.cpp's
+        # arithmetic, no sign-flipped activations)
         for n in range(n0, n1):
             wo = n * nb * bw
             do = n * dn
@@ -645,9 +701,17 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 elif kind == 7:
                     a8 = _r8_q4k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
-                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xst, scf, nb)
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 elif kind == 8:
-                    a8 = _r8_q6k(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                    a8 = _r8_q6k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                elif kind == 10:
+                    a8 = _r8_q4p(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                elif kind == 9:
+                    a8 = _r8_q6p(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 else:
@@ -672,9 +736,15 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, scf, nb)
                 elif kind == 7:
                     a = _r4_q4k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
-                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xst, scf, nb)
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 elif kind == 8:
-                    a = _r4_q6k(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                    a = _r4_q6k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                elif kind == 10:
+                    a = _r4_q4p(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                elif kind == 9:
+                    a = _r4_q6p(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 else:
                     a = _r4_q80(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
@@ -695,10 +765,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_q50(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 6:
                     out[r, n] = _rd_q51(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
-                elif kind == 7:
+                elif kind == 7 or kind == 10:
                     out[r, n] = _rd_q4k(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 8:
                     out[r, n] = _rd_q6k(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 9:
+                    out[r, n] = _rd_q6p(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 else:
                     out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 r += 1
@@ -707,19 +779,23 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     def quantize_nb(x, xq, dx, xs):  # pragma: no cover - compiled
         quantize_span(x, xq, dx.reshape(-1), xs.reshape(-1), 0, x.shape[0])
 
+    @njit(cache=True, nogil=True)
+    def quantize_k_nb(x, xq, dx, xs):  # pragma: no cover - compiled
+        quantize_span_k(x, xq, dx.reshape(-1), xs.reshape(-1), 0, x.shape[0])
+
     @njit(parallel=True, cache=True, nogil=True)
     def q8a_nb(xq, dx, xs, qs, d, m, sc, kind, out):  # pragma: no cover - compiled
         R, nb = dx.shape
         N = d.shape[0]
         dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
-        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 5 or kind == 8) and R >= 4 else 0,
+        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 5) and R >= 4 else 0,
                       np.int8)
         if xu.size:
             flip_rows(xq, xu, nb * 32, 0, R)
         for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
             q8a_span(xq, xu, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
 
-    return {"quantize_rows": quantize_nb, "q8a_matmul": q8a_nb}
+    return {"quantize_rows": quantize_nb, "quantize_rows_k": quantize_k_nb, "q8a_matmul": q8a_nb}
 
 
 def _q8_kernels() -> dict | None:
@@ -734,30 +810,50 @@ def q8_available() -> bool:
     return _q8_kernels() is not None
 
 
-def quantize_rows(x: np.ndarray, backend: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x [R, K] fp32 (K a multiple of 32) -> (xq int8 [R * K], dx, xs fp32 [R, K / 32]): see
-    `quantize_rows_reference`."""
+def quantize_rows(x: np.ndarray, backend: str | None = None,
+                  k: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [R, K] fp32 (K a multiple of 32; of 256 with k) -> (xq int8 [R * K], dx, xs fp32 [R, K / 32]): Q8
+    blocks of 32 (`quantize_rows_reference`, the activations of llama.cpp's 32-value block types) or, with k,
+    Q8_K blocks of 256 in the same layout (`quantize_rows_k_reference`, those of its K types)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     R, K = x.shape
-    if K % BLOCK:
-        raise ValueError(f"x {x.shape}: rows must be whole blocks of {BLOCK}")
+    unit = QK_K if k else BLOCK
+    if x.ndim != 2 or K % unit:
+        raise ValueError(f"x {x.shape}: rows must be whole blocks of {unit}")
     xq = np.empty(R * K, np.int8)
     dx = np.empty((R, K // BLOCK), np.float32)
     xs = np.empty((R, K // BLOCK), np.float32)
-    dispatch(_q8_kernels, "quantize_rows", quantize_rows_reference, backend, x, xq, dx, xs)
+    if k:
+        dispatch(_q8_kernels, "quantize_rows_k", quantize_rows_k_reference, backend, x, xq, dx, xs)
+    else:
+        dispatch(_q8_kernels, "quantize_rows", quantize_rows_reference, backend, x, xq, dx, xs)
     return xq, dx, xs
+
+
+def prompt_kind(kind: int, rows: int) -> int:
+    """The q8a_span kind of a part of kind `kind` in a prompt's micro-batch of `rows` tokens of one sequence,
+    what llama.cpp computes for such a micro-batch: Q6_K from 8 rows on its tiled matmul (kind 9), Q4_K from 4
+    rows on its 4-row repacked kernel on the rows in fours and its 1-row one on the rest (kind 10). Decoding
+    steps, whatever their batch, take the one-token arithmetic: a request's bits do not depend on the
+    requests beside it."""
+    if kind == 8 and rows >= 8:
+        return 9
+    return 10 if kind == 7 and rows >= 4 else kind
 
 
 def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None,
               backend: str | None = None, out: np.ndarray | None = None, sc: np.ndarray | None = None,
-              qh: np.ndarray | None = None) -> np.ndarray:
+              qh: np.ndarray | None = None, prompt: bool = False) -> np.ndarray:
     """x [R, K] fp32 @ W.T with W in `fmt` blocks (`Q8A_FORMATS`), llama.cpp's way: x quantised to Q8
     blocks of 32 first (`quantize_rows`), then integer dot products per block (AVX2, see
     `_numba.q8_row_dot_intrinsic`) scaled in fp32 -> [R, N] fp32. Each row of the result depends only on
     its row of x (the same bits alone or in a batch). Where the kernels do not run (no Numba, no AVX2,
     backend="numpy") the float64 twin computes the same quantised product. Q4_K (with `sc`) and Q6_K (`sc`,
-    `qh`): their blocks of 32 against the same Q8 blocks (not llama.cpp's Q8_K activations: the same product
-    to rounding)."""
+    `qh`): x quantised as llama.cpp quantises it for them, to Q8_K blocks of 256 (`quantize_rows(k=True)`:
+    one fp32 scale per 256 values), then llama.cpp's own arithmetic on x86 (`_numba._q8k_rows_codegen`:
+    Q4_K as its repacked 8-row kernels, Q6_K as its AVX2 dot product), so the same bits. prompt: the rows
+    are a prompt's micro-batch (tokens of one sequence): Q6_K from 8 rows on then takes the arithmetic of
+    llama.cpp's tiled matmul, which it runs for such batches (`prompt_kind`)."""
     _check(fmt, qs, d, m, sc, qh)
     if fmt not in Q8A_FORMATS:
         raise ValueError(f"fmt={fmt!r}: Q8 activations take {', '.join(Q8A_FORMATS)}")
@@ -767,12 +863,13 @@ def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndar
         raise ValueError(f"x {x.shape}: expected [R, {K}]")
     if out is None:
         out = np.empty((x.shape[0], qs.shape[0]), np.float32)
-    xq, dx, xs = quantize_rows(x, backend)
+    xq, dx, xs = quantize_rows(x, backend, k=fmt in K_FORMATS)
     scf = sc.reshape(-1).view(np.uint8) if sc is not None else np.zeros(0, np.uint8)
     mm = qh.reshape(d.shape[0], -1).view(np.uint16) if fmt == "Q6_K" else d if m is None else m
     dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _s, _k, out:
              matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out, sc, qh), backend,
-             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf, Q8A_KIND[fmt], out)
+             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf,
+             prompt_kind(Q8A_KIND[fmt], x.shape[0]) if prompt else Q8A_KIND[fmt], out)
     return out
 
 
@@ -948,6 +1045,9 @@ def _register() -> None:
                         "(AVX2 integer dot products)"))
     register(Kernel("q8_quantize_rows", "numba", lambda x: quantize_rows(x), lambda x: quantize_rows(x, "numpy"),
                     _quantize_cases, _exact_arrays, "activations to Q8 blocks of 32 (llama.cpp's rounding)"))
+    register(Kernel("q8k_quantize_rows", "numba", lambda x: quantize_rows(x, k=True),
+                    lambda x: quantize_rows(x, "numpy", k=True), _quantize_k_cases, _exact_arrays,
+                    "activations to Q8_K blocks of 256 (llama.cpp's, for its K types)"))
 
 
 def _quantize_cases(device: str, large: bool):  # noqa: ANN202
@@ -958,6 +1058,17 @@ def _quantize_cases(device: str, large: bool):  # noqa: ANN202
         if nb > 1:
             x[0, BLOCK:2 * BLOCK] = np.float32(127.0) * np.arange(BLOCK, dtype=np.float32) / 2  # ties at .5
         yield (x,), f"{R} x {nb * BLOCK}"
+
+
+def _quantize_k_cases(device: str, large: bool):  # noqa: ANN202
+    rng = np.random.default_rng(16)
+    for R, nb in [(1, 1), (3, 2), (8, 6)]:
+        x = rng.standard_normal((R, nb * QK_K), dtype=np.float32) * rng.uniform(0.01, 100)
+        x[0, :QK_K] = 0.0  # an all-zero super-block: scale 0, values 0
+        if nb > 1:  # max|x| = 63.5: 127 / max|x| = 2 exactly, and every other x x 2 a tie at .5
+            x[0, QK_K:2 * QK_K] = (np.arange(QK_K) % 127 - 63 + 0.5).astype(np.float32) / 2
+            x[0, QK_K] = np.float32(63.5)
+        yield (x,), f"{R} x {nb * QK_K}"
 
 
 def _exact_arrays(got: tuple, want: tuple) -> None:

@@ -40,8 +40,8 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
-_quant = _flip = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
-claim = finish = wait = product = part_rows = norm_phase = worker = None
+_quant = _quantk = _flip = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
+claim = finish = wait = product = part_rows = quant_row = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
 UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q5_0 / Q8_0 tiles of rows read sign-flipped activations
 ITEMS = 4  # a product's items per thread (see product)
@@ -60,11 +60,12 @@ def _kernels() -> dict | None:
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
     global UX
-    global _quant, _flip, _span, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
-    global claim, finish, wait, product, part_rows, norm_phase, worker
+    global _quant, _quantk, _flip, _span, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
+    global claim, finish, wait, product, part_rows, quant_row, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
     _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
+    _quantk = cpu_qmatmul.quantize_span_k
     UX = cpu_qmatmul.UX
     _attend, _norm_row, _swiglu_row = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.swiglu_row
     _fma = fma_intrinsic()
@@ -86,12 +87,15 @@ def _kernels() -> dict | None:
             _pause()
 
     @njit(cache=True, nogil=True)
-    def product(sync, ph, threads, xq, xu, dxf, xsf, pqs, pd, pm, psc, pb, pkind, prows, pcol, first, count, R, nb,
-                out):  # pragma: no cover - compiled
+    def product(sync, ph, threads, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol, first, count, R,
+                nb, batch, out):  # pragma: no cover - compiled
         # one phase: a projection's parts first .. first + count - 1 (each one block type: the columns pcol[j] ..
         # pcol[j] + prows[j] - 1 of out), their output rows in ~ITEMS items per thread and part (whole tiles of 4
         # rows), claimed by whichever thread is free: long runs of rows (the weights stream in order), evenly
-        # shared. Every block type runs on the Q8 blocks (`q8a_span`)
+        # shared. Every block type runs on the Q8 blocks (`q8a_span`): xa = (xq, xu, dxf, xsf), blocks of 32,
+        # for the 32-value types, xqk .. xsk (Q8_K) for the K types; batch: the rows are a prompt's micro-batch
+        # (`cpu_qmatmul.prompt_kind`)
+        xq, xu, dxf, xsf = xa
         items = 0
         for j in range(first, first + count):
             N = prows[j]
@@ -112,10 +116,22 @@ def _kernels() -> dict | None:
                 j += 1
             n0 = i * chunk
             n1 = min(n0 + chunk, N)
+            kind = pkind[j]
+            if batch and kind == 8 and R >= 8:  # cpu_qmatmul.prompt_kind
+                kind = 9
+            elif batch and kind == 7 and R >= 4:
+                kind = 10
+            kq = kind >= 7  # a K type: on the Q8_K activations
             if N == out.shape[1]:  # the projection's only part: out itself (C-contiguous, as the kernels prefer)
-                part_rows(xq, xu, dxf, xsf, pqs[j], pd[j], pm[j], psc[j], pb[j], pkind[j], R, nb, n0, n1, out)
-            else:  # its columns of out
-                part_rows(xq, xu, dxf, xsf, pqs[j], pd[j], pm[j], psc[j], pb[j], pkind[j], R, nb, n0, n1,
+                if kq:
+                    part_rows(xqk, xqk, dxk, xsk, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
+                else:
+                    part_rows(xq, xu, dxf, xsf, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
+            elif kq:  # its columns of out
+                part_rows(xqk, xqk, dxk, xsk, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
+                          out[:, pcol[j]:pcol[j] + N])
+            else:
+                part_rows(xq, xu, dxf, xsf, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
                           out[:, pcol[j]:pcol[j] + N])
             finish(sync, ph)
         wait(sync, ph, items)
@@ -129,10 +145,23 @@ def _kernels() -> dict | None:
                 for n in range(n0, n1):
                     o[r, n] += bias[n]
 
+    @njit(cache=True, nogil=True, inline="always")
+    def quant_row(a, r, need, xa, xqk, dxk, xsk):  # pragma: no cover - compiled
+        # row r of a [R, n] to the Q8 blocks the next product's parts read (need: 1 blocks of 32, with their sign
+        # bits flipped (xu) for the signed types' tiles of rows where VNNI runs them, `cpu_qmatmul.UX`; 2 Q8_K,
+        # for the K types; 3 both)
+        xq, xu, dxf, xsf = xa
+        n = a.shape[1]
+        if need & 1:
+            _quant(a, xq, dxf, xsf, r, r + 1)
+            if xu.size:
+                _flip(xq, xu, n, r, r + 1)
+        if need & 2:
+            _quantk(a, xqk, dxk, xsk, r, r + 1)
+
     @njit(cache=True, nogil=True)
-    def norm_phase(sync, ph, add, x, o, w, eps, h, xq, xu, dxf, xsf):  # pragma: no cover - compiled
-        # one phase over the rows: x += o (when add), RMSNorm into h, h's Q8 blocks (and xu: their sign bits
-        # flipped, for the Q4_0 / Q8_0 tiles of rows where VNNI runs them, `cpu_qmatmul.UX`)
+    def norm_phase(sync, ph, add, x, o, w, eps, h, need, xa, xqk, dxk, xsk):  # pragma: no cover - compiled
+        # one phase over the rows: x += o (when add), RMSNorm into h, h's Q8 blocks (`quant_row`)
         R, D = x.shape
         while True:
             r = claim(sync, ph)
@@ -142,16 +171,14 @@ def _kernels() -> dict | None:
                 for i in range(D):
                     x[r, i] += o[r, i]
             _norm_row(x[r], w, eps, h[r])
-            _quant(h, xq, dxf, xsf, r, r + 1)
-            if xu.size:
-                _flip(xq, xu, D, r, r + 1)
+            quant_row(h, r, need, xa, xqk, dxk, xsk)
             finish(sync, ph)
         wait(sync, ph, R)
 
     @njit(cache=True, nogil=True)
-    def worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos, sin,
-               row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu,
-               act):  # pragma: no cover - compiled
+    def worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, pneed, K, V,
+               cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xa, xqk, dxk, xsk, qkv, q,
+               att, o, gu, act):  # pragma: no cover - compiled
         R, D = x.shape
         L = pfirst.shape[0]
         nq, nk = H * hd, KVH * hd
@@ -169,10 +196,11 @@ def _kernels() -> dict | None:
         for layer in range(L):
             Kl = K[layer]
             Vl = V[layer]
-            norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, xq, xu, dxf, xsf)  # the last FFN output added
+            # the last FFN output added
+            norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, pneed[layer, 0], xa, xqk, dxk, xsk)
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, pqs, pd, pm, psc, pb, pkind, prows, pcol,
-                    pfirst[layer, 0], pcount[layer, 0], R, D // 32, qkv)
+            product(sync, ph, threads, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+                    pfirst[layer, 0], pcount[layer, 0], R, D // 32, batch, qkv)
             ph += 1
             while True:  # rows: RoPE (ggml's fused multiply-adds), K and V into the cache
                 r = claim(sync, ph)
@@ -214,33 +242,30 @@ def _kernels() -> dict | None:
                 r = claim(sync, ph)
                 if r >= R:
                     break
-                _quant(a2, xq, dxf, xsf, r, r + 1)
-                if xu.size:
-                    _flip(xq, xu, nq, r, r + 1)
+                quant_row(a2, r, pneed[layer, 1], xa, xqk, dxk, xsk)
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, pqs, pd, pm, psc, pb, pkind, prows, pcol,
-                    pfirst[layer, 1], pcount[layer, 1], R, nq // 32, o)
+            product(sync, ph, threads, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+                    pfirst[layer, 1], pcount[layer, 1], R, nq // 32, batch, o)
             ph += 1
-            norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, xq, xu, dxf, xsf)  # the attention's output added
+            # the attention's output added
+            norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, pneed[layer, 2], xa, xqk, dxk, xsk)
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, pqs, pd, pm, psc, pb, pkind, prows, pcol,
-                    pfirst[layer, 2], pcount[layer, 2], R, D // 32, gu)
+            product(sync, ph, threads, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+                    pfirst[layer, 2], pcount[layer, 2], R, D // 32, batch, gu)
             ph += 1
             while True:  # rows: SwiGLU (ggml's exp on 8-lane groups, libm's on the rest), Q8 blocks
                 r = claim(sync, ph)
                 if r >= R:
                     break
                 _swiglu_row(gu[r], act[r])
-                _quant(act, xq, dxf, xsf, r, r + 1)
-                if xu.size:
-                    _flip(xq, xu, inter, r, r + 1)
+                quant_row(act, r, pneed[layer, 3], xa, xqk, dxk, xsk)
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xq, xu, dxf, xsf, pqs, pd, pm, psc, pb, pkind, prows, pcol,
-                    pfirst[layer, 3], pcount[layer, 3], R, inter // 32, o)
+            product(sync, ph, threads, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+                    pfirst[layer, 3], pcount[layer, 3], R, inter // 32, batch, o)
             ph += 1
         while True:  # rows: the last layer's FFN output added
             r = claim(sync, ph)
@@ -252,22 +277,35 @@ def _kernels() -> dict | None:
         wait(sync, ph, R)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def layers_nb(threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos, sin,
-                  row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch):  # pragma: no cover - compiled
+    def layers_nb(threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, pneed, K, V, cos,
+                  sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch):  # pragma: no cover - compiled
         R, D = x.shape
         L = pfirst.shape[0]
         nq, nk = H * hd, KVH * hd
         kmax = max(D, nq, inter)
         sync = np.zeros((PHASES * L + 1) * 16, np.int64)
         h = np.empty((R, D), np.float32)
-        xq = np.empty(R * kmax, np.int8)
-        flip = False  # a Q4_0 / Q5_0 / Q8_0 product's tiles of rows read xu (UX): only then is it filled
+        # the activations' Q8 blocks of 32 (xq, dxf, xsf) for the 32-value types, Q8_K ones (xqk, dxk, xsk) for
+        # the K types; each only where a part reads it. A signed 32-value type's tiles of rows read them
+        # sign-flipped (xu: UX): only then is it filled
+        flip = b32 = bk = False
         for j in range(pkind.shape[0]):
-            if pkind[j] == 0 or pkind[j] == 2 or pkind[j] == 5 or pkind[j] == 8:
+            k = pkind[j]
+            if k >= 7:
+                bk = True
+            else:
+                b32 = True
+            if k == 0 or k == 2 or k == 5:
                 flip = True
-        xu = np.empty(R * kmax if UX and flip and R >= 4 else 0, np.int8)
-        dxf = np.empty(R * kmax // 32, np.float32)
-        xsf = np.empty(R * kmax // 32, np.float32)
+        n32, nk8 = R * kmax if b32 else 0, R * kmax if bk else 0
+        xq = np.empty(n32, np.int8)
+        xu = np.empty(n32 if UX and flip and R >= 4 else 0, np.int8)
+        dxf = np.empty(n32 // 32, np.float32)
+        xsf = np.empty(n32 // 32, np.float32)
+        xqk = np.empty(nk8, np.int8)
+        dxk = np.empty(nk8 // 32, np.float32)
+        xsk = np.empty(nk8 // 32, np.float32)
+        xa = (xq, xu, dxf, xsf)
         qkv = np.empty((R, nq + 2 * nk), np.float32)
         q = np.empty((R, H, hd), np.float32)
         att = np.empty((R, H, hd), np.float32)
@@ -278,9 +316,9 @@ def _kernels() -> dict | None:
         # to them; a thread that finds a phase's items gone waits for the others to finish them. No thread
         # waits for a given other one, so any number of them (one included) finish the step
         for _t in prange(threads):
-            worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, K, V, cos, sin,
-                   row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xq, xu, dxf, xsf, qkv, q, att, o, gu,
-                   act)
+            worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, pneed, K, V,
+                   cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xa, xqk, dxk, xsk, qkv,
+                   q, att, o, gu, act)
 
     return {"step_q8": layers_nb}
 
@@ -311,15 +349,18 @@ class Q8Layers:
         empty = np.zeros(0, np.float32)
         none = np.zeros(0, np.uint8)
         cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ln1", "ln2", "pqs", "pd", "pm", "psc", "pb")}
-        kinds, rows, pcol, first, count = [], [], [], [], []
+        kinds, rows, pcol, first, count, need = [], [], [], [], [], []
         for ln1, ln2, lins in layers:
             cols["ln1"].append(np.ascontiguousarray(ln1, np.float32))
             cols["ln2"].append(np.ascontiguousarray(ln2, np.float32))
-            f_row, c_row = [], []
+            f_row, c_row, n_row = [], [], []
             for lin in lins:
                 b = None if lin.bias is None else lin.bias.detach().numpy()
                 f_row.append(len(kinds))
                 c_row.append(len(lin.parts))
+                # the activations' blocks its parts read: 1 blocks of 32, 2 Q8_K (the K types), 3 both
+                n_row.append(int(any(p.fmt not in cpu_qmatmul.K_FORMATS for p in lin.parts))
+                             | 2 * int(any(p.fmt in cpu_qmatmul.K_FORMATS for p in lin.parts)))
                 col = 0
                 for p in lin.parts:
                     n = p.qs.shape[0]
@@ -337,9 +378,10 @@ class Q8Layers:
                     col += n
             first.append(f_row)
             count.append(c_row)
+            need.append(n_row)
         self.lists = {k: lst(v) for k, v in cols.items()}
         self.pkind, self.prows, self.pcol = (np.asarray(v, np.int64) for v in (kinds, rows, pcol))
-        self.pfirst, self.pcount = np.asarray(first, np.int64), np.asarray(count, np.int64)
+        self.pfirst, self.pcount, self.pneed = (np.asarray(v, np.int64) for v in (first, count, need))
         self.eps = np.float32(eps)
 
 
@@ -359,7 +401,7 @@ def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: 
     x = np.ascontiguousarray(x, dtype=np.float32)
     with LOCK:
         fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["pqs"], t["pd"], t["pm"], t["psc"], t["pb"],
-           layers.pkind, layers.prows, layers.pcol, layers.pfirst, layers.pcount, K, V, cos, sin,
+           layers.pkind, layers.prows, layers.pcol, layers.pfirst, layers.pcount, layers.pneed, K, V, cos, sin,
            np.asarray(row_slot, np.int64),
            np.asarray(row_pos, np.int64), H, KVH, hd, inter, layers.eps, np.float32(scale), bool(batch))
     return x

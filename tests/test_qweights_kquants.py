@@ -78,27 +78,75 @@ def test_k_matmul_matches_float64(fmt, R, N, nb):
         assert np.abs(got - want).max() <= tol, (backend, np.abs(got - want).max(), tol)
 
 
+def _q8k_llama(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """llama.cpp's `quantize_row_q8_K_ref` (ggml-quants.c) transcribed line by line, in fp32: x [R, K] ->
+    (qs int8 [R, K], d fp32 [R, K / 256], bsums int [R, K / 16]). The oracle of our Q8_K activations."""
+    R, K = x.shape
+    qs = np.zeros((R, K), np.int8)
+    d = np.zeros((R, K // 256), np.float32)
+    bsums = np.zeros((R, K // 16), np.int64)
+    for r in range(R):
+        for i in range(K // 256):
+            blk = x[r, i * 256:(i + 1) * 256]
+            mx = amax = np.float32(0.0)
+            for v in blk:  # the first value of the largest magnitude, with its sign
+                if abs(v) > amax:
+                    amax, mx = abs(v), v
+            if not amax:
+                continue
+            iscale = np.float32(-127.0) / mx
+            val = (iscale * blk).astype(np.float32) + np.float32(12582912.0)  # nearest_int: the float's mantissa
+            v = (val.view(np.int32) & 0x007FFFFF) - 0x00400000
+            qs[r, i * 256:(i + 1) * 256] = np.minimum(127, v)
+            bsums[r, i * 16:(i + 1) * 16] = qs[r, i * 256:(i + 1) * 256].astype(np.int64).reshape(16, 16).sum(1)
+            d[r, i] = np.float32(1.0) / iscale
+    return qs, d, bsums
+
+
+def test_q8k_activations_are_llama_cpps_quantize_row_q8_k():
+    """`quantize_rows(k=True)` (kernel and twin) against llama.cpp's Q8_K quantiser transcribed: every de-quantised
+    value d x q equal (llama.cpp's q and d are ours negated where the largest |x| is positive: the same products),
+    xs llama.cpp's bsums (up to that sign), on random rows, an all-zero super-block, one whose
+    largest |x| is negative and one where every x x 127 / max|x| is a tie at .5."""
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((5, 4 * 256)) * rng.uniform(0.01, 50, (5, 1))).astype(np.float32)
+    x[1, :256] = 0.0
+    x[2, 256:512] = -np.abs(x[2, 256:512])
+    x[2, 300] = -1e3  # the largest magnitude, negative
+    x[3, 512:768] = (np.arange(256) % 127 - 63 + 0.5).astype(np.float32) / 2  # x x 2: k + .5
+    x[3, 512] = np.float32(63.5)  # 127 / 63.5 = 2
+    qs, d, bsums = _q8k_llama(x)
+    want = qs.astype(np.float64) * np.repeat(d, 256, axis=1)
+    for backend in ("numpy", None):
+        xq, dx, xs = cpu_qmatmul.quantize_rows(x, backend, k=True)
+        q = xq.reshape(5, -1).astype(np.int64)
+        got = q.astype(np.float64) * np.repeat(dx, 32, axis=1)
+        np.testing.assert_array_equal(got, want)
+        sign = np.where(np.repeat(d, 16, axis=1) * np.repeat(dx[:, ::8], 16, axis=1) < 0, -1, 1)
+        np.testing.assert_array_equal(sign * q.reshape(5, -1, 16).sum(-1), bsums)
+        np.testing.assert_array_equal(sign * xs.view(np.int16), bsums)  # the bsums, in xs's bytes
+    ties = x[3, 513:768].astype(np.float64) * 2  # the case is what it says: every product a tie
+    assert np.all(ties - np.floor(ties) == 0.5)
+    with pytest.raises(ValueError, match="whole blocks of 256"):
+        cpu_qmatmul.quantize_rows(x[:, :288], k=True)
+
+
 @pytest.mark.parametrize("fmt", KF)
 def test_k_blocks_on_q8_activations_are_the_quantised_product(fmt):
-    """Q4_K / Q6_K with Q8 activations (`matmul_q8`, what "auto" runs where the CPU has AVX2), per block of 32:
-    Q4_K's as a Q4_1 block whose scale and min are d x scale_j and -dmin x min_j, Q6_K's as a signed block
-    (q - 32) with one scale per 16 values. Oracle: the gguf package's own decoding times the de-quantised Q8
-    activations in float64 (Q4_K's min term taken against the blocks' fp16 sums, xs, as for Q4_1). Every tile
-    of `q8a_span` (13 rows: a group of 8, one of 4, one more; 4 weight rows at a time for the last) gives each
-    row the bits it gets alone."""
+    """Q4_K / Q6_K with Q8 activations (`matmul_q8`, what "auto" runs where the CPU has AVX2): x quantised as
+    llama.cpp quantises it for these types (Q8_K, one scale per 256 values), each block of 32 of the weights
+    against it (Q4_K's as a Q4_1 block whose scale and min are d x scale_j and -dmin x min_j, Q6_K's as a
+    signed block, q - 32, with one scale per 16 values). Oracle: the gguf package's own decoding times
+    llama.cpp's Q8_K activations (`_q8k_llama`) in float64. Every tile of `q8a_span` (13 rows: a group of 8,
+    one of 4, one more; 4 weight rows at a time for the last) gives each row the bits it gets alone."""
     rng = np.random.default_rng(11)
     N, nb, R = 37, 3, 13
     raw = random_blocks(fmt, N, nb, seed=5)
     pm = Packed.from_blocks(fmt, raw)
     w64 = quants.dequantize(raw, getattr(QT, fmt)).astype(np.float64)
     x = rng.standard_normal((R, nb * 256)).astype(np.float32)
-    xq, dx, xs = cpu_qmatmul.quantize_rows(x, "numpy")
-    xd = (xq.reshape(R, -1, 32).astype(np.float64) * dx[..., None]).reshape(R, -1)
-    ref = xd @ w64.T
-    if fmt == "Q4_K":
-        _, mins = cpu_qmatmul.q4k_scale_min(pm.sc)
-        mb = (pm.m.view(np.float16).astype(np.float64)[..., None] * mins).reshape(N, -1)  # dmin x min_j per block
-        ref += (xd.reshape(R, 1, -1, 32).sum(-1) * mb[None]).sum(-1) - xs.astype(np.float64) @ mb.T
+    qs, d, _ = _q8k_llama(x)
+    ref = (qs.astype(np.float64) * np.repeat(d, 256, axis=1)) @ w64.T
     for backend in ("numpy", None):
         got = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, backend=backend, sc=pm.sc, qh=pm.qh)
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
@@ -301,12 +349,12 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
 
 @pytest.mark.parametrize("fmt", KF)
 def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
-    """The Q8 tile intrinsics on K blocks (`_numba._q8_rows_codegen` kinds 5 / 6): every (weight row,
-    activation row) of the 4 x 1, 1 x 4 and 1 x 8 tiles equals the 1 x 1 tile's bits; where the CPU has VNNI,
-    the `vpdpbusd` variant equals the AVX2 one, and Q6_K's tiles of rows on sign-flipped activations too."""
+    """The K types' tile intrinsics (`_numba._q8k_rows_codegen`, kinds 5 / 6): every (weight row, activation
+    row) of the 4 x 1, 1 x 4 and 1 x 8 tiles equals the 1 x 1 tile's bits, and the float64 product to fp32
+    rounding."""
     from numba import njit
 
-    from kernels._numba import has_avx2, has_vnni, jit, q8_tile_dot_intrinsic
+    from kernels._numba import has_avx2, jit, q8_tile_dot_intrinsic
 
     assert jit() is not None and has_avx2()
     kind = {"Q4_K": 5, "Q6_K": 6}[fmt]
@@ -318,49 +366,136 @@ def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
     mf = pm.qh.reshape(-1).view(np.uint16) if fmt == "Q6_K" else pm.m.reshape(-1)
     scf = pm.sc.reshape(-1).view(np.uint8)
     x = np.random.default_rng(2).standard_normal((R, nb * 32)).astype(np.float32)
-    xq, dx, xs = cpu_qmatmul.quantize_rows(x)
+    xq, dx, xs = cpu_qmatmul.quantize_rows(x, k=True)
     dxf, xsf, xr = dx.reshape(-1), xs.reshape(-1), nb * 32
-    xst = np.ascontiguousarray(xs.T).reshape(-1)  # Q4_K's min terms over 8 rows: (row j, block b) at b * 8 + j
-    xst4 = np.ascontiguousarray(xs[:4].T).reshape(-1)
     wr = nbk * 128  # weight bytes per row; scales per row: nbk
     want = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, backend="numpy", sc=pm.sc, qh=pm.qh)
-    results = []
-    for vnni in [False] + ([True] if has_vnni() else []):
-        for ux in [False] + ([True] if vnni and fmt == "Q6_K" else []):
-            t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n >= 4, vnni, ux and n >= 4)
-                                  for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
+    t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n) for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
 
-            @njit
-            def run(xq, xa, x4, x8):  # noqa: ANN001, ANN202 - x4 / x8: what the 1 x 4 / 1 x 8 tiles read as xs
-                one = np.empty((R, W), np.float32)
-                w4 = np.empty((R, W), np.float32)
-                r4 = np.empty((4, W), np.float32)
-                r8 = np.empty((R, W), np.float32)
-                for j in range(R):
-                    for t in range(W):
-                        one[j, t] = t11(wf, t * wr, df, t * nbk, xq, j * xr, dxf, j * nb, mf, xsf, scf, nb)
-                    a = t41(wf, 0, wr, 2 * wr, 3 * wr, df, 0, nbk, 2 * nbk, 3 * nbk, xq, j * xr, dxf, j * nb, mf,
-                            xsf, scf, nb)
-                    for t in range(W):
-                        w4[j, t] = a[t]
-                for t in range(W):
-                    a4 = t14(wf, t * wr, df, t * nbk, xa, 0, xr, 2 * xr, 3 * xr, dxf, 0, nb, 2 * nb, 3 * nb, mf, x4,
-                             scf, nb)
-                    a8 = t18(wf, t * wr, df, t * nbk, xa, 0, xr, 2 * xr, 3 * xr, 4 * xr, 5 * xr, 6 * xr, 7 * xr, dxf,
-                             0, nb, 2 * nb, 3 * nb, 4 * nb, 5 * nb, 6 * nb, 7 * nb, mf, x8, scf, nb)
-                    for j in range(4):
-                        r4[j, t] = a4[j]
-                    for j in range(8):
-                        r8[j, t] = a8[j]
-                return one, w4, r4, r8
+    @njit
+    def run(xq):  # noqa: ANN001, ANN202
+        one = np.empty((R, W), np.float32)
+        w4 = np.empty((R, W), np.float32)
+        r4 = np.empty((4, W), np.float32)
+        r8 = np.empty((R, W), np.float32)
+        for j in range(R):
+            for t in range(W):
+                one[j, t] = t11(wf, t * wr, df, t * nbk, xq, j * xr, dxf, j * nb, mf, xsf, scf, nb)
+            a = t41(wf, 0, wr, 2 * wr, 3 * wr, df, 0, nbk, 2 * nbk, 3 * nbk, xq, j * xr, dxf, j * nb, mf,
+                    xsf, scf, nb)
+            for t in range(W):
+                w4[j, t] = a[t]
+        for t in range(W):
+            a4 = t14(wf, t * wr, df, t * nbk, xq, 0, xr, 2 * xr, 3 * xr, dxf, 0, nb, 2 * nb, 3 * nb, mf, xsf,
+                     scf, nb)
+            a8 = t18(wf, t * wr, df, t * nbk, xq, 0, xr, 2 * xr, 3 * xr, 4 * xr, 5 * xr, 6 * xr, 7 * xr, dxf,
+                     0, nb, 2 * nb, 3 * nb, 4 * nb, 5 * nb, 6 * nb, 7 * nb, mf, xsf, scf, nb)
+            for j in range(4):
+                r4[j, t] = a4[j]
+            for j in range(8):
+                r8[j, t] = a8[j]
+        return one, w4, r4, r8
 
-            xa = xq ^ np.int8(-128) if ux else xq
-            x4, x8 = (xst4, xst) if fmt == "Q4_K" else (xsf, xsf)
-            one, w4, r4, r8 = run(xq, xa, x4, x8)
-            np.testing.assert_allclose(one, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
-            np.testing.assert_array_equal(w4, one)
-            np.testing.assert_array_equal(r4, one[:4])
-            np.testing.assert_array_equal(r8, one)
-            results.append(one)
-    for other in results[1:]:
-        np.testing.assert_array_equal(other, results[0])
+    one, w4, r4, r8 = run(xq)
+    np.testing.assert_allclose(one, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(w4, one)
+    np.testing.assert_array_equal(r4, one[:4])
+    np.testing.assert_array_equal(r8, one)
+
+
+def _fma32(a, b, c) -> np.float32:  # noqa: ANN001 - fp32 a x b + c, one rounding (the product is exact in float64)
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+def _llama_k_dot(fmt: str, block_row: np.ndarray, qs: np.ndarray, d: np.ndarray, bsums: np.ndarray,
+                 tiled: bool = False) -> np.float32:
+    """One (weight row, activation row) dot as llama.cpp computes it on x86 with AVX2, from the raw GGUF
+    blocks and its own Q8_K activations (`_q8k_llama`): Q4_K as `ggml_gemv_q4_K_8x8_q8_K` (per super-block
+    the integer sums of scale x dot and of min x bsum, each converted once into its own fp32 fused
+    multiply-add chain, the second subtracted at the end), Q6_K as `ggml_vec_dot_q6_K_q8_K` (8 int32 lanes of
+    4 bytes of each block of 32, less 32 x bsum x scale per lane, into 8 fp32 chains, then hsum_float_8) or,
+    tiled, as its tiled K-quant matmul (`tiled-kernel.cpp`, what it runs for 8 rows or more: per super-block
+    d_w x the integer total, rounded, then one fused multiply-add by d_x into one chain); Q4_K tiled, as its
+    4-row repacked kernel (`ggml_gemm_q4_K_8x8_q8_K`: both chains step per 64 values)."""
+    bb = BLOCK_BYTES[fmt]
+    blocks = block_row.reshape(-1, bb)
+    if fmt == "Q4_K":
+        acc = accm = np.float32(0.0)
+        for i, blk in enumerate(blocks):
+            dw, dmin = blk[0:4].view(np.float16).astype(np.float32)
+            sc_b, q4 = blk[4:16].astype(np.int64), blk[16:144]
+            scales, mins = np.zeros(8, np.int64), np.zeros(8, np.int64)
+            for j in range(8):  # ggml's get_scale_min_k4
+                if j < 4:
+                    scales[j], mins[j] = sc_b[j] & 63, sc_b[j + 4] & 63
+                else:
+                    scales[j] = (sc_b[j + 4] & 0xF) | ((sc_b[j - 4] >> 6) << 4)
+                    mins[j] = (sc_b[j + 4] >> 4) | ((sc_b[j] >> 6) << 4)
+            q = np.concatenate([np.concatenate([q4[32 * c:32 * c + 32] & 0xF, q4[32 * c:32 * c + 32] >> 4])
+                                for c in range(4)]).astype(np.int64)
+            xq = qs[i * 256:(i + 1) * 256].astype(np.int64)
+            isums = scales * (q * xq).reshape(8, 32).sum(1)
+            imins = mins * bsums[i * 16:(i + 1) * 16].reshape(8, 2).sum(1)
+            for lo, hi in ((0, 2), (2, 4), (4, 6), (6, 8)) if tiled else ((0, 8),):
+                acc = _fma32(np.float32(int(isums[lo:hi].sum())), np.float32(dw * d[i]), acc)
+                accm = _fma32(np.float32(int(imins[lo:hi].sum())), np.float32(dmin * d[i]), accm)
+        return np.float32(acc - accm)
+    lanes = np.zeros(8, np.float32)
+    for i, blk in enumerate(blocks):
+        ql, qh, sc = blk[0:128], blk[128:192], blk[192:208].view(np.int8).astype(np.int64)
+        dw = blk[208:210].view(np.float16).astype(np.float32)[0]
+        q = np.zeros(256, np.int64)
+        for h in range(2):  # ggml's dequantize_row_q6_K order, q unsigned (0 .. 63)
+            lo, hb = ql[64 * h:64 * h + 64].astype(np.int64), qh[32 * h:32 * h + 32].astype(np.int64)
+            q[128 * h:128 * h + 32] = (lo[:32] & 0xF) | ((hb & 3) << 4)
+            q[128 * h + 32:128 * h + 64] = (lo[32:] & 0xF) | (((hb >> 2) & 3) << 4)
+            q[128 * h + 64:128 * h + 96] = (lo[:32] >> 4) | (((hb >> 4) & 3) << 4)
+            q[128 * h + 96:128 * h + 128] = (lo[32:] >> 4) | (((hb >> 6) & 3) << 4)
+        prod = (q * qs[i * 256:(i + 1) * 256].astype(np.int64)).reshape(8, 8, 4).sum(2)  # [block, lane]
+        scl = np.where(np.arange(8) < 4, sc[2 * np.arange(8)[:, None]], sc[2 * np.arange(8)[:, None] + 1])
+        sumi = (scl * prod).sum(0)
+        bs = bsums[i * 16:(i + 1) * 16].astype(np.int64)
+        sumi -= 32 * (bs[0::2] * sc[0::2] + bs[1::2] * sc[1::2])
+        if tiled:
+            lanes[0] = _fma32(np.float32(dw * np.float32(int(sumi.sum()))), d[i], lanes[0])
+            continue
+        dd = np.float32(d[i] * dw)
+        lanes = np.array([_fma32(dd, np.float32(v), a) for v, a in zip(sumi, lanes)], np.float32)
+    if tiled:
+        return lanes[0]
+    lo4 = (lanes[4:] + lanes[:4]).astype(np.float32)
+    return np.float32(np.float32(lo4[0] + lo4[2]) + np.float32(lo4[1] + lo4[3]))
+
+
+@pytest.mark.parametrize("fmt", KF)
+def test_k_products_are_llama_cpps_bits(fmt):
+    """The K types on Q8_K activations give llama.cpp's own fp32 result bit for bit: oracle, its AVX2
+    arithmetic transcribed in NumPy from the raw GGUF blocks and its own Q8_K quantiser (`_llama_k_dot`), every
+    (weight row, activation row) of 7 x 37 rows through `matmul_q8` (each tile of `q8a_span`), for random
+    blocks at several activation scales."""
+    rng = np.random.default_rng(31)
+    N, nb, R = 37, 3, 7
+    raw = random_blocks(fmt, N, nb, seed=17)
+    pm = Packed.from_blocks(fmt, raw)
+    x = (rng.standard_normal((R, nb * 256)) * rng.uniform(0.01, 30, (R, 1))).astype(np.float32)
+    qs, d, bsums = _q8k_llama(x)
+    want = np.array([[_llama_k_dot(fmt, raw[n], qs[r], d[r], bsums[r]) for n in range(N)] for r in range(R)])
+    got = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, sc=pm.sc, qh=pm.qh)
+    np.testing.assert_array_equal(got, want)
+    # a prompt's micro-batch: from 8 rows on, Q6_K takes the tiled matmul's arithmetic; from 4 rows on, Q4_K
+    # the 4-row kernel's on its rows in fours (the rest: the 1-row kernel's)
+    x = (rng.standard_normal((11, nb * 256)) * 4).astype(np.float32)
+    qs, d, bsums = _q8k_llama(x)
+    for rows in (3, 7, 11):
+        def tiled(r: int) -> bool:
+            return rows >= 8 if fmt == "Q6_K" else r < rows - rows % 4
+
+        want = np.array([[_llama_k_dot(fmt, raw[n], qs[r], d[r], bsums[r], tiled(r)) for n in range(N)]
+                         for r in range(rows)])
+        got = cpu_qmatmul.matmul_q8(fmt, x[:rows], pm.qs, pm.d, pm.m, sc=pm.sc, qh=pm.qh, prompt=True)
+        np.testing.assert_array_equal(got, want)
+        if tiled(0):  # a decoding batch keeps the one-token arithmetic: each row's bits as alone
+            alone = cpu_qmatmul.matmul_q8(fmt, x[:1], pm.qs, pm.d, pm.m, sc=pm.sc, qh=pm.qh)
+            np.testing.assert_array_equal(cpu_qmatmul.matmul_q8(fmt, x[:rows], pm.qs, pm.d, pm.m, sc=pm.sc,
+                                                                qh=pm.qh)[:1], alone)
+            assert not np.array_equal(got[:1], alone)  # the two arithmetics do differ somewhere

@@ -67,13 +67,13 @@ def serves(cache: Any) -> bool:
         and cache.dtype == torch.float32
 
 
-def _mm(x: np.ndarray, w: Any, b: np.ndarray | None) -> np.ndarray:
+def _mm(x: np.ndarray, w: Any, b: np.ndarray | None, prompt: bool = False) -> np.ndarray:
     """x: [R, in]; w: [out, in] -> [R, out]: `kernels.cpu_decode.rows_matmul`, one dispatch (its Numba kernel
     reads each weight row once for all rows; its NumPy twin, where Numba is not used, is OpenBLAS: a
     matrix-vector product for one row). A `qweights.PackedLinear` (GGUF blocks, its bias included) runs
-    `kernels.cpu_qmatmul`."""
+    `kernels.cpu_qmatmul` (prompt: the rows are a prompt's micro-batch, see `cpu_qmatmul.matmul_q8`)."""
     if not isinstance(w, np.ndarray):
-        return w.matmul_np(x)
+        return w.matmul_np(x, prompt)
     out = cpu_decode.rows_matmul(x, w)
     if b is not None:
         out = out + b
@@ -217,14 +217,14 @@ class NumpyStep:
             # every layer in one Numba call (kernels.cpu_step): no Python between the layers
             x = cpu_step.step_q8(self.fused, x, views[0], views[1], self.gcos, self.gsin, row_slot, row_pos, H, KVH,
                                  hd, a.intermediate, self.scale, batch)
-            return self._finish(cache, slots, pos, S, x, last_only)
+            return self._finish(cache, slots, pos, S, x, last_only, batch)
         if self.ggml:
             gc, gs = self.gcos[row_pos], self.gsin[row_pos]
         elif a.rope:
             c = self.cos[row_pos][:, None, :]  # [R, 1, hd/2]
             s = self.sin[row_pos][:, None, :]
         for i, (l1w, l1b, wqkv, bqkv, wo, bo, l2w, l2b, w13, b13, w2, b2) in enumerate(self.layers):
-            qkv = _mm(self._norm(x, l1w, l1b), wqkv, bqkv)  # [R, (H + 2 KVH) hd]
+            qkv = _mm(self._norm(x, l1w, l1b), wqkv, bqkv, batch)  # [R, (H + 2 KVH) hd]
             q = qkv[:, :nq].reshape(R, H, hd)
             k = qkv[:, nq:nq + nk].reshape(R, KVH, hd)
             v = qkv[:, nq + nk:].reshape(R, KVH, hd)
@@ -248,8 +248,8 @@ class NumpyStep:
                     o = cpu_ggml.attend(q, K, V, row_slot, row_pos, self.scale, batch).reshape(R, nq)
                 else:
                     o = cpu_decode.attend(q, K, V, row_slot, row_pos, self.scale).reshape(R, nq)
-            x = x + _mm(o, wo, bo)
-            h = _mm(self._norm(x, l2w, l2b), w13, b13)
+            x = x + _mm(o, wo, bo, batch)
+            h = _mm(self._norm(x, l2w, l2b), w13, b13, batch)
             if a.arch == "gpt2":  # tanh GELU
                 h = 0.5 * h * (1.0 + np.tanh(np.float32(0.7978845608028654) * (h + np.float32(0.044715) * h ** 3)))
             elif self.ggml:
@@ -257,15 +257,15 @@ class NumpyStep:
             else:
                 g, u = h[:, :a.intermediate], h[:, a.intermediate:]
                 h = g / (1.0 + np.exp(-g)) * u
-            x = x + _mm(h, w2, b2)
-        return self._finish(cache, slots, pos, S, x, last_only)
+            x = x + _mm(h, w2, b2, batch)
+        return self._finish(cache, slots, pos, S, x, last_only, batch)
 
     def _finish(self, cache: Any, slots: list[int], pos: list[int], S: int, x: np.ndarray,
-                last_only: bool) -> torch.Tensor:
+                last_only: bool, batch: bool = False) -> torch.Tensor:
         """The final norm and the output head over the rows (or the last), and the slots' new lengths."""
         if last_only:
             x = x[-1:]
-        logits = _mm(self._norm(x, *self.norm), self.head, None)
+        logits = _mm(self._norm(x, *self.norm), self.head, None, batch)
         for sl, p in zip(slots, pos):
             cache.lengths[sl] = p + S
         return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))

@@ -244,8 +244,9 @@ class PackedLinear(nn.Module):
     def formats(self) -> list[str]:
         return [p.fmt for p in self.parts]
 
-    def matmul_np(self, x: np.ndarray) -> np.ndarray:
-        """x [R, in] fp32 -> [R, out] fp32 on the packed blocks (bias included)."""
+    def matmul_np(self, x: np.ndarray, prompt: bool = False) -> np.ndarray:
+        """x [R, in] fp32 -> [R, out] fp32 on the packed blocks (bias included). prompt: the rows are tokens of
+        one sequence (`cpu_qmatmul.matmul_q8`)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], self.out_features), np.float32)
         o = 0
@@ -254,7 +255,7 @@ class PackedLinear(nn.Module):
             n = p.shape[0]
             if q8 and p.fmt in cpu_qmatmul.Q8A_FORMATS:
                 y = cpu_qmatmul.matmul_q8(p.fmt, x, p.qs, p.d, p.m, out=out if len(self.parts) == 1 else None,
-                                          sc=p.sc, qh=p.qh)
+                                          sc=p.sc, qh=p.qh, prompt=prompt)
             else:
                 y = p.matmul(x, out=out if len(self.parts) == 1 else None)
             if len(self.parts) > 1:
