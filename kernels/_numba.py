@@ -205,12 +205,9 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
     v16i8, v32i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
     v8i32, v8f32 = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
-    mn = kind in (0, 3, 5)  # unsigned weights and a min per block (Q4_1, Q5_1, Q4_K)
+    assert kind in (0, 1, 2, 3, 4), "the K types: _q8k_rows_codegen"
+    mn = kind in (0, 3)  # unsigned weights and a min per block (Q4_1, Q5_1)
     q5 = kind in (3, 4)  # 5-bit weights: the nibbles' 16 bytes, then the block's 32 high bits
-    qk = kind == 5  # Q4_K: super-blocks of 256 (8 blocks of 32), one d / dmin / 12 scale bytes each
-    q6 = kind == 6  # Q6_K: super-blocks of 256, 128 low-nibble bytes (w), 64 high-bit bytes (m's slot), 16 int8
-    # scales (sc: two per block of 32, one per 16 values) and d
-    sup = qk or q6
     bw = 32 if kind == 2 else 20 if q5 else 16
     assert not ux or (vnni and not mn and nw == 1), "ux: VNNI, a signed kind, one weight row"
     # where the codegen's arguments are: (w, nw w offsets, d, nw d offsets, x, n x offsets, dx, n dx offsets, m,
@@ -269,7 +266,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
             return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
 
-        def block(b: Any, scale_v: Callable, m_s: Callable, m_v: Callable, k: int = 0) -> None:
+        def block(b: Any, scale_v: Callable, m_s: Callable, m_v: Callable) -> None:
             # block b of every pair: scale_v(t, j) = d_w x d_x of the pair in 8 lanes, m_s(t) = the weight row's
             # min (Q4_1) as a float, m_v() = the nw rows' mins as one vector (vw)
             xvs, xss = [], []
@@ -280,40 +277,8 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             if vw:
                 builder.store(builder.call(fmaw, [m_v(), splat1(xss[0], nw), builder.load(vwacc)]), vwacc)
             for t in range(nw):
-                if qk:  # block k of super-block b // 8: the low (k even) or high nibbles of bytes 32 (k // 2) ..
-                    # 32 (k // 2) + 31 of its 128 (values 64 (k // 2) .. + 31, then + 32 .. + 63: ggml's layout)
-                    sb = builder.sdiv(b, ir.Constant(intp, 8))
-                    wp = builder.gep(wa, [builder.add(woffs[t], builder.add(builder.mul(sb, ir.Constant(intp, 128)),
-                                                                            ir.Constant(intp, 32 * (k // 2))))])
-                    wq = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
-                    if k % 2:
-                        wq = builder.lshr(wq, ir.Constant(v32i8, [4] * 32))
-                    wq = builder.and_(wq, ir.Constant(v32i8, [15] * 32))
-                elif q6:  # block k = 4 h + g of super-block b // 8: ggml's q = (nibble of ql[64 h + 32 (g & 1) + l],
-                    # the high one for g >= 2) | ((qh[32 h + l] >> 2 g) & 3) << 4, w = q - 32 (signed bytes)
-                    sb = builder.sdiv(b, ir.Constant(intp, 8))
-                    h_, g_ = k // 4, k % 4
-                    lo_off = builder.add(builder.mul(sb, ir.Constant(intp, 128)),
-                                         ir.Constant(intp, 64 * h_ + 32 * (g_ & 1)))
-                    wp = builder.gep(wa, [builder.add(woffs[t], lo_off)])
-                    lo = builder.load(builder.bitcast(wp, v32i8.as_pointer()), align=1)
-                    if g_ >= 2:
-                        lo = builder.lshr(lo, ir.Constant(v32i8, [4] * 32))
-                    lo = builder.and_(lo, ir.Constant(v32i8, [15] * 32))
-                    qhb = builder.bitcast(ma, i8.as_pointer())  # the high bits ride in m's slot, as bytes
-                    hp = builder.gep(qhb, [builder.add(builder.sdiv(woffs[t], ir.Constant(intp, 2)),
-                                                       builder.add(builder.mul(sb, ir.Constant(intp, 64)),
-                                                                   ir.Constant(intp, 32 * h_)))])
-                    hi = builder.load(builder.bitcast(hp, v32i8.as_pointer()), align=1)
-                    if g_:
-                        hi = builder.lshr(hi, ir.Constant(v32i8, [2 * g_] * 32))
-                    hi = builder.shl(builder.and_(hi, ir.Constant(v32i8, [3] * 32)), ir.Constant(v32i8, [4] * 32))
-                    wq = builder.sub(builder.or_(lo, hi), ir.Constant(v32i8, [32] * 32))
-                else:
-                    wp = builder.gep(wa, [builder.add(woffs[t], builder.mul(b, ir.Constant(intp, bw)))])
-                if sup:
-                    pass  # unpacked above
-                elif bw != 32:  # nibbles: low = values 0..15, high = 16..31: the 16 bytes in both halves, the
+                wp = builder.gep(wa, [builder.add(woffs[t], builder.mul(b, ir.Constant(intp, bw)))])
+                if bw != 32:  # nibbles: low = values 0..15, high = 16..31: the 16 bytes in both halves, the
                     # high half's dwords shifted right by 4, every byte's low nibble kept
                     packed = builder.load(builder.bitcast(wp, v16i8.as_pointer()), align=1)
                     dup = builder.bitcast(builder.shuffle_vector(packed, packed, mask(32, list(range(16)) * 2)), v8i32)
@@ -382,75 +347,29 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         # multiply-add's broadcast operand), where splatting lane k of a register costs one or two shuffles per
         # pair (Zen 4, weights in L2, one thread, interleaved: the 1x8 and 4x1 tiles 5-10 % faster). Same values,
         # same bits.
-        nbuf = nw * n + (nw if mn else 0) + (nw * n if q6 else 0)
+        nbuf = nw * n + (nw if mn else 0)
         buf = cgutils.alloca_once(builder, v8f32, size=nbuf)
         fence = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [buf.type]), "", "r,~{memory}", side_effect=True)
 
         def lane(i: int, k: int) -> Any:  # lane k of buffer vector i as a scalar, loaded from memory
             return builder.load(builder.gep(builder.bitcast(buf, f32.as_pointer()), [ir.Constant(i32, 8 * i + k)]))
 
-        def k_scales(t: Any, sb: Any) -> tuple[Any, Any]:
-            # Q4_K super-block sb of weight row t: (d x its 8 six-bit scales, -dmin x its 8 six-bit mins) as
-            # fp32 vectors (products of an fp16 and a 6-bit integer: exact). The 12 bytes as three dwords,
-            # unpacked as ggml's get_scale_min_k4 (llama.cpp's utmp masks)
-            so = builder.mul(builder.add(doffs[t], sb), ir.Constant(intp, 12))
-            u = [builder.load(builder.bitcast(builder.gep(sca, [builder.add(so, ir.Constant(intp, 4 * i))]),
-                                              i32.as_pointer()), align=1) for i in range(3)]
-
-            def c(v: int) -> Any:
-                return ir.Constant(i32, v)
-
-            lo6, lo4, hi2 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
-            s_lo, m_lo = builder.and_(u[0], lo6), builder.and_(u[1], lo6)
-            s_hi = builder.or_(builder.and_(u[2], lo4), builder.shl(builder.and_(builder.lshr(u[0], c(6)), hi2), c(4)))
-            m_hi = builder.or_(builder.and_(builder.lshr(u[2], c(4)), lo4),
-                               builder.shl(builder.and_(builder.lshr(u[1], c(6)), hi2), c(4)))
-            v2 = ir.VectorType(i32, 2)
-
-            def bytes8(a: Any, b_: Any) -> Any:  # two dwords -> their 8 bytes as fp32
-                v = builder.insert_element(builder.insert_element(ir.Constant(v2, ir.Undefined), a, c(0)), b_, c(1))
-                return builder.uitofp(builder.zext(builder.bitcast(v, ir.VectorType(i8, 8)), v8i32), v8f32)
-
-            dd = splat1(half(builder, da, builder.add(doffs[t], sb)), 8)
-            dm = splat1(half(builder, ma, builder.add(doffs[t], sb)), 8)
-            return builder.fmul(dd, bytes8(s_lo, s_hi)), builder.fneg(builder.fmul(dm, bytes8(m_lo, m_hi)))
-
-        def q6_scales(t: Any, sb: Any) -> tuple[Any, Any]:
-            # Q6_K super-block sb of weight row t: d x its 16 int8 scales, the even ones (values 0..15 of each
-            # block of 32) and the odd ones (16..31), as two fp32 vectors (exact: fp16 x int8)
-            v16 = builder.load(builder.bitcast(builder.gep(sca, [builder.mul(builder.add(doffs[t], sb),
-                                                                             ir.Constant(intp, 16))]),
-                                               ir.VectorType(i8, 16).as_pointer()), align=1)
-            dd = splat1(half(builder, da, builder.add(doffs[t], sb)), 8)
-            half8 = [builder.shuffle_vector(v16, v16, mask(8, list(range(o, 16, 2)))) for o in (0, 1)]
-            return tuple(builder.fmul(dd, builder.sitofp(v, v8f32)) for v in half8)
-
-        def scale6(t: int, j: int, k: int) -> Any:  # block k's scale vector: 4 lanes of each of its two scales
-            e, o = splat1(lane(t * n + j, k), 8), splat1(lane(nw * n + t * n + j, k), 8)
-            return builder.shuffle_vector(e, o, mask(8, [0, 1, 2, 3, 12, 13, 14, 15]))
-
         ng = builder.sdiv(nb, ir.Constant(intp, 8))
         with cgutils.for_range(builder, ng) as loop:
             b0 = builder.mul(loop.index, ir.Constant(intp, 8))
-            ks = [k_scales(t, loop.index) if qk else q6_scales(t, loop.index) for t in range(nw)] if sup else None
-            d8 = [ks[t][0] if sup else halves8(da, builder.add(doffs[t], b0)) for t in range(nw)]
+            d8 = [halves8(da, builder.add(doffs[t], b0)) for t in range(nw)]
             dx8 = [vec8(dxa, builder.add(dxoffs[j], b0), v8f32) for j in range(n)]
             for t in range(nw):
                 for j in range(n):
                     builder.store(builder.fmul(d8[t], dx8[j]), builder.gep(buf, [ir.Constant(i32, t * n + j)]))
-                    if q6:  # the odd scales' products after every pair's even ones
-                        builder.store(builder.fmul(ks[t][1], dx8[j]),
-                                      builder.gep(buf, [ir.Constant(i32, nw * n + t * n + j)]))
                 if mn:
-                    builder.store(ks[t][1] if qk else halves8(ma, builder.add(doffs[t], b0)),
+                    builder.store(halves8(ma, builder.add(doffs[t], b0)),
                                   builder.gep(buf, [ir.Constant(i32, nw * n + t)]))
             builder.call(fence, [buf])
             for k in range(8):
-                block(builder.add(b0, ir.Constant(intp, k)),
-                      (lambda t, j, k=k: scale6(t, j, k)) if q6 else (lambda t, j, k=k: splat1(lane(t * n + j, k), 8)),
-                      lambda t, k=k: lane(nw * n + t, k),
-                      lambda k=k: gather([lane(nw * n + t, k) for t in range(nw)]), k)
-        tail0 = builder.mul(ng, ir.Constant(intp, 8)) if not sup else nb  # K formats: whole super-blocks only
+                block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: splat1(lane(t * n + j, k), 8),
+                      lambda t, k=k: lane(nw * n + t, k), lambda k=k: gather([lane(nw * n + t, k) for t in range(nw)]))
+        tail0 = builder.mul(ng, ir.Constant(intp, 8))
         with cgutils.for_range_slice(builder, tail0, nb, ir.Constant(intp, 1)) as (b, _):
             def scale1(t: int, j: int, b: Any = b) -> Any:
                 dw = half(builder, da, builder.add(doffs[t], b))
@@ -676,16 +595,12 @@ def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into 
     (xs's too), m uint16 flat, xs float32 flat, sc uint8 flat (Q4_K's scale bytes; unread by the others),
     blocks).
 
-    kind 5: Q4_K on Q8 activations (blocks of 32 as above): w = the row's bytes [K/256, 128], d / m its
-    super-blocks' d / dmin (d offset = row x K/256), sc their 12 scale bytes (at 12 x (d offset + s)). Per
-    super-block the 8 scales and mins are unpacked from three dwords (ggml's masks) into d x scale and -dmin x
-    min, fp32 vectors (exact), and each block of 32 runs as a Q4_1 block with those as its scale and min: its
-    nibbles (the low or high ones of 32 bytes, ggml's order), one integer dot, the min against xs. kind 6:
-    Q6_K, the same way: w = its ql bytes [K/256, 128], m = its qh bytes [K/256, 64] viewed as uint16 (read
-    as bytes at half w's offset), sc its 16 int8 scales; each block of 32 is a signed block q - 32 (as Q4_0's)
-    whose scale vector holds d x its two scales, 4 lanes each (lanes 0..3 sum values 0..15). Neither is
-    llama.cpp's arithmetic (it quantises the activations of K products per 256, Q8_K): the Q8 product, to
-    rounding.
+    kinds 5 / 6: Q4_K / Q6_K on llama.cpp's Q8_K activations (x in `quantize_rows(k=True)`'s layout: one
+    fp32 scale per super-block in dx, its bsums in xs's bytes), with llama.cpp's own arithmetic on x86
+    (`_q8k_rows_codegen`): w = the row's bytes [K/256, 128] (Q6_K: its ql; its qh [K/256, 64] ride in m, viewed
+    as uint16 and read as bytes at half w's offset), d (and Q4_K's dmin, in m) one per super-block (d offset =
+    row x K/256), sc the 12 (Q4_K) or 16 int8 (Q6_K) scale bytes per super-block. Kinds 7 / 8: Q6_K / Q4_K as
+    llama.cpp computes them in a prompt's micro-batch (its tiled and its 4-row repacked kernels).
 
     Per block: the 16 (32) weight bytes and 32 activation bytes are loaded as vectors, nibbles split
     (low = values 0..15, high = 16..31: llama.cpp's layout), `vpmaddubsw` multiplies unsigned by signed

@@ -56,13 +56,16 @@ of tiles, parallel. The NumPy twins de-quantise to float64 and multiply (the
 oracle the tests use, beside `gguf.quants.dequantize`).
 
 Q8 activations (`matmul_q8`, `models.llm_activations = "q8"`; every format
-here, the K ones per block of 32): x is first quantised per row to Q8 blocks
-of 32 (`quantize_rows`, llama.cpp's `quantize_row_q8_1`: fp16 scale max|x| / 127, int8 values, the
-block's de-quantised sum), then each (weight row, x row) is one AVX2 row dot
+here): x is first quantised per row to Q8 blocks of 32 (`quantize_rows`,
+llama.cpp's `quantize_row_q8_1`: fp16 scale max|x| / 127, int8 values, the
+block's de-quantised sum) or, for Q4_K / Q6_K, to llama.cpp's Q8_K blocks of
+256 (`quantize_rows(k=True)`: fp32 scale, int8 values, int16 sums of 16), then
+each (weight row, x row) is one AVX2 row dot
 (`_numba.q8_row_dot_intrinsic`; tiles of 8 or 4 x rows per weight row and of
 4 weight rows per x row with `q8_tile_dot_intrinsic`, the weights' stream
-prefetched ahead): integer multiply-adds per block, scaled in fp32.
-The twin computes the same quantised product in float64.
+prefetched ahead): integer multiply-adds per block, scaled in fp32 (the K
+types: llama.cpp's own integer sums and fp32 steps on x86, `_numba._q8k_rows_codegen`,
+so its bits). The twin computes the same quantised product in float64.
 
 Numba is optional (`_numba.jit()`); without it the references run. Calls are
 serialised by `_numba.LOCK` (see `_numba`).

@@ -26,7 +26,11 @@ What it serves (`NumpyStep._fused_layers`): Llama/Qwen2 layers (RMSNorm, RoPE,
 SwiGLU) whose four products are packed matrices (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/
 Q4_K/Q6_K) with Q8 activations, one block type or several side by side (a
 Q4_K_M file's q and k in Q5_0 or Q4_K beside a Q8_0 or Q6_K v), a full KV cache
-on the CPU, Numba and AVX2. Anything else takes the layer-by-layer path.
+on the CPU, Numba and AVX2. A product's input is quantised to the blocks its
+parts read: Q8 blocks of 32 for the 32-value types, llama.cpp's Q8_K for the K
+types (both where a projection mixes them). In a prompt (`batch`) the K types
+take the arithmetic llama.cpp takes for a micro-batch (`cpu_qmatmul.prompt_kind`).
+Anything else takes the layer-by-layer path.
 """
 
 from __future__ import annotations
