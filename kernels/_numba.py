@@ -173,6 +173,19 @@ def _ggml_reduce4(builder: Any, a0: Any, a1: Any, a2: Any, a3: Any) -> Any:  # p
     return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
 
 
+def _tile_args(context: Any, builder: Any, signature: Any, args: Any, nw: int,
+               n: int) -> tuple:  # pragma: no cover - compiled
+    """A tile intrinsic's arguments (see `q8_tile_dot_intrinsic`: w, nw w offsets, d, nw d offsets, x, n x
+    offsets, dx, n dx offsets, m, xs, sc, blocks) -> the 7 arrays' data pointers (w, d, x, dx, m, xs, sc), the
+    four offset lists (w, d, x, dx) and the block count."""
+    iw, idd, ix = 0, 1 + nw, 2 + 2 * nw
+    idx, im = ix + 1 + n, ix + 2 + 2 * n
+    ptrs = tuple(context.make_array(signature.args[i])(context, builder, args[i]).data
+                 for i in (iw, idd, ix, idx, im, im + 1, im + 2))
+    return (*ptrs, args[iw + 1:iw + 1 + nw], args[idd + 1:idd + 1 + nw], args[ix + 1:ix + 1 + n],
+            args[idx + 1:idx + 1 + n], args[im + 3])
+
+
 def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                      vnni: bool = False, ux: bool = False) -> Any:  # pragma: no cover - compiled
     """The LLVM code of the Q8 row dots (see `q8_row_dot_intrinsic`) for a tile of nw weight rows x n rows of
@@ -229,12 +242,8 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         return builder.fadd(s1, extra)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        iw, idd, ix = 0, 1 + nw, 2 + 2 * nw
-        idx, im = ix + 1 + n, ix + 2 + 2 * n
-        wa, da, xa, dxa, ma, xsa, sca = (context.make_array(signature.args[i])(context, builder, args[i]).data
-                                         for i in (iw, idd, ix, idx, im, im + 1, im + 2))
-        woffs, doffs, nb = args[iw + 1:iw + 1 + nw], args[idd + 1:idd + 1 + nw], args[im + 3]
-        xoffs, dxoffs = args[ix + 1:ix + 1 + n], args[idx + 1:idx + 1 + n]
+        wa, da, xa, dxa, ma, xsa, sca, woffs, doffs, xoffs, dxoffs, nb = _tile_args(context, builder, signature,
+                                                                                      args, nw, n)
         mod = builder.module
         maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
         maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
@@ -425,12 +434,8 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False) -> A
         return ir.Constant(ir.VectorType(i32, k), idx)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        iw, idd, ix = 0, 1 + nw, 2 + 2 * nw
-        idx, im = ix + 1 + n, ix + 2 + 2 * n
-        wa, da, xa, dxa, ma, xsa, sca = (context.make_array(signature.args[i])(context, builder, args[i]).data
-                                         for i in (iw, idd, ix, idx, im, im + 1, im + 2))
-        woffs, doffs, nb = args[iw + 1:iw + 1 + nw], args[idd + 1:idd + 1 + nw], args[im + 3]
-        xoffs, dxoffs = args[ix + 1:ix + 1 + n], args[idx + 1:idx + 1 + n]
+        wa, da, xa, dxa, ma, xsa, sca, woffs, doffs, xoffs, dxoffs, nb = _tile_args(context, builder, signature,
+                                                                                      args, nw, n)
         intp = nb.type
         mod = builder.module
         maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
