@@ -400,7 +400,8 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     return codegen
 
 
-def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False) -> Any:  # pragma: no cover - compiled
+def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
+                      plain: bool = False) -> Any:  # pragma: no cover - compiled
     """The LLVM code of the K types' row dots on Q8_K activations (kinds 5 Q4_K, 6 Q6_K of
     `q8_tile_dot_intrinsic`), with llama.cpp's arithmetic, for a tile of nw weight rows x n activation rows.
     Arguments as `_q8_rows_codegen`'s, the activations as `cpu_qmatmul.quantize_rows(k=True)` lays them out:
@@ -420,8 +421,13 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False) -> A
     lanes' integer total, converted once, times d_w (rounded to fp32), fused-multiply-added times d_x into
     one chain. Q4_K with prompt (kind 8: the rows of a micro-batch that llama.cpp's repacked kernels take four
     at a time, `ggml_gemm_q4_K_8x8_q8_K`): the two chains step per 64 values (two blocks' integer sums) instead
-    of per super-block. Integer sums are exact in any order: a pair's result is llama.cpp's bits in any
-    tile."""
+    of per super-block. Q4_K plain (kinds 9 / 10: llama.cpp's arithmetic on a Q4_K matrix it does not repack,
+    one whose rows are not a multiple of 8 or any without its extra weight buffers): `ggml_vec_dot_q4_K_q8_K`
+    (AVX2: the scale x dot sums in 8 int32 lanes into 8 fp32 chains times d_w x d_x, the min sums in 4 lanes
+    into 4 chains times -(dmin_w x d_x), then hsum_float_8 plus the 4 lanes' sum) or, in a prompt of 8 rows or
+    more, its tiled matmul (per super-block r = d_w x the scale x dot total, r - dmin_w x the min total in one
+    fused step, then r x d_x fused-multiply-added into one chain). Integer sums are exact in any order: a
+    pair's result is llama.cpp's bits in any tile."""
     from llvmlite import ir
     from numba.core import cgutils
 
@@ -443,10 +449,16 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False) -> A
         fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
         fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
         zero8 = ir.Constant(v8i32, [0] * 8)
-        if q6 and not prompt:
+        lanes8 = (q6 or plain) and not prompt  # 8 float chains per pair (the AVX2 dot products)
+        if lanes8:
             accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
                     for _ in range(nw)]
-        elif q6:
+            if not q6:  # Q4_K's min chains: 4 lanes
+                v4f32 = ir.VectorType(f32, 4)
+                fma4 = mod.declare_intrinsic("llvm.fma.v4f32", fnty=ir.FunctionType(v4f32, [v4f32, v4f32, v4f32]))
+                maccs = [[cgutils.alloca_once_value(builder, ir.Constant(v4f32, [0.0] * 4)) for _ in range(n)]
+                         for _ in range(nw)]
+        elif q6 or plain:
             accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)] for _ in range(nw)]
         else:
             accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)] for _ in range(nw)]
@@ -549,7 +561,7 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False) -> A
                     for j in range(n):
                         p16 = builder.call(maddubs, [wq, xvs[j][k]])
                         sumi[j] = builder.add(sumi[j], builder.call(maddwd, [p16, sv]))
-                        if prompt and not q6 and k % 2:  # the 4-row kernel: both chains step per 64 values
+                        if prompt and not q6 and not plain and k % 2:  # the 4-row kernel: per 64 values
                             d = builder.fmul(dw, dxs[j])
                             fi = builder.sitofp(hsum_i(sumi[j]), f32)
                             builder.store(builder.call(fma1, [fi, d, builder.load(accs[t][j])]), accs[t][j])
@@ -570,16 +582,37 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False) -> A
                             fi = builder.sitofp(builder.sub(sumi[j], corr), v8f32)
                             builder.store(builder.call(fma, [splat(d, 8), fi, builder.load(accs[t][j])]),
                                           accs[t][j])
+                    elif plain and prompt:  # the tiled matmul: r = d_w s1, r - dmin_w s2 (fused), then x d_x
+                        res = builder.fmul(dw, builder.sitofp(hsum_i(sumi[j]), f32))
+                        res = builder.call(fma1, [builder.fneg(dmw), builder.sitofp(hsum_i(mm[j]), f32), res])
+                        builder.store(builder.call(fma1, [res, dxs[j], builder.load(accs[t][j])]), accs[t][j])
+                    elif plain:  # the AVX2 dot: 8 lanes times d; the mins' 4 lanes (lane i: blocks 2i, 2i + 1)
+                        fi = builder.sitofp(sumi[j], v8f32)
+                        builder.store(builder.call(fma, [splat(d, 8), fi, builder.load(accs[t][j])]), accs[t][j])
+                        m4 = builder.add(builder.shuffle_vector(mm[j], mm[j], mask(4, [0, 2, 4, 6])),
+                                         builder.shuffle_vector(mm[j], mm[j], mask(4, [1, 3, 5, 7])))
+                        dm4 = splat(builder.fneg(builder.fmul(dxs[j], dmw)), 4)
+                        builder.store(builder.call(fma4, [dm4, builder.sitofp(m4, v4f32), builder.load(maccs[t][j])]),
+                                      maccs[t][j])
                     elif not prompt:  # the super-block's sum of min_j x (bsum_2j + bsum_2j+1), one step each
                         fi = builder.sitofp(hsum_i(sumi[j]), f32)
                         builder.store(builder.call(fma1, [fi, d, builder.load(accs[t][j])]), accs[t][j])
                         dm = builder.fmul(dmw, dxs[j])
                         builder.store(builder.call(fma1, [builder.sitofp(hsum_i(mm[j]), f32), dm,
                                                           builder.load(maccs[t][j])]), maccs[t][j])
-        if q6 and prompt:
+        if (q6 or plain) and prompt:
             outs = [builder.load(accs[t][j]) for t in range(nw) for j in range(n)]
         elif q6:
             outs = [hsum_f8(builder.load(accs[t][j])) for t in range(nw) for j in range(n)]
+        elif plain:  # hsum_float_8 of the 8 chains + ((m0 + m2) + (m1 + m3))
+            outs = []
+            for t in range(nw):
+                for j in range(n):
+                    m = builder.load(maccs[t][j])
+                    m2 = builder.fadd(builder.shuffle_vector(m, m, mask(2, [0, 1])),
+                                      builder.shuffle_vector(m, m, mask(2, [2, 3])))
+                    m1 = builder.fadd(builder.extract_element(m2, c(0, i32)), builder.extract_element(m2, c(1, i32)))
+                    outs.append(builder.fadd(hsum_f8(builder.load(accs[t][j])), m1))
         else:
             outs = [builder.fsub(builder.load(accs[t][j]), builder.load(maccs[t][j])) for t in range(nw)
                     for j in range(n)]
@@ -646,9 +679,11 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
         arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n, 6 + 2 * nw + 2 * n}
         out = types.float32 if nw * n == 1 else types.UniTuple(types.float32, nw * n)
         sig = out(*[a if i in arrays else ip for i, a in enumerate(args)])
-        if kind in (5, 6, 7, 8):  # the K types: llama.cpp's arithmetic on Q8_K activations (no VNNI, no ux);
-            # 7 / 8: Q6_K / Q4_K as llama.cpp computes them in a prompt's micro-batch
-            return sig, _q8k_rows_codegen({7: 6, 8: 5}.get(kind, kind), n, nw, prompt=kind in (7, 8))
+        if kind in (5, 6, 7, 8, 9, 10):  # the K types: llama.cpp's arithmetic on Q8_K activations (no VNNI, no
+            # ux); 7 / 8: Q6_K / Q4_K as llama.cpp computes them in a prompt's micro-batch; 9 / 10: Q4_K not
+            # repacked, one token / a prompt of 8 or more
+            return sig, _q8k_rows_codegen({7: 6, 8: 5, 9: 5, 10: 5}.get(kind, kind), n, nw, prompt=kind in (7, 8, 10),
+                                          plain=kind in (9, 10))
         return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni, ux)
 
     # an intrinsic's parameters are read from its signature: spell them out (Numba takes no *args there)

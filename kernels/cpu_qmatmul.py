@@ -73,7 +73,9 @@ serialised by `_numba.LOCK` (see `_numba`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -519,6 +521,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows, flip_rows, UX
     global _rd_q50, _rd_q51, _r4_q50, _r4_q51, _w4_q50, _w4_q51, _r8_q50, _r8_q51, _rd_q4k, _r4_q4k, _w4_q4k, _r8_q4k
     global _rd_q6k, _r4_q6k, _w4_q6k, _r8_q6k, _rd_q6p, _r4_q6p, _w4_q6p, _r8_q6p, _r4_q4p, _r8_q4p
+    global _rd_q4d, _w4_q4d, _r4_q4d, _r8_q4d, _rd_q4t, _w4_q4t, _r4_q4t, _r8_q4t
     _pf = prefetch_intrinsic(PF_LOC)
     UX = has_vnni()
     global quantize_span, quantize_span_k, q8a_span
@@ -545,6 +548,11 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     _r4_q6p, _r8_q6p = (q8_tile_dot_intrinsic(7, 1, r) for r in (4, 8))
     # Q4_K on a prompt's rows in fours (kind 8): llama.cpp's 4-row repacked kernel (the rest: its 1-row one)
     _r4_q4p, _r8_q4p = (q8_tile_dot_intrinsic(8, 1, r) for r in (4, 8))
+    # Q4_K not repacked (kinds 9 / 10): llama.cpp's AVX2 dot product, its tiled matmul in a prompt of 8 or more
+    _rd_q4d, _w4_q4d = q8_row_dot_intrinsic(9), q8_tile_dot_intrinsic(9, 4, 1)
+    _r4_q4d, _r8_q4d = (q8_tile_dot_intrinsic(9, 1, r) for r in (4, 8))
+    _rd_q4t, _w4_q4t = q8_row_dot_intrinsic(10), q8_tile_dot_intrinsic(10, 4, 1)
+    _r4_q4t, _r8_q4t = (q8_tile_dot_intrinsic(10, 1, r) for r in (4, 8))
 
     @njit(cache=True, nogil=True, inline="always")
     def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled
@@ -560,7 +568,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             _pf(qs, n * nb * bw + off)
         for off in range(0, rows * dn, 32):
             _pf(df, n * dn + off)
-            if kind == 1 or kind == 6 or kind == 7 or kind == 10:
+            if kind == 1 or kind == 6 or kind == 7 or kind >= 10:
                 # (Q6_K's high bits: the hardware's stream prefetch)
                 _pf(mf, n * dn + off)
 
@@ -619,7 +627,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # unpacked once for them), the rest one by one: the same arithmetic per row either way. xu: xq with
         # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q5_0 / Q8_0 tiles of rows read it), else
         # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K (`Q8A_KIND`), 9 Q6_K in a prompt
-        # of 8 rows or more, 10 Q4_K in a prompt (its rows in fours, the rest as 7; `prompt_kind`; scf: the K formats'
+        # of 8 rows or more, 10 Q4_K in a prompt (its rows in fours, the rest as 7), 11 Q4_K not repacked, 12 that
+        # in a prompt of 8 rows or more (`part_kind`, `prompt_kind`; scf: the K formats'
         # scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block viewed as uint16)
         bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 else 16  # weight bytes per block of 32
         dn = nb // 8 if kind >= 7 else nb  # scales per weight row (K formats: one d per 8 blocks)
@@ -665,6 +674,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     elif kind == 9:
                         a = _w4_q6p(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 11:
+                        a = _w4_q4d(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 12:
+                        a = _w4_q4t(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     else:
                         a = _w4_q80(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
@@ -709,6 +724,14 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     a8 = _r8_q6k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                elif kind == 11:
+                    a8 = _r8_q4d(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                elif kind == 12:
+                    a8 = _r8_q4t(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 elif kind == 10:
                     a8 = _r8_q4p(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
@@ -743,6 +766,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 elif kind == 8:
                     a = _r4_q6k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                elif kind == 11:
+                    a = _r4_q4d(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                elif kind == 12:
+                    a = _r4_q4t(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 elif kind == 10:
                     a = _r4_q4p(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
@@ -774,6 +803,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_q6k(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 9:
                     out[r, n] = _rd_q6p(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 11:
+                    out[r, n] = _rd_q4d(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 12:
+                    out[r, n] = _rd_q4t(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 else:
                     out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 r += 1
@@ -833,14 +866,41 @@ def quantize_rows(x: np.ndarray, backend: str | None = None,
     return xq, dx, xs
 
 
+_Q4K_REPACK = [True]  # which llama.cpp Q4_K arithmetic is reproduced (`llama_q4k_repack`)
+
+
+@contextlib.contextmanager
+def llama_q4k_repack(on: bool) -> Iterator[None]:
+    """Within the block, Q4_K parts built or multiplied take llama.cpp's arithmetic with its Q4_K weights
+    repacked (on, the default: what llama.cpp runs on an x86 CPU with AVX2) or not (off: llama.cpp without its
+    extra weight buffers, `use_extra_bufts = False`, as `tests/llama_ref.py` sets where the CPU has AMX).
+    Process-wide while it lasts: for the tests and benchmarks that compare against such a llama.cpp."""
+    old = _Q4K_REPACK[0]
+    _Q4K_REPACK[0] = on
+    try:
+        yield
+    finally:
+        _Q4K_REPACK[0] = old
+
+
+def part_kind(fmt: str, rows: int) -> int:
+    """The q8a_span kind of a `fmt` matrix of `rows` output rows (one token per activation row): Q8A_KIND, but
+    Q4_K as llama.cpp runs a matrix it does not repack (kind 11: rows not a multiple of 8, or its extra weight
+    buffers off, `llama_q4k_repack`)."""
+    kind = Q8A_KIND[fmt]
+    return 11 if kind == 7 and (rows % 8 or not _Q4K_REPACK[0]) else kind
+
+
 def prompt_kind(kind: int, rows: int) -> int:
     """The q8a_span kind of a part of kind `kind` in a prompt's micro-batch of `rows` tokens of one sequence,
-    what llama.cpp computes for such a micro-batch: Q6_K from 8 rows on its tiled matmul (kind 9), Q4_K from 4
-    rows on its 4-row repacked kernel on the rows in fours and its 1-row one on the rest (kind 10). Decoding
-    steps, whatever their batch, take the one-token arithmetic: a request's bits do not depend on the
-    requests beside it."""
+    what llama.cpp computes for such a micro-batch: Q6_K from 8 rows on its tiled matmul (kind 9), a repacked
+    Q4_K from 4 rows on its 4-row kernel on the rows in fours and its 1-row one on the rest (kind 10), a Q4_K
+    it does not repack from 8 rows on its tiled matmul (kind 12). Decoding steps, whatever their batch, take
+    the one-token arithmetic: a request's bits do not depend on the requests beside it."""
     if kind == 8 and rows >= 8:
         return 9
+    if kind == 11 and rows >= 8:
+        return 12
     return 10 if kind == 7 and rows >= 4 else kind
 
 
@@ -872,7 +932,7 @@ def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndar
     dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _s, _k, out:
              matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out, sc, qh), backend,
              xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf,
-             prompt_kind(Q8A_KIND[fmt], x.shape[0]) if prompt else Q8A_KIND[fmt], out)
+             prompt_kind(part_kind(fmt, qs.shape[0]), x.shape[0]) if prompt else part_kind(fmt, qs.shape[0]), out)
     return out
 
 

@@ -121,8 +121,8 @@ def _kernels() -> dict | None:
             n0 = i * chunk
             n1 = min(n0 + chunk, N)
             kind = pkind[j]
-            if batch and kind == 8 and R >= 8:  # cpu_qmatmul.prompt_kind
-                kind = 9
+            if batch and (kind == 8 or kind == 11) and R >= 8:  # cpu_qmatmul.prompt_kind
+                kind += 1
             elif batch and kind == 7 and R >= 4:
                 kind = 10
             kq = kind >= 7  # a K type: on the Q8_K activations
@@ -376,7 +376,7 @@ class Q8Layers:
                     # the K formats' packed scales (Q6_K's int8 as bytes), flat
                     cols["psc"].append(none if p.sc is None else p.sc.reshape(-1).view(np.uint8))
                     cols["pb"].append(empty if b is None else np.ascontiguousarray(b[col:col + n], np.float32))
-                    kinds.append(KIND[p.fmt])
+                    kinds.append(cpu_qmatmul.part_kind(p.fmt, n))
                     rows.append(n)
                     pcol.append(col)
                     col += n

@@ -182,14 +182,20 @@ def test_a_q4_k_m_file_gives_llama_cpps_top1(tmp_path, capsys):
     are not whole super-blocks, Q4_K, Q6_K and Q8_0; q / k and v of different types in some layers) loads
     packed at its file's size and runs in the fused step. Its Q4_K and Q6_K products take their activations
     as llama.cpp does, in Q8_K blocks of 256, with llama.cpp's arithmetic on x86 (its repacked Q4_K kernels,
-    its Q6_K dot product, and in a prompt its 4-row and tiled kernels): our top-1 equals llama.cpp's at >= 99 %
+    its Q6_K dot product, and in a prompt its 4-row and tiled kernels; where the CPU has AMX, its Q4_K dot
+    product and tiled matmul, as it runs without its extra buffers): our top-1 equals llama.cpp's at >= 99 %
     of the positions (5 prompts x 32, llama.cpp's tokens teacher-forced; measured: 100 %, every logit
     llama.cpp's bits), the logits within 1e-3 of their span. Before (K types on Q8 blocks of 32): 91.2 %. The
     agreement with the file's own de-quantised network (transformers) is printed, ours and llama.cpp's."""
     from transformers import AutoModelForCausalLM
 
+    from kernels import cpu_qmatmul
+
     path = _requantised(tmp_path, "Q4_K_M")
-    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    # where the CPU has AMX the llama.cpp here runs without its extra weight buffers (`llama_ref.patch`), so it
+    # does not repack Q4_K: our Q4_K parts then take its plain dot product's arithmetic (built at load)
+    with cpu_qmatmul.llama_q4k_repack(not llama_ref.patch()):
+        ours = load_llm(str(path), tmp_path / "cache", activations="q8")
     assert all(t in ours.weights for t in ("Q4_K", "Q6_K", "Q5_0")), ours.weights
     assert ours.size_bytes() <= 1.1 * path.stat().st_size
     assert ours.model._np_step.fused is not None, "parts of several types side by side: the fused step runs"

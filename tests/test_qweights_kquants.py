@@ -408,20 +408,29 @@ def _fma32(a, b, c) -> np.float32:  # noqa: ANN001 - fp32 a x b + c, one roundin
 
 
 def _llama_k_dot(fmt: str, block_row: np.ndarray, qs: np.ndarray, d: np.ndarray, bsums: np.ndarray,
-                 tiled: bool = False) -> np.float32:
-    """One (weight row, activation row) dot as llama.cpp computes it on x86 with AVX2, from the raw GGUF
-    blocks and its own Q8_K activations (`_q8k_llama`): Q4_K as `ggml_gemv_q4_K_8x8_q8_K` (per super-block
-    the integer sums of scale x dot and of min x bsum, each converted once into its own fp32 fused
-    multiply-add chain, the second subtracted at the end), Q6_K as `ggml_vec_dot_q6_K_q8_K` (8 int32 lanes of
-    4 bytes of each block of 32, less 32 x bsum x scale per lane, into 8 fp32 chains, then hsum_float_8) or,
-    tiled, as its tiled K-quant matmul (`tiled-kernel.cpp`, what it runs for 8 rows or more: per super-block
-    d_w x the integer total, rounded, then one fused multiply-add by d_x into one chain); Q4_K tiled, as its
-    4-row repacked kernel (`ggml_gemm_q4_K_8x8_q8_K`: both chains step per 64 values)."""
+                 mode: str) -> np.float32:
+    """One (weight row, activation row) dot as llama.cpp computes it on x86 with AVX2 (0.3.36's sources), from
+    the raw GGUF blocks and its own Q8_K activations (`_q8k_llama`). Q4_K, mode "gemv": its repacked 1-row
+    kernel `ggml_gemv_q4_K_8x8_q8_K` (per super-block the integer sums of scale x dot and of min x bsum, each
+    converted once into its own fp32 fused multiply-add chain, the second subtracted at the end); "gemm": its
+    4-row kernel (the same, both chains stepping per 64 values); "dot": `ggml_vec_dot_q4_K_q8_K` (a matrix it
+    does not repack: 8 int32 lanes of 4 bytes of each block into 8 chains times d_w x d_x, the mins in 4 lanes
+    times -(dmin_w x d_x), hsum_float_8 plus the 4 lanes' sum); "tiled": its tiled K-quant matmul (per
+    super-block r = d_w x the dot total, r - dmin_w x the min total fused, then r x d_x into one chain). Q6_K,
+    "dot": `ggml_vec_dot_q6_K_q8_K` (8 int32 lanes, less 32 x bsum x scale per lane, into 8 chains, then
+    hsum_float_8); "tiled": the tiled matmul (d_w x the integer total, then x d_x into one chain)."""
+    def hsum8(v: np.ndarray) -> np.float32:
+        lo4 = (v[4:] + v[:4]).astype(np.float32)
+        return np.float32(np.float32(lo4[0] + lo4[2]) + np.float32(lo4[1] + lo4[3]))
+
     bb = BLOCK_BYTES[fmt]
     blocks = block_row.reshape(-1, bb)
-    if fmt == "Q4_K":
-        acc = accm = np.float32(0.0)
-        for i, blk in enumerate(blocks):
+    lanes, mlanes = np.zeros(8, np.float32), np.zeros(4, np.float32)
+    acc = accm = np.float32(0.0)
+    for i, blk in enumerate(blocks):
+        xq = qs[i * 256:(i + 1) * 256].astype(np.int64)
+        bs = bsums[i * 16:(i + 1) * 16].astype(np.int64)
+        if fmt == "Q4_K":
             dw, dmin = blk[0:4].view(np.float16).astype(np.float32)
             sc_b, q4 = blk[4:16].astype(np.int64), blk[16:144]
             scales, mins = np.zeros(8, np.int64), np.zeros(8, np.int64)
@@ -433,15 +442,24 @@ def _llama_k_dot(fmt: str, block_row: np.ndarray, qs: np.ndarray, d: np.ndarray,
                     mins[j] = (sc_b[j + 4] >> 4) | ((sc_b[j] >> 6) << 4)
             q = np.concatenate([np.concatenate([q4[32 * c:32 * c + 32] & 0xF, q4[32 * c:32 * c + 32] >> 4])
                                 for c in range(4)]).astype(np.int64)
-            xq = qs[i * 256:(i + 1) * 256].astype(np.int64)
-            isums = scales * (q * xq).reshape(8, 32).sum(1)
-            imins = mins * bsums[i * 16:(i + 1) * 16].reshape(8, 2).sum(1)
-            for lo, hi in ((0, 2), (2, 4), (4, 6), (6, 8)) if tiled else ((0, 8),):
-                acc = _fma32(np.float32(int(isums[lo:hi].sum())), np.float32(dw * d[i]), acc)
-                accm = _fma32(np.float32(int(imins[lo:hi].sum())), np.float32(dmin * d[i]), accm)
-        return np.float32(acc - accm)
-    lanes = np.zeros(8, np.float32)
-    for i, blk in enumerate(blocks):
+            prod = (q * xq).reshape(8, 8, 4).sum(2)  # [block, lane]
+            isums = scales * prod.sum(1)
+            imins = mins * bs.reshape(8, 2).sum(1)
+            if mode in ("gemv", "gemm"):
+                for lo, hi in ((0, 2), (2, 4), (4, 6), (6, 8)) if mode == "gemm" else ((0, 8),):
+                    acc = _fma32(np.float32(int(isums[lo:hi].sum())), np.float32(dw * d[i]), acc)
+                    accm = _fma32(np.float32(int(imins[lo:hi].sum())), np.float32(dmin * d[i]), accm)
+            elif mode == "tiled":
+                r = np.float32(dw * np.float32(int(isums.sum())))
+                r = _fma32(-dmin, np.float32(int(imins.sum())), r)
+                acc = _fma32(r, d[i], acc)
+            else:
+                dd, dm = np.float32(d[i] * dw), -np.float32(d[i] * dmin)
+                sumi = (scales[:, None] * prod).sum(0)
+                lanes = np.array([_fma32(dd, np.float32(v), a) for v, a in zip(sumi, lanes)], np.float32)
+                m4 = imins[0::2] + imins[1::2]
+                mlanes = np.array([_fma32(dm, np.float32(v), a) for v, a in zip(m4, mlanes)], np.float32)
+            continue
         ql, qh, sc = blk[0:128], blk[128:192], blk[192:208].view(np.int8).astype(np.int64)
         dw = blk[208:210].view(np.float16).astype(np.float32)[0]
         q = np.zeros(256, np.int64)
@@ -451,51 +469,61 @@ def _llama_k_dot(fmt: str, block_row: np.ndarray, qs: np.ndarray, d: np.ndarray,
             q[128 * h + 32:128 * h + 64] = (lo[32:] & 0xF) | (((hb >> 2) & 3) << 4)
             q[128 * h + 64:128 * h + 96] = (lo[:32] >> 4) | (((hb >> 4) & 3) << 4)
             q[128 * h + 96:128 * h + 128] = (lo[32:] >> 4) | (((hb >> 6) & 3) << 4)
-        prod = (q * qs[i * 256:(i + 1) * 256].astype(np.int64)).reshape(8, 8, 4).sum(2)  # [block, lane]
+        prod = (q * xq).reshape(8, 8, 4).sum(2)  # [block, lane]
         scl = np.where(np.arange(8) < 4, sc[2 * np.arange(8)[:, None]], sc[2 * np.arange(8)[:, None] + 1])
-        sumi = (scl * prod).sum(0)
-        bs = bsums[i * 16:(i + 1) * 16].astype(np.int64)
-        sumi -= 32 * (bs[0::2] * sc[0::2] + bs[1::2] * sc[1::2])
-        if tiled:
-            lanes[0] = _fma32(np.float32(dw * np.float32(int(sumi.sum()))), d[i], lanes[0])
-            continue
-        dd = np.float32(d[i] * dw)
-        lanes = np.array([_fma32(dd, np.float32(v), a) for v, a in zip(sumi, lanes)], np.float32)
-    if tiled:
-        return lanes[0]
-    lo4 = (lanes[4:] + lanes[:4]).astype(np.float32)
-    return np.float32(np.float32(lo4[0] + lo4[2]) + np.float32(lo4[1] + lo4[3]))
+        sumi = (scl * prod).sum(0) - 32 * (bs[0::2] * sc[0::2] + bs[1::2] * sc[1::2])
+        if mode == "tiled":
+            acc = _fma32(np.float32(dw * np.float32(int(sumi.sum()))), d[i], acc)
+        else:
+            dd = np.float32(d[i] * dw)
+            lanes = np.array([_fma32(dd, np.float32(v), a) for v, a in zip(sumi, lanes)], np.float32)
+    if fmt == "Q4_K" and mode in ("gemv", "gemm"):
+        return np.float32(acc - accm)
+    if mode == "tiled":
+        return acc
+    if fmt == "Q4_K":
+        return np.float32(hsum8(lanes) + np.float32(np.float32(mlanes[0] + mlanes[2])
+                                                    + np.float32(mlanes[1] + mlanes[3])))
+    return hsum8(lanes)
 
 
-@pytest.mark.parametrize("fmt", KF)
-def test_k_products_are_llama_cpps_bits(fmt):
+@pytest.mark.parametrize("fmt,N,repack", [("Q4_K", 40, True), ("Q4_K", 37, True), ("Q4_K", 40, False),
+                                          ("Q6_K", 37, True)])
+def test_k_products_are_llama_cpps_bits(fmt, N, repack):
     """The K types on Q8_K activations give llama.cpp's own fp32 result bit for bit: oracle, its AVX2
     arithmetic transcribed in NumPy from the raw GGUF blocks and its own Q8_K quantiser (`_llama_k_dot`), every
-    (weight row, activation row) of 7 x 37 rows through `matmul_q8` (each tile of `q8a_span`), for random
-    blocks at several activation scales."""
+    (weight row, activation row) through `matmul_q8` (each tile of `q8a_span`), for random blocks at several
+    activation scales: a Q4_K matrix as llama.cpp repacks it (rows a multiple of 8) or does not (37 rows, or
+    its extra buffers off: `llama_q4k_repack(False)`), Q6_K; one token per row, and a prompt's micro-batch of
+    3, 7 or 11 rows (what llama.cpp computes for a batch: the 4-row repacked kernel on the rows in fours, the
+    tiled matmul from 8 rows on)."""
     rng = np.random.default_rng(31)
-    N, nb, R = 37, 3, 7
+    nb, R = 3, 7
     raw = random_blocks(fmt, N, nb, seed=17)
     pm = Packed.from_blocks(fmt, raw)
+    plain = fmt == "Q4_K" and (N % 8 or not repack)
+
+    def mode(r: int, rows: int, prompt: bool) -> str:
+        if fmt == "Q4_K" and not plain:
+            return "gemm" if prompt and r < rows - rows % 4 else "gemv"
+        return "tiled" if prompt and rows >= 8 else "dot"
+
     x = (rng.standard_normal((R, nb * 256)) * rng.uniform(0.01, 30, (R, 1))).astype(np.float32)
     qs, d, bsums = _q8k_llama(x)
-    want = np.array([[_llama_k_dot(fmt, raw[n], qs[r], d[r], bsums[r]) for n in range(N)] for r in range(R)])
-    got = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, sc=pm.sc, qh=pm.qh)
-    np.testing.assert_array_equal(got, want)
-    # a prompt's micro-batch: from 8 rows on, Q6_K takes the tiled matmul's arithmetic; from 4 rows on, Q4_K
-    # the 4-row kernel's on its rows in fours (the rest: the 1-row kernel's)
-    x = (rng.standard_normal((11, nb * 256)) * 4).astype(np.float32)
-    qs, d, bsums = _q8k_llama(x)
-    for rows in (3, 7, 11):
-        def tiled(r: int) -> bool:
-            return rows >= 8 if fmt == "Q6_K" else r < rows - rows % 4
-
-        want = np.array([[_llama_k_dot(fmt, raw[n], qs[r], d[r], bsums[r], tiled(r)) for n in range(N)]
-                         for r in range(rows)])
-        got = cpu_qmatmul.matmul_q8(fmt, x[:rows], pm.qs, pm.d, pm.m, sc=pm.sc, qh=pm.qh, prompt=True)
-        np.testing.assert_array_equal(got, want)
-        if tiled(0):  # a decoding batch keeps the one-token arithmetic: each row's bits as alone
+    with cpu_qmatmul.llama_q4k_repack(repack):
+        want = np.array([[_llama_k_dot(fmt, raw[n], qs[r], d[r], bsums[r], mode(r, R, False)) for n in range(N)]
+                         for r in range(R)])
+        np.testing.assert_array_equal(cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, sc=pm.sc, qh=pm.qh), want)
+        x = (rng.standard_normal((11, nb * 256)) * 4).astype(np.float32)
+        qs, d, bsums = _q8k_llama(x)
+        for rows in (3, 7, 11):
+            want = np.array([[_llama_k_dot(fmt, raw[n], qs[r], d[r], bsums[r], mode(r, rows, True))
+                              for n in range(N)] for r in range(rows)])
+            got = cpu_qmatmul.matmul_q8(fmt, x[:rows], pm.qs, pm.d, pm.m, sc=pm.sc, qh=pm.qh, prompt=True)
+            np.testing.assert_array_equal(got, want)
+            # a decoding batch keeps the one-token arithmetic: each row's bits as alone
             alone = cpu_qmatmul.matmul_q8(fmt, x[:1], pm.qs, pm.d, pm.m, sc=pm.sc, qh=pm.qh)
-            np.testing.assert_array_equal(cpu_qmatmul.matmul_q8(fmt, x[:rows], pm.qs, pm.d, pm.m, sc=pm.sc,
-                                                                qh=pm.qh)[:1], alone)
-            assert not np.array_equal(got[:1], alone)  # the two arithmetics do differ somewhere
+            batch = cpu_qmatmul.matmul_q8(fmt, x[:rows], pm.qs, pm.d, pm.m, sc=pm.sc, qh=pm.qh)
+            np.testing.assert_array_equal(batch[:1], alone)
+            if mode(0, rows, True) != mode(0, 1, False):
+                assert not np.array_equal(got[:1], alone)  # the two arithmetics do differ somewhere
