@@ -332,7 +332,7 @@ def available() -> bool:
     return _kernels() is not None
 
 
-KIND = cpu_qmatmul.Q8A_KIND  # a part's kind (`q8a_span`'s)
+KIND = cpu_qmatmul.Q8A_KIND  # the block types the step runs (a part's q8a_span kind: `cpu_qmatmul.part_kind`)
 
 
 class Q8Layers:
