@@ -173,6 +173,22 @@ def _ggml_reduce4(builder: Any, a0: Any, a1: Any, a2: Any, a3: Any) -> Any:  # p
     return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
 
 
+def _lane_sum(builder: Any, v: Any, add: Callable) -> Any:  # pragma: no cover - compiled
+    """The lanes of v (8 or 4) summed as ggml's hsum_float_8 (and its 4-lane tail) does: the high half added to
+    the low one until one lane is left, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) for 8. add:
+    builder.fadd, or builder.add for integer lanes (exact in any order)."""
+    from llvmlite import ir
+
+    i32 = ir.IntType(32)
+    width = v.type.count
+    while width > 1:
+        width //= 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, width), list(range(width))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, width), list(range(width, 2 * width))))
+        v = add(lo, hi)
+    return builder.extract_element(v, ir.Constant(i32, 0))
+
+
 def _tile_args(context: Any, builder: Any, signature: Any, args: Any, nw: int,
                n: int) -> tuple:  # pragma: no cover - compiled
     """A tile intrinsic's arguments (see `q8_tile_dot_intrinsic`: w, nw w offsets, d, nw d offsets, x, n x
@@ -233,13 +249,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         return builder.fpext(builder.bitcast(builder.load(builder.gep(ptr, [index])), ir.HalfType()), f32)
 
     def hsum(builder: Any, v: Any, extra: Any) -> Any:  # the 8 lanes in a fixed order, then + extra
-        s4 = builder.fadd(builder.shuffle_vector(v, v, mask(4, [0, 1, 2, 3])),
-                          builder.shuffle_vector(v, v, mask(4, [4, 5, 6, 7])))
-        s2 = builder.fadd(builder.shuffle_vector(s4, s4, mask(2, [0, 1])),
-                          builder.shuffle_vector(s4, s4, mask(2, [2, 3])))
-        s1 = builder.fadd(builder.extract_element(s2, ir.Constant(i32, 0)),
-                          builder.extract_element(s2, ir.Constant(i32, 1)))
-        return builder.fadd(s1, extra)
+        return builder.fadd(_lane_sum(builder, v, builder.fadd), extra)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
         wa, da, xa, dxa, ma, xsa, sca, woffs, doffs, xoffs, dxoffs, nb = _tile_args(context, builder, signature,
@@ -458,12 +468,11 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
                 fma4 = mod.declare_intrinsic("llvm.fma.v4f32", fnty=ir.FunctionType(v4f32, [v4f32, v4f32, v4f32]))
                 maccs = [[cgutils.alloca_once_value(builder, ir.Constant(v4f32, [0.0] * 4)) for _ in range(n)]
                          for _ in range(nw)]
-        elif q6 or plain:
+        else:  # one chain per pair (and the repacked Q4_K's min chain)
             accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)] for _ in range(nw)]
-        else:
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)] for _ in range(nw)]
-            maccs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)]
-                     for _ in range(nw)]
+            if not (q6 or plain):
+                maccs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)]
+                         for _ in range(nw)]
 
         def c(v: int, ty: Any = intp) -> Any:
             return ir.Constant(ty, v)
@@ -480,18 +489,10 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
             return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
 
         def hsum_i(v: Any) -> Any:  # 8 int32 lanes -> their (exact) sum
-            s4 = builder.add(builder.shuffle_vector(v, v, mask(4, [0, 1, 2, 3])),
-                             builder.shuffle_vector(v, v, mask(4, [4, 5, 6, 7])))
-            s2 = builder.add(builder.shuffle_vector(s4, s4, mask(2, [0, 1])),
-                             builder.shuffle_vector(s4, s4, mask(2, [2, 3])))
-            return builder.add(builder.extract_element(s2, c(0, i32)), builder.extract_element(s2, c(1, i32)))
+            return _lane_sum(builder, v, builder.add)
 
-        def hsum_f8(v: Any) -> Any:  # ggml's hsum_float_8: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))
-            s4 = builder.fadd(builder.shuffle_vector(v, v, mask(4, [4, 5, 6, 7])),
-                              builder.shuffle_vector(v, v, mask(4, [0, 1, 2, 3])))
-            s2 = builder.fadd(builder.shuffle_vector(s4, s4, mask(2, [0, 1])),
-                              builder.shuffle_vector(s4, s4, mask(2, [2, 3])))
-            return builder.fadd(builder.extract_element(s2, c(0, i32)), builder.extract_element(s2, c(1, i32)))
+        def hsum_f8(v: Any) -> Any:  # ggml's hsum_float_8
+            return _lane_sum(builder, v, builder.fadd)
 
         def q4k_scales(t: int, sb: Any) -> tuple[Any, Any]:
             # super-block sb of weight row t: its 8 six-bit scales and 8 mins as <8 x i16> (ggml's
@@ -605,14 +606,8 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
         elif q6:
             outs = [hsum_f8(builder.load(accs[t][j])) for t in range(nw) for j in range(n)]
         elif plain:  # hsum_float_8 of the 8 chains + ((m0 + m2) + (m1 + m3))
-            outs = []
-            for t in range(nw):
-                for j in range(n):
-                    m = builder.load(maccs[t][j])
-                    m2 = builder.fadd(builder.shuffle_vector(m, m, mask(2, [0, 1])),
-                                      builder.shuffle_vector(m, m, mask(2, [2, 3])))
-                    m1 = builder.fadd(builder.extract_element(m2, c(0, i32)), builder.extract_element(m2, c(1, i32)))
-                    outs.append(builder.fadd(hsum_f8(builder.load(accs[t][j])), m1))
+            outs = [builder.fadd(hsum_f8(builder.load(accs[t][j])), hsum_f8(builder.load(maccs[t][j])))
+                    for t in range(nw) for j in range(n)]
         else:
             outs = [builder.fsub(builder.load(accs[t][j]), builder.load(maccs[t][j])) for t in range(nw)
                     for j in range(n)]

@@ -929,10 +929,12 @@ def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndar
     xq, dx, xs = quantize_rows(x, backend, k=fmt in K_FORMATS)
     scf = sc.reshape(-1).view(np.uint8) if sc is not None else np.zeros(0, np.uint8)
     mm = qh.reshape(d.shape[0], -1).view(np.uint16) if fmt == "Q6_K" else d if m is None else m
+    kind = part_kind(fmt, qs.shape[0])
+    if prompt:
+        kind = prompt_kind(kind, x.shape[0])
     dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _s, _k, out:
              matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out, sc, qh), backend,
-             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf,
-             prompt_kind(part_kind(fmt, qs.shape[0]), x.shape[0]) if prompt else part_kind(fmt, qs.shape[0]), out)
+             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf, kind, out)
     return out
 
 

@@ -44,7 +44,8 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
-_quant = _quantk = _flip = _span = _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
+_quant = _quantk = _flip = _span = _prompt_kind = None
+_attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
 claim = finish = wait = product = part_rows = quant_row = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
 UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q5_0 / Q8_0 tiles of rows read sign-flipped activations
@@ -64,12 +65,13 @@ def _kernels() -> dict | None:
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
     global UX
-    global _quant, _quantk, _flip, _span, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
+    global _quant, _quantk, _flip, _span, _prompt_kind, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
     global claim, finish, wait, product, part_rows, quant_row, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
     _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
     _quantk = cpu_qmatmul.quantize_span_k
+    _prompt_kind = njit(cache=True, nogil=True, inline="always")(cpu_qmatmul.prompt_kind)  # the one rule
     UX = cpu_qmatmul.UX
     _attend, _norm_row, _swiglu_row = cpu_ggml.attend_task, cpu_ggml.rmsnorm_row, cpu_ggml.swiglu_row
     _fma = fma_intrinsic()
@@ -120,22 +122,13 @@ def _kernels() -> dict | None:
                 j += 1
             n0 = i * chunk
             n1 = min(n0 + chunk, N)
-            kind = pkind[j]
-            if batch and (kind == 8 or kind == 11) and R >= 8:  # cpu_qmatmul.prompt_kind
-                kind += 1
-            elif batch and kind == 7 and R >= 4:
-                kind = 10
-            kq = kind >= 7  # a K type: on the Q8_K activations
+            kind = _prompt_kind(pkind[j], R) if batch else pkind[j]
+            # the activations its type reads: the K types Q8_K ones (no sign-flipped copy), the others blocks of 32
+            aq, au, ad, axs = (xqk, xqk, dxk, xsk) if kind >= 7 else (xq, xu, dxf, xsf)
             if N == out.shape[1]:  # the projection's only part: out itself (C-contiguous, as the kernels prefer)
-                if kq:
-                    part_rows(xqk, xqk, dxk, xsk, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
-                else:
-                    part_rows(xq, xu, dxf, xsf, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
-            elif kq:  # its columns of out
-                part_rows(xqk, xqk, dxk, xsk, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
-                          out[:, pcol[j]:pcol[j] + N])
-            else:
-                part_rows(xq, xu, dxf, xsf, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
+                part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
+            else:  # its columns of out
+                part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
                           out[:, pcol[j]:pcol[j] + N])
             finish(sync, ph)
         wait(sync, ph, items)

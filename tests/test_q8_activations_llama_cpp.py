@@ -133,20 +133,27 @@ def _requantised(tmp_path: Path, ftype: str) -> Path:
     return path
 
 
-def _against_llama_cpp(path: Path, ours, prompts: list[str]) -> tuple[list[bool], float, float]:  # noqa: ANN001
-    """Our logits fed llama.cpp's greedy tokens on the same file -> (top-1 equal per position, largest
-    |logit difference|, the logits' span)."""
+def _teacher_forced(path: Path, ours, prompts: list[str]):  # noqa: ANN001, ANN202
+    """Per prompt (ids, llama.cpp's greedy tokens, its logits, ours): our logits fed llama.cpp's tokens on the
+    same file (the prompt through our prefill, then one decoding step per token)."""
     tok = ours.tokenizer
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=os.cpu_count() or 1, logits_all=True,
                           verbose=False, type_k=0, type_v=0)
     a = ours.model.args
-    agree, diff, span = [], 0.0, 0.0
     for p in prompts:
         ids = tok.encode(tok.render_chat([{"role": "user", "content": p}]), add_special_tokens=False)
         out, rows = _llama_greedy(llm, ids)
         cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, len(ids) + NEW + 8)
         got = torch.stack([ours.model.prefill(cache, 0, ids)]
                           + [ours.model.decode(cache, [0], [t])[0] for t in out[:-1]]).numpy()
+        yield ids, out, rows, got
+
+
+def _against_llama_cpp(path: Path, ours, prompts: list[str]) -> tuple[list[bool], float, float]:  # noqa: ANN001
+    """Our logits fed llama.cpp's greedy tokens on the same file -> (top-1 equal per position, largest
+    |logit difference|, the logits' span)."""
+    agree, diff, span = [], 0.0, 0.0
+    for _, _, rows, got in _teacher_forced(path, ours, prompts):
         agree += (got.argmax(1) == rows.argmax(1)).tolist()
         diff, span = max(diff, float(np.abs(got - rows).max())), max(span, float(rows.max() - rows.min()))
     return agree, diff, span
@@ -199,19 +206,10 @@ def test_a_q4_k_m_file_gives_llama_cpps_top1(tmp_path, capsys):
     assert all(t in ours.weights for t in ("Q4_K", "Q6_K", "Q5_0")), ours.weights
     assert ours.size_bytes() <= 1.1 * path.stat().st_size
     assert ours.model._np_step.fused is not None, "parts of several types side by side: the fused step runs"
-    tok = ours.tokenizer
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=os.cpu_count() or 1, logits_all=True,
-                          verbose=False, type_k=0, type_v=0)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    a = ours.model.args
     mine, ref, net = [], [], []
     diff, span = 0.0, 0.0
-    for p in PROMPTS:
-        ids = tok.encode(tok.render_chat([{"role": "user", "content": p}]), add_special_tokens=False)
-        out, rows = _llama_greedy(llm, ids)
-        cache = FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, len(ids) + NEW + 8)
-        got = torch.stack([ours.model.prefill(cache, 0, ids)]
-                          + [ours.model.decode(cache, [0], [t])[0] for t in out[:-1]]).numpy()
+    for ids, out, rows, got in _teacher_forced(path, ours, PROMPTS):
         mine += got.argmax(1).tolist()
         ref += rows.argmax(1).tolist()
         diff, span = max(diff, float(np.abs(got - rows).max())), max(span, float(rows.max() - rows.min()))
