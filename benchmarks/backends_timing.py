@@ -80,7 +80,7 @@ def decode_step() -> None:
 
 
 def products() -> None:
-    from kernels import cpu_decode, cpu_topk
+    from atelier_kernels import cpu_decode, cpu_topk
 
     rng = np.random.default_rng(1)
     w = rng.standard_normal((1536 * 2, 576), dtype=np.float32)

@@ -4,7 +4,7 @@
     python benchmarks/color_bench.py --quick    # smoke run (256 x 256, one repetition)
 
 1. Ours (`engine.color.delta_e_map`, metric ciede2000; on CPU the torch twin
-   of `kernels.deltae`, pieces of 32 767 px over a thread pool) vs
+   of `atelier_kernels.deltae`, pieces of 32 767 px over a thread pool) vs
    `skimage.color.deltaE_ciede2000(rgb2lab(a), rgb2lab(b))`, both from the same
    uint8 arrays, measured in this run. Printed: ms, Mpixel/s, GB/s read
    (6 bytes per pixel pair; 4 bytes per pixel are written), the speed-up and

@@ -13,8 +13,8 @@ import numpy as np
 from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import cpu_decode, cpu_topk  # noqa: E402
-from kernels._numba import half_to_float_intrinsic  # noqa: E402
+from atelier_kernels import cpu_decode, cpu_topk  # noqa: E402
+from atelier_kernels._numba import half_to_float_intrinsic  # noqa: E402
 
 h2f = half_to_float_intrinsic()
 

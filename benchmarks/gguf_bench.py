@@ -75,7 +75,7 @@ def bench(path: Path, cache: Path, rounds: int, tokens: int) -> None:
           f"weights {m.weights}; {m.size_bytes() / 1e6:.1f} MB resident" + (f"; note: {m.note}" if m.note else ""))
     step = getattr(m.model, "_np_step", None)
     fused = step is not None and step.fused is not None
-    print(f"decode step: {'fused (kernels/cpu_step.py)' if fused else 'layer by layer'}")
+    print(f"decode step: {'fused (atelier_kernels/cpu_step.py)' if fused else 'layer by layer'}")
     if m.tokenizer is None:
         print("no tokenizer in the file: the timing needs one")
         return

@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --kernels  # the kernels only (under a minute)
     python benchmarks/gpu_check.py --list     # what would run (no GPU needed)
 
-Part 1 iterates `kernels.registry` (the same list the CPU tests iterate under
+Part 1 iterates `atelier_kernels.registry` (the same list the CPU tests iterate under
 TRITON_INTERPRET=1, including kernels other modules `register`): for each
 Triton kernel and each case, including the large GPU-sized ones, it runs the
 kernel and its torch twin on the GPU, compares them with the registry's check,
@@ -53,7 +53,7 @@ HEADER = "| part | name | case | result | ms | twin ms (ratio) / benchmark lines
 
 def planned_kernels() -> list[Row]:
     """What part 1 runs: every registered Triton kernel and each of its GPU cases (labels only)."""
-    from kernels import registry
+    from atelier_kernels import registry
 
     rows: list[Row] = []
     for k in registry.kernels("triton"):
@@ -68,7 +68,7 @@ def _labels(k) -> list[str]:  # noqa: ANN001
 
 
 def check_kernels() -> list[Row]:
-    from kernels import registry
+    from atelier_kernels import registry
 
     rows: list[Row] = []
     for k in registry.kernels("triton"):

@@ -372,7 +372,7 @@ def _gpu_section(cache_dir: Path, prompt: list[int], n_new: int, quick: bool) ->
     the packed path only; the de-quantised one converts the file first, ~20 s)."""
     from engine.llm.batcher import GenerationRequest
     from engine.llm.load import load_llm
-    from kernels._backend import triton_available
+    from atelier_kernels._backend import triton_available
 
     if not torch.cuda.is_available() or not triton_available():
         print("GPU (packed weights on CUDA): no CUDA device with Triton here; skipped")

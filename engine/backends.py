@@ -9,12 +9,12 @@ Operations and their implementations:
 
 | operation | implementations | used by |
 |---|---|---|
-| topk | triton, torch | `kernels.topk`: the catalogue's torch scan (GPU), sampling's top-k |
-| deltae | triton, torch | `kernels.deltae`: CIEDE2000 maps (color_compare, mask delta_e) |
-| kv_quant | triton, torch | `kernels.kv_quant`: the int8 K/V cache |
-| cpu_kernels | numba, numpy | `kernels.cpu_decode`, `kernels.cpu_topk`: the Numba kernels or their NumPy twins |
-| qmatmul | numba, numpy | `kernels.cpu_qmatmul`: products with GGUF-packed weights (same switch as cpu_kernels) |
-| wq_matmul | cpu, triton, dequant | packed weights (GGUF, int8/int4) on a CUDA device: kept packed, `kernels.wq_matmul` (triton), or de-quantised at load (dequant); cpu: they run in qmatmul |
+| topk | triton, torch | `atelier_kernels.topk`: the catalogue's torch scan (GPU), sampling's top-k |
+| deltae | triton, torch | `atelier_kernels.deltae`: CIEDE2000 maps (color_compare, mask delta_e) |
+| kv_quant | triton, torch | `atelier_kernels.kv_quant`: the int8 K/V cache |
+| cpu_kernels | numba, numpy | `atelier_kernels.cpu_decode`, `atelier_kernels.cpu_topk`: the Numba kernels or their NumPy twins |
+| qmatmul | numba, numpy | `atelier_kernels.cpu_qmatmul`: products with GGUF-packed weights (same switch as cpu_kernels) |
+| wq_matmul | cpu, triton, dequant | packed weights (GGUF, int8/int4) on a CUDA device: kept packed, `atelier_kernels.wq_matmul` (triton), or de-quantised at load (dequant); cpu: they run in qmatmul |
 | catalog_scan_float32 | sketch, numpy, torch | `engine.catalog.scan` for fp32 catalogues |
 | catalog_scan_float16 | half, torch | `engine.catalog.scan` for fp16 catalogues |
 | llm_decode_step | numpy, torch, torch.compile | the decoder's step (CPU fp32: `engine.llm.npstep`) |
@@ -25,7 +25,7 @@ torch) and `models.llm_compile`; and two environment variables that are
 documented inputs, read once per process and never written:
 `TRITON_INTERPRET=1` (Triton's own switch: its kernels may then run on CPU
 tensors, in the interpreter; the tests set it) and `ATELIER_CPU_KERNELS=numpy`
-(the NumPy twins instead of the Numba kernels; `kernels._numba.wanted`).
+(the NumPy twins instead of the Numba kernels; `atelier_kernels._numba.wanted`).
 Nothing in the engine or the kernels writes `os.environ` to carry a choice.
 
 Fallbacks, each stated once: `catalog_scan_float32` is `sketch` where fbgemm's
@@ -80,7 +80,7 @@ class Backends:
 
 
 def _triton_choice(setting: str, device: torch.device, op: str) -> Choice:
-    from kernels._backend import default_backend, interpret_mode
+    from atelier_kernels._backend import default_backend, interpret_mode
 
     if setting == "torch":
         return Choice("torch", "engine.kernel_backend=torch")
@@ -95,14 +95,14 @@ def _triton_choice(setting: str, device: torch.device, op: str) -> Choice:
 
 
 def _wq_choice(setting: str, device: torch.device) -> Choice:
-    from kernels._backend import triton_available
+    from atelier_kernels._backend import triton_available
 
     if device.type == "cpu":
-        return Choice("cpu", "packed weights on the CPU run in kernels.cpu_qmatmul (qmatmul); the Triton "
+        return Choice("cpu", "packed weights on the CPU run in atelier_kernels.cpu_qmatmul (qmatmul); the Triton "
                              "weight-only products serve CUDA devices")
     packed = "GGUF Q8_0/Q4_0/Q4_1 blocks and int8/int4 weights stay packed on " + device.type
     if setting == "triton" or (setting == "auto" and triton_available()):
-        return Choice("triton", f"{packed}: Triton weight-only products (kernels.wq_matmul); other block types "
+        return Choice("triton", f"{packed}: Triton weight-only products (atelier_kernels.wq_matmul); other block types "
                                 "are de-quantised at load")
     why = "engine.kernel_backend=torch" if setting == "torch" else "Triton is not installed"
     return Choice("dequant", f"{why}: packed weights are de-quantised to the engine dtype at load")
@@ -137,8 +137,8 @@ def resolve(*, device: torch.device, dtype: torch.dtype, kernel_backend: str = "
             llm_compile: bool = False) -> Backends:
     """Decide every operation's implementation (see the module docstring). Raises ValueError naming the
     setting when a forced backend cannot run here."""
-    from kernels import _numba
-    from kernels._backend import runnable
+    from atelier_kernels import _numba
+    from atelier_kernels._backend import runnable
 
     if kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"engine.kernel_backend={kernel_backend!r}: expected one of {', '.join(KERNEL_BACKENDS)}")

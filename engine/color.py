@@ -11,7 +11,7 @@ Contract
 - `delta_e_map(rgb1, rgb2, ...)`: two uint8 [H, W, 3] images -> float32 [H, W].
   Pixels are processed in pieces; at most `workers` pieces are in flight, so
   the extra memory is bounded by the piece size (about 100 bytes per pixel in
-  flight), not by the image. ΔE2000 goes through `kernels.deltae` (the fused
+  flight), not by the image. ΔE2000 goes through `atelier_kernels.deltae` (the fused
   Triton kernel on CUDA). On CPU the pieces are 32 767 pixels, under torch's
   intra-op grain size, so each torch op runs single-threaded in its worker
   and the work is spread over the CPU cores by a small thread pool: no
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kernels import deltae as _k
+from atelier_kernels import deltae as _k
 
 from .colornames import CSS_COLORS
 from .errors import InvalidInput

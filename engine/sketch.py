@@ -9,7 +9,7 @@ over fp16 rows.
     vals, rows = half_exact_topk(mat16, q, masks, k)           # fp16 rows (see its docstring)
 
 Both hand approximate scores and their bound to `Survivors` (the filter, a
-Numba kernel in `kernels.cpu_topk`) and rescore the survivors exactly.
+Numba kernel in `atelier_kernels.cpu_topk`) and rescore the survivors exactly.
 
 What it knows: each row v is stored as s * v8 with v8 in [-63, 63] (int8,
 one scale per row), packed per block of rows for fbgemm's dynamic quantised
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels import cpu_topk
+from atelier_kernels import cpu_topk
 
 LEVELS = 63  # |v8| <= LEVELS (see the module docstring: no int16 saturation with uint8 queries)
 Q_STEPS = 255  # fbgemm's uint8 query quantisation with reduce_range=False
@@ -175,7 +175,7 @@ class Survivors:
     """The filter half of exact top-k by filter and refine, shared by the int8 sketch scan (`exact_topk`) and
     the fp16 scan (`half_exact_topk`). Per query: the kmax largest lower bounds seen so far (a heap; its
     root is the threshold) and the rows whose upper bound reached the threshold when their block was
-    filtered (`kernels.cpu_topk.filter_rows`)."""
+    filtered (`atelier_kernels.cpu_topk.filter_rows`)."""
 
     def __init__(self, B: int, kmax: int, width: int) -> None:
         self.kmax = kmax
@@ -239,8 +239,8 @@ def exact_topk(sk: Int8Sketch, matrix: np.ndarray, q: np.ndarray, masks: list[np
     sorted by (score desc, row asc); missing places (fewer valid rows) are -inf with row 0.
 
     Filter: per query, T = the kmax-th largest lower bound (approx - bound) over valid rows, raised block
-    by block (`kernels.cpu_topk.filter_rows`); a row whose upper bound (approx + bound) is below T scores
-    below kmax other rows. Refine (`kernels.cpu_topk.refine`): the survivors in order of upper bound,
+    by block (`atelier_kernels.cpu_topk.filter_rows`); a row whose upper bound (approx + bound) is below T scores
+    below kmax other rows. Refine (`atelier_kernels.cpu_topk.refine`): the survivors in order of upper bound,
     rescored exactly in float64 until the next upper bound is below the kk-th exact score.
     """
     n, B, br = sk._n, q.shape[0], sk.block_rows
@@ -274,7 +274,7 @@ def half_exact_topk(mat16: np.ndarray, q: np.ndarray, masks: list[np.ndarray | N
     <= 1.001: normalised in fp32, then rounded), q [B, d] float32 -> (values float32, rows int64) [B, kk],
     sorted by (score desc, row asc), missing places -inf / 0; scores are float64 sums over the stored rows.
 
-    Filter: `kernels.cpu_topk.half_scores` widens each fp16 row exactly in cache and multiplies it with
+    Filter: `atelier_kernels.cpu_topk.half_scores` widens each fp16 row exactly in cache and multiplies it with
     every query in fp32 (the fp16 bytes read once, no fp32 copy of the matrix). Its error has a rigorous
     bound, so `Survivors` keeps every row that can reach the top k, and the refine rescores those exactly
     in float64. With qn >= |q|_2, vn = 1.001 >= |v|_2:
@@ -310,7 +310,7 @@ def gathered_topk(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray, kmax: int
     len(rows)), sorted by (score desc, row asc); the scores are the same float64 sums as `exact_topk`'s and
     `half_exact_topk`'s, so the answer is the one the masked scan of every row gives.
 
-    Filter: `kernels.cpu_topk.gather_scores` scores each selected row in fp32 where it lies, with the sum
+    Filter: `atelier_kernels.cpu_topk.gather_scores` scores each selected row in fp32 where it lies, with the sum
     a = sum |x_j q_j| that bounds its rounding error in any summation order: |x.q - s| <= gamma_d a,
     gamma_d = d u / (1 - d u); the computed a is itself within gamma_d of the true one, hence the bound
     gamma_d / (1 - gamma_d) a (x 1.001), + 1e-6 for the fp32 rounding of s +- bound in the filter."""

@@ -329,7 +329,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from engine._compat import ensure_torchvision
     from engine.defaults import embedded_status
     from engine.device import select_device, select_dtype
-    from kernels._backend import default_backend, triton_available
+    from atelier_kernels._backend import default_backend, triton_available
 
     problems: list[str] = []
     cache_info, cache_problem = _dir_check("engine.cache_dir", settings.resolved_cache_dir(), must_write=True)

@@ -1,5 +1,5 @@
 """Filters over the catalogue's columns (`engine.catalog.filters`) and the scan of a selective filter's rows
-alone (`engine.sketch.gathered_topk`, `kernels.cpu_topk.gather_scores`).
+alone (`engine.sketch.gathered_topk`, `atelier_kernels.cpu_topk.gather_scores`).
 
 Oracles: a plain-Python evaluation of the filter rules written here (type-exact equality, ranges over
 numbers only), and NumPy brute force in float64 for the ranked answers (score descending, lower row first

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import cpu_decode
+from atelier_kernels import cpu_decode
 
 
 def test_numba_kernels_are_installed_and_used():
@@ -96,7 +96,7 @@ def test_attend_kernel_equals_reference(R, KVH, G, hd, data):
 
 def test_warm_compiles_every_kernel():
     # `make install` runs this so that a fresh install's first query and generation skip the compilation
-    from kernels import _numba, cpu_qmatmul
+    from atelier_kernels import _numba, cpu_qmatmul
 
     assert _numba.warm() == ["rows_matmul", "attend", "attend_q8", "filter_rows", "refine", "dots64", "half_scores",
                              "gather_scores", "q4_matmul",

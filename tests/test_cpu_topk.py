@@ -1,4 +1,4 @@
-"""kernels.cpu_topk: the Numba filter and refine kernels against their NumPy references and a float64 oracle.
+"""atelier_kernels.cpu_topk: the Numba filter and refine kernels against their NumPy references and a float64 oracle.
 
 The filter's heap is compared as a multiset (the K largest lower bounds are unique as values, not as a
 heap layout); survivors as row sets; refine's output exactly, ties included (duplicated rows).
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import cpu_topk
+from atelier_kernels import cpu_topk
 
 
 def test_numba_kernels_are_live() -> None:

@@ -1,4 +1,4 @@
-"""kernels.deltae: the Triton kernel (interpreter) vs the torch twin vs scikit-image, on irregular N."""
+"""atelier_kernels.deltae: the Triton kernel (interpreter) vs the torch twin vs scikit-image, on irregular N."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from skimage.color import deltaE_ciede2000, rgb2lab
 
-from kernels import deltae as K
-from kernels._backend import interpret_mode, triton_available
+from atelier_kernels import deltae as K
+from atelier_kernels._backend import interpret_mode, triton_available
 
 needs_interpreter = pytest.mark.skipif(not (triton_available() and interpret_mode()),
                                        reason="Triton interpreter not active (TRITON_INTERPRET=1 before import)")

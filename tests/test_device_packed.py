@@ -1,5 +1,5 @@
 """Packed weights placed on a device for the torch forward (issue 13: the GPU path), run here on CPU tensors:
-the Triton weight-only products (`kernels.wq_matmul`) under TRITON_INTERPRET=1, and their float64 twins. The
+the Triton weight-only products (`atelier_kernels.wq_matmul`) under TRITON_INTERPRET=1, and their float64 twins. The
 oracle is transformers on the same tiny GGUF (it de-quantises the file to fp32)."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_int8_folder_placed_matches_the_cpu_blocks(tmp_path, hf_folder):  # noqa
 
 def test_backend_decision_for_packed_products():
     from engine.backends import resolve
-    from kernels._backend import triton_available
+    from atelier_kernels._backend import triton_available
 
     cpu = resolve(device=torch.device("cpu"), dtype=torch.float32)
     assert cpu.wq_matmul.impl == "cpu" and "cpu_qmatmul" in cpu.wq_matmul.why

@@ -215,7 +215,7 @@ def test_backends_on_cpu_resolved_once_and_frozen():
 
 def test_backends_settings_and_their_errors(monkeypatch):
     from engine.backends import resolve
-    from kernels._backend import triton_available
+    from atelier_kernels._backend import triton_available
 
     cpu = torch.device("cpu")
     forced = resolve(device=cpu, dtype=torch.float32, kernel_backend="triton")  # conftest: TRITON_INTERPRET=1
@@ -239,7 +239,7 @@ def test_backends_settings_and_their_errors(monkeypatch):
 
 
 def test_cpu_kernels_setting_is_read_once(monkeypatch):
-    from kernels import _numba
+    from atelier_kernels import _numba
 
     undecorated = _numba.wanted.__wrapped__
     monkeypatch.setenv("ATELIER_CPU_KERNELS", "numpy")

@@ -49,6 +49,40 @@ def test_all_model_libraries_import_in_a_fresh_process():
     assert kept == "[0, 2]"
 
 
+def test_no_project_package_shadows_a_dependency():
+    """Our top-level packages keep names no dependency uses: transformers 5.25 requires Hugging Face's `kernels`
+    package, and while ours was called `kernels` too, the project's copy shadowed it and diffusers' pipelines
+    failed to import (`cannot import name 'CUDAProperties' from 'kernels'`). Run from the project root, where
+    the project is first on sys.path, as the server and the tests run."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import importlib.metadata as md, importlib.util as u, json, pathlib;"
+        "from engine._compat import prepare; import tempfile; prepare(tempfile.mkdtemp());"
+        "from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline;"
+        "from transformers import AutoModelForCausalLM;"
+        "dists = {d.metadata['Name'].lower().replace('_', '-'): d for d in md.distributions()};"
+        "tops = {}\n"
+        "for name, d in dists.items():\n"
+        "    if name == 'atelier-mcp': continue\n"
+        "    for f in (d.files or []):\n"
+        "        top = f.parts[0]\n"
+        "        if len(f.parts) > 1 and '.' not in top or f.suffix == '.py' and len(f.parts) == 1:\n"
+        "            tops.setdefault(top.removesuffix('.py'), name)\n"
+        "print(json.dumps(tops))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    import json
+
+    tops = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    ours = [p.name for p in root.iterdir() if (p / "__init__.py").is_file()]
+    assert {"engine", "mcp_server", "tools", "atelier_kernels"} <= set(ours)
+    clash = {n: tops[n] for n in ours if n in tops}
+    assert not clash, f"project packages named like an installed distribution's: {clash}"
+
+
 @pytest.mark.parametrize("seed,n", [(0, 1), (1, 7), (2, 200), (3, 1500)])
 def test_nms_matches_greedy_oracle(seed, n):
     rng = np.random.default_rng(seed)

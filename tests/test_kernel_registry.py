@@ -1,4 +1,4 @@
-"""Every registered kernel against its twin, by iterating `kernels.registry` (Triton in the interpreter on
+"""Every registered kernel against its twin, by iterating `atelier_kernels.registry` (Triton in the interpreter on
 CPU tensors, Numba on NumPy arrays). The per-kernel test files hold the independent oracles (scikit-image,
 NumPy lexsort, float64 NumPy); this file guarantees that no kernel is registered without its twin agreeing."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernels import registry
+from atelier_kernels import registry
 
 ALL = registry.kernels()
 
@@ -24,7 +24,7 @@ def test_registry_lists_every_kernel_once_by_name():
 @pytest.mark.parametrize("kernel", ALL, ids=[k.name for k in ALL])
 def test_kernel_matches_its_twin(kernel):
     if kernel.kind == "numba":
-        from kernels import _numba
+        from atelier_kernels import _numba
 
         assert _numba.jit() is not None, "numba is a dependency: the kernels themselves must run here"
     cases = list(kernel.cases("cpu", False))
@@ -46,11 +46,11 @@ def test_check_catches_a_wrong_answer():
 
 def test_cpu_kernels_dispatch_by_name():
     # every registered Numba kernel is found by its name in its module's compiled kernels (no tuple positions)
-    from kernels import _numba, cpu_decode, cpu_topk
+    from atelier_kernels import _numba, cpu_decode, cpu_topk
 
     compiled = {**cpu_decode._kernels(), **cpu_topk._kernels()}
     for k in registry.kernels("numba"):
-        if k.fast.__module__ == "kernels.registry":  # the built-in entries; modules may register their own
+        if k.fast.__module__ == "atelier_kernels.registry":  # the built-in entries; modules may register their own
             assert k.name in compiled, k.name
     with pytest.raises(ValueError, match="backend='fast': expected numba or numpy"):
         _numba.dispatch(cpu_decode._kernels, "rows_matmul", cpu_decode.rows_matmul_reference, "fast")

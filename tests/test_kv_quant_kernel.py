@@ -1,4 +1,4 @@
-"""kernels/kv_quant: the Triton kernel (interpreter) against the torch reference and a NumPy oracle."""
+"""atelier_kernels/kv_quant: the Triton kernel (interpreter) against the torch reference and a NumPy oracle."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.kv_quant import dequantize, dequantize_reference, quantize, quantize_np, quantize_reference
+from atelier_kernels.kv_quant import dequantize, dequantize_reference, quantize, quantize_np, quantize_reference
 
 SHAPES = [(7, 3, 50), (5, 64), (1, 1, 13), (2, 3, 17, 64), (0, 8)]
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("model_libraries")
 from engine.llm.batcher import CacheSpec, GenerationRequest, LLMService  # noqa: E402
 from engine.llm.cache import FullCache, Int8Cache, WindowCache  # noqa: E402
 from engine.llm.load import load_llm  # noqa: E402
-from kernels.kv_quant import dequantize_reference, quantize_reference  # noqa: E402
+from atelier_kernels.kv_quant import dequantize_reference, quantize_reference  # noqa: E402
 
 from tests.helpers import tiny_llama_folder  # noqa: E402
 

@@ -218,7 +218,7 @@ def test_numpy_step_is_the_default_on_cpu_fp32(tiny):
 @pytest.fixture(params=["numba", "numpy"])
 def cpu_kernels(request, monkeypatch):
     """The NumPy step with its Numba kernels, and with their NumPy fallbacks (no Numba installed)."""
-    from kernels import cpu_decode
+    from atelier_kernels import cpu_decode
 
     if request.param == "numpy":
         monkeypatch.setattr(cpu_decode, "_kernels", lambda: None)

@@ -9,7 +9,7 @@ by one through our decode step (the prompt through our prefill), our top-1 token
 it so; an AVX-512 build sums in 16 lanes: 97.4 % top-1 and logits up to 1.9 apart, measured on an AVX-512
 Xeon); llama.cpp's AMX weight buffers are kept off (`tests/llama_ref.py`). The network amplifies any float difference through the int8 rounding
 of each product's input (1e-7 at layer 0 is 3 % of the logits by layer 29), so this holds only because the
-arithmetic between the products is llama.cpp's too (`kernels.cpu_ggml`): measured here, every logit equals
+arithmetic between the products is llama.cpp's too (`atelier_kernels.cpu_ggml`): measured here, every logit equals
 llama.cpp's bit for bit; the test prints the largest difference and asks it to stay below 1e-3 of the
 logits' range. One prompt is evaluated in micro-batches of 16 tokens on both sides (llama.cpp's n_ubatch,
 `NumpyStep.ubatch`) with a last batch of one token, the paths a long prompt takes. The agreement with
@@ -58,7 +58,7 @@ def _llama_greedy(llm: llama_cpp.Llama, ids: list[int]) -> tuple[list[int], np.n
 @pytest.mark.slow
 def test_top1_equals_llama_cpp_on_the_same_gguf(capsys):
     info = llama_cpp.llama_print_system_info().decode()
-    # the oracle is llama.cpp's AVX2 arithmetic (kernels.cpu_ggml): an AVX-512 build sums in 16 lanes, another
+    # the oracle is llama.cpp's AVX2 arithmetic (atelier_kernels.cpu_ggml): an AVX-512 build sums in 16 lanes, another
     # rounding of the network (97.4 % top-1 agreement measured on an AVX-512 Xeon), not the one reproduced here
     assert "AVX512 = 1" not in info, (f"llama-cpp-python was built for AVX-512 ({info.strip()}); this test's oracle "
                                       f"is its AVX2 build: `make install` rebuilds it (LLAMA_CMAKE in the Makefile)")
@@ -80,7 +80,7 @@ def test_top1_equals_llama_cpp_on_the_same_gguf(capsys):
 
     model, a = ours.model, ours.model.args
     step = model._np_step
-    assert step.ggml, "Q8 activations run llama.cpp's arithmetic (kernels.cpu_ggml)"
+    assert step.ggml, "Q8 activations run llama.cpp's arithmetic (atelier_kernels.cpu_ggml)"
     mine, ref_logits, my_logits = [], [], []
     for i, (ids, out, rows) in enumerate(seqs):  # teacher-forced on llama.cpp's tokens, one per decode step
         if i == len(seqs) - 1:
@@ -196,7 +196,7 @@ def test_a_q4_k_m_file_gives_llama_cpps_top1(tmp_path, capsys):
     agreement with the file's own de-quantised network (transformers) is printed, ours and llama.cpp's."""
     from transformers import AutoModelForCausalLM
 
-    from kernels import cpu_qmatmul
+    from atelier_kernels import cpu_qmatmul
 
     path = _requantised(tmp_path, "Q4_K_M")
     # where the CPU has AMX the llama.cpp here runs without its extra weight buffers (`llama_ref.patch`), so it

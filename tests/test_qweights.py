@@ -31,7 +31,7 @@ from engine.llm.gguf_load import CorruptGGUF, UnsupportedGGUF, read_gguf  # noqa
 from engine.llm.load import load_llm  # noqa: E402
 from engine.llm.qweights import Packed  # noqa: E402
 from tests.fused_twin import fused_and_layer_by_layer  # noqa: E402
-from kernels import cpu_qmatmul  # noqa: E402
+from atelier_kernels import cpu_qmatmul  # noqa: E402
 
 FMTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
@@ -226,7 +226,7 @@ def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
     """models.llm_activations = "q8": every packed product is the Q8 product (activations in Q8 blocks of 32,
     `matmul_q8`'s float64 twin as the oracle) in the prefill and decode paths, alone or with other rows;
     decoding token by token gives the prefill's logits."""
-    from kernels import cpu_qmatmul
+    from atelier_kernels import cpu_qmatmul
 
     path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=True)
     ours = load_llm(str(path), tmp_path / "cache", activations="q8")
@@ -260,11 +260,11 @@ def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["Q4_1", "Q4_0", "Q8_0", "Q5_0", "Q5_1"])
 def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
-    """`kernels.cpu_step` runs every layer in one Numba call; its twin is NumpyStep's layer-by-layer path (the
-    same product, attention, norm, RoPE and SwiGLU arithmetic: llama.cpp's, `kernels.cpu_ggml`). Prompts of nine
+    """`atelier_kernels.cpu_step` runs every layer in one Numba call; its twin is NumpyStep's layer-by-layer path (the
+    same product, attention, norm, RoPE and SwiGLU arithmetic: llama.cpp's, `atelier_kernels.cpu_ggml`). Prompts of nine
     slots, then decode steps of 1, 2, 5 (a tile of 4 rows and one more) and 9 rows (a tile of 8 and one): the
     same logits, bit for bit."""
-    from kernels import cpu_step
+    from atelier_kernels import cpu_step
 
     path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=True)
     ours = load_llm(str(path), tmp_path / "cache", activations="q8")
@@ -387,7 +387,7 @@ def _tile_callers(kind: int, vnni: bool, ux: bool = False):  # noqa: ANN202
     ux: the 1 x 4 and 1 x 8 tiles take the activations with their sign bit flipped."""
     from numba import njit
 
-    from kernels._numba import q8_tile_dot_intrinsic
+    from atelier_kernels._numba import q8_tile_dot_intrinsic
 
     t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n, n >= 4, vnni, ux and n >= 4)
                           for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
@@ -422,8 +422,8 @@ def test_q8_tiles_give_every_pair_the_same_bits(fmt):
     float64 twin to fp32 rounding, for 5 (no group of 8), 16 and 19 blocks; where the CPU has VNNI, the
     `vpdpbusd` variant equals the AVX2 one bit for bit (on a CPU without it only the AVX2 one can run), and
     so do Q4_0 / Q8_0's tiles of rows on sign-flipped activations (weights as the signed operand)."""
-    from kernels import cpu_qmatmul
-    from kernels._numba import has_avx2, has_vnni, jit
+    from atelier_kernels import cpu_qmatmul
+    from atelier_kernels._numba import has_avx2, has_vnni, jit
 
     assert jit() is not None and has_avx2(), "the Q8 kernels run here (Numba, AVX2)"
     kind = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2, "Q5_1": 3, "Q5_0": 4}[fmt]
@@ -472,3 +472,59 @@ def test_q8_tiles_give_every_pair_the_same_bits(fmt):
             results.append(ref)
         for other in results[1:]:
             np.testing.assert_array_equal(other, results[0])
+
+
+@pytest.mark.parametrize("activations", ["q8", "fp32"])
+def test_int8_cache_is_the_full_cache_while_the_ring_holds_the_conversation(tmp_path, activations):
+    """An `Int8Cache` keeps a slot's last `recent` tokens in fp32 at ring index = position until the slot
+    outgrows the ring: reading them with the full cache's attention (llama.cpp's sums with Q8 activations,
+    `cpu_decode.attend` else) gives the full cache's logits bit for bit, row by row, in mixed batches where
+    some slots are past the ring and read int8 history (and then differ)."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "Q4_1", tie=True)
+    ours = load_llm(str(path), tmp_path / "cache", activations=activations)
+    a, step, ring = ours.model.args, ours.model._np_step, 6
+    full = FullCache(a.n_layers, 3, a.n_kv_heads, a.head_dim, 64)
+    q8 = Int8Cache(a.n_layers, 3, a.n_kv_heads, a.head_dim, 64, recent=ring)
+    prompts = {0: [3, 17, 99, 5, 42], 1: [7, 150], 2: [11, 12, 13, 14, 15, 16, 17, 18]}  # slot 2 starts past it
+    toks, same, past = {}, 0, 0
+    for s, p in prompts.items():
+        f, q = step.extend(full, s, p), step.extend(q8, s, p)
+        assert torch.equal(f, q) == (len(p) <= ring)
+        toks[s] = int(f[-1].argmax())
+    for i in range(8):
+        rows = [0, 1, 2] if i % 2 else [1, 0]
+        ends = [full.lengths[s] + 1 for s in rows]
+        f = step(full, rows, [toks[s] for s in rows])
+        q = step(q8, rows, [toks[s] for s in rows])
+        for j, (s, end) in enumerate(zip(rows, ends)):
+            if end <= ring:
+                assert torch.equal(f[j], q[j]), f"slot {s} at length {end} still fits the ring of {ring}"
+                same += 1
+            else:
+                assert (f[j] - q[j]).abs().max() < 0.1 * f[j].abs().max()  # int8 history: close, not equal
+                past += int(not torch.equal(f[j], q[j]))
+            toks[s] = int(f[j].argmax())
+    assert same >= 4 and past >= 4
+
+
+def test_int8_cache_attention_reads_the_ring_with_the_full_caches_sums(tmp_path):
+    """The attention of the step above, alone (the tiny model's Q8 activations absorb one-ulp differences that
+    flip a near tie on SmolLM2): rows whose slot fits the ring get llama.cpp's attention over the ring bit for
+    bit, the others `cpu_decode.attend_q8` over int8 history and ring."""
+    from atelier_kernels import cpu_decode, cpu_ggml
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "Q4_1", tie=True)
+    step = load_llm(str(path), tmp_path / "cache", activations="q8").model._np_step
+    assert step.ggml == cpu_ggml.available()
+    rng = np.random.default_rng(5)
+    slots, KVH, H, L, ring, hd = 3, 2, 6, 32, 8, 64
+    RK, RV = (rng.standard_normal((slots, KVH, ring, hd)).astype(np.float32) for _ in range(2))
+    QK, QV = (rng.integers(-127, 128, (slots, KVH, L, hd)).astype(np.int8) for _ in range(2))
+    SK, SV = (rng.uniform(0.001, 0.02, (slots, KVH, L)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((3, H, hd)).astype(np.float32)
+    row_slot, row_pos = np.array([0, 1, 2]), np.array([3, 7, 12])  # ends 4 and 8 fit the ring of 8, 13 does not
+    got = step._attend_int8(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_pos + 1, False)
+    want = step._attend(q[:2], RK, RV, row_slot[:2], row_pos[:2], False)
+    assert np.array_equal(got[:2], want)
+    assert np.array_equal(got[2:], cpu_decode.attend_q8(q[2:], QK, SK, QV, SV, RK, RV, row_slot[2:], row_pos[2:],
+                                                         row_pos[2:] + 1, step.scale))

@@ -27,7 +27,7 @@ from engine.llm.gguf_load import CorruptGGUF, read_gguf  # noqa: E402
 from engine.llm.load import load_llm  # noqa: E402
 from engine.llm.qweights import BLOCK_BYTES, Packed, quantize_k  # noqa: E402
 from tests.fused_twin import fused_and_layer_by_layer  # noqa: E402
-from kernels import cpu_qmatmul  # noqa: E402
+from atelier_kernels import cpu_qmatmul  # noqa: E402
 
 KF = ("Q4_K", "Q6_K")
 D_OFFSETS = {"Q4_K": (0, 2), "Q6_K": (208,)}  # where the fp16 scales sit in a block
@@ -298,11 +298,11 @@ def test_k_rows_not_whole_super_blocks_are_refused(tmp_path):
 def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path):
     """A Q4_K_M-style mix: projections of one block type (Q8_0, Q4_K, Q6_K) and projections whose parts have
     different types side by side (q and k in Q5_0 beside a Q6_K v; q, k and v in three types; gate Q4_K beside
-    up Q5_1), as llama.cpp's quantizer writes them. The fused Q8 step (`kernels.cpu_step`) runs every part in
+    up Q5_1), as llama.cpp's quantizer writes them. The fused Q8 step (`atelier_kernels.cpu_step`) runs every part in
     the one parallel call — Q6_K on fp32 activations with the layer-by-layer path's tiles, the others (Q4_K
     included) on Q8 activations — each into its own columns: the same logits bit for bit as the layer-by-layer path, for
     prompts of nine slots and steps of 1, 2, 5 and 9 rows."""
-    from kernels import cpu_step
+    from atelier_kernels import cpu_step
 
     rng = np.random.default_rng(3)
     path = tmp_path / "mixed.gguf"
@@ -354,7 +354,7 @@ def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
     rounding."""
     from numba import njit
 
-    from kernels._numba import has_avx2, jit, q8_tile_dot_intrinsic
+    from atelier_kernels._numba import has_avx2, jit, q8_tile_dot_intrinsic
 
     assert jit() is not None and has_avx2()
     kind = {"Q4_K": 5, "Q6_K": 6}[fmt]

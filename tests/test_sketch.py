@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from engine import sketch
 from engine.sketch import Int8Sketch, exact_topk
-from kernels import cpu_topk
+from atelier_kernels import cpu_topk
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_exact_against_numpy(seed: int, n: int, d: int, k: int, block: int, batc
        block=st.integers(1, 128), batch=st.integers(1, 4), dup=st.booleans())
 def test_exact_against_numpy_without_numba(seed: int, n: int, d: int, k: int, block: int, batch: int,
                                            dup: bool) -> None:
-    # the NumPy twins of kernels.cpu_topk (what runs where Numba is missing) give the same exact answer
+    # the NumPy twins of atelier_kernels.cpu_topk (what runs where Numba is missing) give the same exact answer
     with mock.patch.object(cpu_topk, "_kernels", lambda: None):
         assert not cpu_topk.available()
         _check_exact(seed, n, d, k, block, batch, dup)

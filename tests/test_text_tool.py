@@ -91,8 +91,8 @@ def test_cache_options(ctx):
     f = _run(ctx, prompt="Say hi.", max_new_tokens=4, kv_cache="full")
     q = _run(ctx, prompt="Say hi.", max_new_tokens=4, kv_cache="int8")
     assert q.structured.cache.kind == "int8" and q.structured.cache.dtype == "int8"
-    # the int8 cache keeps its last 128 tokens in fp32 and is read by the same step as the full cache: the same
-    # text while the conversation fits in the ring
+    # the int8 cache keeps its last 128 tokens in fp32, read with the full cache's attention while the
+    # conversation fits in them: the full cache's logits bit for bit, so the same text
     assert q.structured.text == f.structured.text
     w = _run(ctx, prompt="Say hi.", max_new_tokens=4, kv_cache="window", window=64, sink_tokens=4)
     assert w.structured.cache.kind == "window" and w.structured.cache.bytes == 30 * 2 * 3 * 64 * 64 * 4

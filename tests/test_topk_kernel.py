@@ -1,4 +1,4 @@
-"""kernels.topk: Triton (interpreter) and torch reference vs a NumPy lexsort oracle.
+"""atelier_kernels.topk: Triton (interpreter) and torch reference vs a NumPy lexsort oracle.
 
 The oracle orders each row by (value descending, index ascending) with
 `np.lexsort`, independent of torch.topk.
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.topk import topk, topk_reference
+from atelier_kernels.topk import topk, topk_reference
 
 
 def oracle(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The Triton weight-only products (`kernels/wq_matmul.py`, issue 13) under TRITON_INTERPRET=1 on the CPU:
+"""The Triton weight-only products (`atelier_kernels/wq_matmul.py`, issue 13) under TRITON_INTERPRET=1 on the CPU:
 on blocks the engine itself makes (`Packed.quantize`: `models.llm_weights = "int8"` / `"int4"`) against the
 product of the `gguf` package's own de-quantisation of the same bytes (an independent decoder) in float64,
 and bad input refused naming the argument."""
@@ -17,7 +17,7 @@ import gguf  # noqa: E402
 from gguf import quants  # noqa: E402
 
 from engine.llm.qweights import Packed  # noqa: E402
-from kernels import wq_matmul
+from atelier_kernels import wq_matmul
 
 
 def _gguf_bytes(p: Packed) -> np.ndarray:

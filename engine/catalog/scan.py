@@ -10,7 +10,7 @@ path returns the same answer (score descending, row ascending on ties; masked ro
   made with `sketch=False`): NumPy's BLAS product and an O(n) selection per chunk (`_scan_numpy`);
 - `half` (CPU fp16): `engine.sketch.half_exact_topk` (fp16 rows widened in cache, under a rounding bound);
 - `torch` (GPU and MPS, or the Triton top-k forced on the CPU under the interpreter by
-  `engine.kernel_backend=triton`): torch products per chunk merged with `kernels.topk`.
+  `engine.kernel_backend=triton`): torch products per chunk merged with `atelier_kernels.topk`.
 
 On the two CPU paths that rescore in float64 (`sketch`, `half`), a query whose mask keeps at most
 `GATHER_FRACTION[path]` of the rows is answered from those rows alone (`engine.sketch.gathered_topk`: the
@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.topk import topk
+from atelier_kernels.topk import topk
 
 from .. import sketch as int8_sketch
 
@@ -48,10 +48,10 @@ def choose_path(device: torch.device | str, dtype: torch.dtype, *, sketch: bool 
         raise ValueError("sketch=True: the int8 sketch needs an fp32 catalogue on the CPU")
     if not cpu:
         why = ("engine.kernel_backend=triton: torch products merged by the Triton top-k (interpreter)"
-               if dev.type == "cpu" else f"torch products on {dev.type}, merged by kernels.topk ({topk_backend})")
+               if dev.type == "cpu" else f"torch products on {dev.type}, merged by atelier_kernels.topk ({topk_backend})")
         return "torch", why
     if dtype == torch.float16:
-        return "half", "fp16 rows widened in cache (kernels.cpu_topk.half_scores) under a rounding bound"
+        return "half", "fp16 rows widened in cache (atelier_kernels.cpu_topk.half_scores) under a rounding bound"
     if sketch is False:
         return "numpy", "sketch=False: NumPy's BLAS product and an O(n) selection per chunk"
     if int8_sketch.supported():

@@ -9,7 +9,7 @@ Three kinds share one interface (`plan` once per forward, `update` per layer,
   `[layers, slots, kv_heads, max_len]` (fp32), with the most recent `recent`
   (128) tokens of every slot kept in full precision in a ring
   `[layers, slots, kv_heads, recent, head_dim]`; a token is quantised (by
-  `kernels.kv_quant`) when it leaves the ring. Reads dequantise the int8 part
+  `atelier_kernels.kv_quant`) when it leaves the ring. Reads dequantise the int8 part
   and overlay the ring.
 - `WindowCache`: StreamingLLM: `sinks` first tokens plus a ring of the most
   recent `window - sinks` tokens; keys are stored *unrotated* and rotated at
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_quant import dequantize, quantize
+from atelier_kernels.kv_quant import dequantize, quantize
 
 
 @dataclass

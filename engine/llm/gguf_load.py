@@ -15,7 +15,7 @@ the type; the caller falls back to transformers' de-quantising conversion. A
 truncated or corrupt file raises `CorruptGGUF`; nothing is written anywhere.
 
 What it does not know: tokenisation (`engine.llm.load` caches the tokenizer
-files), the kernels (`kernels.cpu_qmatmul`).
+files), the kernels (`atelier_kernels.cpu_qmatmul`).
 """
 
 from __future__ import annotations

@@ -365,7 +365,7 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
         raise ValueError(f"device_products={device_products!r}: expected one of {', '.join(DEVICE_PRODUCTS)}")
     g = _gguf_of(spec)
     dev = torch.device(device)
-    # packed blocks on a device, multiplied by kernels.wq_matmul (a GPU; the tests place them on the CPU)
+    # packed blocks on a device, multiplied by atelier_kernels.wq_matmul (a GPU; the tests place them on the CPU)
     place = device_products in ("triton", "torch") and (dev.type != "cpu" or device_products == "torch"
                                                         or _interpreting())
     cpu = dev.type == "cpu" and not place
@@ -425,7 +425,7 @@ DEVICE_PRODUCTS = ("cpu", "triton", "torch", "dequant")
 
 
 def _interpreting() -> bool:
-    from kernels._backend import interpret_mode
+    from atelier_kernels._backend import interpret_mode
 
     return interpret_mode()
 

@@ -1,5 +1,5 @@
 """One decode step of `engine.llm.model.Transformer` in NumPy, for fp32 or GGUF-packed weights
-(`engine.llm.qweights`, products in `kernels.cpu_qmatmul`) and a `FullCache` or `Int8Cache` on the CPU.
+(`engine.llm.qweights`, products in `atelier_kernels.cpu_qmatmul`) and a `FullCache` or `Int8Cache` on the CPU.
 
     step = NumpyStep(model)                   # views of the model's weights, no copies
     logits = step(cache, slots, tokens)       # tokens: [B] -> logits [B, V] (torch, fp32)
@@ -11,7 +11,7 @@ ops are dispatch-bound. Torch's MKL streams the weights slowly on our CI's AMD
 CPUs (~9 GB/s for a matrix-vector product), BLAS's GEMM packs the weights first
 (8 rows cost 2x one row), and a torch op on a 576-vector costs ~10 us where a
 NumPy op costs ~1 us. So the step runs here: the weight products and the
-attention in the Numba kernels of `kernels.cpu_decode` (weights read once for
+attention in the Numba kernels of `atelier_kernels.cpu_decode` (weights read once for
 all rows, ~17 GB/s), everything else in single-threaded NumPy. Where Numba is
 not used (`engine.backends` cpu_kernels = numpy) the kernels' NumPy twins run:
 OpenBLAS for the products, NumPy for the attention; that is the kernels'
@@ -27,14 +27,14 @@ FullCache layout `[layers, slots, kv_heads, max_len, head_dim]`, written in
 place through NumPy views, and the Int8Cache layout (int8 rows and scales for
 positions older than each slot's fp32 ring of recent tokens; a token leaving
 the ring is quantised with the same arithmetic as the torch side, and the
-attention reads the int8 rows as they are: `kernels.cpu_decode.attend_q8`).
+attention reads the int8 rows as they are: `atelier_kernels.cpu_decode.attend_q8`).
 With Q8 activations (`models.llm_activations = "q8"`) the steps between the
-products follow llama.cpp's arithmetic (`kernels.cpu_ggml`: its RMSNorm, RoPE
+products follow llama.cpp's arithmetic (`atelier_kernels.cpu_ggml`: its RMSNorm, RoPE
 tables, SwiGLU exp and attention sums), so the logits are llama.cpp's bit for
 bit on an AVX2 CPU; every prompt then runs here, in llama.cpp's micro-batches
 (`ubatch`). With a full cache, a Llama/Qwen2 model whose products are
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K blocks runs every layer in one Numba call instead
-(`kernels.cpu_step`: the same kernels, no Python between the layers); the
+(`atelier_kernels.cpu_step`: the same kernels, no Python between the layers); the
 layer-by-layer path below is its twin.
 Both caches can be filled by either path: a long prompt goes through the torch
 forward, the decode steps after it through this one. The torch forward stays
@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels import cpu_decode, cpu_ggml, cpu_step
-from kernels.kv_quant import quantize_np
+from atelier_kernels import cpu_decode, cpu_ggml, cpu_step
+from atelier_kernels.kv_quant import quantize_np
 
 
 def supports(model: Any) -> bool:
@@ -68,10 +68,10 @@ def serves(cache: Any) -> bool:
 
 
 def _mm(x: np.ndarray, w: Any, b: np.ndarray | None, prompt: bool = False) -> np.ndarray:
-    """x: [R, in]; w: [out, in] -> [R, out]: `kernels.cpu_decode.rows_matmul`, one dispatch (its Numba kernel
+    """x: [R, in]; w: [out, in] -> [R, out]: `atelier_kernels.cpu_decode.rows_matmul`, one dispatch (its Numba kernel
     reads each weight row once for all rows; its NumPy twin, where Numba is not used, is OpenBLAS: a
     matrix-vector product for one row). A `qweights.PackedLinear` (GGUF blocks, its bias included) runs
-    `kernels.cpu_qmatmul` (prompt: the rows are a prompt's micro-batch, see `cpu_qmatmul.matmul_q8`)."""
+    `atelier_kernels.cpu_qmatmul` (prompt: the rows are a prompt's micro-batch, see `cpu_qmatmul.matmul_q8`)."""
     if not isinstance(w, np.ndarray):
         return w.matmul_np(x, prompt)
     out = cpu_decode.rows_matmul(x, w)
@@ -128,7 +128,7 @@ class NumpyStep:
         """Decide again whether the fused Q8 step applies and which arithmetic the steps between the products
         follow (`qweights.set_activations` calls this)."""
         a = self.args
-        # Q8 activations: llama.cpp's arithmetic between the products too (kernels.cpu_ggml), for Llama-style
+        # Q8 activations: llama.cpp's arithmetic between the products too (atelier_kernels.cpu_ggml), for Llama-style
         # layers (RMSNorm, RoPE, SwiGLU) where those kernels run
         self.ggml = (a.arch != "gpt2" and a.rope and cpu_ggml.available()
                      and any(getattr(m, "activations", "") == "q8" for m in model.modules()))
@@ -137,7 +137,7 @@ class NumpyStep:
         self.fused = self._fused_layers(model)
 
     def _fused_layers(self, model: Any) -> Any:
-        """`kernels.cpu_step.Q8Layers` when every layer can run in the fused Q8 step (Llama/Qwen2 layers whose
+        """`atelier_kernels.cpu_step.Q8Layers` when every layer can run in the fused Q8 step (Llama/Qwen2 layers whose
         four products are Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices with Q8 activations or Q4_K/Q6_K ones, one block
         type or several side by side, Numba with AVX2), else None."""
         a = self.args
@@ -214,7 +214,7 @@ class NumpyStep:
         if self.pos is not None:
             x = x + self.pos[row_pos]
         if self.fused is not None and not int8:
-            # every layer in one Numba call (kernels.cpu_step): no Python between the layers
+            # every layer in one Numba call (atelier_kernels.cpu_step): no Python between the layers
             x = cpu_step.step_q8(self.fused, x, views[0], views[1], self.gcos, self.gsin, row_slot, row_pos, H, KVH,
                                  hd, a.intermediate, self.scale, batch)
             return self._finish(cache, slots, pos, S, x, last_only, batch)
@@ -238,16 +238,12 @@ class NumpyStep:
                 QK, QV, SK, SV, RK, RV = (t[i] for t in views)
                 _int8_write(QK, SK, RK, row_slot, row_pos, k, S)
                 _int8_write(QV, SV, RV, row_slot, row_pos, v, S)
-                o = cpu_decode.attend_q8(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end,
-                                         self.scale).reshape(R, nq)
+                o = self._attend_int8(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end, batch).reshape(R, nq)
             else:
                 K, V = views[0][i], views[1][i]
                 K[row_slot, :, row_pos] = k
                 V[row_slot, :, row_pos] = v
-                if self.ggml:  # llama.cpp's sums: a prompt's (several tokens of a slot) or a decode step's
-                    o = cpu_ggml.attend(q, K, V, row_slot, row_pos, self.scale, batch).reshape(R, nq)
-                else:
-                    o = cpu_decode.attend(q, K, V, row_slot, row_pos, self.scale).reshape(R, nq)
+                o = self._attend(q, K, V, row_slot, row_pos, batch).reshape(R, nq)
             x = x + _mm(o, wo, bo, batch)
             h = _mm(self._norm(x, l2w, l2b), w13, b13, batch)
             if a.arch == "gpt2":  # tanh GELU
@@ -259,6 +255,33 @@ class NumpyStep:
                 h = g / (1.0 + np.exp(-g)) * u
             x = x + _mm(h, w2, b2, batch)
         return self._finish(cache, slots, pos, S, x, last_only, batch)
+
+    def _attend(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, row_slot: np.ndarray, row_pos: np.ndarray,
+                batch: bool) -> np.ndarray:
+        """Attention over fp32 K/V [slots, KVH, L, hd] holding positions 0.. in order (the full cache, or an
+        int8 cache's ring while it holds the whole conversation)."""
+        if self.ggml:  # llama.cpp's sums: a prompt's (several tokens of a slot) or a decode step's
+            return cpu_ggml.attend(q, K, V, row_slot, row_pos, self.scale, batch)
+        return cpu_decode.attend(q, K, V, row_slot, row_pos, self.scale)
+
+    def _attend_int8(self, q: np.ndarray, QK: np.ndarray, SK: np.ndarray, QV: np.ndarray, SV: np.ndarray,
+                     RK: np.ndarray, RV: np.ndarray, row_slot: np.ndarray, row_pos: np.ndarray, row_end: np.ndarray,
+                     batch: bool) -> np.ndarray:
+        """Attention over an `Int8Cache` layer. A row whose slot still fits in the ring (row_end <= ring size:
+        position p sits at ring index p, nothing was quantised) reads the ring with the full cache's
+        arithmetic, so the int8 cache gives the full cache's logits bit for bit until the conversation outgrows
+        the ring; the other rows read int8 history plus the ring (`cpu_decode.attend_q8`)."""
+        inring = row_end <= RK.shape[2]
+        if inring.all():
+            return self._attend(q, RK, RV, row_slot, row_pos, batch)
+        if not inring.any():
+            return cpu_decode.attend_q8(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end, self.scale)
+        out = np.empty(q.shape, np.float32)
+        a, b = np.flatnonzero(inring), np.flatnonzero(~inring)
+        out[a] = self._attend(q[a], RK, RV, row_slot[a], row_pos[a], batch)
+        out[b] = cpu_decode.attend_q8(q[b], QK, SK, QV, SV, RK, RV, row_slot[b], row_pos[b], row_end[b],
+                                      self.scale)
+        return out
 
     def _finish(self, cache: Any, slots: list[int], pos: list[int], S: int, x: np.ndarray,
                 last_only: bool, batch: bool = False) -> torch.Tensor:
@@ -276,7 +299,7 @@ def _int8_write(Q: np.ndarray, Sc: np.ndarray, ring: np.ndarray, row_slot: np.nd
     """Write the rows' K or V (x [R, KVH, hd]) into one layer of an `Int8Cache` the way its `update` does:
     Q [slots, KVH, L, hd] int8, Sc [slots, KVH, L] scales, ring [slots, KVH, Rr, hd] holding each slot's last
     Rr positions (position p at index p % Rr); a position leaving the ring is quantised into Q/Sc
-    (`kernels.kv_quant.quantize_np`, the same arithmetic as the torch side)."""
+    (`atelier_kernels.kv_quant.quantize_np`, the same arithmetic as the torch side)."""
     Rr = ring.shape[2]
     if S == 1:  # one token per slot at row_pos: quantise the token leaving the ring (clamped like the cache)
         old = np.maximum(row_pos - Rr, 0)

@@ -2,10 +2,10 @@
 and the torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
 
     pm = Packed.from_gguf(tensor)           # a gguf.ReaderTensor [N, K] -> blocks split into qs / d / m
-    y = pm.matmul(x)                        # x [R, K] fp32 -> [R, N] fp32 (`kernels.cpu_qmatmul`)
+    y = pm.matmul(x)                        # x [R, K] fp32 -> [R, N] fp32 (`atelier_kernels.cpu_qmatmul`)
     w = pm.dequant()                        # fp32 [N, K] (tests, and the torch forward's scratch rows)
 
-What it knows: llama.cpp's block layouts (see `kernels.cpu_qmatmul`) and how to
+What it knows: llama.cpp's block layouts (see `atelier_kernels.cpu_qmatmul`) and how to
 split a GGUF tensor's raw bytes into the arrays the kernels read: the nibble or
 int8 bytes, and the fp16 scales (and mins) as their uint16 bits; for the K
 formats also the packed sub-block scales (`sc`) and Q6_K's high bits (`qh`);
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import cpu_qmatmul
+from atelier_kernels import cpu_qmatmul
 
 FORMATS = cpu_qmatmul.ALL_FORMATS
 # bytes per block of 32: Q8_0 = d + 32 int8; Q4_0 = d + 16 nibble bytes; Q4_1 = d + m + 16; Q5_0 = d + 4 bytes
@@ -267,10 +267,10 @@ class PackedLinear(nn.Module):
 
     def place(self, device: torch.device, dtype: torch.dtype, impl: str) -> None:
         """Hold the parts on `device` for the torch forward (`place_model`): Q8_0 / Q4_0 / Q4_1 parts as their
-        blocks, multiplied by `kernels.wq_matmul` (impl "triton"; "torch": its float64 twin, for tests), any
+        blocks, multiplied by `atelier_kernels.wq_matmul` (impl "triton"; "torch": its float64 twin, for tests), any
         other block type (Q4_K, Q6_K) de-quantised once into a `dtype` matrix. The CPU buffers go (a placed
         module does not run on the CPU arrays' products any more); `parts` stay for `weight_formats`."""
-        from kernels import wq_matmul
+        from atelier_kernels import wq_matmul
 
         for name in [n for n in self._buffers if n.startswith("p")]:
             del self._buffers[name]
@@ -292,7 +292,7 @@ class PackedLinear(nn.Module):
             self.bias = nn.Parameter(self.bias.detach().to(device=device, dtype=dtype), requires_grad=False)
 
     def _placed_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        from kernels import wq_matmul
+        from atelier_kernels import wq_matmul
 
         ys = [torch.nn.functional.linear(x2, qs) if fmt == "dense" else
               wq_matmul.matmul(x2, fmt, qs, d, m, backend=self.placed_impl)
@@ -394,7 +394,7 @@ def set_activations(model: Any, mode: str) -> str:
     """How the packed products of `model` take their activations (`models.llm_activations`): "fp32" (the
     weights de-quantised in registers against fp32 x: the de-quantised network, up to summation order),
     "q8" (x quantised to Q8 blocks of 32 and integer dot products, as llama.cpp computes Q4_0/Q4_1/Q5_0/Q5_1/
-    Q8_0, and Q4_K / Q6_K per block of 32: `kernels.cpu_qmatmul.matmul_q8`), "auto" (q8 where its AVX2
+    Q8_0, and Q4_K / Q6_K per block of 32: `atelier_kernels.cpu_qmatmul.matmul_q8`), "auto" (q8 where its AVX2
     kernels run, else fp32). Sets every PackedLinear of the model (the tied head included); returns the mode used."""
     if mode not in ACTIVATIONS:
         raise ValueError(f"activations={mode!r}: expected one of {', '.join(ACTIVATIONS)}")
@@ -403,7 +403,7 @@ def set_activations(model: Any, mode: str) -> str:
         if isinstance(mod, PackedLinear):
             mod.activations = used
     step = getattr(model, "_np_step", None)
-    if step is not None:  # the NumPy decode step: whether its fused Q8 path (kernels.cpu_step) applies
+    if step is not None:  # the NumPy decode step: whether its fused Q8 path (atelier_kernels.cpu_step) applies
         step.refresh(model)
     return used
 

@@ -4,7 +4,7 @@ The order follows transformers' logits processors: repetition penalty, then
 temperature, top-k, top-p, then a draw from the softmax with the request's
 own seeded `torch.Generator` (so a request's draws do not depend on what else
 is in the batch). temperature == 0 means greedy: argmax, the lowest index on
-ties. Top-k uses `kernels.topk.topk` (values descending, ties -> lower index).
+ties. Top-k uses `atelier_kernels.topk.topk` (values descending, ties -> lower index).
 
 The repetition penalty looks at the last `repetition_window` tokens (0 = all).
 Scope "all" is transformers' convention: every token of the prompt and of the
@@ -66,7 +66,7 @@ class SamplingParams:
 
 def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [1, V] -> (values [1, k] descending, indices [1, k]); ties -> lower index."""
-    from kernels.topk import topk
+    from atelier_kernels.topk import topk
 
     return topk(x, k)
 

@@ -512,7 +512,7 @@ UX = False
 # tiles of 4 weight rows ahead for the last rows of x (one row: decoding), PF weight rows ahead when rows of x
 # come in tiles; the prefetch runs on past the span's end (the next span's rows, up to the matrix's end)
 PF_LOC, PF1, PF = stream_prefetch()
-quantize_span = quantize_span_k = q8a_span = None  # the Q8 kernels' bodies over a span of rows (kernels.cpu_step calls them too)
+quantize_span = quantize_span_k = q8a_span = None  # the Q8 kernels' bodies over a span of rows (atelier_kernels.cpu_step calls them too)
 
 
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001

@@ -16,7 +16,7 @@ token differed from
 llama.cpp's at 4-7 % of the positions of a greedy run, as far as two unrelated
 roundings of the network (measured against llama.cpp 0.3.36 with its
 intermediate tensors, `cb_eval`). So where the Q8 products already match
-llama.cpp's bit for bit (`kernels.cpu_qmatmul`), the steps between them do
+llama.cpp's bit for bit (`atelier_kernels.cpu_qmatmul`), the steps between them do
 here too, as ggml's CPU backend computes them on an AVX2 CPU with FMA (its
 8-lane paths, the build GGML_NATIVE gives this machine):
 
@@ -45,7 +45,7 @@ those ggml paths.
 The NumPy twins compute the same operations (a fused multiply-add exactly
 rounded once: `fma32`), for the kernel tests; the engine uses these only where
 Numba runs (Q8 activations need it). `backend=` and the lock as in
-`kernels.cpu_decode`.
+`atelier_kernels.cpu_decode`.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def _kernels() -> dict | None:
     njit, prange = jit()  # type: ignore[misc]
     global _fma, _bits, _from_bits, _dot, _scores64, _vsum64, expf_all, hsum8, rmsnorm_row, swiglu_row
     global attend_task
-    # module globals, not closure variables (see kernels/cpu_qmatmul.py); no fastmath anywhere here: the
+    # module globals, not closure variables (see atelier_kernels/cpu_qmatmul.py); no fastmath anywhere here: the
     # order of every operation is the point
     _fma = fma_intrinsic()
     _bits, _from_bits = float_bits_intrinsics()
@@ -464,7 +464,7 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, backend: str | None = 
 
 def attend(q: np.ndarray, K: np.ndarray, V: np.ndarray, row_slot: np.ndarray, row_pos: np.ndarray, scale: float,
            batch: bool = False, backend: str | None = None) -> np.ndarray:
-    """`kernels.cpu_decode.attend` with llama.cpp's sums: q [R, H, hd]; K, V [slots, KVH, L, hd] (C-contiguous,
+    """`atelier_kernels.cpu_decode.attend` with llama.cpp's sums: q [R, H, hd]; K, V [slots, KVH, L, hd] (C-contiguous,
     the rows' K/V already written) -> [R, H, hd]. batch: the weighted sum of V in tinyBLAS's order (llama.cpp
     evaluating several tokens at once), else in ggml_vec_dot_f32's (one token)."""
     out = np.empty(q.shape, np.float32)

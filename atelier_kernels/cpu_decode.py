@@ -41,9 +41,9 @@ The kernels compute in fp32 with the summation order left to the compiler
 tolerance. Numba is optional: without it (`available()` is False) the
 references run (the product's is OpenBLAS: a matrix-vector product for one
 row). `ATELIER_CPU_KERNELS=numpy` forces the references (read once, see
-`kernels._numba`); `backend=` ("numba" | "numpy") on each call picks one side
+`atelier_kernels._numba`); `backend=` ("numba" | "numpy") on each call picks one side
 for tests. Both are registered by name beside their twins in
-`kernels.registry`.
+`atelier_kernels.registry`.
 
 Thread safety: calls are serialised by a lock (Numba's `workqueue` threading
 layer, its fallback when no OpenMP or TBB runtime is present, must not be
@@ -119,7 +119,7 @@ def _kernels() -> dict | None:
     njit, prange = jit()  # type: ignore[misc]
     global dot, softmax, axpy
     # the attention kernels' shared steps; module globals, not closure variables, which would keep Numba's
-    # on-disk cache from matching (see kernels/cpu_qmatmul.py). Each is generic over the row's dtype (fp32,
+    # on-disk cache from matching (see atelier_kernels/cpu_qmatmul.py). Each is generic over the row's dtype (fp32,
     # or the int8 cache's rows, widened in the loop) and inlined into the kernels.
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")

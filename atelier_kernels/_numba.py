@@ -711,7 +711,7 @@ def round_to_half_intrinsic() -> Any:  # pragma: no cover - compiled into the ke
 @functools.cache
 def fma_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
     """A Numba intrinsic: fma(a, b, c) = a x b + c in float32 with one rounding (LLVM's `llvm.fma.f32`; the
-    vfmadd of an AVX2 CPU). Kernels that reproduce another engine's float arithmetic (`kernels.cpu_ggml`) call
+    vfmadd of an AVX2 CPU). Kernels that reproduce another engine's float arithmetic (`atelier_kernels.cpu_ggml`) call
     it where that engine fuses a multiply-add: without `fastmath`, LLVM never fuses one by itself."""
     from llvmlite import ir
     from numba import types
@@ -766,7 +766,7 @@ def float_bits_intrinsics() -> tuple[Any, Any]:  # pragma: no cover - compiled i
 
 @functools.cache
 def atomic_intrinsics() -> tuple[Any, Any, Any]:  # pragma: no cover - compiled into the kernels
-    """Three Numba intrinsics for threads that share one parallel region (`kernels.cpu_step`):
+    """Three Numba intrinsics for threads that share one parallel region (`atelier_kernels.cpu_step`):
     `fetch_add(a, i, v)`: a[i] += v atomically (a: int64 array), returns the old value; `load(a, i)`: a[i]
     read atomically; `pause()`: the spin-wait hint (x86 `pause`; nothing elsewhere). All sequentially
     consistent: a thread that reads a counter another thread raised also sees what that thread wrote first."""
@@ -822,7 +822,7 @@ def ggml_dot_intrinsic() -> Any:  # pragma: no cover - compiled into the kernels
     """A Numba intrinsic: `dot(x, xo, y, yo, n)`, float32 arrays read flat from offsets xo, yo -> ggml_vec_dot_f32
     (AVX2) of their n values: four 8-lane fused multiply-add accumulators over 32 values at a time, reduced
     (0 + 2) + (1 + 3), the halves added, then (0 + 1) + (2 + 3); values past the last 32 one fused multiply-add
-    each after that. The same bits as `kernels.cpu_ggml.vec_dot_reference`."""
+    each after that. The same bits as `atelier_kernels.cpu_ggml.vec_dot_reference`."""
     from llvmlite import ir
     from numba import types
     from numba.core import cgutils

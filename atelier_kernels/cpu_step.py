@@ -9,7 +9,7 @@ SmolLM2 (30 layers) with Q8 activations, where llama.cpp's whole step is
 RMSNorm, the Q8 products (`cpu_qmatmul`'s `quantize_span` and `q8a_span`), the
 optional biases, RoPE, the K/V writes into the full cache, the attention, the
 output projection, SwiGLU and the residuals, with llama.cpp's arithmetic
-between the products (`kernels.cpu_ggml`). Its twin is NumpyStep's own path
+between the products (`atelier_kernels.cpu_ggml`). Its twin is NumpyStep's own path
 (the same kernels called one by one), which the tests compare it with bit for
 bit.
 

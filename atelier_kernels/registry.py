@@ -9,7 +9,7 @@ and how two outputs are compared (`check`, raising AssertionError with the
 largest difference). Kernels are found by name, never by position.
 
 Adding a kernel: describe it with `Kernel` and call `register(kernel)` from its
-module at import (a kernel module under `kernels/` is imported by `kernels()`,
+module at import (a kernel module under `atelier_kernels/` is imported by `kernels()`,
 so its entries are listed without anyone naming it here), or add it to the
 lists below. Names are unique; `kernels()` lists the built-in entries first,
 then the registered ones in the order they were added. A CPU kernel's `fast`
@@ -309,11 +309,11 @@ def _builtin() -> list[Kernel]:
 
 def _import_kernel_modules() -> None:
     """Import every module of the `kernels` package, so that the entries they `register` are listed."""
-    import kernels as pkg
+    import atelier_kernels as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):
         if not mod.name.startswith("_") and mod.name != "registry":
-            importlib.import_module(f"kernels.{mod.name}")
+            importlib.import_module(f"atelier_kernels.{mod.name}")
 
 
 def kernels(kind: Kind | None = None) -> list[Kernel]:

@@ -144,7 +144,7 @@ def matmul(x: torch.Tensor, fmt: str, qs: torch.Tensor, d: torch.Tensor, m: torc
            backend: str | None = None) -> torch.Tensor:
     """x [M, K] float @ W.T, W in `fmt` blocks (Q8_0: int8 weight-only; Q4_0 / Q4_1: int4 weight-only, Q4_1
     with a min)
-    -> [M, N] in x's dtype. Triton where `kernels._backend.choose` picks it (CUDA, or CPU tensors under
+    -> [M, N] in x's dtype. Triton where `atelier_kernels._backend.choose` picks it (CUDA, or CPU tensors under
     TRITON_INTERPRET=1 with backend="triton"), else the float64 twin."""
     _check(fmt, x, qs, d, m)
     if choose(x, backend) == "triton":

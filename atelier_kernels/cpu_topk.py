@@ -1,5 +1,5 @@
 """CPU kernels for the catalogue's exact top-k (`engine.sketch`): Numba kernels and their NumPy twins.
-Five entry points, each registered by name beside its twin in `kernels.registry`:
+Five entry points, each registered by name beside its twin in `atelier_kernels.registry`:
 
     filter_rows(approx, bound, heap, count, up_out, rows_out, n_out)   # one block of rows, B queries
     refine(matrix, q, cand_rows, cand_up, offsets, vals_out, rows_out) # exact top-k from the survivors
@@ -42,7 +42,7 @@ query against the rows a filter kept (fp32 rows, or fp16 rows as their uint16
 bits), reading each selected row once where it lies (no gathered copy), in
 parallel. It also returns each row's sum of |x_i q_i|, which bounds the fp32
 sum's rounding error in any order (|s - x.q| <= gamma_d sum |x_i q_i|), so the
-caller can filter and refine exactly. Numba is optional (`kernels._numba`); `backend=`
+caller can filter and refine exactly. Numba is optional (`atelier_kernels._numba`); `backend=`
 ("numba" | "numpy") on each entry point picks one side for tests.
 """
 
