@@ -3,8 +3,10 @@ ultralytics import and work on this machine (CPU torch + PyPI torchvision)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,34 +36,20 @@ def _numpy_nms(boxes: np.ndarray, scores: np.ndarray, thr: float) -> list[int]:
     return keep
 
 
-def test_all_model_libraries_import_in_a_fresh_process():
-    code = (
-        "from engine._compat import prepare; import tempfile; state = prepare(tempfile.mkdtemp());"
-        "import torch, torchvision, transformers, diffusers, ultralytics;"
-        "from torchvision.ops import nms;"
-        "b = torch.tensor([[0,0,10,10],[1,1,11,11],[20,20,30,30.]]); s = torch.tensor([.9,.8,.7]);"
-        "print(state, nms(b, s, 0.5).tolist())"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
-    assert out.returncode == 0, out.stderr.decode()[-3000:]
-    state, kept = out.stdout.decode().strip().split(" ", 1)
-    assert state in ("native", "shim")
-    assert kept == "[0, 2]"
-
-
-def test_no_project_package_shadows_a_dependency():
-    """Our top-level packages keep names no dependency uses: transformers 5.25 requires Hugging Face's `kernels`
-    package, and while ours was called `kernels` too, the project's copy shadowed it and diffusers' pipelines
-    failed to import (`cannot import name 'CUDAProperties' from 'kernels'`). Run from the project root, where
-    the project is first on sys.path, as the server and the tests run."""
-    from pathlib import Path
-
+@pytest.fixture(scope="module")
+def fresh_process() -> dict:
+    """One fresh interpreter, run from the project root (the project first on sys.path, as the server and the
+    tests run it): the shim prepared, torch, torchvision, transformers, diffusers (its pipelines) and
+    ultralytics imported, torchvision's nms called, and every installed distribution's top-level names."""
     root = Path(__file__).resolve().parents[1]
     code = (
-        "import importlib.metadata as md, importlib.util as u, json, pathlib;"
-        "from engine._compat import prepare; import tempfile; prepare(tempfile.mkdtemp());"
+        "import importlib.metadata as md, json, tempfile;"
+        "from engine._compat import prepare; state = prepare(tempfile.mkdtemp());"
+        "import torch, torchvision, transformers, diffusers, ultralytics;"
+        "from torchvision.ops import nms;"
         "from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline;"
         "from transformers import AutoModelForCausalLM;"
+        "b = torch.tensor([[0,0,10,10],[1,1,11,11],[20,20,30,30.]]); s = torch.tensor([.9,.8,.7]);"
         "dists = {d.metadata['Name'].lower().replace('_', '-'): d for d in md.distributions()};"
         "tops = {}\n"
         "for name, d in dists.items():\n"
@@ -70,15 +58,26 @@ def test_no_project_package_shadows_a_dependency():
         "        top = f.parts[0]\n"
         "        if len(f.parts) > 1 and '.' not in top or f.suffix == '.py' and len(f.parts) == 1:\n"
         "            tops.setdefault(top.removesuffix('.py'), name)\n"
-        "print(json.dumps(tops))"
+        "print(json.dumps({'state': state, 'kept': nms(b, s, 0.5).tolist(), 'tops': tops}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr.decode()[-3000:]
-    import json
+    return {"root": root, **json.loads(out.stdout.decode().strip().splitlines()[-1])}
 
-    tops = json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+def test_all_model_libraries_import_in_a_fresh_process(fresh_process):
+    assert fresh_process["state"] in ("native", "shim")
+    assert fresh_process["kept"] == [0, 2]
+
+
+def test_no_project_package_shadows_a_dependency(fresh_process):
+    """Our top-level packages keep names no dependency uses: transformers 5.25 requires Hugging Face's `kernels`
+    package, and while ours was called `kernels` too, the project's copy shadowed it and diffusers' pipelines
+    failed to import (`cannot import name 'CUDAProperties' from 'kernels'`)."""
+    root, tops = fresh_process["root"], fresh_process["tops"]
     ours = [p.name for p in root.iterdir() if (p / "__init__.py").is_file()]
     assert {"engine", "mcp_server", "tools", "atelier_kernels"} <= set(ours)
+    assert "transformers" in tops.values() and "torch" in tops  # the map really holds the installed names
     clash = {n: tops[n] for n in ours if n in tops}
     assert not clash, f"project packages named like an installed distribution's: {clash}"
 
