@@ -147,19 +147,23 @@ def stream_prefetch() -> tuple[int, int, int]:
     (family 23; 2 vCPUs) `prefetchnta` 1 tile ahead streamed the Q8_0 output head (49152 x 576) at 12.5 GB/s
     where the Zen 4 setting reached 10.2 (2.26 vs 2.78 ms, 3 alternating rounds), the Q4_1 layers' shapes
     within 3 %, and SmolLM2's decode step took 12.4 ms instead of 13.5."""
-    vendor, family = _cpu_id()
+    return prefetch_for(*_cpu_id())
+
+
+def prefetch_for(vendor: str, family: int) -> tuple[int, int, int]:
+    """`stream_prefetch`'s choice for a CPU of this vendor_id and family (/proc/cpuinfo's fields)."""
     if vendor == "GenuineIntel":
         return 3, 2, 2
-    if family == 23:
+    if vendor == "AuthenticAMD" and family == 23:  # Zen 1 / Zen+ / Zen 2
         return 0, 1, 16
     return 2, 8, 16
 
 
-def _cpu_id() -> tuple[str, int]:
-    """(vendor_id, cpu family) from /proc/cpuinfo; ("", 0) where it cannot be read."""
+def _cpu_id(path: str = "/proc/cpuinfo") -> tuple[str, int]:
+    """(vendor_id, cpu family) of the first processor in /proc/cpuinfo; ("", 0) where it cannot be read."""
     vendor, family = "", 0
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith("vendor_id") and not vendor:
                     vendor = line.split(":", 1)[1].strip()

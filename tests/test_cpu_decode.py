@@ -104,3 +104,24 @@ def test_warm_compiles_every_kernel():
         + (["q8a_matmul"] if cpu_qmatmul.q8_available() else []) \
         + ["ggml_rmsnorm", "ggml_swiglu", "ggml_rope", "ggml_attend"] \
         + (["step_q8"] if cpu_qmatmul.q8_available() else [])  # the Q8 kernels need AVX2
+
+
+@pytest.mark.parametrize("text,ident,choice", [
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\n"
+     "processor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\n", ("AuthenticAMD", 23), (0, 1, 16)),
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n", ("AuthenticAMD", 25), (2, 8, 16)),
+    ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", ("GenuineIntel", 6), (3, 2, 2)),
+    ("processor\t: 0\nvendor_id\t: HygonGenuine\ncpu family\t: 24\n", ("HygonGenuine", 24), (2, 8, 16)),
+    ("processor\t: 0\n", ("", 0), (2, 8, 16)),  # an ARM /proc/cpuinfo has neither field
+])
+def test_weight_stream_prefetch_is_chosen_from_proc_cpuinfo(tmp_path, text, ident, choice):
+    # the Q8 products' prefetch locality and distances per CPU (`_numba.stream_prefetch`): Zen 1 (family 23)
+    # takes prefetchnta one tile ahead, other AMD CPUs prefetcht1 8 ahead, Intel prefetcht0 2 / 2
+    from atelier_kernels import _numba
+
+    f = tmp_path / "cpuinfo"
+    f.write_text(text)
+    assert _numba._cpu_id(str(f)) == ident
+    assert _numba.prefetch_for(*ident) == choice
+    assert _numba._cpu_id(str(tmp_path / "missing")) == ("", 0)
+    assert _numba.stream_prefetch() == _numba.prefetch_for(*_numba._cpu_id())
