@@ -15,9 +15,11 @@ bit.
 
 One parallel region for the whole step: every thread runs the same sequence of
 phases (per layer: norm, qkv, RoPE, attention, ..., the FFN's down product)
-and takes a phase's items (a row, a (row, kv head) task, a run of a product's
-output rows) from an atomic counter; a thread that finds none left waits until
-the phase's finished-counter says all are done. Launching a parallel loop per
+and takes a phase's items (a row, a (row, kv head) task) from an atomic
+counter; a thread that finds none left waits until the phase's
+finished-counter says all are done. A product's rows are cut into one home
+range per thread, streamed in order by their thread, whose leftovers the
+others take when they finish first. Launching a parallel loop per
 product instead (4 x 30 per step, plus the attention's) costs a thread wake-up
 each. No thread waits for a particular other one, so the step finishes with
 any number of threads, one included.
@@ -49,7 +51,10 @@ _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
 claim = finish = wait = product = part_rows = quant_row = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
 UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q5_0 / Q8_0 tiles of rows read sign-flipped activations
-ITEMS = 4  # a product's items per thread (see product)
+# a product's items per thread and part (see product). On an AVX2 Zen 1 (2 threads, SmolLM2 Q4_1) the layers of
+# one decode step took 9.1 ms with 4 items per thread claimed from one shared counter (each item a stream of
+# weights started afresh), 8.0-8.2 ms with home ranges of 1 or 2 items, 8.6 with 4
+ITEMS = 2
 
 
 @functools.cache
@@ -93,45 +98,46 @@ def _kernels() -> dict | None:
             _pause()
 
     @njit(cache=True, nogil=True)
-    def product(sync, ph, threads, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol, first, count, R,
-                nb, batch, out):  # pragma: no cover - compiled
+    def product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol, first,
+                count, R, nb, batch, out):  # pragma: no cover - compiled
         # one phase: a projection's parts first .. first + count - 1 (each one block type: the columns pcol[j] ..
-        # pcol[j] + prows[j] - 1 of out), their output rows in ~ITEMS items per thread and part (whole tiles of 4
-        # rows), claimed by whichever thread is free: long runs of rows (the weights stream in order), evenly
-        # shared. Every block type runs on the Q8 blocks (`q8a_span`): xa = (xq, xu, dxf, xsf), blocks of 32,
-        # for the 32-value types, xqk .. xsk (Q8_K) for the K types; batch: the rows are a prompt's micro-batch
-        # (`cpu_qmatmul.prompt_kind`)
+        # pcol[j] + prows[j] - 1 of out). Each part's output rows are cut into one home range per thread (whole
+        # tiles of 4 rows), each range into ITEMS items. A thread runs its own items first, in order (one
+        # unbroken stream of weights per part), then claims what is left of the others' (from home[(ph, u)]):
+        # the threads share the work evenly when one falls behind. Every block type runs on the Q8 blocks
+        # (`q8a_span`): xa = (xq, xu, dxf, xsf), blocks of 32, for the 32-value types, xqk .. xsk (Q8_K) for the
+        # K types; batch: the rows are a prompt's micro-batch (`cpu_qmatmul.prompt_kind`)
         xq, xu, dxf, xsf = xa
-        items = 0
-        for j in range(first, first + count):
-            N = prows[j]
-            chunk = max(4, (N + ITEMS * threads - 1) // (ITEMS * threads) + 3) // 4 * 4
-            items += (N + chunk - 1) // chunk
-        while True:
-            i = claim(sync, ph)
-            if i >= items:
-                break
-            j = first
-            while True:  # the item's part
-                N = prows[j]
-                chunk = max(4, (N + ITEMS * threads - 1) // (ITEMS * threads) + 3) // 4 * 4
-                it = (N + chunk - 1) // chunk
-                if i < it:
+        per = count * ITEMS  # the items of one home range (all parts)
+        done = 0
+        for v in range(threads):
+            u = np.int64(tid) + v  # (a prange index may come unsigned)
+            if u >= threads:
+                u -= threads
+            while True:
+                i = _add(home, (ph * threads + u) * 8, 1)
+                if i >= per:
                     break
-                i -= it
-                j += 1
-            n0 = i * chunk
-            n1 = min(n0 + chunk, N)
-            kind = _prompt_kind(pkind[j], R) if batch else pkind[j]
-            # the activations its type reads: the K types Q8_K ones (no sign-flipped copy), the others blocks of 32
-            aq, au, ad, axs = (xqk, xqk, dxk, xsk) if kind >= 7 else (xq, xu, dxf, xsf)
-            if N == out.shape[1]:  # the projection's only part: out itself (C-contiguous, as the kernels prefer)
-                part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
-            else:  # its columns of out
-                part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
-                          out[:, pcol[j]:pcol[j] + N])
-            finish(sync, ph)
-        wait(sync, ph, items)
+                j = first + i // ITEMS
+                N = prows[j]
+                span = (N + 4 * threads - 1) // (4 * threads) * 4  # a home range's rows
+                chunk = (span + 4 * ITEMS - 1) // (4 * ITEMS) * 4
+                n0 = min(u * span + (i % ITEMS) * chunk, N)
+                n1 = min(n0 + chunk, (u + 1) * span, N)
+                done += 1
+                if n1 <= n0:  # (a part of fewer rows than the threads' tiles)
+                    continue
+                kind = _prompt_kind(pkind[j], R) if batch else pkind[j]
+                # the activations its type reads: the K types Q8_K ones (no sign-flipped copy), the others blocks
+                # of 32
+                aq, au, ad, axs = (xqk, xqk, dxk, xsk) if kind >= 7 else (xq, xu, dxf, xsf)
+                if N == out.shape[1]:  # the projection's only part: out itself (C-contiguous, as the kernels prefer)
+                    part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
+                else:  # its columns of out
+                    part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
+                              out[:, pcol[j]:pcol[j] + N])
+        _add(sync, ph * 16 + 8, done)  # once per thread: an atomic add per item costs a little each
+        wait(sync, ph, per * threads)
 
     @njit(cache=True, nogil=True)
     def part_rows(xq, xu, dxf, xsf, qs, d, m, sc, bias, kind, R, nb, n0, n1, o):  # pragma: no cover - compiled
@@ -173,9 +179,9 @@ def _kernels() -> dict | None:
         wait(sync, ph, R)
 
     @njit(cache=True, nogil=True)
-    def worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, pneed, K, V,
-               cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xa, xqk, dxk, xsk, qkv, q,
-               att, o, gu, act):  # pragma: no cover - compiled
+    def worker(sync, home, threads, tid, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount,
+               pneed, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xa, xqk, dxk, xsk,
+               qkv, q, att, o, gu, act):  # pragma: no cover - compiled
         R, D = x.shape
         L = pfirst.shape[0]
         nq, nk = H * hd, KVH * hd
@@ -196,7 +202,7 @@ def _kernels() -> dict | None:
             # the last FFN output added
             norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, pneed[layer, 0], xa, xqk, dxk, xsk)
             ph += 1
-            product(sync, ph, threads, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+            product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
                     pfirst[layer, 0], pcount[layer, 0], R, D // 32, batch, qkv)
             ph += 1
             while True:  # rows: RoPE (ggml's fused multiply-adds), K and V into the cache
@@ -243,13 +249,13 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+            product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
                     pfirst[layer, 1], pcount[layer, 1], R, nq // 32, batch, o)
             ph += 1
             # the attention's output added
             norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, pneed[layer, 2], xa, xqk, dxk, xsk)
             ph += 1
-            product(sync, ph, threads, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+            product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
                     pfirst[layer, 2], pcount[layer, 2], R, D // 32, batch, gu)
             ph += 1
             while True:  # rows: SwiGLU (ggml's exp on 8-lane groups, libm's on the rest), Q8 blocks
@@ -261,7 +267,7 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            product(sync, ph, threads, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
+            product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
                     pfirst[layer, 3], pcount[layer, 3], R, inter // 32, batch, o)
             ph += 1
         while True:  # rows: the last layer's FFN output added
@@ -281,6 +287,7 @@ def _kernels() -> dict | None:
         nq, nk = H * hd, KVH * hd
         kmax = max(D, nq, inter)
         sync = np.zeros((PHASES * L + 1) * 16, np.int64)
+        home = np.zeros((PHASES * L + 1) * threads * 8, np.int64)  # per phase and thread: its claimed items
         h = np.empty((R, D), np.float32)
         # the activations' Q8 blocks of 32 (xq, dxf, xsf) for the 32-value types, Q8_K ones (xqk, dxk, xsk) for
         # the K types; each only where a part reads it. A signed 32-value type's tiles of rows read them
@@ -313,9 +320,9 @@ def _kernels() -> dict | None:
         # to them; a thread that finds a phase's items gone waits for the others to finish them. No thread
         # waits for a given other one, so any number of them (one included) finish the step
         for _t in prange(threads):
-            worker(sync, threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, pneed, K, V,
-                   cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xa, xqk, dxk, xsk, qkv,
-                   q, att, o, gu, act)
+            worker(sync, home, threads, _t, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount,
+                   pneed, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xa, xqk, dxk,
+                   xsk, qkv, q, att, o, gu, act)
 
     return {"step_q8": layers_nb}
 

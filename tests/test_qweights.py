@@ -277,6 +277,28 @@ def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
         assert torch.equal(f, p)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 7])
+def test_fused_q8_step_is_the_same_on_any_number_of_threads(tmp_path, monkeypatch, threads):
+    """The fused step cuts each product's rows into one home range per thread and lets a thread that finishes
+    first take the others' leftovers. With 1 thread, or more threads than Numba runs (7 here: several ranges per
+    OS thread, some ranges empty on the tiny model's short parts, every range of a late thread taken by the
+    others), every row is still computed once: the layer-by-layer step's logits, bit for bit."""
+    import numba
+
+    from atelier_kernels import cpu_step
+
+    path = write_tiny_gguf(tmp_path / "tiny-Q4_1.gguf", "Q4_1", tie=True)
+    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    step = ours.model._np_step
+    assert (step.fused is not None) == cpu_step.available()
+    if step.fused is None:
+        return
+    monkeypatch.setattr(numba, "get_num_threads", lambda: threads)  # what step_q8 hands the kernel
+    fused, plain = fused_and_layer_by_layer(step, ours.model.args, steps=8)
+    for f, p in zip(fused, plain):
+        assert torch.equal(f, p)
+
+
 def test_tiny_gguf_resident_bytes_are_the_file_blocks(tmp_path):
     path = write_tiny_gguf(tmp_path / "t.gguf", "Q4_1")
     m = load_llm(str(path), tmp_path / "cache")
