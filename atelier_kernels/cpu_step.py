@@ -230,15 +230,29 @@ def _kernels() -> dict | None:
                 finish(sync, ph)
             wait(sync, ph, R)
             ph += 1
-            while True:  # the attention: (row, kv head) tasks, or (row, query head) ones when those are few
-                t = claim(sync, ph)  # (a row's 3 kv heads on 2 threads would leave one idle a third of the time)
-                if t >= n_att:
-                    break
-                r = t // per_row
-                g = (t - r * per_row) * gs  # the task's first query head
-                _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, g // G, g % G, g % G + gs, p, acc)
-                finish(sync, ph)
-            wait(sync, ph, n_att)
+            # the attention: (row, kv head) tasks, or (row, query head) ones when those are few (a row's 3 kv
+            # heads on 2 threads would leave one idle a third of the time), in one home range of consecutive
+            # tasks per thread as the products' rows (see product): the query heads of one kv head mostly on one
+            # thread, which reads that head's keys and values from memory once for them
+            per = (n_att + threads - 1) // threads
+            done = 0
+            for v in range(threads):
+                u = np.int64(tid) + v
+                if u >= threads:
+                    u -= threads
+                while True:
+                    i = _add(home, (ph * threads + u) * 8, 1)
+                    if i >= per:
+                        break
+                    done += 1
+                    t = u * per + i
+                    if t >= n_att:
+                        continue
+                    r = t // per_row
+                    g = (t - r * per_row) * gs  # the task's first query head
+                    _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, g // G, g % G, g % G + gs, p, acc)
+            _add(sync, ph * 16 + 8, done)
+            wait(sync, ph, per * threads)
             ph += 1
             a2 = att.reshape(R, nq)
             while True:  # rows: the attention's output to Q8 blocks
