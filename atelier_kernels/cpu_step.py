@@ -48,7 +48,7 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 # cache from ever matching (see cpu_qmatmul._kernels)
 _quant = _quantk = _flip = _span = _prompt_kind = None
 _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
-claim = finish = wait = product = part_rows = quant_row = norm_phase = worker = None
+claim = finish = wait = take = product = part_rows = quant_row = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
 UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q5_0 / Q8_0 tiles of rows read sign-flipped activations
 # a product's items per thread and part (see product). On an AVX2 Zen 1 (2 threads, SmolLM2 Q4_1) the layers of
@@ -71,7 +71,7 @@ def _kernels() -> dict | None:
     njit, prange = jit()  # type: ignore[misc]
     global UX
     global _quant, _quantk, _flip, _span, _prompt_kind, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
-    global claim, finish, wait, product, part_rows, quant_row, norm_phase, worker
+    global claim, finish, wait, take, product, part_rows, quant_row, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
     _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
@@ -97,6 +97,19 @@ def _kernels() -> dict | None:
         while _load(sync, k * 16 + 8) < n:
             _pause()
 
+    @njit(cache=True, nogil=True, inline="always")
+    def take(home, ph, threads, tid, per, v):  # pragma: no cover - compiled
+        # phase ph's next item for thread tid from its home range (tid + v) % threads onwards (v = 0: its own;
+        # each range holds per items, claimed in order from home[(ph, range)]): (range * per + item, v), or
+        # (-1, threads) once every range is taken
+        while v < threads:
+            u = (np.int64(tid) + v) % threads  # (a prange index may come unsigned)
+            i = _add(home, (ph * threads + u) * 8, 1)
+            if i < per:
+                return u * per + i, v
+            v += 1
+        return -1, v
+
     @njit(cache=True, nogil=True)
     def product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol, first,
                 count, R, nb, batch, out):  # pragma: no cover - compiled
@@ -110,32 +123,29 @@ def _kernels() -> dict | None:
         xq, xu, dxf, xsf = xa
         per = count * ITEMS  # the items of one home range (all parts)
         done = 0
-        for v in range(threads):
-            u = np.int64(tid) + v  # (a prange index may come unsigned)
-            if u >= threads:
-                u -= threads
-            while True:
-                i = _add(home, (ph * threads + u) * 8, 1)
-                if i >= per:
-                    break
-                j = first + i // ITEMS
-                N = prows[j]
-                span = (N + 4 * threads - 1) // (4 * threads) * 4  # a home range's rows
-                chunk = (span + 4 * ITEMS - 1) // (4 * ITEMS) * 4
-                n0 = min(u * span + (i % ITEMS) * chunk, N)
-                n1 = min(n0 + chunk, (u + 1) * span, N)
-                done += 1
-                if n1 <= n0:  # (a part of fewer rows than the threads' tiles)
-                    continue
-                kind = _prompt_kind(pkind[j], R) if batch else pkind[j]
-                # the activations its type reads: the K types Q8_K ones (no sign-flipped copy), the others blocks
-                # of 32
-                aq, au, ad, axs = (xqk, xqk, dxk, xsk) if kind >= 7 else (xq, xu, dxf, xsf)
-                if N == out.shape[1]:  # the projection's only part: out itself (C-contiguous, as the kernels prefer)
-                    part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
-                else:  # its columns of out
-                    part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
-                              out[:, pcol[j]:pcol[j] + N])
+        v = 0
+        while True:
+            g, v = take(home, ph, threads, tid, per, v)
+            if g < 0:
+                break
+            u, i = g // per, g % per  # home range u's item i: part j's i % ITEMS-th run of rows in range u
+            j = first + i // ITEMS
+            N = prows[j]
+            span = (N + 4 * threads - 1) // (4 * threads) * 4  # a home range's rows
+            chunk = (span + 4 * ITEMS - 1) // (4 * ITEMS) * 4
+            n0 = min(u * span + (i % ITEMS) * chunk, N)
+            n1 = min(n0 + chunk, (u + 1) * span, N)
+            done += 1
+            if n1 <= n0:  # (a part of fewer rows than the threads' tiles)
+                continue
+            kind = _prompt_kind(pkind[j], R) if batch else pkind[j]
+            # the activations its type reads: the K types Q8_K ones (no sign-flipped copy), the others blocks of 32
+            aq, au, ad, axs = (xqk, xqk, dxk, xsk) if kind >= 7 else (xq, xu, dxf, xsf)
+            if N == out.shape[1]:  # the projection's only part: out itself (C-contiguous, as the kernels prefer)
+                part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
+            else:  # its columns of out
+                part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
+                          out[:, pcol[j]:pcol[j] + N])
         _add(sync, ph * 16 + 8, done)  # once per thread: an atomic add per item costs a little each
         wait(sync, ph, per * threads)
 
@@ -236,21 +246,17 @@ def _kernels() -> dict | None:
             # thread, which reads that head's keys and values from memory once for them
             per = (n_att + threads - 1) // threads
             done = 0
-            for v in range(threads):
-                u = np.int64(tid) + v
-                if u >= threads:
-                    u -= threads
-                while True:
-                    i = _add(home, (ph * threads + u) * 8, 1)
-                    if i >= per:
-                        break
-                    done += 1
-                    t = u * per + i
-                    if t >= n_att:
-                        continue
-                    r = t // per_row
-                    g = (t - r * per_row) * gs  # the task's first query head
-                    _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, g // G, g % G, g % G + gs, p, acc)
+            v = 0
+            while True:
+                t, v = take(home, ph, threads, tid, per, v)
+                if t < 0:
+                    break
+                done += 1
+                if t >= n_att:
+                    continue
+                r = t // per_row
+                g = (t - r * per_row) * gs  # the task's first query head
+                _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, g // G, g % G, g % G + gs, p, acc)
             _add(sync, ph * 16 + 8, done)
             wait(sync, ph, per * threads)
             ph += 1
