@@ -15,10 +15,11 @@ bit.
 
 One parallel region for the whole step: every thread runs the same sequence of
 phases (per layer: norm, qkv, RoPE, attention, ..., the FFN's down product)
-and takes a phase's items (a row, a (row, kv head) task) from an atomic
-counter; a thread that finds none left waits until the phase's
-finished-counter says all are done. A product's rows are cut into one home
-range per thread, streamed in order by their thread, whose leftovers the
+and takes a phase's items (a row) from an atomic counter; a thread that
+finds none left waits until the phase's finished-counter says all are done.
+A product's rows and the attention's tasks are cut into one home range per
+thread, run in order by their thread (one unbroken stream of weights; a kv
+head's keys and values read once for its query heads), whose leftovers the
 others take when they finish first. Launching a parallel loop per
 product instead (4 x 30 per step, plus the attention's) costs a thread wake-up
 each. No thread waits for a particular other one, so the step finishes with

@@ -279,10 +279,11 @@ def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
 
 @pytest.mark.parametrize("threads", [1, 3, 7])
 def test_fused_q8_step_is_the_same_on_any_number_of_threads(tmp_path, monkeypatch, threads):
-    """The fused step cuts each product's rows into one home range per thread and lets a thread that finishes
-    first take the others' leftovers. With 1 thread, or more threads than Numba runs (7 here: several ranges per
-    OS thread, some ranges empty on the tiny model's short parts, every range of a late thread taken by the
-    others), every row is still computed once: the layer-by-layer step's logits, bit for bit."""
+    """The fused step cuts each product's rows and the attention's tasks into one home range per thread and
+    lets a thread that finishes first take the others' leftovers. With 1 thread, or more threads than Numba
+    runs (7 here: several ranges per OS thread, some ranges empty on the tiny model's short parts, every range
+    of a late thread taken by the others), every row and task is still computed once: the layer-by-layer
+    step's logits, bit for bit."""
     import numba
 
     from atelier_kernels import cpu_step
