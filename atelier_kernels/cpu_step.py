@@ -90,8 +90,8 @@ def _kernels() -> dict | None:
         return _add(sync, k * 16, 1)
 
     @njit(cache=True, nogil=True, inline="always")
-    def finish(sync, k):  # pragma: no cover - compiled
-        _add(sync, k * 16 + 8, 1)
+    def finish(sync, k, n):  # pragma: no cover - compiled
+        _add(sync, k * 16 + 8, n)
 
     @njit(cache=True, nogil=True, inline="always")
     def wait(sync, k, n):  # pragma: no cover - compiled
@@ -147,7 +147,7 @@ def _kernels() -> dict | None:
             else:  # its columns of out
                 part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
                           out[:, pcol[j]:pcol[j] + N])
-        _add(sync, ph * 16 + 8, done)  # once per thread: an atomic add per item costs a little each
+        finish(sync, ph, done)  # once per thread: an atomic add per item costs a little each
         wait(sync, ph, per * threads)
 
     @njit(cache=True, nogil=True)
@@ -186,7 +186,7 @@ def _kernels() -> dict | None:
                     x[r, i] += o[r, i]
             _norm_row(x[r], w, eps, h[r])
             quant_row(h, r, need, xa, xqk, dxk, xsk)
-            finish(sync, ph)
+            finish(sync, ph, 1)
         wait(sync, ph, R)
 
     @njit(cache=True, nogil=True)
@@ -238,7 +238,7 @@ def _kernels() -> dict | None:
                         Kl[s, hh, pos, 2 * j + 1] = _fma(x0, sin[pos, j], x1 * cos[pos, j])
                     for i in range(hd):
                         Vl[s, hh, pos, i] = qkv[r, nq + nk + hh * hd + i]
-                finish(sync, ph)
+                finish(sync, ph, 1)
             wait(sync, ph, R)
             ph += 1
             # the attention: (row, kv head) tasks, or (row, query head) ones when those are few (a row's 3 kv
@@ -258,7 +258,7 @@ def _kernels() -> dict | None:
                 r = t // per_row
                 g = (t - r * per_row) * gs  # the task's first query head
                 _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, g // G, g % G, g % G + gs, p, acc)
-            _add(sync, ph * 16 + 8, done)
+            finish(sync, ph, done)
             wait(sync, ph, per * threads)
             ph += 1
             a2 = att.reshape(R, nq)
@@ -267,7 +267,7 @@ def _kernels() -> dict | None:
                 if r >= R:
                     break
                 quant_row(a2, r, pneed[layer, 1], xa, xqk, dxk, xsk)
-                finish(sync, ph)
+                finish(sync, ph, 1)
             wait(sync, ph, R)
             ph += 1
             product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
@@ -285,7 +285,7 @@ def _kernels() -> dict | None:
                     break
                 _swiglu_row(gu[r], act[r])
                 quant_row(act, r, pneed[layer, 3], xa, xqk, dxk, xsk)
-                finish(sync, ph)
+                finish(sync, ph, 1)
             wait(sync, ph, R)
             ph += 1
             product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
@@ -297,7 +297,7 @@ def _kernels() -> dict | None:
                 break
             for i in range(D):
                 x[r, i] += o[r, i]
-            finish(sync, ph)
+            finish(sync, ph, 1)
         wait(sync, ph, R)
 
     @njit(parallel=True, cache=True, nogil=True)
