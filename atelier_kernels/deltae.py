@@ -9,6 +9,19 @@ matrix -> CIE L*a*b* against the D65 / 2° white (0.95047, 1, 1.08883) with
 skimage's 0.008856 / 7.787 linear segment -> `deltaE_ciede2000` including
 its hue branches (the 180° case, zero chroma).
 
+Hue ties. CIEDE2000 jumps where the two hues are 180° apart: the mean hue
+flips by 180° as the difference crosses it, and ΔE with it (by up to ~22 units
+for saturated pairs, e.g. sRGB (161, 62, 234) vs (165, 212, 146), 180.00003°
+apart: 78.78 in float64, 57.11 from this kernel's float32 on an H200). No
+float32 pipeline decides such pairs reliably (uint8 pairs come within 1e-9 rad
+of the tie), so both the kernel and the twin flag every pixel whose hue
+difference lies within `HUE_TIE` radians of 180° (both chromas non-zero) and
+recompute those few pixels in float64 (`settle_ties`): about 3 in 10 000
+random pairs, none in images compared with similar ones. The kernel counts
+them with one atomic add per block, so the recomputation (and its device
+synchronisation) happens only when there are any. Callers that work in pieces
+pass `settle=False` and call `settle_ties` once over the whole result.
+
 Memory traffic of the Triton kernel: reads 6 bytes, writes 4 bytes per pixel;
 nothing intermediate touches memory (sRGB decoding, Lab, ΔE all in registers;
 atan2 is a Cephes polynomial and the cube root exp2/log2 plus a Newton step,
@@ -47,6 +60,10 @@ _DEG30 = math.radians(30.0)
 _DEG6 = math.radians(6.0)
 _DEG63 = math.radians(63.0)
 _RAD2DEG = 180.0 / math.pi
+# radians: a hue difference this close to pi is recomputed in float64 (see the module docstring). The float32
+# hue of a uint8 colour is off by up to ~7e-5 / chroma rad (the kernel's exp2/log2 on a GPU are approximate);
+# below a chroma of ~0.1, where this band no longer covers the error, the jump is < 0.001 ΔE.
+HUE_TIE = 1e-3
 
 
 # -- shared formula ------------------------------------------------------------------
@@ -76,8 +93,11 @@ def _hue(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def ciede2000_lab(L1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor,
                   L2: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
-                  kL: float = 1.0, kC: float = 1.0, kH: float = 1.0) -> torch.Tensor:
+                  kL: float = 1.0, kC: float = 1.0, kH: float = 1.0, *, tie: float = 0.0) -> torch.Tensor:
     """CIEDE2000 of Lab channel tensors (all one shape and float dtype); the inputs are not modified.
+
+    `tie` > 0: where both chromas are non-zero and the hue difference lies within `tie` radians of pi, the
+    result is -1 instead, for the caller to recompute in float64 (`settle_ties`; module docstring).
 
     Follows `skimage.color.deltaE_ciede2000` step by step (same hue branches,
     same dtype), so float64 inputs agree with it to rounding. Two rewrites keep
@@ -111,6 +131,7 @@ def ciede2000_lab(L1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor,
     # hue term: dH wraps into [-pi, pi]; hbar is the mean hue along the shorter arc,
     # h1 + h2 when either chroma is zero
     h_diff = h2 - h1
+    ties = (h_diff.abs() - math.pi).abs_() < tie if tie > 0 else None
     h_sum = h1.add_(h2)
     del h2
     CC = C1.mul_(C2)
@@ -119,6 +140,8 @@ def ciede2000_lab(L1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor,
     dH_term = CC.sqrt().mul_(2.0).mul_(dH.mul_(0.5).sin_())
     del dH
     nonzero = CC.sign_()  # CC >= 0: 1.0 where both chromas are non-zero
+    if ties is not None:
+        ties.logical_and_(nonzero > 0)
     wrap = _pos(h_diff.abs_().sub_(math.pi)).mul_(nonzero)
     direction = _pos(_TWO_PI - h_sum).mul_(2.0).sub_(1.0)  # +1 if h_sum < 2 pi else -1
     hbar = h_sum.add_(wrap.mul_(direction), alpha=_TWO_PI).mul_(nonzero.mul_(-0.5).add_(1.0))
@@ -151,17 +174,18 @@ def ciede2000_lab(L1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor,
     del Rc, dtheta, c7
 
     dE2 = L_term.mul_(L_term).addcmul_(C_term, C_term).addcmul_(H_term, H_term).add_(R_term)
-    return dE2.clamp_(min=0.0).sqrt_()
+    dE = dE2.clamp_(min=0.0).sqrt_()
+    return dE if ties is None else dE.masked_fill_(ties, -1.0)
 
 
 # -- torch reference on uint8 pairs ------------------------------------------------------
 @functools.cache
-def _tables(device: torch.device) -> tuple[torch.Tensor, tuple[float, ...]]:
-    """(sRGB code -> linear table [256] float32 on `device`, XYZ/white matrix as 9 floats)."""
+def _tables(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """(sRGB code -> linear table [256] of `dtype` on `device`, XYZ/white matrix as 9 floats)."""
     c = torch.arange(256, dtype=torch.float64) / 255.0
     lut = torch.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
     m = torch.tensor(XYZ_FROM_RGB, dtype=torch.float64) / torch.tensor(WHITE_D65, dtype=torch.float64)[:, None]
-    return lut.to(device=device, dtype=torch.float32), tuple(float(v) for v in m.flatten())
+    return lut.to(device=device, dtype=dtype), tuple(float(v) for v in m.flatten())
 
 
 def _lab_f(t: torch.Tensor) -> torch.Tensor:
@@ -171,9 +195,10 @@ def _lab_f(t: torch.Tensor) -> torch.Tensor:
     return t.pow_(1.0 / 3.0).mul_(above).add_(lin)
 
 
-def rgb8_to_lab(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, 3] uint8 sRGB -> (L, a, b), each [N] float32 contiguous, as skimage's rgb2lab."""
-    lut, m = _tables(rgb.device)
+def rgb8_to_lab(rgb: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, 3] uint8 sRGB -> (L, a, b), each [N] `dtype` (float32 or float64) contiguous, as skimage's rgb2lab."""
+    lut, m = _tables(rgb.device, dtype)
     r, g, b = (lut.index_select(0, rgb[:, i].long()) for i in range(3))
     fx, fy, fz = ((r * m[3 * i]).add_(g, alpha=m[3 * i + 1]).add_(b, alpha=m[3 * i + 2]) for i in range(3))
     fx, fy, fz = _lab_f(fx), _lab_f(fy), _lab_f(fz)
@@ -193,12 +218,30 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def deltae2000_rgb8_reference(a: torch.Tensor, b: torch.Tensor, kL: float = 1.0, kC: float = 1.0,
-                              kH: float = 1.0, *, backend: str | None = None) -> torch.Tensor:
-    """Torch twin of the kernel: [N, 3] uint8 pairs -> [N] float32 ΔE2000 (`backend` is ignored)."""
+                              kH: float = 1.0, *, backend: str | None = None, settle: bool = True) -> torch.Tensor:
+    """Torch twin of the kernel: [N, 3] uint8 pairs -> [N] float32 ΔE2000 (`backend` is ignored; `settle`
+    as the kernel's)."""
     _check_pair(a, b)
     if a.shape[0] == 0:
         return torch.empty(0, dtype=torch.float32, device=a.device)
-    return ciede2000_lab(*rgb8_to_lab(a), *rgb8_to_lab(b), kL, kC, kH)
+    out = ciede2000_lab(*rgb8_to_lab(a), *rgb8_to_lab(b), kL, kC, kH, tie=HUE_TIE)
+    return settle_ties(out, a, b, kL, kC, kH) if settle else out
+
+
+def settle_ties(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | tuple[float, float, float],
+                kL: float = 1.0, kC: float = 1.0, kH: float = 1.0) -> torch.Tensor:
+    """In place: the entries of `out` flagged -1 (hue ties, see the module docstring) recomputed in float64
+    from the [N, 3] uint8 pixels `a` and `b` (the same shape, or one Lab colour for all); returns `out`. One
+    call over a whole image costs ~2 ms where it has ties (a few hundred per million random pairs)."""
+    idx = torch.nonzero(out < 0).squeeze(1)
+    if idx.numel():
+        lab1 = rgb8_to_lab(a.index_select(0, idx), torch.float64)
+        if isinstance(b, torch.Tensor):
+            lab2 = rgb8_to_lab(b.index_select(0, idx), torch.float64)
+        else:
+            lab2 = tuple(torch.tensor([float(v)], dtype=torch.float64, device=out.device) for v in b)
+        out.index_copy_(0, idx, ciede2000_lab(*lab1, *lab2, kL, kC, kH).to(out.dtype))
+    return out
 
 
 # -- Triton kernel ---------------------------------------------------------------------
@@ -251,9 +294,9 @@ if triton_available():
         return 116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)
 
     @triton.jit
-    def _deltae2000_rgb8_kernel(a_ptr, b_ptr, out_ptr, n, kL, kC, kH,
+    def _deltae2000_rgb8_kernel(a_ptr, b_ptr, out_ptr, ties_ptr, n, kL, kC, kH,
                                 m00, m01, m02, m10, m11, m12, m20, m21, m22,
-                                BLOCK: tl.constexpr):
+                                TIE: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -302,15 +345,19 @@ if triton_available():
         R_term = -tl.sin(2.0 * dtheta) * Rc * C_term * H_term
 
         dE2 = L_term * L_term + C_term * C_term + H_term * H_term + R_term
-        tl.store(out_ptr + offs, tl.sqrt(tl.maximum(dE2, 0.0)), mask=mask)
+        # hue ties (module docstring): -1, counted, for the caller to recompute in float64
+        tie = (CC != 0.0) & (tl.abs(tl.abs(h_diff) - PI) < TIE) & mask
+        tl.store(out_ptr + offs, tl.where(tie, -1.0, tl.sqrt(tl.maximum(dE2, 0.0))), mask=mask)
+        tl.atomic_add(ties_ptr, tl.sum(tie.to(tl.int32), axis=0))
 
 
 def deltae2000_rgb8(a: torch.Tensor, b: torch.Tensor, kL: float = 1.0, kC: float = 1.0, kH: float = 1.0,
-                    *, backend: str | None = None) -> torch.Tensor:
-    """[N, 3] uint8 sRGB pairs -> [N] float32 ΔE2000; the Triton kernel on CUDA, the torch twin elsewhere."""
+                    *, backend: str | None = None, settle: bool = True) -> torch.Tensor:
+    """[N, 3] uint8 sRGB pairs -> [N] float32 ΔE2000; the Triton kernel on CUDA, the torch twin elsewhere.
+    `settle=False` leaves the hue ties at -1 for the caller's one `settle_ties` over all its pieces."""
     _check_pair(a, b)
     if choose(a, backend) == "torch":
-        return deltae2000_rgb8_reference(a, b, kL, kC, kH)
+        return deltae2000_rgb8_reference(a, b, kL, kC, kH, settle=settle)
     n = a.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=a.device)
     if n == 0:
@@ -319,6 +366,7 @@ def deltae2000_rgb8(a: torch.Tensor, b: torch.Tensor, kL: float = 1.0, kC: float
     b = b.contiguous()
     _, mv = _tables(torch.device("cpu"))
     block = 1024
-    _deltae2000_rgb8_kernel[(triton.cdiv(n, block),)](a, b, out, n, float(kL), float(kC), float(kH), *mv,
-                                                       BLOCK=block)
-    return out
+    ties = torch.zeros(1, dtype=torch.int32, device=a.device)
+    _deltae2000_rgb8_kernel[(triton.cdiv(n, block),)](a, b, out, ties, n, float(kL), float(kC), float(kH), *mv,
+                                                       TIE=HUE_TIE, BLOCK=block)
+    return settle_ties(out, a, b, kL, kC, kH) if settle and int(ties.item()) else out

@@ -88,6 +88,28 @@ def _topk_cases(device: str, large: bool) -> Iterator[Case]:
         yield (x, k), f"{rows}x{n} k={k}"
 
 
+# sRGB pairs whose CIEDE2000 hues are within 1e-6 rad of 180° apart, where the formula jumps (module docstring of
+# atelier_kernels.deltae): the first came out 57.11 instead of 78.78 from the kernel on an H200, the others from a
+# float64 scan of all 2^24 colours against 80 random ones (3.7e-10 to 7e-8 rad from the tie); inputs only, the
+# tests take the expected values from scikit-image.
+HUE_TIE_PAIRS: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (
+    ((161, 62, 234), (165, 212, 146)), ((214, 127, 156), (74, 255, 225)), ((31, 185, 25), (149, 49, 206)),
+    ((65, 202, 58), (154, 59, 201)), ((103, 50, 105), (5, 40, 13)), ((121, 34, 228), (69, 171, 10)),
+    ((98, 32, 181), (124, 198, 83)), ((84, 105, 76), (153, 74, 205)), ((116, 162, 29), (101, 91, 202)),
+    ((236, 200, 71), (37, 160, 254)), ((131, 6, 189), (22, 226, 33)), ((140, 178, 44), (146, 140, 243)),
+    ((250, 22, 130), (96, 204, 187)), ((250, 22, 130), (21, 244, 219)), ((201, 214, 118), (121, 131, 216)),
+    ((65, 202, 58), (236, 209, 246)), ((15, 224, 151), (255, 45, 202)), ((31, 218, 12), (227, 198, 241)),
+    ((185, 139, 213), (53, 248, 3)), ((192, 23, 230), (151, 211, 149)), ((191, 197, 53), (11, 99, 203)),
+    ((251, 17, 151), (46, 245, 205)), ((70, 226, 87), (121, 5, 151)), ((79, 212, 47), (93, 54, 120)),
+    ((79, 212, 47), (152, 25, 242)), ((31, 185, 25), (121, 6, 180)), ((115, 226, 213), (253, 27, 122)),
+    ((107, 206, 89), (174, 37, 248)), ((185, 210, 242), (233, 219, 196)), ((127, 140, 252), (229, 240, 164)),
+    ((198, 212, 180), (49, 28, 121)), ((34, 80, 142), (169, 162, 16)), ((197, 213, 140), (0, 56, 169)),
+    ((31, 218, 12), (163, 63, 226)), ((36, 231, 164), (155, 55, 121)), ((84, 105, 76), (130, 72, 167)),
+    ((183, 241, 109), (168, 158, 187)), ((124, 53, 121), (41, 146, 78)), ((135, 81, 160), (19, 229, 36)),
+    ((185, 139, 213), (103, 189, 78)), ((15, 246, 36), (156, 43, 213)),
+)
+
+
 def _deltae_cases(device: str, large: bool) -> Iterator[Case]:
     sizes = [1, 7, 1000, 4099] + ([8_000_000] if large else [])
     for i, n in enumerate(sizes):
@@ -95,6 +117,15 @@ def _deltae_cases(device: str, large: bool) -> Iterator[Case]:
         a = torch.randint(0, 256, (n, 3), generator=g, device=device, dtype=torch.uint8)
         b = torch.randint(0, 256, (n, 3), generator=g, device=device, dtype=torch.uint8)
         yield (a, b), f"N={n}"
+    # the hue ties, both ways round, scattered among 3000 random pairs
+    g = _gen(150, device)
+    a = torch.randint(0, 256, (3000, 3), generator=g, device=device, dtype=torch.uint8)
+    b = torch.randint(0, 256, (3000, 3), generator=g, device=device, dtype=torch.uint8)
+    t1 = torch.tensor([p[0] for p in HUE_TIE_PAIRS] + [p[1] for p in HUE_TIE_PAIRS], dtype=torch.uint8)
+    t2 = torch.tensor([p[1] for p in HUE_TIE_PAIRS] + [p[0] for p in HUE_TIE_PAIRS], dtype=torch.uint8)
+    at = torch.randperm(3000, generator=_gen(151, "cpu"))[:len(t1)].to(device)
+    a[at], b[at] = t1.to(device), t2.to(device)
+    yield (a, b), f"N=3000 with {len(t1)} hue ties"
 
 
 def _kvq_cases(device: str, large: bool) -> Iterator[Case]:

@@ -135,9 +135,20 @@ def main() -> int:
                                                                                      "atelier-mcp")))
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the decode step")
     ap.add_argument("--fp32", action="store_true", help="also time plain decoding on de-quantised fp32 weights")
+    ap.add_argument("--gpu-only", action="store_true", help="only the CUDA section (packed Triton products, the "
+                    "fp16 de-quantised weights and transformers' generate on the GPU)")
     args = ap.parse_args()
     cache_dir = Path(args.cache_dir).expanduser()
     _compat.prepare(cache_dir)
+    if args.gpu_only:
+        from engine.llm.load import load_llm
+
+        tok = load_llm("", cache_dir, activations="fp32").tokenizer
+        text = ("The ocean covers most of the planet and shapes its weather, its coasts and the lives of the "
+                "people who live beside it, from fishermen to sailors and ")
+        _gpu_section(cache_dir, tok.encode(text * 2, add_special_tokens=False)[:32], 32 if args.quick else 256,
+                     args.quick)
+        return 0
 
     from engine.llm.batcher import GenerationRequest, LLMService
     from engine.llm.cache import FullCache, Int8Cache
@@ -379,16 +390,37 @@ def _gpu_section(cache_dir: Path, prompt: list[int], n_new: int, quick: bool) ->
         return
     req = GenerationRequest(prompt, max_new_tokens=n_new, ignore_eos=True, reuse_prefix=False)
     ref = _plain_service(load_llm("", cache_dir, activations="fp32"), prompt, 1).generate(req).token_ids
+    tps_of: dict[str, float] = {}
     for impl in ("triton",) if quick else ("triton", "dequant"):
         m = load_llm("", cache_dir, device="cuda", dtype=torch.float16, device_products=impl)
         svc = _plain_service(m, prompt, 8)
         r, tps = _timed(svc, req)
         same = next((i for i, (x, y) in enumerate(zip(r.token_ids, ref)) if x != y), len(ref))
+        tps_of[impl] = tps
         print(f"GPU {impl:7s}: {tps:.1f} tok/s, weights {m.size_bytes() / 1e6:.1f} MB ({m.weights}); greedy "
               f"tokens equal to the CPU's fp32-activation path for the first {same} of {len(ref)}")
         svc.close()
         del m, svc
         torch.cuda.empty_cache()
+    # the baseline: transformers' generate on the same GPU, the same file de-quantised to fp16 by transformers
+    from transformers import AutoModelForCausalLM
+
+    from engine.llm.load import embedded_gguf
+
+    gguf = embedded_gguf()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float16).to("cuda")
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=True)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, use_cache=True)
+        torch.cuda.synchronize()
+        hf_tps = n_new / (time.perf_counter() - t)
+    got = out[0, len(prompt):].tolist()
+    same = next((i for i, (x, y) in enumerate(zip(got, ref)) if x != y), len(ref))
+    print(f"GPU transformers fp16 generate: {hf_tps:.1f} tok/s; greedy tokens equal to the CPU's fp32-activation "
+          f"path for the first {same} of {len(ref)}; ours (triton) / transformers = {tps_of['triton'] / hf_tps:.2f}x")
 
 
 if __name__ == "__main__":

@@ -316,7 +316,7 @@ def delta_e_map(rgb1: torch.Tensor, rgb2: torch.Tensor, *, metric: str = "ciede2
     def fn(s: int, e: int) -> None:
         pa, pb = a[s:e].to(dev), b[s:e].to(dev)
         if metric == "ciede2000":
-            r = _k.deltae2000_rgb8(pa, pb, kl, kC, kH, backend=backend)
+            r = _k.deltae2000_rgb8(pa, pb, kl, kC, kH, backend=backend, settle=False)
         else:
             la, lb = torch.stack(_lab_rows(pa), -1), torch.stack(_lab_rows(pb), -1)
             r = delta_e_76(la, lb) if metric == "cie76" else delta_e_94(la, lb, textiles=textiles, kL=kl,
@@ -324,6 +324,8 @@ def delta_e_map(rgb1: torch.Tensor, rgb2: torch.Tensor, *, metric: str = "ciede2
         out[s:e] = r
 
     _run_pieces(n, _piece_size(dev, chunk_pixels), dev, fn, token)
+    if metric == "ciede2000":  # hues 180° apart, where CIEDE2000 jumps: those pixels in float64
+        _k.settle_ties(out, a, b, kl, kC, kH)
     return out.reshape(H, W)
 
 
@@ -344,7 +346,8 @@ def delta_e_to_color(rgb: torch.Tensor, lab_ref: tuple[float, float, float], *, 
 
     def fn(s: int, e: int) -> None:
         L1, a1, b1 = _lab_rows(flat[s:e])
-        out[s:e] = _k.ciede2000_lab(L1, a1, b1, *r2)
+        out[s:e] = _k.ciede2000_lab(L1, a1, b1, *r2, tie=_k.HUE_TIE)
 
     _run_pieces(n, _piece_size(rgb.device, chunk_pixels), rgb.device, fn, token)
+    _k.settle_ties(out, flat, tuple(ref))  # hues 180° apart, where CIEDE2000 jumps: those pixels in float64
     return out.reshape(H, W)
