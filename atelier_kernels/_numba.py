@@ -430,7 +430,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
 
 
 def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
-                      plain: bool = False) -> Any:  # pragma: no cover - compiled
+                      plain: bool = False, q5: bool = False) -> Any:  # pragma: no cover - compiled
     """The LLVM code of the K types' row dots on Q8_K activations (kinds 5 Q4_K, 6 Q6_K of
     `q8_tile_dot_intrinsic`), with llama.cpp's arithmetic, for a tile of nw weight rows x n activation rows.
     Arguments as `_q8_rows_codegen`'s, the activations as `cpu_qmatmul.quantize_rows(k=True)` lays them out:
@@ -456,7 +456,14 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
     into 4 chains times -(dmin_w x d_x), then hsum_float_8 plus the 4 lanes' sum) or, in a prompt of 8 rows or
     more, its tiled matmul (per super-block r = d_w x the scale x dot total, r - dmin_w x the min total in one
     fused step, then r x d_x fused-multiply-added into one chain). Integer sums are exact in any order: a
-    pair's result is llama.cpp's bits in any tile."""
+    pair's result is llama.cpp's bits in any tile.
+
+    q5 (with kind 5 and plain): Q5_K, Q4_K's layout with each super-block's 32 high-bit bytes after its 128
+    nibble bytes (160 bytes; sub-block k's value l adds 16 x bit k of high byte l), as llama.cpp 0.3.36 runs it
+    on x86, not repacked: one token with `ggml_vec_dot_q5_K_q8_K` (AVX2: Q4_K's 8 lanes into 8 chains times
+    d_w x d_x, the mins' integer total fused-multiply-added times -(d_x x dmin_w) into one scalar chain, then
+    hsum_float_8 plus that chain; checked bit for bit against the compiled function through ctypes), a prompt
+    of 8 or more with Q4_K's tiled-matmul arithmetic (checked end to end against llama.cpp's logits)."""
     from llvmlite import ir
     from numba.core import cgutils
 
@@ -464,6 +471,7 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
     v32i8, v16i16, v8i32, v8f32 = (ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8),
                                    ir.VectorType(f32, 8))
     q6 = kind == 6
+    sbw = 160 if q5 else 128  # weight bytes per super-block (Q5_K: the high bits after the nibbles)
 
     def mask(k: int, idx: list[int]) -> ir.Constant:
         return ir.Constant(ir.VectorType(i32, k), idx)
@@ -482,7 +490,10 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
         if lanes8:
             accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
                     for _ in range(nw)]
-            if not q6:  # Q4_K's min chains: 4 lanes
+            if q5:  # Q5_K's min chain: one scalar
+                maccs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)]
+                         for _ in range(nw)]
+            elif not q6:  # Q4_K's min chains: 4 lanes
                 v4f32 = ir.VectorType(f32, 4)
                 fma4 = mod.declare_intrinsic("llvm.fma.v4f32", fnty=ir.FunctionType(v4f32, [v4f32, v4f32, v4f32]))
                 maccs = [[cgutils.alloca_once_value(builder, ir.Constant(v4f32, [0.0] * 4)) for _ in range(n)]
@@ -554,6 +565,8 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
                     m16 = builder.shuffle_vector(mins, mins, mask(16, [i // 2 for i in range(16)]))
                     mm = [builder.call(maddwd, [bss[j], m16]) for j in range(n)]  # lane k: min_k x block k's sum
                     dmw = half(ma, builder.add(doffs[t], sb))
+                    if q5:  # the super-block's 32 high-bit bytes
+                        hb = load(wa, builder.add(woffs[t], builder.add(builder.mul(sb, c(sbw)), c(128))), v32i8)
                 for k in range(8):
                     if q6:  # block k = 4 h + g: ggml's q = (nibble of ql[64 h + 32 (g & 1) + l], the high one for
                         # g >= 2) | ((qh[32 h + l] >> 2 g) & 3) << 4, unsigned (0 .. 63)
@@ -572,11 +585,16 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
                         # its two scales, 8 int16 lanes each (lanes 0..3 of the product: values 0..15)
                         sv = builder.shuffle_vector(sc16, sc16, mask(16, [2 * k] * 8 + [2 * k + 1] * 8))
                     else:  # block k: the low (k even) or high nibbles of bytes 32 (k // 2) .. + 31 of its 128
-                        wq = load(wa, builder.add(woffs[t], builder.add(builder.mul(sb, c(128)), c(32 * (k // 2)))),
+                        wq = load(wa, builder.add(woffs[t], builder.add(builder.mul(sb, c(sbw)), c(32 * (k // 2)))),
                                   v32i8)
                         if k % 2:
                             wq = builder.lshr(wq, ir.Constant(v32i8, [4] * 32))
                         wq = builder.and_(wq, ir.Constant(v32i8, [15] * 32))
+                        if q5:  # + 16 x bit k of the high bytes
+                            hk = builder.lshr(hb, ir.Constant(v32i8, [k] * 32)) if k else hb
+                            hk = builder.shl(builder.and_(hk, ir.Constant(v32i8, [1] * 32)),
+                                             ir.Constant(v32i8, [4] * 32))
+                            wq = builder.or_(wq, hk)
                         sv = builder.shuffle_vector(scl, scl, mask(16, [k] * 16))
                     for j in range(n):
                         p16 = builder.call(maddubs, [wq, xvs[j][k]])
@@ -602,6 +620,13 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
                             fi = builder.sitofp(builder.sub(sumi[j], corr), v8f32)
                             builder.store(builder.call(fma, [splat(d, 8), fi, builder.load(accs[t][j])]),
                                           accs[t][j])
+                    elif q5 and not prompt:  # Q5_K's AVX2 dot: 8 lanes times d; the mins' total times
+                        # -(d_x dmin_w), one chain
+                        fi = builder.sitofp(sumi[j], v8f32)
+                        builder.store(builder.call(fma, [splat(d, 8), fi, builder.load(accs[t][j])]), accs[t][j])
+                        dm = builder.fneg(builder.fmul(dxs[j], dmw))
+                        builder.store(builder.call(fma1, [dm, builder.sitofp(hsum_i(mm[j]), f32),
+                                                          builder.load(maccs[t][j])]), maccs[t][j])
                     elif plain and prompt:  # the tiled matmul: r = d_w s1, r - dmin_w s2 (fused), then x d_x
                         res = builder.fmul(dw, builder.sitofp(hsum_i(sumi[j]), f32))
                         res = builder.call(fma1, [builder.fneg(dmw), builder.sitofp(hsum_i(mm[j]), f32), res])
@@ -624,6 +649,9 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
             outs = [builder.load(accs[t][j]) for t in range(nw) for j in range(n)]
         elif q6:
             outs = [hsum_f8(builder.load(accs[t][j])) for t in range(nw) for j in range(n)]
+        elif q5:  # hsum_float_8 of the 8 chains + the min chain
+            outs = [builder.fadd(hsum_f8(builder.load(accs[t][j])), builder.load(maccs[t][j]))
+                    for t in range(nw) for j in range(n)]
         elif plain:  # hsum_float_8 of the 8 chains + ((m0 + m2) + (m1 + m3))
             outs = [builder.fadd(hsum_f8(builder.load(accs[t][j])), hsum_f8(builder.load(maccs[t][j])))
                     for t in range(nw) for j in range(n)]
@@ -693,11 +721,12 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
         arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n, 6 + 2 * nw + 2 * n}
         out = types.float32 if nw * n == 1 else types.UniTuple(types.float32, nw * n)
         sig = out(*[a if i in arrays else ip for i, a in enumerate(args)])
-        if kind in (5, 6, 7, 8, 9, 10):  # the K types: llama.cpp's arithmetic on Q8_K activations (no VNNI, no
-            # ux); 7 / 8: Q6_K / Q4_K as llama.cpp computes them in a prompt's micro-batch; 9 / 10: Q4_K not
-            # repacked, one token / a prompt of 8 or more
-            return sig, _q8k_rows_codegen({7: 6, 8: 5, 9: 5, 10: 5}.get(kind, kind), n, nw, prompt=kind in (7, 8, 10),
-                                          plain=kind in (9, 10))
+        if kind in (5, 6, 7, 8, 9, 10, 11, 12):  # the K types: llama.cpp's arithmetic on Q8_K activations (no
+            # VNNI, no ux); 7 / 8: Q6_K / Q4_K as llama.cpp computes them in a prompt's micro-batch; 9 / 10: Q4_K
+            # not repacked, one token / a prompt of 8 or more; 11 / 12: Q5_K (not repacked), the same two
+            return sig, _q8k_rows_codegen({7: 6, 8: 5, 9: 5, 10: 5, 11: 5, 12: 5}.get(kind, kind), n, nw,
+                                          prompt=kind in (7, 8, 10, 12), plain=kind in (9, 10, 11, 12),
+                                          q5=kind in (11, 12))
         return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni, ux)
 
     # an intrinsic's parameters are read from its signature: spell them out (Numba takes no *args there)

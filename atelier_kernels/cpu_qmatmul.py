@@ -1,5 +1,5 @@
-"""CPU products with GGUF-packed weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K): Numba kernels and NumPy
-twins.
+"""CPU products with GGUF-packed weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): Numba kernels and
+NumPy twins.
 
     out = matmul(fmt, x, qs, d, m)          # x [R, K] fp32, W packed [N, K] -> x @ W.T  [R, N] fp32
     out = matmul_q8(fmt, x, qs, d, m)       # the same with x in Q8 blocks (llama.cpp's arithmetic, AVX2)
@@ -28,13 +28,18 @@ The K formats (llama.cpp's `block_q4_K` / `block_q6_K`) use super-blocks of 256 
 | fmt  | arrays (per row n, super-block b)                                   | value p of super-block b |
 |------|---------------------------------------------------------------------|--------------------------|
 | Q4_K | qs uint8 [.., 128], sc uint8 [.., 12], d, m = dmin (fp16 bits)      | d * s_j * q_p - dmin * m_j, j = p // 32 |
+| Q5_K | qs uint8 [.., 160] (Q4_K's 128 + 32 high-bit bytes), sc, d, m       | the same, q_p + 16 * high bit |
 | Q6_K | qs = ql uint8 [.., 128], qh uint8 [.., 64], sc int8 [.., 16], d     | d * sc[p // 16] * (q_p - 32) |
 
 Q4_K: the 8 six-bit scales s_j and mins m_j are packed in 12 bytes (j < 4:
 s = sc[j] & 63, m = sc[j+4] & 63; j >= 4: s = (sc[j+4] & 15) | (sc[j-4] >> 6) << 4,
 m = (sc[j+4] >> 4) | (sc[j] >> 6) << 4); q_p for p = 64c + l (l < 32) is the low
 nibble of qs[32c + l], for p = 64c + 32 + l its high nibble. 144 bytes per 256
-weights (0.5625 B/weight). Q6_K: for p = 128h + 32g + l (g = 0..3, l < 32),
+weights (0.5625 B/weight). Q5_K (`block_q5_K`): Q4_K's scales, mins and nibbles,
+and value p of sub-block j = p // 32 adds 16 x bit j of qh[p % 32], the 32 qh
+bytes kept after the 128 nibble bytes in qs (in the file they come before them;
+as for Q5_0 / Q5_1, one stream per super-block); 176 bytes per 256 weights
+(0.6875 B/weight). Q6_K: for p = 128h + 32g + l (g = 0..3, l < 32),
 q_p = (nibble of ql[64h + 32(g & 1) + l], low for g < 2, high for g >= 2)
 | ((qh[32h + l] >> 2g) & 3) << 4. 210 bytes per 256 weights (0.82 B/weight).
 The kernels decode a super-block's scales once per 256 values (Q4_K: s and m
@@ -84,13 +89,14 @@ from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_av
                      stream_prefetch)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32 along K
-K_FORMATS = ("Q4_K", "Q6_K")  # super-blocks of 256 along K
+K_FORMATS = ("Q4_K", "Q6_K", "Q5_K")  # super-blocks of 256 along K
 ALL_FORMATS = FORMATS + K_FORMATS
 BLOCK = 32
 QK_K = 256
-BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K}
-Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K")  # with Q8 activations (`matmul_q8`)
-Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "Q4_K": 7, "Q6_K": 8}  # q8a_span's kinds
+BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K,
+                "Q5_K": QK_K}
+Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q5_K")  # with Q8 activations (`matmul_q8`)
+Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "Q4_K": 7, "Q6_K": 8, "Q5_K": 13}  # q8a_span's
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
@@ -107,10 +113,13 @@ def _dequant_k_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray 
                          qh: np.ndarray | None) -> np.ndarray:
     N, nb = d.shape
     dd = d.view(np.float16).astype(np.float64)[..., None, None]  # [N, nb, 1, 1]
-    if fmt == "Q4_K":
+    if fmt in ("Q4_K", "Q5_K"):
         s, mn = q4k_scale_min(sc)  # [N, nb, 8]
-        q4 = qs.reshape(N, nb, 4, 32)
+        q4 = qs[..., :128].reshape(N, nb, 4, 32)
         q = np.stack([q4 & 15, q4 >> 4], axis=3).reshape(N, nb, 8, 32).astype(np.float64)
+        if fmt == "Q5_K":  # sub-block j's value l: + 16 x bit j of qh[l] (bytes 128..159 of qs)
+            qh = qs[..., 128:160]
+            q += 16.0 * ((qh[:, :, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1)
         dm = m.view(np.float16).astype(np.float64)[..., None, None]
         w = dd * s[..., None] * q - dm * mn[..., None]
     else:
@@ -218,7 +227,8 @@ def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarra
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
-_h2f = q4k_scales = tile_dot = unpack_q4 = unpack_q5 = unpack_q8 = unpack_q4k = unpack_q6k = k_tiles = None
+_h2f = q4k_scales = tile_dot = unpack_q4 = unpack_q5 = unpack_q8 = unpack_q4k = unpack_q5k = unpack_q6k = None
+k_tiles = None
 
 
 @functools.cache
@@ -227,7 +237,7 @@ def _kernels() -> dict | None:
         return None
     drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
-    global _h2f, q4k_scales, tile_dot, unpack_q4, unpack_q5, unpack_q8, unpack_q4k, unpack_q6k, k_tiles
+    global _h2f, q4k_scales, tile_dot, unpack_q4, unpack_q5, unpack_q8, unpack_q4k, unpack_q5k, unpack_q6k, k_tiles
     # helpers are module globals: a closure variable (even another jitted function) would keep Numba's
     # on-disk cache from ever matching (a new index entry, and a recompile, in every process)
     _h2f = half_to_float_intrinsic()
@@ -415,6 +425,21 @@ def _kernels() -> dict | None:
                     wt[t, base + L + l] = sb * np.float32(v >> 4) - mb
 
     @njit(fastmath=True, cache=True, nogil=True)
+    def unpack_q5k(qs, sc, d, dm, n, wt, t, s8, m8):  # pragma: no cover - compiled
+        nb, L = qs.shape[1], qs.shape[2] // 5  # L = 32 at run time; qs: 128 nibble bytes, then 32 of high bits
+        for b in range(nb):
+            q4k_scales(sc[n, b], _h2f(d[n, b]), _h2f(dm[n, b]), s8, m8)
+            for g in range(4):  # 64 values: low nibbles + bit 2g of qh, high nibbles + bit 2g + 1
+                base = b * 256 + g * 64
+                sa, sb = s8[2 * g], s8[2 * g + 1]
+                ma, mb = m8[2 * g], m8[2 * g + 1]
+                for l in range(L):
+                    v = np.int32(qs[n, b, g * L + l])
+                    h = np.int32(qs[n, b, 4 * L + l]) >> (2 * g)
+                    wt[t, base + l] = sa * np.float32((v & 15) | ((h & 1) << 4)) - ma
+                    wt[t, base + L + l] = sb * np.float32((v >> 4) | ((h & 2) << 3)) - mb
+
+    @njit(fastmath=True, cache=True, nogil=True)
     def unpack_q6k(qs, qh, sc, d, n, wt, t):  # pragma: no cover - compiled
         nb, L = qs.shape[1], qs.shape[2] // 4  # L = 32 at run time
         for b in range(nb):
@@ -435,13 +460,16 @@ def _kernels() -> dict | None:
     @njit(fastmath=True, cache=True, nogil=True)
     def k_tiles(x, qs, sc, qh, d, dm, kind, t0, t1, wt, s8, m8, out):  # pragma: no cover - compiled
         # tiles t0 .. t1 - 1 of 4 output rows (the last one repeats row N - 1), kind 3: Q4_K (dm: its dmin),
-        # 4: Q6_K (qh: its high bits), each de-quantised into wt [4, >= K], then tile_dot for all rows of x
+        # 4: Q6_K (qh: its high bits), 7: Q5_K (dm; its high bits in qs), each de-quantised into wt [4, >= K],
+        # then tile_dot for all rows of x
         N = qs.shape[0]
         for tl in range(t0, t1):
             n0 = tl * 4
             for t in range(4):
                 if kind == 3:
                     unpack_q4k(qs, sc, d, dm, min(n0 + t, N - 1), wt, t, s8, m8)
+                elif kind == 7:
+                    unpack_q5k(qs, sc, d, dm, min(n0 + t, N - 1), wt, t, s8, m8)
                 else:
                     unpack_q6k(qs, qh, sc, d, min(n0 + t, N - 1), wt, t)
             tile_dot(x, wt, n0, N, out)
@@ -465,22 +493,35 @@ def _kernels() -> dict | None:
                     np.empty((4, K), np.float32), np.empty(8, np.float32), np.empty(8, np.float32), out)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def q5k_nb(x, qs, sc, d, dm, out):  # pragma: no cover - compiled
+        K = x.shape[1]
+        ntile = (qs.shape[0] + 3) // 4
+        nchunk = min(ntile, 64)
+        for c in prange(nchunk):
+            k_tiles(x, qs, sc, qs, d, dm, 7, c * ntile // nchunk, (c + 1) * ntile // nchunk,
+                    np.empty((4, K), np.float32), np.empty(8, np.float32), np.empty(8, np.float32), out)
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def dequant_k_nb(qs, qh, sc, d, dm, kind, out):  # pragma: no cover - compiled
-        # kind 3: Q4_K (qh unused), 4: Q6_K (dm unused)
+        # kind 3: Q4_K (qh unused), 4: Q6_K (dm unused), 7: Q5_K
         N, nb = d.shape
         for n in prange(N):
             s8 = np.empty(8, np.float32)
             m8 = np.empty(8, np.float32)
             for b in range(nb):
                 dd = _h2f(d[n, b])
-                if kind == 3:
+                if kind == 3 or kind == 7:
                     q4k_scales(sc[n, b], dd, _h2f(dm[n, b]), s8, m8)
                     for g in range(4):
                         base = b * 256 + g * 64
                         for l in range(32):
                             v = np.int32(qs[n, b, g * 32 + l])
-                            out[n, base + l] = s8[2 * g] * np.float32(v & 15) - m8[2 * g]
-                            out[n, base + 32 + l] = s8[2 * g + 1] * np.float32(v >> 4) - m8[2 * g + 1]
+                            lo, hi = v & 15, v >> 4
+                            if kind == 7:
+                                h = np.int32(qs[n, b, 128 + l]) >> (2 * g)
+                                lo, hi = lo | ((h & 1) << 4), hi | ((h & 2) << 3)
+                            out[n, base + l] = s8[2 * g] * np.float32(lo) - m8[2 * g]
+                            out[n, base + 32 + l] = s8[2 * g + 1] * np.float32(hi) - m8[2 * g + 1]
                 else:
                     for h in range(2):
                         for g in range(4):
@@ -494,7 +535,7 @@ def _kernels() -> dict | None:
                                 out[n, base + l] = dd * s * np.float32(v - 32)
 
     ks = {"q4_matmul": q4_nb, "q8_matmul": q8_nb, "q_dequant": dequant_nb, "q4k_matmul": q4k_nb,
-          "q6k_matmul": q6k_nb, "qk_dequant": dequant_k_nb}
+          "q6k_matmul": q6k_nb, "q5k_matmul": q5k_nb, "qk_dequant": dequant_k_nb}
     if has_avx2():
         ks.update(_q8a_kernels(njit, prange))
     return ks
@@ -505,6 +546,7 @@ _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = 
 _r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = flip_rows = None
 _rd_q50 = _rd_q51 = _r4_q50 = _r4_q51 = _w4_q50 = _w4_q51 = _r8_q50 = _r8_q51 = None
 _rd_q4k = _r4_q4k = _w4_q4k = _r8_q4k = _rd_q6k = _r4_q6k = _w4_q6k = _r8_q6k = None
+_rd_q5k = _r4_q5k = _w4_q5k = _r8_q5k = _rd_q5t = _r4_q5t = _w4_q5t = _r8_q5t = None
 # VNNI: Q4_0 / Q8_0's tiles of rows take the activations with their sign bit flipped (`xu`, see
 # `_numba._q8_rows_codegen`'s ux: no vpsignb per pair); elsewhere they take xq and xu is unused
 UX = False
@@ -553,6 +595,13 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     _r4_q4d, _r8_q4d = (q8_tile_dot_intrinsic(9, 1, r) for r in (4, 8))
     _rd_q4t, _w4_q4t = q8_row_dot_intrinsic(10), q8_tile_dot_intrinsic(10, 4, 1)
     _r4_q4t, _r8_q4t = (q8_tile_dot_intrinsic(10, 1, r) for r in (4, 8))
+    # Q5_K (kinds 11 / 12 of the intrinsics): as llama.cpp runs it on x86 (not repacked), its AVX2 dot product,
+    # its tiled matmul in a prompt of 8 or more
+    global _rd_q5k, _r4_q5k, _w4_q5k, _r8_q5k, _rd_q5t, _r4_q5t, _w4_q5t, _r8_q5t
+    _rd_q5k, _w4_q5k = q8_row_dot_intrinsic(11), q8_tile_dot_intrinsic(11, 4, 1)
+    _r4_q5k, _r8_q5k = (q8_tile_dot_intrinsic(11, 1, r) for r in (4, 8))
+    _rd_q5t, _w4_q5t = q8_row_dot_intrinsic(12), q8_tile_dot_intrinsic(12, 4, 1)
+    _r4_q5t, _r8_q5t = (q8_tile_dot_intrinsic(12, 1, r) for r in (4, 8))
 
     @njit(cache=True, nogil=True, inline="always")
     def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled
@@ -628,9 +677,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q5_0 / Q8_0 tiles of rows read it), else
         # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K (`Q8A_KIND`), 9 Q6_K in a prompt
         # of 8 rows or more, 10 Q4_K in a prompt (its rows in fours, the rest as 7), 11 Q4_K not repacked, 12 that
-        # in a prompt of 8 rows or more (`part_kind`, `prompt_kind`; scf: the K formats'
-        # scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block viewed as uint16)
-        bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 else 16  # weight bytes per block of 32
+        # in a prompt of 8 rows or more, 13 Q5_K, 14 that in a prompt of 8 or more (`part_kind`, `prompt_kind`;
+        # scf: the K formats' scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block viewed as
+        # uint16)
+        bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 or kind >= 13 else 16  # weight bytes per 32 values
         dn = nb // 8 if kind >= 7 else nb  # scales per weight row (K formats: one d per 8 blocks)
         mn = kind == 1 or kind == 6  # a min per block: xs read transposed by the tiles of rows
         xr = nb * 32
@@ -679,6 +729,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 12:
                         a = _w4_q4t(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 13:
+                        a = _w4_q5k(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 14:
+                        a = _w4_q5t(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     else:
                         a = _w4_q80(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
@@ -732,6 +788,14 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     a8 = _r8_q4t(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                elif kind == 13:
+                    a8 = _r8_q5k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                elif kind == 14:
+                    a8 = _r8_q5t(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 elif kind == 10:
                     a8 = _r8_q4p(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
@@ -772,6 +836,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 elif kind == 12:
                     a = _r4_q4t(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                elif kind == 13:
+                    a = _r4_q5k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                elif kind == 14:
+                    a = _r4_q5t(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 elif kind == 10:
                     a = _r4_q4p(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
@@ -807,6 +877,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_q4d(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 12:
                     out[r, n] = _rd_q4t(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 13:
+                    out[r, n] = _rd_q5k(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 14:
+                    out[r, n] = _rd_q5t(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 else:
                     out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 r += 1
@@ -886,7 +960,7 @@ def llama_q4k_repack(on: bool) -> Iterator[None]:
 def part_kind(fmt: str, rows: int) -> int:
     """The q8a_span kind of a `fmt` matrix of `rows` output rows (one token per activation row): Q8A_KIND, but
     Q4_K as llama.cpp runs a matrix it does not repack (kind 11: rows not a multiple of 8, or its extra weight
-    buffers off, `llama_q4k_repack`)."""
+    buffers off, `llama_q4k_repack`). Q5_K (kind 13): llama.cpp 0.3.36 does not repack it on x86."""
     kind = Q8A_KIND[fmt]
     return 11 if kind == 7 and (rows % 8 or not _Q4K_REPACK[0]) else kind
 
@@ -895,12 +969,14 @@ def prompt_kind(kind: int, rows: int) -> int:
     """The q8a_span kind of a part of kind `kind` in a prompt's micro-batch of `rows` tokens of one sequence,
     what llama.cpp computes for such a micro-batch: Q6_K from 8 rows on its tiled matmul (kind 9), a repacked
     Q4_K from 4 rows on its 4-row kernel on the rows in fours and its 1-row one on the rest (kind 10), a Q4_K
-    it does not repack from 8 rows on its tiled matmul (kind 12). Decoding steps, whatever their batch, take
-    the one-token arithmetic: a request's bits do not depend on the requests beside it."""
+    it does not repack and a Q5_K from 8 rows on its tiled matmul (kinds 12, 14). Decoding steps, whatever their
+    batch, take the one-token arithmetic: a request's bits do not depend on the requests beside it."""
     if kind == 8 and rows >= 8:
         return 9
     if kind == 11 and rows >= 8:
         return 12
+    if kind == 13 and rows >= 8:
+        return 14
     return 10 if kind == 7 and rows >= 4 else kind
 
 
@@ -943,11 +1019,11 @@ def available() -> bool:
     return _kernels() is not None
 
 
-_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1": 6}
+_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1": 6, "Q5_K": 7}
 # fmt -> (qs dtype, qs bytes per block); the K formats' sc / qh are checked in _check. Q5_0 / Q5_1: the 16
 # nibble bytes, then the block's 32 high bits (4 bytes, little-endian)
 _LAYOUT = {"Q8_0": (np.int8, 32), "Q4_0": (np.uint8, 16), "Q4_1": (np.uint8, 16), "Q4_K": (np.uint8, 128),
-           "Q6_K": (np.uint8, 128), "Q5_0": (np.uint8, 20), "Q5_1": (np.uint8, 20)}
+           "Q6_K": (np.uint8, 128), "Q5_0": (np.uint8, 20), "Q5_1": (np.uint8, 20), "Q5_K": (np.uint8, 160)}
 
 
 def _check(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np.ndarray | None = None,
@@ -956,12 +1032,14 @@ def _check(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np
         raise ValueError(f"fmt={fmt!r}: expected one of {ALL_FORMATS}")
     want, width = _LAYOUT[fmt]
     bad = (qs.dtype != want or qs.ndim != 3 or qs.shape[2] != width or d.dtype != np.uint16
-           or d.shape != qs.shape[:2] or (fmt in ("Q4_1", "Q5_1", "Q4_K") and (m is None or m.shape != d.shape)))
-    if fmt == "Q4_K":
+           or d.shape != qs.shape[:2]
+           or (fmt in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") and (m is None or m.shape != d.shape)))
+    if fmt in ("Q4_K", "Q5_K"):
         bad = bad or sc is None or sc.dtype != np.uint8 or sc.shape != (*d.shape, 12)
     if fmt == "Q6_K":
-        bad = bad or sc is None or sc.dtype != np.int8 or sc.shape != (*d.shape, 16) \
-            or qh is None or qh.dtype != np.uint8 or qh.shape != (*d.shape, 64)
+        bad = bad or sc is None or sc.dtype != np.int8 or sc.shape != (*d.shape, 16)
+    if fmt == "Q6_K":
+        bad = bad or qh is None or qh.dtype != np.uint8 or qh.shape != (*d.shape, 64)
     if bad:
         raise ValueError(f"fmt={fmt}: qs {qs.dtype}{qs.shape} / d {d.dtype}{d.shape} are not {fmt} blocks")
 
@@ -989,6 +1067,9 @@ def matmul(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray
     elif kind == 4:
         dispatch(_kernels, "q6k_matmul", lambda x, qs, qh, sc, d, out: matmul_reference(fmt, x, qs, d, None, out, sc, qh),
                  backend, x, qs, qh, sc, d, out)
+    elif kind == 7:
+        dispatch(_kernels, "q5k_matmul", lambda x, qs, sc, d, m, out: matmul_reference(fmt, x, qs, d, m, out, sc),
+                 backend, x, qs, sc, d, m, out)
     else:
         mm = m if m is not None else d
         dispatch(_kernels, "q4_matmul", lambda x, qs, d, m, k, out: matmul_reference(fmt, x, qs, d, m, out), backend,
@@ -1012,7 +1093,7 @@ def dequant(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None
         mm = m[n0:n1] if m is not None else d
         dispatch(_kernels, "qk_dequant",
                  lambda qs, qh, sc, d, m, k, out: dequant_rows_reference(
-                     fmt, qs, d, m if fmt == "Q4_K" else None, out, sc, qh if fmt == "Q6_K" else None),
+                     fmt, qs, d, m if fmt in ("Q4_K", "Q5_K") else None, out, sc, qh if fmt == "Q6_K" else None),
                  backend, qs, qh2, sc, d, mm, kind, out)
         return out
     mm = (m if m is not None else d)[n0:n1] if fmt != "Q8_0" else d
@@ -1044,8 +1125,9 @@ def warm() -> list[str]:
                           u16[:, :1].copy(), u16[:, :1].copy(),
                           sc=np.zeros((3, 1, 16), np.int8) if fmt == "Q6_K" else np.zeros((3, 1, 12), np.uint8),
                           qh=np.zeros((3, 1, 64), np.uint8))
-        return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant", "q8a_matmul"]
-    return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "qk_dequant"]
+        return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "q5k_matmul", "qk_dequant",
+                "q8a_matmul"]
+    return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "q5k_matmul", "qk_dequant"]
 
 
 # -- registry (issue 13): each product and de-quantisation beside its NumPy twin ---------------------

@@ -30,7 +30,8 @@ from engine.llm.load import load_llm  # noqa: E402
 
 
 def _requantised(folder: Path) -> list[Path]:
-    """The embedded GGUF requantised by llama.cpp (Q4_K_M, Q5_0, Q5_1) into folder; [] without llama-cpp-python."""
+    """The embedded GGUF requantised by llama.cpp (Q4_K_M, Q5_K_M, Q5_0, Q5_1) into folder; [] without
+    llama-cpp-python."""
     try:
         import llama_cpp
     except ImportError:
@@ -39,8 +40,8 @@ def _requantised(folder: Path) -> list[Path]:
     from engine.llm.load import embedded_gguf
 
     out = []
-    for name, ftype in (("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M), ("q5_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0),
-                        ("q5_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1)):
+    for name in ("q4_k_m", "q5_k_m", "q5_0", "q5_1"):
+        ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}")
         p = llama_cpp.llama_model_quantize_default_params()
         p.ftype, p.allow_requantize, p.nthread = ftype, True, os.cpu_count() or 1
         dst = folder / f"SmolLM2-135M-Instruct.{name}.gguf"

@@ -184,6 +184,30 @@ def test_a_q5_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
 
 
 @pytest.mark.slow
+def test_a_q5_k_m_file_gives_llama_cpps_logits(tmp_path, capsys):
+    """The embedded model requantised to Q5_K_M by llama.cpp's quantizer (on SmolLM2: Q5_1 where rows of 576
+    are not whole super-blocks, ffn_down in Q5_K or Q6_K, Q8_0) loads packed at its file's size, runs in the
+    fused step, and gives llama.cpp's logits: its Q5_K products on Q8_K activations with llama.cpp's arithmetic
+    on x86 (not repacked: its AVX2 dot product for a token, its tiled matmul for a prompt of 8 or more). Before
+    (Q5_K de-quantised to fp32 at load, then on fp32 activations): top-1 = llama.cpp's at 96.25 %."""
+    import gguf
+
+    path = _requantised(tmp_path, "Q5_K_M")
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert "Q5_K" in types, types
+    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    assert ours.model.packed and "Q5_K" in ours.weights and "float32 538" not in ours.weights, ours.weights
+    assert ours.size_bytes() <= 1.1 * path.stat().st_size
+    assert ours.model._np_step.fused is not None, "Q5_K beside Q5_1 / Q6_K / Q8_0: the fused step runs"
+    agree, diff, span = _against_llama_cpp(path, ours, PROMPTS[:2])
+    with capsys.disabled():
+        print(f"\nQ5_K_M file: top-1 = llama.cpp's at {100 * np.mean(agree):.2f} % of {len(agree)} "
+              f"positions; largest |logit - llama.cpp's| {diff:.3g} (span {span:.1f})")
+    assert np.mean(agree) >= 0.99
+    assert diff <= 1e-3 * span
+
+
+@pytest.mark.slow
 def test_a_q4_k_m_file_gives_llama_cpps_top1(tmp_path, capsys):
     """The embedded model requantised to Q4_K_M by llama.cpp's quantizer (on SmolLM2: Q5_0 where rows of 576
     are not whole super-blocks, Q4_K, Q6_K and Q8_0; q / k and v of different types in some layers) loads

@@ -1,5 +1,5 @@
-"""GGUF Q4_K / Q6_K blocks kept packed (issue 13): the block decoding and the Numba kernels against
-independent oracles (`gguf.quants.dequantize`, float64 NumPy), our Q4_K/Q6_K quantiser checked through
+"""GGUF Q4_K / Q5_K / Q6_K blocks kept packed (issue 13): the block decoding and the Numba kernels against
+independent oracles (`gguf.quants.dequantize`, float64 NumPy), our Q4_K/Q5_K/Q6_K quantiser checked through
 `gguf.quants.dequantize` (the `gguf` package decodes the K formats but cannot write them), and a tiny
 llama GGUF of K blocks loaded by our loader against transformers' de-quantising GGUF loader."""
 
@@ -29,8 +29,8 @@ from engine.llm.qweights import BLOCK_BYTES, Packed, quantize_k  # noqa: E402
 from tests.fused_twin import fused_and_layer_by_layer  # noqa: E402
 from atelier_kernels import cpu_qmatmul  # noqa: E402
 
-KF = ("Q4_K", "Q6_K")
-D_OFFSETS = {"Q4_K": (0, 2), "Q6_K": (208,)}  # where the fp16 scales sit in a block
+KF = ("Q4_K", "Q6_K", "Q5_K")  # kept packed, on fp32 or Q8_K activations
+D_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # where the fp16 scales sit in a block
 
 
 def random_blocks(fmt: str, n: int, nb: int, seed: int) -> np.ndarray:
@@ -166,11 +166,12 @@ def test_quantize_k_round_trips_through_gguf(fmt):
     raw = quantize_k(w, fmt)
     assert raw.dtype == np.uint8 and raw.shape == (9, 2 * BLOCK_BYTES[fmt])
     back = quants.dequantize(raw, getattr(QT, fmt)).astype(np.float64)
-    group = 32 if fmt == "Q4_K" else 16
+    group = 16 if fmt == "Q6_K" else 32
     g = w.astype(np.float64).reshape(9, -1, group)
     err = np.abs(back.reshape(g.shape) - g).max(-1)
-    if fmt == "Q4_K":  # a step of (max - min(min, 0)) / 15 per sub-block, plus the 6-bit min's rounding
-        bound = (g.max(-1) - np.minimum(g.min(-1), 0)) / 15 * 0.5 + np.abs(g).max(axis=(1, 2))[:, None] / 63 * 1.05
+    if fmt != "Q6_K":  # a step of (max - min(min, 0)) / 15 (Q5_K: / 31) per sub-block, plus the 6-bit min's rounding
+        top = 15 if fmt == "Q4_K" else 31
+        bound = (g.max(-1) - np.minimum(g.min(-1), 0)) / top * 0.5 + np.abs(g).max(axis=(1, 2))[:, None] / 63 * 1.05
     else:  # a step of absmax / 31 per group, rounded to int8 scales against the super-block's largest
         bound = np.abs(g).max(-1) / 31 * 0.5 + np.abs(g).max(axis=(1, 2))[:, None] / 31 / 127 * 32
     assert (err <= bound + 1e-7).all(), (err / (bound + 1e-12)).max()
@@ -182,6 +183,10 @@ def test_k_matmul_rejects_bad_arrays():
     pm = Packed.from_blocks("Q6_K", random_blocks("Q6_K", 2, 1, 0))
     with pytest.raises(ValueError, match="are not Q6_K blocks"):
         cpu_qmatmul.matmul("Q6_K", np.ones((1, 256), np.float32), pm.qs, pm.d, sc=pm.sc)  # no qh
+    p5 = Packed.from_blocks("Q5_K", random_blocks("Q5_K", 2, 1, 0))
+    assert p5.qs.shape == (2, 1, 160) and p5.qh is None  # the 32 high-bit bytes after the 128 nibble bytes
+    with pytest.raises(ValueError, match="are not Q5_K blocks"):  # Q4_K's 128 bytes per super-block
+        cpu_qmatmul.matmul("Q5_K", np.ones((1, 256), np.float32), p5.qs[..., :128].copy(), p5.d, p5.m, sc=p5.sc)
     with pytest.raises(ValueError, match=r"x \(1, 32\)"):
         pm.matmul(np.ones((1, 32), np.float32))
     with pytest.raises(ValueError, match="rows must be whole blocks of 256"):
@@ -203,9 +208,9 @@ def _k_writer(path: Path, layers: int = LAYERS) -> gguf.GGUFWriter:
     return w
 
 
-def write_k_gguf(path: Path, seed: int = 0, tie: bool = True) -> Path:
+def write_k_gguf(path: Path, seed: int = 0, tie: bool = True, main: str = "Q4_K") -> Path:
     """A random 2-layer llama GGUF as llama.cpp's Q4_K_M mixes it: Q4_K matrices, Q6_K attn_v / ffn_down
-    (and the embedding / output head), F32 norms."""
+    (and the embedding / output head), F32 norms; main="Q5_K": as its Q5_K_M (Q5_K matrices)."""
     rng = np.random.default_rng(seed)
     w = _k_writer(path)
 
@@ -220,13 +225,13 @@ def write_k_gguf(path: Path, seed: int = 0, tie: bool = True) -> Path:
     for i in range(LAYERS):
         p = f"blk.{i}."
         vec(p + "attn_norm.weight")
-        mat(p + "attn_q.weight", H * HD, D, "Q4_K")
-        mat(p + "attn_k.weight", KVH * HD, D, "Q4_K")
+        mat(p + "attn_q.weight", H * HD, D, main)
+        mat(p + "attn_k.weight", KVH * HD, D, main)
         mat(p + "attn_v.weight", KVH * HD, D, "Q6_K")
-        mat(p + "attn_output.weight", D, H * HD, "Q4_K")
+        mat(p + "attn_output.weight", D, H * HD, main)
         vec(p + "ffn_norm.weight")
-        mat(p + "ffn_gate.weight", INTER, D, "Q4_K")
-        mat(p + "ffn_up.weight", INTER, D, "Q4_K")
+        mat(p + "ffn_gate.weight", INTER, D, main)
+        mat(p + "ffn_up.weight", INTER, D, main)
         mat(p + "ffn_down.weight", D, INTER, "Q6_K", 0.05)
     vec("output_norm.weight")
     if not tie:
@@ -238,15 +243,15 @@ def write_k_gguf(path: Path, seed: int = 0, tie: bool = True) -> Path:
     return path
 
 
-@pytest.mark.parametrize("tie", [True])  # the tied head runs on the Q6_K embedding blocks
-def test_k_gguf_is_the_network_transformers_loads(tmp_path, tie):
+@pytest.mark.parametrize("tie,main", [(True, "Q4_K"), (True, "Q5_K")])  # the tied head: the Q6_K embedding
+def test_k_gguf_is_the_network_transformers_loads(tmp_path, tie, main):
     from transformers import AutoModelForCausalLM
 
-    path = write_k_gguf(tmp_path / f"tiny-k-{tie}.gguf", seed=int(tie), tie=tie)
+    path = write_k_gguf(tmp_path / f"tiny-k-{tie}.gguf", seed=int(tie), tie=tie, main=main)
     ours = load_llm(str(path), tmp_path / "cache", activations="fp32")  # the de-quantised network exactly
     assert ours.model.packed and ours.native and not ours.note
-    assert ours.model.layers[0].wqkv.formats == ["Q4_K", "Q6_K"]  # q/k stacked, v apart
-    assert "Q4_K" in ours.weights and "Q6_K" in ours.weights
+    assert ours.model.layers[0].wqkv.formats == [main, "Q6_K"]  # q/k stacked, v apart
+    assert main in ours.weights and "Q6_K" in ours.weights
     blocks = sum(t.n_bytes for t in gguf.GGUFReader(str(path)).tensors)
     assert blocks <= ours.size_bytes() <= blocks + 4096 * 16  # + the rope tables
     ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -265,6 +270,13 @@ def test_k_gguf_is_the_network_transformers_loads(tmp_path, tie):
         theirs = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0,
                               eos_token_id=None)[0, len(ids):].tolist()
     assert mine == theirs
+    if main == "Q5_K":  # the default activations where AVX2 runs: the Q5_K and Q6_K parts on Q8_K
+        q8 = load_llm(str(path), tmp_path / "cache", activations="auto")
+        assert q8.model.packed and not q8.note and q8.model.layers[0].wqkv.formats == ["Q5_K", "Q6_K"]
+        got8 = q8.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128), 0, ids, all_logits=True)
+        # the activations rounded to 8 bits before every product of this random network: ~2 % of the logits'
+        # range here (a wrong block decoding is of the order of the logits themselves)
+        assert (got8 - want).abs().max() < 0.05 * want.abs().max()
     # a long prompt through the torch forward: K blocks de-quantised chunk by chunk into the scratch
     long_ids = [int(t) for t in np.random.default_rng(0).integers(0, VOCAB, 70)]
     got_long = ours.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128), 0, long_ids)
@@ -310,13 +322,13 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
 
     def mat(name: str, n: int, k: int, fmt: str, scale: float = 0.1) -> None:
         x = (rng.standard_normal((n, k)) * scale).astype(np.float32)
-        raw = quantize_k(x, fmt) if fmt in ("Q4_K", "Q6_K") else quants.quantize(x, getattr(QT, fmt))
+        raw = quantize_k(x, fmt) if fmt in KF else quants.quantize(x, getattr(QT, fmt))
         w.add_tensor(name, raw, raw_dtype=getattr(QT, fmt))
 
     mat("token_embd.weight", VOCAB, D, "Q8_0", 1.0)
     # per layer: (q, k, v), output, (gate, up), down
     layers = ((("Q8_0",) * 3, "Q8_0", ("Q4_K",) * 2, "Q6_K"),
-              (("Q4_K",) * 3, "Q6_K", ("Q8_0",) * 2, "Q4_K"),
+              (("Q4_K",) * 3, "Q6_K", ("Q8_0",) * 2, "Q5_K"),
               (("Q5_0", "Q5_0", "Q6_K"), "Q5_1", ("Q4_K", "Q5_1"), "Q6_K"),
               (("Q4_K", "Q5_0", "Q8_0"), "Q4_0", ("Q4_1", "Q4_1"), "Q5_0"))
     for i, (qkv, out, gu, down) in enumerate(layers):
@@ -349,7 +361,7 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
 
 @pytest.mark.parametrize("fmt", KF)
 def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
-    """The K types' tile intrinsics (`_numba._q8k_rows_codegen`, kinds 5 / 6): every (weight row, activation
+    """The K types' tile intrinsics (`_numba._q8k_rows_codegen`, kinds 5 / 6 / 11): every (weight row, activation
     row) of the 4 x 1, 1 x 4 and 1 x 8 tiles equals the 1 x 1 tile's bits, and the float64 product to fp32
     rounding."""
     from numba import njit
@@ -357,7 +369,7 @@ def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
     from atelier_kernels._numba import has_avx2, jit, q8_tile_dot_intrinsic
 
     assert jit() is not None and has_avx2()
-    kind = {"Q4_K": 5, "Q6_K": 6}[fmt]
+    kind = {"Q4_K": 5, "Q6_K": 6, "Q5_K": 11}[fmt]
     W, R, nbk = 4, 8, 2
     nb = nbk * 8
     raw = random_blocks(fmt, W, nbk, seed=9)
@@ -368,7 +380,7 @@ def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
     x = np.random.default_rng(2).standard_normal((R, nb * 32)).astype(np.float32)
     xq, dx, xs = cpu_qmatmul.quantize_rows(x, k=True)
     dxf, xsf, xr = dx.reshape(-1), xs.reshape(-1), nb * 32
-    wr = nbk * 128  # weight bytes per row; scales per row: nbk
+    wr = nbk * (160 if fmt == "Q5_K" else 128)  # weight bytes per row; scales per row: nbk
     want = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, backend="numpy", sc=pm.sc, qh=pm.qh)
     t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n) for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
 
@@ -527,3 +539,28 @@ def test_k_products_are_llama_cpps_bits(fmt, N, repack):
             np.testing.assert_array_equal(batch[:1], alone)
             if mode(0, rows, True) != mode(0, 1, False):
                 assert not np.array_equal(got[:1], alone)  # the two arithmetics do differ somewhere
+
+
+@pytest.mark.parametrize("N", [16, 13])
+def test_q5_k_products_are_llama_cpps_compiled_bits(N):
+    """Q5_K on Q8_K activations (`matmul_q8`: llama.cpp 0.3.36 does not repack Q5_K on x86, so every token
+    takes its AVX2 dot product) against llama.cpp's own compiled `ggml_vec_dot_q5_K_q8_K` on its own
+    `quantize_row_q8_K` activations, called through ctypes (`tests/ggml_ref.py`): every (weight row, activation
+    row) bit for bit, through every tile of `q8a_span` (11 rows: a group of 8, then 4 weight rows at a time),
+    random blocks (every bit pattern of the nibbles, high bits, scales and mins) at several activation scales."""
+    from tests import ggml_ref
+
+    raw = random_blocks("Q5_K", N, 3, seed=N)
+    pm = Packed.from_blocks("Q5_K", raw)
+    rng = np.random.default_rng(N)
+    x = (rng.standard_normal((11, 768)) * rng.uniform(0.01, 30, (11, 1))).astype(np.float32)
+    ys = [ggml_ref.quantize_q8_k(row) for row in x]
+    want = np.array([[ggml_ref.vec_dot("Q5_K", raw[n], y) for n in range(N)] for y in ys])
+    np.testing.assert_array_equal(cpu_qmatmul.matmul_q8("Q5_K", x, pm.qs, pm.d, pm.m, sc=pm.sc), want)
+    for r in (0, 5):  # one token alone: the same bits
+        np.testing.assert_array_equal(cpu_qmatmul.matmul_q8("Q5_K", x[r:r + 1], pm.qs, pm.d, pm.m, sc=pm.sc)[0],
+                                      want[r])
+    # a prompt of 8 or more takes llama.cpp's tiled matmul arithmetic instead (checked end to end against
+    # llama.cpp's logits in tests/test_q8_activations_llama_cpp.py): the same values to fp32 rounding
+    got = cpu_qmatmul.matmul_q8("Q5_K", x, pm.qs, pm.d, pm.m, sc=pm.sc, prompt=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -1,5 +1,5 @@
-"""Weights kept in their GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K): the packed matrix, its NumPy oracle,
-and the torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
+"""Weights kept in their GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): the packed matrix, its NumPy
+oracle, and the torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
 
     pm = Packed.from_gguf(tensor)           # a gguf.ReaderTensor [N, K] -> blocks split into qs / d / m
     y = pm.matmul(x)                        # x [R, K] fp32 -> [R, N] fp32 (`atelier_kernels.cpu_qmatmul`)
@@ -9,10 +9,11 @@ What it knows: llama.cpp's block layouts (see `atelier_kernels.cpu_qmatmul`) and
 split a GGUF tensor's raw bytes into the arrays the kernels read: the nibble or
 int8 bytes, and the fp16 scales (and mins) as their uint16 bits; for the K
 formats also the packed sub-block scales (`sc`) and Q6_K's high bits (`qh`);
-Q5_0 / Q5_1 keep each block's 4 bytes of high bits after its 16 nibble bytes.
+Q5_0 / Q5_1 keep each block's 4 bytes of high bits after its 16 nibble bytes, Q5_K each super-block's 32
+after its 128.
 The split adds no byte: resident size = the tensor's size in the file.
 `quantize` writes Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 with llama.cpp's rounding (`gguf.quants`) and
-Q4_K/Q6_K with a plain min/max search of our own (`quantize_k`; the `gguf`
+Q4_K/Q5_K/Q6_K with a plain min/max search of our own (`quantize_k`; the `gguf`
 package only decodes those).
 
 How the decoder uses them: `PackedLinear` replaces `nn.Linear`. A product
@@ -42,8 +43,8 @@ from atelier_kernels import cpu_qmatmul
 FORMATS = cpu_qmatmul.ALL_FORMATS
 # bytes per block of 32: Q8_0 = d + 32 int8; Q4_0 = d + 16 nibble bytes; Q4_1 = d + m + 16; Q5_0 = d + 4 bytes
 # of high bits + 16 nibble bytes; Q5_1 = d + m + 4 + 16; per super-block of 256: Q4_K = d + dmin + 12 scale
-# bytes + 128; Q6_K = 128 ql + 64 qh + 16 scales + d
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q6_K": 210}
+# bytes + 128; Q5_K = d + dmin + 12 scale bytes + 32 qh + 128; Q6_K = 128 ql + 64 qh + 16 scales + d
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 BLOCK_VALUES = cpu_qmatmul.BLOCK_VALUES
 DIRECT_ROWS = 64
 SCRATCH_ELEMS = 1 << 21  # 8 MB of fp32
@@ -59,11 +60,11 @@ class Packed:
 
     fmt: str
     # uint8 [N, K/32, 16] (Q4_0/Q4_1), [N, K/32, 20] (Q5_0/Q5_1: nibbles, high bits), int8 [N, K/32, 32] (Q8_0),
-    # uint8 [N, K/256, 128] (Q4_K, Q6_K ql)
+    # uint8 [N, K/256, 128] (Q4_K, Q6_K ql), [N, K/256, 160] (Q5_K: nibbles, high bits)
     qs: np.ndarray
     d: np.ndarray  # uint16 [N, nb]: fp16 scale bits
-    m: np.ndarray | None = None  # uint16 [N, nb]: fp16 min bits (Q4_1, Q5_1), dmin bits (Q4_K)
-    sc: np.ndarray | None = None  # uint8 [N, nb, 12] (Q4_K packed 6-bit scales/mins), int8 [N, nb, 16] (Q6_K)
+    m: np.ndarray | None = None  # uint16 [N, nb]: fp16 min bits (Q4_1, Q5_1), dmin bits (Q4_K, Q5_K)
+    sc: np.ndarray | None = None  # uint8 [N, nb, 12] (Q4_K/Q5_K packed 6-bit scales/mins), int8 [N, nb, 16] (Q6_K)
     qh: np.ndarray | None = None  # uint8 [N, nb, 64]: Q6_K's high 2 bits
 
     def _arrays(self) -> list[tuple[str, np.ndarray]]:
@@ -104,6 +105,9 @@ class Packed:
         m = np.ascontiguousarray(blk[..., 2:4]).view(np.uint16).reshape(N, nb)
         if fmt == "Q4_K":
             return cls(fmt, np.ascontiguousarray(blk[..., 16:]), d, m, sc=np.ascontiguousarray(blk[..., 4:16]))
+        if fmt == "Q5_K":  # d, dmin, 12 scale bytes, 32 bytes of high bits, 128 nibble bytes -> qs = nibbles + qh
+            return cls(fmt, np.concatenate([blk[..., 48:], blk[..., 16:48]], axis=-1), d, m,
+                       sc=np.ascontiguousarray(blk[..., 4:16]))
         if fmt == "Q5_1":  # d, m, qh (4 bytes), 16 nibble bytes
             return cls(fmt, np.concatenate([blk[..., 8:24], blk[..., 4:8]], axis=-1), d, m)
         return cls(fmt, np.ascontiguousarray(blk[..., 4:]), d, m)
@@ -111,7 +115,7 @@ class Packed:
     @classmethod
     def quantize(cls, w: np.ndarray, fmt: str) -> Packed:
         """fp32 W [N, K] (K a multiple of the block) -> blocks: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 with llama.cpp's
-        rounding (`gguf.quants.quantize`), Q4_K/Q6_K with `quantize_k`."""
+        rounding (`gguf.quants.quantize`), Q4_K/Q5_K/Q6_K with `quantize_k`."""
         if fmt not in BLOCK_BYTES:
             raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
         w = np.ascontiguousarray(w, dtype=np.float32)
@@ -151,19 +155,20 @@ class Packed:
 
 
 def quantize_k(w: np.ndarray, fmt: str) -> np.ndarray:
-    """fp32 W [N, K] (K % 256 == 0) -> raw Q4_K or Q6_K blocks uint8 [N, K/256 * block bytes] in llama.cpp's
-    layout. A plain search, not llama.cpp's iterative one: Q4_K takes each 32-value sub-block's min/max
-    (scale (max - min)/15, min -min(min, 0)) and quantises the scales and mins to 6 bits against the
+    """fp32 W [N, K] (K % 256 == 0) -> raw Q4_K, Q5_K or Q6_K blocks uint8 [N, K/256 * block bytes] in llama.cpp's
+    layout. A plain search, not llama.cpp's iterative one: Q4_K (Q5_K) takes each 32-value sub-block's min/max
+    (scale (max - min)/15 (/31), min -min(min, 0)) and quantises the scales and mins to 6 bits against the
     super-block's largest; Q6_K takes each 16-value group's absmax / 31 as an int8 scale against the
     super-block's largest. The values are then rounded against the quantised scales."""
     w = np.asarray(w, dtype=np.float32)
     N, K = w.shape
     nb = K // 256
     x = w.reshape(N, nb, 256).astype(np.float64)
-    if fmt == "Q4_K":
+    if fmt in ("Q4_K", "Q5_K"):
+        top = 15 if fmt == "Q4_K" else 31
         sub = x.reshape(N, nb, 8, 32)
         lo = np.minimum(sub.min(-1), 0.0)
-        scale = (sub.max(-1) - lo) / 15.0
+        scale = (sub.max(-1) - lo) / top
         mins = -lo
         d = (scale.max(-1) / 63.0 * (1 + 2.0 ** -10)).astype(np.float16)  # rounded up in fp16
         dmin = (mins.max(-1) / 63.0 * (1 + 2.0 ** -10)).astype(np.float16)
@@ -173,14 +178,16 @@ def quantize_k(w: np.ndarray, fmt: str) -> np.ndarray:
             lm = np.where(dm64 > 0, np.clip(np.ceil(mins / dm64), 0, 63), 0).astype(np.int64)
             step = (d64 * ls)[..., None]
             q = np.where(step > 0, np.rint((sub + (dm64 * lm)[..., None]) / step), 0)
-        q = np.clip(q, 0, 15).astype(np.uint8).reshape(N, nb, 4, 2, 32)
-        qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(N, nb, 128)
+        q = np.clip(q, 0, top).astype(np.uint8).reshape(N, nb, 4, 2, 32)
+        qs = ((q[:, :, :, 0] & 15) | ((q[:, :, :, 1] & 15) << 4)).reshape(N, nb, 128)
+        # Q5_K: bit j of qh[l] is bit 4 of sub-block j's value l
+        qh = ((q.reshape(N, nb, 8, 32) >> 4) << np.arange(8, dtype=np.uint8)[:, None]).sum(2, dtype=np.uint8)
         sc = np.empty((N, nb, 12), np.uint8)
         sc[..., 0:4] = (ls[..., 0:4] & 63) | ((ls[..., 4:8] >> 4) << 6)
         sc[..., 4:8] = (lm[..., 0:4] & 63) | ((lm[..., 4:8] >> 4) << 6)
         sc[..., 8:12] = (ls[..., 4:8] & 15) | ((lm[..., 4:8] & 15) << 4)
-        blk = np.concatenate([d.view(np.uint8).reshape(N, nb, 2), dmin.view(np.uint8).reshape(N, nb, 2), sc, qs],
-                             -1)
+        blk = np.concatenate([d.view(np.uint8).reshape(N, nb, 2), dmin.view(np.uint8).reshape(N, nb, 2), sc]
+                             + ([qh] if fmt == "Q5_K" else []) + [qs], -1)
     elif fmt == "Q6_K":
         grp = x.reshape(N, nb, 16, 16)
         scale = np.abs(grp).max(-1) / 31.0
