@@ -1,5 +1,5 @@
-"""CPU products with GGUF-packed weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): Numba kernels and
-NumPy twins.
+"""CPU products with GGUF-packed weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): Numba
+kernels and NumPy twins.
 
     out = matmul(fmt, x, qs, d, m)          # x [R, K] fp32, W packed [N, K] -> x @ W.T  [R, N] fp32
     out = matmul_q8(fmt, x, qs, d, m)       # the same with x in Q8 blocks (llama.cpp's arithmetic, AVX2)
@@ -30,6 +30,8 @@ The K formats (llama.cpp's `block_q4_K` / `block_q6_K`) use super-blocks of 256 
 | Q4_K | qs uint8 [.., 128], sc uint8 [.., 12], d, m = dmin (fp16 bits)      | d * s_j * q_p - dmin * m_j, j = p // 32 |
 | Q5_K | qs uint8 [.., 160] (Q4_K's 128 + 32 high-bit bytes), sc, d, m       | the same, q_p + 16 * high bit |
 | Q6_K | qs = ql uint8 [.., 128], qh uint8 [.., 64], sc int8 [.., 16], d     | d * sc[p // 16] * (q_p - 32) |
+| Q3_K | qs uint8 [.., 96] (64 + 32 hmask bytes), sc uint8 [.., 12], d        | d * (s_g - 32) * q_p, g = p // 16 |
+| Q2_K | qs uint8 [.., 64], sc uint8 [.., 16], d, m = dmin                    | d (sc_g & 15) q_p - dmin (sc_g >> 4) |
 
 Q4_K: the 8 six-bit scales s_j and mins m_j are packed in 12 bytes (j < 4:
 s = sc[j] & 63, m = sc[j+4] & 63; j >= 4: s = (sc[j+4] & 15) | (sc[j-4] >> 6) << 4,
@@ -39,7 +41,13 @@ weights (0.5625 B/weight). Q5_K (`block_q5_K`): Q4_K's scales, mins and nibbles,
 and value p of sub-block j = p // 32 adds 16 x bit j of qh[p % 32], the 32 qh
 bytes kept after the 128 nibble bytes in qs (in the file they come before them;
 as for Q5_0 / Q5_1, one stream per super-block); 176 bytes per 256 weights
-(0.6875 B/weight). Q6_K: for p = 128h + 32g + l (g = 0..3, l < 32),
+(0.6875 B/weight). Q3_K and Q2_K (`block_q3_K`, `block_q2_K`): for p = 128h + 32j + l
+(l < 32), the 2 low bits q2 = (qs[32h + l] >> 2j) & 3 and the scale of group g = 8h + 2j + (l >= 16);
+Q3_K's q_p = q2 - 4 where bit 4h + j of hmask[l] (bytes 64..95 of qs here; first in the file) is clear,
+else q2, its 16 six-bit scales packed in 12 bytes (low nibbles of sc[0..7], then their high nibbles, each
+with two more bits from sc[8..11]); Q2_K's q_p = q2 with a 4-bit scale and a 4-bit min per group.
+110 and 84 bytes per 256 weights. These two are kept packed on fp32 activations only (no Q8_K products of
+theirs yet: a model with them runs its layer-by-layer step). Q6_K: for p = 128h + 32g + l (g = 0..3, l < 32),
 q_p = (nibble of ql[64h + 32(g & 1) + l], low for g < 2, high for g >= 2)
 | ((qh[32h + l] >> 2g) & 3) << 4. 210 bytes per 256 weights (0.82 B/weight).
 The kernels decode a super-block's scales once per 256 values (Q4_K: s and m
@@ -89,12 +97,12 @@ from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_av
                      stream_prefetch)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32 along K
-K_FORMATS = ("Q4_K", "Q6_K", "Q5_K")  # super-blocks of 256 along K
+K_FORMATS = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K")  # super-blocks of 256 along K
 ALL_FORMATS = FORMATS + K_FORMATS
 BLOCK = 32
 QK_K = 256
 BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K,
-                "Q5_K": QK_K}
+                "Q5_K": QK_K, "Q3_K": QK_K, "Q2_K": QK_K}
 Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q5_K")  # with Q8 activations (`matmul_q8`)
 Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "Q4_K": 7, "Q6_K": 8, "Q5_K": 13}  # q8a_span's
 
@@ -109,10 +117,35 @@ def q4k_scale_min(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([lo_s, hi_s], -1), np.concatenate([lo_m, hi_m], -1)
 
 
+def q3k_scales(sc: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 packed bytes [..., 12] -> its 16 scales as int64 [..., 16], minus 32 (ggml's dequantize_row_q3_K)."""
+    sc = sc.astype(np.int64)
+    lo, hi = sc[..., 0:8], sc[..., 8:12]
+    top = np.concatenate([hi & 3, (hi >> 2) & 3, (hi >> 4) & 3, (hi >> 6) & 3], -1)  # [..., 16]
+    low = np.concatenate([lo & 15, lo >> 4], -1)
+    return (low | (top << 4)) - 32
+
+
+def _q2_bits(qs: np.ndarray) -> np.ndarray:
+    """[N, nb, 64] bytes -> the 256 two-bit values per super-block, in value order (p = 128h + 32j + l)."""
+    q = qs.reshape(*qs.shape[:2], 2, 1, 32).astype(np.int64)  # [.., h, 1, l]
+    return ((q >> (2 * np.arange(4)[:, None])) & 3).reshape(*qs.shape[:2], 256)
+
+
 def _dequant_k_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np.ndarray,
                          qh: np.ndarray | None) -> np.ndarray:
     N, nb = d.shape
     dd = d.view(np.float16).astype(np.float64)[..., None, None]  # [N, nb, 1, 1]
+    if fmt in ("Q3_K", "Q2_K"):
+        q = _q2_bits(qs[..., :64]).reshape(N, nb, 16, 16).astype(np.float64)
+        if fmt == "Q3_K":  # bit 4h + j of hmask[l]: clear -> q - 4
+            hm = qs[..., 64:96].astype(np.int64)  # [N, nb, 32]
+            bits = (hm[:, :, None, :] >> np.arange(8)[:, None]) & 1  # [N, nb, 8 (= 4h + j), 32]
+            q -= 4.0 * (1 - bits.reshape(N, nb, 16, 16))  # bit index 4h + j, then l: value order
+            return (dd * q3k_scales(sc)[..., None] * q).reshape(N, nb * QK_K)
+        s = sc.astype(np.int64)
+        dm = m.view(np.float16).astype(np.float64)[..., None, None]
+        return (dd * (s & 15)[..., None] * q - dm * (s >> 4)[..., None]).reshape(N, nb * QK_K)
     if fmt in ("Q4_K", "Q5_K"):
         s, mn = q4k_scale_min(sc)  # [N, nb, 8]
         q4 = qs[..., :128].reshape(N, nb, 4, 32)
@@ -228,7 +261,7 @@ def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarra
 
 # -- Numba kernels -------------------------------------------------------------------------------
 _h2f = q4k_scales = tile_dot = unpack_q4 = unpack_q5 = unpack_q8 = unpack_q4k = unpack_q5k = unpack_q6k = None
-k_tiles = None
+k_tiles = unpack_q3k = unpack_q2k = q3k_scale = None
 
 
 @functools.cache
@@ -238,6 +271,7 @@ def _kernels() -> dict | None:
     drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
     global _h2f, q4k_scales, tile_dot, unpack_q4, unpack_q5, unpack_q8, unpack_q4k, unpack_q5k, unpack_q6k, k_tiles
+    global unpack_q3k, unpack_q2k, q3k_scale
     # helpers are module globals: a closure variable (even another jitted function) would keep Numba's
     # on-disk cache from ever matching (a new index entry, and a recompile, in every process)
     _h2f = half_to_float_intrinsic()
@@ -439,6 +473,45 @@ def _kernels() -> dict | None:
                     wt[t, base + l] = sa * np.float32((v & 15) | ((h & 1) << 4)) - ma
                     wt[t, base + L + l] = sb * np.float32((v >> 4) | ((h & 2) << 3)) - mb
 
+    @njit(inline="always", cache=True)
+    def q3k_scale(scb, g):  # pragma: no cover - compiled
+        # Q3_K's six-bit scale of group g (0..15) from its 12 packed bytes, minus 32 (ggml's dequantize_row_q3_K)
+        low = (np.int32(scb[g]) & 15) if g < 8 else (np.int32(scb[g - 8]) >> 4)
+        top = (np.int32(scb[8 + (g & 3)]) >> (2 * (g >> 2))) & 3
+        return (low | (top << 4)) - 32
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def unpack_q3k(qs, sc, d, n, wt, t):  # pragma: no cover - compiled
+        # qs: 64 bytes of 2-bit values, then the 32 hmask bytes; value 128h + 32j + l (see the module docstring)
+        nb, L = qs.shape[1], qs.shape[2] // 3  # L = 32 at run time
+        for b in range(nb):
+            dd = _h2f(d[n, b])
+            for h in range(2):
+                for j in range(4):
+                    base = b * 256 + h * 128 + j * L
+                    s0 = dd * np.float32(q3k_scale(sc[n, b], 8 * h + 2 * j))
+                    s1 = dd * np.float32(q3k_scale(sc[n, b], 8 * h + 2 * j + 1))
+                    for l in range(L):
+                        v = (np.int32(qs[n, b, h * L + l]) >> (2 * j)) & 3
+                        if not (np.int32(qs[n, b, 2 * L + l]) >> (4 * h + j)) & 1:
+                            v -= 4
+                        wt[t, base + l] = np.float32(v) * (s0 if l < 16 else s1)
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def unpack_q2k(qs, sc, d, dm, n, wt, t):  # pragma: no cover - compiled
+        nb, L = qs.shape[1], qs.shape[2] // 2  # L = 32 at run time
+        for b in range(nb):
+            dd, dmn = _h2f(d[n, b]), _h2f(dm[n, b])
+            for h in range(2):
+                for j in range(4):
+                    base = b * 256 + h * 128 + j * L
+                    c0, c1 = np.int32(sc[n, b, 8 * h + 2 * j]), np.int32(sc[n, b, 8 * h + 2 * j + 1])
+                    s0, m0 = dd * np.float32(c0 & 15), dmn * np.float32(c0 >> 4)
+                    s1, m1 = dd * np.float32(c1 & 15), dmn * np.float32(c1 >> 4)
+                    for l in range(L):
+                        v = np.float32((np.int32(qs[n, b, h * L + l]) >> (2 * j)) & 3)
+                        wt[t, base + l] = s0 * v - m0 if l < 16 else s1 * v - m1
+
     @njit(fastmath=True, cache=True, nogil=True)
     def unpack_q6k(qs, qh, sc, d, n, wt, t):  # pragma: no cover - compiled
         nb, L = qs.shape[1], qs.shape[2] // 4  # L = 32 at run time
@@ -460,8 +533,8 @@ def _kernels() -> dict | None:
     @njit(fastmath=True, cache=True, nogil=True)
     def k_tiles(x, qs, sc, qh, d, dm, kind, t0, t1, wt, s8, m8, out):  # pragma: no cover - compiled
         # tiles t0 .. t1 - 1 of 4 output rows (the last one repeats row N - 1), kind 3: Q4_K (dm: its dmin),
-        # 4: Q6_K (qh: its high bits), 7: Q5_K (dm; its high bits in qs), each de-quantised into wt [4, >= K],
-        # then tile_dot for all rows of x
+        # 4: Q6_K (qh: its high bits), 7: Q5_K (dm; its high bits in qs), 8: Q3_K (its hmask in qs), 9: Q2_K
+        # (dm), each de-quantised into wt [4, >= K], then tile_dot for all rows of x
         N = qs.shape[0]
         for tl in range(t0, t1):
             n0 = tl * 4
@@ -470,6 +543,10 @@ def _kernels() -> dict | None:
                     unpack_q4k(qs, sc, d, dm, min(n0 + t, N - 1), wt, t, s8, m8)
                 elif kind == 7:
                     unpack_q5k(qs, sc, d, dm, min(n0 + t, N - 1), wt, t, s8, m8)
+                elif kind == 8:
+                    unpack_q3k(qs, sc, d, min(n0 + t, N - 1), wt, t)
+                elif kind == 9:
+                    unpack_q2k(qs, sc, d, dm, min(n0 + t, N - 1), wt, t)
                 else:
                     unpack_q6k(qs, qh, sc, d, min(n0 + t, N - 1), wt, t)
             tile_dot(x, wt, n0, N, out)
@@ -502,12 +579,29 @@ def _kernels() -> dict | None:
                     np.empty((4, K), np.float32), np.empty(8, np.float32), np.empty(8, np.float32), out)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def q32k_nb(x, qs, sc, d, dm, kind, out):  # pragma: no cover - compiled
+        # kind 8: Q3_K (dm unused), 9: Q2_K
+        K = x.shape[1]
+        ntile = (qs.shape[0] + 3) // 4
+        nchunk = min(ntile, 64)
+        for c in prange(nchunk):
+            k_tiles(x, qs, sc, qs, d, dm, kind, c * ntile // nchunk, (c + 1) * ntile // nchunk,
+                    np.empty((4, K), np.float32), np.empty(8, np.float32), np.empty(8, np.float32), out)
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def dequant_k_nb(qs, qh, sc, d, dm, kind, out):  # pragma: no cover - compiled
-        # kind 3: Q4_K (qh unused), 4: Q6_K (dm unused), 7: Q5_K
+        # kind 3: Q4_K (qh unused), 4: Q6_K (dm unused), 7: Q5_K, 8: Q3_K, 9: Q2_K (one row at a time through
+        # their tile unpacking, into the output row)
         N, nb = d.shape
         for n in prange(N):
             s8 = np.empty(8, np.float32)
             m8 = np.empty(8, np.float32)
+            if kind == 8:
+                unpack_q3k(qs, sc, d, n, out, n)
+                continue
+            if kind == 9:
+                unpack_q2k(qs, sc, d, dm, n, out, n)
+                continue
             for b in range(nb):
                 dd = _h2f(d[n, b])
                 if kind == 3 or kind == 7:
@@ -535,7 +629,7 @@ def _kernels() -> dict | None:
                                 out[n, base + l] = dd * s * np.float32(v - 32)
 
     ks = {"q4_matmul": q4_nb, "q8_matmul": q8_nb, "q_dequant": dequant_nb, "q4k_matmul": q4k_nb,
-          "q6k_matmul": q6k_nb, "q5k_matmul": q5k_nb, "qk_dequant": dequant_k_nb}
+          "q6k_matmul": q6k_nb, "q5k_matmul": q5k_nb, "q32k_matmul": q32k_nb, "qk_dequant": dequant_k_nb}
     if has_avx2():
         ks.update(_q8a_kernels(njit, prange))
     return ks
@@ -1019,11 +1113,13 @@ def available() -> bool:
     return _kernels() is not None
 
 
-_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1": 6, "Q5_K": 7}
+_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1": 6, "Q5_K": 7, "Q3_K": 8, "Q2_K": 9}
 # fmt -> (qs dtype, qs bytes per block); the K formats' sc / qh are checked in _check. Q5_0 / Q5_1: the 16
 # nibble bytes, then the block's 32 high bits (4 bytes, little-endian)
 _LAYOUT = {"Q8_0": (np.int8, 32), "Q4_0": (np.uint8, 16), "Q4_1": (np.uint8, 16), "Q4_K": (np.uint8, 128),
-           "Q6_K": (np.uint8, 128), "Q5_0": (np.uint8, 20), "Q5_1": (np.uint8, 20), "Q5_K": (np.uint8, 160)}
+           "Q6_K": (np.uint8, 128), "Q5_0": (np.uint8, 20), "Q5_1": (np.uint8, 20), "Q5_K": (np.uint8, 160),
+           "Q3_K": (np.uint8, 96), "Q2_K": (np.uint8, 64)}
+_SC_WIDTH = {"Q4_K": 12, "Q5_K": 12, "Q3_K": 12, "Q2_K": 16}  # the K formats' uint8 scale bytes per super-block
 
 
 def _check(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np.ndarray | None = None,
@@ -1033,9 +1129,9 @@ def _check(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np
     want, width = _LAYOUT[fmt]
     bad = (qs.dtype != want or qs.ndim != 3 or qs.shape[2] != width or d.dtype != np.uint16
            or d.shape != qs.shape[:2]
-           or (fmt in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") and (m is None or m.shape != d.shape)))
-    if fmt in ("Q4_K", "Q5_K"):
-        bad = bad or sc is None or sc.dtype != np.uint8 or sc.shape != (*d.shape, 12)
+           or (fmt in ("Q4_1", "Q5_1", "Q4_K", "Q5_K", "Q2_K") and (m is None or m.shape != d.shape)))
+    if fmt in _SC_WIDTH:
+        bad = bad or sc is None or sc.dtype != np.uint8 or sc.shape != (*d.shape, _SC_WIDTH[fmt])
     if fmt == "Q6_K":
         bad = bad or sc is None or sc.dtype != np.int8 or sc.shape != (*d.shape, 16)
     if fmt == "Q6_K":
@@ -1070,6 +1166,10 @@ def matmul(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray
     elif kind == 7:
         dispatch(_kernels, "q5k_matmul", lambda x, qs, sc, d, m, out: matmul_reference(fmt, x, qs, d, m, out, sc),
                  backend, x, qs, sc, d, m, out)
+    elif kind in (8, 9):
+        dispatch(_kernels, "q32k_matmul",
+                 lambda x, qs, sc, d, m, k, out: matmul_reference(fmt, x, qs, d, m if k == 9 else None, out, sc),
+                 backend, x, qs, sc, d, m if m is not None else d, kind, out)
     else:
         mm = m if m is not None else d
         dispatch(_kernels, "q4_matmul", lambda x, qs, d, m, k, out: matmul_reference(fmt, x, qs, d, m, out), backend,
@@ -1093,7 +1193,8 @@ def dequant(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None
         mm = m[n0:n1] if m is not None else d
         dispatch(_kernels, "qk_dequant",
                  lambda qs, qh, sc, d, m, k, out: dequant_rows_reference(
-                     fmt, qs, d, m if fmt in ("Q4_K", "Q5_K") else None, out, sc, qh if fmt == "Q6_K" else None),
+                     fmt, qs, d, m if fmt in ("Q4_K", "Q5_K", "Q2_K") else None, out, sc,
+                     qh if fmt == "Q6_K" else None),
                  backend, qs, qh2, sc, d, mm, kind, out)
         return out
     mm = (m if m is not None else d)[n0:n1] if fmt != "Q8_0" else d
@@ -1111,7 +1212,7 @@ def warm() -> list[str]:
     f32, u16 = np.float32, np.zeros((3, 2), np.uint16)
     for fmt in ALL_FORMATS:
         qs = np.zeros((3, 2, _LAYOUT[fmt][1]), _LAYOUT[fmt][0])
-        sc = np.zeros((3, 2, 16), np.int8) if fmt == "Q6_K" else np.zeros((3, 2, 12), np.uint8)
+        sc = np.zeros((3, 2, 16), np.int8) if fmt == "Q6_K" else np.zeros((3, 2, _SC_WIDTH.get(fmt, 12)), np.uint8)
         qh = np.zeros((3, 2, 64), np.uint8)
         x = np.ones((2, 2 * BLOCK_VALUES[fmt]), f32)
         matmul(fmt, x, qs, u16, u16, sc=sc, qh=qh)
@@ -1125,9 +1226,10 @@ def warm() -> list[str]:
                           u16[:, :1].copy(), u16[:, :1].copy(),
                           sc=np.zeros((3, 1, 16), np.int8) if fmt == "Q6_K" else np.zeros((3, 1, 12), np.uint8),
                           qh=np.zeros((3, 1, 64), np.uint8))
-        return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "q5k_matmul", "qk_dequant",
-                "q8a_matmul"]
-    return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "q5k_matmul", "qk_dequant"]
+        return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "q5k_matmul", "q32k_matmul",
+                "qk_dequant", "q8a_matmul"]
+    return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "q5k_matmul", "q32k_matmul",
+            "qk_dequant"]
 
 
 # -- registry (issue 13): each product and de-quantisation beside its NumPy twin ---------------------
@@ -1139,7 +1241,7 @@ def _random_packed(fmt: str, n: int, nb: int, rng: np.random.Generator) -> tuple
     dt, width = _LAYOUT[fmt]
     qs = rng.integers(0, 256, (n, nb, width), dtype=np.uint8).view(dt)
     sc = rng.integers(-128, 128, (n, nb, 16), dtype=np.int8) if fmt == "Q6_K" else \
-        rng.integers(0, 256, (n, nb, 12), dtype=np.uint8)
+        rng.integers(0, 256, (n, nb, _SC_WIDTH.get(fmt, 12)), dtype=np.uint8)
     qh = rng.integers(0, 256, (n, nb, 64), dtype=np.uint8)
     return qs, half((n, nb)), half((n, nb)), sc, qh
 

@@ -111,8 +111,8 @@ def test_packed_matmul_rejects_bad_shapes():
     pm = Packed.from_blocks("Q4_1", _raw("Q4_1", np.ones((4, 64))))
     with pytest.raises(ValueError, match=r"x \(2, 63\)"):
         pm.matmul(np.ones((2, 63), np.float32))
-    with pytest.raises(ValueError, match="fmt='Q3_K'"):
-        cpu_qmatmul.matmul("Q3_K", np.ones((1, 64), np.float32), pm.qs, pm.d, pm.m)
+    with pytest.raises(ValueError, match="fmt='IQ4_NL'"):
+        cpu_qmatmul.matmul("IQ4_NL", np.ones((1, 64), np.float32), pm.qs, pm.d, pm.m)
     with pytest.raises(ValueError, match="fmt=Q5_0: qs uint8"):  # Q4_1's 16-byte blocks are not Q5_0's 20
         cpu_qmatmul.matmul("Q5_0", np.ones((1, 64), np.float32), pm.qs, pm.d, pm.m)
     with pytest.raises(ValueError, match="not whole 20-byte blocks"):
@@ -342,15 +342,15 @@ def test_int8_and_int4_weights_quantise_at_load(tmp_path):
 
 
 def test_unsupported_block_type_names_file_tensor_and_type(tmp_path):
-    path = tmp_path / "q3.gguf"
+    path = tmp_path / "iq4.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 110), np.uint8), raw_dtype=QT.Q3_K)
+    w.add_tensor("token_embd.weight", np.zeros((4, 36), np.uint8), raw_dtype=QT.IQ4_NL)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedGGUF, match=r"q3\.gguf: tensor token_embd\.weight has block type Q3_K"):
+    with pytest.raises(UnsupportedGGUF, match=r"iq4\.gguf: tensor token_embd\.weight has block type IQ4_NL"):
         read_gguf(path)
 
 

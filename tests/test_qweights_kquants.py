@@ -30,7 +30,8 @@ from tests.fused_twin import fused_and_layer_by_layer  # noqa: E402
 from atelier_kernels import cpu_qmatmul  # noqa: E402
 
 KF = ("Q4_K", "Q6_K", "Q5_K")  # kept packed, on fp32 or Q8_K activations
-D_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # where the fp16 scales sit in a block
+KF_ALL = KF + ("Q3_K", "Q2_K")  # kept packed (Q3_K, Q2_K: on fp32 activations only)
+D_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82)}  # the fp16 scales
 
 
 def random_blocks(fmt: str, n: int, nb: int, seed: int) -> np.ndarray:
@@ -44,7 +45,7 @@ def random_blocks(fmt: str, n: int, nb: int, seed: int) -> np.ndarray:
     return raw.reshape(n, nb * bb)
 
 
-@pytest.mark.parametrize("fmt", KF)
+@pytest.mark.parametrize("fmt", KF_ALL)
 def test_k_blocks_decode_like_gguf(fmt):
     raw = random_blocks(fmt, 37, 3, seed=1)
     want = quants.dequantize(raw, getattr(QT, fmt))  # the gguf package's own decoder: the oracle
@@ -60,7 +61,7 @@ def test_k_blocks_decode_like_gguf(fmt):
     np.testing.assert_allclose(two.dequant(), want[list(range(4)) + list(range(30, 37))], rtol=3e-7, atol=0)
 
 
-@pytest.mark.parametrize("fmt", KF)
+@pytest.mark.parametrize("fmt", KF_ALL)
 @pytest.mark.parametrize("R", [1, 2, 3, 8, 9])
 @pytest.mark.parametrize("N,nb", [(1, 1), (7, 3), (130, 2)])
 def test_k_matmul_matches_float64(fmt, R, N, nb):
@@ -157,7 +158,7 @@ def test_k_blocks_on_q8_activations_are_the_quantised_product(fmt):
     assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("fmt", KF)
+@pytest.mark.parametrize("fmt", KF_ALL)
 def test_quantize_k_round_trips_through_gguf(fmt):
     rng = np.random.default_rng(7)
     w = (rng.standard_normal((9, 512)) * rng.uniform(0.01, 3, (9, 1))).astype(np.float32)
@@ -166,12 +167,19 @@ def test_quantize_k_round_trips_through_gguf(fmt):
     raw = quantize_k(w, fmt)
     assert raw.dtype == np.uint8 and raw.shape == (9, 2 * BLOCK_BYTES[fmt])
     back = quants.dequantize(raw, getattr(QT, fmt)).astype(np.float64)
-    group = 16 if fmt == "Q6_K" else 32
+    group = 16 if fmt in ("Q6_K", "Q3_K", "Q2_K") else 32
     g = w.astype(np.float64).reshape(9, -1, group)
     err = np.abs(back.reshape(g.shape) - g).max(-1)
-    if fmt != "Q6_K":  # a step of (max - min(min, 0)) / 15 (Q5_K: / 31) per sub-block, plus the 6-bit min's rounding
-        top = 15 if fmt == "Q4_K" else 31
-        bound = (g.max(-1) - np.minimum(g.min(-1), 0)) / top * 0.5 + np.abs(g).max(axis=(1, 2))[:, None] / 63 * 1.05
+    top = np.abs(g).max(axis=(1, 2))[:, None]  # each row's largest magnitude
+    if fmt == "Q3_K":  # a step of absmax / 4 per group (the largest positive value clipped to 3 steps), scales
+        # rounded up against the super-block's largest / 31
+        bound = np.abs(g).max(-1) / 4 + top / 4 / 31 * 1.05
+    elif fmt == "Q2_K":  # half a step of (max - min(min, 0)) / 3, plus the 4-bit scale's and min's rounding
+        span = g.max(-1) - np.minimum(g.min(-1), 0)
+        bound = span / 3 * 0.5 + top / 15 * 1.05 * 2.5
+    elif fmt != "Q6_K":  # a step of (max - min(min, 0)) / 15 (Q5_K: / 31) per sub-block, plus the 6-bit min's rounding
+        levels = 15 if fmt == "Q4_K" else 31
+        bound = (g.max(-1) - np.minimum(g.min(-1), 0)) / levels * 0.5 + np.abs(g).max(axis=(1, 2))[:, None] / 63 * 1.05
     else:  # a step of absmax / 31 per group, rounded to int8 scales against the super-block's largest
         bound = np.abs(g).max(-1) / 31 * 0.5 + np.abs(g).max(axis=(1, 2))[:, None] / 31 / 127 * 32
     assert (err <= bound + 1e-7).all(), (err / (bound + 1e-12)).max()
@@ -243,7 +251,8 @@ def write_k_gguf(path: Path, seed: int = 0, tie: bool = True, main: str = "Q4_K"
     return path
 
 
-@pytest.mark.parametrize("tie,main", [(True, "Q4_K"), (True, "Q5_K")])  # the tied head: the Q6_K embedding
+@pytest.mark.parametrize("tie,main", [(True, "Q4_K"), (True, "Q5_K"), (True, "Q3_K"),
+                                      (True, "Q2_K")])  # the tied head: the Q6_K embedding
 def test_k_gguf_is_the_network_transformers_loads(tmp_path, tie, main):
     from transformers import AutoModelForCausalLM
 
@@ -270,6 +279,9 @@ def test_k_gguf_is_the_network_transformers_loads(tmp_path, tie, main):
         theirs = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0,
                               eos_token_id=None)[0, len(ids):].tolist()
     assert mine == theirs
+    if main in ("Q3_K", "Q2_K"):  # no Q8_K products of theirs: the layer-by-layer step, those parts on fp32
+        q8 = load_llm(str(path), tmp_path / "cache", activations="auto")
+        assert q8.model.packed and q8.model._np_step.fused is None
     if main == "Q5_K":  # the default activations where AVX2 runs: the Q5_K and Q6_K parts on Q8_K
         q8 = load_llm(str(path), tmp_path / "cache", activations="auto")
         assert q8.model.packed and not q8.note and q8.model.layers[0].wqkv.formats == ["Q5_K", "Q6_K"]

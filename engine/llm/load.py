@@ -13,7 +13,8 @@
   architecture is loaded with transformers and generated with its `generate`
   (`LoadedLLM.native` is False and `note` says so).
 - Weights (`models.llm_weights`, the `weights` argument of `load_llm`): a GGUF is by default
-  ("auto" or "gguf", on the CPU) loaded as it is, its Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K blocks kept packed
+  ("auto" or "gguf", on the CPU) loaded as it is, its Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K blocks
+  kept packed
   (`engine.llm.gguf_load`, `engine.llm.qweights`): no fp32 copy, no safetensors conversion; only its
   tokenizer files (and a config.json) are written once to `<cache_dir>/llm/<name>.tok/`, atomically.
   A GGUF with another architecture or block type falls back to the conversion above, with a note.

@@ -1,5 +1,5 @@
-"""Weights kept in their GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): the packed matrix, its NumPy
-oracle, and the torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
+"""Weights kept in their GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): the packed
+matrix, its NumPy oracle, and the torch modules the decoder holds instead of `nn.Linear` / `nn.Embedding`.
 
     pm = Packed.from_gguf(tensor)           # a gguf.ReaderTensor [N, K] -> blocks split into qs / d / m
     y = pm.matmul(x)                        # x [R, K] fp32 -> [R, N] fp32 (`atelier_kernels.cpu_qmatmul`)
@@ -10,7 +10,7 @@ split a GGUF tensor's raw bytes into the arrays the kernels read: the nibble or
 int8 bytes, and the fp16 scales (and mins) as their uint16 bits; for the K
 formats also the packed sub-block scales (`sc`) and Q6_K's high bits (`qh`);
 Q5_0 / Q5_1 keep each block's 4 bytes of high bits after its 16 nibble bytes, Q5_K each super-block's 32
-after its 128.
+after its 128, Q3_K its 32 hmask bytes after its 64 bytes of 2-bit values.
 The split adds no byte: resident size = the tensor's size in the file.
 `quantize` writes Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 with llama.cpp's rounding (`gguf.quants`) and
 Q4_K/Q5_K/Q6_K with a plain min/max search of our own (`quantize_k`; the `gguf`
@@ -44,7 +44,9 @@ FORMATS = cpu_qmatmul.ALL_FORMATS
 # bytes per block of 32: Q8_0 = d + 32 int8; Q4_0 = d + 16 nibble bytes; Q4_1 = d + m + 16; Q5_0 = d + 4 bytes
 # of high bits + 16 nibble bytes; Q5_1 = d + m + 4 + 16; per super-block of 256: Q4_K = d + dmin + 12 scale
 # bytes + 128; Q5_K = d + dmin + 12 scale bytes + 32 qh + 128; Q6_K = 128 ql + 64 qh + 16 scales + d
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+# Q3_K = 32 hmask + 64 + 12 scale bytes + d; Q2_K = 16 scale bytes + 64 + d + dmin
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
+               "Q3_K": 110, "Q2_K": 84}
 BLOCK_VALUES = cpu_qmatmul.BLOCK_VALUES
 DIRECT_ROWS = 64
 SCRATCH_ELEMS = 1 << 21  # 8 MB of fp32
@@ -60,11 +62,13 @@ class Packed:
 
     fmt: str
     # uint8 [N, K/32, 16] (Q4_0/Q4_1), [N, K/32, 20] (Q5_0/Q5_1: nibbles, high bits), int8 [N, K/32, 32] (Q8_0),
-    # uint8 [N, K/256, 128] (Q4_K, Q6_K ql), [N, K/256, 160] (Q5_K: nibbles, high bits)
+    # uint8 [N, K/256, 128] (Q4_K, Q6_K ql), [N, K/256, 160] (Q5_K: nibbles, high bits), [N, K/256, 96] (Q3_K:
+    # 2-bit values, hmask), [N, K/256, 64] (Q2_K)
     qs: np.ndarray
     d: np.ndarray  # uint16 [N, nb]: fp16 scale bits
-    m: np.ndarray | None = None  # uint16 [N, nb]: fp16 min bits (Q4_1, Q5_1), dmin bits (Q4_K, Q5_K)
-    sc: np.ndarray | None = None  # uint8 [N, nb, 12] (Q4_K/Q5_K packed 6-bit scales/mins), int8 [N, nb, 16] (Q6_K)
+    m: np.ndarray | None = None  # uint16 [N, nb]: fp16 min bits (Q4_1, Q5_1), dmin bits (Q2_K, Q4_K, Q5_K)
+    # uint8 [N, nb, 12] (Q3_K/Q4_K/Q5_K packed 6-bit scales/mins), int8 [N, nb, 16] (Q6_K), uint8 [N, nb, 16] (Q2_K)
+    sc: np.ndarray | None = None
     qh: np.ndarray | None = None  # uint8 [N, nb, 64]: Q6_K's high 2 bits
 
     def _arrays(self) -> list[tuple[str, np.ndarray]]:
@@ -105,6 +109,15 @@ class Packed:
         m = np.ascontiguousarray(blk[..., 2:4]).view(np.uint16).reshape(N, nb)
         if fmt == "Q4_K":
             return cls(fmt, np.ascontiguousarray(blk[..., 16:]), d, m, sc=np.ascontiguousarray(blk[..., 4:16]))
+        if fmt == "Q3_K":  # 32 hmask bytes, 64 bytes of 2-bit values, 12 scale bytes, d -> qs = values + hmask
+            return cls(fmt, np.concatenate([blk[..., 32:96], blk[..., 0:32]], axis=-1),
+                       np.ascontiguousarray(blk[..., 108:110]).view(np.uint16).reshape(N, nb),
+                       sc=np.ascontiguousarray(blk[..., 96:108]))
+        if fmt == "Q2_K":  # 16 scale bytes, 64 bytes of 2-bit values, d, dmin
+            return cls(fmt, np.ascontiguousarray(blk[..., 16:80]),
+                       np.ascontiguousarray(blk[..., 80:82]).view(np.uint16).reshape(N, nb),
+                       np.ascontiguousarray(blk[..., 82:84]).view(np.uint16).reshape(N, nb),
+                       sc=np.ascontiguousarray(blk[..., 0:16]))
         if fmt == "Q5_K":  # d, dmin, 12 scale bytes, 32 bytes of high bits, 128 nibble bytes -> qs = nibbles + qh
             return cls(fmt, np.concatenate([blk[..., 48:], blk[..., 16:48]], axis=-1), d, m,
                        sc=np.ascontiguousarray(blk[..., 4:16]))
@@ -159,7 +172,9 @@ def quantize_k(w: np.ndarray, fmt: str) -> np.ndarray:
     layout. A plain search, not llama.cpp's iterative one: Q4_K (Q5_K) takes each 32-value sub-block's min/max
     (scale (max - min)/15 (/31), min -min(min, 0)) and quantises the scales and mins to 6 bits against the
     super-block's largest; Q6_K takes each 16-value group's absmax / 31 as an int8 scale against the
-    super-block's largest. The values are then rounded against the quantised scales."""
+    super-block's largest, Q3_K its absmax / 4 as a signed 6-bit scale (values -4..3), Q2_K its min/max as
+    Q4_K does a sub-block's, with 4-bit scales and mins (values 0..3). The values are then rounded against the
+    quantised scales."""
     w = np.asarray(w, dtype=np.float32)
     N, K = w.shape
     nb = K // 256
@@ -204,6 +219,42 @@ def quantize_k(w: np.ndarray, fmt: str) -> np.ndarray:
             | ((q[:, :, :, 3] >> 4) << 6)
         blk = np.concatenate([ql.reshape(N, nb, 128), qh.reshape(N, nb, 64),
                               ls.astype(np.int8).view(np.uint8), d.view(np.uint8).reshape(N, nb, 2)], -1)
+    elif fmt in ("Q3_K", "Q2_K"):
+        grp = x.reshape(N, nb, 16, 16)
+        if fmt == "Q3_K":
+            scale = np.abs(grp).max(-1) / 4.0
+            d = (scale.max(-1) / 31.0 * (1 + 2.0 ** -10)).astype(np.float16)
+            d64 = d.astype(np.float64)[..., None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ls = np.where(d64 > 0, np.clip(np.ceil(scale / d64), 0, 31), 0).astype(np.int64)
+                step = (d64 * ls)[..., None]
+                q = np.where(step > 0, np.rint(grp / step), 0)
+            q = np.clip(q, -4, 3).astype(np.int64).reshape(N, nb, 2, 4, 32)  # [.., h, j, l]
+            hbit = (q >= 0).astype(np.int64)
+            u = ls + 32  # the stored six-bit scales
+            sc = np.empty((N, nb, 12), np.int64)
+            sc[..., 0:8] = (u[..., 0:8] & 15) | ((u[..., 8:16] & 15) << 4)
+            sc[..., 8:12] = sum(((u[..., 4 * i:4 * i + 4] >> 4) & 3) << (2 * i) for i in range(4))
+            hm = sum(hbit[:, :, h, j] << (4 * h + j) for h in range(2) for j in range(4))  # [N, nb, 32]
+            q2 = q & 3
+            qs = sum(q2[:, :, :, j] << (2 * j) for j in range(4)).reshape(N, nb, 64)  # [.., h, l] -> 64
+            blk = np.concatenate([hm.astype(np.uint8), qs.astype(np.uint8), sc.astype(np.uint8),
+                                  d.view(np.uint8).reshape(N, nb, 2)], -1)
+        else:
+            lo = np.minimum(grp.min(-1), 0.0)
+            scale, mins = (grp.max(-1) - lo) / 3.0, -lo
+            d = (scale.max(-1) / 15.0 * (1 + 2.0 ** -10)).astype(np.float16)
+            dmin = (mins.max(-1) / 15.0 * (1 + 2.0 ** -10)).astype(np.float16)
+            d64, dm64 = d.astype(np.float64)[..., None], dmin.astype(np.float64)[..., None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ls = np.where(d64 > 0, np.clip(np.ceil(scale / d64), 0, 15), 0).astype(np.int64)
+                lm = np.where(dm64 > 0, np.clip(np.ceil(mins / dm64), 0, 15), 0).astype(np.int64)
+                step = (d64 * ls)[..., None]
+                q = np.where(step > 0, np.rint((grp + (dm64 * lm)[..., None]) / step), 0)
+            q = np.clip(q, 0, 3).astype(np.int64).reshape(N, nb, 2, 4, 32)
+            qs = sum(q[:, :, :, j] << (2 * j) for j in range(4)).reshape(N, nb, 64)
+            blk = np.concatenate([(ls | (lm << 4)).astype(np.uint8), qs.astype(np.uint8),
+                                  d.view(np.uint8).reshape(N, nb, 2), dmin.view(np.uint8).reshape(N, nb, 2)], -1)
     else:
         raise UnsupportedFormat(f"quantize_k: block type {fmt} (K formats: {', '.join(cpu_qmatmul.K_FORMATS)})")
     return np.ascontiguousarray(blk, dtype=np.uint8).reshape(N, nb * BLOCK_BYTES[fmt])
