@@ -648,7 +648,9 @@ UX = False
 # tiles of 4 weight rows ahead for the last rows of x (one row: decoding), PF weight rows ahead when rows of x
 # come in tiles; the prefetch runs on past the span's end (the next span's rows, up to the matrix's end)
 PF_LOC, PF1, PF = stream_prefetch()
-quantize_span = quantize_span_k = q8a_span = None  # the Q8 kernels' bodies over a span of rows (atelier_kernels.cpu_step calls them too)
+# the Q8 kernels' bodies over a span of rows (atelier_kernels.cpu_step calls them too); Q5_K's span apart: called
+# from inside q8a_span, its code made the other kinds' 2-4 % slower (measured, a decode step of SmolLM2)
+quantize_span = quantize_span_k = q8a_span = q5k_span = None
 
 
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
@@ -660,7 +662,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     global _rd_q4d, _w4_q4d, _r4_q4d, _r8_q4d, _rd_q4t, _w4_q4t, _r4_q4t, _r8_q4t
     _pf = prefetch_intrinsic(PF_LOC)
     UX = has_vnni()
-    global quantize_span, quantize_span_k, q8a_span
+    global quantize_span, quantize_span_k, q8a_span, q5k_span
     _rh = round_to_half_intrinsic()
     _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
     # four rows of x per weight row: Q4_1's min terms as one 4-lane vector chain (xs transposed, as for 8)
@@ -764,6 +766,57 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     dxf[r * nb + b] = d
 
     @njit(cache=True, nogil=True)
+    def q5k_span(xq, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
+        # q8a_span for Q5_K (kind 13: llama.cpp's AVX2 dot product; 14: its tiled matmul, a prompt of 8 or more):
+        # the same tiles and prefetch, weights 160 bytes per super-block (20 per block of 32)
+        bw, dn, xr = 20, nb // 8, nb * 32
+        n0, n1 = np.int64(n0), np.int64(n1)
+        N = qs.size // (nb * bw)
+        R8 = R - R % 8
+        R4 = R8 + (R - R8) // 4 * 4
+        tail = n1
+        if R4 < R:  # rows past the last four: four weight rows at a time
+            w = n0
+            while w + 4 <= n1:
+                wo, do = w * nb * bw, w * dn
+                if w + 4 * PF1 + 4 <= N:
+                    prefetch_rows(qs, df, mf, kind, bw, nb, dn, w + 4 * PF1, 4)
+                for r in range(R4, R):
+                    o = (qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn, do + 2 * dn,
+                         do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    a = _w4_q5k(*o) if kind == 13 else _w4_q5t(*o)
+                    for t in range(4):
+                        out[r, w + t] = a[t]
+                w += 4
+            tail = w
+        for n in range(n0, n1):
+            wo, do = n * nb * bw, n * dn
+            if R4 >= 4 and n + PF < N:
+                prefetch_rows(qs, df, mf, kind, bw, nb, dn, n + PF, 1)
+            r = 0
+            while r + 8 <= R:
+                o8 = (qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                      (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb, (r + 3) * nb,
+                      (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                a8 = _r8_q5k(*o8) if kind == 13 else _r8_q5t(*o8)
+                for j in range(8):
+                    out[r + j, n] = a8[j]
+                r += 8
+            while r + 4 <= R:
+                o4 = (qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                      (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                a4 = _r4_q5k(*o4) if kind == 13 else _r4_q5t(*o4)
+                for j in range(4):
+                    out[r + j, n] = a4[j]
+                r += 4
+            if n < tail:
+                r = R  # done above, four weight rows at a time
+            while r < R:
+                o1 = (qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                out[r, n] = _rd_q5k(*o1) if kind == 13 else _rd_q5t(*o1)
+                r += 1
+
+    @njit(cache=True, nogil=True)
     def q8a_span(xq, xu, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
         # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1. qs: the weight
         # bytes flat (uint8), df / mf: fp16 bits flat [N * nb]; rows of x four at a time (each weight block
@@ -774,7 +827,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # in a prompt of 8 rows or more, 13 Q5_K, 14 that in a prompt of 8 or more (`part_kind`, `prompt_kind`;
         # scf: the K formats' scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block viewed as
         # uint16)
-        bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 or kind >= 13 else 16  # weight bytes per 32 values
+        bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 else 16  # weight bytes per block of 32
         dn = nb // 8 if kind >= 7 else nb  # scales per weight row (K formats: one d per 8 blocks)
         mn = kind == 1 or kind == 6  # a min per block: xs read transposed by the tiles of rows
         xr = nb * 32
@@ -823,12 +876,6 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 12:
                         a = _w4_q4t(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
-                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
-                    elif kind == 13:
-                        a = _w4_q5k(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
-                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
-                    elif kind == 14:
-                        a = _w4_q5t(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     else:
                         a = _w4_q80(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
@@ -882,14 +929,6 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     a8 = _r8_q4t(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
-                elif kind == 13:
-                    a8 = _r8_q5k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
-                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
-                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
-                elif kind == 14:
-                    a8 = _r8_q5t(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
-                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
-                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 elif kind == 10:
                     a8 = _r8_q4p(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
@@ -930,12 +969,6 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 elif kind == 12:
                     a = _r4_q4t(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
-                elif kind == 13:
-                    a = _r4_q5k(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
-                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
-                elif kind == 14:
-                    a = _r4_q5t(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
-                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 elif kind == 10:
                     a = _r4_q4p(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
@@ -971,10 +1004,6 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_q4d(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 12:
                     out[r, n] = _rd_q4t(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
-                elif kind == 13:
-                    out[r, n] = _rd_q5k(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
-                elif kind == 14:
-                    out[r, n] = _rd_q5t(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 else:
                     out[r, n] = _rd_q80(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 r += 1
@@ -997,7 +1026,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         if xu.size:
             flip_rows(xq, xu, nb * 32, 0, R)
         for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
-            q8a_span(xq, xu, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
+            if kind >= 13:
+                q5k_span(xq, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
+            else:
+                q8a_span(xq, xu, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
 
     return {"quantize_rows": quantize_nb, "quantize_rows_k": quantize_k_nb, "q8a_matmul": q8a_nb}
 

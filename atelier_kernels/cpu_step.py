@@ -47,7 +47,7 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
-_quant = _quantk = _flip = _span = _prompt_kind = None
+_quant = _quantk = _flip = _span = _span5 = _prompt_kind = None
 _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
 claim = finish = wait = take = product = part_rows = quant_row = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
@@ -71,11 +71,13 @@ def _kernels() -> dict | None:
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
     global UX
-    global _quant, _quantk, _flip, _span, _prompt_kind, _attend, _norm_row, _swiglu_row, _fma, _add, _load, _pause
+    global _quant, _quantk, _flip, _span, _span5, _prompt_kind, _attend, _norm_row, _swiglu_row, _fma, _add, _load
+    global _pause
     global claim, finish, wait, take, product, part_rows, quant_row, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
-    _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
+    _quant, _flip, _span, _span5 = (cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span,
+                                    cpu_qmatmul.q5k_span)
     _quantk = cpu_qmatmul.quantize_span_k
     _prompt_kind = njit(cache=True, nogil=True, inline="always")(cpu_qmatmul.prompt_kind)  # the one rule
     UX = cpu_qmatmul.UX
@@ -153,7 +155,10 @@ def _kernels() -> dict | None:
     @njit(cache=True, nogil=True)
     def part_rows(xq, xu, dxf, xsf, qs, d, m, sc, bias, kind, R, nb, n0, n1, o):  # pragma: no cover - compiled
         # rows n0 .. n1 - 1 of one part into o [R, its rows]
-        _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
+        if kind >= 13:  # Q5_K (`cpu_qmatmul.q5k_span`)
+            _span5(xq, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
+        else:
+            _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
         if bias.shape[0]:
             for r in range(R):
                 for n in range(n0, n1):
