@@ -570,17 +570,8 @@ def _kernels() -> dict | None:
                     np.empty((4, K), np.float32), np.empty(8, np.float32), np.empty(8, np.float32), out)
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def q5k_nb(x, qs, sc, d, dm, out):  # pragma: no cover - compiled
-        K = x.shape[1]
-        ntile = (qs.shape[0] + 3) // 4
-        nchunk = min(ntile, 64)
-        for c in prange(nchunk):
-            k_tiles(x, qs, sc, qs, d, dm, 7, c * ntile // nchunk, (c + 1) * ntile // nchunk,
-                    np.empty((4, K), np.float32), np.empty(8, np.float32), np.empty(8, np.float32), out)
-
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def q32k_nb(x, qs, sc, d, dm, kind, out):  # pragma: no cover - compiled
-        # kind 8: Q3_K (dm unused), 9: Q2_K
+    def kx_nb(x, qs, sc, d, dm, kind, out):  # pragma: no cover - compiled
+        # kind 7: Q5_K, 8: Q3_K (dm unused), 9: Q2_K (their high bits, if any, in qs)
         K = x.shape[1]
         ntile = (qs.shape[0] + 3) // 4
         nchunk = min(ntile, 64)
@@ -629,7 +620,7 @@ def _kernels() -> dict | None:
                                 out[n, base + l] = dd * s * np.float32(v - 32)
 
     ks = {"q4_matmul": q4_nb, "q8_matmul": q8_nb, "q_dequant": dequant_nb, "q4k_matmul": q4k_nb,
-          "q6k_matmul": q6k_nb, "q5k_matmul": q5k_nb, "q32k_matmul": q32k_nb, "qk_dequant": dequant_k_nb}
+          "q6k_matmul": q6k_nb, "kx_matmul": kx_nb, "qk_dequant": dequant_k_nb}
     if has_avx2():
         ks.update(_q8a_kernels(njit, prange))
     return ks
@@ -1195,12 +1186,9 @@ def matmul(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray
     elif kind == 4:
         dispatch(_kernels, "q6k_matmul", lambda x, qs, qh, sc, d, out: matmul_reference(fmt, x, qs, d, None, out, sc, qh),
                  backend, x, qs, qh, sc, d, out)
-    elif kind == 7:
-        dispatch(_kernels, "q5k_matmul", lambda x, qs, sc, d, m, out: matmul_reference(fmt, x, qs, d, m, out, sc),
-                 backend, x, qs, sc, d, m, out)
-    elif kind in (8, 9):
-        dispatch(_kernels, "q32k_matmul",
-                 lambda x, qs, sc, d, m, k, out: matmul_reference(fmt, x, qs, d, m if k == 9 else None, out, sc),
+    elif kind in (7, 8, 9):  # Q5_K, Q3_K, Q2_K
+        dispatch(_kernels, "kx_matmul",
+                 lambda x, qs, sc, d, m, k, out: matmul_reference(fmt, x, qs, d, m if k != 8 else None, out, sc),
                  backend, x, qs, sc, d, m if m is not None else d, kind, out)
     else:
         mm = m if m is not None else d
@@ -1258,9 +1246,9 @@ def warm() -> list[str]:
                           u16[:, :1].copy(), u16[:, :1].copy(),
                           sc=np.zeros((3, 1, 16), np.int8) if fmt == "Q6_K" else np.zeros((3, 1, 12), np.uint8),
                           qh=np.zeros((3, 1, 64), np.uint8))
-        return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "q5k_matmul", "q32k_matmul",
+        return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "kx_matmul",
                 "qk_dequant", "q8a_matmul"]
-    return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "q5k_matmul", "q32k_matmul",
+    return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "kx_matmul",
             "qk_dequant"]
 
 

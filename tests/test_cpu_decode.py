@@ -100,7 +100,7 @@ def test_warm_compiles_every_kernel():
 
     assert _numba.warm() == ["rows_matmul", "attend", "attend_q8", "filter_rows", "refine", "dots64", "half_scores",
                              "gather_scores", "q4_matmul",
-                             "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "q5k_matmul", "q32k_matmul", "qk_dequant"] \
+                             "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "kx_matmul", "qk_dequant"] \
         + (["q8a_matmul"] if cpu_qmatmul.q8_available() else []) \
         + ["ggml_rmsnorm", "ggml_swiglu", "ggml_rope", "ggml_attend"] \
         + (["step_q8"] if cpu_qmatmul.q8_available() else [])  # the Q8 kernels need AVX2

@@ -13,7 +13,7 @@ Q5_0 / Q5_1 keep each block's 4 bytes of high bits after its 16 nibble bytes, Q5
 after its 128, Q3_K its 32 hmask bytes after its 64 bytes of 2-bit values.
 The split adds no byte: resident size = the tensor's size in the file.
 `quantize` writes Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 with llama.cpp's rounding (`gguf.quants`) and
-Q4_K/Q5_K/Q6_K with a plain min/max search of our own (`quantize_k`; the `gguf`
+the K formats with a plain min/max search of our own (`quantize_k`; the `gguf`
 package only decodes those).
 
 How the decoder uses them: `PackedLinear` replaces `nn.Linear`. A product
@@ -128,7 +128,7 @@ class Packed:
     @classmethod
     def quantize(cls, w: np.ndarray, fmt: str) -> Packed:
         """fp32 W [N, K] (K a multiple of the block) -> blocks: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 with llama.cpp's
-        rounding (`gguf.quants.quantize`), Q4_K/Q5_K/Q6_K with `quantize_k`."""
+        rounding (`gguf.quants.quantize`), the K formats with `quantize_k`."""
         if fmt not in BLOCK_BYTES:
             raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
         w = np.ascontiguousarray(w, dtype=np.float32)
@@ -168,7 +168,7 @@ class Packed:
 
 
 def quantize_k(w: np.ndarray, fmt: str) -> np.ndarray:
-    """fp32 W [N, K] (K % 256 == 0) -> raw Q4_K, Q5_K or Q6_K blocks uint8 [N, K/256 * block bytes] in llama.cpp's
+    """fp32 W [N, K] (K % 256 == 0) -> raw K-format blocks uint8 [N, K/256 * block bytes] in llama.cpp's
     layout. A plain search, not llama.cpp's iterative one: Q4_K (Q5_K) takes each 32-value sub-block's min/max
     (scale (max - min)/15 (/31), min -min(min, 0)) and quantises the scales and mins to 6 bits against the
     super-block's largest; Q6_K takes each 16-value group's absmax / 31 as an int8 scale against the
