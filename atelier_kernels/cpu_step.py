@@ -27,7 +27,7 @@ any number of threads, one included.
 
 What it serves (`NumpyStep._fused_layers`): Llama/Qwen2 layers (RMSNorm, RoPE,
 SwiGLU) whose four products are packed matrices (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/
-Q4_K/Q6_K) with Q8 activations, one block type or several side by side (a
+Q2_K/Q3_K/Q4_K/Q5_K/Q6_K: every block type kept packed) with Q8 activations, one block type or several side by side (a
 Q4_K_M file's q and k in Q5_0 or Q4_K beside a Q8_0 or Q6_K v), a full KV cache
 on the CPU, Numba and AVX2. A product's input is quantised to the blocks its
 parts read: Q8 blocks of 32 for the 32-value types, llama.cpp's Q8_K for the K
@@ -47,7 +47,7 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
-_quant = _quantk = _flip = _span = _span5 = _prompt_kind = None
+_quant = _quantk = _flip = _span = _spanx = _prompt_kind = None
 _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
 claim = finish = wait = take = product = part_rows = quant_row = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
@@ -71,13 +71,13 @@ def _kernels() -> dict | None:
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
     global UX
-    global _quant, _quantk, _flip, _span, _span5, _prompt_kind, _attend, _norm_row, _swiglu_row, _fma, _add, _load
+    global _quant, _quantk, _flip, _span, _spanx, _prompt_kind, _attend, _norm_row, _swiglu_row, _fma, _add, _load
     global _pause
     global claim, finish, wait, take, product, part_rows, quant_row, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
-    _quant, _flip, _span, _span5 = (cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span,
-                                    cpu_qmatmul.q5k_span)
+    _quant, _flip, _span, _spanx = (cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span,
+                                    cpu_qmatmul.kx_span)
     _quantk = cpu_qmatmul.quantize_span_k
     _prompt_kind = njit(cache=True, nogil=True, inline="always")(cpu_qmatmul.prompt_kind)  # the one rule
     UX = cpu_qmatmul.UX
@@ -155,8 +155,8 @@ def _kernels() -> dict | None:
     @njit(cache=True, nogil=True)
     def part_rows(xq, xu, dxf, xsf, qs, d, m, sc, bias, kind, R, nb, n0, n1, o):  # pragma: no cover - compiled
         # rows n0 .. n1 - 1 of one part into o [R, its rows]
-        if kind >= 13:  # Q5_K (`cpu_qmatmul.q5k_span`)
-            _span5(xq, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
+        if kind >= 13:  # Q5_K, Q3_K, Q2_K (`cpu_qmatmul.kx_span`)
+            _spanx(xq, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
         else:
             _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
         if bias.shape[0]:
@@ -325,7 +325,7 @@ def _kernels() -> dict | None:
                 bk = True
             else:
                 b32 = True
-            if k == 0 or k == 2 or k == 5:
+            if k == 0 or k == 2 or k == 3 or k == 5:
                 flip = True
         n32, nk8 = R * kmax if b32 else 0, R * kmax if bk else 0
         xq = np.empty(n32, np.int8)

@@ -160,12 +160,14 @@ def _against_llama_cpp(path: Path, ours, prompts: list[str]) -> tuple[list[bool]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1"])
-def test_a_q5_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
-    """A GGUF of Q5_0 (or Q5_1) blocks (the embedded model requantised by llama.cpp's own quantizer; Q5_0 is
-    what most small models' Q4_K_M files fall back to) loads packed in its own 5-bit blocks and decodes with
-    llama.cpp's logits on that file: our Q5 dot unpacks the high bits as its AVX2 one does and sums the same
-    integers in the same order."""
+@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1", "Q4_0"])
+def test_a_32_value_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
+    """A GGUF of Q5_0, Q5_1 or Q4_0 blocks (the embedded model requantised by llama.cpp's own quantizer; Q5_0 is
+    what most small models' Q4_K_M files fall back to, Q4_0 what their Q3_K / Q2_K files do) loads packed in its
+    own blocks and decodes with llama.cpp's logits on that file: our Q5 dot unpacks the high bits as its AVX2 one
+    does and sums the same integers in the same order; Q4_0 takes the arithmetic of the kernels llama.cpp
+    repacks it for (one fp32 chain per pair over the blocks' integer dots; before, with its plain dot product's
+    8 lanes: top-1 100 % but every logit up to 1.35 apart)."""
     import gguf
 
     path = _requantised(tmp_path, fmt)
@@ -177,7 +179,12 @@ def test_a_q5_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
 def _packed_and_llama_cpps_logits(path: Path, tmp_path: Path, capsys, fmt: str, label: str) -> None:  # noqa: ANN001
     """The file loads packed at its size (its `fmt` blocks kept), runs in the fused step, and gives llama.cpp's
     top-1 at >= 99 % of 2 prompts x 32 teacher-forced positions, every logit within 1e-3 of their span."""
-    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    from atelier_kernels import cpu_qmatmul
+
+    # where the CPU has AMX the llama.cpp here runs without its extra weight buffers (`llama_ref.patch`): it
+    # repacks nothing, and our Q4_0 / Q4_K parts take its plain dot products' arithmetic (built at load)
+    with cpu_qmatmul.llama_q4k_repack(not llama_ref.patch()):
+        ours = load_llm(str(path), tmp_path / "cache", activations="q8")
     assert ours.model.packed and fmt in ours.weights and "float32 538" not in ours.weights, ours.weights
     assert ours.size_bytes() <= 1.1 * path.stat().st_size
     assert ours.model._np_step.fused is not None, "every type on Q8 activations: the fused step runs"
@@ -202,6 +209,60 @@ def test_a_q5_k_m_file_gives_llama_cpps_logits(tmp_path, capsys):
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     assert "Q5_K" in types, types
     _packed_and_llama_cpps_logits(path, tmp_path, capsys, "Q5_K", "Q5_K_M")
+
+
+@pytest.mark.slow
+def test_a_q3_k_s_file_gives_llama_cpps_logits(tmp_path, capsys):
+    """The embedded model requantised to Q3_K_S by llama.cpp's quantizer (on SmolLM2: ffn_down in Q3_K, every
+    matrix whose rows of 576 are not whole super-blocks in Q4_0, Q8_0) loads packed at its file's size, runs in
+    the fused step and gives llama.cpp's logits: Q3_K on Q8_K activations with its AVX2 dot product's arithmetic
+    for a token and its tiled matmul's for a prompt, Q4_0 as it repacks it. Before (Q3_K on fp32 activations,
+    layer by layer; Q4_0 with its plain dot product's arithmetic): top-1 97 % / 91 % on 2 prompts, logits up to
+    2.0 apart."""
+    import gguf
+
+    path = _requantised(tmp_path, "Q3_K_S")
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert "Q3_K" in types, types
+    _packed_and_llama_cpps_logits(path, tmp_path, capsys, "Q3_K", "Q3_K_S")
+
+
+def _with_ffn_down(tmp_path: Path, fmt: str) -> Path:
+    """The embedded model with every ffn_down matrix re-quantised to `fmt` by our plain K quantiser
+    (`quantize_k`; llama.cpp's quantizer puts no SmolLM2 matrix in Q2_K: its Q2_K ftype writes ffn_down in
+    Q3_K, the rest falls back to Q4_0), the other tensors and the metadata copied as they are."""
+    import gguf
+    from gguf import GGMLQuantizationType as QT
+
+    from engine.llm.qweights import quantize_k
+
+    path = tmp_path / f"smollm2-ffn-down-{fmt.lower()}.gguf"
+    r = gguf.GGUFReader(str(embedded_gguf()))
+    w = gguf.GGUFWriter(str(path), r.fields["general.architecture"].contents())
+    for f in r.fields.values():
+        if f.name != "general.architecture" and not f.name.startswith("GGUF."):
+            arr = f.types[0] == gguf.GGUFValueType.ARRAY
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if arr else None)
+    for t in r.tensors:
+        if t.name.endswith("ffn_down.weight"):
+            w.add_tensor(t.name, quantize_k(gguf.quants.dequantize(t.data, t.tensor_type), fmt),
+                         raw_dtype=getattr(QT, fmt))
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.slow
+def test_a_q2_k_file_gives_llama_cpps_logits(tmp_path, capsys):
+    """The embedded Q4_1 model with ffn_down in Q2_K (`_with_ffn_down`) loads packed, runs in the fused step and
+    gives llama.cpp's logits on that file: Q2_K on Q8_K activations with llama.cpp's AVX2 dot product's
+    arithmetic (the mins' lanes first, then the scales') for a token, its tiled matmul's for a prompt."""
+    path = _with_ffn_down(tmp_path, "Q2_K")
+    _packed_and_llama_cpps_logits(path, tmp_path, capsys, "Q2_K", "Q4_1 + Q2_K ffn_down")
 
 
 @pytest.mark.slow

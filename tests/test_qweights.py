@@ -497,6 +497,37 @@ def test_q8_tiles_give_every_pair_the_same_bits(fmt):
             np.testing.assert_array_equal(other, results[0])
 
 
+@pytest.mark.parametrize("N", [16, 64, 13])
+def test_q4_0_products_are_llama_cpps_compiled_bits(N):
+    """Q4_0 on Q8 activations (`matmul_q8`) against llama.cpp's own compiled kernels through ctypes
+    (`tests/ggml_ref.py`): a matrix whose rows are a multiple of 8 as its AVX2 build repacks it by default
+    (`ggml_gemv_q4_0_8x8_q8_0` for a row, `ggml_gemm_q4_0_8x8_q8_0` for rows in fours: one fp32 chain per pair
+    over the blocks' whole integer dots), any other (13 rows), or any matrix without its extra weight buffers
+    (`llama_q4k_repack(False)`), as its `ggml_vec_dot_q4_0_q8_0` (8 lanes per block, summed at the end): every
+    (weight row, activation row) bit for bit, alone or in tiles of 8 and 4 rows (11 rows), random blocks at
+    several activation scales, 1, 16 and 19 blocks per row."""
+    from tests import ggml_ref
+
+    rng = np.random.default_rng(N)
+    for nb in (1, 16, 19):
+        raw = rng.integers(0, 256, (N, nb, 18), dtype=np.uint8)
+        raw[..., :2] = rng.uniform(1e-4, 0.05, (N, nb)).astype(np.float16)[..., None].view(np.uint8)
+        raw = raw.reshape(N, nb * 18)
+        pm = Packed.from_blocks("Q4_0", raw)
+        x = (rng.standard_normal((11, nb * 32)) * rng.uniform(0.01, 30, (11, 1))).astype(np.float32)
+        dots = np.array([[ggml_ref.vec_dot("Q4_0", raw[n], ggml_ref.quantize_q8_0(row)) for n in range(N)]
+                         for row in x])
+        repacked = ggml_ref.q4_0_repacked(raw, x) if N % 8 == 0 else dots
+        for on, want in ((True, repacked), (False, dots)):
+            with cpu_qmatmul.llama_q4k_repack(on):
+                for prompt in (False, True):
+                    got = cpu_qmatmul.matmul_q8("Q4_0", x, pm.qs, pm.d, prompt=prompt)
+                    np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(cpu_qmatmul.matmul_q8("Q4_0", x[3:4], pm.qs, pm.d)[0], want[3])
+        if N % 8 == 0 and nb > 1:
+            assert not np.array_equal(repacked, dots)  # the two arithmetics do differ somewhere
+
+
 @pytest.mark.parametrize("activations", ["q8", "fp32"])
 def test_int8_cache_is_the_full_cache_while_the_ring_holds_the_conversation(tmp_path, activations):
     """An `Int8Cache` keeps a slot's last `recent` tokens in fp32 at ring index = position until the slot

@@ -1,4 +1,4 @@
-"""GGUF Q4_K / Q5_K / Q6_K blocks kept packed (issue 13): the block decoding and the Numba kernels against
+"""GGUF Q2_K / Q3_K / Q4_K / Q5_K / Q6_K blocks kept packed (issue 13): the block decoding and the Numba kernels against
 independent oracles (`gguf.quants.dequantize`, float64 NumPy), our Q4_K/Q5_K/Q6_K quantiser checked through
 `gguf.quants.dequantize` (the `gguf` package decodes the K formats but cannot write them), and a tiny
 llama GGUF of K blocks loaded by our loader against transformers' de-quantising GGUF loader."""
@@ -29,8 +29,8 @@ from engine.llm.qweights import BLOCK_BYTES, Packed, quantize_k  # noqa: E402
 from tests.fused_twin import fused_and_layer_by_layer  # noqa: E402
 from atelier_kernels import cpu_qmatmul  # noqa: E402
 
-KF = ("Q4_K", "Q6_K", "Q5_K")  # kept packed, on fp32 or Q8_K activations
-KF_ALL = KF + ("Q3_K", "Q2_K")  # kept packed (Q3_K, Q2_K: on fp32 activations only)
+KF = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K")  # kept packed, on fp32 or Q8_K activations
+KF_ALL = KF
 D_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82)}  # the fp16 scales
 
 
@@ -134,7 +134,7 @@ def test_q8k_activations_are_llama_cpps_quantize_row_q8_k():
 
 @pytest.mark.parametrize("fmt", KF)
 def test_k_blocks_on_q8_activations_are_the_quantised_product(fmt):
-    """Q4_K / Q6_K with Q8 activations (`matmul_q8`, what "auto" runs where the CPU has AVX2): x quantised as
+    """The K types with Q8 activations (`matmul_q8`, what "auto" runs where the CPU has AVX2): x quantised as
     llama.cpp quantises it for these types (Q8_K, one scale per 256 values), each block of 32 of the weights
     against it (Q4_K's as a Q4_1 block whose scale and min are d x scale_j and -dmin x min_j, Q6_K's as a
     signed block, q - 32, with one scale per 16 values). Oracle: the gguf package's own decoding times
@@ -279,12 +279,11 @@ def test_k_gguf_is_the_network_transformers_loads(tmp_path, tie, main):
         theirs = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0,
                               eos_token_id=None)[0, len(ids):].tolist()
     assert mine == theirs
-    if main in ("Q3_K", "Q2_K"):  # no Q8_K products of theirs: the layer-by-layer step, those parts on fp32
+    if main != "Q4_K":  # the default activations where AVX2 runs: the Q5_K / Q3_K / Q2_K and Q6_K parts on
+        # Q8_K, in the fused step
         q8 = load_llm(str(path), tmp_path / "cache", activations="auto")
-        assert q8.model.packed and q8.model._np_step.fused is None
-    if main == "Q5_K":  # the default activations where AVX2 runs: the Q5_K and Q6_K parts on Q8_K
-        q8 = load_llm(str(path), tmp_path / "cache", activations="auto")
-        assert q8.model.packed and not q8.note and q8.model.layers[0].wqkv.formats == ["Q5_K", "Q6_K"]
+        assert q8.model.packed and not q8.note and q8.model.layers[0].wqkv.formats == [main, "Q6_K"]
+        assert q8.model._np_step.fused is not None
         got8 = q8.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 128), 0, ids, all_logits=True)
         # the activations rounded to 8 bits before every product of this random network: ~2 % of the logits'
         # range here (a wrong block decoding is of the order of the logits themselves)
@@ -320,7 +319,7 @@ def test_k_rows_not_whole_super_blocks_are_refused(tmp_path):
 
 
 def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path):
-    """A Q4_K_M-style mix: projections of one block type (Q8_0, Q4_K, Q6_K) and projections whose parts have
+    """A Q4_K_M-style mix: projections of one block type (Q8_0, Q4_K, Q6_K, Q3_K, Q2_K) and projections whose parts have
     different types side by side (q and k in Q5_0 beside a Q6_K v; q, k and v in three types; gate Q4_K beside
     up Q5_1), as llama.cpp's quantizer writes them. The fused Q8 step (`atelier_kernels.cpu_step`) runs every part in
     the one parallel call — Q6_K on fp32 activations with the layer-by-layer path's tiles, the others (Q4_K
@@ -339,9 +338,9 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
 
     mat("token_embd.weight", VOCAB, D, "Q8_0", 1.0)
     # per layer: (q, k, v), output, (gate, up), down
-    layers = ((("Q8_0",) * 3, "Q8_0", ("Q4_K",) * 2, "Q6_K"),
+    layers = ((("Q8_0",) * 3, "Q8_0", ("Q4_K",) * 2, "Q3_K"),
               (("Q4_K",) * 3, "Q6_K", ("Q8_0",) * 2, "Q5_K"),
-              (("Q5_0", "Q5_0", "Q6_K"), "Q5_1", ("Q4_K", "Q5_1"), "Q6_K"),
+              (("Q5_0", "Q5_0", "Q6_K"), "Q5_1", ("Q4_K", "Q5_1"), "Q2_K"),
               (("Q4_K", "Q5_0", "Q8_0"), "Q4_0", ("Q4_1", "Q4_1"), "Q5_0"))
     for i, (qkv, out, gu, down) in enumerate(layers):
         p = f"blk.{i}."
@@ -364,7 +363,8 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
     assert (step.fused is not None) == cpu_step.available()
     if step.fused is None:  # no Numba / AVX2 here: the layer-by-layer path is the only one
         return
-    assert sorted(set(step.fused.pkind.tolist())) == sorted(cpu_step.KIND.values())  # every block type
+    # every block type (Q4_0, its rows a multiple of 8, as llama.cpp repacks it: kind 3)
+    assert sorted(set(step.fused.pkind.tolist())) == sorted({3 if k == 0 else k for k in cpu_step.KIND.values()})
     assert step.fused.pcount.max() == 3  # q, k and v in three types: three parts side by side
     fused, plain = fused_and_layer_by_layer(step, ours.model.args)
     for f, p in zip(fused, plain):
@@ -373,7 +373,8 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
 
 @pytest.mark.parametrize("fmt", KF)
 def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
-    """The K types' tile intrinsics (`_numba._q8k_rows_codegen`, kinds 5 / 6 / 11): every (weight row, activation
+    """The K types' tile intrinsics (`_numba._q8k_rows_codegen`, kinds 5 / 6 / 11; Q3_K / Q2_K's
+    `_q8k_low2_codegen`, kinds 13 / 15): every (weight row, activation
     row) of the 4 x 1, 1 x 4 and 1 x 8 tiles equals the 1 x 1 tile's bits, and the float64 product to fp32
     rounding."""
     from numba import njit
@@ -381,18 +382,18 @@ def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
     from atelier_kernels._numba import has_avx2, jit, q8_tile_dot_intrinsic
 
     assert jit() is not None and has_avx2()
-    kind = {"Q4_K": 5, "Q6_K": 6, "Q5_K": 11}[fmt]
+    kind = {"Q4_K": 5, "Q6_K": 6, "Q5_K": 11, "Q3_K": 13, "Q2_K": 15}[fmt]
     W, R, nbk = 4, 8, 2
     nb = nbk * 8
     raw = random_blocks(fmt, W, nbk, seed=9)
     pm = Packed.from_blocks(fmt, raw)
     wf, df = pm.qs.reshape(-1).view(np.uint8), pm.d.reshape(-1)
-    mf = pm.qh.reshape(-1).view(np.uint16) if fmt == "Q6_K" else pm.m.reshape(-1)
+    mf = pm.qh.reshape(-1).view(np.uint16) if fmt == "Q6_K" else (pm.d if pm.m is None else pm.m).reshape(-1)
     scf = pm.sc.reshape(-1).view(np.uint8)
     x = np.random.default_rng(2).standard_normal((R, nb * 32)).astype(np.float32)
     xq, dx, xs = cpu_qmatmul.quantize_rows(x, k=True)
     dxf, xsf, xr = dx.reshape(-1), xs.reshape(-1), nb * 32
-    wr = nbk * (160 if fmt == "Q5_K" else 128)  # weight bytes per row; scales per row: nbk
+    wr = nbk * {"Q5_K": 160, "Q3_K": 96, "Q2_K": 64}.get(fmt, 128)  # weight bytes per row; scales per row: nbk
     want = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, backend="numpy", sc=pm.sc, qh=pm.qh)
     t11, t41, t14, t18 = (q8_tile_dot_intrinsic(kind, nw, n) for nw, n in ((1, 1), (4, 1), (1, 4), (1, 8)))
 
@@ -553,26 +554,59 @@ def test_k_products_are_llama_cpps_bits(fmt, N, repack):
                 assert not np.array_equal(got[:1], alone)  # the two arithmetics do differ somewhere
 
 
-@pytest.mark.parametrize("N", [16, 13])
-def test_q5_k_products_are_llama_cpps_compiled_bits(N):
-    """Q5_K on Q8_K activations (`matmul_q8`: llama.cpp 0.3.36 does not repack Q5_K on x86, so every token
-    takes its AVX2 dot product) against llama.cpp's own compiled `ggml_vec_dot_q5_K_q8_K` on its own
-    `quantize_row_q8_K` activations, called through ctypes (`tests/ggml_ref.py`): every (weight row, activation
-    row) bit for bit, through every tile of `q8a_span` (11 rows: a group of 8, then 4 weight rows at a time),
-    random blocks (every bit pattern of the nibbles, high bits, scales and mins) at several activation scales."""
+def _tiled_low2(fmt: str, pm: Packed, y: np.ndarray) -> np.float32:
+    """One Q3_K / Q2_K weight row (pm, one row) . one Q8_K row (llama.cpp's bytes, `ggml_ref.quantize_q8_k`) as
+    llama.cpp's tiled K-quant matmul computes it (`tiled_run_microtile`, 0.3.36's sources), which it runs for a
+    micro-batch of 8 tokens or more: per super-block the exact integer totals s1 = sum_g scale_g sum q x and
+    (Q2_K) s2 = sum_g min_g bsum_g, r = d_w x s1 (Q2_K: r - dmin_w x s2, one rounding), then r x d_x
+    fused-multiply-added into one chain."""
+    acc = np.float32(0.0)
+    for i, yb in enumerate(y.reshape(-1, 292)):
+        dy = yb[:4].view(np.float32)[0]
+        xq, bs = yb[4:260].view(np.int8).astype(np.int64), yb[260:292].view(np.int16).astype(np.int64)
+        q = cpu_qmatmul._q2_bits(pm.qs[:, i:i + 1, :64])[0, 0]  # value order p = 128h + 32j + l
+        if fmt == "Q3_K":  # bit 4h + j = p // 32 of hmask[p % 32] clear: q - 4
+            p = np.arange(256)
+            q = q - 4 * (1 - ((pm.qs[0, i, 64 + p % 32].astype(np.int64) >> (p // 32)) & 1))
+            scales = cpu_qmatmul.q3k_scales(pm.sc[0, i])
+        else:
+            scales, mins = pm.sc[0, i].astype(np.int64) & 15, pm.sc[0, i].astype(np.int64) >> 4
+        s1 = int((np.repeat(scales, 16) * q * xq).sum())
+        r = np.float32(pm.d[0, i:i + 1].view(np.float16)[0].astype(np.float32) * np.float32(s1))
+        if fmt == "Q2_K":
+            dmin = pm.m[0, i:i + 1].view(np.float16)[0].astype(np.float32)
+            r = _fma32(-dmin, np.float32(int((mins * bs).sum())), r)
+        acc = _fma32(r, dy, acc)
+    return acc
+
+
+@pytest.mark.parametrize("fmt,N", [("Q5_K", 16), ("Q5_K", 13), ("Q3_K", 16), ("Q3_K", 13), ("Q2_K", 16),
+                                   ("Q2_K", 13)])
+def test_k_products_are_llama_cpps_compiled_bits(fmt, N):
+    """Q5_K, Q3_K and Q2_K on Q8_K activations (`matmul_q8`: llama.cpp 0.3.36's AVX2 build repacks none of them,
+    so every token takes its AVX2 dot product) against llama.cpp's own compiled `ggml_vec_dot_<type>_q8_K` on its
+    own `quantize_row_q8_K` activations, called through ctypes (`tests/ggml_ref.py`): every (weight row,
+    activation row) bit for bit, through every tile of the spans (11 rows: a group of 8, then 4 weight rows at a
+    time), random blocks (every bit pattern of the values, high bits, scales and mins) at several activation
+    scales. A prompt of 8 or more takes llama.cpp's tiled matmul arithmetic instead: Q3_K / Q2_K against its
+    transcription (`_tiled_low2`) bit for bit, Q5_K to fp32 rounding (all three checked end to end against
+    llama.cpp's logits in tests/test_q8_activations_llama_cpp.py)."""
     from tests import ggml_ref
 
-    raw = random_blocks("Q5_K", N, 3, seed=N)
-    pm = Packed.from_blocks("Q5_K", raw)
+    raw = random_blocks(fmt, N, 3, seed=N)
+    pm = Packed.from_blocks(fmt, raw)
     rng = np.random.default_rng(N)
     x = (rng.standard_normal((11, 768)) * rng.uniform(0.01, 30, (11, 1))).astype(np.float32)
     ys = [ggml_ref.quantize_q8_k(row) for row in x]
-    want = np.array([[ggml_ref.vec_dot("Q5_K", raw[n], y) for n in range(N)] for y in ys])
-    np.testing.assert_array_equal(cpu_qmatmul.matmul_q8("Q5_K", x, pm.qs, pm.d, pm.m, sc=pm.sc), want)
+    want = np.array([[ggml_ref.vec_dot(fmt, raw[n], y) for n in range(N)] for y in ys])
+    np.testing.assert_array_equal(cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, sc=pm.sc), want)
     for r in (0, 5):  # one token alone: the same bits
-        np.testing.assert_array_equal(cpu_qmatmul.matmul_q8("Q5_K", x[r:r + 1], pm.qs, pm.d, pm.m, sc=pm.sc)[0],
+        np.testing.assert_array_equal(cpu_qmatmul.matmul_q8(fmt, x[r:r + 1], pm.qs, pm.d, pm.m, sc=pm.sc)[0],
                                       want[r])
-    # a prompt of 8 or more takes llama.cpp's tiled matmul arithmetic instead (checked end to end against
-    # llama.cpp's logits in tests/test_q8_activations_llama_cpp.py): the same values to fp32 rounding
-    got = cpu_qmatmul.matmul_q8("Q5_K", x, pm.qs, pm.d, pm.m, sc=pm.sc, prompt=True)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    got = cpu_qmatmul.matmul_q8(fmt, x, pm.qs, pm.d, pm.m, sc=pm.sc, prompt=True)
+    if fmt == "Q5_K":
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    else:
+        tiled = np.array([[_tiled_low2(fmt, pm.rows(slice(n, n + 1)), y) for n in range(N)] for y in ys])
+        np.testing.assert_array_equal(got, tiled)
+        assert not np.array_equal(tiled, want)  # the two arithmetics do differ somewhere
