@@ -1,17 +1,17 @@
 """Q8 activations on the embedded SmolLM2 GGUF (`models.llm_activations = "q8"`, what "auto" picks where the
 CPU has AVX2) against llama.cpp on the same file (issue 13).
 
-With activations quantised to Q8 blocks, as llama.cpp computes Q4_1 / Q8_0 products, our logits are no
-longer transformers' de-quantised network to float tolerance. The oracle is then llama.cpp itself
-(`llama-cpp-python`, `logits_all=True`): over fixed prompts llama.cpp generates greedily; fed its tokens one
-by one through our decode step (the prompt through our prefill), our top-1 token must equal llama.cpp's at
->= 99 % of the positions (issue 13). The oracle is llama.cpp's AVX2 build on any x86 CPU (the Makefile builds
-it so; an AVX-512 build sums in 16 lanes: 97.4 % top-1 and logits up to 1.9 apart, measured on an AVX-512
-Xeon); llama.cpp's AMX weight buffers are kept off (`tests/llama_ref.py`). The network amplifies any float difference through the int8 rounding
-of each product's input (1e-7 at layer 0 is 3 % of the logits by layer 29), so this holds only because the
-arithmetic between the products is llama.cpp's too (`atelier_kernels.cpu_ggml`): measured here, every logit equals
-llama.cpp's bit for bit; the test prints the largest difference and asks it to stay below 1e-3 of the
-logits' range. One prompt is evaluated in micro-batches of 16 tokens on both sides (llama.cpp's n_ubatch,
+With activations quantised to Q8 blocks, as llama.cpp computes Q4_1 / Q8_0 products, our logits are no longer
+transformers' de-quantised network to float tolerance. The oracle is then llama.cpp itself (`llama-cpp-python`,
+`logits_all=True`): over fixed prompts llama.cpp generates greedily; fed its tokens one by one through our decode
+step (the prompt through our prefill), our top-1 token must equal llama.cpp's at >= 99 % of the positions (issue
+13). The oracle is llama.cpp's AVX2 build on any x86 CPU (the Makefile builds it so; an AVX-512 build sums in 16
+lanes: 97.4 % top-1 and logits up to 1.9 apart, measured on an AVX-512 Xeon); llama.cpp's AMX weight buffers are
+kept off (`tests/llama_ref.py`). The network amplifies any float difference through the int8 rounding of each
+product's input (1e-7 at layer 0 is 3 % of the logits by layer 29), so this holds only because the arithmetic
+between the products is llama.cpp's too (`atelier_kernels.cpu_ggml`): measured here, every logit equals
+llama.cpp's bit for bit; the test prints the largest difference and asks it to stay below 1e-3 of the logits'
+range. One prompt is evaluated in micro-batches of 16 tokens on both sides (llama.cpp's n_ubatch,
 `NumpyStep.ubatch`) with a last batch of one token, the paths a long prompt takes. The agreement with
 transformers' de-quantised network (and llama.cpp's own) is printed.
 """

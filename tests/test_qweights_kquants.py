@@ -321,10 +321,9 @@ def test_k_rows_not_whole_super_blocks_are_refused(tmp_path):
 def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path):
     """A Q4_K_M-style mix: projections of one block type (Q8_0, Q4_K, Q6_K, Q3_K, Q2_K) and projections whose parts have
     different types side by side (q and k in Q5_0 beside a Q6_K v; q, k and v in three types; gate Q4_K beside
-    up Q5_1), as llama.cpp's quantizer writes them. The fused Q8 step (`atelier_kernels.cpu_step`) runs every part in
-    the one parallel call — Q6_K on fp32 activations with the layer-by-layer path's tiles, the others (Q4_K
-    included) on Q8 activations — each into its own columns: the same logits bit for bit as the layer-by-layer path, for
-    prompts of nine slots and steps of 1, 2, 5 and 9 rows."""
+    up Q5_1), as llama.cpp's quantizer writes them. The fused Q8 step (`atelier_kernels.cpu_step`) runs every
+    part in the one parallel call, on Q8 activations (the K types on Q8_K), each into its own columns: the same
+    logits bit for bit as the layer-by-layer path, for prompts of nine slots and steps of 1, 2, 5 and 9 rows."""
     from atelier_kernels import cpu_step
 
     rng = np.random.default_rng(3)
