@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 LOCK = threading.Lock()
+# IQ4_NL's 16 signed values (ggml's kvalues_iq4nl): a block's value j is d x IQ4NL_VALUES[nibble j]
+IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 @functools.cache
@@ -245,17 +247,20 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     exact integer as w's sign moved onto x by `vpsignb` (twice per pair, once per block: the operand must be
     unsigned), without a `vpsignb` per pair: 3 vector operations per (block, row) instead of 4.
 
-    chain (Q4_0): llama.cpp's arithmetic on the Q4_0 matrices it repacks (rows a multiple of 8, its extra weight
-    buffers on: `ggml_gemv_q4_0_8x8_q8_0` for a token, `ggml_gemm_q4_0_8x8_q8_0` for rows in fours, the same
-    per pair): each block's integer dot summed whole (exact), converted to fp32 and fused-multiply-added times
-    d_w x d_x into one scalar chain per pair; no lanes, no final sum."""
+    kind 17 (IQ4_NL): Q4_0's nibbles, each looked up in IQ4NL_VALUES (`vpshufb`), then the signed kinds' dot.
+
+    chain (Q4_0, IQ4_NL): llama.cpp's arithmetic on the Q4_0 (IQ4_NL) matrices it repacks (rows a multiple of
+    8, its extra weight buffers on: `ggml_gemv_q4_0_8x8_q8_0` for a token, `ggml_gemm_q4_0_8x8_q8_0` for rows in
+    fours, the same per pair): each block's integer dot summed whole (exact), converted to fp32 and
+    fused-multiply-added times d_w x d_x into one scalar chain per pair; no lanes, no final sum (IQ4_NL:
+    `ggml_gemv` / `ggml_gemm_iq4_nl_8x8_q8_0`, the same template with its lookup table)."""
     from llvmlite import ir
     from numba.core import cgutils
 
     i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
     v16i8, v32i8, v16i16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
     v8i32, v8f32, v8i16 = ir.VectorType(i32, 8), ir.VectorType(f32, 8), ir.VectorType(i16, 8)
-    assert kind in (0, 1, 2, 3, 4), "the K types: _q8k_rows_codegen"
+    assert kind in (0, 1, 2, 3, 4, 17), "the K types: _q8k_rows_codegen"
     mn = kind in (0, 3)  # unsigned weights and a min per block (Q4_1, Q5_1)
     q5 = kind in (3, 4)  # 5-bit weights: the nibbles' 16 bytes, then the block's 32 high bits
     bw = 32 if kind == 2 else 20 if q5 else 16
@@ -279,6 +284,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
         maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
         psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
+        pshufb = mod.declare_intrinsic("llvm.x86.avx2.pshuf.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
         dpbusd = mod.declare_intrinsic("llvm.x86.avx512.vpdpbusd.256",
                                        fnty=ir.FunctionType(v8i32, [v8i32, v8i32, v8i32])) if vnni else None
         fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
@@ -338,6 +344,9 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                                       ir.Constant(v32i8, [15] * 32))
                     if kind == 1:
                         wq = builder.sub(wq, ir.Constant(v32i8, [8] * 32))
+                    elif kind == 17:  # IQ4_NL: each nibble indexes its 16 signed values (`vpshufb`, the table
+                        # in both 128-bit halves: ggml's kvalues_iq4nl lookup)
+                        wq = builder.call(pshufb, [ir.Constant(v32i8, list(IQ4NL_VALUES) * 2), wq])
                     if q5:  # bit j of the 32-bit qh selects for byte j (a mask register and one masked byte
                         # operation with AVX512-BW/VL; llama.cpp's bytes_from_bits_32 expansion with AVX2 alone):
                         # Q5_1: | 0x10 where set (q 0..31); Q5_0: | 0xF0 where clear (q - 16 as a signed byte)
@@ -879,7 +888,8 @@ def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into 
     """A Numba intrinsic (AVX2): one weight row in blocks of 32 against one row of int8 activations ->
     float32 sum over the row's blocks of d_w[b] * d_x[b] * (integer dot of block b), llama.cpp's Q8
     product. kind 0: Q4_1 nibbles q (0..15) plus the min's term sum_b m[b] x xs[b], 1: Q4_0 nibbles
-    q - 8, 2: Q8_0 int8 q, 3: Q5_1 (5-bit q 0..31, the min's term as Q4_1's), 4: Q5_0 (q - 16); Q5's
+    q - 8, 2: Q8_0 int8 q, 3: Q5_1 (5-bit q 0..31, the min's term as Q4_1's), 4: Q5_0 (q - 16), 17: IQ4_NL
+    (IQ4NL_VALUES[nibble]); Q5's
     blocks are 20 bytes: the 16 nibble bytes, then 32 high bits (value j's bit 4 = bit j), which select
     bytes as a 32-lane mask (a mask register with AVX512-BW/VL; with AVX2, LLVM expands it as llama.cpp's
     `bytes_from_bits_32` does). Arguments: (w uint8 [..] flat, w offset

@@ -92,21 +92,21 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ._numba import (dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, has_vnni, jit,
+from ._numba import (IQ4NL_VALUES, dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, has_vnni, jit,
                      prefetch_intrinsic, q8_row_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic,
                      stream_prefetch)
 
-FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # blocks of 32 along K
+FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")  # blocks of 32 along K
 K_FORMATS = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K")  # super-blocks of 256 along K
 ALL_FORMATS = FORMATS + K_FORMATS
 BLOCK = 32
 QK_K = 256
-BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_1": BLOCK, "Q4_K": QK_K, "Q6_K": QK_K,
-                "Q5_K": QK_K, "Q3_K": QK_K, "Q2_K": QK_K}
+BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_1": BLOCK, "IQ4_NL": BLOCK,
+                "Q4_K": QK_K, "Q6_K": QK_K, "Q5_K": QK_K, "Q3_K": QK_K, "Q2_K": QK_K}
 # with Q8 activations (`matmul_q8`): every format
-Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K")
-Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "Q4_K": 7, "Q6_K": 8, "Q5_K": 13, "Q3_K": 15,
-            "Q2_K": 17}  # q8a_span's (13 and up: kx_span's)
+Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K")
+Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "IQ4_NL": 4, "Q4_K": 7, "Q6_K": 8, "Q5_K": 13,
+            "Q3_K": 15, "Q2_K": 17}  # q8a_span's (13 and up: kx_span's)
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
@@ -184,6 +184,8 @@ def dequant_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | N
             q += 16.0 * ((qh >> np.arange(32, dtype=np.uint32)) & 1)
         if fmt == "Q4_0":
             w = dd * (q - 8.0)
+        elif fmt == "IQ4_NL":
+            w = dd * np.asarray(IQ4NL_VALUES, np.float64)[q.astype(np.int64)]
         elif fmt == "Q5_0":
             w = dd * (q - 16.0)
         else:
@@ -262,7 +264,9 @@ def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarra
 
 
 # -- Numba kernels -------------------------------------------------------------------------------
+_IQ4NL_F32 = np.array(IQ4NL_VALUES, np.float32)  # a global array: a constant of the compiled code
 _h2f = q4k_scales = tile_dot = unpack_q4 = unpack_q5 = unpack_q8 = unpack_q4k = unpack_q5k = unpack_q6k = None
+unpack_iq4 = None
 k_tiles = unpack_q3k = unpack_q2k = q3k_scale = None
 
 
@@ -273,6 +277,7 @@ def _kernels() -> dict | None:
     drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
     global _h2f, q4k_scales, tile_dot, unpack_q4, unpack_q5, unpack_q8, unpack_q4k, unpack_q5k, unpack_q6k, k_tiles
+    global unpack_iq4
     global unpack_q3k, unpack_q2k, q3k_scale
     # helpers are module globals: a closure variable (even another jitted function) would keep Numba's
     # on-disk cache from ever matching (a new index entry, and a recompile, in every process)
@@ -365,6 +370,19 @@ def _kernels() -> dict | None:
                 wt[t, base + H + j] = db * np.float32(hi) + mb
 
     @njit(fastmath=True, cache=True, nogil=True)
+    def unpack_iq4(qs, d, n, wt, t):  # pragma: no cover - compiled
+        # row n of W (IQ4_NL) -> wt[t] fp32: each nibble's value from the table
+        nb, H = qs.shape[1], qs.shape[2]  # H = 16 at run time (see unpack_q4)
+        lut = _IQ4NL_F32
+        for b in range(nb):
+            db = _h2f(d[n, b])
+            base = b * 2 * H
+            for j in range(H):
+                v = np.int32(qs[n, b, j])
+                wt[t, base + j] = db * lut[v & 15]
+                wt[t, base + H + j] = db * lut[v >> 4]
+
+    @njit(fastmath=True, cache=True, nogil=True)
     def unpack_q8(qs, d, n, wt, t):  # pragma: no cover - compiled
         nb, W = qs.shape[1], qs.shape[2]  # W = 32 at run time (see unpack_q4)
         for b in range(nb):
@@ -375,7 +393,7 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def q4_nb(x, qs, d, m, kind, out):  # pragma: no cover - compiled
-        # kind 0: Q4_0 (offset -8), 1: Q4_1 (min m), 5: Q5_0 (offset -16), 6: Q5_1 (min m). Tiles of NT = 4
+        # kind 0: Q4_0 (offset -8), 1: Q4_1 (min m), 5: Q5_0 (offset -16), 6: Q5_1 (min m), 10: IQ4_NL. Tiles of NT = 4
         # output rows: de-quantised once into wt (fp32, 4 x K, L1/L2), then tile_dot for all rows of x; the
         # last tile repeats row N - 1
         K = x.shape[1]
@@ -389,7 +407,9 @@ def _kernels() -> dict | None:
             for tl in range(t0, t1):
                 n0 = tl * 4
                 for t in range(4):
-                    if kind >= 5:
+                    if kind == 10:
+                        unpack_iq4(qs, d, min(n0 + t, N - 1), wt, t)
+                    elif kind >= 5:
                         unpack_q5(qs, d, m, kind, min(n0 + t, N - 1), wt, t)
                     else:
                         unpack_q4(qs, d, m, kind, min(n0 + t, N - 1), wt, t)
@@ -413,8 +433,9 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def dequant_nb(qs, d, m, kind, out):  # pragma: no cover - compiled
-        # kind 0: Q4_0, 1: Q4_1, 2: Q8_0 (qs int8), 5: Q5_0, 6: Q5_1
+        # kind 0: Q4_0, 1: Q4_1, 2: Q8_0 (qs int8), 5: Q5_0, 6: Q5_1, 10: IQ4_NL
         N, nb = d.shape
+        lut = _IQ4NL_F32
         for n in prange(N):
             for b in range(nb):
                 db = _h2f(d[n, b])
@@ -422,6 +443,11 @@ def _kernels() -> dict | None:
                 if kind == 2:
                     for j in range(32):
                         out[n, base + j] = db * np.float32(qs[n, b, j])
+                elif kind == 10:
+                    for j in range(16):
+                        v = np.int32(qs[n, b, j])
+                        out[n, base + j] = db * lut[v & 15]
+                        out[n, base + 16 + j] = db * lut[v >> 4]
                 elif kind >= 5:
                     mb = _h2f(m[n, b]) if kind == 6 else np.float32(-16.0) * db
                     qh = (np.uint32(qs[n, b, 16]) | (np.uint32(qs[n, b, 17]) << 8)
@@ -632,6 +658,7 @@ def _kernels() -> dict | None:
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
 _r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = flip_rows = None
 _rd_q4r = _r4_q4r = _w4_q4r = _r8_q4r = None
+_rd_iq4 = _r4_iq4 = _w4_iq4 = _r8_iq4 = None
 _rd_q50 = _rd_q51 = _r4_q50 = _r4_q51 = _w4_q50 = _w4_q51 = _r8_q50 = _r8_q51 = None
 _rd_q4k = _r4_q4k = _w4_q4k = _r8_q4k = _rd_q6k = _r4_q6k = _w4_q6k = _r8_q6k = None
 _rd_q5k = _r4_q5k = _w4_q5k = _r8_q5k = _rd_q5t = _r4_q5t = _w4_q5t = _r8_q5t = None
@@ -671,6 +698,11 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     global _rd_q4r, _r4_q4r, _w4_q4r, _r8_q4r
     _rd_q4r, _w4_q4r = q8_tile_dot_intrinsic(1, 1, 1, chain=True), q8_tile_dot_intrinsic(1, 4, 1, chain=True)
     _r4_q4r, _r8_q4r = (q8_tile_dot_intrinsic(1, 1, r, tmin=True, ux=UX, chain=True) for r in (4, 8))
+    # IQ4_NL (q8a_span's kind 4; the intrinsics' kind 17): as llama.cpp repacks it, Q4_0's chains on the looked-up
+    # values
+    global _rd_iq4, _r4_iq4, _w4_iq4, _r8_iq4
+    _rd_iq4, _w4_iq4 = q8_tile_dot_intrinsic(17, 1, 1, chain=True), q8_tile_dot_intrinsic(17, 4, 1, chain=True)
+    _r4_iq4, _r8_iq4 = (q8_tile_dot_intrinsic(17, 1, r, tmin=True, ux=UX, chain=True) for r in (4, 8))
     # Q5_1 / Q5_0 (the intrinsics' kinds 3 / 4): the same tiles
     _rd_q51, _rd_q50 = (q8_row_dot_intrinsic(k) for k in (3, 4))
     _r4_q51, _r4_q50 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True, ux=UX and k == 4) for k in (3, 4))
@@ -881,7 +913,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # bytes flat (uint8), df / mf: fp16 bits flat [N * nb]; rows of x four at a time (each weight block
         # unpacked once for them), the rest one by one: the same arithmetic per row either way. xu: xq with
         # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q5_0 / Q8_0 tiles of rows read it), else
-        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_0 as llama.cpp repacks it, 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K
+        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_0 as llama.cpp repacks it, 4 IQ4_NL (as it repacks it),
+        # 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K
         # (`Q8A_KIND`), 9 Q6_K in a prompt of 8 rows or more, 10 Q4_K in a prompt (its rows in fours, the rest as
         # 7), 11 Q4_K not repacked, 12 that in a prompt of 8 rows or more (`part_kind`, `prompt_kind`; 13 .. 18:
         # `kx_span`); scf: the K formats' scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block
@@ -917,6 +950,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 3:
                         a = _w4_q4r(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 4:
+                        a = _w4_iq4(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 5:
                         a = _w4_q50(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
@@ -971,6 +1007,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     a8 = _r8_q4r(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                elif kind == 4:
+                    a8 = _r8_iq4(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 elif kind == 5:
                     a8 = _r8_q50(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
@@ -1020,6 +1060,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 elif kind == 3:
                     a = _r4_q4r(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                elif kind == 4:
+                    a = _r4_iq4(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 elif kind == 5:
                     a = _r4_q50(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
@@ -1061,6 +1104,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_q40(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 3:
                     out[r, n] = _rd_q4r(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 4:
+                    out[r, n] = _rd_iq4(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 5:
                     out[r, n] = _rd_q50(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 6:
@@ -1092,7 +1137,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         R, nb = dx.shape
         N = d.shape[0]
         dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
-        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 3 or kind == 5) and R >= 4 else 0,
+        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 3 or kind == 4 or kind == 5) and R >= 4
+                      else 0,
                       np.int8)
         if xu.size:
             flip_rows(xq, xu, nb * 32, 0, R)
@@ -1159,8 +1205,11 @@ def part_kind(fmt: str, rows: int) -> int:
     """The q8a_span kind of a `fmt` matrix of `rows` output rows (one token per activation row): Q8A_KIND, but
     Q4_K as llama.cpp runs a matrix it does not repack (kind 11: rows not a multiple of 8, or its extra weight
     buffers off, `llama_q4k_repack`), Q4_0 as it runs one it repacks (kind 3: rows a multiple of 8, the buffers
-    on; its `ggml_gemv` / `ggml_gemm_q4_0_8x8_q8_0`). Q5_K, Q3_K, Q2_K (kinds 13, 15, 17): llama.cpp 0.3.36's
-    AVX2 build repacks none of them."""
+    on; its `ggml_gemv` / `ggml_gemm_q4_0_8x8_q8_0`). IQ4_NL (kind 4): always as llama.cpp runs a matrix it
+    repacks (`ggml_gemv` / `ggml_gemm_iq4_nl_8x8_q8_0`); one it does not (rows not a multiple of 8, or its
+    buffers off) it multiplies with its plain dot product (a token: 2 x 8 lanes; a prompt: 8 lanes), whose sums
+    end in other roundings than ours there. Q5_K, Q3_K, Q2_K (kinds 13, 15, 17): llama.cpp 0.3.36's AVX2 build
+    repacks none of them."""
     kind = Q8A_KIND[fmt]
     if kind == 0 and rows % 8 == 0 and _Q4K_REPACK[0]:  # Q4_0 repacked (llama.cpp's q4_0_8x8 kernels)
         return 3
@@ -1222,10 +1271,12 @@ def available() -> bool:
     return _kernels() is not None
 
 
-_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1": 6, "Q5_K": 7, "Q3_K": 8, "Q2_K": 9}
+_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1": 6, "Q5_K": 7, "Q3_K": 8, "Q2_K": 9,
+         "IQ4_NL": 10}
 # fmt -> (qs dtype, qs bytes per block); the K formats' sc / qh are checked in _check. Q5_0 / Q5_1: the 16
 # nibble bytes, then the block's 32 high bits (4 bytes, little-endian)
-_LAYOUT = {"Q8_0": (np.int8, 32), "Q4_0": (np.uint8, 16), "Q4_1": (np.uint8, 16), "Q4_K": (np.uint8, 128),
+_LAYOUT = {"Q8_0": (np.int8, 32), "Q4_0": (np.uint8, 16), "Q4_1": (np.uint8, 16), "IQ4_NL": (np.uint8, 16),
+           "Q4_K": (np.uint8, 128),
            "Q6_K": (np.uint8, 128), "Q5_0": (np.uint8, 20), "Q5_1": (np.uint8, 20), "Q5_K": (np.uint8, 160),
            "Q3_K": (np.uint8, 96), "Q2_K": (np.uint8, 64)}
 _SC_WIDTH = {"Q4_K": 12, "Q5_K": 12, "Q3_K": 12, "Q2_K": 16}  # the K formats' uint8 scale bytes per super-block

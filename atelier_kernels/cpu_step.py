@@ -325,7 +325,7 @@ def _kernels() -> dict | None:
                 bk = True
             else:
                 b32 = True
-            if k == 0 or k == 2 or k == 3 or k == 5:
+            if k == 0 or k == 2 or k == 3 or k == 4 or k == 5:
                 flip = True
         n32, nk8 = R * kmax if b32 else 0, R * kmax if bk else 0
         xq = np.empty(n32, np.int8)

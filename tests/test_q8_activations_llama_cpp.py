@@ -160,19 +160,21 @@ def _against_llama_cpp(path: Path, ours, prompts: list[str]) -> tuple[list[bool]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1", "Q4_0"])
+@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1", "Q4_0", "IQ4_NL"])
 def test_a_32_value_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
-    """A GGUF of Q5_0, Q5_1 or Q4_0 blocks (the embedded model requantised by llama.cpp's own quantizer; Q5_0 is
-    what most small models' Q4_K_M files fall back to, Q4_0 what their Q3_K / Q2_K files do) loads packed in its
-    own blocks and decodes with llama.cpp's logits on that file: our Q5 dot unpacks the high bits as its AVX2 one
-    does and sums the same integers in the same order; Q4_0 takes the arithmetic of the kernels llama.cpp
-    repacks it for (one fp32 chain per pair over the blocks' integer dots; before, with its plain dot product's
-    8 lanes: top-1 100 % but every logit up to 1.35 apart)."""
+    """A GGUF of Q5_0, Q5_1, Q4_0 or IQ4_NL blocks (the embedded model requantised by llama.cpp's own quantizer;
+    Q5_0 is what most small models' Q4_K_M files fall back to, Q4_0 what their Q3_K / Q2_K files do, IQ4_NL what
+    IQ4_XS files do) loads packed in its own blocks and decodes with llama.cpp's logits on that file: our Q5 dot
+    unpacks the high bits as its AVX2 one does and sums the same integers in the same order; Q4_0 and IQ4_NL
+    take the arithmetic of the kernels llama.cpp repacks them for (one fp32 chain per pair over the blocks'
+    integer dots; before, Q4_0 with its plain dot product's 8 lanes: top-1 100 % but every logit up to 1.35
+    apart; IQ4_NL de-quantised to fp32 at load, 6.4x the file's bytes)."""
     import gguf
 
     path = _requantised(tmp_path, fmt)
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
-    assert fmt in types and types <= {fmt, "Q8_0", "F32"}, types
+    # (llama.cpp's IQ4_NL mix keeps some matrices in Q5_K: the attention's v and ffn_down of a few layers)
+    assert fmt in types and types <= {fmt, "Q8_0", "F32"} | ({"Q5_K"} if fmt == "IQ4_NL" else set()), types
     _packed_and_llama_cpps_logits(path, tmp_path, capsys, fmt, fmt)
 
 

@@ -25,7 +25,7 @@ from gguf import quants  # noqa: E402
 from engine.llm.cache import FullCache  # noqa: E402
 from engine.llm.gguf_load import CorruptGGUF, read_gguf  # noqa: E402
 from engine.llm.load import load_llm  # noqa: E402
-from engine.llm.qweights import BLOCK_BYTES, Packed, quantize_k  # noqa: E402
+from engine.llm.qweights import BLOCK_BYTES, Packed, quantize_blocks, quantize_k  # noqa: E402
 from tests.fused_twin import fused_and_layer_by_layer  # noqa: E402
 from atelier_kernels import cpu_qmatmul  # noqa: E402
 
@@ -332,7 +332,7 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
 
     def mat(name: str, n: int, k: int, fmt: str, scale: float = 0.1) -> None:
         x = (rng.standard_normal((n, k)) * scale).astype(np.float32)
-        raw = quantize_k(x, fmt) if fmt in KF else quants.quantize(x, getattr(QT, fmt))
+        raw = quantize_blocks(x, fmt)
         w.add_tensor(name, raw, raw_dtype=getattr(QT, fmt))
 
     mat("token_embd.weight", VOCAB, D, "Q8_0", 1.0)
@@ -340,7 +340,7 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
     layers = ((("Q8_0",) * 3, "Q8_0", ("Q4_K",) * 2, "Q3_K"),
               (("Q4_K",) * 3, "Q6_K", ("Q8_0",) * 2, "Q5_K"),
               (("Q5_0", "Q5_0", "Q6_K"), "Q5_1", ("Q4_K", "Q5_1"), "Q2_K"),
-              (("Q4_K", "Q5_0", "Q8_0"), "Q4_0", ("Q4_1", "Q4_1"), "Q5_0"))
+              (("Q4_K", "Q5_0", "Q8_0"), "Q4_0", ("Q4_1", "IQ4_NL"), "Q5_0"))
     for i, (qkv, out, gu, down) in enumerate(layers):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32))

@@ -44,9 +44,10 @@ FORMATS = cpu_qmatmul.ALL_FORMATS
 # bytes per block of 32: Q8_0 = d + 32 int8; Q4_0 = d + 16 nibble bytes; Q4_1 = d + m + 16; Q5_0 = d + 4 bytes
 # of high bits + 16 nibble bytes; Q5_1 = d + m + 4 + 16; per super-block of 256: Q4_K = d + dmin + 12 scale
 # bytes + 128; Q5_K = d + dmin + 12 scale bytes + 32 qh + 128; Q6_K = 128 ql + 64 qh + 16 scales + d
-# Q3_K = 32 hmask + 64 + 12 scale bytes + d; Q2_K = 16 scale bytes + 64 + d + dmin
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
-               "Q3_K": 110, "Q2_K": 84}
+# Q3_K = 32 hmask + 64 + 12 scale bytes + d; Q2_K = 16 scale bytes + 64 + d + dmin; IQ4_NL = d + 16 nibble bytes
+# (indices into its 16 non-uniform values)
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "IQ4_NL": 18, "Q4_K": 144, "Q5_K": 176,
+               "Q6_K": 210, "Q3_K": 110, "Q2_K": 84}
 BLOCK_VALUES = cpu_qmatmul.BLOCK_VALUES
 DIRECT_ROWS = 64
 SCRATCH_ELEMS = 1 << 21  # 8 MB of fp32
@@ -99,7 +100,7 @@ class Packed:
             return cls(fmt, np.concatenate([blk[..., 6:22], blk[..., 2:6]], axis=-1), d)
         if fmt == "Q8_0":
             return cls(fmt, np.ascontiguousarray(blk[..., 2:]).view(np.int8), d)
-        if fmt == "Q4_0":
+        if fmt in ("Q4_0", "IQ4_NL"):
             return cls(fmt, np.ascontiguousarray(blk[..., 2:]), d)
         if fmt == "Q6_K":
             return cls(fmt, np.ascontiguousarray(blk[..., :128]),
@@ -127,19 +128,8 @@ class Packed:
 
     @classmethod
     def quantize(cls, w: np.ndarray, fmt: str) -> Packed:
-        """fp32 W [N, K] (K a multiple of the block) -> blocks: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 with llama.cpp's
-        rounding (`gguf.quants.quantize`), the K formats with `quantize_k`."""
-        if fmt not in BLOCK_BYTES:
-            raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
-        w = np.ascontiguousarray(w, dtype=np.float32)
-        qk = BLOCK_VALUES[fmt]
-        if w.ndim != 2 or w.shape[1] % qk:
-            raise ValueError(f"a matrix of shape {w.shape}: rows must be whole blocks of {qk}")
-        if fmt in cpu_qmatmul.K_FORMATS:
-            return cls.from_blocks(fmt, quantize_k(w, fmt))
-        from gguf import GGMLQuantizationType, quants
-
-        return cls.from_blocks(fmt, quants.quantize(w, getattr(GGMLQuantizationType, fmt)))
+        """fp32 W [N, K] (K a multiple of the block) -> `fmt` blocks (`quantize_blocks`)."""
+        return cls.from_blocks(fmt, quantize_blocks(w, fmt))
 
     def rows(self, index: np.ndarray | slice) -> Packed:
         """A row subset (a copy for an index array, a view for a slice)."""
@@ -165,6 +155,63 @@ class Packed:
     def dequant64(self) -> np.ndarray:
         """The whole matrix in float64 (the NumPy oracle)."""
         return cpu_qmatmul.dequant_reference(self.fmt, self.qs, self.d, self.m, self.sc, self.qh)
+
+
+def quantize_blocks(w: np.ndarray, fmt: str) -> np.ndarray:
+    """fp32 W [N, K] (K a multiple of the block) -> its `fmt` blocks as a GGUF stores them, uint8 [N, K / block x
+    bytes]: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 with llama.cpp's rounding (`gguf.quants.quantize`), the K formats with
+    `quantize_k`, IQ4_NL with `quantize_iq4_nl`."""
+    if fmt not in BLOCK_BYTES:
+        raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    qk = BLOCK_VALUES[fmt]
+    if w.ndim != 2 or w.shape[1] % qk:
+        raise ValueError(f"a matrix of shape {w.shape}: rows must be whole blocks of {qk}")
+    if fmt in cpu_qmatmul.K_FORMATS:
+        return quantize_k(w, fmt)
+    if fmt == "IQ4_NL":
+        return quantize_iq4_nl(w)
+    from gguf import GGMLQuantizationType, quants
+
+    return quants.quantize(w, getattr(GGMLQuantizationType, fmt))
+
+
+def quantize_iq4_nl(w: np.ndarray) -> np.ndarray:
+    """fp32 W [N, K] (K a multiple of 32) -> IQ4_NL blocks [N, K / 32 * 18] (gguf's quantizer has none):
+    llama.cpp's search without an importance matrix (`quantize_row_iq4_nl_impl`, ntry 7) in float64: per block of
+    32, weights x^2, the scale d = max / 127 (max: the value of largest magnitude) and 1 / d = (t - 127) / max
+    for t in -7..7 tried, each value its nearest table entry, the least-squares d of the try that fits best
+    kept (fp16), the values then re-chosen against it."""
+    from atelier_kernels._numba import IQ4NL_VALUES
+
+    lut = np.asarray(IQ4NL_VALUES, np.float64)
+    mid = (lut[1:] + lut[:-1]) / 2  # nearest table entry: ggml's best_index_int8 (a tie takes the upper one)
+    x = np.asarray(w, np.float64).reshape(w.shape[0], -1, 32)
+    N, nb = x.shape[:2]
+    wt = x * x
+    amax_i = np.abs(x).argmax(-1)
+    vmax = np.take_along_axis(x, amax_i[..., None], -1)[..., 0]
+    live = np.abs(vmax) >= 1e-15  # ggml's GROUP_MAX_EPS: an all-(near-)zero block gets d = 0
+    safe = np.where(live, vmax, 1.0)
+
+    def fit(inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # -> (sum w q x, sum w q^2) for 1 / d = inv
+        v = lut[np.searchsorted(mid, x * inv[..., None], side="right")]
+        return (wt * v * x).sum(-1), (wt * v * v).sum(-1)
+
+    sqx, sq2 = fit(127.0 / safe)
+    d = np.where(sq2 > 0, sqx / np.where(sq2 > 0, sq2, 1.0), 0.0)
+    best = d * sqx
+    for t in range(-7, 8):
+        sqx, sq2 = fit((t - 127.0) / safe)
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = np.where(better, sqx / np.where(sq2 > 0, sq2, 1.0), d)
+        best = np.where(better, d * sqx, best)
+    d = np.where(live, d, 0.0)
+    inv = np.where(d != 0, 1.0 / np.where(d != 0, d, 1.0), 0.0)
+    q = np.searchsorted(mid, x * inv[..., None], side="right").astype(np.uint8)
+    nib = q[..., :16] | (q[..., 16:] << 4)
+    d16 = d.astype(np.float16).view(np.uint8).reshape(N, nb, 2)
+    return np.ascontiguousarray(np.concatenate([d16, nib], -1)).reshape(N, nb * 18)
 
 
 def quantize_k(w: np.ndarray, fmt: str) -> np.ndarray:
