@@ -884,6 +884,101 @@ def _q8k_low2_codegen(fmt: str, n: int, nw: int = 1, prompt: bool = False) -> An
     return codegen
 
 
+def _iq4xs_rows_codegen(n: int, nw: int = 1, prompt: bool = False) -> Any:  # pragma: no cover - compiled
+    """The LLVM code of IQ4_XS's row dots on Q8_K activations (kinds 18 / 19 of `q8_tile_dot_intrinsic`) for a
+    tile of nw weight rows x n activation rows, llama.cpp 0.3.36's `ggml_vec_dot_iq4_xs_q8_K` (AVX2; it repacks
+    no IQ4_XS matrix on x86) or, with prompt, its tiled matmul's (a micro-batch of 8 tokens or more). Weights:
+    per super-block of 256 the 128 nibble bytes (sub-block k: bytes 16k .. 16k + 15, low nibbles values 0..15, high 16..31), d
+    (fp16) one per super-block, sc its 6 scale bytes (scales_h, a little-endian uint16, then the 4 scales_l
+    bytes): sub-block k's scale ls_k = ((scales_l[k / 2] >> 4 (k % 2)) & 15 | ((scales_h >> 2k) & 3) << 4) - 32.
+    Activations as `_q8k_rows_codegen`'s. Per super-block and pair: each sub-block's nibbles looked up in
+    IQ4NL_VALUES (`vpshufb`), `vpmaddubsw` of |w| and x with w's sign (`vpsignb`), `vpmaddwd` by ls_k into 8
+    int32 lanes summed over the 8 sub-blocks (exact), converted to fp32 and fused-multiply-added times d_w x d_x
+    (rounded to fp32 first) into 8 float lanes; `hsum_float_8` at the end. prompt (`tiled_run_microtile`): the
+    super-block's integer total r = d_w x float(total), then r x d_x fused-multiply-added into one chain. Integer
+    sums are exact in any order: a pair's result is llama.cpp's bits in any tile."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+    v16i8, v32i8, v8i16, v16i16, v8i32, v8f32 = (ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 8),
+                                                 ir.VectorType(i16, 16), ir.VectorType(i32, 8), ir.VectorType(f32, 8))
+
+    def mask(k: int, idx: list[int]) -> ir.Constant:
+        return ir.Constant(ir.VectorType(i32, k), idx)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        wa, da, xa, dxa, ma, xsa, sca, woffs, doffs, xoffs, dxoffs, nb = _tile_args(context, builder, signature,
+                                                                                      args, nw, n)
+        intp = nb.type
+        mod = builder.module
+        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
+        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
+        psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
+        pshufb = mod.declare_intrinsic("llvm.x86.avx2.pshuf.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
+        fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
+        zero8 = ir.Constant(v8i32, [0] * 8)
+        lut = ir.Constant(v32i8, list(IQ4NL_VALUES) * 2)
+        fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0) if prompt else
+                                           ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)] for _ in range(nw)]
+
+        def c(v: int, ty: Any = intp) -> Any:
+            return ir.Constant(ty, v)
+
+        def load(ptr: Any, off: Any, ty: Any) -> Any:
+            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
+
+        def splat(x: Any, width: int) -> Any:
+            vty = ir.VectorType(x.type, width)
+            v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
+
+        ns = builder.sdiv(nb, c(8))
+        with cgutils.for_range(builder, ns) as loop:
+            sb = loop.index
+            b0 = builder.mul(sb, c(8))
+            dxs = [builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b0)])) for j in range(n)]
+            xvs = [[load(xa, builder.add(xoffs[j], builder.mul(builder.add(b0, c(k)), c(32))), v32i8)
+                    for k in range(8)] for j in range(n)]
+            for t in range(nw):
+                dw = builder.fpext(builder.bitcast(builder.load(builder.gep(da, [builder.add(doffs[t], sb)])),
+                                                   ir.HalfType()), f32)
+                so = builder.mul(builder.add(doffs[t], sb), c(6))
+                sh = builder.zext(load(sca, so, i16), i32)
+                sl = [builder.zext(builder.load(builder.gep(sca, [builder.add(so, c(2 + i))])), i32)
+                      for i in range(4)]
+                sumi = [zero8] * n
+                for k in range(8):
+                    packed = load(wa, builder.add(woffs[t], builder.add(builder.mul(sb, c(128)), c(16 * k))), v16i8)
+                    hi = builder.bitcast(builder.lshr(builder.bitcast(packed, v8i16), ir.Constant(v8i16, [4] * 8)),
+                                         v16i8)
+                    nib = builder.and_(builder.shuffle_vector(packed, hi, mask(32, list(range(32)))),
+                                       ir.Constant(v32i8, [15] * 32))
+                    wq = builder.call(pshufb, [lut, nib])
+                    wabs = builder.call(psign, [wq, wq])
+                    lo4 = builder.and_(builder.lshr(sl[k // 2], c(4 * (k % 2), i32)), c(15, i32))
+                    hi2 = builder.shl(builder.and_(builder.lshr(sh, c(2 * k, i32)), c(3, i32)), c(4, i32))
+                    ls = builder.trunc(builder.sub(builder.or_(lo4, hi2), c(32, i32)), i16)
+                    sv = splat(ls, 16)
+                    for j in range(n):
+                        p16 = builder.call(maddubs, [wabs, builder.call(psign, [xvs[j][k], wq])])
+                        sumi[j] = builder.add(sumi[j], builder.call(maddwd, [p16, sv]))
+                for j in range(n):
+                    if prompt:  # the tiled matmul: d_w x the integer total, then x d_x into the chain
+                        res = builder.fmul(dw, builder.sitofp(_lane_sum(builder, sumi[j], builder.add), f32))
+                        builder.store(builder.call(fma1, [res, dxs[j], builder.load(accs[t][j])]), accs[t][j])
+                        continue
+                    d = builder.fmul(dw, dxs[j])  # llama.cpp: d_w x d_x rounded to fp32, then the fma
+                    fi = builder.sitofp(sumi[j], v8f32)
+                    builder.store(builder.call(fma, [splat(d, 8), fi, builder.load(accs[t][j])]), accs[t][j])
+        outs = [builder.load(accs[t][j]) if prompt else _lane_sum(builder, builder.load(accs[t][j]), builder.fadd)
+                for t in range(nw) for j in range(n)]
+        return outs[0] if n * nw == 1 else context.make_tuple(builder, signature.return_type, outs)
+
+    return codegen
+
+
 def q8_row_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled into the kernels
     """A Numba intrinsic (AVX2): one weight row in blocks of 32 against one row of int8 activations ->
     float32 sum over the row's blocks of d_w[b] * d_x[b] * (integer dot of block b), llama.cpp's Q8
@@ -945,6 +1040,8 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
         arrays = {0, 1 + nw, 2 + 2 * nw, 3 + 2 * nw + n, 4 + 2 * nw + 2 * n, 5 + 2 * nw + 2 * n, 6 + 2 * nw + 2 * n}
         out = types.float32 if nw * n == 1 else types.UniTuple(types.float32, nw * n)
         sig = out(*[a if i in arrays else ip for i, a in enumerate(args)])
+        if kind in (18, 19):  # IQ4_XS on Q8_K activations: one token / a prompt of 8 or more
+            return sig, _iq4xs_rows_codegen(n, nw, prompt=kind == 19)
         if kind in (13, 14, 15, 16):  # Q3_K / Q2_K on Q8_K activations: one token / a prompt of 8 or more
             return sig, _q8k_low2_codegen("Q3_K" if kind < 15 else "Q2_K", n, nw, prompt=kind in (14, 16))
         if kind in (5, 6, 7, 8, 9, 10, 11, 12):  # the K types: llama.cpp's arithmetic on Q8_K activations (no

@@ -97,16 +97,16 @@ from ._numba import (IQ4NL_VALUES, dispatch, drop_stale_cache, half_to_float_int
                      stream_prefetch)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")  # blocks of 32 along K
-K_FORMATS = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K")  # super-blocks of 256 along K
+K_FORMATS = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS")  # super-blocks of 256 along K
 ALL_FORMATS = FORMATS + K_FORMATS
 BLOCK = 32
 QK_K = 256
 BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_1": BLOCK, "IQ4_NL": BLOCK,
-                "Q4_K": QK_K, "Q6_K": QK_K, "Q5_K": QK_K, "Q3_K": QK_K, "Q2_K": QK_K}
+                "Q4_K": QK_K, "Q6_K": QK_K, "Q5_K": QK_K, "Q3_K": QK_K, "Q2_K": QK_K, "IQ4_XS": QK_K}
 # with Q8 activations (`matmul_q8`): every format
-Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K")
+Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS")
 Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "IQ4_NL": 4, "Q4_K": 7, "Q6_K": 8, "Q5_K": 13,
-            "Q3_K": 15, "Q2_K": 17}  # q8a_span's (13 and up: kx_span's)
+            "Q3_K": 15, "Q2_K": 17, "IQ4_XS": 19}  # q8a_span's (13 and up: kx_span's)
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
@@ -128,6 +128,15 @@ def q3k_scales(sc: np.ndarray) -> np.ndarray:
     return (low | (top << 4)) - 32
 
 
+def iq4xs_scales(sc: np.ndarray) -> np.ndarray:
+    """IQ4_XS's 6 scale bytes [..., 6] (scales_h as a little-endian uint16, then scales_l[4]) -> its 8 sub-block
+    scales as int64 [..., 8], minus 32 (ggml's dequantize_row_iq4_xs)."""
+    sc = sc.astype(np.int64)
+    sh = sc[..., 0] | (sc[..., 1] << 8)
+    k = np.arange(8)
+    return (((sc[..., 2 + k // 2] >> (4 * (k % 2))) & 15) | (((sh[..., None] >> (2 * k)) & 3) << 4)) - 32
+
+
 def _q2_bits(qs: np.ndarray) -> np.ndarray:
     """[N, nb, 64] bytes -> the 256 two-bit values per super-block, in value order (p = 128h + 32j + l)."""
     q = qs.reshape(*qs.shape[:2], 2, 1, 32).astype(np.int64)  # [.., h, 1, l]
@@ -138,6 +147,10 @@ def _dequant_k_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray 
                          qh: np.ndarray | None) -> np.ndarray:
     N, nb = d.shape
     dd = d.view(np.float16).astype(np.float64)[..., None, None]  # [N, nb, 1, 1]
+    if fmt == "IQ4_XS":  # sub-block k: bytes 16k .. 16k + 15, low nibbles then high, each a table value
+        q = qs.reshape(N, nb, 8, 16)
+        v = np.asarray(IQ4NL_VALUES, np.float64)[np.concatenate([q & 15, q >> 4], -1).astype(np.int64)]
+        return (dd * iq4xs_scales(sc)[..., None] * v).reshape(N, nb * QK_K)
     if fmt in ("Q3_K", "Q2_K"):
         q = _q2_bits(qs[..., :64]).reshape(N, nb, 16, 16).astype(np.float64)
         if fmt == "Q3_K":  # bit 4h + j of hmask[l]: clear -> q - 4
@@ -266,7 +279,7 @@ def dequant_rows_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarra
 # -- Numba kernels -------------------------------------------------------------------------------
 _IQ4NL_F32 = np.array(IQ4NL_VALUES, np.float32)  # a global array: a constant of the compiled code
 _h2f = q4k_scales = tile_dot = unpack_q4 = unpack_q5 = unpack_q8 = unpack_q4k = unpack_q5k = unpack_q6k = None
-unpack_iq4 = None
+unpack_iq4 = unpack_iq4xs = None
 k_tiles = unpack_q3k = unpack_q2k = q3k_scale = None
 
 
@@ -277,7 +290,7 @@ def _kernels() -> dict | None:
     drop_stale_cache(__file__, ("_numba.py",))
     njit, prange = jit()  # type: ignore[misc]
     global _h2f, q4k_scales, tile_dot, unpack_q4, unpack_q5, unpack_q8, unpack_q4k, unpack_q5k, unpack_q6k, k_tiles
-    global unpack_iq4
+    global unpack_iq4, unpack_iq4xs
     global unpack_q3k, unpack_q2k, q3k_scale
     # helpers are module globals: a closure variable (even another jitted function) would keep Numba's
     # on-disk cache from ever matching (a new index entry, and a recompile, in every process)
@@ -526,6 +539,23 @@ def _kernels() -> dict | None:
                         wt[t, base + l] = np.float32(v) * (s0 if l < 16 else s1)
 
     @njit(fastmath=True, cache=True, nogil=True)
+    def unpack_iq4xs(qs, sc, d, n, wt, t):  # pragma: no cover - compiled
+        # qs: the 128 nibble bytes (sub-block k: bytes 16k .. 16k + 15), sc: the 6 scale bytes (see iq4xs_scales)
+        nb, H = qs.shape[1], qs.shape[2] // 8  # H = 16 at run time
+        lut = _IQ4NL_F32
+        for b in range(nb):
+            dd = _h2f(d[n, b])
+            sh = np.int32(sc[n, b, 0]) | (np.int32(sc[n, b, 1]) << 8)
+            for k in range(8):
+                ls = ((np.int32(sc[n, b, 2 + k // 2]) >> (4 * (k % 2))) & 15) | (((sh >> (2 * k)) & 3) << 4)
+                dl = dd * np.float32(ls - 32)
+                base = b * 256 + k * 2 * H
+                for j in range(H):
+                    v = np.int32(qs[n, b, k * H + j])
+                    wt[t, base + j] = dl * lut[v & 15]
+                    wt[t, base + H + j] = dl * lut[v >> 4]
+
+    @njit(fastmath=True, cache=True, nogil=True)
     def unpack_q2k(qs, sc, d, dm, n, wt, t):  # pragma: no cover - compiled
         nb, L = qs.shape[1], qs.shape[2] // 2  # L = 32 at run time
         for b in range(nb):
@@ -562,7 +592,7 @@ def _kernels() -> dict | None:
     def k_tiles(x, qs, sc, qh, d, dm, kind, t0, t1, wt, s8, m8, out):  # pragma: no cover - compiled
         # tiles t0 .. t1 - 1 of 4 output rows (the last one repeats row N - 1), kind 3: Q4_K (dm: its dmin),
         # 4: Q6_K (qh: its high bits), 7: Q5_K (dm; its high bits in qs), 8: Q3_K (its hmask in qs), 9: Q2_K
-        # (dm), each de-quantised into wt [4, >= K], then tile_dot for all rows of x
+        # (dm), 11: IQ4_XS, each de-quantised into wt [4, >= K], then tile_dot for all rows of x
         N = qs.shape[0]
         for tl in range(t0, t1):
             n0 = tl * 4
@@ -575,6 +605,8 @@ def _kernels() -> dict | None:
                     unpack_q3k(qs, sc, d, min(n0 + t, N - 1), wt, t)
                 elif kind == 9:
                     unpack_q2k(qs, sc, d, dm, min(n0 + t, N - 1), wt, t)
+                elif kind == 11:
+                    unpack_iq4xs(qs, sc, d, min(n0 + t, N - 1), wt, t)
                 else:
                     unpack_q6k(qs, qh, sc, d, min(n0 + t, N - 1), wt, t)
             tile_dot(x, wt, n0, N, out)
@@ -599,7 +631,7 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def kx_nb(x, qs, sc, d, dm, kind, out):  # pragma: no cover - compiled
-        # kind 7: Q5_K, 8: Q3_K (dm unused), 9: Q2_K (their high bits, if any, in qs)
+        # kind 7: Q5_K, 8: Q3_K (dm unused), 9: Q2_K (their high bits, if any, in qs), 11: IQ4_XS (dm unused)
         K = x.shape[1]
         ntile = (qs.shape[0] + 3) // 4
         nchunk = min(ntile, 64)
@@ -609,8 +641,8 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def dequant_k_nb(qs, qh, sc, d, dm, kind, out):  # pragma: no cover - compiled
-        # kind 3: Q4_K (qh unused), 4: Q6_K (dm unused), 7: Q5_K, 8: Q3_K, 9: Q2_K (one row at a time through
-        # their tile unpacking, into the output row)
+        # kind 3: Q4_K (qh unused), 4: Q6_K (dm unused), 7: Q5_K, 8: Q3_K, 9: Q2_K, 11: IQ4_XS (one row at a time
+        # through their tile unpacking, into the output row)
         N, nb = d.shape
         for n in prange(N):
             s8 = np.empty(8, np.float32)
@@ -620,6 +652,9 @@ def _kernels() -> dict | None:
                 continue
             if kind == 9:
                 unpack_q2k(qs, sc, d, dm, n, out, n)
+                continue
+            if kind == 11:
+                unpack_iq4xs(qs, sc, d, n, out, n)
                 continue
             for b in range(nb):
                 dd = _h2f(d[n, b])
@@ -664,6 +699,7 @@ _rd_q4k = _r4_q4k = _w4_q4k = _r8_q4k = _rd_q6k = _r4_q6k = _w4_q6k = _r8_q6k = 
 _rd_q5k = _r4_q5k = _w4_q5k = _r8_q5k = _rd_q5t = _r4_q5t = _w4_q5t = _r8_q5t = None
 _rd_q3k = _r4_q3k = _w4_q3k = _r8_q3k = _rd_q3t = _r4_q3t = _w4_q3t = _r8_q3t = None
 _rd_q2k = _r4_q2k = _w4_q2k = _r8_q2k = _rd_q2t = _r4_q2t = _w4_q2t = _r8_q2t = None
+_rd_ix4 = _r4_ix4 = _w4_ix4 = _r8_ix4 = _rd_ixt = _r4_ixt = _w4_ixt = _r8_ixt = None
 # VNNI: Q4_0 / Q8_0's tiles of rows take the activations with their sign bit flipped (`xu`, see
 # `_numba._q8_rows_codegen`'s ux: no vpsignb per pair); elsewhere they take xq and xu is unused
 UX = False
@@ -743,6 +779,13 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     _r4_q2k, _r8_q2k = (q8_tile_dot_intrinsic(15, 1, r) for r in (4, 8))
     _rd_q2t, _w4_q2t = q8_row_dot_intrinsic(16), q8_tile_dot_intrinsic(16, 4, 1)
     _r4_q2t, _r8_q2t = (q8_tile_dot_intrinsic(16, 1, r) for r in (4, 8))
+    # IQ4_XS (kinds 18 / 19 of the intrinsics): llama.cpp's AVX2 dot product, its tiled matmul in a prompt of 8 or
+    # more (`_iq4xs_rows_codegen`)
+    global _rd_ix4, _r4_ix4, _w4_ix4, _r8_ix4, _rd_ixt, _r4_ixt, _w4_ixt, _r8_ixt
+    _rd_ix4, _w4_ix4 = q8_row_dot_intrinsic(18), q8_tile_dot_intrinsic(18, 4, 1)
+    _r4_ix4, _r8_ix4 = (q8_tile_dot_intrinsic(18, 1, r) for r in (4, 8))
+    _rd_ixt, _w4_ixt = q8_row_dot_intrinsic(19), q8_tile_dot_intrinsic(19, 4, 1)
+    _r4_ixt, _r8_ixt = (q8_tile_dot_intrinsic(19, 1, r) for r in (4, 8))
 
     @njit(cache=True, nogil=True, inline="always")
     def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled
@@ -813,9 +856,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     @njit(cache=True, nogil=True)
     def kx_span(xq, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
         # q8a_span for Q5_K (kind 13: llama.cpp's AVX2 dot product; 14: its tiled matmul, a prompt of 8 or more),
-        # Q3_K (15, 16) and Q2_K (17, 18): the same tiles and prefetch, weights 160 / 96 / 64 bytes per
-        # super-block (20 / 12 / 8 per block of 32)
-        bw = 20 if kind <= 14 else 12 if kind <= 16 else 8
+        # Q3_K (15, 16), Q2_K (17, 18) and IQ4_XS (19, 20): the same tiles and prefetch,
+        # weights 160 / 96 / 64 / 128 bytes per super-block (20 / 12 / 8 / 16 per block of 32)
+        bw = 20 if kind <= 14 else 12 if kind <= 16 else 8 if kind <= 18 else 16
         dn, xr = nb // 8, nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)
         N = qs.size // (nb * bw)
@@ -841,8 +884,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                         a = _w4_q3t(*o)
                     elif kind == 17:
                         a = _w4_q2k(*o)
-                    else:
+                    elif kind == 18:
                         a = _w4_q2t(*o)
+                    elif kind == 19:
+                        a = _w4_ix4(*o)
+                    else:
+                        a = _w4_ixt(*o)
                     for t in range(4):
                         out[r, w + t] = a[t]
                 w += 4
@@ -866,8 +913,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     a8 = _r8_q3t(*o8)
                 elif kind == 17:
                     a8 = _r8_q2k(*o8)
-                else:
+                elif kind == 18:
                     a8 = _r8_q2t(*o8)
+                elif kind == 19:
+                    a8 = _r8_ix4(*o8)
+                else:
+                    a8 = _r8_ixt(*o8)
                 for j in range(8):
                     out[r + j, n] = a8[j]
                 r += 8
@@ -884,8 +935,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     a4 = _r4_q3t(*o4)
                 elif kind == 17:
                     a4 = _r4_q2k(*o4)
-                else:
+                elif kind == 18:
                     a4 = _r4_q2t(*o4)
+                elif kind == 19:
+                    a4 = _r4_ix4(*o4)
+                else:
+                    a4 = _r4_ixt(*o4)
                 for j in range(4):
                     out[r + j, n] = a4[j]
                 r += 4
@@ -903,8 +958,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_q3t(*o1)
                 elif kind == 17:
                     out[r, n] = _rd_q2k(*o1)
-                else:
+                elif kind == 18:
                     out[r, n] = _rd_q2t(*o1)
+                elif kind == 19:
+                    out[r, n] = _rd_ix4(*o1)
+                else:
+                    out[r, n] = _rd_ixt(*o1)
                 r += 1
 
     @njit(cache=True, nogil=True)
@@ -916,7 +975,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_0 as llama.cpp repacks it, 4 IQ4_NL (as it repacks it),
         # 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K
         # (`Q8A_KIND`), 9 Q6_K in a prompt of 8 rows or more, 10 Q4_K in a prompt (its rows in fours, the rest as
-        # 7), 11 Q4_K not repacked, 12 that in a prompt of 8 rows or more (`part_kind`, `prompt_kind`; 13 .. 18:
+        # 7), 11 Q4_K not repacked, 12 that in a prompt of 8 rows or more (`part_kind`, `prompt_kind`; 13 .. 20:
         # `kx_span`); scf: the K formats' scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block
         # viewed as uint16
         bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 else 16  # weight bytes per block of 32
@@ -1220,13 +1279,14 @@ def prompt_kind(kind: int, rows: int) -> int:
     """The q8a_span kind of a part of kind `kind` in a prompt's micro-batch of `rows` tokens of one sequence,
     what llama.cpp computes for such a micro-batch: Q6_K from 8 rows on its tiled matmul (kind 9), a repacked
     Q4_K from 4 rows on its 4-row kernel on the rows in fours and its 1-row one on the rest (kind 10), a Q4_K
-    it does not repack and a Q5_K from 8 rows on its tiled matmul (kinds 12, 14). Decoding steps, whatever their
-    batch, take the one-token arithmetic: a request's bits do not depend on the requests beside it."""
+    it does not repack, a Q5_K, Q3_K, Q2_K or IQ4_XS from 8 rows on its tiled matmul (kinds 12, 14, 16, 18, 20).
+    Decoding steps, whatever their batch, take the one-token arithmetic: a request's bits do not depend on the
+    requests beside it."""
     if kind == 8 and rows >= 8:
         return 9
     if kind == 11 and rows >= 8:
         return 12
-    if kind in (13, 15, 17) and rows >= 8:  # Q5_K, Q3_K, Q2_K
+    if kind in (13, 15, 17, 19) and rows >= 8:  # Q5_K, Q3_K, Q2_K, IQ4_XS
         return kind + 1
     return 10 if kind == 7 and rows >= 4 else kind
 
@@ -1272,14 +1332,15 @@ def available() -> bool:
 
 
 _KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_0": 5, "Q5_1": 6, "Q5_K": 7, "Q3_K": 8, "Q2_K": 9,
-         "IQ4_NL": 10}
+         "IQ4_NL": 10, "IQ4_XS": 11}
 # fmt -> (qs dtype, qs bytes per block); the K formats' sc / qh are checked in _check. Q5_0 / Q5_1: the 16
 # nibble bytes, then the block's 32 high bits (4 bytes, little-endian)
 _LAYOUT = {"Q8_0": (np.int8, 32), "Q4_0": (np.uint8, 16), "Q4_1": (np.uint8, 16), "IQ4_NL": (np.uint8, 16),
-           "Q4_K": (np.uint8, 128),
+           "Q4_K": (np.uint8, 128), "IQ4_XS": (np.uint8, 128),
            "Q6_K": (np.uint8, 128), "Q5_0": (np.uint8, 20), "Q5_1": (np.uint8, 20), "Q5_K": (np.uint8, 160),
            "Q3_K": (np.uint8, 96), "Q2_K": (np.uint8, 64)}
-_SC_WIDTH = {"Q4_K": 12, "Q5_K": 12, "Q3_K": 12, "Q2_K": 16}  # the K formats' uint8 scale bytes per super-block
+# the K formats' uint8 scale bytes per super-block
+_SC_WIDTH = {"Q4_K": 12, "Q5_K": 12, "Q3_K": 12, "Q2_K": 16, "IQ4_XS": 6}
 
 
 def _check(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np.ndarray | None = None,
@@ -1324,9 +1385,9 @@ def matmul(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray
         dispatch(_kernels, "q6k_matmul",
                  lambda x, qs, qh, sc, d, out: matmul_reference(fmt, x, qs, d, None, out, sc, qh),
                  backend, x, qs, qh, sc, d, out)
-    elif kind in (7, 8, 9):  # Q5_K, Q3_K, Q2_K
+    elif kind in (7, 8, 9, 11):  # Q5_K, Q3_K, Q2_K, IQ4_XS
         dispatch(_kernels, "kx_matmul",
-                 lambda x, qs, sc, d, m, k, out: matmul_reference(fmt, x, qs, d, m if k != 8 else None, out, sc),
+                 lambda x, qs, sc, d, m, k, out: matmul_reference(fmt, x, qs, d, m if k in (7, 9) else None, out, sc),
                  backend, x, qs, sc, d, m if m is not None else d, kind, out)
     else:
         mm = m if m is not None else d

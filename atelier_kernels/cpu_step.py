@@ -155,7 +155,7 @@ def _kernels() -> dict | None:
     @njit(cache=True, nogil=True)
     def part_rows(xq, xu, dxf, xsf, qs, d, m, sc, bias, kind, R, nb, n0, n1, o):  # pragma: no cover - compiled
         # rows n0 .. n1 - 1 of one part into o [R, its rows]
-        if kind >= 13:  # Q5_K, Q3_K, Q2_K (`cpu_qmatmul.kx_span`)
+        if kind >= 13:  # Q5_K, Q3_K, Q2_K, IQ4_XS (`cpu_qmatmul.kx_span`)
             _spanx(xq, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
         else:
             _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)

@@ -24,7 +24,8 @@ Q8K_BYTES = 4 + 256 + 32  # block_q8_K: fp32 d, 256 int8, 16 int16 bsums
 Q80_BYTES = 2 + 32  # block_q8_0: fp16 d, 32 int8
 # the dot products called, by weight type: (ggml's name, its activations' type)
 _TYPES = {"Q4_K": ("q4_K", "q8_K"), "Q5_K": ("q5_K", "q8_K"), "Q6_K": ("q6_K", "q8_K"), "Q3_K": ("q3_K", "q8_K"),
-          "Q2_K": ("q2_K", "q8_K"), "Q4_0": ("q4_0", "q8_0"), "IQ4_NL": ("iq4_nl", "q8_0")}
+          "Q2_K": ("q2_K", "q8_K"), "Q4_0": ("q4_0", "q8_0"), "IQ4_NL": ("iq4_nl", "q8_0"),
+          "IQ4_XS": ("iq4_xs", "q8_K")}
 
 
 @functools.cache
@@ -56,17 +57,18 @@ def quantize_q8_k(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def quantize_iq4_nl(w: np.ndarray) -> np.ndarray:
-    """W [N, K] fp32 -> llama.cpp's IQ4_NL blocks [N, K / 32 * 18] (its `quantize_iq4_nl`, no importance matrix)."""
+def quantize_iq4_nl(w: np.ndarray, fmt: str = "IQ4_NL") -> np.ndarray:
+    """W [N, K] fp32 -> llama.cpp's IQ4_NL blocks [N, K / 32 * 18] (its `quantize_iq4_nl`, no importance matrix);
+    fmt "IQ4_XS": its IQ4_XS blocks [N, K / 256 * 136] (`quantize_iq4_xs`)."""
     import llama_cpp
 
     _lib()
     base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-    f = base.quantize_iq4_nl
+    f = getattr(base, f"quantize_{fmt.lower()}")
     f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     w = np.ascontiguousarray(w, np.float32)
     N, K = w.shape
-    out = np.zeros((N, K // 32 * 18), np.uint8)
+    out = np.zeros((N, K // 32 * 18 if fmt == "IQ4_NL" else K // 256 * 136), np.uint8)
     f(w.ctypes.data, out.ctypes.data, N, K, None)
     return out
 

@@ -229,6 +229,21 @@ def test_a_q3_k_s_file_gives_llama_cpps_logits(tmp_path, capsys):
     _packed_and_llama_cpps_logits(path, tmp_path, capsys, "Q3_K", "Q3_K_S")
 
 
+@pytest.mark.slow
+def test_an_iq4_xs_file_gives_llama_cpps_logits(tmp_path, capsys):
+    """The embedded model requantised to IQ4_XS by llama.cpp's quantizer (on SmolLM2: ffn_down in IQ4_XS, every
+    matrix whose rows of 576 are not whole super-blocks in IQ4_NL, Q8_0) loads packed at its file's size, runs in
+    the fused step and gives llama.cpp's logits: IQ4_XS on Q8_K activations with its AVX2 dot product's
+    arithmetic (a token or a prompt: llama.cpp repacks no IQ4_XS on x86 and has no tiled path for it), IQ4_NL as
+    it repacks it. Before: both de-quantised to fp32 at load (6.4x the file's bytes)."""
+    import gguf
+
+    path = _requantised(tmp_path, "IQ4_XS")
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert "IQ4_XS" in types, types
+    _packed_and_llama_cpps_logits(path, tmp_path, capsys, "IQ4_XS", "IQ4_XS")
+
+
 def _with_ffn_down(tmp_path: Path, fmt: str) -> Path:
     """The embedded model with every ffn_down matrix re-quantised to `fmt` by our plain K quantiser
     (`quantize_k`; llama.cpp's quantizer puts no SmolLM2 matrix in Q2_K: its Q2_K ftype writes ffn_down in

@@ -562,21 +562,27 @@ def test_iq4_nl_products_are_llama_cpps_compiled_bits(N):
                 np.testing.assert_array_equal(cpu_qmatmul.matmul_q8("IQ4_NL", x[3:4], pm.qs, pm.d)[0], got[3])
 
 
-def test_iq4_nl_quantizer_writes_llama_cpps_bytes():
-    """`quantize_iq4_nl` (ours, NumPy: the gguf package has no IQ4_NL quantizer) makes llama.cpp's choices
-    (its compiled `quantize_iq4_nl`, no importance matrix) on random rows of several scales, a row of zeros
-    and a row with one large value: the same bytes for >= 98 % of the blocks (ours sums in float64, llama.cpp in
-    float32: a near-tie of two tries' fits can go the other way), and no block reconstructed worse than 1.05x
-    llama.cpp's squared error (measured: <= 1.004x; in all 0.87-1.0x)."""
+@pytest.mark.parametrize("fmt", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_quantizer_writes_llama_cpps_bytes(fmt):
+    """`quantize_iq4_nl` (ours, NumPy: the gguf package has no IQ4_NL / IQ4_XS quantizer) makes llama.cpp's
+    choices (its compiled `quantize_iq4_nl` / `quantize_iq4_xs`, no importance matrix) on random rows of several
+    scales, a row of zeros, a zero super-block and a row with one large value: the same bytes for >= 98 % of
+    the blocks (ours sums in float64, llama.cpp in float32: a near-tie of two tries' fits can go the other
+    way), and no block of 32 reconstructed worse than 1.05x llama.cpp's squared error (measured: <= 1.005x; in
+    all 0.87-1.0x)."""
     from tests import ggml_ref
 
+    bb, per = (18, 32) if fmt == "IQ4_NL" else (136, 256)
     for seed in range(3):
         rng = np.random.default_rng(seed)
-        w = (rng.standard_normal((40, 256)) * rng.uniform(1e-3, 10, (40, 1))).astype(np.float32)
+        w = (rng.standard_normal((40, 512)) * rng.uniform(1e-3, 10, (40, 1))).astype(np.float32)
         w[5] = 0.0
         w[6, 17] = 1e3
-        ours, theirs = quantize_iq4_nl(w), ggml_ref.quantize_iq4_nl(w)
-        assert (ours.reshape(40, 8, 18) == theirs.reshape(40, 8, 18)).all(-1).mean() >= 0.98
-        err = [((quants.dequantize(q, QT.IQ4_NL) - w) ** 2).reshape(40, 8, 32).sum(-1) for q in (ours, theirs)]
+        w[7, :256] = 0.0
+        ours, theirs = quantize_iq4_nl(w, super_block=fmt == "IQ4_XS"), ggml_ref.quantize_iq4_nl(w, fmt)
+        assert ours.shape == theirs.shape == (40, 512 // per * bb)
+        assert (ours.reshape(40, -1, bb) == theirs.reshape(40, -1, bb)).all(-1).mean() >= 0.98
+        err = [((quants.dequantize(q, getattr(QT, fmt)) - w) ** 2).reshape(40, 16, 32).sum(-1) for q in (ours, theirs)]
         assert (err[0] <= 1.05 * err[1] + 1e-30).all()
         np.testing.assert_array_equal(ours[5], theirs[5])  # zeros: d = 0
+        np.testing.assert_array_equal(ours[7, :bb], theirs[7, :bb])

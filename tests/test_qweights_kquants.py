@@ -25,13 +25,15 @@ from gguf import quants  # noqa: E402
 from engine.llm.cache import FullCache  # noqa: E402
 from engine.llm.gguf_load import CorruptGGUF, read_gguf  # noqa: E402
 from engine.llm.load import load_llm  # noqa: E402
-from engine.llm.qweights import BLOCK_BYTES, Packed, quantize_blocks, quantize_k  # noqa: E402
+from atelier_kernels._numba import IQ4NL_VALUES  # noqa: E402
+from engine.llm.qweights import BLOCK_BYTES, Packed, quantize_blocks  # noqa: E402
 from tests.fused_twin import fused_and_layer_by_layer  # noqa: E402
 from atelier_kernels import cpu_qmatmul  # noqa: E402
 
-KF = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K")  # kept packed, on fp32 or Q8_K activations
+KF = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS")  # kept packed, on fp32 or Q8_K activations
 KF_ALL = KF
-D_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82)}  # the fp16 scales
+D_OFFSETS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82),
+             "IQ4_XS": (0,)}  # the fp16 scales
 
 
 def random_blocks(fmt: str, n: int, nb: int, seed: int) -> np.ndarray:
@@ -164,14 +166,18 @@ def test_quantize_k_round_trips_through_gguf(fmt):
     w = (rng.standard_normal((9, 512)) * rng.uniform(0.01, 3, (9, 1))).astype(np.float32)
     w[3, :256] = 0.0  # an all-zero super-block
     w[4, 40:72] = np.abs(w[4, 40:72])  # a sub-block with no negative value
-    raw = quantize_k(w, fmt)
+    raw = quantize_blocks(w, fmt)  # quantize_k, IQ4_XS: quantize_iq4_nl (its match with llama.cpp's quantizer:
+    # tests/test_qweights.py)
     assert raw.dtype == np.uint8 and raw.shape == (9, 2 * BLOCK_BYTES[fmt])
     back = quants.dequantize(raw, getattr(QT, fmt)).astype(np.float64)
     group = 16 if fmt in ("Q6_K", "Q3_K", "Q2_K") else 32
     g = w.astype(np.float64).reshape(9, -1, group)
     err = np.abs(back.reshape(g.shape) - g).max(-1)
     top = np.abs(g).max(axis=(1, 2))[:, None]  # each row's largest magnitude
-    if fmt == "Q3_K":  # a step of absmax / 4 per group (the largest positive value clipped to 3 steps), scales
+    if fmt == "IQ4_XS":  # half the table's widest step (24 of 127) at the block's scale (d ~ absmax / 127, the
+        # search may stretch it ~6 %), plus the 6-bit scale's rounding against the super-block's largest (/ 32)
+        bound = np.abs(g).max(-1) * 12 / 127 * 1.1 + top / 127 * 127 / 64 * 1.1
+    elif fmt == "Q3_K":  # a step of absmax / 4 per group (the largest positive value clipped to 3 steps), scales
         # rounded up against the super-block's largest / 31
         bound = np.abs(g).max(-1) / 4 + top / 4 / 31 * 1.05
     elif fmt == "Q2_K":  # half a step of (max - min(min, 0)) / 3, plus the 4-bit scale's and min's rounding
@@ -224,7 +230,7 @@ def write_k_gguf(path: Path, seed: int = 0, tie: bool = True, main: str = "Q4_K"
 
     def mat(name: str, n: int, k: int, fmt: str, scale: float = 0.1) -> None:
         x = (rng.standard_normal((n, k)) * scale).astype(np.float32)
-        w.add_tensor(name, quantize_k(x, fmt), raw_dtype=getattr(QT, fmt))
+        w.add_tensor(name, quantize_blocks(x, fmt), raw_dtype=getattr(QT, fmt))
 
     def vec(name: str) -> None:
         w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32))
@@ -252,7 +258,7 @@ def write_k_gguf(path: Path, seed: int = 0, tie: bool = True, main: str = "Q4_K"
 
 
 @pytest.mark.parametrize("tie,main", [(True, "Q4_K"), (True, "Q5_K"), (True, "Q3_K"),
-                                      (True, "Q2_K")])  # the tied head: the Q6_K embedding
+                                      (True, "Q2_K"), (True, "IQ4_XS")])  # the tied head: the Q6_K embedding
 def test_k_gguf_is_the_network_transformers_loads(tmp_path, tie, main):
     from transformers import AutoModelForCausalLM
 
@@ -279,7 +285,7 @@ def test_k_gguf_is_the_network_transformers_loads(tmp_path, tie, main):
         theirs = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0,
                               eos_token_id=None)[0, len(ids):].tolist()
     assert mine == theirs
-    if main != "Q4_K":  # the default activations where AVX2 runs: the Q5_K / Q3_K / Q2_K and Q6_K parts on
+    if main != "Q4_K":  # the default activations where AVX2 runs: the Q5_K / Q3_K / Q2_K / IQ4_XS and Q6_K parts on
         # Q8_K, in the fused step
         q8 = load_llm(str(path), tmp_path / "cache", activations="auto")
         assert q8.model.packed and not q8.note and q8.model.layers[0].wqkv.formats == [main, "Q6_K"]
@@ -338,7 +344,7 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
     mat("token_embd.weight", VOCAB, D, "Q8_0", 1.0)
     # per layer: (q, k, v), output, (gate, up), down
     layers = ((("Q8_0",) * 3, "Q8_0", ("Q4_K",) * 2, "Q3_K"),
-              (("Q4_K",) * 3, "Q6_K", ("Q8_0",) * 2, "Q5_K"),
+              (("Q4_K",) * 3, "Q6_K", ("Q8_0", "IQ4_XS"), "Q5_K"),
               (("Q5_0", "Q5_0", "Q6_K"), "Q5_1", ("Q4_K", "Q5_1"), "Q2_K"),
               (("Q4_K", "Q5_0", "Q8_0"), "Q4_0", ("Q4_1", "IQ4_NL"), "Q5_0"))
     for i, (qkv, out, gu, down) in enumerate(layers):
@@ -373,7 +379,7 @@ def test_fused_q8_step_runs_k_quant_products_as_the_layer_by_layer_step(tmp_path
 @pytest.mark.parametrize("fmt", KF)
 def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
     """The K types' tile intrinsics (`_numba._q8k_rows_codegen`, kinds 5 / 6 / 11; Q3_K / Q2_K's
-    `_q8k_low2_codegen`, kinds 13 / 15): every (weight row, activation
+    `_q8k_low2_codegen`, kinds 13 / 15; IQ4_XS's `_iq4xs_rows_codegen`, kind 18): every (weight row, activation
     row) of the 4 x 1, 1 x 4 and 1 x 8 tiles equals the 1 x 1 tile's bits, and the float64 product to fp32
     rounding."""
     from numba import njit
@@ -381,7 +387,7 @@ def test_k_q8_tiles_give_every_pair_the_same_bits(fmt):
     from atelier_kernels._numba import has_avx2, jit, q8_tile_dot_intrinsic
 
     assert jit() is not None and has_avx2()
-    kind = {"Q4_K": 5, "Q6_K": 6, "Q5_K": 11, "Q3_K": 13, "Q2_K": 15}[fmt]
+    kind = {"Q4_K": 5, "Q6_K": 6, "Q5_K": 11, "Q3_K": 13, "Q2_K": 15, "IQ4_XS": 18}[fmt]
     W, R, nbk = 4, 8, 2
     nb = nbk * 8
     raw = random_blocks(fmt, W, nbk, seed=9)
@@ -554,15 +560,21 @@ def test_k_products_are_llama_cpps_bits(fmt, N, repack):
 
 
 def _tiled_low2(fmt: str, pm: Packed, y: np.ndarray) -> np.float32:
-    """One Q3_K / Q2_K weight row (pm, one row) . one Q8_K row (llama.cpp's bytes, `ggml_ref.quantize_q8_k`) as
-    llama.cpp's tiled K-quant matmul computes it (`tiled_run_microtile`, 0.3.36's sources), which it runs for a
-    micro-batch of 8 tokens or more: per super-block the exact integer totals s1 = sum_g scale_g sum q x and
-    (Q2_K) s2 = sum_g min_g bsum_g, r = d_w x s1 (Q2_K: r - dmin_w x s2, one rounding), then r x d_x
-    fused-multiply-added into one chain."""
+    """One Q3_K / Q2_K / IQ4_XS weight row (pm, one row) . one Q8_K row (llama.cpp's bytes,
+    `ggml_ref.quantize_q8_k`) as llama.cpp's tiled K-quant matmul computes it (`tiled_run_microtile`, 0.3.36's
+    sources), which it runs for a micro-batch of 8 tokens or more: per super-block the exact integer totals
+    s1 = sum_g scale_g sum q x and (Q2_K) s2 = sum_g min_g bsum_g, r = d_w x s1 (Q2_K: r - dmin_w x s2, one
+    rounding), then r x d_x fused-multiply-added into one chain."""
     acc = np.float32(0.0)
     for i, yb in enumerate(y.reshape(-1, 292)):
         dy = yb[:4].view(np.float32)[0]
         xq, bs = yb[4:260].view(np.int8).astype(np.int64), yb[260:292].view(np.int16).astype(np.int64)
+        if fmt == "IQ4_XS":  # sub-block k: nibbles of bytes 16k .. 16k + 15 (low, then high), table values
+            nib = pm.qs[0, i].reshape(8, 16).astype(np.int64)
+            q = np.asarray(IQ4NL_VALUES, np.int64)[np.concatenate([nib & 15, nib >> 4], -1)].reshape(256)
+            s1 = int((np.repeat(cpu_qmatmul.iq4xs_scales(pm.sc[0, i]), 32) * q * xq).sum())
+            acc = _fma32(np.float32(pm.d[0, i:i + 1].view(np.float16)[0].astype(np.float32) * np.float32(s1)), dy, acc)
+            continue
         q = cpu_qmatmul._q2_bits(pm.qs[:, i:i + 1, :64])[0, 0]  # value order p = 128h + 32j + l
         if fmt == "Q3_K":  # bit 4h + j = p // 32 of hmask[p % 32] clear: q - 4
             p = np.arange(256)
@@ -580,14 +592,14 @@ def _tiled_low2(fmt: str, pm: Packed, y: np.ndarray) -> np.float32:
 
 
 @pytest.mark.parametrize("fmt,N", [("Q5_K", 16), ("Q5_K", 13), ("Q3_K", 16), ("Q3_K", 13), ("Q2_K", 16),
-                                   ("Q2_K", 13)])
+                                   ("Q2_K", 13), ("IQ4_XS", 16), ("IQ4_XS", 13)])
 def test_k_products_are_llama_cpps_compiled_bits(fmt, N):
-    """Q5_K, Q3_K and Q2_K on Q8_K activations (`matmul_q8`: llama.cpp 0.3.36's AVX2 build repacks none of them,
+    """Q5_K, Q3_K, Q2_K and IQ4_XS on Q8_K activations (`matmul_q8`: llama.cpp 0.3.36's AVX2 build repacks none of them,
     so every token takes its AVX2 dot product) against llama.cpp's own compiled `ggml_vec_dot_<type>_q8_K` on its
     own `quantize_row_q8_K` activations, called through ctypes (`tests/ggml_ref.py`): every (weight row,
     activation row) bit for bit, through every tile of the spans (11 rows: a group of 8, then 4 weight rows at a
     time), random blocks (every bit pattern of the values, high bits, scales and mins) at several activation
-    scales. A prompt of 8 or more takes llama.cpp's tiled matmul arithmetic instead: Q3_K / Q2_K against its
+    scales. A prompt of 8 or more takes llama.cpp's tiled matmul arithmetic instead: Q3_K / Q2_K / IQ4_XS against its
     transcription (`_tiled_low2`) bit for bit, Q5_K to fp32 rounding (all three checked end to end against
     llama.cpp's logits in tests/test_q8_activations_llama_cpp.py)."""
     from tests import ggml_ref

@@ -9,7 +9,7 @@ tensor names, and that
 llama.cpp's converter stores q/k rows already in the interleaved RoPE layout our
 decoder uses (so, unlike `model.build`, no permutation; and 1/sqrt(head_dim)
 stays in `attn_scale` rather than folded into fp16 scales). Block types kept
-packed: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K;
+packed: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS;
 F32/F16/BF16 tensors become fp32. Any other block
 type or architecture raises `UnsupportedGGUF` naming the file, the tensor and
 the type; the caller falls back to transformers' de-quantising conversion. A
@@ -45,7 +45,7 @@ class CorruptGGUF(Exception):
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 # ggml type id -> name, for the types we read (others are reported by id and name when gguf knows it)
 _TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K",
-          12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 20: "IQ4_NL", 30: "BF16"}
+          12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 20: "IQ4_NL", 23: "IQ4_XS", 30: "BF16"}
 _KEPT = ", ".join(BLOCK_BYTES) + "; floats: " + ", ".join(FLOAT_TYPES)
 _SKIP = object()
 

@@ -45,9 +45,9 @@ FORMATS = cpu_qmatmul.ALL_FORMATS
 # of high bits + 16 nibble bytes; Q5_1 = d + m + 4 + 16; per super-block of 256: Q4_K = d + dmin + 12 scale
 # bytes + 128; Q5_K = d + dmin + 12 scale bytes + 32 qh + 128; Q6_K = 128 ql + 64 qh + 16 scales + d
 # Q3_K = 32 hmask + 64 + 12 scale bytes + d; Q2_K = 16 scale bytes + 64 + d + dmin; IQ4_NL = d + 16 nibble bytes
-# (indices into its 16 non-uniform values)
+# (indices into its 16 non-uniform values); IQ4_XS = d + 2 + 4 bytes of 6-bit sub-block scales + 128 nibble bytes
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "IQ4_NL": 18, "Q4_K": 144, "Q5_K": 176,
-               "Q6_K": 210, "Q3_K": 110, "Q2_K": 84}
+               "Q6_K": 210, "Q3_K": 110, "Q2_K": 84, "IQ4_XS": 136}
 BLOCK_VALUES = cpu_qmatmul.BLOCK_VALUES
 DIRECT_ROWS = 64
 SCRATCH_ELEMS = 1 << 21  # 8 MB of fp32
@@ -62,13 +62,14 @@ class Packed:
     """A weight matrix W [N, K] in blocks of 32 (K % 32 == 0) or super-blocks of 256 (the K formats) along K."""
 
     fmt: str
-    # uint8 [N, K/32, 16] (Q4_0/Q4_1), [N, K/32, 20] (Q5_0/Q5_1: nibbles, high bits), int8 [N, K/32, 32] (Q8_0),
-    # uint8 [N, K/256, 128] (Q4_K, Q6_K ql), [N, K/256, 160] (Q5_K: nibbles, high bits), [N, K/256, 96] (Q3_K:
-    # 2-bit values, hmask), [N, K/256, 64] (Q2_K)
+    # uint8 [N, K/32, 16] (Q4_0/Q4_1/IQ4_NL), [N, K/32, 20] (Q5_0/Q5_1: nibbles, high bits), int8 [N, K/32, 32]
+    # (Q8_0), uint8 [N, K/256, 128] (Q4_K, Q6_K ql, IQ4_XS), [N, K/256, 160] (Q5_K: nibbles, high bits),
+    # [N, K/256, 96] (Q3_K: 2-bit values, hmask), [N, K/256, 64] (Q2_K)
     qs: np.ndarray
     d: np.ndarray  # uint16 [N, nb]: fp16 scale bits
     m: np.ndarray | None = None  # uint16 [N, nb]: fp16 min bits (Q4_1, Q5_1), dmin bits (Q2_K, Q4_K, Q5_K)
-    # uint8 [N, nb, 12] (Q3_K/Q4_K/Q5_K packed 6-bit scales/mins), int8 [N, nb, 16] (Q6_K), uint8 [N, nb, 16] (Q2_K)
+    # uint8 [N, nb, 12] (Q3_K/Q4_K/Q5_K packed 6-bit scales/mins), int8 [N, nb, 16] (Q6_K), uint8 [N, nb, 16] (Q2_K),
+    # uint8 [N, nb, 6] (IQ4_XS: scales_h, scales_l)
     sc: np.ndarray | None = None
     qh: np.ndarray | None = None  # uint8 [N, nb, 64]: Q6_K's high 2 bits
 
@@ -102,6 +103,8 @@ class Packed:
             return cls(fmt, np.ascontiguousarray(blk[..., 2:]).view(np.int8), d)
         if fmt in ("Q4_0", "IQ4_NL"):
             return cls(fmt, np.ascontiguousarray(blk[..., 2:]), d)
+        if fmt == "IQ4_XS":  # d, scales_h (2 bytes), scales_l (4), 128 nibble bytes
+            return cls(fmt, np.ascontiguousarray(blk[..., 8:]), d, sc=np.ascontiguousarray(blk[..., 2:8]))
         if fmt == "Q6_K":
             return cls(fmt, np.ascontiguousarray(blk[..., :128]),
                        np.ascontiguousarray(blk[..., 208:210]).view(np.uint16).reshape(N, nb),
@@ -160,28 +163,31 @@ class Packed:
 def quantize_blocks(w: np.ndarray, fmt: str) -> np.ndarray:
     """fp32 W [N, K] (K a multiple of the block) -> its `fmt` blocks as a GGUF stores them, uint8 [N, K / block x
     bytes]: Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 with llama.cpp's rounding (`gguf.quants.quantize`), the K formats with
-    `quantize_k`, IQ4_NL with `quantize_iq4_nl`."""
+    `quantize_k`, IQ4_NL and IQ4_XS with `quantize_iq4_nl`."""
     if fmt not in BLOCK_BYTES:
         raise UnsupportedFormat(f"block type {fmt} (kept packed: {', '.join(FORMATS)})")
     w = np.ascontiguousarray(w, dtype=np.float32)
     qk = BLOCK_VALUES[fmt]
     if w.ndim != 2 or w.shape[1] % qk:
         raise ValueError(f"a matrix of shape {w.shape}: rows must be whole blocks of {qk}")
+    if fmt in ("IQ4_NL", "IQ4_XS"):
+        return quantize_iq4_nl(w, super_block=fmt == "IQ4_XS")
     if fmt in cpu_qmatmul.K_FORMATS:
         return quantize_k(w, fmt)
-    if fmt == "IQ4_NL":
-        return quantize_iq4_nl(w)
     from gguf import GGMLQuantizationType, quants
 
     return quants.quantize(w, getattr(GGMLQuantizationType, fmt))
 
 
-def quantize_iq4_nl(w: np.ndarray) -> np.ndarray:
+def quantize_iq4_nl(w: np.ndarray, super_block: bool = False) -> np.ndarray:
     """fp32 W [N, K] (K a multiple of 32) -> IQ4_NL blocks [N, K / 32 * 18] (gguf's quantizer has none):
     llama.cpp's search without an importance matrix (`quantize_row_iq4_nl_impl`, ntry 7) in float64: per block of
     32, weights x^2, the scale d = max / 127 (max: the value of largest magnitude) and 1 / d = (t - 127) / max
     for t in -7..7 tried, each value its nearest table entry, the least-squares d of the try that fits best
-    kept (fp16), the values then re-chosen against it."""
+    kept (fp16), the values then re-chosen against it. super_block: IQ4_XS blocks [N, K / 256 * 136] (K a
+    multiple of 256): the same per block of 32, then the super-block's d = -(the block scale of largest
+    magnitude) / 32 (fp16), each block's scale rounded to an integer l in -32..31 of d, its values re-chosen
+    against d x l."""
     from atelier_kernels._numba import IQ4NL_VALUES
 
     lut = np.asarray(IQ4NL_VALUES, np.float64)
@@ -198,6 +204,12 @@ def quantize_iq4_nl(w: np.ndarray) -> np.ndarray:
         v = lut[np.searchsorted(mid, x * inv[..., None], side="right")]
         return (wt * v * x).sum(-1), (wt * v * v).sum(-1)
 
+    def nearest(inv: np.ndarray) -> np.ndarray:
+        return np.searchsorted(mid, x * inv[..., None], side="right").astype(np.uint8)
+
+    def recip(v: np.ndarray) -> np.ndarray:
+        return np.where(v != 0, 1.0 / np.where(v != 0, v, 1.0), 0.0)
+
     sqx, sq2 = fit(127.0 / safe)
     d = np.where(sq2 > 0, sqx / np.where(sq2 > 0, sq2, 1.0), 0.0)
     best = d * sqx
@@ -207,11 +219,24 @@ def quantize_iq4_nl(w: np.ndarray) -> np.ndarray:
         d = np.where(better, sqx / np.where(sq2 > 0, sq2, 1.0), d)
         best = np.where(better, d * sqx, best)
     d = np.where(live, d, 0.0)
-    inv = np.where(d != 0, 1.0 / np.where(d != 0, d, 1.0), 0.0)
-    q = np.searchsorted(mid, x * inv[..., None], side="right").astype(np.uint8)
-    nib = q[..., :16] | (q[..., 16:] << 4)
-    d16 = d.astype(np.float16).view(np.uint8).reshape(N, nb, 2)
-    return np.ascontiguousarray(np.concatenate([d16, nib], -1)).reshape(N, nb * 18)
+    if not super_block:
+        q = nearest(recip(d))
+        nib = q[..., :16] | (q[..., 16:] << 4)
+        d16 = d.astype(np.float16).view(np.uint8).reshape(N, nb, 2)
+        return np.ascontiguousarray(np.concatenate([d16, nib], -1)).reshape(N, nb * 18)
+    ns = nb // 8
+    ds = d.reshape(N, ns, 8)
+    big = np.take_along_axis(ds, np.abs(ds).argmax(-1)[..., None], -1)[..., 0]
+    dsb = -big / 32  # the super-block's scale (fp32 in llama.cpp; stored as fp16)
+    ls = np.clip(np.rint(ds * recip(dsb)[..., None]), -32, 31)  # ggml's nearest_int: ties to even
+    q = nearest(recip(dsb[..., None] * ls).reshape(N, nb)).reshape(N, ns, 8, 32)
+    nib = (q[..., :16] | (q[..., 16:] << 4)).reshape(N, ns, 128)
+    lu = (ls + 32).astype(np.int64)  # 0..63: low 4 bits in scales_l (two per byte), high 2 in scales_h
+    sl = ((lu[..., 0::2] & 15) | ((lu[..., 1::2] & 15) << 4)).astype(np.uint8)  # [N, ns, 4]
+    sh = ((lu >> 4) << (2 * np.arange(8))).sum(-1).astype(np.uint16)  # [N, ns]
+    d16 = dsb.astype(np.float16).view(np.uint8).reshape(N, ns, 2)
+    blk = np.concatenate([d16, sh[..., None].view(np.uint8).reshape(N, ns, 2), sl, nib], -1)
+    return np.ascontiguousarray(blk).reshape(N, ns * 136)
 
 
 def quantize_k(w: np.ndarray, fmt: str) -> np.ndarray:
