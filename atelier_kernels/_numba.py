@@ -890,7 +890,8 @@ def _iq4xs_rows_codegen(n: int, nw: int = 1, prompt: bool = False) -> Any:  # pr
     no IQ4_XS matrix on x86) or, with prompt, its tiled matmul's (a micro-batch of 8 tokens or more). Weights:
     per super-block of 256 the 128 nibble bytes (sub-block k: bytes 16k .. 16k + 15, low nibbles values 0..15,
     high 16..31), d (fp16) one per super-block, sc its 6 scale bytes (scales_h, a little-endian uint16, then the
-    4 scales_l bytes): sub-block k's scale ls_k = ((scales_l[k / 2] >> 4 (k % 2)) & 15 | ((scales_h >> 2k) & 3) << 4) - 32.
+    4 scales_l bytes): sub-block k's scale ls_k = ((scales_l[k / 2] >> 4 (k % 2)) & 15 | ((scales_h >> 2k) & 3)
+    << 4) - 32.
     Activations as `_q8k_rows_codegen`'s. Per super-block and pair: each sub-block's nibbles looked up in
     IQ4NL_VALUES (`vpshufb`), `vpmaddubsw` of |w| and x with w's sign (`vpsignb`), `vpmaddwd` by ls_k into 8
     int32 lanes summed over the 8 sub-blocks (exact), converted to fp32 and fused-multiply-added times d_w x d_x
