@@ -220,8 +220,8 @@ def _tile_args(context: Any, builder: Any, signature: Any, args: Any, nw: int,
             args[idx + 1:idx + 1 + n], args[im + 3])
 
 
-def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
-                     vnni: bool = False, ux: bool = False, chain: bool = False) -> Any:  # pragma: no cover - compiled
+def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False, vnni: bool = False, ux: bool = False,
+                     chain: bool = False, acc2: bool = False) -> Any:  # pragma: no cover - compiled
     """The LLVM code of the Q8 row dots (see `q8_row_dot_intrinsic`) for a tile of nw weight rows x n rows of
     activations. Arguments: (w, nw w offsets, d, nw d offsets (m's too), x, n x offsets, dx, n dx offsets, m,
     xs, blocks); xs shares dx's offsets. Returns the nw x n sums, weight row by weight row. One body for every
@@ -253,7 +253,11 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     8, its extra weight buffers on: `ggml_gemv_q4_0_8x8_q8_0` for a token, `ggml_gemm_q4_0_8x8_q8_0` for rows in
     fours, the same per pair): each block's integer dot summed whole (exact), converted to fp32 and
     fused-multiply-added times d_w x d_x into one scalar chain per pair; no lanes, no final sum (IQ4_NL:
-    `ggml_gemv` / `ggml_gemm_iq4_nl_8x8_q8_0`, the same template with its lookup table)."""
+    `ggml_gemv` / `ggml_gemm_iq4_nl_8x8_q8_0`, the same template with its lookup table).
+
+    acc2 (IQ4_NL, a matrix llama.cpp does not repack, one token: its `ggml_vec_dot_iq4_nl_q8_0`): the even blocks
+    into one set of 8 float lanes, the odd ones into another, the two added lane by lane before the final sum;
+    an odd last block then joins the sum as one scalar step, fma(d_w x d_x, float(its integer dot), sum)."""
     from llvmlite import ir
     from numba.core import cgutils
 
@@ -265,6 +269,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
     q5 = kind in (3, 4)  # 5-bit weights: the nibbles' 16 bytes, then the block's 32 high bits
     bw = 32 if kind == 2 else 20 if q5 else 16
     assert not ux or (vnni and not mn and nw == 1), "ux: VNNI, a signed kind, one weight row"
+    assert not acc2 or (kind == 17 and not chain), "acc2: IQ4_NL's plain dot product"
     # where the codegen's arguments are: (w, nw w offsets, d, nw d offsets, x, n x offsets, dx, n dx offsets, m,
     # xs, sc, blocks)
 
@@ -291,6 +296,8 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
         fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
                 for _ in range(nw)]
+        accs2 = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
+                 for _ in range(nw)] if acc2 else None
         npair = nw * n
         if chain:  # the tile's pairs' chains as one vector (lane t n + j), or one scalar for a 1 x 1 tile
             vpf = ir.VectorType(f32, npair) if npair > 1 else f32
@@ -319,10 +326,12 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
             return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
 
-        def block(b: Any, scale_v: Callable, m_s: Callable, m_v: Callable, scale_p: Callable = None) -> None:
+        def block(b: Any, scale_v: Callable, m_s: Callable, m_v: Callable, scale_p: Callable = None,
+                  odd: bool = False, sink: Callable = None) -> None:
             # block b of every pair: scale_v(t, j) = d_w x d_x of the pair (a scalar), m_s(t) = the weight row's
             # min (Q4_1) as a float, m_v() = the nw rows' mins as one vector (vw); chain: scale_p() = the pairs'
-            # d_w x d_x as one vector (lane t n + j)
+            # d_w x d_x as one vector (lane t n + j); acc2: odd = into the odd blocks' lanes; sink(t, j, p32):
+            # takes the pair's integer lanes instead of a step of its chains
             cur = []
             xvs, xss = [], []
             for xo, dxo in zip(xoffs, dxoffs):  # the activation rows' block b, loaded once for the tile
@@ -381,8 +390,10 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
                                                     builder.bitcast(xsg, v8i32)])
                     else:
                         p32 = builder.call(maddwd, [builder.call(maddubs, [wabs, xsg]), ir.Constant(v16i16, [1] * 16)])
-                    acc = accs[t][j]
-                    if chain:
+                    acc = accs2[t][j] if odd else accs[t][j]
+                    if sink is not None:
+                        sink(t, j, p32)
+                    elif chain:
                         cur.append(p32)
                     else:
                         pf = builder.sitofp(p32, v8f32)
@@ -476,18 +487,42 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False,
             for k in range(8):
                 block(builder.add(b0, ir.Constant(intp, k)), lambda t, j, k=k: lane(t * n + j, k),
                       lambda t, k=k: lane(nw * n + t, k), lambda k=k: gather([lane(nw * n + t, k) for t in range(nw)]),
-                      lambda k=k: per_k[k] if npair > 1 else lane(0, k))
-        tail0 = builder.mul(ng, ir.Constant(intp, 8))
-        with cgutils.for_range_slice(builder, tail0, nb, ir.Constant(intp, 1)) as (b, _):
-            def scale1(t: int, j: int, b: Any = b) -> Any:
-                dw = half(builder, da, builder.add(doffs[t], b))
-                return builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b)])))
+                      lambda k=k: per_k[k] if npair > 1 else lane(0, k), odd=acc2 and k % 2 == 1)
 
-            block(b, scale1, lambda t, b=b: half(builder, ma, builder.add(doffs[t], b)),
-                  lambda b=b: gather([half(builder, ma, builder.add(doffs[t], b)) for t in range(nw)]),
-                  lambda: (gather([scale1(t, j) for t in range(nw) for j in range(n)]) if npair > 1
-                           else scale1(0, 0)))
-        if chain:
+        def scale1(t: int, j: int, b: Any) -> Any:
+            dw = half(builder, da, builder.add(doffs[t], b))
+            return builder.fmul(dw, builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b)])))
+
+        def tail_block(b: Any, odd: bool = False, sink: Callable = None) -> None:
+            block(b, lambda t, j: scale1(t, j, b), lambda t: half(builder, ma, builder.add(doffs[t], b)),
+                  lambda: gather([half(builder, ma, builder.add(doffs[t], b)) for t in range(nw)]),
+                  lambda: (gather([scale1(t, j, b) for t in range(nw) for j in range(n)]) if npair > 1
+                           else scale1(0, 0, b)), odd=odd, sink=sink)
+
+        tail0 = builder.mul(ng, ir.Constant(intp, 8))
+        if acc2:  # the blocks past the last 8 in pairs (even, odd), as llama.cpp's loop; an odd last one apart
+            nb2 = builder.sub(nb, builder.and_(nb, ir.Constant(intp, 1)))
+            with cgutils.for_range_slice(builder, tail0, nb2, ir.Constant(intp, 2)) as (b, _):
+                tail_block(b)
+                tail_block(builder.add(b, ir.Constant(intp, 1)), odd=True)
+        else:
+            with cgutils.for_range_slice(builder, tail0, nb, ir.Constant(intp, 1)) as (b, _):
+                tail_block(b)
+        if acc2:
+            sums = [cgutils.alloca_once_value(builder, _lane_sum(builder, builder.fadd(
+                builder.load(accs[t][j]), builder.load(accs2[t][j])), builder.fadd))
+                for t in range(nw) for j in range(n)]
+            last = builder.sub(nb, ir.Constant(intp, 1))
+            with builder.if_then(builder.icmp_signed("!=", builder.and_(nb, ir.Constant(intp, 1)),
+                                                     ir.Constant(intp, 0))):
+                def sink(t: int, j: int, p32: Any) -> None:  # sumf += d x (sumi1 + sumi2): one fused step
+                    tot = builder.sitofp(_lane_sum(builder, p32, builder.add), f32)
+                    builder.store(builder.call(fma1, [scale1(t, j, last), tot, builder.load(sums[t * n + j])]),
+                                  sums[t * n + j])
+
+                tail_block(last, sink=sink)
+            outs = [builder.load(a) for a in sums]
+        elif chain:
             v = builder.load(vacc)
             outs = [builder.extract_element(v, ir.Constant(i32, i)) for i in range(npair)] if npair > 1 else [v]
         elif vw:
@@ -1021,13 +1056,14 @@ def q8_rows4_dot_intrinsic(kind: int) -> Any:  # pragma: no cover - compiled int
 @functools.cache
 def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
                           vnni: bool | None = None, ux: bool = False,
-                          chain: bool = False) -> Any:  # pragma: no cover - compiled
+                          chain: bool = False, acc2: bool = False) -> Any:  # pragma: no cover - compiled
     """`q8_row_dot_intrinsic` for nw weight rows x n activation rows: (w, nw w offsets, d, nw d offsets, x,
     n x offsets, dx, n dx offsets, m, xs, sc, blocks) -> an (nw x n)-tuple of float32, weight row by weight row
     (one float32 for 1 x 1). Every pair's arithmetic is the same (`_q8_rows_codegen`), so its result has the
     same bits in any tile. vnni: None = where the CPU has it (`has_vnni`). ux (needs VNNI, a signed kind,
     nw = 1): x is the activations with their sign bit flipped (see `_q8_rows_codegen`); the same bits. chain
-    (Q4_0): the arithmetic of llama.cpp's repacked Q4_0 kernels (one scalar chain per pair)."""
+    (Q4_0, IQ4_NL): the arithmetic of llama.cpp's repacked Q4_0 kernels (one scalar chain per pair); acc2
+    (IQ4_NL): its plain dot product's (even and odd blocks in two sets of lanes)."""
     if vnni is None:
         vnni = has_vnni()
     from numba import types
@@ -1051,7 +1087,7 @@ def q8_tile_dot_intrinsic(kind: int, nw: int, n: int, tmin: bool = False,
             return sig, _q8k_rows_codegen({7: 6, 8: 5, 9: 5, 10: 5, 11: 5, 12: 5}.get(kind, kind), n, nw,
                                           prompt=kind in (7, 8, 10, 12), plain=kind in (9, 10, 11, 12),
                                           q5=kind in (11, 12))
-        return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni, ux, chain)
+        return sig, _q8_rows_codegen(kind, n, nw, tmin, vnni, ux, chain, acc2)
 
     # an intrinsic's parameters are read from its signature: spell them out (Numba takes no *args there)
     src = f"def tile_dot(typingctx, {', '.join(names)}):\n    return typer(typingctx, {', '.join(names)})\n"

@@ -694,6 +694,7 @@ _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = 
 _r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = flip_rows = None
 _rd_q4r = _r4_q4r = _w4_q4r = _r8_q4r = None
 _rd_iq4 = _r4_iq4 = _w4_iq4 = _r8_iq4 = None
+_rd_iqd = _r4_iqd = _w4_iqd = _r8_iqd = _rd_iqp = _r4_iqp = _w4_iqp = _r8_iqp = None
 _rd_q50 = _rd_q51 = _r4_q50 = _r4_q51 = _w4_q50 = _w4_q51 = _r8_q50 = _r8_q51 = None
 _rd_q4k = _r4_q4k = _w4_q4k = _r8_q4k = _rd_q6k = _r4_q6k = _w4_q6k = _r8_q6k = None
 _rd_q5k = _r4_q5k = _w4_q5k = _r8_q5k = _rd_q5t = _r4_q5t = _w4_q5t = _r8_q5t = None
@@ -739,6 +740,13 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     global _rd_iq4, _r4_iq4, _w4_iq4, _r8_iq4
     _rd_iq4, _w4_iq4 = q8_tile_dot_intrinsic(17, 1, 1, chain=True), q8_tile_dot_intrinsic(17, 4, 1, chain=True)
     _r4_iq4, _r8_iq4 = (q8_tile_dot_intrinsic(17, 1, r, tmin=True, ux=UX, chain=True) for r in (4, 8))
+    # IQ4_NL not repacked (q8a_span's kinds 21 / 22): llama.cpp's plain dot product for a token (two sets of
+    # lanes), tinyBLAS's for a prompt's rows (one, as Q8_0's)
+    global _rd_iqd, _r4_iqd, _w4_iqd, _r8_iqd, _rd_iqp, _r4_iqp, _w4_iqp, _r8_iqp
+    _rd_iqd, _w4_iqd = q8_tile_dot_intrinsic(17, 1, 1, acc2=True), q8_tile_dot_intrinsic(17, 4, 1, acc2=True)
+    _r4_iqd, _r8_iqd = (q8_tile_dot_intrinsic(17, 1, r, tmin=True, ux=UX, acc2=True) for r in (4, 8))
+    _rd_iqp, _w4_iqp = q8_tile_dot_intrinsic(17, 1, 1), q8_tile_dot_intrinsic(17, 4, 1)
+    _r4_iqp, _r8_iqp = (q8_tile_dot_intrinsic(17, 1, r, tmin=True, ux=UX) for r in (4, 8))
     # Q5_1 / Q5_0 (the intrinsics' kinds 3 / 4): the same tiles
     _rd_q51, _rd_q50 = (q8_row_dot_intrinsic(k) for k in (3, 4))
     _r4_q51, _r4_q50 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True, ux=UX and k == 4) for k in (3, 4))
@@ -801,7 +809,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             _pf(qs, n * nb * bw + off)
         for off in range(0, rows * dn, 32):
             _pf(df, n * dn + off)
-            if kind == 1 or kind == 6 or kind == 7 or kind >= 10:
+            if kind == 1 or kind == 6 or kind == 7 or 10 <= kind <= 20:
                 # (Q6_K's high bits: the hardware's stream prefetch)
                 _pf(mf, n * dn + off)
 
@@ -972,14 +980,14 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # bytes flat (uint8), df / mf: fp16 bits flat [N * nb]; rows of x four at a time (each weight block
         # unpacked once for them), the rest one by one: the same arithmetic per row either way. xu: xq with
         # the sign bits flipped (`flip_rows`) where UX (the Q4_0 / Q5_0 / Q8_0 tiles of rows read it), else
-        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_0 as llama.cpp repacks it, 4 IQ4_NL (as it repacks it),
-        # 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K
+        # unused. kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4_0 as llama.cpp repacks it, 4 IQ4_NL (as it repacks it;
+        # 21 / 22: not repacked, a token / a prompt's rows), 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K
         # (`Q8A_KIND`), 9 Q6_K in a prompt of 8 rows or more, 10 Q4_K in a prompt (its rows in fours, the rest as
         # 7), 11 Q4_K not repacked, 12 that in a prompt of 8 rows or more (`part_kind`, `prompt_kind`; 13 .. 20:
         # `kx_span`); scf: the K formats' scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block
         # viewed as uint16
         bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 else 16  # weight bytes per block of 32
-        dn = nb // 8 if kind >= 7 else nb  # scales per weight row (K formats: one d per 8 blocks)
+        dn = nb // 8 if 7 <= kind <= 20 else nb  # scales per weight row (K formats: one d per 8 blocks)
         mn = kind == 1 or kind == 6  # a min per block: xs read transposed by the tiles of rows
         xr = nb * 32
         n0, n1 = np.int64(n0), np.int64(n1)  # a prange index is unsigned: n + 1 would be a float
@@ -1013,6 +1021,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     elif kind == 4:
                         a = _w4_iq4(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 21:
+                        a = _w4_iqd(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                    elif kind == 22:
+                        a = _w4_iqp(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
+                                    do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                     elif kind == 5:
                         a = _w4_q50(qs, wo, wo + nb * bw, wo + 2 * nb * bw, wo + 3 * nb * bw, df, do, do + dn,
                                     do + 2 * dn, do + 3 * dn, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
@@ -1045,7 +1059,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             tail = w  # weight rows from here still need every row of x
         else:
             tail = n1
-        xa = xu if UX and not mn and kind < 7 else xq  # what the tiles of rows read (the K types: llama.cpp's
+        xa = xu if UX and not mn and (kind < 7 or kind > 20) else xq  # what the tiles of rows read (the K types:
+        # llama.cpp's
         # arithmetic, no sign-flipped activations)
         for n in range(n0, n1):
             wo = n * nb * bw
@@ -1068,6 +1083,14 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 elif kind == 4:
                     a8 = _r8_iq4(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                elif kind == 21:
+                    a8 = _r8_iqd(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                                 (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                                 (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
+                elif kind == 22:
+                    a8 = _r8_iqp(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
                                  (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
                                  (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, scf, nb)
                 elif kind == 5:
@@ -1122,6 +1145,12 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 elif kind == 4:
                     a = _r4_iq4(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                elif kind == 21:
+                    a = _r4_iqd(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
+                elif kind == 22:
+                    a = _r4_iqp(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                                (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
                 elif kind == 5:
                     a = _r4_q50(qs, wo, df, do, xa, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
                                 (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, scf, nb)
@@ -1165,6 +1194,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_q4r(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 4:
                     out[r, n] = _rd_iq4(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 21:
+                    out[r, n] = _rd_iqd(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
+                elif kind == 22:
+                    out[r, n] = _rd_iqp(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 5:
                     out[r, n] = _rd_q50(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, scf, nb)
                 elif kind == 6:
@@ -1196,13 +1229,13 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         R, nb = dx.shape
         N = d.shape[0]
         dxf, xsf, df, mf = dx.reshape(-1), xs.reshape(-1), d.reshape(-1), m.reshape(-1)
-        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 3 or kind == 4 or kind == 5) and R >= 4
-                      else 0,
+        xu = np.empty(R * nb * 32 if UX and (kind == 0 or kind == 2 or kind == 3 or kind == 4 or kind == 5
+                                             or kind == 21 or kind == 22) and R >= 4 else 0,
                       np.int8)
         if xu.size:
             flip_rows(xq, xu, nb * 32, 0, R)
         for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
-            if kind >= 13:
+            if 13 <= kind <= 20:
                 kx_span(xq, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
             else:
                 q8a_span(xq, xu, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
@@ -1264,14 +1297,15 @@ def part_kind(fmt: str, rows: int) -> int:
     """The q8a_span kind of a `fmt` matrix of `rows` output rows (one token per activation row): Q8A_KIND, but
     Q4_K as llama.cpp runs a matrix it does not repack (kind 11: rows not a multiple of 8, or its extra weight
     buffers off, `llama_q4k_repack`), Q4_0 as it runs one it repacks (kind 3: rows a multiple of 8, the buffers
-    on; its `ggml_gemv` / `ggml_gemm_q4_0_8x8_q8_0`). IQ4_NL (kind 4): always as llama.cpp runs a matrix it
-    repacks (`ggml_gemv` / `ggml_gemm_iq4_nl_8x8_q8_0`); one it does not (rows not a multiple of 8, or its
-    buffers off) it multiplies with its plain dot product (a token: 2 x 8 lanes; a prompt: 8 lanes), whose sums
-    end in other roundings than ours there. Q5_K, Q3_K, Q2_K (kinds 13, 15, 17): llama.cpp 0.3.36's AVX2 build
-    repacks none of them."""
+    on; its `ggml_gemv` / `ggml_gemm_q4_0_8x8_q8_0`). IQ4_NL: kind 4 where llama.cpp repacks it (the same
+    rule; `ggml_gemv` / `ggml_gemm_iq4_nl_8x8_q8_0`), else kind 21 (its `ggml_vec_dot_iq4_nl_q8_0`: two sets of
+    8 lanes). Q5_K, Q3_K, Q2_K, IQ4_XS (kinds 13, 15, 17, 19): llama.cpp 0.3.36's AVX2 build repacks none of
+    them."""
     kind = Q8A_KIND[fmt]
     if kind == 0 and rows % 8 == 0 and _Q4K_REPACK[0]:  # Q4_0 repacked (llama.cpp's q4_0_8x8 kernels)
         return 3
+    if kind == 4 and (rows % 8 or not _Q4K_REPACK[0]):  # IQ4_NL not repacked: its plain dot product
+        return 21
     return 11 if kind == 7 and (rows % 8 or not _Q4K_REPACK[0]) else kind
 
 
@@ -1279,7 +1313,8 @@ def prompt_kind(kind: int, rows: int) -> int:
     """The q8a_span kind of a part of kind `kind` in a prompt's micro-batch of `rows` tokens of one sequence,
     what llama.cpp computes for such a micro-batch: Q6_K from 8 rows on its tiled matmul (kind 9), a repacked
     Q4_K from 4 rows on its 4-row kernel on the rows in fours and its 1-row one on the rest (kind 10), a Q4_K
-    it does not repack, a Q5_K, Q3_K, Q2_K or IQ4_XS from 8 rows on its tiled matmul (kinds 12, 14, 16, 18, 20).
+    it does not repack, a Q5_K, Q3_K, Q2_K or IQ4_XS from 8 rows on its tiled matmul (kinds 12, 14, 16, 18, 20),
+    an IQ4_NL it does not repack from 2 rows on llamafile's tinyBLAS (kind 22).
     Decoding steps, whatever their batch, take the one-token arithmetic: a request's bits do not depend on the
     requests beside it."""
     if kind == 8 and rows >= 8:
@@ -1288,6 +1323,8 @@ def prompt_kind(kind: int, rows: int) -> int:
         return 12
     if kind in (13, 15, 17, 19) and rows >= 8:  # Q5_K, Q3_K, Q2_K, IQ4_XS
         return kind + 1
+    if kind == 21 and rows >= 2:  # IQ4_NL not repacked: llamafile's tinyBLAS for any micro-batch of 2 or more
+        return 22
     return 10 if kind == 7 and rows >= 4 else kind
 
 

@@ -143,7 +143,7 @@ def _kernels() -> dict | None:
                 continue
             kind = _prompt_kind(pkind[j], R) if batch else pkind[j]
             # the activations its type reads: the K types Q8_K ones (no sign-flipped copy), the others blocks of 32
-            aq, au, ad, axs = (xqk, xqk, dxk, xsk) if kind >= 7 else (xq, xu, dxf, xsf)
+            aq, au, ad, axs = (xqk, xqk, dxk, xsk) if 7 <= kind <= 20 else (xq, xu, dxf, xsf)
             if N == out.shape[1]:  # the projection's only part: out itself (C-contiguous, as the kernels prefer)
                 part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
             else:  # its columns of out
@@ -155,7 +155,7 @@ def _kernels() -> dict | None:
     @njit(cache=True, nogil=True)
     def part_rows(xq, xu, dxf, xsf, qs, d, m, sc, bias, kind, R, nb, n0, n1, o):  # pragma: no cover - compiled
         # rows n0 .. n1 - 1 of one part into o [R, its rows]
-        if kind >= 13:  # Q5_K, Q3_K, Q2_K, IQ4_XS (`cpu_qmatmul.kx_span`)
+        if 13 <= kind <= 20:  # Q5_K, Q3_K, Q2_K, IQ4_XS (`cpu_qmatmul.kx_span`)
             _spanx(xq, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
         else:
             _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
@@ -321,11 +321,11 @@ def _kernels() -> dict | None:
         flip = b32 = bk = False
         for j in range(pkind.shape[0]):
             k = pkind[j]
-            if k >= 7:
+            if 7 <= k <= 20:
                 bk = True
             else:
                 b32 = True
-            if k == 0 or k == 2 or k == 3 or k == 4 or k == 5:
+            if k == 0 or k == 2 or k == 3 or k == 4 or k == 5 or k == 21:
                 flip = True
         n32, nk8 = R * kmax if b32 else 0, R * kmax if bk else 0
         xq = np.empty(n32, np.int8)

@@ -7,10 +7,10 @@ brings — a Q4_K_M download, a Q5_0 or Q8_0 file — and prints how it loads he
 block types stay packed, or the fp32 fallback and why), then llama.cpp's and our
 tokens/s in alternating rounds (llama.cpp alone in a child process, `make bench`'s native build where
 there is one, as in text_bench), drafting off, a 32-token prompt, `--tokens` new greedy tokens with EOS
-ignored, and the medians' ratio. Without a path (`make bench`) it writes six files from the embedded
+ignored, and the medians' ratio. Without a path (`make bench`) it writes eight files from the embedded
 model with llama.cpp's own quantizer into a temporary folder — a Q4_K_M (on SmolLM2 mostly Q5_0: 576 is not
-a multiple of Q4_K's 256), a Q5_K_M, a Q3_K_S (Q3_K ffn_down, the rest Q4_0), a Q5_0, a Q5_1 and a Q4_0 one
-— and measures each.
+a multiple of Q4_K's 256), a Q5_K_M, a Q3_K_S (Q3_K ffn_down, the rest Q4_0), a Q5_0, a Q5_1, a Q4_0, an
+IQ4_XS (IQ4_XS ffn_down, the rest IQ4_NL) and an IQ4_NL one — and measures each.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from engine.llm.load import load_llm  # noqa: E402
 
 
 def _requantised(folder: Path) -> list[Path]:
-    """The embedded GGUF requantised by llama.cpp (Q4_K_M, Q5_K_M, Q3_K_S, Q5_0, Q5_1, Q4_0) into folder; [] without
-    llama-cpp-python."""
+    """The embedded GGUF requantised by llama.cpp (Q4_K_M, Q5_K_M, Q3_K_S, Q5_0, Q5_1, Q4_0, IQ4_XS, IQ4_NL) into
+    folder; [] without llama-cpp-python."""
     try:
         import llama_cpp
     except ImportError:
@@ -41,7 +41,7 @@ def _requantised(folder: Path) -> list[Path]:
     from engine.llm.load import embedded_gguf
 
     out = []
-    for name in ("q4_k_m", "q5_k_m", "q3_k_s", "q5_0", "q5_1", "q4_0"):
+    for name in ("q4_k_m", "q5_k_m", "q3_k_s", "q5_0", "q5_1", "q4_0", "iq4_xs", "iq4_nl"):
         ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}")
         p = llama_cpp.llama_model_quantize_default_params()
         p.ftype, p.allow_requantize, p.nthread = ftype, True, os.cpu_count() or 1

@@ -24,7 +24,7 @@ Q8K_BYTES = 4 + 256 + 32  # block_q8_K: fp32 d, 256 int8, 16 int16 bsums
 Q80_BYTES = 2 + 32  # block_q8_0: fp16 d, 32 int8
 # the dot products called, by weight type: (ggml's name, its activations' type)
 _TYPES = {"Q4_K": ("q4_K", "q8_K"), "Q5_K": ("q5_K", "q8_K"), "Q6_K": ("q6_K", "q8_K"), "Q3_K": ("q3_K", "q8_K"),
-          "Q2_K": ("q2_K", "q8_K"), "Q4_0": ("q4_0", "q8_0"), "IQ4_NL": ("iq4_nl", "q8_0"),
+          "Q2_K": ("q2_K", "q8_K"), "Q4_0": ("q4_0", "q8_0"), "Q8_0": ("q8_0", "q8_0"), "IQ4_NL": ("iq4_nl", "q8_0"),
           "IQ4_XS": ("iq4_xs", "q8_K")}
 
 

@@ -178,14 +178,16 @@ def test_a_32_value_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
     _packed_and_llama_cpps_logits(path, tmp_path, capsys, fmt, fmt)
 
 
-def _packed_and_llama_cpps_logits(path: Path, tmp_path: Path, capsys, fmt: str, label: str) -> None:  # noqa: ANN001
+def _packed_and_llama_cpps_logits(path: Path, tmp_path: Path, capsys, fmt: str, label: str,  # noqa: ANN001
+                                  repack: bool | None = None) -> None:
     """The file loads packed at its size (its `fmt` blocks kept), runs in the fused step, and gives llama.cpp's
-    top-1 at >= 99 % of 2 prompts x 32 teacher-forced positions, every logit within 1e-3 of their span."""
+    top-1 at >= 99 % of 2 prompts x 32 teacher-forced positions, every logit within 1e-3 of their span.
+    repack: whether llama.cpp repacks (its extra weight buffers on; None: as `llama_ref.patch` leaves it)."""
     from atelier_kernels import cpu_qmatmul
 
     # where the CPU has AMX the llama.cpp here runs without its extra weight buffers (`llama_ref.patch`): it
-    # repacks nothing, and our Q4_0 / Q4_K parts take its plain dot products' arithmetic (built at load)
-    with cpu_qmatmul.llama_q4k_repack(not llama_ref.patch()):
+    # repacks nothing, and our Q4_0 / Q4_K / IQ4_NL parts take its plain dot products' arithmetic (built at load)
+    with cpu_qmatmul.llama_q4k_repack(not llama_ref.patch() if repack is None else repack):
         ours = load_llm(str(path), tmp_path / "cache", activations="q8")
     assert ours.model.packed and fmt in ours.weights and "float32 538" not in ours.weights, ours.weights
     assert ours.size_bytes() <= 1.1 * path.stat().st_size
@@ -227,6 +229,28 @@ def test_a_q3_k_s_file_gives_llama_cpps_logits(tmp_path, capsys):
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     assert "Q3_K" in types, types
     _packed_and_llama_cpps_logits(path, tmp_path, capsys, "Q3_K", "Q3_K_S")
+
+
+@pytest.mark.slow
+def test_an_iq4_nl_file_without_llama_cpps_repacking_gives_its_logits(tmp_path, capsys, monkeypatch):
+    """llama.cpp without its extra weight buffers (`use_extra_bufts = False`, as the tests run it where the CPU
+    has AMX) repacks no IQ4_NL matrix: it multiplies a token with `ggml_vec_dot_iq4_nl_q8_0` (the even and odd
+    blocks in two sets of 8 lanes) and a micro-batch of 2 tokens or more with llamafile's tinyBLAS (8 lanes).
+    The embedded model requantised to IQ4_NL, loaded inside `llama_q4k_repack(False)` (our parts then take those
+    arithmetics: `cpu_qmatmul.part_kind` 21, `prompt_kind` 22), gives that llama.cpp's logits bit for bit, on
+    any x86 CPU (the buffers turned off here for this test alone)."""
+    import llama_cpp.llama as high
+
+    orig = high.llama_cpp.llama_model_default_params
+
+    def no_extra_bufts():  # noqa: ANN202
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(high.llama_cpp, "llama_model_default_params", no_extra_bufts)
+    _packed_and_llama_cpps_logits(_requantised(tmp_path, "IQ4_NL"), tmp_path, capsys, "IQ4_NL",
+                                  "IQ4_NL (llama.cpp's buffers off)", repack=False)
 
 
 @pytest.mark.slow

@@ -533,13 +533,15 @@ def test_q4_0_products_are_llama_cpps_compiled_bits(N):
 @pytest.mark.parametrize("N", [16, 64, 13])
 def test_iq4_nl_products_are_llama_cpps_compiled_bits(N):
     """IQ4_NL on Q8 activations (`matmul_q8`; each nibble one of 16 non-uniform values, looked up with
-    `vpshufb`) against llama.cpp's own compiled kernels through ctypes (`tests/ggml_ref.py`): a matrix whose rows
-    are a multiple of 8 as its AVX2 build repacks it (`ggml_gemv_iq4_nl_8x8_q8_0` for a row,
-    `ggml_gemm_iq4_nl_8x8_q8_0` for rows in fours: Q4_0's template with the lookup table), every (weight row,
-    activation row) bit for bit, 13 rows of activations (tiles of 8, 4 and one) and one alone, as a prompt or
-    decoding steps, random blocks at several activation scales, 1, 16 and 19 blocks per row. A matrix it does
-    not repack (13 rows, or its buffers off) it multiplies with `ggml_vec_dot_iq4_nl_q8_0` (2 x 8 lanes): ours
-    keeps the repacked arithmetic there, the same integers summed in another fp32 order (within 1e-5)."""
+    `vpshufb`) against llama.cpp's own compiled kernels through ctypes (`tests/ggml_ref.py`), every (weight row,
+    activation row) bit for bit, 13 rows of activations (tiles of 8, 4 and one) and one alone, random blocks at
+    several activation scales, 1, 16 and 19 blocks per row (an odd last block: llama.cpp's scalar tail). A
+    matrix whose rows are a multiple of 8 as its AVX2 build repacks it (`ggml_gemv_iq4_nl_8x8_q8_0` for a row,
+    `ggml_gemm_iq4_nl_8x8_q8_0` for rows in fours: Q4_0's template with the table), as decoding steps or a
+    prompt; any other (13 rows, or with its extra buffers off: `llama_q4k_repack(False)`) as its
+    `ggml_vec_dot_iq4_nl_q8_0` for a token (two sets of 8 lanes) and, for a prompt's rows, as llamafile's
+    tinyBLAS (one set of 8 lanes: `ggml_vec_dot_q8_0_q8_0`'s arithmetic, checked on the blocks written as Q8_0
+    ones with the table's values)."""
     from tests import ggml_ref
 
     rng = np.random.default_rng(N + 1)
@@ -550,16 +552,26 @@ def test_iq4_nl_products_are_llama_cpps_compiled_bits(N):
         pm = Packed.from_blocks("IQ4_NL", raw)
         np.testing.assert_array_equal(pm.dequant(), quants.dequantize(raw, QT.IQ4_NL))
         x = (rng.standard_normal((13, nb * 32)) * rng.uniform(0.01, 30, (13, 1))).astype(np.float32)
-        dots = np.array([[ggml_ref.vec_dot("IQ4_NL", raw[n], ggml_ref.quantize_q8_0(row)) for n in range(N)]
-                         for row in x])
+        ys = [ggml_ref.quantize_q8_0(row) for row in x]
+        dots = np.array([[ggml_ref.vec_dot("IQ4_NL", raw[n], y) for n in range(N)] for y in ys])
+        blk = raw.reshape(N, nb, 18)  # the same blocks as Q8_0 ones: d, then the 32 values as int8
+        nib = np.concatenate([blk[..., 2:] & 15, blk[..., 2:] >> 4], -1)
+        as_q8 = np.concatenate([blk[..., :2], np.asarray(cpu_qmatmul.IQ4NL_VALUES, np.int8)[nib].view(np.uint8)], -1)
+        tiny = np.array([[ggml_ref.vec_dot("Q8_0", as_q8[n].reshape(-1), y) for n in range(N)] for y in ys])
         for on in (True, False):
             with cpu_qmatmul.llama_q4k_repack(on):
                 for prompt in (False, True):
                     got = cpu_qmatmul.matmul_q8("IQ4_NL", x, pm.qs, pm.d, prompt=prompt)
-                    if N % 8 == 0:
+                    if N % 8 == 0 and on:
                         np.testing.assert_array_equal(got, ggml_ref.q4_0_repacked(raw, x, "IQ4_NL"))
-                    np.testing.assert_allclose(got, dots, rtol=1e-5, atol=1e-5 * np.abs(dots).max())
-                np.testing.assert_array_equal(cpu_qmatmul.matmul_q8("IQ4_NL", x[3:4], pm.qs, pm.d)[0], got[3])
+                    else:
+                        np.testing.assert_array_equal(got, tiny if prompt else dots)
+                    one = cpu_qmatmul.matmul_q8("IQ4_NL", x[3:4], pm.qs, pm.d, prompt=prompt)[0]
+                    np.testing.assert_array_equal(one, dots[3] if N % 8 or not on else got[3])
+        if nb > 1:
+            assert not np.array_equal(tiny, dots)  # the arithmetics do differ somewhere
+            if N % 8 == 0:
+                assert not np.array_equal(ggml_ref.q4_0_repacked(raw, x, "IQ4_NL"), dots)
 
 
 @pytest.mark.parametrize("fmt", ["IQ4_NL", "IQ4_XS"])
