@@ -220,6 +220,29 @@ def _tile_args(context: Any, builder: Any, signature: Any, args: Any, nw: int,
             args[idx + 1:idx + 1 + n], args[im + 3])
 
 
+def _mask(k: int, idx: list[int]) -> Any:  # pragma: no cover - compiled
+    """A shuffle mask of k lanes (llvmlite's <k x i32> constant)."""
+    from llvmlite import ir
+
+    return ir.Constant(ir.VectorType(ir.IntType(32), k), idx)
+
+
+def _x86_intrinsics(mod: Any) -> tuple[Any, ...]:  # pragma: no cover - compiled
+    """The intrinsics the Q8 row-dot codegens share, declared in `mod`: (vpmaddubsw, vpmaddwd, vpsignb, vpshufb
+    on 256 bits, fma on 8 floats, fma on one float)."""
+    from llvmlite import ir
+
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+    v32i8, v16i16, v8i32, v8f32 = (ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8),
+                                   ir.VectorType(f32, 8))
+    return (mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8])),
+            mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16])),
+            mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8])),
+            mod.declare_intrinsic("llvm.x86.avx2.pshuf.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8])),
+            mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32])),
+            mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32])))
+
+
 def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False, vnni: bool = False, ux: bool = False,
                      chain: bool = False, acc2: bool = False) -> Any:  # pragma: no cover - compiled
     """The LLVM code of the Q8 row dots (see `q8_row_dot_intrinsic`) for a tile of nw weight rows x n rows of
@@ -273,8 +296,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False, vnni: b
     # where the codegen's arguments are: (w, nw w offsets, d, nw d offsets, x, n x offsets, dx, n dx offsets, m,
     # xs, sc, blocks)
 
-    def mask(k: int, idx: list[int]) -> ir.Constant:
-        return ir.Constant(ir.VectorType(i32, k), idx)
+    mask = _mask
 
     def half(builder: Any, ptr: Any, index: Any) -> Any:
         return builder.fpext(builder.bitcast(builder.load(builder.gep(ptr, [index])), ir.HalfType()), f32)
@@ -286,14 +308,9 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False, vnni: b
         wa, da, xa, dxa, ma, xsa, sca, woffs, doffs, xoffs, dxoffs, nb = _tile_args(context, builder, signature,
                                                                                       args, nw, n)
         mod = builder.module
-        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
-        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
-        psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
-        pshufb = mod.declare_intrinsic("llvm.x86.avx2.pshuf.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
+        maddubs, maddwd, psign, pshufb, fma, fma1 = _x86_intrinsics(mod)
         dpbusd = mod.declare_intrinsic("llvm.x86.avx512.vpdpbusd.256",
                                        fnty=ir.FunctionType(v8i32, [v8i32, v8i32, v8i32])) if vnni else None
-        fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
-        fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
                 for _ in range(nw)]
         accs2 = [[cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
@@ -583,18 +600,14 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
     q6 = kind == 6
     sbw = 160 if q5 else 128  # weight bytes per super-block (Q5_K: the high bits after the nibbles)
 
-    def mask(k: int, idx: list[int]) -> ir.Constant:
-        return ir.Constant(ir.VectorType(i32, k), idx)
+    mask = _mask
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
         wa, da, xa, dxa, ma, xsa, sca, woffs, doffs, xoffs, dxoffs, nb = _tile_args(context, builder, signature,
                                                                                       args, nw, n)
         intp = nb.type
         mod = builder.module
-        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
-        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
-        fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
-        fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
+        maddubs, maddwd, _, _, fma, fma1 = _x86_intrinsics(mod)
         zero8 = ir.Constant(v8i32, [0] * 8)
         lanes8 = (q6 or plain) and not prompt  # 8 float chains per pair (the AVX2 dot products)
         if lanes8:
@@ -803,19 +816,14 @@ def _q8k_low2_codegen(fmt: str, n: int, nw: int = 1, prompt: bool = False) -> An
     q3 = fmt == "Q3_K"
     sbw = 96 if q3 else 64  # weight bytes per super-block
 
-    def mask(k: int, idx: list[int]) -> ir.Constant:
-        return ir.Constant(ir.VectorType(i32, k), idx)
+    mask = _mask
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
         wa, da, xa, dxa, ma, xsa, sca, woffs, doffs, xoffs, dxoffs, nb = _tile_args(context, builder, signature,
                                                                                       args, nw, n)
         intp = nb.type
         mod = builder.module
-        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
-        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
-        psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
-        fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
-        fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
+        maddubs, maddwd, psign, _, fma, fma1 = _x86_intrinsics(mod)
         zero8 = ir.Constant(v8i32, [0] * 8)
         acc0 = ir.Constant(f32, 0.0) if prompt else ir.Constant(v8f32, [0.0] * 8)
         accs = [[cgutils.alloca_once_value(builder, acc0) for _ in range(n)] for _ in range(nw)]
@@ -937,25 +945,19 @@ def _iq4xs_rows_codegen(n: int, nw: int = 1, prompt: bool = False) -> Any:  # pr
     from numba.core import cgutils
 
     i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-    v16i8, v32i8, v8i16, v16i16, v8i32, v8f32 = (ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 8),
-                                                 ir.VectorType(i16, 16), ir.VectorType(i32, 8), ir.VectorType(f32, 8))
+    v16i8, v32i8, v8i16, v8i32, v8f32 = (ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 8),
+                                         ir.VectorType(i32, 8), ir.VectorType(f32, 8))
 
-    def mask(k: int, idx: list[int]) -> ir.Constant:
-        return ir.Constant(ir.VectorType(i32, k), idx)
+    mask = _mask
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
         wa, da, xa, dxa, ma, xsa, sca, woffs, doffs, xoffs, dxoffs, nb = _tile_args(context, builder, signature,
                                                                                       args, nw, n)
         intp = nb.type
         mod = builder.module
-        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [v32i8, v32i8]))
-        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
-        psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
-        pshufb = mod.declare_intrinsic("llvm.x86.avx2.pshuf.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
-        fma = mod.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8f32, [v8f32, v8f32, v8f32]))
+        maddubs, maddwd, psign, pshufb, fma, fma1 = _x86_intrinsics(mod)
         zero8 = ir.Constant(v8i32, [0] * 8)
         lut = ir.Constant(v32i8, list(IQ4NL_VALUES) * 2)
-        fma1 = mod.declare_intrinsic("llvm.fma.f32", fnty=ir.FunctionType(f32, [f32, f32, f32]))
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0) if prompt else
                                            ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)] for _ in range(nw)]
 
