@@ -1059,9 +1059,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             tail = w  # weight rows from here still need every row of x
         else:
             tail = n1
-        xa = xu if UX and not mn and (kind < 7 or kind > 20) else xq  # what the tiles of rows read (the K types:
-        # llama.cpp's
-        # arithmetic, no sign-flipped activations)
+        # what the tiles of rows read (the K types: llama.cpp's arithmetic, no sign-flipped activations)
+        xa = xu if UX and not mn and (kind < 7 or kind > 20) else xq
         for n in range(n0, n1):
             wo = n * nb * bw
             do = n * dn

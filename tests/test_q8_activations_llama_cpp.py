@@ -173,7 +173,7 @@ def test_a_32_value_file_gives_llama_cpps_logits(tmp_path, capsys, fmt):
 
     path = _requantised(tmp_path, fmt)
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
-    # (llama.cpp's IQ4_NL mix keeps some matrices in Q5_K: the attention's v and ffn_down of a few layers)
+    # (llama.cpp's IQ4_NL mix writes a few layers' ffn_down in Q5_K)
     assert fmt in types and types <= {fmt, "Q8_0", "F32"} | ({"Q5_K"} if fmt == "IQ4_NL" else set()), types
     _packed_and_llama_cpps_logits(path, tmp_path, capsys, fmt, fmt)
 
