@@ -93,7 +93,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ._numba import (IQ4NL_VALUES, dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, has_vnni, jit,
-                     prefetch_intrinsic, q8_row_dot_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic,
+                     prefetch_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic,
                      stream_prefetch)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")  # blocks of 32 along K
@@ -446,21 +446,19 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def dequant_nb(qs, d, m, kind, out):  # pragma: no cover - compiled
-        # kind 0: Q4_0, 1: Q4_1, 2: Q8_0 (qs int8), 5: Q5_0, 6: Q5_1, 10: IQ4_NL
+        # kind 0: Q4_0, 1: Q4_1, 2: Q8_0 (qs int8), 5: Q5_0, 6: Q5_1, 10: IQ4_NL (through its tile unpacking, into
+        # the output row)
         N, nb = d.shape
-        lut = _IQ4NL_F32
         for n in prange(N):
+            if kind == 10:
+                unpack_iq4(qs, d, n, out, n)
+                continue
             for b in range(nb):
                 db = _h2f(d[n, b])
                 base = b * 32
                 if kind == 2:
                     for j in range(32):
                         out[n, base + j] = db * np.float32(qs[n, b, j])
-                elif kind == 10:
-                    for j in range(16):
-                        v = np.int32(qs[n, b, j])
-                        out[n, base + j] = db * lut[v & 15]
-                        out[n, base + 16 + j] = db * lut[v >> 4]
                 elif kind >= 5:
                     mb = _h2f(m[n, b]) if kind == 6 else np.float32(-16.0) * db
                     qh = (np.uint32(qs[n, b, 16]) | (np.uint32(qs[n, b, 17]) << 8)
@@ -714,6 +712,16 @@ PF_LOC, PF1, PF = stream_prefetch()
 quantize_span = quantize_span_k = q8a_span = kx_span = None
 
 
+def _tile_set(kind: int, ux: bool = False, **how: bool) -> tuple:
+    """One kind's tile intrinsics (`_numba.q8_tile_dot_intrinsic`): (1 x 1, 4 weight rows x 1, 1 x 4, 1 x 8 rows of
+    activations). ux: the tiles of rows read the sign-flipped activations (a signed 32-value kind, VNNI); the
+    32-value kinds' tiles of rows take xs transposed (tmin: Q4_1 / Q5_1's min terms as one vector chain); how:
+    chain / acc2 (IQ4_NL and Q4_0's other arithmetics)."""
+    tmin = kind < 5 or kind == 17  # the 32-value kinds (the K types read no xs)
+    return (q8_tile_dot_intrinsic(kind, 1, 1, **how), q8_tile_dot_intrinsic(kind, 4, 1, **how),
+            *(q8_tile_dot_intrinsic(kind, 1, r, tmin=tmin, ux=ux, **how) for r in (4, 8)))
+
+
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
@@ -725,75 +733,54 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     UX = has_vnni()
     global quantize_span, quantize_span_k, q8a_span, kx_span
     _rh = round_to_half_intrinsic()
-    _rd_q41, _rd_q40, _rd_q80 = (q8_row_dot_intrinsic(k) for k in (0, 1, 2))
-    # four rows of x per weight row: Q4_1's min terms as one 4-lane vector chain (xs transposed, as for 8)
-    _r4_q41, _r4_q40, _r4_q80 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True, ux=UX and k > 0) for k in (0, 1, 2))
-    _w4_q41, _w4_q40, _w4_q80 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (0, 1, 2))
-    # eight rows of x per weight row (a batch of 8): Q4_1's min terms as one vector chain over the rows
-    _r8_q41, _r8_q40, _r8_q80 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True, ux=UX and k > 0) for k in (0, 1, 2))
+    # each kind's four tiles (`_tile_set`): 1 x 1, 4 weight rows x 1, 1 x 4 and 1 x 8 rows of x (a batch of 8);
+    # the 32-value kinds' tiles of rows: Q4_1's min terms as one vector chain over the rows (xs transposed), the
+    # signed kinds on sign-flipped activations where UX
+    _rd_q41, _w4_q41, _r4_q41, _r8_q41 = _tile_set(0)
+    _rd_q40, _w4_q40, _r4_q40, _r8_q40 = _tile_set(1, UX)
+    _rd_q80, _w4_q80, _r4_q80, _r8_q80 = _tile_set(2, UX)
     # Q4_0 as llama.cpp repacks it (q8a_span's kind 3): one scalar chain per pair (`_q8_rows_codegen`'s chain)
     global _rd_q4r, _r4_q4r, _w4_q4r, _r8_q4r
-    _rd_q4r, _w4_q4r = q8_tile_dot_intrinsic(1, 1, 1, chain=True), q8_tile_dot_intrinsic(1, 4, 1, chain=True)
-    _r4_q4r, _r8_q4r = (q8_tile_dot_intrinsic(1, 1, r, tmin=True, ux=UX, chain=True) for r in (4, 8))
+    _rd_q4r, _w4_q4r, _r4_q4r, _r8_q4r = _tile_set(1, UX, chain=True)
     # IQ4_NL (q8a_span's kind 4; the intrinsics' kind 17): as llama.cpp repacks it, Q4_0's chains on the looked-up
-    # values
-    global _rd_iq4, _r4_iq4, _w4_iq4, _r8_iq4
-    _rd_iq4, _w4_iq4 = q8_tile_dot_intrinsic(17, 1, 1, chain=True), q8_tile_dot_intrinsic(17, 4, 1, chain=True)
-    _r4_iq4, _r8_iq4 = (q8_tile_dot_intrinsic(17, 1, r, tmin=True, ux=UX, chain=True) for r in (4, 8))
-    # IQ4_NL not repacked (q8a_span's kinds 21 / 22): llama.cpp's plain dot product for a token (two sets of
-    # lanes), tinyBLAS's for a prompt's rows (one, as Q8_0's)
-    global _rd_iqd, _r4_iqd, _w4_iqd, _r8_iqd, _rd_iqp, _r4_iqp, _w4_iqp, _r8_iqp
-    _rd_iqd, _w4_iqd = q8_tile_dot_intrinsic(17, 1, 1, acc2=True), q8_tile_dot_intrinsic(17, 4, 1, acc2=True)
-    _r4_iqd, _r8_iqd = (q8_tile_dot_intrinsic(17, 1, r, tmin=True, ux=UX, acc2=True) for r in (4, 8))
-    _rd_iqp, _w4_iqp = q8_tile_dot_intrinsic(17, 1, 1), q8_tile_dot_intrinsic(17, 4, 1)
-    _r4_iqp, _r8_iqp = (q8_tile_dot_intrinsic(17, 1, r, tmin=True, ux=UX) for r in (4, 8))
+    # values; not repacked (kinds 21 / 22): llama.cpp's plain dot product for a token (two sets of lanes),
+    # tinyBLAS's for a prompt's rows (one, as Q8_0's)
+    global _rd_iq4, _r4_iq4, _w4_iq4, _r8_iq4, _rd_iqd, _r4_iqd, _w4_iqd, _r8_iqd, _rd_iqp, _r4_iqp, _w4_iqp, _r8_iqp
+    _rd_iq4, _w4_iq4, _r4_iq4, _r8_iq4 = _tile_set(17, UX, chain=True)
+    _rd_iqd, _w4_iqd, _r4_iqd, _r8_iqd = _tile_set(17, UX, acc2=True)
+    _rd_iqp, _w4_iqp, _r4_iqp, _r8_iqp = _tile_set(17, UX)
     # Q5_1 / Q5_0 (the intrinsics' kinds 3 / 4): the same tiles
-    _rd_q51, _rd_q50 = (q8_row_dot_intrinsic(k) for k in (3, 4))
-    _r4_q51, _r4_q50 = (q8_tile_dot_intrinsic(k, 1, 4, tmin=True, ux=UX and k == 4) for k in (3, 4))
-    _w4_q51, _w4_q50 = (q8_tile_dot_intrinsic(k, 4, 1) for k in (3, 4))
-    _r8_q51, _r8_q50 = (q8_tile_dot_intrinsic(k, 1, 8, tmin=True, ux=UX and k == 4) for k in (3, 4))
+    _rd_q51, _w4_q51, _r4_q51, _r8_q51 = _tile_set(3)
+    _rd_q50, _w4_q50, _r4_q50, _r8_q50 = _tile_set(4, UX)
     # Q4_K / Q6_K (the intrinsics' kinds 5 / 6): llama.cpp's arithmetic on Q8_K activations (_q8k_rows_codegen);
     # Q6_K's high bits ride in the m argument
-    _rd_q4k, _w4_q4k = q8_row_dot_intrinsic(5), q8_tile_dot_intrinsic(5, 4, 1)
-    _r4_q4k, _r8_q4k = (q8_tile_dot_intrinsic(5, 1, r) for r in (4, 8))
-    _rd_q6k, _w4_q6k = q8_row_dot_intrinsic(6), q8_tile_dot_intrinsic(6, 4, 1)
-    _r4_q6k, _r8_q6k = (q8_tile_dot_intrinsic(6, 1, r) for r in (4, 8))
+    _rd_q4k, _w4_q4k, _r4_q4k, _r8_q4k = _tile_set(5)
+    _rd_q6k, _w4_q6k, _r4_q6k, _r8_q6k = _tile_set(6)
     # Q6_K in a prompt of 8 tokens or more (kind 7 of the intrinsics): llama.cpp's tiled matmul arithmetic
-    _rd_q6p, _w4_q6p = q8_row_dot_intrinsic(7), q8_tile_dot_intrinsic(7, 4, 1)
-    _r4_q6p, _r8_q6p = (q8_tile_dot_intrinsic(7, 1, r) for r in (4, 8))
+    _rd_q6p, _w4_q6p, _r4_q6p, _r8_q6p = _tile_set(7)
     # Q4_K on a prompt's rows in fours (kind 8): llama.cpp's 4-row repacked kernel (the rest: its 1-row one)
     _r4_q4p, _r8_q4p = (q8_tile_dot_intrinsic(8, 1, r) for r in (4, 8))
     # Q4_K not repacked (kinds 9 / 10): llama.cpp's AVX2 dot product, its tiled matmul in a prompt of 8 or more
-    _rd_q4d, _w4_q4d = q8_row_dot_intrinsic(9), q8_tile_dot_intrinsic(9, 4, 1)
-    _r4_q4d, _r8_q4d = (q8_tile_dot_intrinsic(9, 1, r) for r in (4, 8))
-    _rd_q4t, _w4_q4t = q8_row_dot_intrinsic(10), q8_tile_dot_intrinsic(10, 4, 1)
-    _r4_q4t, _r8_q4t = (q8_tile_dot_intrinsic(10, 1, r) for r in (4, 8))
+    _rd_q4d, _w4_q4d, _r4_q4d, _r8_q4d = _tile_set(9)
+    _rd_q4t, _w4_q4t, _r4_q4t, _r8_q4t = _tile_set(10)
     # Q5_K (kinds 11 / 12 of the intrinsics): as llama.cpp runs it on x86 (not repacked), its AVX2 dot product,
     # its tiled matmul in a prompt of 8 or more
     global _rd_q5k, _r4_q5k, _w4_q5k, _r8_q5k, _rd_q5t, _r4_q5t, _w4_q5t, _r8_q5t
-    _rd_q5k, _w4_q5k = q8_row_dot_intrinsic(11), q8_tile_dot_intrinsic(11, 4, 1)
-    _r4_q5k, _r8_q5k = (q8_tile_dot_intrinsic(11, 1, r) for r in (4, 8))
-    _rd_q5t, _w4_q5t = q8_row_dot_intrinsic(12), q8_tile_dot_intrinsic(12, 4, 1)
-    _r4_q5t, _r8_q5t = (q8_tile_dot_intrinsic(12, 1, r) for r in (4, 8))
+    _rd_q5k, _w4_q5k, _r4_q5k, _r8_q5k = _tile_set(11)
+    _rd_q5t, _w4_q5t, _r4_q5t, _r8_q5t = _tile_set(12)
     # Q3_K (kinds 13 / 14 of the intrinsics) and Q2_K (15 / 16): llama.cpp's AVX2 dot products, its tiled matmul
     # in a prompt of 8 or more (`_numba._q8k_low2_codegen`)
     global _rd_q3k, _r4_q3k, _w4_q3k, _r8_q3k, _rd_q3t, _r4_q3t, _w4_q3t, _r8_q3t
     global _rd_q2k, _r4_q2k, _w4_q2k, _r8_q2k, _rd_q2t, _r4_q2t, _w4_q2t, _r8_q2t
-    _rd_q3k, _w4_q3k = q8_row_dot_intrinsic(13), q8_tile_dot_intrinsic(13, 4, 1)
-    _r4_q3k, _r8_q3k = (q8_tile_dot_intrinsic(13, 1, r) for r in (4, 8))
-    _rd_q3t, _w4_q3t = q8_row_dot_intrinsic(14), q8_tile_dot_intrinsic(14, 4, 1)
-    _r4_q3t, _r8_q3t = (q8_tile_dot_intrinsic(14, 1, r) for r in (4, 8))
-    _rd_q2k, _w4_q2k = q8_row_dot_intrinsic(15), q8_tile_dot_intrinsic(15, 4, 1)
-    _r4_q2k, _r8_q2k = (q8_tile_dot_intrinsic(15, 1, r) for r in (4, 8))
-    _rd_q2t, _w4_q2t = q8_row_dot_intrinsic(16), q8_tile_dot_intrinsic(16, 4, 1)
-    _r4_q2t, _r8_q2t = (q8_tile_dot_intrinsic(16, 1, r) for r in (4, 8))
+    _rd_q3k, _w4_q3k, _r4_q3k, _r8_q3k = _tile_set(13)
+    _rd_q3t, _w4_q3t, _r4_q3t, _r8_q3t = _tile_set(14)
+    _rd_q2k, _w4_q2k, _r4_q2k, _r8_q2k = _tile_set(15)
+    _rd_q2t, _w4_q2t, _r4_q2t, _r8_q2t = _tile_set(16)
     # IQ4_XS (kinds 18 / 19 of the intrinsics): llama.cpp's AVX2 dot product, its tiled matmul in a prompt of 8 or
     # more (`_iq4xs_rows_codegen`)
     global _rd_ix4, _r4_ix4, _w4_ix4, _r8_ix4, _rd_ixt, _r4_ixt, _w4_ixt, _r8_ixt
-    _rd_ix4, _w4_ix4 = q8_row_dot_intrinsic(18), q8_tile_dot_intrinsic(18, 4, 1)
-    _r4_ix4, _r8_ix4 = (q8_tile_dot_intrinsic(18, 1, r) for r in (4, 8))
-    _rd_ixt, _w4_ixt = q8_row_dot_intrinsic(19), q8_tile_dot_intrinsic(19, 4, 1)
-    _r4_ixt, _r8_ixt = (q8_tile_dot_intrinsic(19, 1, r) for r in (4, 8))
+    _rd_ix4, _w4_ix4, _r4_ix4, _r8_ix4 = _tile_set(18)
+    _rd_ixt, _w4_ixt, _r4_ixt, _r8_ixt = _tile_set(19)
 
     @njit(cache=True, nogil=True, inline="always")
     def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled

@@ -29,12 +29,24 @@ _TYPES = {"Q4_K": ("q4_K", "q8_K"), "Q5_K": ("q5_K", "q8_K"), "Q6_K": ("q6_K", "
 
 
 @functools.cache
-def _lib() -> ctypes.CDLL:
+def _base() -> ctypes.CDLL:
+    """llama-cpp-python's libggml-base (the quantizers)."""
     import llama_cpp
 
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-    cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+    base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    for name in ("quantize_iq4_nl", "quantize_iq4_xs"):
+        getattr(base, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_void_p]
+    return base
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    """llama-cpp-python's libggml-cpu (the dot products, the activations' quantizers), initialised."""
+    import llama_cpp
+
+    _base()
+    cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
     cpu.ggml_cpu_init()  # the fp16 tables the dot products read
     for name in ("quantize_row_q8_K", "quantize_row_q8_0", "ggml_quantize_mat_q8_0_4x8"):
         getattr(cpu, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
@@ -49,23 +61,23 @@ def _lib() -> ctypes.CDLL:
     return cpu
 
 
+def _quantize_row(name: str, x: np.ndarray, per: int, nbytes: int) -> np.ndarray:
+    """One row of activations through llama.cpp's `name` (blocks of `per` values, `nbytes` bytes each)."""
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.zeros(x.size // per * nbytes, np.uint8)
+    getattr(_lib(), name)(x.ctypes.data, y.ctypes.data, x.size)
+    return y
+
+
 def quantize_q8_k(x: np.ndarray) -> np.ndarray:
     """One row of activations (K a multiple of 256) as llama.cpp's Q8_K blocks (its own quantize_row_q8_K)."""
-    x = np.ascontiguousarray(x, np.float32)
-    y = np.zeros(x.size // 256 * Q8K_BYTES, np.uint8)
-    _lib().quantize_row_q8_K(x.ctypes.data, y.ctypes.data, x.size)
-    return y
+    return _quantize_row("quantize_row_q8_K", x, 256, Q8K_BYTES)
 
 
 def quantize_iq4_nl(w: np.ndarray, fmt: str = "IQ4_NL") -> np.ndarray:
     """W [N, K] fp32 -> llama.cpp's IQ4_NL blocks [N, K / 32 * 18] (its `quantize_iq4_nl`, no importance matrix);
     fmt "IQ4_XS": its IQ4_XS blocks [N, K / 256 * 136] (`quantize_iq4_xs`)."""
-    import llama_cpp
-
-    _lib()
-    base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-    f = getattr(base, f"quantize_{fmt.lower()}")
-    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    f = getattr(_base(), f"quantize_{fmt.lower()}")
     w = np.ascontiguousarray(w, np.float32)
     N, K = w.shape
     out = np.zeros((N, K // 32 * 18 if fmt == "IQ4_NL" else K // 256 * 136), np.uint8)
@@ -75,10 +87,7 @@ def quantize_iq4_nl(w: np.ndarray, fmt: str = "IQ4_NL") -> np.ndarray:
 
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     """One row of activations (K a multiple of 32) as llama.cpp's Q8_0 blocks (its own quantize_row_q8_0)."""
-    x = np.ascontiguousarray(x, np.float32)
-    y = np.zeros(x.size // 32 * Q80_BYTES, np.uint8)
-    _lib().quantize_row_q8_0(x.ctypes.data, y.ctypes.data, x.size)
-    return y
+    return _quantize_row("quantize_row_q8_0", x, 32, Q80_BYTES)
 
 
 def vec_dot(fmt: str, raw_row: np.ndarray, y: np.ndarray) -> np.float32:

@@ -200,12 +200,12 @@ def quantize_iq4_nl(w: np.ndarray, super_block: bool = False) -> np.ndarray:
     live = np.abs(vmax) >= 1e-15  # ggml's GROUP_MAX_EPS: an all-(near-)zero block gets d = 0
     safe = np.where(live, vmax, 1.0)
 
-    def fit(inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # -> (sum w q x, sum w q^2) for 1 / d = inv
-        v = lut[np.searchsorted(mid, x * inv[..., None], side="right")]
-        return (wt * v * x).sum(-1), (wt * v * v).sum(-1)
-
-    def nearest(inv: np.ndarray) -> np.ndarray:
+    def nearest(inv: np.ndarray) -> np.ndarray:  # each value's table index for 1 / d = inv
         return np.searchsorted(mid, x * inv[..., None], side="right").astype(np.uint8)
+
+    def fit(inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # -> (sum w q x, sum w q^2) for 1 / d = inv
+        v = lut[nearest(inv)]
+        return (wt * v * x).sum(-1), (wt * v * v).sum(-1)
 
     def recip(v: np.ndarray) -> np.ndarray:
         return np.where(v != 0, 1.0 / np.where(v != 0, v, 1.0), 0.0)
