@@ -689,7 +689,7 @@ def _kernels() -> dict | None:
 
 # the AVX2 row dots (module globals: see above)
 _rd_q41 = _rd_q40 = _rd_q80 = _r4_q41 = _r4_q40 = _r4_q80 = _w4_q41 = _w4_q40 = _w4_q80 = _rh = None
-_r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = flip_rows = None
+_r8_q41 = _r8_q40 = _r8_q80 = _pf = prefetch_rows = flip_rows = side_prefetch = None
 _rd_q4r = _r4_q4r = _w4_q4r = _r8_q4r = None
 _rd_iq4 = _r4_iq4 = _w4_iq4 = _r8_iq4 = None
 _rd_iqd = _r4_iqd = _w4_iqd = _r8_iqd = _rd_iqp = _r4_iqp = _w4_iqp = _r8_iqp = None
@@ -725,7 +725,7 @@ def _tile_set(kind: int, ux: bool = False, **how: bool) -> tuple:
 def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     """The Q8-activation kernels (AVX2 only): `quantize_rows` and `q8a_matmul` (see `matmul_q8`)."""
     global _rd_q41, _rd_q40, _rd_q80, _r4_q41, _r4_q40, _r4_q80, _w4_q41, _w4_q40, _w4_q80, _rh
-    global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows, flip_rows, UX
+    global _r8_q41, _r8_q40, _r8_q80, _pf, prefetch_rows, flip_rows, side_prefetch, UX
     global _rd_q50, _rd_q51, _r4_q50, _r4_q51, _w4_q50, _w4_q51, _r8_q50, _r8_q51, _rd_q4k, _r4_q4k, _w4_q4k, _r8_q4k
     global _rd_q6k, _r4_q6k, _w4_q6k, _r8_q6k, _rd_q6p, _r4_q6p, _w4_q6p, _r8_q6p, _r4_q4p, _r8_q4p
     global _rd_q4d, _w4_q4d, _r4_q4d, _r8_q4d, _rd_q4t, _w4_q4t, _r4_q4t, _r8_q4t
@@ -801,6 +801,28 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 # (Q6_K's high bits: the hardware's stream prefetch)
                 _pf(mf, n * dn + off)
 
+    @njit(cache=True, nogil=True, inline="always")
+    def side_prefetch(kv):  # pragma: no cover - compiled
+        # kv = (a, b, plan, cur): another stream asked for beside the weights' (the decode step: the next layer's
+        # keys and values its attention reads, while the products run compute-bound on rows of x in tiles).
+        # plan [2 n]: n runs (first element, 64-byte lines) of a and b alike; cur: (run, line, lines per call,
+        # runs). Asks for the next cur[2] lines of both and moves the cursor on; nothing when cur is empty
+        a, b, plan, cur = kv
+        if cur.size == 0:
+            return
+        k, i, ln, nrun = cur[2], cur[0], cur[1], cur[3]
+        while k > 0 and i < nrun:
+            off = plan[2 * i] + ln * 16
+            _pf(a, off)
+            _pf(b, off)
+            ln += 1
+            k -= 1
+            if ln >= plan[2 * i + 1]:
+                i += 1
+                ln = 0
+        cur[0] = i
+        cur[1] = ln
+
     @njit(cache=True, nogil=True)  # no fastmath: the same fp32 arithmetic as the NumPy twin
     def quantize_span(x, xq, dxf, xsf, r0, r1):  # pragma: no cover - compiled
         # rows r0 .. r1 - 1 of x [R, K]: xq flat [R * K], dxf / xsf flat [R * K / 32] (row stride K / 32)
@@ -850,7 +872,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     dxf[r * nb + b] = d
 
     @njit(cache=True, nogil=True)
-    def _kx_kind(kind, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out):  # pragma: no cover - compiled
+    def _kx_kind(kind, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv):  # pragma: no cover - compiled
         # kx_span's body, compiled once per kind (a literal, as _q8a_kind)
         literally(kind)
         # the same tiles and prefetch as _q8a_kind, weights 160 / 96 / 64 / 128 bytes per super-block (20 / 12 / 8 /
@@ -895,6 +917,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             wo, do = n * nb * bw, n * dn
             if R4 >= 4 and n + PF < N:
                 prefetch_rows(qs, df, mf, kind, bw, nb, dn, n + PF, 1)
+            side_prefetch(kv)
             r = 0
             while r + 8 <= R:
                 o8 = (qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
@@ -964,7 +987,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 r += 1
 
     @njit(cache=True, nogil=True)
-    def _q8a_kind(kind, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out):  # pragma: no cover - compiled
+    def _q8a_kind(kind, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv):  # pragma: no cover - compiled
         # q8a_span's body, compiled once per kind (a literal: the other kinds' branches pruned, see q8a_span)
         literally(kind)
         # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1. qs: the weight
@@ -1057,6 +1080,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             do = n * dn
             if R4 >= 4 and n + PF < N:  # rows of x in tiles: compute-bound, the weights' stream prefetched
                 prefetch_rows(qs, df, mf, kind, bw, nb, dn, n + PF, 1)
+            side_prefetch(kv)  # (and another stream the caller asks for)
             r = 0
             while r + 8 <= R:
                 if kind == 1:
@@ -1207,62 +1231,62 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                 r += 1
 
     @njit(cache=True, nogil=True)
-    def q8a_span(xq, xu, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
+    def q8a_span(xq, xu, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out, kv):  # pragma: no cover - compiled
         # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1 (`_q8a_kind`).
         # Each kind's loops are a function of their own: one function holding every kind's tiles (their
         # constants hoisted out of the shared loops, one register allocation for all) ran the 8-row tiles ~30 %
         # slower (Zen 4, measured: 0.72 vs 0.52 ns per (block, row) pair, weights in L2)
         if kind == 1:
-            _q8a_kind(1, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(1, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 0:
-            _q8a_kind(0, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(0, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 2:
-            _q8a_kind(2, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(2, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 3:
-            _q8a_kind(3, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(3, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 4:
-            _q8a_kind(4, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(4, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 5:
-            _q8a_kind(5, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(5, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 6:
-            _q8a_kind(6, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(6, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 7:
-            _q8a_kind(7, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(7, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 8:
-            _q8a_kind(8, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(8, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 9:
-            _q8a_kind(9, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(9, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 10:
-            _q8a_kind(10, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(10, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 11:
-            _q8a_kind(11, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(11, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 12:
-            _q8a_kind(12, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(12, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 21:
-            _q8a_kind(21, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(21, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         else:
-            _q8a_kind(22, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _q8a_kind(22, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
 
     @njit(cache=True, nogil=True)
-    def kx_span(xq, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out):  # pragma: no cover - compiled
+    def kx_span(xq, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out, kv):  # pragma: no cover - compiled
         # q8a_span for Q5_K (kind 13: llama.cpp's AVX2 dot product; 14: its tiled matmul, a prompt of 8 or more),
         # Q3_K (15, 16), Q2_K (17, 18) and IQ4_XS (19, 20), each kind compiled apart (`_kx_kind`)
         if kind == 13:
-            _kx_kind(13, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _kx_kind(13, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 14:
-            _kx_kind(14, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _kx_kind(14, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 15:
-            _kx_kind(15, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _kx_kind(15, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 16:
-            _kx_kind(16, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _kx_kind(16, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 17:
-            _kx_kind(17, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _kx_kind(17, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 18:
-            _kx_kind(18, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _kx_kind(18, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 19:
-            _kx_kind(19, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _kx_kind(19, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         else:
-            _kx_kind(20, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out)
+            _kx_kind(20, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
 
     @njit(cache=True, nogil=True)
     def quantize_nb(x, xq, dx, xs):  # pragma: no cover - compiled
@@ -1282,11 +1306,13 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                       np.int8)
         if xu.size:
             flip_rows(xq, xu, nb * 32, 0, R)
+        e = np.empty(0, np.int64)
+        kv = (dxf[:0], dxf[:0], e, e)  # no other stream
         for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
             if 13 <= kind <= 20:
-                kx_span(xq, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
+                kx_span(xq, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out, kv)
             else:
-                q8a_span(xq, xu, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out)
+                q8a_span(xq, xu, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out, kv)
 
     return {"quantize_rows": quantize_nb, "quantize_rows_k": quantize_k_nb, "q8a_matmul": q8a_nb}
 

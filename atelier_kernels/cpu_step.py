@@ -51,6 +51,11 @@ _quant = _quantk = _flip = _span = _spanx = _prompt_kind = None
 _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
 claim = finish = wait = take = product = part_rows = quant_row = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
+# the decode step asks for the next layer's keys and values during a layer's last products when it runs 4+ rows
+# (see worker). Measured (Zen 4, 2 threads, SmolLM2 Q4_1, 8 rows, same process, on / off alternating, best of 3):
+# 16.40 vs 17.68 ms a step at 140 tokens of context, 17.25 vs 19.05 at 260; at 10 (nothing to ask for) 13.80 vs
+# 14.61, the machine's noise. The switch is read at each call (benchmarks compare both)
+PREFETCH_KV = True
 UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q5_0 / Q8_0 tiles of rows read sign-flipped activations
 # a product's items per thread and part (see product). On an AVX2 Zen 1 (2 threads, SmolLM2 Q4_1) the layers of
 # one decode step took 9.1 ms with 4 items per thread claimed from one shared counter (each item a stream of
@@ -115,7 +120,7 @@ def _kernels() -> dict | None:
 
     @njit(cache=True, nogil=True)
     def product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol, first,
-                count, R, nb, batch, out):  # pragma: no cover - compiled
+                count, R, nb, batch, out, kv):  # pragma: no cover - compiled
         # one phase: a projection's parts first .. first + count - 1 (each one block type: the columns pcol[j] ..
         # pcol[j] + prows[j] - 1 of out). Each part's output rows are cut into one home range per thread (whole
         # tiles of 4 rows), each range into ITEMS items. A thread runs its own items first, in order (one
@@ -145,20 +150,20 @@ def _kernels() -> dict | None:
             # the activations its type reads: the K types Q8_K ones (no sign-flipped copy), the others blocks of 32
             aq, au, ad, axs = (xqk, xqk, dxk, xsk) if 7 <= kind <= 20 else (xq, xu, dxf, xsf)
             if N == out.shape[1]:  # the projection's only part: out itself (C-contiguous, as the kernels prefer)
-                part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out)
+                part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1, out, kv)
             else:  # its columns of out
                 part_rows(aq, au, ad, axs, pqs[j], pd[j], pm[j], psc[j], pb[j], kind, R, nb, n0, n1,
-                          out[:, pcol[j]:pcol[j] + N])
+                          out[:, pcol[j]:pcol[j] + N], kv)
         finish(sync, ph, done)  # once per thread: an atomic add per item costs a little each
         wait(sync, ph, per * threads)
 
     @njit(cache=True, nogil=True)
-    def part_rows(xq, xu, dxf, xsf, qs, d, m, sc, bias, kind, R, nb, n0, n1, o):  # pragma: no cover - compiled
+    def part_rows(xq, xu, dxf, xsf, qs, d, m, sc, bias, kind, R, nb, n0, n1, o, kv):  # pragma: no cover - compiled
         # rows n0 .. n1 - 1 of one part into o [R, its rows]
         if 13 <= kind <= 20:  # Q5_K, Q3_K, Q2_K, IQ4_XS (`cpu_qmatmul.kx_span`)
-            _spanx(xq, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
+            _spanx(xq, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o, kv)
         else:
-            _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o)
+            _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o, kv)
         if bias.shape[0]:
             for r in range(R):
                 for n in range(n0, n1):
@@ -196,8 +201,8 @@ def _kernels() -> dict | None:
 
     @njit(cache=True, nogil=True)
     def worker(sync, home, threads, tid, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount,
-               pneed, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xa, xqk, dxk, xsk,
-               qkv, q, att, o, gu, act):  # pragma: no cover - compiled
+               pneed, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, kvpf, h, xa, xqk, dxk,
+               xsk, qkv, q, att, o, gu, act):  # pragma: no cover - compiled
         R, D = x.shape
         L = pfirst.shape[0]
         nq, nk = H * hd, KVH * hd
@@ -211,15 +216,23 @@ def _kernels() -> dict | None:
         n_att = R * per_row
         p = np.zeros(T + 8, np.float32)  # this thread's attention scratch
         acc = np.empty((32, hd), np.float32)
+        per = (n_att + threads - 1) // threads
+        plan = np.empty(2 * per, np.int64)  # the next layer's keys and values this thread's attention reads
+        cur = np.zeros(4, np.int64)
+        kv0 = (K[0].reshape(-1), V[0].reshape(-1), plan, cur)
+        Lmax = K.shape[3]
         ph = 0
         for layer in range(L):
             Kl = K[layer]
             Vl = V[layer]
+            cur[0] = 0
+            cur[2] = 0  # (none asked for before the attention)
+            cur[3] = 0
             # the last FFN output added
             norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, pneed[layer, 0], xa, xqk, dxk, xsk)
             ph += 1
             product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
-                    pfirst[layer, 0], pcount[layer, 0], R, D // 32, batch, qkv)
+                    pfirst[layer, 0], pcount[layer, 0], R, D // 32, batch, qkv, kv0)
             ph += 1
             while True:  # rows: RoPE (ggml's fused multiply-adds), K and V into the cache
                 r = claim(sync, ph)
@@ -275,14 +288,39 @@ def _kernels() -> dict | None:
                 finish(sync, ph, 1)
             wait(sync, ph, R)
             ph += 1
+            # while the layer's last products run (compute-bound on rows in tiles), the keys and values the next
+            # layer's attention will read on this thread (its home tasks) are asked for, spread over their weight
+            # rows: they then come from the caches instead of the memory stream of the attention phase
+            nxt = min(layer + 1, L - 1)
+            kv = (K[nxt].reshape(-1), V[nxt].reshape(-1), plan, cur)
+            if kvpf and layer + 1 < L and R >= 4:
+                nrun = 0
+                lines = 0
+                last = -1
+                for t in range(tid * per, min((tid + 1) * per, n_att)):
+                    r = t // per_row
+                    kvh = (t - r * per_row) * gs // G
+                    key = r * KVH + kvh
+                    if key == last:
+                        continue
+                    last = key
+                    plan[2 * nrun] = ((row_slot[r] * KVH + kvh) * Lmax) * hd
+                    plan[2 * nrun + 1] = (row_pos[r] * hd + 15) // 16  # the positions before the new one
+                    lines += plan[2 * nrun + 1]
+                    nrun += 1
+                rows = (D + 2 * inter + D + threads - 1) // threads
+                cur[0] = 0
+                cur[1] = 0
+                cur[2] = (lines + rows - 1) // rows
+                cur[3] = nrun
             product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
-                    pfirst[layer, 1], pcount[layer, 1], R, nq // 32, batch, o)
+                    pfirst[layer, 1], pcount[layer, 1], R, nq // 32, batch, o, kv)
             ph += 1
             # the attention's output added
             norm_phase(sync, ph, True, x, o, ln2[layer], eps, h, pneed[layer, 2], xa, xqk, dxk, xsk)
             ph += 1
             product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
-                    pfirst[layer, 2], pcount[layer, 2], R, D // 32, batch, gu)
+                    pfirst[layer, 2], pcount[layer, 2], R, D // 32, batch, gu, kv)
             ph += 1
             while True:  # rows: SwiGLU (ggml's exp on 8-lane groups, libm's on the rest), Q8 blocks
                 r = claim(sync, ph)
@@ -294,7 +332,7 @@ def _kernels() -> dict | None:
             wait(sync, ph, R)
             ph += 1
             product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol,
-                    pfirst[layer, 3], pcount[layer, 3], R, inter // 32, batch, o)
+                    pfirst[layer, 3], pcount[layer, 3], R, inter // 32, batch, o, kv)
             ph += 1
         while True:  # rows: the last layer's FFN output added
             r = claim(sync, ph)
@@ -307,7 +345,7 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, cache=True, nogil=True)
     def layers_nb(threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, pneed, K, V, cos,
-                  sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch):  # pragma: no cover - compiled
+                  sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, kvpf):  # pragma: no cover - compiled
         R, D = x.shape
         L = pfirst.shape[0]
         nq, nk = H * hd, KVH * hd
@@ -347,8 +385,8 @@ def _kernels() -> dict | None:
         # waits for a given other one, so any number of them (one included) finish the step
         for _t in prange(threads):
             worker(sync, home, threads, _t, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount,
-                   pneed, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, h, xa, xqk, dxk,
-                   xsk, qkv, q, att, o, gu, act)
+                   pneed, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, kvpf, h, xa, xqk,
+                   dxk, xsk, qkv, q, att, o, gu, act)
 
     return {"step_q8": layers_nb}
 
@@ -433,7 +471,8 @@ def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: 
         fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["pqs"], t["pd"], t["pm"], t["psc"], t["pb"],
            layers.pkind, layers.prows, layers.pcol, layers.pfirst, layers.pcount, layers.pneed, K, V, cos, sin,
            np.asarray(row_slot, np.int64),
-           np.asarray(row_pos, np.int64), H, KVH, hd, inter, layers.eps, np.float32(scale), bool(batch))
+           np.asarray(row_pos, np.int64), H, KVH, hd, inter, layers.eps, np.float32(scale), bool(batch),
+           bool(PREFETCH_KV))
     return x
 
 

@@ -279,13 +279,15 @@ def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
         assert torch.equal(f, p)
 
 
-@pytest.mark.parametrize("threads", [1, 3, 7])
-def test_fused_q8_step_is_the_same_on_any_number_of_threads(tmp_path, monkeypatch, threads):
+@pytest.mark.parametrize("threads,kvpf", [(1, True), (3, True), (7, True), (3, False)])
+def test_fused_q8_step_is_the_same_on_any_number_of_threads(tmp_path, monkeypatch, threads, kvpf):
     """The fused step cuts each product's rows and the attention's tasks into one home range per thread and
     lets a thread that finishes first take the others' leftovers. With 1 thread, or more threads than Numba
     runs (7 here: several ranges per OS thread, some ranges empty on the tiny model's short parts, every range
     of a late thread taken by the others), every row and task is still computed once: the layer-by-layer
-    step's logits, bit for bit."""
+    step's logits, bit for bit. kvpf: with or without the next layer's keys and values asked for during the
+    products (`cpu_step.PREFETCH_KV`: each thread's plan of its home tasks' runs, a cursor moved on per weight
+    row), the same bits."""
     import numba
 
     from atelier_kernels import cpu_step
@@ -297,6 +299,7 @@ def test_fused_q8_step_is_the_same_on_any_number_of_threads(tmp_path, monkeypatc
     if step.fused is None:
         return
     monkeypatch.setattr(numba, "get_num_threads", lambda: threads)  # what step_q8 hands the kernel
+    monkeypatch.setattr(cpu_step, "PREFETCH_KV", kvpf)
     fused, plain = fused_and_layer_by_layer(step, ours.model.args, steps=8)
     for f, p in zip(fused, plain):
         assert torch.equal(f, p)
