@@ -1234,8 +1234,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     def q8a_span(xq, xu, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out, kv):  # pragma: no cover - compiled
         # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1 (`_q8a_kind`).
         # Each kind's loops are a function of their own: one function holding every kind's tiles (their
-        # constants hoisted out of the shared loops, one register allocation for all) ran the 8-row tiles ~30 %
-        # slower (Zen 4, measured: 0.72 vs 0.52 ns per (block, row) pair, weights in L2)
+        # constants hoisted out of the shared loops, one register allocation for all) ran them slower (Zen 4,
+        # one thread, weights streamed, the old and new code alternating in one process: one row of activations
+        # 1.65x (Q4_1) / 1.81x (Q8_0), eight rows 1.08x / 1.29x)
         if kind == 1:
             _q8a_kind(1, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 0:
