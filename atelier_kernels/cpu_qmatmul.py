@@ -106,7 +106,7 @@ BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_
 # with Q8 activations (`matmul_q8`): every format
 Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS")
 Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "IQ4_NL": 4, "Q4_K": 7, "Q6_K": 8, "Q5_K": 13,
-            "Q3_K": 15, "Q2_K": 17, "IQ4_XS": 19}  # q8a_span's (13 and up: kx_span's)
+            "Q3_K": 15, "Q2_K": 17, "IQ4_XS": 19}  # q8a_span's (13 and up: _kx_kind's)
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
@@ -706,10 +706,10 @@ UX = False
 # tiles of 4 weight rows ahead for the last rows of x (one row: decoding), PF weight rows ahead when rows of x
 # come in tiles; the prefetch runs on past the span's end (the next span's rows, up to the matrix's end)
 PF_LOC, PF1, PF = stream_prefetch()
-# the Q8 kernels' bodies over a span of rows (atelier_kernels.cpu_step calls them too); Q5_K's, Q3_K's and Q2_K's
-# span apart (kx_span): called from inside q8a_span, Q5_K's code made the other kinds' 2-4 % slower (measured, a
-# decode step of SmolLM2)
-quantize_span = quantize_span_k = q8a_span = kx_span = _q8a_kind = _kx_kind = literally = None
+# the Q8 kernels' bodies over a span of rows (atelier_kernels.cpu_step calls them too): q8a_span runs each kind's
+# compiled body (_q8a_kind; Q5_K's, Q3_K's, Q2_K's and IQ4_XS's loops, _kx_kind, written apart: inside one body,
+# Q5_K's code made the other kinds' 2-4 % slower, measured on a decode step of SmolLM2)
+quantize_span = quantize_span_k = q8a_span = _q8a_kind = _kx_kind = literally = None
 
 
 def _tile_set(kind: int, ux: bool = False, **how: bool) -> tuple:
@@ -731,7 +731,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     global _rd_q4d, _w4_q4d, _r4_q4d, _r8_q4d, _rd_q4t, _w4_q4t, _r4_q4t, _r8_q4t
     _pf = prefetch_intrinsic(PF_LOC)
     UX = has_vnni()
-    global quantize_span, quantize_span_k, q8a_span, kx_span, _q8a_kind, _kx_kind, literally
+    global quantize_span, quantize_span_k, q8a_span, _q8a_kind, _kx_kind, literally
     from numba import literally
     _rh = round_to_half_intrinsic()
     # each kind's four tiles (`_tile_set`): 1 x 1, 4 weight rows x 1, 1 x 4 and 1 x 8 rows of x (a batch of 8);
@@ -873,7 +873,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
 
     @njit(cache=True, nogil=True)
     def _kx_kind(kind, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv):  # pragma: no cover - compiled
-        # kx_span's body, compiled once per kind (a literal, as _q8a_kind)
+        # q8a_span's body for Q5_K (kind 13: llama.cpp's AVX2 dot product; 14: its tiled matmul, a prompt of 8
+        # or more), Q3_K (15, 16), Q2_K (17, 18) and IQ4_XS (19, 20), compiled once per kind (a literal, as
+        # _q8a_kind)
         literally(kind)
         # the same tiles and prefetch as _q8a_kind, weights 160 / 96 / 64 / 128 bytes per super-block (20 / 12 / 8 /
         # 16 per block of 32)
@@ -998,7 +1000,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         # 21 / 22: not repacked, a token / a prompt's rows), 5 Q5_0, 6 Q5_1, 7 Q4_K, 8 Q6_K
         # (`Q8A_KIND`), 9 Q6_K in a prompt of 8 rows or more, 10 Q4_K in a prompt (its rows in fours, the rest as
         # 7), 11 Q4_K not repacked, 12 that in a prompt of 8 rows or more (`part_kind`, `prompt_kind`; 13 .. 20:
-        # `kx_span`); scf: the K formats' scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block
+        # `_kx_kind`); scf: the K formats' scale bytes; Q6_K's high bits come as mf, its 64 bytes per super-block
         # viewed as uint16
         bw = 32 if kind == 2 else 20 if kind == 5 or kind == 6 else 16  # weight bytes per block of 32
         dn = nb // 8 if 7 <= kind <= 20 else nb  # scales per weight row (K formats: one d per 8 blocks)
@@ -1232,7 +1234,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
 
     @njit(cache=True, nogil=True)
     def q8a_span(xq, xu, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out, kv):  # pragma: no cover - compiled
-        # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1 (`_q8a_kind`).
+        # out[r, n] for every row r of the quantised activations and weight rows n0 .. n1 - 1 (`_q8a_kind`; Q5_K,
+        # Q3_K, Q2_K and IQ4_XS, kinds 13 .. 20: `_kx_kind`, their Q8_K activations in xq, dxf, xsf, xu unread).
         # Each kind's loops are a function of their own: one function holding every kind's tiles (their
         # constants hoisted out of the shared loops, one register allocation for all) ran them slower (Zen 4,
         # one thread, weights streamed, the old and new code alternating in one process: one row of activations
@@ -1265,14 +1268,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             _q8a_kind(12, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 21:
             _q8a_kind(21, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
-        else:
-            _q8a_kind(22, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
-
-    @njit(cache=True, nogil=True)
-    def kx_span(xq, dxf, xsf, qs, df, mf, scf, kind, R, nb, n0, n1, out, kv):  # pragma: no cover - compiled
-        # q8a_span for Q5_K (kind 13: llama.cpp's AVX2 dot product; 14: its tiled matmul, a prompt of 8 or more),
-        # Q3_K (15, 16), Q2_K (17, 18) and IQ4_XS (19, 20), each kind compiled apart (`_kx_kind`)
-        if kind == 13:
+        elif kind == 13:
             _kx_kind(13, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 14:
             _kx_kind(14, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
@@ -1286,8 +1282,10 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             _kx_kind(18, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 19:
             _kx_kind(19, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
-        else:
+        elif kind == 20:
             _kx_kind(20, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
+        else:
+            _q8a_kind(22, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
 
     @njit(cache=True, nogil=True)
     def quantize_nb(x, xq, dx, xs):  # pragma: no cover - compiled
@@ -1310,10 +1308,7 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
         e = np.empty(0, np.int64)
         kv = (dxf[:0], dxf[:0], e, e)  # no other stream
         for c in prange((N + 63) // 64):  # runs of 64 weight rows: q8a_span's tiles, its setup shared
-            if 13 <= kind <= 20:
-                kx_span(xq, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out, kv)
-            else:
-                q8a_span(xq, xu, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out, kv)
+            q8a_span(xq, xu, dxf, xsf, qs, df, mf, sc, kind, R, nb, c * 64, min(N, c * 64 + 64), out, kv)
 
     return {"quantize_rows": quantize_nb, "quantize_rows_k": quantize_k_nb, "q8a_matmul": q8a_nb}
 

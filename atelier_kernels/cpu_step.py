@@ -47,7 +47,7 @@ from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
-_quant = _quantk = _flip = _span = _spanx = _prompt_kind = None
+_quant = _quantk = _flip = _span = _prompt_kind = None
 _attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
 claim = finish = wait = take = product = part_rows = quant_row = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
@@ -76,13 +76,12 @@ def _kernels() -> dict | None:
     _launch_threads()
     njit, prange = jit()  # type: ignore[misc]
     global UX
-    global _quant, _quantk, _flip, _span, _spanx, _prompt_kind, _attend, _norm_row, _swiglu_row, _fma, _add, _load
+    global _quant, _quantk, _flip, _span, _prompt_kind, _attend, _norm_row, _swiglu_row, _fma, _add, _load
     global _pause
     global claim, finish, wait, take, product, part_rows, quant_row, norm_phase, worker
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
-    _quant, _flip, _span, _spanx = (cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span,
-                                    cpu_qmatmul.kx_span)
+    _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
     _quantk = cpu_qmatmul.quantize_span_k
     _prompt_kind = njit(cache=True, nogil=True, inline="always")(cpu_qmatmul.prompt_kind)  # the one rule
     UX = cpu_qmatmul.UX
@@ -160,10 +159,7 @@ def _kernels() -> dict | None:
     @njit(cache=True, nogil=True)
     def part_rows(xq, xu, dxf, xsf, qs, d, m, sc, bias, kind, R, nb, n0, n1, o, kv):  # pragma: no cover - compiled
         # rows n0 .. n1 - 1 of one part into o [R, its rows]
-        if 13 <= kind <= 20:  # Q5_K, Q3_K, Q2_K, IQ4_XS (`cpu_qmatmul.kx_span`)
-            _spanx(xq, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o, kv)
-        else:
-            _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o, kv)
+        _span(xq, xu, dxf, xsf, qs, d.reshape(-1), m.reshape(-1), sc, kind, R, nb, n0, n1, o, kv)
         if bias.shape[0]:
             for r in range(R):
                 for n in range(n0, n1):
@@ -225,9 +221,7 @@ def _kernels() -> dict | None:
         for layer in range(L):
             Kl = K[layer]
             Vl = V[layer]
-            cur[0] = 0
             cur[2] = 0  # (none asked for before the attention)
-            cur[3] = 0
             # the last FFN output added
             norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, pneed[layer, 0], xa, xqk, dxk, xsk)
             ph += 1
@@ -263,7 +257,6 @@ def _kernels() -> dict | None:
             # heads on 2 threads would leave one idle a third of the time), in one home range of consecutive
             # tasks per thread as the products' rows (see product): the query heads of one kv head mostly on one
             # thread, which reads that head's keys and values from memory once for them
-            per = (n_att + threads - 1) // threads
             done = 0
             v = 0
             while True:
