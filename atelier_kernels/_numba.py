@@ -207,6 +207,118 @@ def _lane_sum(builder: Any, v: Any, add: Callable) -> Any:  # pragma: no cover -
     return builder.extract_element(v, ir.Constant(i32, 0))
 
 
+def _q41x8_codegen(n: int, vnni: bool) -> Any:  # pragma: no cover - compiled
+    """The LLVM code of `q41x8_tile_intrinsic` (n rows of activations; see there)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+    v32i8, v16i16, v8i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i16, 8)
+    v8i32, v8f32, v8h = ir.VectorType(i32, 8), ir.VectorType(f32, 8), ir.VectorType(ir.HalfType(), 8)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        def data(i: int) -> Any:
+            return context.make_array(signature.args[i])(context, builder, args[i]).data
+
+        wa, wo, da, do, xa = data(0), args[1], data(2), args[3], data(4)
+        xoffs = args[5:5 + n]
+        dxa, dxoffs = data(5 + n), args[6 + n:6 + 2 * n]
+        ma, xsa, nb = data(6 + 2 * n), data(7 + 2 * n), args[8 + 2 * n]
+        intp = nb.type
+        mod = builder.module
+        maddubs, maddwd, _, _, fma, _ = _x86_intrinsics(mod)
+        dpbusd = mod.declare_intrinsic("llvm.x86.avx512.vpdpbusd.256",
+                                       fnty=ir.FunctionType(v8i32, [v8i32, v8i32, v8i32])) if vnni else None
+        zero = ir.Constant(v8i32, [0] * 8)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
+
+        def splat(v: Any, vty: Any) -> Any:
+            u = builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(i32, 0))
+            return builder.shuffle_vector(u, ir.Constant(vty, ir.Undefined), _mask(vty.count, [0] * vty.count))
+
+        def dot4(acc: Any, w: Any, x4: Any) -> Any:  # acc + lane t's four unsigned w bytes . the four x bytes
+            if vnni:
+                return builder.call(dpbusd, [acc, builder.bitcast(w, v8i32), x4])
+            p = builder.call(maddwd, [builder.call(maddubs, [w, builder.bitcast(x4, v32i8)]),
+                                      ir.Constant(v16i16, [1] * 16)])
+            return builder.add(acc, p)
+
+        def halves(ptr: Any, off: Any) -> Any:
+            p = builder.bitcast(builder.gep(ptr, [off]), v8i16.as_pointer())
+            return builder.fpext(builder.bitcast(builder.load(p, align=2), v8h), v8f32)
+
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            base = builder.add(wo, builder.mul(b, ir.Constant(intp, 128)))
+            wk = [None] * 8
+            for c in range(4):  # chunk c: lane t = bytes 4c .. 4c + 3 of weight row t's block: values 4c.. (low
+                # nibbles) and 16 + 4c.. (high nibbles)
+                p = builder.gep(wa, [builder.add(base, ir.Constant(intp, 32 * c))])
+                ch = builder.load(builder.bitcast(p, v32i8.as_pointer()), align=1)
+                wk[c] = builder.and_(ch, ir.Constant(v32i8, [15] * 32))
+                hi = builder.bitcast(builder.lshr(builder.bitcast(ch, v16i16), ir.Constant(v16i16, [4] * 16)), v32i8)
+                wk[c + 4] = builder.and_(hi, ir.Constant(v32i8, [15] * 32))
+            sb = builder.add(do, builder.mul(b, ir.Constant(intp, 8)))
+            d8, m8 = halves(da, sb), halves(ma, sb)
+            for j in range(n):
+                xb = builder.bitcast(builder.gep(xa, [builder.add(xoffs[j], builder.mul(b, ir.Constant(intp, 32)))]),
+                                     i32.as_pointer())
+                # wk[k] pairs with the activations' bytes 4k .. 4k + 3 (values 4k.. for k < 4, 16 + 4(k - 4)..)
+                xk = [splat(builder.load(builder.gep(xb, [ir.Constant(i32, k)]), align=1), v8i32) for k in range(8)]
+                i0 = dot4(zero, wk[0], xk[0])
+                i1 = dot4(zero, wk[1], xk[1])
+                for k in range(2, 8, 2):
+                    i0 = dot4(i0, wk[k], xk[k])
+                    i1 = dot4(i1, wk[k + 1], xk[k + 1])
+                f = builder.sitofp(builder.add(i0, i1), v8f32)  # the block's integer dots, exact in fp32
+                dxv = builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b)]))
+                xsv = builder.load(builder.gep(xsa, [builder.add(dxoffs[j], b)]))
+                acc = builder.call(fma, [f, builder.fmul(d8, splat(dxv, v8f32)), builder.load(accs[j])])
+                builder.store(builder.call(fma, [m8, splat(xsv, v8f32), acc]), accs[j])
+        outs = []
+        for j in range(n):
+            v = builder.load(accs[j])
+            outs += [builder.extract_element(v, ir.Constant(i32, t)) for t in range(8)]
+        return context.make_tuple(builder, signature.return_type, outs)
+
+    return codegen
+
+
+def q41x8_tile_intrinsic(n: int, vnni: bool | None = None) -> Any:  # pragma: no cover - compiled into the kernels
+    """A Numba intrinsic (AVX2; `vpdpbusd` where VNNI runs): Q4_1 weights interleaved by 8 rows
+    (`cpu_qmatmul.interleave_q41`) against n rows of Q8 activations (blocks of 32, `quantize_rows`).
+    Arguments: (w uint8 flat, the group's byte offset, d uint16 flat (fp16 bits), the group's d offset (m's
+    too), x int8 flat, n x offsets, dx float32 flat, n dx offsets (xs's too), m uint16 flat, xs float32 flat,
+    blocks) -> 8 n float32, activation row j's 8 weight rows at 8 j .. 8 j + 7.
+
+    A group's block b is 128 bytes: 4 chunks of 32, chunk c holding bytes 4c .. 4c + 3 of each of the 8 rows'
+    16 nibble bytes (row t at bytes 4t ..). So a chunk's low nibbles are values 4c .. 4c + 3 of every row, lane t
+    row t, and its high nibbles values 16 + 4c ..: 8 vectors, each paired with 4 activation bytes broadcast to
+    every lane (one `vpdpbusd`, or `vpmaddubsw` + `vpmaddwd`): each lane ends with its row's whole integer dot
+    of the block, exact. Then per (row t, activation row j), in this order, in fp32:
+    acc = fma(float(dot), d_w x d_x, acc); acc = fma(m_w, xs, acc) — no lanes to sum at the end, one
+    conversion and two fused multiply-adds per 8 pairs (llama.cpp's Q4_1 dot product: 8 lanes per pair, a
+    conversion and a fused multiply-add per pair). Every pair's arithmetic is the same in any tile, so its
+    result has the same bits for any n."""
+    if vnni is None:
+        vnni = has_vnni()
+    from numba import types
+    from numba.extending import intrinsic
+
+    names = (["w", "wo", "d", "do", "x"] + [f"xo{j}" for j in range(n)] + ["dx"] + [f"dxo{j}" for j in range(n)]
+             + ["m", "xs", "nb"])
+
+    def typer(typingctx, *args):  # noqa: ANN001, ANN202
+        arrays = {0, 2, 4, 5 + n, 6 + 2 * n, 7 + 2 * n}
+        sig = types.UniTuple(types.float32, 8 * n)(*[a if i in arrays else types.intp for i, a in enumerate(args)])
+        return sig, _q41x8_codegen(n, vnni)
+
+    src = f"def tile_x8(typingctx, {', '.join(names)}):\n    return typer(typingctx, {', '.join(names)})\n"
+    scope: dict = {"typer": typer}
+    exec(src, scope)  # noqa: S102 - names generated above, no outside input
+    return intrinsic(scope["tile_x8"])
+
+
 def _tile_args(context: Any, builder: Any, signature: Any, args: Any, nw: int,
                n: int) -> tuple:  # pragma: no cover - compiled
     """A tile intrinsic's arguments (see `q8_tile_dot_intrinsic`: w, nw w offsets, d, nw d offsets, x, n x

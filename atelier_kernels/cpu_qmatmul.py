@@ -93,7 +93,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ._numba import (IQ4NL_VALUES, dispatch, drop_stale_cache, half_to_float_intrinsic, has_avx2, has_vnni, jit,
-                     prefetch_intrinsic, q8_tile_dot_intrinsic, round_to_half_intrinsic,
+                     prefetch_intrinsic, q8_tile_dot_intrinsic, q41x8_tile_intrinsic, round_to_half_intrinsic,
                      stream_prefetch)
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")  # blocks of 32 along K
@@ -107,6 +107,59 @@ BLOCK_VALUES = {"Q8_0": BLOCK, "Q4_0": BLOCK, "Q4_1": BLOCK, "Q5_0": BLOCK, "Q5_
 Q8A_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS")
 Q8A_KIND = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 5, "Q5_1": 6, "IQ4_NL": 4, "Q4_K": 7, "Q6_K": 8, "Q5_K": 13,
             "Q3_K": 15, "Q2_K": 17, "IQ4_XS": 19}  # q8a_span's (13 and up: _kx_kind's)
+# Q4_1 with its rows interleaved by 8 (`interleave_q41`): not a GGUF block type, the engine's layout of a Q4_1
+# matrix for Q8 activations (`models.llm_activations = "q8_fast"`); q8a_span's kind X8
+X8_FORMAT, X8 = "Q4_1x8", 23
+BLOCK_VALUES[X8_FORMAT] = BLOCK
+
+
+def interleave_q41(qs: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 rows (qs uint8 [N, nb, 16], d / m uint16 [N, nb]; N a multiple of 8) -> the same bytes with each
+    group of 8 rows interleaved (new copies, the same shapes): group g's block b is 128 bytes at (g nb + b) 128,
+    4 chunks of 32, chunk c holding bytes 4c .. 4c + 3 of rows 8g .. 8g + 7 in turn; its 8 scales (and mins) at
+    (g nb + b) 8, row by row. A group takes the bytes its 8 rows took (`_numba.q41x8_tile_intrinsic` reads it)."""
+    N, nb = d.shape
+    if N % 8 or qs.shape != (N, nb, 16):
+        raise ValueError(f"Q4_1 rows [{N}, {nb} blocks]: interleaving takes a multiple of 8 rows of 16-byte blocks")
+    q = np.ascontiguousarray(qs.reshape(N // 8, 8, nb, 4, 4).transpose(0, 2, 3, 1, 4)).reshape(N, nb, 16)
+
+    def rows8(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.reshape(N // 8, 8, nb).transpose(0, 2, 1)).reshape(N, nb)
+
+    return q, rows8(d), rows8(m)
+
+
+def deinterleave_q41(qs: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`interleave_q41` undone (new copies): Q4_1 rows in llama.cpp's layout."""
+    N, nb = d.shape
+    q = np.ascontiguousarray(qs.reshape(N // 8, nb, 4, 8, 4).transpose(0, 3, 1, 2, 4)).reshape(N, nb, 16)
+
+    def rows8(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.reshape(N // 8, nb, 8).transpose(0, 2, 1)).reshape(N, nb)
+
+    return q, rows8(d), rows8(m)
+
+
+def matmul_q41x8_twin(xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, qs: np.ndarray, d: np.ndarray,
+                      m: np.ndarray, out: np.ndarray) -> None:
+    """The Q4_1x8 product's NumPy twin, bit for bit (`_numba.q41x8_tile_intrinsic`): per (activation row,
+    weight row), block by block in order, acc = fma(float(integer dot), fp32(d_w x d_x), acc), then
+    acc = fma(m_w, xs, acc), each rounded once (`cpu_ggml.fma32`); the integer dots exact (int64)."""
+    from .cpu_ggml import fma32
+
+    R, nb = dx.shape
+    q, dd, mm = deinterleave_q41(qs, d, m)
+    N = q.shape[0]
+    w = np.concatenate([q & 0x0F, q >> 4], axis=-1).astype(np.int64)  # [N, nb, 32]
+    x = xq.reshape(R, nb, BLOCK).astype(np.int64)
+    dw = dd.view(np.float16).astype(np.float32)
+    mw = mm.view(np.float16).astype(np.float32)
+    acc = np.zeros((R, N), np.float32)
+    for b in range(nb):
+        dots = (x[:, b] @ w[:, b].T).astype(np.float32)  # [R, N], exact (|dot| < 2**24)
+        acc = fma32(dots, (dx[:, b, None] * dw[None, :, b]).astype(np.float32), acc)
+        acc = fma32(np.broadcast_to(mw[None, :, b], (R, N)), np.broadcast_to(xs[:, b, None], (R, N)), acc)
+    out[...] = acc
 
 
 # -- references (NumPy, float64) ------------------------------------------------------------------
@@ -185,6 +238,8 @@ def _dequant_k_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray 
 def dequant_reference(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np.ndarray | None = None,
                       qh: np.ndarray | None = None) -> np.ndarray:
     """Packed rows -> float64 [N, K]."""
+    if fmt == X8_FORMAT:
+        return dequant_reference("Q4_1", *deinterleave_q41(qs, d, m))
     if fmt in K_FORMATS:
         return _dequant_k_reference(fmt, qs, d, m, sc, qh)
     dd = d.view(np.float16).astype(np.float64)[..., None]  # [N, nb, 1]
@@ -261,6 +316,8 @@ def matmul_q8_reference(fmt: str, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray
     """out[R, N] = the Q8 product in float64: the de-quantised activations (xq x dx) @ W.T (a Q4_1 / Q5_1
     weight d q + m: d q x the de-quantised x, plus m x xs, the de-quantised block's sum; Q4_K's d s_j q -
     the K types: the de-quantised Q8_K activations @ W.T, xs unread)."""
+    if fmt == X8_FORMAT:
+        fmt, (qs, d, m) = "Q4_1", deinterleave_q41(qs, d, m)
     R, nb = dx.shape
     xd = (xq.reshape(R, nb, BLOCK).astype(np.float64) * dx[..., None].astype(np.float64)).reshape(R, -1)
     if fmt in ("Q4_1", "Q5_1"):  # d q against the de-quantised x, the min against the blocks' sums
@@ -710,6 +767,7 @@ PF_LOC, PF1, PF = stream_prefetch()
 # compiled body (_q8a_kind; Q5_K's, Q3_K's, Q2_K's and IQ4_XS's loops, _kx_kind, written apart: inside one body,
 # Q5_K's code made the other kinds' 2-4 % slower, measured on a decode step of SmolLM2)
 quantize_span = quantize_span_k = q8a_span = _q8a_kind = _kx_kind = literally = None
+_x8_r1 = _x8_r4 = _x8_r8 = _x8_kind = None  # Q4_1x8's tiles (1, 4, 8 rows of x) and body
 
 
 def _tile_set(kind: int, ux: bool = False, **how: bool) -> tuple:
@@ -782,6 +840,9 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     global _rd_ix4, _r4_ix4, _w4_ix4, _r8_ix4, _rd_ixt, _r4_ixt, _w4_ixt, _r8_ixt
     _rd_ix4, _w4_ix4, _r4_ix4, _r8_ix4 = _tile_set(18)
     _rd_ixt, _w4_ixt, _r4_ixt, _r8_ixt = _tile_set(19)
+    # Q4_1 interleaved by 8 rows (kind X8, `interleave_q41`): 1, 4 and 8 rows of x
+    global _x8_r1, _x8_r4, _x8_r8, _x8_kind
+    _x8_r1, _x8_r4, _x8_r8 = (q41x8_tile_intrinsic(n) for n in (1, 4, 8))
 
     @njit(cache=True, nogil=True, inline="always")
     def flip_rows(xq, xu, K, r0, r1):  # pragma: no cover - compiled
@@ -986,6 +1047,45 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
                     out[r, n] = _rd_ix4(*o1)
                 else:
                     out[r, n] = _rd_ixt(*o1)
+                r += 1
+
+    @njit(cache=True, nogil=True)
+    def _x8_kind(xq, dxf, xsf, qs, df, mf, R, nb, n0, n1, out, kv):  # pragma: no cover - compiled
+        # q8a_span's body for Q4_1x8 (kind X8): weight rows n0 .. n1 - 1 (multiples of 8) a group of 8 at a
+        # time, each group's blocks unpacked once for all rows of x (in eights, a four, then one by one: the same
+        # arithmetic per pair in every tile); the weights' stream prefetched PF1 tiles of 4 rows ahead for one
+        # or two rows of x (memory-bound), PF rows ahead for more (compute-bound)
+        n0, n1 = np.int64(n0), np.int64(n1)
+        N = qs.size // (nb * 16)
+        xr = nb * 32
+        ahead = ((4 * PF1 if R < 4 else PF) + 7) // 8 * 8  # whole groups
+        for g in range(n0 // 8, n1 // 8):
+            n = g * 8
+            wo, do = n * nb * 16, n * nb
+            if n + ahead + 8 <= N:
+                prefetch_rows(qs, df, mf, 1, 16, nb, nb, n + ahead, 8)
+            for _ in range(8):  # (the side stream's budget is per weight row)
+                side_prefetch(kv)
+            r = 0
+            while r + 8 <= R:
+                a8 = _x8_r8(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, (r + 4) * xr,
+                            (r + 5) * xr, (r + 6) * xr, (r + 7) * xr, dxf, r * nb, (r + 1) * nb, (r + 2) * nb,
+                            (r + 3) * nb, (r + 4) * nb, (r + 5) * nb, (r + 6) * nb, (r + 7) * nb, mf, xsf, nb)
+                for j in range(8):
+                    for t in range(8):
+                        out[r + j, n + t] = a8[8 * j + t]
+                r += 8
+            while r + 4 <= R:
+                a4 = _x8_r4(qs, wo, df, do, xq, r * xr, (r + 1) * xr, (r + 2) * xr, (r + 3) * xr, dxf, r * nb,
+                            (r + 1) * nb, (r + 2) * nb, (r + 3) * nb, mf, xsf, nb)
+                for j in range(4):
+                    for t in range(8):
+                        out[r + j, n + t] = a4[8 * j + t]
+                r += 4
+            while r < R:
+                a1 = _x8_r1(qs, wo, df, do, xq, r * xr, dxf, r * nb, mf, xsf, nb)
+                for t in range(8):
+                    out[r, n + t] = a1[t]
                 r += 1
 
     @njit(cache=True, nogil=True)
@@ -1284,6 +1384,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
             _kx_kind(19, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
         elif kind == 20:
             _kx_kind(20, xq, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
+        elif kind == 23:  # X8: Q4_1 interleaved by 8 rows (n0, n1 multiples of 8)
+            _x8_kind(xq, dxf, xsf, qs, df, mf, R, nb, n0, n1, out, kv)
         else:
             _q8a_kind(22, xq, xu, dxf, xsf, qs, df, mf, scf, R, nb, n0, n1, out, kv)
 
@@ -1370,7 +1472,9 @@ def part_kind(fmt: str, rows: int) -> int:
     on; its `ggml_gemv` / `ggml_gemm_q4_0_8x8_q8_0`). IQ4_NL: kind 4 where llama.cpp repacks it (the same
     rule; `ggml_gemv` / `ggml_gemm_iq4_nl_8x8_q8_0`), else kind 21 (its `ggml_vec_dot_iq4_nl_q8_0`: two sets of
     8 lanes). Q5_K, Q3_K, Q2_K, IQ4_XS (kinds 13, 15, 17, 19): llama.cpp 0.3.36's AVX2 build repacks none of
-    them."""
+    them. Q4_1x8 (not a llama.cpp type): kind X8."""
+    if fmt == X8_FORMAT:
+        return X8
     kind = Q8A_KIND[fmt]
     if kind == 0 and rows % 8 == 0 and _Q4K_REPACK[0]:  # Q4_0 repacked (llama.cpp's q4_0_8x8 kernels)
         return 3
@@ -1413,10 +1517,10 @@ def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndar
     rows are a prompt's micro-batch (tokens of one sequence): the K types from 8 rows on (Q4_K: from 4) then
     take the arithmetic llama.cpp runs for such batches (`prompt_kind`)."""
     _check(fmt, qs, d, m, sc, qh)
-    if fmt not in Q8A_FORMATS:
-        raise ValueError(f"fmt={fmt!r}: Q8 activations take {', '.join(Q8A_FORMATS)}")
+    if fmt not in Q8A_FORMATS and fmt != X8_FORMAT:
+        raise ValueError(f"fmt={fmt!r}: Q8 activations take {', '.join(Q8A_FORMATS)}, {X8_FORMAT}")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    K = qs.shape[1] * BLOCK_VALUES[fmt]
+    K = qs.shape[1] * BLOCK_VALUES.get(fmt, BLOCK)
     if x.ndim != 2 or x.shape[1] != K:
         raise ValueError(f"x {x.shape}: expected [R, {K}]")
     if out is None:
@@ -1427,6 +1531,11 @@ def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndar
     kind = part_kind(fmt, qs.shape[0])
     if prompt:
         kind = prompt_kind(kind, x.shape[0])
+    if fmt == X8_FORMAT:  # the twin: the kernel's arithmetic bit for bit
+        dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _s, _k, out:
+                 matmul_q41x8_twin(xq, dx, xs, qs, d, m, out), backend,
+                 xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf, kind, out)
+        return out
     dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _s, _k, out:
              matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out, sc, qh), backend,
              xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf, kind, out)
@@ -1452,6 +1561,11 @@ _SC_WIDTH = {"Q4_K": 12, "Q5_K": 12, "Q3_K": 12, "Q2_K": 16, "IQ4_XS": 6}
 
 def _check(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, sc: np.ndarray | None = None,
            qh: np.ndarray | None = None) -> None:
+    if fmt == X8_FORMAT:  # Q4_1's arrays, whole groups of 8 rows
+        _check("Q4_1", qs, d, m)
+        if qs.shape[0] % 8:
+            raise ValueError(f"fmt={fmt}: {qs.shape[0]} rows, not whole groups of 8")
+        return
     if fmt not in _KIND:
         raise ValueError(f"fmt={fmt!r}: expected one of {ALL_FORMATS}")
     want, width = _LAYOUT[fmt]
@@ -1473,8 +1587,11 @@ def matmul(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray
            backend: str | None = None, out: np.ndarray | None = None, sc: np.ndarray | None = None,
            qh: np.ndarray | None = None) -> np.ndarray:
     """x [R, K] fp32 @ W.T where W [N, K] is packed in `fmt` -> [R, N] fp32 (`out` if given, C-contiguous).
-    The K formats also take `sc` (and Q6_K `qh`)."""
+    The K formats also take `sc` (and Q6_K `qh`); Q4_1x8 (`interleave_q41`) runs as Q4_1 on a de-interleaved
+    copy (the engine multiplies it with Q8 activations: `matmul_q8`)."""
     _check(fmt, qs, d, m, sc, qh)
+    if fmt == X8_FORMAT:
+        return matmul("Q4_1", x, *deinterleave_q41(qs, d, m), backend=backend, out=out)
     x = np.ascontiguousarray(x, dtype=np.float32)
     K = qs.shape[1] * BLOCK_VALUES[fmt]
     if x.ndim != 2 or x.shape[1] != K:
@@ -1506,9 +1623,14 @@ def matmul(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray
 def dequant(fmt: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray | None = None, n0: int = 0,
             n1: int | None = None, backend: str | None = None, out: np.ndarray | None = None,
             sc: np.ndarray | None = None, qh: np.ndarray | None = None) -> np.ndarray:
-    """Rows n0..n1 of the packed W as fp32 [n1 - n0, K] (into `out` if given: C-contiguous, that shape)."""
+    """Rows n0..n1 of the packed W as fp32 [n1 - n0, K] (into `out` if given: C-contiguous, that shape).
+    Q4_1x8: the groups of 8 rows holding them de-interleaved first (a copy of those groups' bytes)."""
     _check(fmt, qs, d, m, sc, qh)
     n1 = qs.shape[0] if n1 is None else n1
+    if fmt == X8_FORMAT:
+        g0, g1 = n0 // 8 * 8, (n1 + 7) // 8 * 8
+        q, dd, mm = deinterleave_q41(qs[g0:g1], d[g0:g1], m[g0:g1])
+        return dequant("Q4_1", q, dd, mm, n0 - g0, n1 - g0, backend=backend, out=out)
     qs, d = qs[n0:n1], d[n0:n1]
     if out is None:
         out = np.empty((n1 - n0, qs.shape[1] * BLOCK_VALUES[fmt]), np.float32)
@@ -1619,11 +1741,26 @@ def _register() -> None:
         register(Kernel(f"q8a_matmul_{fmt.lower()}", "numba", mq, lambda *a, _mq=mq: _mq(*a, _b="numpy"),
                         _matmul_cases(fmt), rel(1e-5), f"x @ W.T with W in GGUF {fmt} blocks and x in Q8 blocks "
                         "(AVX2 integer dot products)"))
+    def mx8(x, qs, d, m, _b=None):  # noqa: ANN001, ANN202
+        return matmul_q8(X8_FORMAT, x, qs, d, m, backend=_b)
+
+    register(Kernel("q8a_matmul_q4_1x8", "numba", mx8, lambda *a: mx8(*a, _b="numpy"), _x8_cases,
+                    lambda got, want: np.testing.assert_array_equal(got, want),
+                    "x @ W.T with W in Q4_1 blocks interleaved by 8 rows and x in Q8 blocks (each block's integer "
+                    "dot summed whole, then fp32): bit for bit its NumPy twin"))
     register(Kernel("q8_quantize_rows", "numba", lambda x: quantize_rows(x), lambda x: quantize_rows(x, "numpy"),
                     _quantize_cases, _exact_arrays, "activations to Q8 blocks of 32 (llama.cpp's rounding)"))
     register(Kernel("q8k_quantize_rows", "numba", lambda x: quantize_rows(x, k=True),
                     lambda x: quantize_rows(x, "numpy", k=True), _quantize_k_cases, _exact_arrays,
                     "activations to Q8_K blocks of 256 (llama.cpp's, for its K types)"))
+
+
+def _x8_cases(device: str, large: bool):  # noqa: ANN202
+    rng = np.random.default_rng(23)
+    for R, n, nb in [(1, 8, 1), (3, 16, 3), (8, 24, 2), (13, 40, 5)] + ([(8, 4096, 18)] if large else []):
+        qs, d, m, _, _ = _random_packed("Q4_1", n, nb, rng)
+        x = rng.standard_normal((R, nb * BLOCK), dtype=np.float32)
+        yield (x, *interleave_q41(qs, d, m)), f"Q4_1x8 {R} x [{n}, {nb * BLOCK}]"
 
 
 def _quantize_cases(device: str, large: bool):  # noqa: ANN202

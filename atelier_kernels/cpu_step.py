@@ -122,7 +122,7 @@ def _kernels() -> dict | None:
                 count, R, nb, batch, out, kv):  # pragma: no cover - compiled
         # one phase: a projection's parts first .. first + count - 1 (each one block type: the columns pcol[j] ..
         # pcol[j] + prows[j] - 1 of out). Each part's output rows are cut into one home range per thread (whole
-        # tiles of 4 rows), each range into ITEMS items. A thread runs its own items first, in order (one
+        # groups of 8 rows), each range into ITEMS items. A thread runs its own items first, in order (one
         # unbroken stream of weights per part), then claims what is left of the others' (from home[(ph, u)]):
         # the threads share the work evenly when one falls behind. Every block type runs on the Q8 blocks
         # (`q8a_span`): xa = (xq, xu, dxf, xsf), blocks of 32, for the 32-value types, xqk .. xsk (Q8_K) for the
@@ -138,8 +138,9 @@ def _kernels() -> dict | None:
             u, i = g // per, g % per  # home range u's item i: part j's i % ITEMS-th run of rows in range u
             j = first + i // ITEMS
             N = prows[j]
-            span = (N + 4 * threads - 1) // (4 * threads) * 4  # a home range's rows
-            chunk = (span + 4 * ITEMS - 1) // (4 * ITEMS) * 4
+            # a home range's rows, and an item's: whole groups of 8 (Q4_1x8's unit; 4-row tiles for the others)
+            span = (N + 8 * threads - 1) // (8 * threads) * 8
+            chunk = (span + 8 * ITEMS - 1) // (8 * ITEMS) * 8
             n0 = min(u * span + (i % ITEMS) * chunk, N)
             n1 = min(n0 + chunk, (u + 1) * span, N)
             done += 1
@@ -389,7 +390,8 @@ def available() -> bool:
     return _kernels() is not None
 
 
-KIND = cpu_qmatmul.Q8A_KIND  # the block types the step runs (a part's q8a_span kind: `cpu_qmatmul.part_kind`)
+# the block types the step runs (a part's q8a_span kind: `cpu_qmatmul.part_kind`), Q4_1x8 included
+KIND = {**cpu_qmatmul.Q8A_KIND, cpu_qmatmul.X8_FORMAT: cpu_qmatmul.X8}
 
 
 class Q8Layers:

@@ -69,12 +69,13 @@ class ModelsSection(_Section):
     llm_weights: Literal["auto", "gguf", "int8", "int4", "bf16", "fp16", "fp32"] = Field(
         "auto", description="'auto'/'gguf' = a GGUF's own blocks kept packed (CPU); 'int8'/'int4' = quantised at load "
                             "(Q8_0/Q4_1 blocks); 'bf16'/'fp16'/'fp32' = de-quantised in that dtype")
-    llm_activations: Literal["auto", "fp32", "q8"] = Field(
+    llm_activations: Literal["auto", "fp32", "q8", "q8_fast"] = Field(
         "auto", description="packed GGUF / int8 / int4 weights: 'q8' = activations quantised to Q8 blocks "
                             "and integer dot products, and llama.cpp's float arithmetic between them (its logits bit "
                             "for bit on an AVX2 CPU, at its speed); 'fp32' = the de-quantised network exactly "
-                            "(transformers' logits up to summation order, ~2.5x slower); 'auto' = q8 where the CPU "
-                            "has AVX2")
+                            "(transformers' logits up to summation order, ~2.5x slower); 'q8_fast' = q8 with Q4_1 "
+                            "matrices interleaved by 8 rows (faster steps, not llama.cpp's bits: about as close to "
+                            "transformers as llama.cpp is); 'auto' = q8 where the CPU has AVX2")
     embedding_dtype: Literal["float32", "float16"] = "float32"
     # issue 18.2 (engine/catalog, helper h6): the catalogue's search index
     catalog_index: Literal["exact", "hnsw", "auto"] = Field(

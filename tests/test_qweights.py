@@ -223,20 +223,37 @@ def test_tiny_gguf_is_the_network_transformers_loads(tmp_path, fmt, tie):
     assert (got_long - want_long).abs().max() < 0.05 * want_long.abs().max()  # int8 K/V: not exact
 
 
-@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"])
-def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
+def _q8_float64(p, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """The Q8 product of x and a packed part in float64 (`cpu_qmatmul.matmul_q8_reference`: x quantised to Q8
+    blocks, then de-quantised; Q4_1x8 de-interleaved)."""
+    from atelier_kernels import cpu_qmatmul
+
+    xq, dx, xs = cpu_qmatmul.quantize_rows(x, "numpy")
+    out = np.empty((x.shape[0], p.qs.shape[0]), np.float32)
+    cpu_qmatmul.matmul_q8_reference(p.fmt, xq, dx, xs, p.qs, p.d, p.m, out)
+    return out
+
+
+@pytest.mark.parametrize("fmt,act", [("Q8_0", "q8"), ("Q4_0", "q8"), ("Q4_1", "q8"), ("Q5_0", "q8"), ("Q5_1", "q8"),
+                                     ("IQ4_NL", "q8"), ("Q4_1", "q8_fast")])
+def test_q8_activations_compute_the_quantised_product(tmp_path, fmt, act):
     """models.llm_activations = "q8": every packed product is the Q8 product (activations in Q8 blocks of 32,
     `matmul_q8`'s float64 twin as the oracle) in the prefill and decode paths, alone or with other rows;
-    decoding token by token gives the prefill's logits."""
+    decoding token by token gives the prefill's logits. "q8_fast": the same with the Q4_1 matrices interleaved
+    by 8 rows (`cpu_qmatmul.interleave_q41`; the tied head stays as the embedding reads it)."""
     from atelier_kernels import cpu_qmatmul
 
     path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=True)
-    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
-    assert ours.extra["activations"] == "q8" and "Q8 activations" in ours.weights
+    ours = load_llm(str(path), tmp_path / "cache", activations=act)
+    want_act = act if act == "q8" or cpu_qmatmul.q8_available() else "q8"
+    assert ours.extra["activations"] == want_act and "Q8 activations" in ours.weights
+    assert f"gguf {fmt} " in ours.weights  # (Q4_1x8 is reported as its blocks' type)
     lin = ours.model.layers[0].wqkv
+    if want_act == "q8_fast":
+        assert lin.formats == [cpu_qmatmul.X8_FORMAT] and ours.model.tok.head.formats == ["Q4_1"]  # (tied)
     # 13 rows: a group of 8, one of 4 and one left over (each tile kind of `q8a_span`)
     x = np.random.default_rng(1).standard_normal((13, lin.in_features)).astype(np.float32)
-    want = np.concatenate([cpu_qmatmul.matmul_q8(p.fmt, x, p.qs, p.d, p.m, backend="numpy") for p in lin.parts], 1)
+    want = np.concatenate([_q8_float64(p, x) for p in lin.parts], 1)
     got = lin.matmul_np(x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     for r in range(13):  # a row's result does not depend on the other rows
@@ -260,16 +277,17 @@ def test_q8_activations_compute_the_quantised_product(tmp_path, fmt):
     assert torch.equal(ours.model.extend(cache, 0, ids[1:]), torch.stack(steps))
 
 
-@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_0", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL"])
-def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,act", [("Q4_1", "q8"), ("Q4_0", "q8"), ("Q8_0", "q8"), ("Q5_0", "q8"), ("Q5_1", "q8"),
+                                     ("IQ4_NL", "q8"), ("Q4_1", "q8_fast")])
+def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt, act):
     """`atelier_kernels.cpu_step` runs every layer in one Numba call; its twin is NumpyStep's layer-by-layer path (the
     same product, attention, norm, RoPE and SwiGLU arithmetic: llama.cpp's, `atelier_kernels.cpu_ggml`). Prompts of nine
     slots, then decode steps of 1, 2, 5 (a tile of 4 rows and one more) and 9 rows (a tile of 8 and one): the
     same logits, bit for bit."""
     from atelier_kernels import cpu_step
 
-    path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=True)
-    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    path = write_tiny_gguf(tmp_path / f"tiny-{fmt}.gguf", fmt, tie=act == "q8")  # (q8_fast: its head Q4_1x8 too)
+    ours = load_llm(str(path), tmp_path / "cache", activations=act)
     step = ours.model._np_step
     assert (step.fused is not None) == cpu_step.available()  # Numba and AVX2; else the layer-by-layer path
     if step.fused is None:
@@ -279,21 +297,22 @@ def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt):
         assert torch.equal(f, p)
 
 
-@pytest.mark.parametrize("threads,kvpf", [(1, True), (3, True), (7, True), (3, False)])
-def test_fused_q8_step_is_the_same_on_any_number_of_threads(tmp_path, monkeypatch, threads, kvpf):
+@pytest.mark.parametrize("threads,kvpf,act", [(1, True, "q8"), (3, True, "q8"), (7, True, "q8"), (3, False, "q8"),
+                                              (3, True, "q8_fast"), (7, True, "q8_fast")])
+def test_fused_q8_step_is_the_same_on_any_number_of_threads(tmp_path, monkeypatch, threads, kvpf, act):
     """The fused step cuts each product's rows and the attention's tasks into one home range per thread and
     lets a thread that finishes first take the others' leftovers. With 1 thread, or more threads than Numba
     runs (7 here: several ranges per OS thread, some ranges empty on the tiny model's short parts, every range
     of a late thread taken by the others), every row and task is still computed once: the layer-by-layer
     step's logits, bit for bit. kvpf: with or without the next layer's keys and values asked for during the
     products (`cpu_step.PREFETCH_KV`: each thread's plan of its home tasks' runs, a cursor moved on per weight
-    row), the same bits."""
+    row), the same bits. q8_fast: the Q4_1 matrices interleaved by 8 rows (each range whole groups of 8)."""
     import numba
 
     from atelier_kernels import cpu_step
 
     path = write_tiny_gguf(tmp_path / "tiny-Q4_1.gguf", "Q4_1", tie=True)
-    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    ours = load_llm(str(path), tmp_path / "cache", activations=act)
     step = ours.model._np_step
     assert (step.fused is not None) == cpu_step.available()
     if step.fused is None:

@@ -162,6 +162,8 @@ class LoadedLLM:
         text = (kind + " " if kind else "") + " + ".join(f"{k} {v / 1e6:.1f} MB" for k, v in parts)
         if self.extra.get("activations") == "q8":
             text += " (Q8 activations)"
+        elif self.extra.get("activations") == "q8_fast":
+            text += " (Q8 activations, Q4_1 rows interleaved)"
         if self.extra.get("placed"):  # packed blocks on a device (qweights.place_model)
             text += f", packed on {self.extra['placed']}"
         self.extra["_weights_text"] = text
@@ -346,7 +348,7 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
     """Load the model named by `spec` (a folder, a .gguf, or '' for the embedded SmolLM2); `decode` picks
     the decode-step backend (`engine.llm.model.blas_backend`: auto | numpy | torch); `weights` the weight
     format (`WEIGHTS`, see the module docstring); `activations` how packed weights meet their inputs
-    (`qweights.set_activations`: auto | fp32 | q8); `progress(message)` is told what loading is doing.
+    (`qweights.set_activations`: auto | fp32 | q8 | q8_fast); `progress(message)` is told what loading is doing.
     `device_products` (the engine's `wq_matmul` backend) applies off the CPU: "triton" keeps GGUF / int8 /
     int4 blocks packed on `device` (`qweights.place_model`), "dequant" de-quantises them at load; "torch"
     places them with the kernels' float64 twins and "triton" with device="cpu" runs the kernels under
@@ -444,7 +446,7 @@ def _placed(m: LoadedLLM, dev: torch.device, dtype: torch.dtype, impl: str, say:
 
 def _with_activations(m: LoadedLLM, activations: str) -> LoadedLLM:
     """Set how the model's packed products take their activations; recorded in extra["activations"]
-    ("q8" / "fp32"; absent for a model without packed weights) and in `weights`."""
+    ("q8" / "q8_fast" / "fp32"; absent for a model without packed weights) and in `weights`."""
     if isinstance(m.model, Transformer) and m.model.packed:
         from .qweights import set_activations
 

@@ -76,6 +76,15 @@ class Packed:
     def _arrays(self) -> list[tuple[str, np.ndarray]]:
         return [(k, a) for k in ("qs", "d", "m", "sc", "qh") if (a := getattr(self, k)) is not None]
 
+    def interleaved(self, on: bool) -> Packed:
+        """Q4_1 rows as Q4_1x8 (on: `cpu_qmatmul.interleave_q41`, rows a multiple of 8) or back (off); any other
+        matrix as it is. A new Packed (new arrays) where the layout changes, else self."""
+        if on and self.fmt == "Q4_1" and self.qs.shape[0] % 8 == 0:
+            return Packed(cpu_qmatmul.X8_FORMAT, *cpu_qmatmul.interleave_q41(self.qs, self.d, self.m))
+        if not on and self.fmt == cpu_qmatmul.X8_FORMAT:
+            return Packed("Q4_1", *cpu_qmatmul.deinterleave_q41(self.qs, self.d, self.m))
+        return self
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.qs.shape[0], self.qs.shape[1] * BLOCK_VALUES[self.fmt]
@@ -135,12 +144,15 @@ class Packed:
         return cls.from_blocks(fmt, quantize_blocks(w, fmt))
 
     def rows(self, index: np.ndarray | slice) -> Packed:
-        """A row subset (a copy for an index array, a view for a slice)."""
+        """A row subset (a copy for an index array, a view for a slice; Q4_1x8: of the Q4_1 rows)."""
+        if self.fmt == cpu_qmatmul.X8_FORMAT:
+            return self.interleaved(False).rows(index)
         return Packed(self.fmt, **{k: a[index] for k, a in self._arrays()})
 
     @staticmethod
     def concat(parts: list[Packed]) -> Packed:
         """Rows of several matrices of one format, stacked (fused q/k/v, gate/up)."""
+        parts = [p.interleaved(False) for p in parts]
         fmts = {p.fmt for p in parts}
         if len(fmts) != 1:
             raise ValueError(f"cannot stack formats {sorted(fmts)}")
@@ -365,10 +377,26 @@ class PackedLinear(nn.Module):
         self.activations = "fp32"
         self.placed: list[tuple] | None = None  # the parts on a device (`place`), else None: the CPU arrays
         self.placed_impl = ""
+        self._register_parts()
+
+    def _register_parts(self) -> None:
         # the packed arrays as buffers (shared memory): size_bytes() and the registry count them
-        for i, p in enumerate(parts):
+        for name in [n for n in self._buffers if n.startswith("p")]:
+            del self._buffers[name]
+        for i, p in enumerate(self.parts):
             for name, a in p._arrays():
                 self.register_buffer(f"p{i}_{name}", torch.from_numpy(a.view(np.uint8)), persistent=False)
+
+    def interleave(self, on: bool, keep: set[int] = frozenset()) -> None:
+        """Lay the Q4_1 parts out as Q4_1x8 (on) or as llama.cpp's Q4_1 (off): `Packed.interleaved`, one part at
+        a time (a part's old arrays go once it is replaced). keep: ids of qs arrays left as they are (a tied
+        head's table, which the embedding also reads)."""
+        if self.placed is not None:
+            return
+        new = [p if id(p.qs) in keep else p.interleaved(on) for p in self.parts]
+        if any(a is not b for a, b in zip(new, self.parts)):
+            self.parts = new
+            self._register_parts()
 
     @property
     def formats(self) -> list[str]:
@@ -383,7 +411,7 @@ class PackedLinear(nn.Module):
         q8 = self.activations == "q8"
         for p in self.parts:
             n = p.shape[0]
-            if q8 and p.fmt in cpu_qmatmul.Q8A_FORMATS:
+            if q8 and (p.fmt in cpu_qmatmul.Q8A_FORMATS or p.fmt == cpu_qmatmul.X8_FORMAT):
                 y = cpu_qmatmul.matmul_q8(p.fmt, x, p.qs, p.d, p.m, out=out if len(self.parts) == 1 else None,
                                           sc=p.sc, qh=p.qh, prompt=prompt)
             else:
@@ -404,6 +432,7 @@ class PackedLinear(nn.Module):
 
         for name in [n for n in self._buffers if n.startswith("p")]:
             del self._buffers[name]
+        self.parts = [p.interleaved(False) for p in self.parts]  # (the device kernels read llama.cpp's layout)
         self.placed, self.placed_impl = [], impl
         for i, p in enumerate(self.parts):
             if p.fmt in wq_matmul.FORMATS:
@@ -510,28 +539,38 @@ def weight_formats(model: Any) -> dict[str, int]:
             for p in mod.parts:
                 if id(p.qs) not in seen:
                     seen.add(id(p.qs))
-                    out[p.fmt] = out.get(p.fmt, 0) + p.nbytes
+                    f = "Q4_1" if p.fmt == cpu_qmatmul.X8_FORMAT else p.fmt  # (its blocks, rows interleaved)
+                    out[f] = out.get(f, 0) + p.nbytes
     for name, prm in model.named_parameters():
         key = str(prm.dtype).replace("torch.", "")
         out[key] = out.get(key, 0) + prm.numel() * prm.element_size()
     return out
 
 
-ACTIVATIONS = ("auto", "fp32", "q8")
+ACTIVATIONS = ("auto", "fp32", "q8", "q8_fast")
 
 
 def set_activations(model: Any, mode: str) -> str:
     """How the packed products of `model` take their activations (`models.llm_activations`): "fp32" (the
     weights de-quantised in registers against fp32 x: the de-quantised network, up to summation order),
     "q8" (x quantised to Q8 blocks of 32 and integer dot products, as llama.cpp computes Q4_0/Q4_1/Q5_0/Q5_1/
-    Q8_0, and Q4_K / Q6_K per block of 32: `atelier_kernels.cpu_qmatmul.matmul_q8`), "auto" (q8 where its AVX2
-    kernels run, else fp32). Sets every PackedLinear of the model (the tied head included); returns the mode used."""
+    Q8_0, and Q4_K / Q6_K per block of 32: `atelier_kernels.cpu_qmatmul.matmul_q8`), "q8_fast" (q8, with the
+    Q4_1 matrices interleaved by 8 rows where the kernels run, `cpu_qmatmul.interleave_q41`: each block's integer
+    dot summed whole before its one conversion, not llama.cpp's bits), "auto" (q8 where its AVX2 kernels run,
+    else fp32). Sets every PackedLinear of the model (the tied head included); returns the mode used."""
     if mode not in ACTIVATIONS:
         raise ValueError(f"activations={mode!r}: expected one of {', '.join(ACTIVATIONS)}")
     used = mode if mode != "auto" else ("q8" if cpu_qmatmul.q8_available() else "fp32")
+    if used == "q8_fast" and not cpu_qmatmul.q8_available():
+        used = "q8"  # (the NumPy twins: llama.cpp's layout)
+    x8 = used == "q8_fast"
+    tables = {id(mod.table.qs) for mod in model.modules() if isinstance(mod, PackedEmbedding)}
     for mod in model.modules():
         if isinstance(mod, PackedLinear):
-            mod.activations = used
+            mod.activations = "q8" if x8 else used
+            # q8_fast: Q4_1 matrices interleaved by 8 rows (`cpu_qmatmul.interleave_q41`), a tied
+            # head's table kept as the embedding reads it
+            mod.interleave(x8, tables)
     step = getattr(model, "_np_step", None)
     if step is not None:  # the NumPy decode step: whether its fused Q8 path (atelier_kernels.cpu_step) applies
         step.refresh(model)
@@ -593,9 +632,9 @@ def packed_modules(model: Any) -> dict[str, Packed]:
         for name in ("wqkv", "wo", "w13", "w2"):
             mod = getattr(layer, name)
             if isinstance(mod, PackedLinear) and len(mod.parts) == 1:
-                out[f"layers.{i}.{name}"] = mod.parts[0]
+                out[f"layers.{i}.{name}"] = mod.parts[0].interleaved(False)  # (the cache: llama.cpp's layout)
     if isinstance(model.output, PackedLinear) and len(model.output.parts) == 1:
-        out["output"] = model.output.parts[0]
+        out["output"] = model.output.parts[0].interleaved(False)
     if isinstance(model.tok, PackedEmbedding):
         out["tok"] = model.tok.table
     return out
