@@ -53,11 +53,18 @@ def _no_quantising(monkeypatch):
     monkeypatch.setattr(qweights.Packed, "quantize", refuse)
 
 
-@pytest.mark.parametrize("weights,fmt", [("int8", "Q8_0"), ("int4", "Q4_1")])
-def test_second_load_reads_the_cache(tmp_path, hf_folder, monkeypatch, weights, fmt):
+@pytest.mark.parametrize("weights,fmt,act", [("int8", "Q8_0", "fp32"), ("int4", "Q4_1", "fp32"),
+                                            ("int4", "Q4_1", "q8_fast")])
+def test_second_load_reads_the_cache(tmp_path, hf_folder, monkeypatch, weights, fmt, act):
+    """q8_fast: the model's Q4_1 matrices interleaved by 8 rows, the cache in llama.cpp's layout (a cache of
+    Q4_1x8 blocks would be refused as another format: no "hit")."""
+    from atelier_kernels import cpu_qmatmul
+
     cache = tmp_path / "cache"
     msgs: list[str] = []
-    first = load_llm(str(hf_folder), cache, weights=weights, progress=msgs.append)
+    first = load_llm(str(hf_folder), cache, weights=weights, progress=msgs.append, activations=act)
+    if act == "q8_fast" and cpu_qmatmul.q8_available():
+        assert first.model.layers[0].w2.formats == [cpu_qmatmul.X8_FORMAT]
     path = quant_cache_file(hf_folder, cache, weights)
     assert first.extra["qcache"] == "written" and path.is_file()
     assert any("quantising" in m for m in msgs)
@@ -65,7 +72,7 @@ def test_second_load_reads_the_cache(tmp_path, hf_folder, monkeypatch, weights, 
     with monkeypatch.context() as mp:
         _no_quantising(mp)
         msgs.clear()
-        second = load_llm(str(hf_folder), cache, weights=weights, progress=msgs.append)
+        second = load_llm(str(hf_folder), cache, weights=weights, progress=msgs.append, activations=act)
     assert second.extra["qcache"] == "hit" and any("from the cache" in m for m in msgs)
     assert fmt in second.weights and second.model.packed
     b1, b2 = _blocks(first), _blocks(second)
