@@ -122,9 +122,11 @@ def test_other_paths_read_it_as_q4_1():
     np.testing.assert_array_equal(x8.dequant64(), p.dequant64())
     x = rng.standard_normal((3, 96)).astype(np.float32)
     np.testing.assert_array_equal(x8.matmul(x), p.matmul(x))  # fp32 activations: the Q4_1 kernels
-    idx = np.array([39, 0, 17])
-    for a, b in zip(x8.rows(idx)._arrays(), p.rows(idx)._arrays()):
-        np.testing.assert_array_equal(a[1], b[1])
+    for idx in (np.array([39, 0, 17, 17, 1]), slice(3, 21), slice(None, None, -7), np.array([], np.int64)):
+        got, want = x8.rows(idx), p.rows(idx)  # (the groups holding the rows de-interleaved, not the matrix)
+        assert got.fmt == "Q4_1"
+        for a, b in zip(got._arrays(), want._arrays(), strict=True):
+            np.testing.assert_array_equal(a[1], b[1])
     both = Packed.concat([x8, p])
     assert both.fmt == "Q4_1" and both.shape == (80, 96)
     np.testing.assert_array_equal(both.dequant(), np.concatenate([p.dequant(), p.dequant()]))

@@ -145,8 +145,13 @@ class Packed:
 
     def rows(self, index: np.ndarray | slice) -> Packed:
         """A row subset (a copy for an index array, a view for a slice; Q4_1x8: of the Q4_1 rows)."""
-        if self.fmt == cpu_qmatmul.X8_FORMAT:
-            return self.interleaved(False).rows(index)
+        if self.fmt == cpu_qmatmul.X8_FORMAT:  # the groups of 8 holding those rows de-interleaved (a copy)
+            idx = np.arange(self.qs.shape[0])[index]
+            groups, where = np.unique(idx // 8, return_inverse=True)
+            rows8 = (groups[:, None] * 8 + np.arange(8)).reshape(-1)
+            q, d, m = cpu_qmatmul.deinterleave_q41(self.qs[rows8], self.d[rows8], self.m[rows8])
+            pick = where.reshape(-1) * 8 + idx % 8
+            return Packed("Q4_1", q[pick], d[pick], m[pick])
         return Packed(self.fmt, **{k: a[index] for k, a in self._arrays()})
 
     @staticmethod
