@@ -1053,8 +1053,8 @@ def _q8a_kernels(njit, prange) -> dict:  # noqa: ANN001
     def _x8_kind(xq, dxf, xsf, qs, df, mf, R, nb, n0, n1, out, kv):  # pragma: no cover - compiled
         # q8a_span's body for Q4_1x8 (kind X8): weight rows n0 .. n1 - 1 (multiples of 8) a group of 8 at a
         # time, each group's blocks unpacked once for all rows of x (in eights, a four, then one by one: the same
-        # arithmetic per pair in every tile); the weights' stream prefetched PF1 tiles of 4 rows ahead for one
-        # or two rows of x (memory-bound), PF rows ahead for more (compute-bound)
+        # arithmetic per pair in every tile); the weights' stream prefetched PF1 tiles of 4 rows ahead for fewer
+        # than 4 rows of x (memory-bound), PF rows ahead for more (compute-bound), rounded up to whole groups
         n0, n1 = np.int64(n0), np.int64(n1)
         N = qs.size // (nb * 16)
         xr = nb * 32
