@@ -207,14 +207,32 @@ def _lane_sum(builder: Any, v: Any, add: Callable) -> Any:  # pragma: no cover -
     return builder.extract_element(v, ir.Constant(i32, 0))
 
 
+def _splat(builder: Any, x: Any, width: int) -> Any:  # pragma: no cover - compiled
+    """The scalar x in every one of `width` lanes (an insert, then a zero shuffle: LLVM's broadcast)."""
+    from llvmlite import ir
+
+    vty = ir.VectorType(x.type, width)
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), _mask(width, [0] * width))
+
+
+def _halves8(builder: Any, ptr: Any, off: Any) -> Any:  # pragma: no cover - compiled
+    """8 consecutive fp16 values (uint16 bits) at ptr[off] as 8 float lanes (one conversion)."""
+    from llvmlite import ir
+
+    p = builder.bitcast(builder.gep(ptr, [off]), ir.VectorType(ir.IntType(16), 8).as_pointer())
+    return builder.fpext(builder.bitcast(builder.load(p, align=2), ir.VectorType(ir.HalfType(), 8)),
+                         ir.VectorType(ir.FloatType(), 8))
+
+
 def _q41x8_codegen(n: int, vnni: bool) -> Any:  # pragma: no cover - compiled
     """The LLVM code of `q41x8_tile_intrinsic` (n rows of activations; see there)."""
     from llvmlite import ir
     from numba.core import cgutils
 
     i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-    v32i8, v16i16, v8i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i16, 8)
-    v8i32, v8f32, v8h = ir.VectorType(i32, 8), ir.VectorType(f32, 8), ir.VectorType(ir.HalfType(), 8)
+    v32i8, v16i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16)
+    v8i32, v8f32 = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
         def data(i: int) -> Any:
@@ -232,20 +250,12 @@ def _q41x8_codegen(n: int, vnni: bool) -> Any:  # pragma: no cover - compiled
         zero = ir.Constant(v8i32, [0] * 8)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f32, [0.0] * 8)) for _ in range(n)]
 
-        def splat(v: Any, vty: Any) -> Any:
-            u = builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(i32, 0))
-            return builder.shuffle_vector(u, ir.Constant(vty, ir.Undefined), _mask(vty.count, [0] * vty.count))
-
         def dot4(acc: Any, w: Any, x4: Any) -> Any:  # acc + lane t's four unsigned w bytes . the four x bytes
             if vnni:
                 return builder.call(dpbusd, [acc, builder.bitcast(w, v8i32), x4])
             p = builder.call(maddwd, [builder.call(maddubs, [w, builder.bitcast(x4, v32i8)]),
                                       ir.Constant(v16i16, [1] * 16)])
             return builder.add(acc, p)
-
-        def halves(ptr: Any, off: Any) -> Any:
-            p = builder.bitcast(builder.gep(ptr, [off]), v8i16.as_pointer())
-            return builder.fpext(builder.bitcast(builder.load(p, align=2), v8h), v8f32)
 
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
@@ -259,12 +269,13 @@ def _q41x8_codegen(n: int, vnni: bool) -> Any:  # pragma: no cover - compiled
                 hi = builder.bitcast(builder.lshr(builder.bitcast(ch, v16i16), ir.Constant(v16i16, [4] * 16)), v32i8)
                 wk[c + 4] = builder.and_(hi, ir.Constant(v32i8, [15] * 32))
             sb = builder.add(do, builder.mul(b, ir.Constant(intp, 8)))
-            d8, m8 = halves(da, sb), halves(ma, sb)
+            d8, m8 = _halves8(builder, da, sb), _halves8(builder, ma, sb)
             for j in range(n):
                 xb = builder.bitcast(builder.gep(xa, [builder.add(xoffs[j], builder.mul(b, ir.Constant(intp, 32)))]),
                                      i32.as_pointer())
                 # wk[k] pairs with the activations' bytes 4k .. 4k + 3 (values 4k.. for k < 4, 16 + 4(k - 4)..)
-                xk = [splat(builder.load(builder.gep(xb, [ir.Constant(i32, k)]), align=1), v8i32) for k in range(8)]
+                xk = [_splat(builder, builder.load(builder.gep(xb, [ir.Constant(i32, k)]), align=1), 8)
+                      for k in range(8)]
                 i0 = dot4(zero, wk[0], xk[0])
                 i1 = dot4(zero, wk[1], xk[1])
                 for k in range(2, 8, 2):
@@ -273,8 +284,8 @@ def _q41x8_codegen(n: int, vnni: bool) -> Any:  # pragma: no cover - compiled
                 f = builder.sitofp(builder.add(i0, i1), v8f32)  # the block's integer dots, exact in fp32
                 dxv = builder.load(builder.gep(dxa, [builder.add(dxoffs[j], b)]))
                 xsv = builder.load(builder.gep(xsa, [builder.add(dxoffs[j], b)]))
-                acc = builder.call(fma, [f, builder.fmul(d8, splat(dxv, v8f32)), builder.load(accs[j])])
-                builder.store(builder.call(fma, [m8, splat(xsv, v8f32), acc]), accs[j])
+                acc = builder.call(fma, [f, builder.fmul(d8, _splat(builder, dxv, 8)), builder.load(accs[j])])
+                builder.store(builder.call(fma, [m8, _splat(builder, xsv, 8), acc]), accs[j])
         outs = []
         for j in range(n):
             v = builder.load(accs[j])
@@ -448,12 +459,8 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False, vnni: b
             fmaw = mod.declare_intrinsic(f"llvm.fma.v{nw}f32", fnty=ir.FunctionType(vwf, [vwf, vwf, vwf]))
             vwacc = cgutils.alloca_once_value(builder, ir.Constant(vwf, [0.0] * nw))
         intp = nb.type
-        v8h = ir.VectorType(ir.HalfType(), 8)
 
-        def splat1(x: Any, width: int) -> Any:  # a scalar in every lane
-            vty = ir.VectorType(x.type, width)
-            v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
+        splat1 = functools.partial(_splat, builder)  # a scalar in every lane
 
         def block(b: Any, scale_v: Callable, m_s: Callable, m_v: Callable, scale_p: Callable = None,
                   odd: bool = False, sink: Callable = None) -> None:
@@ -546,8 +553,7 @@ def _q8_rows_codegen(kind: int, n: int, nw: int = 1, tmin: bool = False, vnni: b
         def vec8(ptr: Any, off: Any, ty: Any) -> Any:
             return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=2)
 
-        def halves8(ptr: Any, off: Any) -> Any:
-            return builder.fpext(builder.bitcast(vec8(ptr, off, v8i16), v8h), v8f32)
+        halves8 = functools.partial(_halves8, builder)
 
         # the group's scale products (and mins) go through a stack buffer that an empty asm statement is told
         # it may read and write: each block's scale is then broadcast from memory (a load, or the fused
@@ -745,10 +751,7 @@ def _q8k_rows_codegen(kind: int, n: int, nw: int = 1, prompt: bool = False,
         def half(ptr: Any, index: Any) -> Any:
             return builder.fpext(builder.bitcast(builder.load(builder.gep(ptr, [index])), ir.HalfType()), f32)
 
-        def splat(x: Any, width: int) -> Any:
-            vty = ir.VectorType(x.type, width)
-            v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
+        splat = functools.partial(_splat, builder)
 
         def load(ptr: Any, off: Any, ty: Any) -> Any:
             return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
@@ -947,8 +950,7 @@ def _q8k_low2_codegen(fmt: str, n: int, nw: int = 1, prompt: bool = False) -> An
             return builder.fpext(builder.bitcast(builder.load(builder.gep(ptr, [index])), ir.HalfType()), f32)
 
         def splat(x: Any) -> Any:
-            v = builder.insert_element(ir.Constant(v8f32, ir.Undefined), x, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, ir.Constant(v8f32, ir.Undefined), mask(8, [0] * 8))
+            return _splat(builder, x, 8)
 
         def load(ptr: Any, off: Any, ty: Any) -> Any:
             return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
@@ -1079,10 +1081,7 @@ def _iq4xs_rows_codegen(n: int, nw: int = 1, prompt: bool = False) -> Any:  # pr
         def load(ptr: Any, off: Any, ty: Any) -> Any:
             return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=1)
 
-        def splat(x: Any, width: int) -> Any:
-            vty = ir.VectorType(x.type, width)
-            v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask(width, [0] * width))
+        splat = functools.partial(_splat, builder)
 
         ns = builder.sdiv(nb, c(8))
         with cgutils.for_range(builder, ns) as loop:

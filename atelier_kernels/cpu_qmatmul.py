@@ -1532,13 +1532,13 @@ def matmul_q8(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndar
     if prompt:
         kind = prompt_kind(kind, x.shape[0])
     if fmt == X8_FORMAT:  # the twin: the kernel's arithmetic bit for bit
-        dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _s, _k, out:
-                 matmul_q41x8_twin(xq, dx, xs, qs, d, m, out), backend,
-                 xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf, kind, out)
-        return out
-    dispatch(_q8_kernels, "q8a_matmul", lambda xq, dx, xs, _q, _d, _m, _s, _k, out:
-             matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out, sc, qh), backend,
-             xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf, kind, out)
+        def twin(xq, dx, xs, _q, _d, _m, _s, _k, out):  # noqa: ANN001, ANN202
+            matmul_q41x8_twin(xq, dx, xs, qs, d, m, out)
+    else:  # the float64 twin
+        def twin(xq, dx, xs, _q, _d, _m, _s, _k, out):  # noqa: ANN001, ANN202
+            matmul_q8_reference(fmt, xq, dx, xs, qs, d, m, out, sc, qh)
+    dispatch(_q8_kernels, "q8a_matmul", twin, backend, xq, dx, xs, qs.reshape(-1).view(np.uint8), d, mm, scf, kind,
+             out)
     return out
 
 
@@ -1745,7 +1745,7 @@ def _register() -> None:
         return matmul_q8(X8_FORMAT, x, qs, d, m, backend=_b)
 
     register(Kernel("q8a_matmul_q4_1x8", "numba", mx8, lambda *a: mx8(*a, _b="numpy"), _x8_cases,
-                    lambda got, want: np.testing.assert_array_equal(got, want),
+                    np.testing.assert_array_equal,
                     "x @ W.T with W in Q4_1 blocks interleaved by 8 rows and x in Q8 blocks (each block's integer "
                     "dot summed whole, then fp32): bit for bit its NumPy twin"))
     register(Kernel("q8_quantize_rows", "numba", lambda x: quantize_rows(x), lambda x: quantize_rows(x, "numpy"),
