@@ -19,6 +19,7 @@ Prints, measured in this run on this machine:
   `bench` extra) on the same Q4_1 file in the same run, llama.cpp alone in a child process, three rounds
   alternating with ours: batch 1, 32-token prompt, 256 new greedy tokens, drafting off; tokens/s per
   round, the medians' ratio (target >= 1.0x), 8 streams against both single streams (targets 4x / 3x),
+  llama.cpp's own 8 streams (the same prompts as one batch of 8 sequences) as the reference for that ratio,
   fp32 activations for comparison and the achieved GB/s of weight bytes; with --fp32 also the
   de-quantised fp32 model for before/after.
 """
@@ -70,25 +71,66 @@ def run(k):
         if i + 1 >= k:
             break
     return k / (time.perf_counter() - t)
+def streams(prompts, k):
+    # llama.cpp's own continuous batching: one context holding len(prompts) sequences (its default context
+    # parameters, n_seq_max = their number, 512 positions each, as llama-server's slots), each prompt evaluated
+    # as a batch of its own, then one llama_decode per step with every sequence's next greedy token
+    import numpy as np
+    L = llama_cpp
+    cp = L.llama_context_default_params()
+    cp.n_seq_max, cp.n_ctx, cp.n_batch, cp.n_ubatch = len(prompts), 512 * len(prompts), 512, 512
+    cp.n_threads = cp.n_threads_batch = os.cpu_count()
+    ctx = L.llama_init_from_model(llm._model.model, cp)
+    nv = L.llama_vocab_n_tokens(L.llama_model_get_vocab(llm._model.model))
+    batch = L.llama_batch_init(512, 0, len(prompts))
+    def put(i, t, p, s, lg):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, p, 1, lg
+        batch.seq_id[i][0] = s
+    def top(i):
+        return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(nv,)).argmax())
+    t = time.perf_counter()
+    last, pos = [], []
+    for s, pr in enumerate(prompts):
+        batch.n_tokens = len(pr)
+        for i, tok in enumerate(pr):
+            put(i, tok, i, s, i == len(pr) - 1)
+        assert L.llama_decode(ctx, batch) == 0
+        last.append(top(len(pr) - 1))
+        pos.append(len(pr))
+    for _ in range(k - 1):
+        batch.n_tokens = len(prompts)
+        for s in range(len(prompts)):
+            put(s, last[s], pos[s], s, True)
+            pos[s] += 1
+        assert L.llama_decode(ctx, batch) == 0
+        last = [top(s) for s in range(len(prompts))]
+    tps = len(prompts) * k / (time.perf_counter() - t)
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    return tps
 run(4)
-print(json.dumps([run(n), llama_cpp.llama_print_system_info().decode().strip()]))
+tps = run(n)
+many = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None
+print(json.dumps([tps, llama_cpp.llama_print_system_info().decode().strip(), streams(many, n) if many else None]))
 """
 
 
-def _llama_cpp_tps(gguf: Path, prompt: list[int], n: int) -> tuple[float, str] | None:
+def _llama_cpp_tps(gguf: Path, prompt: list[int], n: int, many: list[list[int]] | None = None
+                   ) -> tuple[float, str, float | None] | None:
     """llama.cpp's plain greedy tokens/s on gguf (prompt evaluation included), in a child process of its own,
-    and the build's system info: the native build `make bench` puts in NATIVE where there is one, else the
-    venv's (AVX2)."""
+    the build's system info (the native build `make bench` puts in NATIVE where there is one, else the venv's
+    AVX2 one) and, given `many` prompts, llama.cpp's aggregate tokens/s generating n tokens for each of them at
+    once (batched `llama_decode`, one sequence per prompt)."""
     import json
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(gguf), str(n), json.dumps(prompt), str(ROOT)],
-                         capture_output=True, text=True, timeout=900)
+    argv = [sys.executable, "-c", _LLAMA_CHILD, str(gguf), str(n), json.dumps(prompt), str(ROOT)]
+    out = subprocess.run(argv + ([json.dumps(many)] if many else []), capture_output=True, text=True, timeout=900)
     if out.returncode:
         print(f"llama.cpp child failed: {out.stderr.strip()[-500:]}")
         return None
-    tps, info = json.loads(out.stdout.strip().splitlines()[-1])
-    return float(tps), info
+    tps, info, agg = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(tps), info, agg
 
 
 def _verdict(ok: bool) -> str:
@@ -328,12 +370,15 @@ def main() -> int:
         # measured in this process beside our loaded engine it ran 40-60 % slower here (31-50 vs 55-70 tok/s
         # in one session). Three rounds, alternating with ours, so that drift on a shared machine hits both.
         sq = _plain_service(m, prompt, 8)
-        l_runs, o_runs, build = [], [], ""
-        for _ in range(1 if args.quick else 3):
-            got = _llama_cpp_tps(gguf, prompt, n_new)
+        l_runs, o_runs, build, l_agg = [], [], "", None
+        n_rounds = 1 if args.quick else 3
+        for i in range(n_rounds):
+            # the last round also runs the 8 streams' prompts as llama.cpp's own batch of 8 sequences
+            got = _llama_cpp_tps(gguf, prompt, n_new, [r.prompt_ids for r in reqs] if i == n_rounds - 1 else None)
             if got is None:
                 break
-            lt, build = got
+            lt, build, agg8 = got
+            l_agg = agg8 if agg8 is not None else l_agg
             l_runs.append(lt)
             time.sleep(1)
             rq, o = _timed(sq, req)
@@ -355,6 +400,10 @@ def main() -> int:
                   f"[target >= 4x: {_verdict(q_agg / q_tps >= 4)}], {q_agg / l_tps:.2f}x llama.cpp's "
                   f"[target >= 3x: {_verdict(q_agg / l_tps >= 3)}]; with drafting (first line) "
                   f"{ours_tps / l_tps:.2f}x")
+            if l_agg:
+                print(f"llama.cpp's own 8 streams (the same 8 prompts as one batch of 8 sequences per llama_decode, "
+                      f"its default context parameters): {l_agg:.1f} tok/s = {l_agg / l_tps:.2f}x its single stream; "
+                      f"ours {q_agg:.1f} = {q_agg / l_agg:.2f}x that")
         sq.close()
         if l_runs and m.extra.get("activations") == "q8":
             m32 = load_llm("", cache_dir, activations="fp32")
