@@ -366,15 +366,17 @@ def test_int8_and_int4_weights_quantise_at_load(tmp_path):
 
 
 def test_unsupported_block_type_names_file_tensor_and_type(tmp_path):
-    path = tmp_path / "iq3.gguf"
+    # Q8_1: llama.cpp's activation blocks, which neither we nor the gguf package de-quantise (the IQ types are
+    # re-quantised to Q8_0: tests/test_gguf_requant.py)
+    path = tmp_path / "q81.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 110), np.uint8), raw_dtype=QT.IQ3_S)
+    w.add_tensor("token_embd.weight", np.zeros((4, 40), np.uint8), raw_dtype=QT.Q8_1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedGGUF, match=r"iq3\.gguf: tensor token_embd\.weight has block type IQ3_S"):
+    with pytest.raises(UnsupportedGGUF, match=r"q81\.gguf: tensor token_embd\.weight has block type Q8_1"):
         read_gguf(path)
 
 

@@ -10,7 +10,11 @@ llama.cpp's converter stores q/k rows already in the interleaved RoPE layout our
 decoder uses (so, unlike `model.build`, no permutation; and 1/sqrt(head_dim)
 stays in `attn_scale` rather than folded into fp16 scales). Block types kept
 packed: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS;
-F32/F16/BF16 tensors become fp32. Any other block
+F32/F16/BF16 tensors become fp32. The block types we do not compute packed
+but the `gguf` package de-quantises (IQ1_S/IQ1_M/IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS/
+IQ3_S, TQ1_0/TQ2_0, MXFP4, NVFP4) are re-quantised to Q8_0 blocks at load, a
+chunk of rows at a time, and cached on disk (`requantisable`, `read_gguf`):
+8.5 bits per weight instead of fp32's 32. Any other block
 type or architecture raises `UnsupportedGGUF` naming the file, the tensor and
 the type; the caller falls back to transformers' de-quantising conversion. A
 truncated or corrupt file raises `CorruptGGUF`; nothing is written anywhere.
@@ -21,6 +25,8 @@ files), the kernels (`atelier_kernels.cpu_qmatmul`).
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,7 @@ from .model import ModelArgs, Transformer, blas_backend
 from .qweights import BLOCK_BYTES, BLOCK_VALUES, Packed, PackedEmbedding, PackedLinear, Scratch
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
+log = logging.getLogger("atelier.engine.llm")
 
 
 class UnsupportedGGUF(Exception):
@@ -145,8 +152,122 @@ class _Header:
         raise CorruptGGUF(f"{self.path}: metadata key {key} has unknown value type {vtype}")
 
 
-def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(HF-style config, {tensor name: Packed | fp32 ndarray}) of a llama-architecture GGUF."""
+REQUANT_FORMAT = "Q8_0"  # what the block types we do not compute packed become at load (see requantisable)
+REQUANT_VERSION = 1  # the re-quantised blocks' cache layout (a new value orphans older cache files)
+_REQUANT_CHUNK = 1 << 22  # values de-quantised at a time per thread (16 MB of fp32)
+
+
+def _gguf_type(ttype: str) -> Any:
+    try:
+        import gguf
+
+        return gguf.GGMLQuantizationType[ttype]
+    except (ImportError, KeyError):
+        return None
+
+
+def requantisable(ttype: str) -> bool:
+    """Whether a block type we do not compute packed (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S,
+    TQ1_0, TQ2_0, MXFP4, NVFP4 with gguf 0.19) is one `gguf.quants` de-quantises, in blocks of a multiple of
+    32 values: such tensors are re-quantised to `REQUANT_FORMAT` blocks at load (see `read_gguf`)."""
+    if ttype in BLOCK_BYTES or ttype in FLOAT_TYPES:
+        return False
+    qt = _gguf_type(ttype)
+    if qt is None:
+        return False
+    from gguf import GGML_QUANT_SIZES, quants
+
+    return qt in getattr(quants, "_type_traits", {}) and GGML_QUANT_SIZES[qt][0] % 32 == 0
+
+
+def _requantise(path: Path, name: str, ttype: str, raw: np.ndarray, rows: int) -> np.ndarray:
+    """One tensor's blocks of `ttype` (uint8 [rows, bytes per row]) -> its Q8_0 blocks as a GGUF stores them,
+    de-quantised by `gguf.quants` and re-quantised with llama.cpp's rounding a chunk of rows at a time (both
+    threads: NumPy lets go of the GIL), so no fp32 copy of the whole tensor exists."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gguf import quants
+
+    from .qweights import quantize_blocks
+
+    qt = _gguf_type(ttype)
+    step = max(1, _REQUANT_CHUNK // max(1, raw.shape[1] * 4))  # rows per chunk (at most ~4 values per byte)
+
+    def one(r0: int) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            w = quants.dequantize(raw[r0:r0 + step], qt).reshape(min(step, rows - r0), -1)
+        if not np.isfinite(w).all():
+            raise CorruptGGUF(f"{path}: tensor {name} ({ttype}) de-quantises to non-finite values (corrupt "
+                              f"scales)")
+        return quantize_blocks(w, REQUANT_FORMAT)
+
+    with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
+        parts = list(pool.map(one, range(0, rows, step)))
+    return np.concatenate(parts) if parts else np.empty((0, _q8_row_bytes(ttype, raw)), np.uint8)
+
+
+def requant_cache_file(path: Path, cache_dir: Path) -> Path:
+    """Where the re-quantised blocks of the GGUF at `path` are cached: named after the file's resolved path,
+    size and mtime and the cache layout version (a changed file gives a new name)."""
+    import hashlib
+    import json
+
+    st = path.stat()
+    stamp = [REQUANT_FORMAT, REQUANT_VERSION, str(path.resolve()), st.st_size, st.st_mtime_ns]
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"{path.stem}-{REQUANT_FORMAT}-{key}.npz"
+
+
+def _cached_requant(cache: Path | None, want: dict[str, tuple[int, int]]) -> dict[str, np.ndarray] | None:
+    """The cached blocks, if `cache` holds every wanted tensor with its shape; None (the file removed when
+    unreadable) otherwise."""
+    import zipfile
+
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            got = {n: z[n] for n in want}
+        if all(got[n].dtype == np.uint8 and got[n].shape == want[n] for n in want):
+            return got
+        log.warning("re-quantised GGUF blocks cache does not match the file; rebuilding it",
+                    extra={"path": str(cache)})
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        log.warning("re-quantised GGUF blocks cache unreadable; rebuilding it",
+                    extra={"path": str(cache), "reason": f"{type(exc).__name__}: {exc}"})
+    cache.unlink(missing_ok=True)
+    return None
+
+
+def _save_requant(cache: Path, blocks: dict[str, np.ndarray]) -> bool:
+    """Write the cache under a temporary name, then rename it: a crash leaves no file under the final name."""
+    import tempfile
+
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".requant-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **blocks)
+            os.replace(tmp, cache)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return True
+    except OSError as exc:  # a full or read-only disk costs the next start a re-quantisation, nothing else
+        log.warning("re-quantised GGUF blocks not cached", extra={"path": str(cache), "reason": str(exc)})
+        return False
+
+
+def read_gguf(path: Path, requant_cache: Path | None = None, progress: Any = None
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(HF-style config, {tensor name: Packed | fp32 ndarray}) of a llama-architecture GGUF.
+
+    Tensors of a block type we do not compute packed but `gguf` de-quantises (`requantisable`: the IQ1 / IQ2 /
+    IQ3 types, TQ1_0 / TQ2_0, MXFP4, NVFP4) become Q8_0 blocks, re-quantised at load and cached in the folder
+    `requant_cache` (None: not cached); config["_requantised"] then says which types, how many tensors, their
+    bytes in the file and as Q8_0, and what the cache did ("hit", "written", "unwritable", "off").
+    `progress(message)` is told when a re-quantisation starts."""
     path = Path(path)
     try:
         h = _Header(path)
@@ -162,8 +283,9 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     for name, _, t, _ in h.tensors:
         ttype = _type_name(t)
-        if ttype not in FLOAT_TYPES and ttype not in BLOCK_BYTES:
-            raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} (kept packed: {_KEPT})")
+        if ttype not in FLOAT_TYPES and ttype not in BLOCK_BYTES and not requantisable(ttype):
+            raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} (kept packed: {_KEPT}; "
+                                  f"re-quantised to {REQUANT_FORMAT}: the types gguf de-quantises)")
 
     def need(key: str) -> Any:
         v = fields.get(key)
@@ -176,18 +298,24 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     size = len(h.buf)
     data = np.frombuffer(h.buf, dtype=np.uint8)
     tensors: dict[str, Any] = {}
+    pending: dict[str, tuple[str, np.ndarray, int]] = {}  # re-quantised: name -> (type, raw blocks, rows)
     for name, dims, t, off in h.tensors:
         ttype = _type_name(t)
         shape = tuple(reversed(dims))  # ggml lists the fastest axis first
         n = int(np.prod(shape))
         if ttype in FLOAT_TYPES:
             nbytes = n * (4 if ttype == "F32" else 2)
-        elif ttype in BLOCK_BYTES:
-            qk = BLOCK_VALUES[ttype]
-            if shape[-1] % qk:
-                raise CorruptGGUF(f"{path}: tensor {name} ({ttype}) rows of {shape[-1]} are not whole blocks "
-                                  f"of {qk}")
-            nbytes = n // qk * BLOCK_BYTES[ttype]
+        elif ttype in BLOCK_BYTES or requantisable(ttype):
+            if ttype in BLOCK_BYTES:
+                qk, bb = BLOCK_VALUES[ttype], BLOCK_BYTES[ttype]
+            else:
+                from gguf import GGML_QUANT_SIZES
+
+                qk, bb = GGML_QUANT_SIZES[_gguf_type(ttype)]
+            if not shape or shape[-1] % qk:
+                raise CorruptGGUF(f"{path}: tensor {name} ({ttype}) rows of {shape[-1] if shape else 0} are not "
+                                  f"whole blocks of {qk}")
+            nbytes = n // qk * bb
         else:
             raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} (kept packed: {_KEPT})")
         start = h.data_start + off
@@ -201,9 +329,14 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             tensors[name] = raw.view(np.float16).astype(np.float32).reshape(shape)
         elif ttype == "BF16":  # the top half of an fp32
             tensors[name] = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        else:
+        elif ttype in BLOCK_BYTES:
             rows = n // shape[-1]
             tensors[name] = Packed.from_blocks(ttype, raw.reshape(rows, -1))
+        else:
+            rows = n // shape[-1]
+            pending[name] = (ttype, raw.reshape(rows, -1), rows)
+    if pending:
+        cfg_requant = _requantise_all(path, pending, tensors, requant_cache, progress)
     del data
     if "token_embd.weight" not in tensors:
         raise CorruptGGUF(f"{path}: tensor token_embd.weight is missing")
@@ -224,7 +357,41 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if isinstance(fields.get(name), int):
             cfg[key] = int(fields[name])
     cfg["_has_tokenizer"] = "tokenizer.ggml.tokens" in h.array_lengths
+    if pending:
+        cfg["_requantised"] = cfg_requant
     return cfg, tensors
+
+
+def _requantise_all(path: Path, pending: dict[str, tuple[str, np.ndarray, int]], tensors: dict[str, Any],
+                    requant_cache: Path | None, progress: Any) -> dict[str, Any]:
+    """The pending tensors as Q8_0 `Packed` into `tensors`, from the cache or re-quantised (then cached)."""
+    want = {n: (rows, _q8_row_bytes(ttype, raw)) for n, (ttype, raw, rows) in pending.items()}
+    cache = requant_cache_file(path, requant_cache) if requant_cache is not None else None
+    blocks = _cached_requant(cache, want)
+    status = "hit" if blocks is not None else "off" if cache is None else "written"
+    if blocks is None:
+        types = sorted({t for t, _, _ in pending.values()})
+        if progress is not None:
+            progress(f"loading model: re-quantising {len(pending)} {'/'.join(types)} tensors to {REQUANT_FORMAT}"
+                     + (" (once; cached)" if cache is not None else ""))
+        blocks = {n: _requantise(path, n, ttype, raw, rows) for n, (ttype, raw, rows) in pending.items()}
+        if cache is not None and not _save_requant(cache, blocks):
+            status = "unwritable"
+    kinds: dict[str, int] = {}
+    for n, (ttype, _, _) in pending.items():
+        tensors[n] = Packed.from_blocks(REQUANT_FORMAT, blocks[n])
+        kinds[ttype] = kinds.get(ttype, 0) + 1
+    return {"types": kinds, "file_bytes": int(sum(raw.nbytes for _, raw, _ in pending.values())),
+            "bytes": int(sum(b.nbytes for b in blocks.values())), "cache": status,
+            "cache_file": str(cache) if cache is not None else ""}
+
+
+def _q8_row_bytes(ttype: str, raw: np.ndarray) -> int:
+    """The bytes of one row of the tensor as Q8_0 blocks (its values per row / 32 x 34)."""
+    from gguf import GGML_QUANT_SIZES
+
+    qk, bb = GGML_QUANT_SIZES[_gguf_type(ttype)]
+    return raw.shape[1] // bb * qk // 32 * BLOCK_BYTES[REQUANT_FORMAT]
 
 
 def _shape(t: Any) -> tuple[int, int]:

@@ -507,9 +507,21 @@ def _load_packed(g: tuple[str, str, Path], cache_dir: Path, decode: str, say: An
     name, cache_name, path = g
     say("loading model: reading GGUF blocks")
     try:
-        cfg, tensors = read_gguf(path)
+        cfg, tensors = read_gguf(path, requant_cache=cache_dir / "llm" / "requantised", progress=say)
     except CorruptGGUF as exc:
         raise ModelUnavailable(str(exc)) from exc
+    note = ""
+    rq = cfg.get("_requantised")
+    if rq:
+        from .gguf_load import REQUANT_FORMAT
+
+        kinds = ", ".join(f"{n} {t}" for t, n in sorted(rq["types"].items()))
+        note = (f"tensors of block types we do not compute packed ({kinds}: {rq['file_bytes'] / 1e6:.1f} MB in "
+                f"the file) were re-quantised to {REQUANT_FORMAT} at load ({rq['bytes'] / 1e6:.1f} MB resident, "
+                f"{rq['bytes'] / max(1, rq['file_bytes']):.1f}x; cache: {rq['cache']}); llama.cpp computes them "
+                f"in their own blocks")
+        log.info("GGUF tensors re-quantised", extra={"file": str(path), **{k: v for k, v in rq.items()
+                                                                            if k != "types"}, "types": kinds})
     folder = cache_dir / "llm" / f"{cache_name}.tok"
     if not (folder / "config.json").is_file():
         say("loading model: tokenizer (once)")
@@ -520,5 +532,5 @@ def _load_packed(g: tuple[str, str, Path], cache_dir: Path, decode: str, say: An
     if tok is not None:
         eos = tok.eos_ids
     return LoadedLLM(name=name, folder=folder, model=model, tokenizer=tok, native=True, config=cfg, eos_ids=eos,
-                     context_len=int(cfg["max_position_embeddings"]),
+                     context_len=int(cfg["max_position_embeddings"]), note=note,
                      load_seconds=time.perf_counter() - t0, extra={"weights": "gguf", "gguf": str(path)})
