@@ -378,12 +378,12 @@ def _requantise_all(path: Path, pending: dict[str, tuple[str, np.ndarray, int]],
         if cache is not None and not _save_requant(cache, blocks):
             status = "unwritable"
     kinds: dict[str, int] = {}
-    for n, (ttype, _, _) in pending.items():
-        tensors[n] = Packed.from_blocks(REQUANT_FORMAT, blocks[n])
+    nbytes = int(sum(b.nbytes for b in blocks.values()))
+    for n, (ttype, _, _) in pending.items():  # one tensor's copy at a time beside the blocks (popped)
+        tensors[n] = Packed.from_blocks(REQUANT_FORMAT, blocks.pop(n))
         kinds[ttype] = kinds.get(ttype, 0) + 1
     return {"types": kinds, "file_bytes": int(sum(raw.nbytes for _, raw, _ in pending.values())),
-            "bytes": int(sum(b.nbytes for b in blocks.values())), "cache": status,
-            "cache_file": str(cache) if cache is not None else ""}
+            "bytes": nbytes, "cache": status, "cache_file": str(cache) if cache is not None else ""}
 
 
 def _q8_row_bytes(ttype: str, raw: np.ndarray) -> int:
