@@ -58,6 +58,10 @@ def object_nbytes(obj: Any) -> int:
     return total
 
 
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (MemoryError, InsufficientMemory)):
         return True
@@ -85,6 +89,9 @@ class ModelEntry:
     last_used: float = 0.0
     load_seconds: float = 0.0
     pinned: bool = False
+    # the bytes the loaded model will hold, computed without loading it (a GGUF's header: `estimate_llm_bytes`);
+    # None: unknown, checked after the load only
+    estimate: Callable[[], int | None] | None = None
 
 
 class ModelRegistry:
@@ -95,13 +102,16 @@ class ModelRegistry:
         self._lock = threading.RLock()
 
     def register(self, key: str, loader: Callable[[], Any], *, family: str, source: str = "",
-                 replace: bool = False) -> None:
+                 replace: bool = False, estimate: Callable[[], int | None] | None = None) -> None:
+        """estimate(): the bytes the model will hold once loaded, known before loading it (None: unknown). A
+        model estimated over the budget is refused before anything is allocated, and the least recently used
+        models make room for the estimate before the load rather than after it."""
         with self._lock:
             if key in self._entries and not replace:
                 return
             if key in self._entries:
                 self.unload(key)
-            self._entries[key] = ModelEntry(key=key, family=family, loader=loader, source=source)
+            self._entries[key] = ModelEntry(key=key, family=family, loader=loader, source=source, estimate=estimate)
 
     def registered(self, key: str) -> bool:
         return key in self._entries
@@ -156,8 +166,25 @@ class ModelRegistry:
                 return
             self.unload(victims[0])
 
+    def _expected_bytes(self, entry: ModelEntry) -> int | None:
+        if entry.estimate is None:
+            return None
+        try:
+            need = entry.estimate()
+        except Exception:  # an estimate must never stop a load: the load's own errors say what is wrong
+            log.debug("model size estimate failed", extra={"model": entry.key}, exc_info=True)
+            return None
+        return int(need) if need else None
+
     def _load(self, entry: ModelEntry) -> None:
         t0 = time.perf_counter()
+        need = self._expected_bytes(entry)
+        if need is not None:
+            if self.budget_bytes is not None and need > self.budget_bytes:
+                raise InsufficientMemory(
+                    f"model {entry.key!r} would need about {_gb(need)} once loaded (estimated before loading), over "
+                    f"the memory budget of {_gb(self.budget_bytes)} (engine.memory_budget_mb); nothing was loaded")
+            self._evict_for(need, keep=entry.key)
         try:
             obj = entry.loader()
         except BaseException as exc:

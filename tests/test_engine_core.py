@@ -166,6 +166,36 @@ def test_registry_model_over_budget_is_refused():
     assert reg.used_bytes == 0
 
 
+def test_registry_estimate_refuses_before_loading_and_makes_room_first():
+    """A model whose estimate (known before loading: a GGUF's header) is over the budget is refused with
+    nothing allocated; one that fits makes the least recently used models leave before its load, not after."""
+    reg = ModelRegistry(budget_bytes=1000)
+    calls = []
+    reg.register("huge", lambda: calls.append("huge") or _module(1000), family="x", estimate=lambda: 4000)
+    with pytest.raises(InsufficientMemory, match=r"'huge' would need about 0\.00 GB once loaded \(estimated before "
+                                                 r"loading\), over the memory budget .* nothing was loaded"):
+        reg.get("huge")
+    assert calls == [] and reg.used_bytes == 0
+    reg.register("a", lambda: _module(100), family="x")  # 400 B
+    reg.register("b", lambda: _module(100), family="x")
+    reg.get("a")
+    reg.get("b")
+    seen = []
+
+    def load_c():
+        seen.append([e.key for e in reg.loaded()])  # what is resident while c loads
+        return _module(100)
+
+    reg.register("c", load_c, family="x", estimate=lambda: 400)
+    reg.get("c")
+    assert seen == [["b"]]  # a (least recently used) left before c's load
+    assert [e.key for e in reg.loaded()] == ["b", "c"]
+    # an estimate that fails or knows nothing leaves the load as it was (checked after it)
+    reg.register("d", lambda: _module(10), family="x", estimate=lambda: 1 / 0)
+    reg.register("e", lambda: _module(10), family="x", estimate=lambda: None)
+    assert reg.get("d") is not None and reg.get("e") is not None
+
+
 def test_registry_oom_during_load_recovers():
     reg = ModelRegistry(budget_bytes=10_000)
     reg.register("small", lambda: _module(10), family="x")

@@ -207,3 +207,28 @@ def test_requantisable_types_are_those_gguf_decodes_and_we_do_not_compute():
         assert not requantisable(t), t  # kept packed or float
     for t in ("Q8_1", "Q8_K", "I8", "NOT_A_TYPE"):
         assert not requantisable(t), t  # gguf decodes none of these
+
+
+def test_memory_estimate_before_loading_is_what_the_load_holds(tmp_path):
+    """`estimate_llm_bytes` (what the engine's registry checks against its budget before a load) from the
+    header alone: the packed bytes (re-quantised types at Q8_0's) and the de-quantised fp32 bytes are what
+    the loaded models then hold."""
+    from engine.llm.load import estimate_llm_bytes
+
+    path = write_gguf(tmp_path / "est.gguf", LAYOUT, seed=3)
+    packed = load_llm(str(path), tmp_path / "cache", activations="fp32")
+    est = estimate_llm_bytes(str(path))
+    assert abs(est - packed.size_bytes()) <= 0.01 * packed.size_bytes()
+    # de-quantised: the embedded SmolLM2 in fp32 (its converted folder shared with the other tests' cache)
+    import os
+
+    shared = Path(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
+    full = load_llm("", shared, weights="fp32")
+    est32 = estimate_llm_bytes("", weights="fp32")
+    assert abs(est32 - full.size_bytes()) <= 0.02 * full.size_bytes()
+    small = load_llm("", shared, activations="fp32")
+    assert abs(estimate_llm_bytes("") - small.size_bytes()) <= 0.01 * small.size_bytes()
+    assert est32 > 5 * estimate_llm_bytes("")
+    assert estimate_llm_bytes(str(tmp_path)) is None  # a folder: known after its load only
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")
+    assert estimate_llm_bytes(str(tmp_path / "bad.gguf")) is None  # the load reports the corrupt file

@@ -579,7 +579,7 @@ def service_for(engine: Any, spec: str, *, compile_step: bool = False, max_slots
     """The engine's LLMService for the model `spec` (models.llm: '' = embedded SmolLM2) with weights in
     `weights` (models.llm_weights) and packed products' `activations` (models.llm_activations), created
     once; `progress(message)` hears about loading."""
-    from .load import load_llm
+    from .load import estimate_llm_bytes, load_llm
 
     key = f"llm:{spec or 'embedded'}" + (f":{weights}" if weights != "auto" else "") \
         + (f":{activations}" if activations != "fp32" else "")
@@ -602,7 +602,8 @@ def service_for(engine: Any, spec: str, *, compile_step: bool = False, max_slots
                                                    progress=say, activations=activations,
                                                    device_products=packed_on),
                              family="llm", source=(spec or "embedded SmolLM2-135M-Instruct") + f" (weights: {weights}"
-                             + (f", activations: {activations})" if activations != "fp32" else ")"))
+                             + (f", activations: {activations})" if activations != "fp32" else ")"),
+                             estimate=lambda: estimate_llm_bytes(spec, device, dtype, weights, packed_on))
 
     def budget() -> int | None:
         b = engine.registry.budget_bytes

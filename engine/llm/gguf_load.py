@@ -26,6 +26,7 @@ files), the kernels (`atelier_kernels.cpu_qmatmul`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -360,6 +361,35 @@ def read_gguf(path: Path, requant_cache: Path | None = None, progress: Any = Non
     if pending:
         cfg["_requantised"] = cfg_requant
     return cfg, tensors
+
+
+def resident_bytes(path: Path) -> tuple[int, int]:
+    """(bytes `read_gguf` + `build_packed` will hold for the file's tensors, their number of values), from the
+    header alone (well under a second): blocks kept packed at their size, re-quantised types at Q8_0's,
+    float tensors as fp32. Raises UnsupportedGGUF / CorruptGGUF as `read_gguf` would for the types and
+    the architecture."""
+    path = Path(path)
+    try:
+        h = _Header(path)
+    except OSError as exc:
+        raise CorruptGGUF(f"{path}: cannot read ({exc})") from exc
+    arch = h.fields.get("general.architecture")
+    if arch != "llama":
+        raise UnsupportedGGUF(f"{path}: architecture {arch!r} (kept packed: llama)")
+    total = values = 0
+    for name, dims, t, _ in h.tensors:
+        ttype = _type_name(t)
+        n = math.prod(dims)
+        values += n
+        if ttype in FLOAT_TYPES:
+            total += 4 * n
+        elif ttype in BLOCK_BYTES:
+            total += n // BLOCK_VALUES[ttype] * BLOCK_BYTES[ttype]
+        elif requantisable(ttype):
+            total += n // 32 * BLOCK_BYTES[REQUANT_FORMAT]
+        else:
+            raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} (kept packed: {_KEPT})")
+    return total, values
 
 
 def _requantise_all(path: Path, pending: dict[str, tuple[str, np.ndarray, int]], tensors: dict[str, Any],

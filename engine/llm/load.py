@@ -36,6 +36,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -340,6 +341,38 @@ def resolve_folder(spec: str, cache_dir: Path) -> tuple[str, Path]:
     if not (out / "config.json").is_file():
         convert_gguf(gguf, out)
     return (EMBEDDED_NAME if not spec else Path(spec).stem), out
+
+
+def estimate_llm_bytes(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                       weights: str = "auto", device_products: str = "dequant") -> int | None:
+    """The bytes `load_llm` with these arguments will leave resident, known before loading (the engine's
+    registry refuses a model over its memory budget, or makes room, before allocating anything): for a
+    GGUF, from its header — its blocks kept packed at their size (`gguf_load.resident_bytes`; re-quantised
+    types at Q8_0's), or every value in `dtype` where the file is de-quantised (another device, fp32/fp16/bf16
+    weights, a type or architecture not kept packed). None for a folder (its size depends on the format it
+    is quantised to; checked after the load)."""
+    from .gguf_load import CorruptGGUF, UnsupportedGGUF, resident_bytes
+
+    g = _gguf_of(spec)
+    if g is None:
+        return None
+    dev = torch.device(device)
+    packed = weights in ("auto", "gguf") and (dev.type == "cpu" or device_products in ("triton", "torch"))
+    try:
+        total, values = resident_bytes(g[2])
+    except CorruptGGUF:
+        return None  # the load says what is wrong with the file
+    except UnsupportedGGUF:
+        packed = False
+        from .gguf_load import _Header
+
+        values = sum(math.prod(d) for _, d, _, _ in _Header(g[2]).tensors)
+    if packed:
+        return total
+    if weights in ("int8", "int4") and (dev.type == "cpu" or device_products in ("triton", "torch")):
+        return values * (34 if weights == "int8" else 20) // 32  # Q8_0 / Q4_1 blocks of 32 values
+    size = {"fp16": 2, "bf16": 2, "fp32": 4}.get(weights, torch.empty(0, dtype=dtype).element_size())
+    return values * size
 
 
 def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
