@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import InsufficientMemory, ModelUnavailable
+from .workmem import gb
 
 log = logging.getLogger("atelier.engine.registry")
 
@@ -56,10 +57,6 @@ def object_nbytes(obj: Any) -> int:
                 if isinstance(v, torch.nn.Module):
                     add_module(v)
     return total
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -182,8 +179,8 @@ class ModelRegistry:
         if need is not None:
             if self.budget_bytes is not None and need > self.budget_bytes:
                 raise InsufficientMemory(
-                    f"model {entry.key!r} would need about {_gb(need)} once loaded (estimated before loading), over "
-                    f"the memory budget of {_gb(self.budget_bytes)} (engine.memory_budget_mb); nothing was loaded")
+                    f"model {entry.key!r} would need about {gb(need)} once loaded (estimated before loading), over "
+                    f"the memory budget of {gb(self.budget_bytes)} (engine.memory_budget_mb); nothing was loaded")
             self._evict_for(need, keep=entry.key)
         try:
             obj = entry.loader()

@@ -172,7 +172,7 @@ def test_registry_estimate_refuses_before_loading_and_makes_room_first():
     reg = ModelRegistry(budget_bytes=1000)
     calls = []
     reg.register("huge", lambda: calls.append("huge") or _module(1000), family="x", estimate=lambda: 4000)
-    with pytest.raises(InsufficientMemory, match=r"'huge' would need about 0\.00 GB once loaded \(estimated before "
+    with pytest.raises(InsufficientMemory, match=r"'huge' would need about 0\.000 GB once loaded \(estimated before "
                                                  r"loading\), over the memory budget .* nothing was loaded"):
         reg.get("huge")
     assert calls == [] and reg.used_bytes == 0
