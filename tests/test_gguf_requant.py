@@ -229,6 +229,21 @@ def test_memory_estimate_before_loading_is_what_the_load_holds(tmp_path):
     small = load_llm("", shared, activations="fp32")
     assert abs(estimate_llm_bytes("") - small.size_bytes()) <= 0.01 * small.size_bytes()
     assert est32 > 5 * estimate_llm_bytes("")
+    # a file the loader does not keep packed (rope scaling) is de-quantised: every value in fp32
+    scaled = tmp_path / "scaled.gguf"
+    orig = gguf.GGUFWriter.write_header_to_file
+
+    def with_scaling(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        self.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        return orig(self, *a, **k)
+
+    gguf.GGUFWriter.write_header_to_file = with_scaling
+    try:
+        write_gguf(scaled, LAYOUT, seed=4)
+    finally:
+        gguf.GGUFWriter.write_header_to_file = orig
+    n_values = sum(int(t.n_elements) for t in gguf.GGUFReader(str(scaled)).tensors)
+    assert estimate_llm_bytes(str(scaled)) == 4 * n_values
     assert estimate_llm_bytes(str(tmp_path)) is None  # a folder: known after its load only
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")
     assert estimate_llm_bytes(str(tmp_path / "bad.gguf")) is None  # the load reports the corrupt file

@@ -181,6 +181,15 @@ def requantisable(ttype: str) -> bool:
     return qt in getattr(quants, "_type_traits", {}) and GGML_QUANT_SIZES[qt][0] % 32 == 0
 
 
+def _block_size(ttype: str) -> tuple[int, int]:
+    """(values, bytes) of one block of a kept or re-quantisable type."""
+    if ttype in BLOCK_BYTES:
+        return BLOCK_VALUES[ttype], BLOCK_BYTES[ttype]
+    from gguf import GGML_QUANT_SIZES
+
+    return GGML_QUANT_SIZES[_gguf_type(ttype)]
+
+
 def _requantise(path: Path, name: str, ttype: str, raw: np.ndarray, rows: int) -> np.ndarray:
     """One tensor's blocks of `ttype` (uint8 [rows, bytes per row]) -> its Q8_0 blocks as a GGUF stores them,
     de-quantised by `gguf.quants` and re-quantised with llama.cpp's rounding a chunk of rows at a time (both
@@ -260,6 +269,29 @@ def _save_requant(cache: Path, blocks: dict[str, np.ndarray]) -> bool:
         return False
 
 
+def _read_header(path: Path) -> _Header:
+    try:
+        return _Header(path)
+    except OSError as exc:
+        raise CorruptGGUF(f"{path}: cannot read ({exc})") from exc
+
+
+def _not_kept(path: Path, h: _Header) -> str | None:
+    """Why the file cannot be loaded packed (an architecture, option or block type we do not read), or None."""
+    arch = h.fields.get("general.architecture")
+    if arch != "llama":
+        return f"{path}: architecture {arch!r} (kept packed: llama)"
+    scaling = h.fields.get("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        return f"{path}: llama.rope.scaling.type={scaling!r}"
+    for name, _, t, _ in h.tensors:
+        ttype = _type_name(t)
+        if ttype not in FLOAT_TYPES and ttype not in BLOCK_BYTES and not requantisable(ttype):
+            return (f"{path}: tensor {name} has block type {ttype} (kept packed: {_KEPT}; re-quantised to "
+                    f"{REQUANT_FORMAT}: the types gguf de-quantises)")
+    return None
+
+
 def read_gguf(path: Path, requant_cache: Path | None = None, progress: Any = None
               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(HF-style config, {tensor name: Packed | fp32 ndarray}) of a llama-architecture GGUF.
@@ -270,23 +302,11 @@ def read_gguf(path: Path, requant_cache: Path | None = None, progress: Any = Non
     bytes in the file and as Q8_0, and what the cache did ("hit", "written", "unwritable", "off").
     `progress(message)` is told when a re-quantisation starts."""
     path = Path(path)
-    try:
-        h = _Header(path)
-    except OSError as exc:
-        raise CorruptGGUF(f"{path}: cannot read ({exc})") from exc
+    h = _read_header(path)
+    refused = _not_kept(path, h)
+    if refused:
+        raise UnsupportedGGUF(refused)
     fields = h.fields
-    arch = fields.get("general.architecture")
-    if arch != "llama":
-        raise UnsupportedGGUF(f"{path}: architecture {arch!r} (kept packed: llama)")
-    scaling = fields.get("llama.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise UnsupportedGGUF(f"{path}: llama.rope.scaling.type={scaling!r}")
-
-    for name, _, t, _ in h.tensors:
-        ttype = _type_name(t)
-        if ttype not in FLOAT_TYPES and ttype not in BLOCK_BYTES and not requantisable(ttype):
-            raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} (kept packed: {_KEPT}; "
-                                  f"re-quantised to {REQUANT_FORMAT}: the types gguf de-quantises)")
 
     def need(key: str) -> Any:
         v = fields.get(key)
@@ -307,12 +327,7 @@ def read_gguf(path: Path, requant_cache: Path | None = None, progress: Any = Non
         if ttype in FLOAT_TYPES:
             nbytes = n * (4 if ttype == "F32" else 2)
         elif ttype in BLOCK_BYTES or requantisable(ttype):
-            if ttype in BLOCK_BYTES:
-                qk, bb = BLOCK_VALUES[ttype], BLOCK_BYTES[ttype]
-            else:
-                from gguf import GGML_QUANT_SIZES
-
-                qk, bb = GGML_QUANT_SIZES[_gguf_type(ttype)]
+            qk, bb = _block_size(ttype)
             if not shape or shape[-1] % qk:
                 raise CorruptGGUF(f"{path}: tensor {name} ({ttype}) rows of {shape[-1] if shape else 0} are not "
                                   f"whole blocks of {qk}")
@@ -363,32 +378,25 @@ def read_gguf(path: Path, requant_cache: Path | None = None, progress: Any = Non
     return cfg, tensors
 
 
-def resident_bytes(path: Path) -> tuple[int, int]:
+def resident_bytes(path: Path) -> tuple[int | None, int]:
     """(bytes `read_gguf` + `build_packed` will hold for the file's tensors, their number of values), from the
-    header alone (well under a second): blocks kept packed at their size, re-quantised types at Q8_0's,
-    float tensors as fp32. Raises UnsupportedGGUF / CorruptGGUF as `read_gguf` would for the types and
-    the architecture."""
-    path = Path(path)
-    try:
-        h = _Header(path)
-    except OSError as exc:
-        raise CorruptGGUF(f"{path}: cannot read ({exc})") from exc
-    arch = h.fields.get("general.architecture")
-    if arch != "llama":
-        raise UnsupportedGGUF(f"{path}: architecture {arch!r} (kept packed: llama)")
-    total = values = 0
-    for name, dims, t, _ in h.tensors:
+    header alone (well under a second, the checks `read_gguf` makes): blocks kept packed at their size,
+    re-quantised types at Q8_0's, float tensors as fp32; None for the bytes where `read_gguf` would refuse
+    the file (UnsupportedGGUF: it is then de-quantised). Raises CorruptGGUF for an unreadable header."""
+    h = _read_header(Path(path))
+    values = sum(math.prod(dims) for _, dims, _, _ in h.tensors)
+    if _not_kept(Path(path), h):
+        return None, values
+    total = 0
+    for _, dims, t, _ in h.tensors:
         ttype = _type_name(t)
         n = math.prod(dims)
-        values += n
         if ttype in FLOAT_TYPES:
             total += 4 * n
         elif ttype in BLOCK_BYTES:
             total += n // BLOCK_VALUES[ttype] * BLOCK_BYTES[ttype]
-        elif requantisable(ttype):
+        else:  # re-quantised
             total += n // 32 * BLOCK_BYTES[REQUANT_FORMAT]
-        else:
-            raise UnsupportedGGUF(f"{path}: tensor {name} has block type {ttype} (kept packed: {_KEPT})")
     return total, values
 
 
@@ -418,9 +426,7 @@ def _requantise_all(path: Path, pending: dict[str, tuple[str, np.ndarray, int]],
 
 def _q8_row_bytes(ttype: str, raw: np.ndarray) -> int:
     """The bytes of one row of the tensor as Q8_0 blocks (its values per row / 32 x 34)."""
-    from gguf import GGML_QUANT_SIZES
-
-    qk, bb = GGML_QUANT_SIZES[_gguf_type(ttype)]
+    qk, bb = _block_size(ttype)
     return raw.shape[1] // bb * qk // 32 * BLOCK_BYTES[REQUANT_FORMAT]
 
 

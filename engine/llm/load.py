@@ -36,7 +36,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -351,23 +350,18 @@ def estimate_llm_bytes(spec: str, device: torch.device | str = "cpu", dtype: tor
     types at Q8_0's), or every value in `dtype` where the file is de-quantised (another device, fp32/fp16/bf16
     weights, a type or architecture not kept packed). None for a folder (its size depends on the format it
     is quantised to; checked after the load)."""
-    from .gguf_load import CorruptGGUF, UnsupportedGGUF, resident_bytes
+    from .gguf_load import CorruptGGUF, resident_bytes
 
     g = _gguf_of(spec)
     if g is None:
         return None
     dev = torch.device(device)
-    packed = weights in ("auto", "gguf") and (dev.type == "cpu" or device_products in ("triton", "torch"))
     try:
-        total, values = resident_bytes(g[2])
+        total, values = resident_bytes(g[2])  # total None: not kept packed (de-quantised by the load)
     except CorruptGGUF:
         return None  # the load says what is wrong with the file
-    except UnsupportedGGUF:
-        packed = False
-        from .gguf_load import _Header
-
-        values = sum(math.prod(d) for _, d, _, _ in _Header(g[2]).tensors)
-    if packed:
+    if total is not None and weights in ("auto", "gguf") and (dev.type == "cpu"
+                                                               or device_products in ("triton", "torch")):
         return total
     if weights in ("int8", "int4") and (dev.type == "cpu" or device_products in ("triton", "torch")):
         return values * (34 if weights == "int8" else 20) // 32  # Q8_0 / Q4_1 blocks of 32 values
