@@ -622,3 +622,27 @@ def test_iq4_quantizer_writes_llama_cpps_bytes(fmt):
         assert (err[0] <= 1.05 * err[1] + 1e-30).all()
         np.testing.assert_array_equal(ours[5], theirs[5])  # zeros: d = 0
         np.testing.assert_array_equal(ours[7, :bb], theirs[7, :bb])
+
+
+def test_q8_activation_blocks_are_the_twins_bit_for_bit():
+    """The kernels' activation quantisers (blocks of 32 and Q8_K's 256) find each block's largest |x| through
+    the float bits with the sign cleared (an integer maximum): the same blocks as the NumPy twin's float
+    maximum, bit for bit, where the largest sits at every position, is negative, is a subnormal, is a tie with
+    its negation, beside an all-zero block and blocks spanning 60 binary orders of magnitude."""
+    rng = np.random.default_rng(33)
+    R, K = 40, 512
+    x = (rng.standard_normal((R, K)) * rng.uniform(1e-3, 1e3, (R, 1))).astype(np.float32)
+    for j in range(32):  # row j: the largest |x| of every block at position j, negative on odd rows
+        x[j, j::32] = np.float32(-5e3 if j % 2 else 5e3)
+    x[32] = 0.0
+    x[33] = (rng.standard_normal(K) * 1e-40).astype(np.float32)  # subnormals only
+    assert np.all(np.abs(x[33][x[33] != 0]) < np.finfo(np.float32).tiny)
+    x[34, :32] = np.float32(-7.25)
+    x[34, 5] = np.float32(7.25)  # the largest magnitude twice, both signs
+    x[35] = (rng.standard_normal(K) * np.exp2(rng.integers(-30, 30, K))).astype(np.float32)
+    x[36, ::2] = -0.0
+    for k in (False, True):
+        want = cpu_qmatmul.quantize_rows(x, "numpy", k=k)
+        got = cpu_qmatmul.quantize_rows(x, k=k)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
