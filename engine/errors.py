@@ -36,5 +36,10 @@ class InsufficientMemory(EngineError):
     """Out of memory while loading a model or running work; memory was freed."""
 
 
+class ModelTooLarge(InsufficientMemory):
+    """A model larger than the whole memory budget (`engine.memory_budget_mb`), refused before or right after
+    loading: no smaller request can help, only a larger budget or a smaller model / weight format."""
+
+
 class ModelUnavailable(EngineError):
     """A model the request needs is not configured or not installed."""

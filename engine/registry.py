@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import InsufficientMemory, ModelUnavailable
+from .errors import InsufficientMemory, ModelTooLarge, ModelUnavailable
 from .workmem import gb
 
 log = logging.getLogger("atelier.engine.registry")
@@ -178,7 +178,7 @@ class ModelRegistry:
         need = self._expected_bytes(entry)
         if need is not None:
             if self.budget_bytes is not None and need > self.budget_bytes:
-                raise InsufficientMemory(
+                raise ModelTooLarge(
                     f"model {entry.key!r} would need about {gb(need)} once loaded (estimated before loading), over "
                     f"the memory budget of {gb(self.budget_bytes)} (engine.memory_budget_mb); nothing was loaded")
             self._evict_for(need, keep=entry.key)
@@ -205,9 +205,9 @@ class ModelRegistry:
         if self.budget_bytes is not None and nbytes > self.budget_bytes:
             del obj
             free_memory()
-            raise InsufficientMemory(
-                f"model {entry.key!r} needs {nbytes} bytes, over the memory budget of {self.budget_bytes} bytes"
-            )
+            raise ModelTooLarge(
+                f"model {entry.key!r} needs {gb(nbytes)} once loaded, over the memory budget of "
+                f"{gb(self.budget_bytes)} (engine.memory_budget_mb); it was unloaded")
         self._evict_for(nbytes, keep=entry.key)
         entry.obj, entry.nbytes = obj, nbytes
         entry.loaded_at = time.monotonic()

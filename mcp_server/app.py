@@ -47,7 +47,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine import Engine, EngineConfig
 from engine.device import select_device, select_dtype
-from engine.errors import Busy, Cancelled, EngineError, InsufficientMemory, InvalidInput, ModelUnavailable
+from engine.errors import (Busy, Cancelled, EngineError, InsufficientMemory, InvalidInput, ModelTooLarge,
+                           ModelUnavailable)
 from engine.registry import free_memory, is_oom
 from engine.scheduler import CancelToken
 from tools import load_specs
@@ -608,6 +609,10 @@ class AtelierServer(MCPServer):
             return _error_result(f"busy: {exc}", {"status": "busy"}), outcome
         if isinstance(exc, Cancelled):
             return _error_result(f"cancelled: {exc}", {"status": "cancelled"}), outcome
+        if isinstance(exc, ModelTooLarge):  # a smaller request cannot help: the model itself is over the budget
+            free_memory()
+            return _error_result(f"insufficient memory for {name}: {exc}. The server keeps serving; raise "
+                                 f"engine.memory_budget_mb, or configure a smaller model or weight format"), outcome
         if outcome == "oom":
             free_memory()
             return _error_result(f"insufficient memory while running {name}; memory was freed, the server keeps "

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.device import select_device, select_dtype
-from engine.errors import Busy, Cancelled, InsufficientMemory, ModelUnavailable
+from engine.errors import Busy, Cancelled, InsufficientMemory, ModelTooLarge, ModelUnavailable
 from engine.registry import ModelRegistry, object_nbytes
 from engine.scheduler import CancelToken, Scheduler
 
@@ -161,7 +161,7 @@ def test_registry_lazy_load_lru_eviction_under_budget():
 def test_registry_model_over_budget_is_refused():
     reg = ModelRegistry(budget_bytes=100)
     reg.register("big", lambda: _module(1000), family="x")
-    with pytest.raises(InsufficientMemory, match="over the memory budget"):
+    with pytest.raises(ModelTooLarge, match=r"'big' needs .* GB once loaded, over the memory budget .*unloaded"):
         reg.get("big")
     assert reg.used_bytes == 0
 
@@ -172,7 +172,7 @@ def test_registry_estimate_refuses_before_loading_and_makes_room_first():
     reg = ModelRegistry(budget_bytes=1000)
     calls = []
     reg.register("huge", lambda: calls.append("huge") or _module(1000), family="x", estimate=lambda: 4000)
-    with pytest.raises(InsufficientMemory, match=r"'huge' would need about 0\.000 GB once loaded \(estimated before "
+    with pytest.raises(ModelTooLarge, match=r"'huge' would need about 0\.000 GB once loaded \(estimated before "
                                                  r"loading\), over the memory budget .* nothing was loaded"):
         reg.get("huge")
     assert calls == [] and reg.used_bytes == 0

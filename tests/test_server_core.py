@@ -95,6 +95,12 @@ def test_oom_becomes_insufficient_memory_and_server_keeps_serving(tmp_path):
     async def body(c, srv):
         r = await c.call_tool("test_oom", {})
         assert r.is_error and "insufficient memory" in r.content[0].text
+        assert "retry with a smaller request" in r.content[0].text
+        # a model over the whole budget: no smaller request helps; the answer names the budget's key instead
+        r = await c.call_tool("test_too_large", {})
+        text = r.content[0].text
+        assert r.is_error and "insufficient memory for test_too_large" in text and "nothing was loaded" in text
+        assert "raise engine.memory_budget_mb" in text and "smaller request" not in text
         r2 = await c.call_tool("test_steps", {"steps": 1, "step_s": 0})
         assert not r2.is_error and r2.structured_content["done_steps"] == 1
 

@@ -67,6 +67,13 @@ def _oom(args: Empty, ctx) -> ToolOutput:
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
+def _too_large(args: Empty, ctx) -> ToolOutput:
+    from engine.errors import ModelTooLarge
+
+    raise ModelTooLarge("model 'llm' would need about 9.000 GB once loaded (estimated before loading), over the "
+                        "memory budget of 1.000 GB (engine.memory_budget_mb); nothing was loaded")
+
+
 class ImgIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     width: int = Field(64, ge=1, le=4096)
@@ -108,6 +115,8 @@ TEST_TOOLS = [
     ToolSpec("test_noisy", "noisy", "prints to stdout", Empty, Msg, _noisy, execution="device"),
     ToolSpec("test_boom", "boom", "raises", Empty, Msg, _boom, execution="device"),
     ToolSpec("test_oom", "oom", "raises OOM", Empty, Msg, _oom, execution="device"),
+    ToolSpec("test_too_large", "too large", "a model over the memory budget", Empty, Msg, _too_large,
+             execution="device"),
     ToolSpec("test_image", "image", "makes an image", ImgIn, ImgOut, _make_image, execution="device"),
     ToolSpec("test_load", "load", "loads an image", LoadIn, LoadOut, _load, execution="thread"),
 ]
