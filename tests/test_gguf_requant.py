@@ -197,6 +197,9 @@ def test_iq_blocks_with_corrupt_scales_are_refused_naming_the_tensor(tmp_path):
         read_gguf(path)
     with pytest.raises(ModelUnavailable, match="blk.1.attn_k.weight"):
         load_llm(str(path), tmp_path / "cache")
+    for w in ("fp32", "int8"):  # de-quantised by our reader: the same refusal, nothing cached
+        with pytest.raises(ModelUnavailable, match=r"blk\.1\.attn_k\.weight \(IQ2_XXS\) de-quantises to non-finite"):
+            load_llm(str(path), tmp_path / "cache", weights=w)
     assert not list((tmp_path / "cache").rglob("*.npz"))  # nothing cached
 
 
@@ -247,3 +250,66 @@ def test_memory_estimate_before_loading_is_what_the_load_holds(tmp_path):
     assert estimate_llm_bytes(str(tmp_path)) is None  # a folder: known after its load only
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")
     assert estimate_llm_bytes(str(tmp_path / "bad.gguf")) is None  # the load reports the corrupt file
+
+
+def test_fp32_int8_bf16_weights_on_a_gguf_are_its_own_values_without_a_tokenizer(tmp_path):
+    """models.llm_weights = fp32 / int8 / bf16 on a GGUF: de-quantised by our reader (`read_gguf(dequantise=True)`),
+    not by transformers' conversion (which needs the file's tokenizer metadata: this file has none, and
+    transformers' converter refused it). Oracles: `gguf.quants.dequantize` for every matrix (the IQ types
+    de-quantised as the file holds them, not re-quantised to Q8_0), gguf's Q8_0 quantiser for the int8 blocks,
+    transformers' de-quantising GGUF loader for the logits."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.llm.batcher import GenerationRequest, LLMService
+
+    path = write_gguf(tmp_path / "tiny-notok.gguf", LAYOUT, seed=5)
+    cache = tmp_path / "cache"
+    said: list[str] = []
+    m = load_llm(str(path), cache, weights="fp32", progress=said.append)
+    assert m.native and not m.model.packed and m.tokenizer is None and m.model.decode_step == "numpy"
+    assert "loading model: de-quantising GGUF blocks" in said and not any("convert" in s for s in said)
+    assert not (cache / "llm" / "requantised").exists()  # nothing re-quantised
+    r = gguf.GGUFReader(str(path))
+    file_values = {t.name: quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(
+        [int(x) for x in reversed(t.shape)]) for t in r.tensors}
+    for i, layer in enumerate(m.model.layers):
+        p = f"blk.{i}."
+        want = np.concatenate([file_values[p + n] for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight")])
+        np.testing.assert_array_equal(layer.wqkv.weight.numpy(), want)
+        want13 = np.concatenate([file_values[p + "ffn_gate.weight"], file_values[p + "ffn_up.weight"]])
+        np.testing.assert_array_equal(layer.w13.weight.numpy(), want13)
+        np.testing.assert_array_equal(layer.w2.weight.numpy(), file_values[p + "ffn_down.weight"])
+    np.testing.assert_array_equal(m.model.tok.weight.numpy(), file_values["token_embd.weight"])
+
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = [3, 17, 99, 5, 42, 7, 150, 1]
+    a = m.model.args
+    got = m.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 64), 0, ids, all_logits=True)
+    with torch.inference_mode():
+        want = ref(torch.tensor([ids])).logits[0]
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()  # the same weights: float rounding only
+
+    # int8: gguf's Q8_0 quantiser on those values, cached under the GGUF's own stamp (the next load reads it)
+    q = load_llm(str(path), cache, weights="int8", activations="fp32")
+    assert q.model.packed and q.extra["qcache"] == "written" and q.weights.startswith("int8 Q8_0")
+    part = q.model.layers[1].w2.parts[0]
+    raw = quants.quantize(file_values["blk.1.ffn_down.weight"], QT.Q8_0)
+    np.testing.assert_array_equal(part.qs.reshape(-1), raw.reshape(D, -1, 34)[..., 2:].reshape(-1).view(np.int8))
+    assert load_llm(str(path), cache, weights="int8").extra["qcache"] == "hit"
+    path.write_bytes(path.read_bytes() + b"\0" * 32)  # another file under the same name: quantised again
+    assert load_llm(str(path), cache, weights="int8").extra["qcache"] == "written"
+
+    # bf16 (the torch forward): a greedy generation through the service, its tokens the forward's argmax
+    b = load_llm(str(path), cache, weights="bf16")
+    assert b.model.norm.weight.dtype == torch.bfloat16 and b.model.decode_step == "torch"
+    svc = LLMService(lambda: b, max_slots=2, max_len=64)
+    try:
+        res = svc.generate(GenerationRequest(ids, max_new_tokens=6, ignore_eos=True))
+    finally:
+        svc.close()
+    assert len(res.token_ids) == 6
+    with torch.inference_mode():
+        seq = ids + res.token_ids
+        logits = b.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 64, dtype=torch.bfloat16), 0,
+                                 seq[:-1], all_logits=True)
+    assert logits[len(ids) - 1:].float().argmax(-1).tolist() == res.token_ids

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("model_libraries")
 
 
 from engine.llm.cache import FullCache  # noqa: E402
-from engine.llm.load import EMBEDDED_FILE, embedded_gguf, load_llm  # noqa: E402
+from engine.llm.load import EMBEDDED_FILE, embedded_gguf, load_llm, read_state, resolve_folder  # noqa: E402
 
 CACHE = Path(os.environ.get("ATELIER_TEST_CACHE", "/tmp/atelier-test-cache"))
 
@@ -150,20 +150,44 @@ def smol():
     ours = load_llm("", CACHE, activations="fp32")
     assert ours.model.packed
     # the reference: transformers' own de-quantisation of the GGUF (`from_pretrained(gguf_file=...)`), whose
-    # state dict `convert_gguf` saves unchanged as safetensors (models.llm_weights = "fp32"). Loading that
-    # folder takes 0.3 s; loading the GGUF through transformers again would take ~25 s of the suite.
-    converted = load_llm("", CACHE, weights="fp32")
-    assert converted.folder != gguf.parent and (converted.folder / "model.safetensors").is_file()
-    ref = AutoModelForCausalLM.from_pretrained(converted.folder, dtype=torch.float32).eval()
-    del converted
+    # state dict `convert_gguf` saves unchanged as safetensors (the fallback for a GGUF our reader does not
+    # take). Loading that folder takes 0.3 s; loading the GGUF through transformers again would take ~25 s.
+    _, folder = resolve_folder("", CACHE)
+    assert folder != gguf.parent and (folder / "model.safetensors").is_file()
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ref_tok = AutoTokenizer.from_pretrained(ours.folder)
     return ours, ref, ref_tok
 
 
 @pytest.mark.slow
+def test_fp32_weights_are_transformers_dequantisation_bit_for_bit(smol):
+    """models.llm_weights = "fp32" on the GGUF: our reader's de-quantisation (`read_gguf(dequantise=True)`, ~1 s,
+    where transformers' conversion took 20-35 s after a fresh install) gives every weight transformers' GGUF
+    loader gives, bit for bit (q rows scaled by the attention scale, a power of two, as `build` folds it)."""
+    from engine.llm.model import build
+
+    ours = load_llm("", CACHE, weights="fp32")
+    assert ours.native and not ours.model.packed and ours.extra["gguf"] == str(embedded_gguf())
+    assert not (ours.folder / "model.safetensors").exists()  # no converted copy of the weights on disk
+    _, folder = resolve_folder("", CACHE)
+    ref = build(json.loads((folder / "config.json").read_text()), read_state(folder))
+    assert ref.attn_scale == 1.0 and ours.model.attn_scale == 0.125
+    want, got = ref.state_dict(), ours.model.state_dict()
+    assert set(want) == set(got)
+    a = ours.model.args
+    nq = a.n_heads * a.head_dim
+    for k, w in want.items():
+        g = got[k]
+        if k.endswith("wqkv.weight"):
+            g = torch.cat([g[:nq] * 0.125, g[nq:]])
+        assert torch.equal(g, w), k
+
+
+@pytest.mark.slow
 def test_converted_folder_is_complete(smol):
     _, _, ref_tok = smol
-    ours = load_llm("", CACHE, weights="fp32")  # the de-quantising conversion (models.llm_weights = "fp32")
+    _, folder = resolve_folder("", CACHE)  # the fallback: transformers' de-quantising conversion
+    ours = load_llm(str(folder), CACHE)
     assert not ours.model.packed and ours.model.tok.weight.dtype == torch.float32
     files = {p.name for p in ours.folder.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= files

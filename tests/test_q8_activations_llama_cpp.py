@@ -116,10 +116,11 @@ def test_top1_equals_llama_cpp_on_the_same_gguf(capsys):
             fast.model._np_step.__dict__.pop("ubatch", None)
         fast_top.append(torch.stack(got).argmax(1).tolist())
     del fast
-    converted = load_llm("", CACHE, weights="fp32")
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(converted.folder, dtype=torch.float32).eval()
+    from engine.llm.load import resolve_folder
+
+    hf = AutoModelForCausalLM.from_pretrained(resolve_folder("", CACHE)[1], dtype=torch.float32).eval()
     with torch.inference_mode():
         hf_top = [hf(torch.tensor([ids + out[:-1]])).logits[0, len(ids) - 1:].argmax(-1).tolist()
                   for ids, out, _ in seqs]

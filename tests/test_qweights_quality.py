@@ -2,8 +2,8 @@
 public-domain text shipped with the tests (tests/data/pride_and_prejudice_ch1.txt, the opening of Jane
 Austen's "Pride and Prejudice", 1813), and int8's greedy agreement with fp32 on a few prompts.
 
-fp32 is the embedded GGUF de-quantised (`models.llm_weights = "fp32"`: transformers' conversion), int8 /
-int4 quantise that folder at load (`engine.llm.load`). Caveat, measured: SmolLM2's source is Q4_1, so int4
+fp32 is the embedded GGUF de-quantised (`models.llm_weights = "fp32"`: our reader's de-quantisation, bit for bit
+transformers' conversion: tests/test_llm_model.py), int8 / int4 quantise those values at load (`engine.llm.load`). Caveat, measured: SmolLM2's source is Q4_1, so int4
 (Q4_1 layers, Q8_0 embedding/head) re-quantises values that already lie on a Q4_1 / Q8_0 grid and gives
 back the same weights: its perplexity equals fp32's (the issue's 5 % criterion holds trivially here);
 int8 (Q8_0 layers) moves them slightly. The perplexity itself is computed here from the logits with

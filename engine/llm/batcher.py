@@ -550,8 +550,8 @@ class LLMService:
 
 def _argmax(logits: torch.Tensor) -> list[int]:
     """Greedy tokens of logits [B, V]. On the CPU in NumPy: a torch op here would wake torch's thread pool
-    between two steps that run on Numba's (see `engine.llm.npstep`)."""
-    if logits.device.type == "cpu":
+    between two steps that run on Numba's (see `engine.llm.npstep`); bf16 (no NumPy type) in torch."""
+    if logits.device.type == "cpu" and logits.dtype != torch.bfloat16:
         return logits.numpy().argmax(axis=-1).tolist()
     return torch.argmax(logits, dim=-1).tolist()
 

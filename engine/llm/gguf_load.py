@@ -194,11 +194,26 @@ def _requantise(path: Path, name: str, ttype: str, raw: np.ndarray, rows: int) -
     """One tensor's blocks of `ttype` (uint8 [rows, bytes per row]) -> its Q8_0 blocks as a GGUF stores them,
     de-quantised by `gguf.quants` and re-quantised with llama.cpp's rounding a chunk of rows at a time (both
     threads: NumPy lets go of the GIL), so no fp32 copy of the whole tensor exists."""
+    from .qweights import quantize_blocks
+
+    parts = _chunks(path, name, ttype, raw, rows, lambda w: quantize_blocks(w, REQUANT_FORMAT))
+    return np.concatenate(parts) if parts else np.empty((0, _q8_row_bytes(ttype, raw)), np.uint8)
+
+
+def _dequantise(path: Path, name: str, ttype: str, raw: np.ndarray, rows: int) -> np.ndarray:
+    """One tensor's blocks of `ttype` (uint8 [rows, bytes per row]) -> fp32 [rows, values per row], de-quantised
+    by `gguf.quants` a chunk of rows at a time on every core (non-finite values refused as in `_requantise`)."""
+    qk, bb = _block_size(ttype)
+    parts = _chunks(path, name, ttype, raw, rows, lambda w: w.astype(np.float32, copy=False))
+    return np.concatenate(parts) if parts else np.empty((0, raw.shape[1] // bb * qk), np.float32)
+
+
+def _chunks(path: Path, name: str, ttype: str, raw: np.ndarray, rows: int, then: Any) -> list[np.ndarray]:
+    """`then(values)` of each chunk of rows of the tensor de-quantised by `gguf.quants` (both threads: NumPy lets
+    go of the GIL); CorruptGGUF where a chunk de-quantises to NaN or inf (corrupt scales)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from gguf import quants
-
-    from .qweights import quantize_blocks
 
     qt = _gguf_type(ttype)
     step = max(1, _REQUANT_CHUNK // max(1, raw.shape[1] * 4))  # rows per chunk (at most ~4 values per byte)
@@ -209,11 +224,10 @@ def _requantise(path: Path, name: str, ttype: str, raw: np.ndarray, rows: int) -
         if not np.isfinite(w).all():
             raise CorruptGGUF(f"{path}: tensor {name} ({ttype}) de-quantises to non-finite values (corrupt "
                               f"scales)")
-        return quantize_blocks(w, REQUANT_FORMAT)
+        return then(w)
 
     with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
-        parts = list(pool.map(one, range(0, rows, step)))
-    return np.concatenate(parts) if parts else np.empty((0, _q8_row_bytes(ttype, raw)), np.uint8)
+        return list(pool.map(one, range(0, rows, step)))
 
 
 def requant_cache_file(path: Path, cache_dir: Path) -> Path:
@@ -292,9 +306,15 @@ def _not_kept(path: Path, h: _Header) -> str | None:
     return None
 
 
-def read_gguf(path: Path, requant_cache: Path | None = None, progress: Any = None
+def read_gguf(path: Path, requant_cache: Path | None = None, progress: Any = None, dequantise: bool = False
               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(HF-style config, {tensor name: Packed | fp32 ndarray}) of a llama-architecture GGUF.
+
+    dequantise: every matrix a `Values` instead (`models.llm_weights` = fp32 / fp16 / bf16 / int8 / int4 on a
+    GGUF), de-quantised only when `build_packed` copies it into its dtype, a tensor at a time (the load then
+    never holds more than the model in that dtype plus one fp32 tensor): the block types we compute packed by
+    our kernels (`Packed.dequant`), the others by `gguf.quants` (`_dequantise`: no Q8_0 re-quantisation, so
+    the file's own values).
 
     Tensors of a block type we do not compute packed but `gguf` de-quantises (`requantisable`: the IQ1 / IQ2 /
     IQ3 types, TQ1_0 / TQ2_0, MXFP4, NVFP4) become Q8_0 blocks, re-quantised at load and cached in the folder
@@ -339,7 +359,9 @@ def read_gguf(path: Path, requant_cache: Path | None = None, progress: Any = Non
             raise CorruptGGUF(f"{path}: tensor {name} ({ttype}, {nbytes} bytes at {start}) runs past the end of "
                               f"the file ({size} bytes): truncated")
         raw = data[start:start + nbytes]
-        if ttype == "F32":
+        if dequantise and len(shape) == 2:
+            tensors[name] = Values(path, name, ttype, raw, shape)
+        elif ttype == "F32":
             tensors[name] = raw.view(np.float32).reshape(shape).copy()
         elif ttype == "F16":
             tensors[name] = raw.view(np.float16).astype(np.float32).reshape(shape)
@@ -434,15 +456,52 @@ def _shape(t: Any) -> tuple[int, int]:
     return t.shape if isinstance(t, Packed) else tuple(t.shape)
 
 
-def _linear(path: Path, tensors: dict[str, Any], names: list[str], scratch: Scratch) -> nn.Module:
-    """One fused projection from the GGUF tensors `names` (stacked along the output)."""
+class Values:
+    """A matrix of the file de-quantised when asked (`read_gguf(dequantise=True)`): `array()` -> fp32
+    [rows, cols], from the mapped file's bytes (nothing is read before)."""
+
+    def __init__(self, path: Path, name: str, ttype: str, raw: np.ndarray, shape: tuple[int, ...]) -> None:
+        self.path, self.name, self.ttype, self.raw, self.shape = path, name, ttype, raw, tuple(shape)
+
+    def array(self) -> np.ndarray:
+        rows = self.shape[0]
+        if self.ttype == "F32":
+            return self.raw.view(np.float32).reshape(self.shape)
+        if self.ttype == "F16":
+            return self.raw.view(np.float16).astype(np.float32).reshape(self.shape)
+        if self.ttype == "BF16":  # the top half of an fp32
+            return (self.raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
+        if self.ttype in BLOCK_BYTES:
+            return Packed.from_blocks(self.ttype, self.raw.reshape(rows, -1)).dequant()
+        return _dequantise(self.path, self.name, self.ttype, self.raw.reshape(rows, -1), rows)
+
+
+def _dense(path: Path, names: list[str], parts: list[Any], dtype: torch.dtype) -> torch.Tensor:
+    """The parts (fp32 arrays or `Values`) stacked along the rows into one `dtype` matrix, filled a part at a
+    time."""
+    widths = {_shape(p)[1] for p in parts}
+    if len(widths) != 1:
+        raise CorruptGGUF(f"{path}: tensors {names} have different widths {sorted(widths)}")
+    w = torch.empty(sum(_shape(p)[0] for p in parts), widths.pop(), dtype=dtype)
+    o = 0
+    for p in parts:
+        a = p.array() if isinstance(p, Values) else p
+        w[o:o + a.shape[0]] = torch.from_numpy(np.ascontiguousarray(a))
+        o += a.shape[0]
+    return w
+
+
+def _linear(path: Path, tensors: dict[str, Any], names: list[str], scratch: Scratch,
+            dtype: torch.dtype = torch.float32) -> nn.Module:
+    """One fused projection from the GGUF tensors `names` (stacked along the output); float ones (and
+    `Values`) as one `dtype` matrix."""
     parts = []
     for n in names:
         if n not in tensors:
             raise CorruptGGUF(f"{path}: tensor {n} is missing")
         parts.append(tensors[n])
-    if all(isinstance(p, np.ndarray) for p in parts):
-        w = torch.from_numpy(np.concatenate(parts)).float()
+    if all(isinstance(p, (np.ndarray, Values)) for p in parts):
+        w = _dense(path, names, parts, dtype)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         lin.weight = nn.Parameter(w, requires_grad=False)
         return lin
@@ -457,8 +516,10 @@ def _linear(path: Path, tensors: dict[str, Any], names: list[str], scratch: Scra
     return PackedLinear([r[0] if len(r) == 1 else Packed.concat(r) for r in runs], None, scratch)
 
 
-def build_packed(cfg: dict[str, Any], tensors: dict[str, Any], path: Path, blas: str = "auto") -> Transformer:
-    """Our Transformer on the GGUF's own blocks (CPU; fp32 for norms and the few float tensors)."""
+def build_packed(cfg: dict[str, Any], tensors: dict[str, Any], path: Path, blas: str = "auto",
+                 dtype: torch.dtype = torch.float32) -> Transformer:
+    """Our Transformer on the GGUF's own blocks (CPU; fp32 for norms and the few float tensors); matrices read
+    with `read_gguf(dequantise=True)` de-quantised into `dtype`, a matrix at a time (the norms then cast too)."""
     a = ModelArgs.from_hf(cfg)
     with torch.device("meta"):
         model = Transformer(a)
@@ -468,7 +529,7 @@ def build_packed(cfg: dict[str, Any], tensors: dict[str, Any], path: Path, blas:
     if isinstance(emb, Packed):
         model.tok = PackedEmbedding(emb, scratch)
     else:
-        model.tok = nn.Embedding.from_pretrained(torch.from_numpy(emb), freeze=True)
+        model.tok = nn.Embedding.from_pretrained(_dense(path, ["token_embd.weight"], [emb], dtype), freeze=True)
 
     def vec(name: str) -> nn.Parameter:
         if name not in tensors or not isinstance(tensors[name], np.ndarray):
@@ -478,15 +539,16 @@ def build_packed(cfg: dict[str, Any], tensors: dict[str, Any], path: Path, blas:
 
     for i, layer in enumerate(model.layers):
         p = f"blk.{i}."
-        layer.wqkv = _linear(path, tensors, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], scratch)
-        layer.wo = _linear(path, tensors, [p + "attn_output.weight"], scratch)
-        layer.w13 = _linear(path, tensors, [p + "ffn_gate.weight", p + "ffn_up.weight"], scratch)
-        layer.w2 = _linear(path, tensors, [p + "ffn_down.weight"], scratch)
+        layer.wqkv = _linear(path, tensors, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], scratch,
+                             dtype)
+        layer.wo = _linear(path, tensors, [p + "attn_output.weight"], scratch, dtype)
+        layer.w13 = _linear(path, tensors, [p + "ffn_gate.weight", p + "ffn_up.weight"], scratch, dtype)
+        layer.w2 = _linear(path, tensors, [p + "ffn_down.weight"], scratch, dtype)
         layer.ln1.weight = vec(p + "attn_norm.weight")
         layer.ln2.weight = vec(p + "ffn_norm.weight")
     model.norm.weight = vec("output_norm.weight")
     if not a.tie_embeddings:
-        model.output = _linear(path, tensors, ["output.weight"], scratch)
+        model.output = _linear(path, tensors, ["output.weight"], scratch, dtype)
     want = {"wqkv": (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, "w13": 2 * a.intermediate}
     for name, n in want.items():
         got = getattr(model.layers[0], name)
@@ -494,7 +556,10 @@ def build_packed(cfg: dict[str, Any], tensors: dict[str, Any], path: Path, blas:
         if rows != n:
             raise CorruptGGUF(f"{path}: layer 0 {name} has {rows} rows, the metadata says {n}")
     model = model.eval().requires_grad_(False)
-    return model.set_blas(blas_backend(blas, "cpu", torch.float32))
+    if dtype != torch.float32:  # the norms join the matrices' dtype
+        model.to(dtype=dtype)
+        model._freqs = None
+    return model.set_blas(blas_backend(blas, "cpu", dtype))
 
 
 TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")

