@@ -63,6 +63,8 @@ def write_gguf(path: Path, layout: dict[str, str], seed: int = 0) -> Path:
     def mat(name: str, n: int, k: int, ttype: str, scale: float) -> None:
         if requantisable(ttype):
             w.add_tensor(name, random_blocks(ttype, n, k, rng, scale), raw_dtype=QT[ttype])
+        elif ttype == "F16":
+            w.add_tensor(name, (rng.standard_normal((n, k)) * scale * 30).astype(np.float16))
         else:
             x = (rng.standard_normal((n, k)) * scale * 30).astype(np.float32)
             w.add_tensor(name, quantize_blocks(x, ttype), raw_dtype=QT[ttype])
@@ -313,3 +315,24 @@ def test_fp32_int8_bf16_weights_on_a_gguf_are_its_own_values_without_a_tokenizer
         logits = b.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 64, dtype=torch.bfloat16), 0,
                                  seq[:-1], all_logits=True)
     assert logits[len(ids) - 1:].float().argmax(-1).tolist() == res.token_ids
+
+
+def test_a_projection_mixing_float_and_blocks_is_de_quantised_by_our_reader(tmp_path):
+    """A GGUF we cannot keep packed because one projection mixes fp16 and Q8_0 matrices (q/k fp16, v Q8_0), with
+    no tokenizer metadata: models.llm_weights = "auto" de-quantises it with our reader (a note says why), where
+    it went to transformers' converter, which refuses a file without a tokenizer. Oracle: transformers' GGUF
+    loader's logits."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_gguf(tmp_path / "mixed.gguf", {**LAYOUT, "q": "F16", "k": "F16", "v": "Q8_0", "embd": "Q8_0"},
+                      seed=6)
+    m = load_llm(str(path), tmp_path / "cache")
+    assert m.native and not m.model.packed and m.tokenizer is None
+    assert "mix packed and float types; de-quantised to float32 instead" in m.note
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = [9, 4, 120, 33, 2, 77]
+    a = m.model.args
+    got = m.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 64), 0, ids, all_logits=True)
+    with torch.inference_mode():
+        want = ref(torch.tensor([ids])).logits[0]
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()

@@ -404,7 +404,9 @@ def test_truncated_gguf_is_a_clear_error_and_caches_nothing(tmp_path, cut):
     cache = tmp_path / "cache"
     with pytest.raises(ModelUnavailable, match=r"bad\.gguf.*(truncated|corrupt|not a GGUF)"):
         load_llm(str(bad), cache)
-    assert not list(cache.glob("llm/bad*"))
+    with pytest.raises(ModelUnavailable, match=r"bad\.gguf.*(truncated|corrupt|not a GGUF)"):
+        load_llm(str(bad), cache, weights="int8")  # de-quantised by our reader: the same refusal
+    assert not list(cache.glob("llm/bad*")) and not list(cache.rglob("*.npz"))
 
 
 def test_generate_text_reports_loading_and_names_the_weights(tmp_path):

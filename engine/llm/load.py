@@ -406,29 +406,27 @@ def load_llm(spec: str, cache_dir: Path, device: torch.device | str = "cpu",
     cpu = dev.type == "cpu" and not place
     from .gguf_load import UnsupportedGGUF
 
-    ours = g is not None  # a GGUF our own reader takes (packed, or de-quantised below)
     if g is not None and weights in ("auto", "gguf") and (cpu or place):
         try:
             m = _load_packed(g, Path(cache_dir), decode, say, t0)
             if place:
                 return _placed(m, dev, dtype, device_products, say, "GGUF blocks")
             return _with_activations(m, activations)
-        except UnsupportedGGUF as exc:
-            ours = False
-            note = f"{exc}; de-quantised to {str(dtype).replace('torch.', '')} with transformers instead"
+        except UnsupportedGGUF as exc:  # our reader may still de-quantise it (a projection mixing float and blocks)
+            note = f"{exc}; de-quantised to {str(dtype).replace('torch.', '')} instead"
             log.warning("GGUF not kept packed", extra={"reason": str(exc)})
     elif g is not None and weights == "gguf":
         note = (f"GGUF blocks are kept packed on the CPU, or on a GPU with Triton (engine backend wq_matmul); "
                 f"de-quantised for {dev.type}")
     if weights in ("fp32", "fp16", "bf16"):
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weights]
-    if ours:  # de-quantised by our reader: seconds, no transformers conversion, no tokenizer metadata needed
+    if g is not None:  # de-quantised by our reader: seconds, no transformers conversion, no tokenizer metadata
         try:
             m = _load_dequantised(g, Path(cache_dir), weights, dev, dtype, decode, say, t0, note,
                                   quantise=weights in ("int8", "int4") and (cpu or place))
         except UnsupportedGGUF as exc:
             note = f"{exc}; de-quantised to {str(dtype).replace('torch.', '')} with transformers instead"
-            log.warning("GGUF not read by our loader", extra={"reason": str(exc)})
+            log.warning("GGUF not read by our reader", extra={"reason": str(exc)})
         else:
             if place and m.extra.get("qcache"):
                 return _placed(m, dev, dtype, device_products, say, f"{weights} blocks")
