@@ -326,9 +326,13 @@ def test_a_projection_mixing_float_and_blocks_is_de_quantised_by_our_reader(tmp_
 
     path = write_gguf(tmp_path / "mixed.gguf", {**LAYOUT, "q": "F16", "k": "F16", "v": "Q8_0", "embd": "Q8_0"},
                       seed=6)
+    from engine.llm.load import estimate_llm_bytes
+
     m = load_llm(str(path), tmp_path / "cache")
     assert m.native and not m.model.packed and m.tokenizer is None
     assert "mix packed and float types; de-quantised to float32 instead" in m.note
+    est = estimate_llm_bytes(str(path))  # known before loading: every value in fp32, not the packed bytes
+    assert abs(est - m.size_bytes()) <= 0.01 * m.size_bytes()
     ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     ids = [9, 4, 120, 33, 2, 77]
     a = m.model.args

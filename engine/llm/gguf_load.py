@@ -407,7 +407,7 @@ def resident_bytes(path: Path) -> tuple[int | None, int]:
     the file (UnsupportedGGUF: it is then de-quantised). Raises CorruptGGUF for an unreadable header."""
     h = _read_header(Path(path))
     values = sum(math.prod(dims) for _, dims, _, _ in h.tensors)
-    if _not_kept(Path(path), h):
+    if _not_kept(Path(path), h) or _mixed_projection(h):
         return None, values
     total = 0
     for _, dims, t, _ in h.tensors:
@@ -420,6 +420,20 @@ def resident_bytes(path: Path) -> tuple[int | None, int]:
         else:  # re-quantised
             total += n // 32 * BLOCK_BYTES[REQUANT_FORMAT]
     return total, values
+
+
+def _mixed_projection(h: Any) -> bool:
+    """Whether a fused projection (q | k | v, gate | up) mixes float and block tensors: `_linear` then refuses
+    to keep it packed (the load de-quantises the file)."""
+    kinds: dict[tuple[str, str], set[bool]] = {}
+    for name, _, t, _ in h.tensors:
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in _FUSED:
+            kinds.setdefault((parts[1], _FUSED[parts[2]]), set()).add(_type_name(t) in FLOAT_TYPES)
+    return any(len(v) > 1 for v in kinds.values())
+
+
+_FUSED = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "ffn_gate": "13", "ffn_up": "13"}
 
 
 def _requantise_all(path: Path, pending: dict[str, tuple[str, np.ndarray, int]], tensors: dict[str, Any],
