@@ -272,3 +272,65 @@ def test_prompt_lookup_drafts_keep_greedy_output_exact(tiny, monkeypatch):
         assert r1.token_ids == r2.token_ids
     finally:
         svc.close()
+
+
+def test_a_long_prompt_is_prefilled_in_pieces_between_the_running_streams_steps(tiny, monkeypatch):
+    """A prompt longer than PREFILL_PIECE is prefilled a piece per round, with the running streams' decode
+    steps between the pieces (before, the whole prompt ran before their next step: a 1500-token prompt stalled
+    them 3.8 s on 2 cores); its tokens and the running stream's are those of each request alone with the
+    prompt prefilled whole; a cancel between two pieces frees the slot."""
+    import engine.llm.batcher as batcher
+
+    long_p, short_p = _ids(45, 21), _ids(5, 22)
+    whole = LLMService(lambda: tiny, max_slots=2, max_len=128, speculate=False)
+    try:  # the references: the prompts prefilled whole (one piece), each request alone
+        want_long = whole.generate(GenerationRequest(long_p, max_new_tokens=12)).token_ids
+        want_short = whole.generate(GenerationRequest(short_p, max_new_tokens=60)).token_ids
+    finally:
+        whole.close()
+    monkeypatch.setattr(batcher, "PREFILL_PIECE", 8)
+    events: list[str] = []
+    real_prefill, real_decode = tiny.model.prefill, tiny.model.decode
+
+    def prefill(cache, slot, ids, start=0, **kw):  # noqa: ANN001, ANN003, ANN202
+        events.append(f"p{len(ids)}")
+        return real_prefill(cache, slot, ids, start, **kw)
+
+    def decode(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        events.append("d")
+        time.sleep(0.002)  # the tiny model's step is far under a millisecond: the long request arrives mid-stream
+        return real_decode(*a, **kw)
+
+    monkeypatch.setattr(tiny.model, "prefill", prefill)
+    monkeypatch.setattr(tiny.model, "decode", decode)
+    svc = LLMService(lambda: tiny, max_slots=2, max_len=128, speculate=False)
+    try:
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.setdefault("short", svc.generate(
+            GenerationRequest(short_p, max_new_tokens=60))))
+        t.start()
+        while events.count("d") < 5:
+            time.sleep(0.001)
+        got_long = svc.generate(GenerationRequest(long_p, max_new_tokens=12))
+        t.join(60)
+        assert got_long.token_ids == want_long and out["short"].token_ids == want_short
+        pieces = [i for i, e in enumerate(events) if e.startswith("p") and i > 0]
+        assert [events[i] for i in pieces] == ["p8"] * 5 + ["p5"]  # 45 tokens: 5 pieces of 8, then 5
+        assert all("d" in events[a:b] for a, b in zip(pieces, pieces[1:]))  # a decode step between two pieces
+
+        # cancelled between two pieces: no token, the slot freed
+        token = CancelToken()
+        n0 = len(events)
+
+        def cancelling(cache, slot, ids, start=0, **kw):  # noqa: ANN001, ANN003, ANN202
+            if sum(e.startswith("p") for e in events[n0:]) == 1:  # while the second piece runs
+                token.cancel("test")
+            return prefill(cache, slot, ids, start, **kw)
+
+        monkeypatch.setattr(tiny.model, "prefill", cancelling)
+        r = svc.generate(GenerationRequest(long_p, max_new_tokens=12, reuse_prefix=False), token)
+        assert r.finish_reason == "cancelled" and r.completion_tokens == 0
+        assert sum(e.startswith("p") for e in events[n0:]) == 2  # no third piece
+        assert svc.stats()["pools"]["full"]["busy"] == 0
+    finally:
+        svc.close()

@@ -6,15 +6,22 @@ runs the loop:
 
 1. admit waiting sequences while a cache slot is free: pick a slot (the free
    slot whose held tokens share the longest prefix with the prompt, for prefix
-   reuse), prefill the rest of the prompt alone (B = 1), sample the first token;
-2. one decode step for all active sequences of a cache pool together (B rows,
+   reuse);
+2. prefill admitted prompts (each alone, B = 1) in pieces of at most
+   `PREFILL_PIECE` tokens, oldest first, about `PREFILL_PIECE` tokens per round
+   (at least one piece); a prompt's last piece samples its first token;
+3. one decode step for all decoding sequences of a cache pool together (B rows,
    each at its own position, masked per row), sample per row with the row's
    own seeded generator;
-3. finished sequences (EOS, stop string, max_new_tokens, full context,
+4. finished sequences (EOS, stop string, max_new_tokens, full context,
    cancelled, failed) leave at once and free their slot.
 
-So new requests join at a step boundary after their prefill; a cancel takes
-effect at the next step. Slots live in pools, one per cache configuration
+So new requests join at a step boundary after their prefill, and a long prompt
+costs the running streams one piece's time between two of their steps, not its
+whole prefill (a 1500-token prompt stalled them 3.8 s on 2 cores; now ~0.8 s);
+the pieces are the micro-batches the model's prefill takes anyway (llama.cpp's
+n_ubatch with Q8 activations), so a prompt's bits do not change. A cancel
+takes effect at the next step or piece. Slots live in pools, one per cache configuration
 (full, int8, window W/sinks); a pool's slot count is bounded by the memory
 budget left after the models. A failed or cancelled sequence always returns
 its slot (`finally`). Models the decoder does not implement run through
@@ -41,6 +48,10 @@ from ..scheduler import CancelToken
 from .cache import FullCache, Int8Cache, KVCache, WindowCache
 from .load import LoadedLLM
 from .sampling import SamplingParams, make_generator, sample
+
+# prompt tokens prefilled per scheduling round (one piece at most this long): llama.cpp's default micro-batch,
+# which the Q8 step's prefill uses anyway (`npstep.NumpyStep.ubatch`), so pieces change no bits there
+PREFILL_PIECE = 512
 
 log = logging.getLogger("atelier.engine.llm")
 
@@ -139,6 +150,7 @@ class _Seq:
         self.text_cut: int | None = None  # char index where a stop string starts
         self.seen: torch.Tensor | None = None
         self.model: LoadedLLM | None = None
+        self.fill: int | None = None  # the next prompt index to prefill; None once the prompt is in the cache
         self.draft_misses = 0  # drafts in a row with no token accepted
         self.draft_pause = 0  # plain steps left before drafting again
         self.draft_pauses = 0  # pauses since a draft last paid off (each one twice as long)
@@ -307,12 +319,17 @@ class LLMService:
                 with self._cv:
                     self._pending[:0] = waiting
             groups: dict[int, list[_Seq]] = {}
+            filling: list[_Seq] = []
             for seq in list(self._active):
                 if seq.token.cancelled:
                     seq.finish = "cancelled"
                     self._finish(seq)
+                elif seq.fill is not None:
+                    filling.append(seq)
                 else:
                     groups.setdefault(id(seq.pool), []).append(seq)
+            if filling:
+                self._prefill(filling)
             for seqs in groups.values():
                 self._step(seqs)
             if waiting and not self._active:
@@ -331,19 +348,35 @@ class LLMService:
             return False
         seq.pool, (seq.slot, seq.reused), seq.model = pool, got, m
         seq.t0 = time.perf_counter()
+        seq.fill = seq.reused  # < len(prompt): `_Pool.acquire` reuses at most all but the last token
         with self._cv:
             self._active.append(seq)
+        return True
+
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        """One round of prefill between decode steps: the prompts' next pieces, oldest request first, while
+        the round stays within PREFILL_PIECE tokens (at least one piece)."""
+        used = 0
+        for seq in seqs:
+            while seq.fill is not None and seq.slot >= 0:
+                n = min(PREFILL_PIECE, getattr(seq.pool.cache, "max_chunk", PREFILL_PIECE),
+                        len(seq.req.prompt_ids) - seq.fill)
+                if used and used + n > PREFILL_PIECE:
+                    return
+                self._fill(seq, n)
+                used += n
+
+    def _fill(self, seq: _Seq, n: int) -> None:
+        """Prefill the next n prompt tokens of seq; after its last piece, sample its first token."""
+        req, pool, m = seq.req, seq.pool, seq.model
+        ids = req.prompt_ids
         try:
-            ids = req.prompt_ids
-            cache = pool.cache
-            chunk = getattr(cache, "max_chunk", len(ids))
-            start = seq.reused
-            logits = None
-            while start < len(ids):
-                seq.token.check()
-                piece = ids[start:start + chunk]
-                logits = m.model.prefill(cache, seq.slot, piece, start)
-                start += len(piece)
+            seq.token.check()
+            logits = m.model.prefill(pool.cache, seq.slot, ids[seq.fill:seq.fill + n], seq.fill)
+            seq.fill += n
+            if seq.fill < len(ids):
+                return
+            seq.fill = None
             pool.held[seq.slot] = list(ids)
             if req.sampling.repetition_penalty != 1.0:  # the tokens the penalty may apply to (sampling.py)
                 seq.seen = torch.tensor(ids if req.sampling.repetition_scope == "all" else [], dtype=torch.long,
@@ -354,7 +387,6 @@ class LLMService:
             self._finish(seq)
         except BaseException as exc:
             self._finish(seq, error=exc)
-        return True
 
     def _step(self, seqs: list[_Seq]) -> None:
         seqs.sort(key=lambda s: s.slot)
