@@ -89,6 +89,17 @@ def write_gguf(path: Path, layout: dict[str, str], seed: int = 0) -> Path:
     return path
 
 
+def logits_vs_transformers(m, path: Path, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(our prefill's logits at every position, transformers' de-quantising GGUF loader's) for ids."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    a = m.model.args
+    got = m.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 64), 0, ids, all_logits=True)
+    with torch.inference_mode():
+        return got, ref(torch.tensor([ids])).logits[0]
+
+
 LAYOUT = {"embd": "IQ3_S", "q": "IQ3_XXS", "k": "IQ2_XXS", "v": "Q6_K", "o": "IQ2_S", "gate": "IQ2_XS",
           "up": "Q4_K", "down": "IQ1_M"}  # requantised beside kept types, in one projection too (gate | up)
 
@@ -121,8 +132,6 @@ def test_requantised_blocks_are_q8_0_of_what_gguf_decodes(ttype, tmp_path):
 
 
 def test_gguf_with_iq_blocks_loads_packed_and_is_the_network_transformers_loads(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     path = write_gguf(tmp_path / "tiny-iq.gguf", LAYOUT)
     cache = tmp_path / "cache"
     said: list[str] = []
@@ -141,12 +150,9 @@ def test_gguf_with_iq_blocks_loads_packed_and_is_the_network_transformers_loads(
     n_params = sum(int(np.prod(t.shape)) for t in gguf.GGUFReader(str(path)).tensors)
     assert ours.size_bytes() < n_params * 4 / 3
 
-    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     ids = [3, 17, 99, 5, 42, 7, 150, 1]
     a = ours.model.args
-    got = ours.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 64), 0, ids, all_logits=True)
-    with torch.inference_mode():
-        want = ref(torch.tensor([ids])).logits[0]
+    got, want = logits_vs_transformers(ours, path, ids)
     # the Q8_0 rounding of the re-quantised weights (half a step of 1/127 of a block's largest value): here
     # ~0.3 % of the logits' range; a wrong decoding or a mis-placed tensor moves them by their own size
     span = want.abs().max()
@@ -260,8 +266,6 @@ def test_fp32_int8_bf16_weights_on_a_gguf_are_its_own_values_without_a_tokenizer
     transformers' converter refused it). Oracles: `gguf.quants.dequantize` for every matrix (the IQ types
     de-quantised as the file holds them, not re-quantised to Q8_0), gguf's Q8_0 quantiser for the int8 blocks,
     transformers' de-quantising GGUF loader for the logits."""
-    from transformers import AutoModelForCausalLM
-
     from engine.llm.batcher import GenerationRequest, LLMService
 
     path = write_gguf(tmp_path / "tiny-notok.gguf", LAYOUT, seed=5)
@@ -283,12 +287,9 @@ def test_fp32_int8_bf16_weights_on_a_gguf_are_its_own_values_without_a_tokenizer
         np.testing.assert_array_equal(layer.w2.weight.numpy(), file_values[p + "ffn_down.weight"])
     np.testing.assert_array_equal(m.model.tok.weight.numpy(), file_values["token_embd.weight"])
 
-    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     ids = [3, 17, 99, 5, 42, 7, 150, 1]
     a = m.model.args
-    got = m.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 64), 0, ids, all_logits=True)
-    with torch.inference_mode():
-        want = ref(torch.tensor([ids])).logits[0]
+    got, want = logits_vs_transformers(m, path, ids)
     assert (got - want).abs().max() < 1e-4 * want.abs().max()  # the same weights: float rounding only
 
     # int8: gguf's Q8_0 quantiser on those values, cached under the GGUF's own stamp (the next load reads it)
@@ -322,8 +323,6 @@ def test_a_projection_mixing_float_and_blocks_is_de_quantised_by_our_reader(tmp_
     no tokenizer metadata: models.llm_weights = "auto" de-quantises it with our reader (a note says why), where
     it went to transformers' converter, which refuses a file without a tokenizer. Oracle: transformers' GGUF
     loader's logits."""
-    from transformers import AutoModelForCausalLM
-
     path = write_gguf(tmp_path / "mixed.gguf", {**LAYOUT, "q": "F16", "k": "F16", "v": "Q8_0", "embd": "Q8_0"},
                       seed=6)
     from engine.llm.load import estimate_llm_bytes
@@ -333,10 +332,5 @@ def test_a_projection_mixing_float_and_blocks_is_de_quantised_by_our_reader(tmp_
     assert "mix packed and float types; de-quantised to float32 instead" in m.note
     est = estimate_llm_bytes(str(path))  # known before loading: every value in fp32, not the packed bytes
     assert abs(est - m.size_bytes()) <= 0.01 * m.size_bytes()
-    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    ids = [9, 4, 120, 33, 2, 77]
-    a = m.model.args
-    got = m.model.prefill(FullCache(a.n_layers, 1, a.n_kv_heads, a.head_dim, 64), 0, ids, all_logits=True)
-    with torch.inference_mode():
-        want = ref(torch.tensor([ids])).logits[0]
+    got, want = logits_vs_transformers(m, path, [9, 4, 120, 33, 2, 77])
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
