@@ -18,7 +18,7 @@ runs the loop:
 
 So new requests join at a step boundary after their prefill, and a long prompt
 costs the running streams one piece's time between two of their steps, not its
-whole prefill (a 1500-token prompt stalled them 3.8 s on 2 cores; now ~0.8 s);
+whole prefill (a 1500-token prompt stalled them 3.8 s on 2 cores; now 1.6 s at most);
 the pieces are the micro-batches the model's prefill takes anyway (llama.cpp's
 n_ubatch with Q8 activations), so a prompt's bits do not change. A cancel
 takes effect at the next step or piece. Slots live in pools, one per cache configuration
