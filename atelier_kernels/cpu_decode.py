@@ -58,7 +58,7 @@ import numpy as np
 
 from ._numba import dispatch, jit
 
-dot = softmax = axpy = None  # the attention kernels' jitted helpers, set by _kernels()
+dot = softmax = axpy = attend_q8_task = None  # the attention kernels' jitted helpers, set by _kernels()
 
 
 # -- references (NumPy) ---------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def _kernels() -> dict | None:
     if jit() is None:
         return None
     njit, prange = jit()  # type: ignore[misc]
-    global dot, softmax, axpy
+    global dot, softmax, axpy, attend_q8_task
     # the attention kernels' shared steps; module globals, not closure variables, which would keep Numba's
     # on-disk cache from matching (see atelier_kernels/cpu_qmatmul.py). Each is generic over the row's dtype (fp32,
     # or the int8 cache's rows, widened in the loop) and inlined into the kernels.
@@ -207,34 +207,45 @@ def _kernels() -> dict | None:
                 for j in range(T):
                     axpy(o, p[j], vb[j])
 
+    @njit(fastmath=True, cache=True, nogil=True)
+    def attend_q8_task(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end, scale, out, r, h, g0, g1,
+                       p):  # pragma: no cover - compiled
+        # row r, kv head h of an int8 cache: its query heads g0 .. g1 - 1 over keys 0 .. row_pos[r] (also run by
+        # the fused decode step, atelier_kernels/cpu_step.py). Scratch p [>= T], left zero
+        KVH = QK.shape[1]
+        Rr = RK.shape[2]
+        G = q.shape[1] // KVH
+        s = row_slot[r]
+        T = row_pos[r] + 1
+        cut = min(max(row_end[r] - Rr, 0), T)  # keys before cut are int8, the rest in the ring
+        qk, sk, qv, sv = QK[s, h], SK[s, h], QV[s, h], SV[s, h]
+        rk, rv = RK[s, h], RV[s, h]
+        pt = p[:T]
+        for g in range(g0, g1):
+            qh = q[r, h * G + g]
+            for j in range(cut):  # int8 rows as they are: the dot, then the row's scale
+                pt[j] = dot(qh, qk[j]) * (sk[j] * scale)
+            for j in range(cut, T):
+                pt[j] = dot(qh, rk[j % Rr]) * scale
+            softmax(pt)
+            o = out[r, h * G + g]
+            o[:] = 0.0
+            for j in range(cut):
+                axpy(o, pt[j] * sv[j], qv[j])
+            for j in range(cut, T):
+                axpy(o, pt[j], rv[j % Rr])
+        pt[:] = 0.0
+
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def attend_q8_nb(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end, scale, out):  # pragma: no cover
         R, H = q.shape[0], q.shape[1]
         KVH = QK.shape[1]
-        Rr = RK.shape[2]
         G = H // KVH
         for task in prange(R * KVH):
             r = task // KVH
             h = task - r * KVH
-            s = row_slot[r]
-            T = row_pos[r] + 1
-            cut = min(max(row_end[r] - Rr, 0), T)  # keys before cut are int8, the rest in the ring
-            qk, sk, qv, sv = QK[s, h], SK[s, h], QV[s, h], SV[s, h]
-            rk, rv = RK[s, h], RV[s, h]
-            p = np.empty(T, np.float32)
-            for g in range(G):
-                qh = q[r, h * G + g]
-                for j in range(cut):  # int8 rows as they are: the dot, then the row's scale
-                    p[j] = dot(qh, qk[j]) * (sk[j] * scale)
-                for j in range(cut, T):
-                    p[j] = dot(qh, rk[j % Rr]) * scale
-                softmax(p)
-                o = out[r, h * G + g]
-                o[:] = 0.0
-                for j in range(cut):
-                    axpy(o, p[j] * sv[j], qv[j])
-                for j in range(cut, T):
-                    axpy(o, p[j], rv[j % Rr])
+            p = np.zeros(row_pos[r] + 1, np.float32)
+            attend_q8_task(q, QK, SK, QV, SV, RK, RV, row_slot, row_pos, row_end, scale, out, r, h, 0, G, p)
 
     return {"rows_matmul": rows_matmul_nb, "attend": attend_nb, "attend_q8": attend_q8_nb}
 

@@ -42,13 +42,13 @@ import functools
 
 import numpy as np
 
-from . import cpu_ggml, cpu_qmatmul
+from . import cpu_decode, cpu_ggml, cpu_qmatmul
 from ._numba import atomic_intrinsics, drop_stale_cache, fma_intrinsic, jit
 
 # set by _kernels(): module globals, as a closure variable (even a jitted function) would keep Numba's on-disk
 # cache from ever matching (see cpu_qmatmul._kernels)
 _quant = _quantk = _flip = _span = _prompt_kind = None
-_attend = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
+_attend = _attend_q8 = _norm_row = _swiglu_row = _fma = _add = _load = _pause = None
 claim = finish = wait = take = product = part_rows = quant_row = norm_phase = worker = None
 PHASES = 10  # phases per layer (see worker)
 # the decode step asks for the next layer's keys and values during a layer's last products when it runs 4+ rows
@@ -56,6 +56,7 @@ PHASES = 10  # phases per layer (see worker)
 # 16.40 vs 17.68 ms a step at 140 tokens of context, 17.25 vs 19.05 at 260; at 10 (nothing to ask for) 13.80 vs
 # 14.61, the machine's noise. The switch is read at each call (benchmarks compare both)
 PREFETCH_KV = True
+KV_EPS = 1e-8  # atelier_kernels.kv_quant's smallest scale (tested equal)
 UX = False  # cpu_qmatmul.UX (set by _kernels): the Q4_0 / Q5_0 / Q8_0 tiles of rows read sign-flipped activations
 # a product's items per thread and part (see product). On an AVX2 Zen 1 (2 threads, SmolLM2 Q4_1) the layers of
 # one decode step took 9.1 ms with 4 items per thread claimed from one shared counter (each item a stream of
@@ -67,7 +68,7 @@ ITEMS = 2
 def _kernels() -> dict | None:
     if jit() is None or not cpu_qmatmul.q8_available():
         return None
-    drop_stale_cache(__file__, ("cpu_qmatmul.py", "cpu_ggml.py", "_numba.py"))
+    drop_stale_cache(__file__, ("cpu_qmatmul.py", "cpu_ggml.py", "cpu_decode.py", "_numba.py"))
     # the step is a parallel kernel: Numba's scheduler symbols (allocate_sched, ...) must be known to LLVM
     # before its cached code is linked, or loading it aborts the process ("Symbol not found"); they are
     # registered when Numba's threading layer starts, which a fresh process has not done yet
@@ -77,10 +78,12 @@ def _kernels() -> dict | None:
     njit, prange = jit()  # type: ignore[misc]
     global UX
     global _quant, _quantk, _flip, _span, _prompt_kind, _attend, _norm_row, _swiglu_row, _fma, _add, _load
-    global _pause
-    global claim, finish, wait, take, product, part_rows, quant_row, norm_phase, worker
+    global _pause, _attend_q8
+    global claim, finish, wait, take, product, part_rows, quant_row, norm_phase, worker, kv_store
     cpu_qmatmul._kernels()
     cpu_ggml._kernels()
+    cpu_decode._kernels()
+    _attend_q8 = cpu_decode.attend_q8_task
     _quant, _flip, _span = cpu_qmatmul.quantize_span, cpu_qmatmul.flip_rows, cpu_qmatmul.q8a_span
     _quantk = cpu_qmatmul.quantize_span_k
     _prompt_kind = njit(cache=True, nogil=True, inline="always")(cpu_qmatmul.prompt_kind)  # the one rule
@@ -116,6 +119,24 @@ def _kernels() -> dict | None:
                 return u * per + i, v
             v += 1
         return -1, v
+
+    @njit(cache=True, nogil=True, inline="always")
+    def kv_store(ring, Q, S, s, h, old):  # pragma: no cover - compiled
+        # an int8 cache's position old leaving the ring (index old % ring size) into Q / S, as
+        # `kv_quant.quantize_np` quantises it (the layer-by-layer step's `npstep._int8_write`): the same fp32
+        # operations, so the same bytes
+        src = ring[s, h, old % ring.shape[2]]
+        m = np.float32(0.0)
+        for d in range(src.shape[0]):
+            a = abs(src[d])
+            if a > m:
+                m = a
+        sc = max(m, np.float32(KV_EPS)) / np.float32(127.0)
+        dst = Q[s, h, old]
+        for d in range(src.shape[0]):
+            v = np.floor(src[d] / sc + np.float32(0.5))
+            dst[d] = np.int8(min(max(v, np.float32(-127.0)), np.float32(127.0)))
+        S[s, h, old] = sc
 
     @njit(cache=True, nogil=True)
     def product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol, first,
@@ -198,8 +219,8 @@ def _kernels() -> dict | None:
 
     @njit(cache=True, nogil=True)
     def worker(sync, home, threads, tid, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount,
-               pneed, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, kvpf, h, xa, xqk, dxk,
-               xsk, qkv, q, att, o, gu, act):  # pragma: no cover - compiled
+               pneed, K, V, QK, SK, QV, SV, int8, cos, sin, row_slot, row_pos, row_end, H, KVH, hd, inter, eps, scale,
+               batch, kvpf, h, xa, xqk, dxk, xsk, qkv, q, att, o, gu, act):  # pragma: no cover - compiled
         R, D = x.shape
         L = pfirst.shape[0]
         nq, nk = H * hd, KVH * hd
@@ -219,9 +240,12 @@ def _kernels() -> dict | None:
         kv0 = (K[0].reshape(-1), V[0].reshape(-1), plan, cur)
         Lmax = K.shape[3]
         ph = 0
+        Lw = K.shape[3]  # positions held: the full cache's length, or an int8 cache's ring
         for layer in range(L):
             Kl = K[layer]
             Vl = V[layer]
+            QKl, SKl, QVl, SVl = QK[min(layer, QK.shape[0] - 1)], SK[min(layer, SK.shape[0] - 1)], \
+                QV[min(layer, QV.shape[0] - 1)], SV[min(layer, SV.shape[0] - 1)]
             cur[2] = 0  # (none asked for before the attention)
             # the last FFN output added
             norm_phase(sync, ph, layer > 0, x, o, ln1[layer], eps, h, pneed[layer, 0], xa, xqk, dxk, xsk)
@@ -235,6 +259,12 @@ def _kernels() -> dict | None:
                     break
                 pos = row_pos[r]
                 s = row_slot[r]
+                if int8:  # one token per slot: the position leaving the ring first (clamped like the cache)
+                    old = max(pos - Lw, 0)
+                    for hh in range(KVH):
+                        kv_store(Kl, QKl, SKl, s, hh, old)
+                        kv_store(Vl, QVl, SVl, s, hh, old)
+                at = pos % Lw  # the full cache: pos itself
                 for hh in range(H):
                     base = hh * hd
                     for j in range(half):
@@ -247,10 +277,10 @@ def _kernels() -> dict | None:
                     for j in range(half):
                         x0 = qkv[r, base + 2 * j]
                         x1 = qkv[r, base + 2 * j + 1]
-                        Kl[s, hh, pos, 2 * j] = _fma(x0, cos[pos, j], -(x1 * sin[pos, j]))
-                        Kl[s, hh, pos, 2 * j + 1] = _fma(x0, sin[pos, j], x1 * cos[pos, j])
+                        Kl[s, hh, at, 2 * j] = _fma(x0, cos[pos, j], -(x1 * sin[pos, j]))
+                        Kl[s, hh, at, 2 * j + 1] = _fma(x0, sin[pos, j], x1 * cos[pos, j])
                     for i in range(hd):
-                        Vl[s, hh, pos, i] = qkv[r, nq + nk + hh * hd + i]
+                        Vl[s, hh, at, i] = qkv[r, nq + nk + hh * hd + i]
                 finish(sync, ph, 1)
             wait(sync, ph, R)
             ph += 1
@@ -269,7 +299,11 @@ def _kernels() -> dict | None:
                     continue
                 r = t // per_row
                 g = (t - r * per_row) * gs  # the task's first query head
-                _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, g // G, g % G, g % G + gs, p, acc)
+                if int8 and row_end[r] > Lw:  # int8 history plus the ring (in the ring alone: the full cache's sums)
+                    _attend_q8(q, QKl, SKl, QVl, SVl, Kl, Vl, row_slot, row_pos, row_end, scale, att, r, g // G,
+                               g % G, g % G + gs, p)
+                else:
+                    _attend(q, Kl, Vl, row_slot, row_pos, scale, batch, att, r, g // G, g % G, g % G + gs, p, acc)
             finish(sync, ph, done)
             wait(sync, ph, per * threads)
             ph += 1
@@ -338,9 +372,11 @@ def _kernels() -> dict | None:
         wait(sync, ph, R)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def layers_nb(threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, pneed, K, V, cos,
-                  sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, kvpf):  # pragma: no cover - compiled
+    def layers_nb(threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, pneed, K, V, QK,
+                  SK, QV, SV, int8, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch,
+                  kvpf):  # pragma: no cover - compiled
         R, D = x.shape
+        row_end = row_pos + 1  # each row's slot length after the step (one token per slot where int8)
         L = pfirst.shape[0]
         nq, nk = H * hd, KVH * hd
         kmax = max(D, nq, inter)
@@ -379,8 +415,8 @@ def _kernels() -> dict | None:
         # waits for a given other one, so any number of them (one included) finish the step
         for _t in prange(threads):
             worker(sync, home, threads, _t, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount,
-                   pneed, K, V, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch, kvpf, h, xa, xqk,
-                   dxk, xsk, qkv, q, att, o, gu, act)
+                   pneed, K, V, QK, SK, QV, SV, int8, cos, sin, row_slot, row_pos, row_end, H, KVH, hd, inter, eps,
+                   scale, batch, kvpf, h, xa, xqk, dxk, xsk, qkv, q, att, o, gu, act)
 
     return {"step_q8": layers_nb}
 
@@ -448,26 +484,36 @@ class Q8Layers:
         self.eps = np.float32(eps)
 
 
+_NO_Q = np.zeros((1, 1, 1, 1, 1), np.int8)  # the int8 arrays' stand-ins for the full cache
+_NO_S = np.zeros((1, 1, 1, 1), np.float32)
+
+
 def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: np.ndarray, sin: np.ndarray,
             row_slot: np.ndarray, row_pos: np.ndarray, H: int, KVH: int, hd: int, inter: int, scale: float,
-            batch: bool = False) -> np.ndarray:
+            batch: bool = False, int8: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
     """Run every layer on x [R, D] (changed in place and returned): rows are (slot, position) pairs whose K/V
     are written into K, V [layers, slots, KVH, L, hd] (the full cache) before each layer's attention. cos, sin:
     `cpu_ggml.rope_tables`; batch: the rows are several tokens of one slot (llama.cpp's prompt sums, see
-    `cpu_ggml.attend`)."""
+    `cpu_ggml.attend`). int8: an `Int8Cache`'s (QK, SK, QV, SV) with K, V its rings, one token per slot (a
+    decode step): each row's position leaving the ring quantised into QK / QV as `npstep._int8_write` does it,
+    a row whose slot still fits in the ring attended as on the full cache, the others over int8 history plus
+    the ring (`cpu_decode.attend_q8_task`): the layer-by-layer step's bits."""
     from ._numba import LOCK
 
     import numba
 
+    if int8 is not None and (batch or len(set(np.asarray(row_slot).tolist())) != len(row_slot)):
+        raise ValueError("the int8 cache's fused step takes one token per slot (a decode step)")
     fn = _kernels()["step_q8"]  # type: ignore[index]
     t = layers.lists
     x = np.ascontiguousarray(x, dtype=np.float32)
+    QK, SK, QV, SV = int8 if int8 is not None else (_NO_Q, _NO_S, _NO_Q, _NO_S)
     with LOCK:
         fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["pqs"], t["pd"], t["pm"], t["psc"], t["pb"],
-           layers.pkind, layers.prows, layers.pcol, layers.pfirst, layers.pcount, layers.pneed, K, V, cos, sin,
-           np.asarray(row_slot, np.int64),
+           layers.pkind, layers.prows, layers.pcol, layers.pfirst, layers.pcount, layers.pneed, K, V, QK, SK, QV,
+           SV, int8 is not None, cos, sin, np.asarray(row_slot, np.int64),
            np.asarray(row_pos, np.int64), H, KVH, hd, inter, layers.eps, np.float32(scale), bool(batch),
-           bool(PREFETCH_KV))
+           bool(PREFETCH_KV) and int8 is None)
     return x
 
 

@@ -297,6 +297,57 @@ def test_fused_q8_step_is_the_layer_by_layer_step(tmp_path, fmt, act):
         assert torch.equal(f, p)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_fused_q8_step_on_the_int8_cache_is_the_layer_by_layer_step(tmp_path, monkeypatch, threads):
+    """The int8 cache's decode steps in the fused step (before, layer by layer: 1.8x a full cache's step on
+    SmolLM2): each row's position leaving the ring quantised as `npstep._int8_write` quantises it
+    (`kv_quant.quantize_np`'s fp32 operations), a row whose slot still fits in the ring attended as on the full
+    cache, the others over int8 history plus the ring (`cpu_decode.attend_q8_task`, which the layer-by-layer
+    step runs too). A ring of 4 positions: the 2- to 5-token prompts fill it and the 12 steps leave it, rows in
+    and out of it in one step. The same logits bit for bit; the same cache bytes (int8 values, scales,
+    rings)."""
+    import numba
+
+    from atelier_kernels import cpu_step, kv_quant
+
+    assert cpu_step.KV_EPS == kv_quant._EPS
+    path = write_tiny_gguf(tmp_path / "tiny-Q4_1.gguf", "Q4_1", tie=True)
+    ours = load_llm(str(path), tmp_path / "cache", activations="q8")
+    step = ours.model._np_step
+    if not cpu_step.available():  # Numba and AVX2; else the layer-by-layer path alone
+        assert step.fused is None
+        return
+    monkeypatch.setattr(numba, "get_num_threads", lambda: threads)
+    caches = []
+    real = step._finish
+
+    def keep(cache, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202 - the cache each run ends with
+        if not caches or caches[-1] is not cache:
+            caches.append(cache)
+        return real(cache, *a, **k)
+
+    monkeypatch.setattr(step, "_finish", keep)
+    real_step, int8_steps = cpu_step.step_q8, []
+
+    def counted(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        int8_steps.append(k.get("int8") is not None)
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(cpu_step, "step_q8", counted)
+    fused, plain = fused_and_layer_by_layer(step, ours.model.args, steps=12, ring=4)
+    assert int8_steps == [True] * 12  # every decode step of the fused run in the fused step, the prompts not
+    for f, p in zip(fused, plain):
+        assert torch.equal(f, p)
+    a, b = caches
+    assert a.lengths == b.lengths and max(a.lengths) > 8  # every slot past its ring
+    for x, y in zip(a._tensors(), b._tensors()):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="one token per slot"):
+        real_step(step.fused, np.zeros((2, ours.model.args.dim), np.float32), *(t.numpy() for t in (a.rk, a.rv)),
+                         step.gcos, step.gsin, np.array([0, 0]), np.array([9, 10]), 1, 1, 1, 1, 1.0,
+                         int8=tuple(t.numpy() for t in (a.qk, a.sk, a.qv, a.sv)))
+
+
 @pytest.mark.parametrize("threads,kvpf,act", [(1, True, "q8"), (3, True, "q8"), (7, True, "q8"), (3, False, "q8"),
                                               (3, True, "q8_fast"), (7, True, "q8_fast")])
 def test_fused_q8_step_is_the_same_on_any_number_of_threads(tmp_path, monkeypatch, threads, kvpf, act):

@@ -213,10 +213,16 @@ class NumpyStep:
         x = self.embed(tok)  # [R, D]
         if self.pos is not None:
             x = x + self.pos[row_pos]
-        if self.fused is not None and not int8:
-            # every layer in one Numba call (atelier_kernels.cpu_step): no Python between the layers
-            x = cpu_step.step_q8(self.fused, x, views[0], views[1], self.gcos, self.gsin, row_slot, row_pos, H, KVH,
-                                 hd, a.intermediate, self.scale, batch)
+        if self.fused is not None and (not int8 or S == 1):
+            # every layer in one Numba call (atelier_kernels.cpu_step): no Python between the layers; an int8
+            # cache's decode steps too (its rings as K / V, its int8 arrays beside them), prompts layer by layer
+            if int8:
+                QK, QV, SK, SV, RK, RV = views
+                x = cpu_step.step_q8(self.fused, x, RK, RV, self.gcos, self.gsin, row_slot, row_pos, H, KVH, hd,
+                                     a.intermediate, self.scale, batch, int8=(QK, SK, QV, SV))
+            else:
+                x = cpu_step.step_q8(self.fused, x, views[0], views[1], self.gcos, self.gsin, row_slot, row_pos, H,
+                                     KVH, hd, a.intermediate, self.scale, batch)
             return self._finish(cache, slots, pos, S, x, last_only, batch)
         if self.ggml:
             gc, gs = self.gcos[row_pos], self.gsin[row_pos]
