@@ -121,22 +121,20 @@ def _kernels() -> dict | None:
         return -1, v
 
     @njit(cache=True, nogil=True, inline="always")
-    def kv_store(ring, Q, S, s, h, old):  # pragma: no cover - compiled
-        # an int8 cache's position old leaving the ring (index old % ring size) into Q / S, as
-        # `kv_quant.quantize_np` quantises it (the layer-by-layer step's `npstep._int8_write`): the same fp32
-        # operations, so the same bytes
-        src = ring[s, h, old % ring.shape[2]]
+    def kv_store(src, Q, S, s, h, j):  # pragma: no cover - compiled
+        # one key or value row src into an int8 cache's position j (Q / S), as `kv_quant.quantize_np` quantises
+        # it (the layer-by-layer step's `npstep._int8_write`): the same fp32 operations, so the same bytes
         m = np.float32(0.0)
         for d in range(src.shape[0]):
             a = abs(src[d])
             if a > m:
                 m = a
         sc = max(m, np.float32(KV_EPS)) / np.float32(127.0)
-        dst = Q[s, h, old]
+        dst = Q[s, h, j]
         for d in range(src.shape[0]):
             v = np.floor(src[d] / sc + np.float32(0.5))
             dst[d] = np.int8(min(max(v, np.float32(-127.0)), np.float32(127.0)))
-        S[s, h, old] = sc
+        S[s, h, j] = sc
 
     @njit(cache=True, nogil=True)
     def product(sync, home, ph, threads, tid, xa, xqk, dxk, xsk, pqs, pd, pm, psc, pb, pkind, prows, pcol, first,
@@ -234,6 +232,7 @@ def _kernels() -> dict | None:
         n_att = R * per_row
         p = np.zeros(T + 8, np.float32)  # this thread's attention scratch
         acc = np.empty((32, hd), np.float32)
+        kt = np.empty((2, hd), np.float32)  # a prompt row's key and value on their way into an int8 cache
         per = (n_att + threads - 1) // threads
         plan = np.empty(2 * per, np.int64)  # the next layer's keys and values this thread's attention reads
         cur = np.zeros(4, np.int64)
@@ -259,11 +258,13 @@ def _kernels() -> dict | None:
                     break
                 pos = row_pos[r]
                 s = row_slot[r]
-                if int8:  # one token per slot: the position leaving the ring first (clamped like the cache)
+                if int8 == 1:  # one token per slot: the position leaving the ring first (clamped like the cache)
                     old = max(pos - Lw, 0)
                     for hh in range(KVH):
-                        kv_store(Kl, QKl, SKl, s, hh, old)
-                        kv_store(Vl, QVl, SVl, s, hh, old)
+                        kv_store(Kl[s, hh, old % Lw], QKl, SKl, s, hh, old)
+                        kv_store(Vl[s, hh, old % Lw], QVl, SVl, s, hh, old)
+                # a prompt's row (int8 == 2) the ring will not hold after the step goes straight to int8
+                direct = int8 == 2 and pos < row_end[r] - Lw
                 at = pos % Lw  # the full cache: pos itself
                 for hh in range(H):
                     base = hh * hd
@@ -274,13 +275,18 @@ def _kernels() -> dict | None:
                         q[r, hh, 2 * j + 1] = _fma(x0, sin[pos, j], x1 * cos[pos, j])
                 for hh in range(KVH):
                     base = nq + hh * hd
+                    kd = kt[0] if direct else Kl[s, hh, at]
+                    vd = kt[1] if direct else Vl[s, hh, at]
                     for j in range(half):
                         x0 = qkv[r, base + 2 * j]
                         x1 = qkv[r, base + 2 * j + 1]
-                        Kl[s, hh, at, 2 * j] = _fma(x0, cos[pos, j], -(x1 * sin[pos, j]))
-                        Kl[s, hh, at, 2 * j + 1] = _fma(x0, sin[pos, j], x1 * cos[pos, j])
+                        kd[2 * j] = _fma(x0, cos[pos, j], -(x1 * sin[pos, j]))
+                        kd[2 * j + 1] = _fma(x0, sin[pos, j], x1 * cos[pos, j])
                     for i in range(hd):
-                        Vl[s, hh, at, i] = qkv[r, nq + nk + hh * hd + i]
+                        vd[i] = qkv[r, nq + nk + hh * hd + i]
+                    if direct:
+                        kv_store(kd, QKl, SKl, s, hh, pos)
+                        kv_store(vd, QVl, SVl, s, hh, pos)
                 finish(sync, ph, 1)
             wait(sync, ph, R)
             ph += 1
@@ -373,10 +379,9 @@ def _kernels() -> dict | None:
 
     @njit(parallel=True, cache=True, nogil=True)
     def layers_nb(threads, x, ln1, ln2, pqs, pd, pm, psc, pb, pkind, prows, pcol, pfirst, pcount, pneed, K, V, QK,
-                  SK, QV, SV, int8, cos, sin, row_slot, row_pos, H, KVH, hd, inter, eps, scale, batch,
+                  SK, QV, SV, int8, cos, sin, row_slot, row_pos, row_end, H, KVH, hd, inter, eps, scale, batch,
                   kvpf):  # pragma: no cover - compiled
         R, D = x.shape
-        row_end = row_pos + 1  # each row's slot length after the step (one token per slot where int8)
         L = pfirst.shape[0]
         nq, nk = H * hd, KVH * hd
         kmax = max(D, nq, inter)
@@ -494,16 +499,27 @@ def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: 
     """Run every layer on x [R, D] (changed in place and returned): rows are (slot, position) pairs whose K/V
     are written into K, V [layers, slots, KVH, L, hd] (the full cache) before each layer's attention. cos, sin:
     `cpu_ggml.rope_tables`; batch: the rows are several tokens of one slot (llama.cpp's prompt sums, see
-    `cpu_ggml.attend`). int8: an `Int8Cache`'s (QK, SK, QV, SV) with K, V its rings, one token per slot (a
-    decode step): each row's position leaving the ring quantised into QK / QV as `npstep._int8_write` does it,
-    a row whose slot still fits in the ring attended as on the full cache, the others over int8 history plus
-    the ring (`cpu_decode.attend_q8_task`): the layer-by-layer step's bits."""
+    `cpu_ggml.attend`). int8: an `Int8Cache`'s (QK, SK, QV, SV), with K, V its rings; the rows one token per
+    slot (a decode step: each row's position leaving the ring quantised in the step) or consecutive tokens of
+    one slot (a prompt: the ring positions it pushes out quantised first, `evict_int8`, its rows the ring will
+    not hold written straight to int8), as `npstep._int8_write` writes them; a row whose slot fits in the ring
+    after the step attended as on the full cache, the others over int8 history plus the ring
+    (`cpu_decode.attend_q8_task`): the layer-by-layer step's bits."""
     from ._numba import LOCK
 
     import numba
 
-    if int8 is not None and (batch or len(set(np.asarray(row_slot).tolist())) != len(row_slot)):
-        raise ValueError("the int8 cache's fused step takes one token per slot (a decode step)")
+    rs, rp = np.asarray(row_slot, np.int64), np.asarray(row_pos, np.int64)
+    mode, row_end = 0, rp + 1
+    if int8 is not None:
+        if len(set(rs.tolist())) == len(rs):
+            mode = 1
+        elif (rs == rs[0]).all() and (np.diff(rp) == 1).all():
+            mode, row_end = 2, np.full(len(rp), rp[-1] + 1, np.int64)
+            evict_int8(K, V, *int8, int(rs[0]), int(rp[0]), int(rp[-1]) + 1)
+        else:
+            raise ValueError("the int8 cache's fused step takes one token per slot (a decode step) or "
+                             "consecutive tokens of one slot (a prompt)")
     fn = _kernels()["step_q8"]  # type: ignore[index]
     t = layers.lists
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -511,10 +527,25 @@ def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: 
     with LOCK:
         fn(numba.get_num_threads(), x, t["ln1"], t["ln2"], t["pqs"], t["pd"], t["pm"], t["psc"], t["pb"],
            layers.pkind, layers.prows, layers.pcol, layers.pfirst, layers.pcount, layers.pneed, K, V, QK, SK, QV,
-           SV, int8 is not None, cos, sin, np.asarray(row_slot, np.int64),
-           np.asarray(row_pos, np.int64), H, KVH, hd, inter, layers.eps, np.float32(scale), bool(batch),
+           SV, mode, cos, sin, rs, rp, row_end, H, KVH, hd, inter, layers.eps, np.float32(scale), bool(batch),
            bool(PREFETCH_KV) and int8 is None)
     return x
+
+
+def evict_int8(RK: np.ndarray, RV: np.ndarray, QK: np.ndarray, SK: np.ndarray, QV: np.ndarray, SV: np.ndarray,
+               slot: int, st: int, n: int) -> None:
+    """Before a prompt's tokens st .. n - 1 of `slot` enter an int8 cache (every layer): the ring positions
+    they push out that stay below the ring after the step (max(st - ring, 0) .. min(st, n - ring) - 1)
+    quantised into QK / QV (`kv_quant.quantize_np`, as `npstep._int8_write` does layer by layer)."""
+    from .kv_quant import quantize_np
+
+    Rr = RK.shape[3]
+    old = np.arange(max(st - Rr, 0), min(st, max(n - Rr, 0)))
+    if old.size:
+        for ring, Q, S in ((RK, QK, SK), (RV, QV, SV)):
+            q, sc = quantize_np(ring[:, slot][:, :, old % Rr])  # [layers, KVH, N, hd]
+            Q[:, slot, :, old[0]:old[-1] + 1] = q
+            S[:, slot, :, old[0]:old[-1] + 1] = sc
 
 
 def warm() -> list[str]:

@@ -30,6 +30,9 @@ def fused_and_layer_by_layer(step: Any, a: Any, steps: int = 8, ring: int | None
                 lg = step(c, rows, toks[:len(rows)])
                 out.append(lg)
                 toks = lg.argmax(-1).tolist() + toks[len(rows):]
+            if ring is not None:  # prompts that continue a slot past its ring: the positions they push out first
+                out.append(step.extend(c, 0, [5, 6, 7]))
+                out.append(step.extend(c, 1, [8, 9, 10, 11, 12], batch=False))  # a draft check's sums
             return out
         finally:
             step.fused = keep

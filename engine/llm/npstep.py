@@ -213,9 +213,9 @@ class NumpyStep:
         x = self.embed(tok)  # [R, D]
         if self.pos is not None:
             x = x + self.pos[row_pos]
-        if self.fused is not None and (not int8 or S == 1):
+        if self.fused is not None:
             # every layer in one Numba call (atelier_kernels.cpu_step): no Python between the layers; an int8
-            # cache's decode steps too (its rings as K / V, its int8 arrays beside them), prompts layer by layer
+            # cache too (its rings as K / V, its int8 arrays beside them)
             if int8:
                 QK, QV, SK, SV, RK, RV = views
                 x = cpu_step.step_q8(self.fused, x, RK, RV, self.gcos, self.gsin, row_slot, row_pos, H, KVH, hd,
