@@ -361,12 +361,10 @@ def read_gguf(path: Path, requant_cache: Path | None = None, progress: Any = Non
         raw = data[start:start + nbytes]
         if dequantise and len(shape) == 2:
             tensors[name] = Values(path, name, ttype, raw, shape)
-        elif ttype == "F32":
-            tensors[name] = raw.view(np.float32).reshape(shape).copy()
-        elif ttype == "F16":
-            tensors[name] = raw.view(np.float16).astype(np.float32).reshape(shape)
-        elif ttype == "BF16":  # the top half of an fp32
-            tensors[name] = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        elif ttype == "F32":  # a copy: the mapped file is let go
+            tensors[name] = _floats(ttype, raw, shape).copy()
+        elif ttype in FLOAT_TYPES:
+            tensors[name] = _floats(ttype, raw, shape)
         elif ttype in BLOCK_BYTES:
             rows = n // shape[-1]
             tensors[name] = Packed.from_blocks(ttype, raw.reshape(rows, -1))
@@ -470,6 +468,15 @@ def _shape(t: Any) -> tuple[int, int]:
     return t.shape if isinstance(t, Packed) else tuple(t.shape)
 
 
+def _floats(ttype: str, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A float tensor's bytes (F32 / F16 / BF16) as fp32 `shape` (F32: a view of raw)."""
+    if ttype == "F32":
+        return raw.view(np.float32).reshape(shape)
+    if ttype == "F16":
+        return raw.view(np.float16).astype(np.float32).reshape(shape)
+    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)  # BF16: an fp32's top half
+
+
 class Values:
     """A matrix of the file de-quantised when asked (`read_gguf(dequantise=True)`): `array()` -> fp32
     [rows, cols], from the mapped file's bytes (nothing is read before)."""
@@ -479,12 +486,8 @@ class Values:
 
     def array(self) -> np.ndarray:
         rows = self.shape[0]
-        if self.ttype == "F32":
-            return self.raw.view(np.float32).reshape(self.shape)
-        if self.ttype == "F16":
-            return self.raw.view(np.float16).astype(np.float32).reshape(self.shape)
-        if self.ttype == "BF16":  # the top half of an fp32
-            return (self.raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
+        if self.ttype in FLOAT_TYPES:
+            return _floats(self.ttype, self.raw, self.shape)
         if self.ttype in BLOCK_BYTES:
             return Packed.from_blocks(self.ttype, self.raw.reshape(rows, -1)).dequant()
         return _dequantise(self.path, self.name, self.ttype, self.raw.reshape(rows, -1), rows)
