@@ -534,18 +534,13 @@ def step_q8(layers: Q8Layers, x: np.ndarray, K: np.ndarray, V: np.ndarray, cos: 
 
 def evict_int8(RK: np.ndarray, RV: np.ndarray, QK: np.ndarray, SK: np.ndarray, QV: np.ndarray, SV: np.ndarray,
                slot: int, st: int, n: int) -> None:
-    """Before a prompt's tokens st .. n - 1 of `slot` enter an int8 cache (every layer): the ring positions
-    they push out that stay below the ring after the step (max(st - ring, 0) .. min(st, n - ring) - 1)
-    quantised into QK / QV (`kv_quant.quantize_np`, as `npstep._int8_write` does layer by layer)."""
-    from .kv_quant import quantize_np
+    """Before a prompt's tokens st .. n - 1 of `slot` enter an int8 cache: every layer's ring positions they
+    push out quantised (`kv_quant.evict_ring_np`, which `npstep._int8_write` runs layer by layer)."""
+    from .kv_quant import evict_ring_np
 
-    Rr = RK.shape[3]
-    old = np.arange(max(st - Rr, 0), min(st, max(n - Rr, 0)))
-    if old.size:
+    for layer in range(RK.shape[0]):
         for ring, Q, S in ((RK, QK, SK), (RV, QV, SV)):
-            q, sc = quantize_np(ring[:, slot][:, :, old % Rr])  # [layers, KVH, N, hd]
-            Q[:, slot, :, old[0]:old[-1] + 1] = q
-            S[:, slot, :, old[0]:old[-1] + 1] = sc
+            evict_ring_np(ring[layer], Q[layer], S[layer], slot, st, n)
 
 
 def warm() -> list[str]:

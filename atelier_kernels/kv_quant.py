@@ -41,6 +41,16 @@ def quantize_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
+def evict_ring_np(ring: np.ndarray, Q: np.ndarray, S: np.ndarray, slot: int, st: int, n: int) -> None:
+    """One layer of an int8 cache (ring [slots, KVH, Rr, hd], Q [slots, KVH, L, hd], S [slots, KVH, L]) before
+    tokens st .. n - 1 of `slot` are written: the ring positions they push out that stay below the ring after
+    the write (max(st - Rr, 0) .. min(st, n - Rr) - 1) quantised into Q / S (`quantize_np`)."""
+    Rr = ring.shape[2]
+    old = np.arange(max(st - Rr, 0), min(st, max(n - Rr, 0)))
+    if old.size:
+        Q[slot][:, old], S[slot][:, old] = quantize_np(ring[slot][:, old % Rr])
+
+
 def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
                          backend: str | None = None) -> torch.Tensor:
     return (q.float() * scale.unsqueeze(-1)).to(dtype)

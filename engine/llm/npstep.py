@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from atelier_kernels import cpu_decode, cpu_ggml, cpu_step
-from atelier_kernels.kv_quant import quantize_np
+from atelier_kernels.kv_quant import evict_ring_np, quantize_np
 
 
 def supports(model: Any) -> bool:
@@ -315,10 +315,7 @@ def _int8_write(Q: np.ndarray, Sc: np.ndarray, ring: np.ndarray, row_slot: np.nd
     slot, st = int(row_slot[0]), int(row_pos[0])  # S tokens of one slot at st..n-1
     n = st + S
     cut = max(n - Rr, 0)  # positions < cut live in int8 after this write
-    old = np.arange(max(st - Rr, 0), min(st, cut))
-    if old.size:
-        q, sc = quantize_np(ring[slot][:, old % Rr])  # [KVH, N, hd]
-        Q[slot][:, old], Sc[slot][:, old] = q, sc
+    evict_ring_np(ring, Q, Sc, slot, st, n)
     if cut > st:
         q, sc = quantize_np(x[:cut - st])  # [N, KVH, hd]
         Q[slot][:, st:cut], Sc[slot][:, st:cut] = q.transpose(1, 0, 2), sc.T
