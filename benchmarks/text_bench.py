@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "build" / "llama-native"  # `make bench`: llama.cpp built for this CPU (GGML_NATIVE)
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine import _compat  # noqa: E402
@@ -133,6 +134,66 @@ def _llama_cpp_tps(gguf: Path, prompt: list[int], n: int, many: list[list[int]] 
     return float(tps), info, agg
 
 
+def _batch_bounds(model, prompt: list[int], quick: bool) -> list[str]:  # noqa: ANN001
+    """What bounds the 8 streams' ratio to one: the decode step alone (no batcher, no prompts), 8 rows against 1
+    at 10 and 160 positions of context, and the first layer's gate/up and down products alone
+    (`cpu_qmatmul.matmul_q8`; llama.cpp's Q4_1 layout, and its rows interleaved by 8 as `q8_fast` holds them), as
+    throughput. Measured first, while this process has one thread calling the kernels: once a second thread has
+    run them (a service's worker), GNU OpenMP gives each its own team and, more threads than cores, throttles
+    their spinning, so each parallel call pays a wake-up (~40 us, doubling a 1-row product's time here)."""
+    from atelier_kernels import cpu_qmatmul
+    from engine.llm.cache import FullCache
+
+    a = model.args
+    c8 = FullCache(a.n_layers, 8, a.n_kv_heads, a.head_dim, 512)
+    parts = []
+    for ctx in (10, 160):
+        got = {}
+        for rows in (1, 8):
+            ts = []
+            with torch.inference_mode():
+                for i in range(12 if quick else 40):
+                    for s in range(rows):
+                        c8.lengths[s] = ctx
+                    t = time.perf_counter()
+                    model.decode(c8, list(range(rows)), prompt[i % 24:i % 24 + rows])
+                    ts.append(time.perf_counter() - t)
+            got[rows] = sorted(ts)[len(ts) // 4] * 1000
+        parts.append(f"at {ctx} positions 1 row {got[1]:.2f} ms, 8 rows {got[8]:.2f} ms = "
+                     f"{8 * got[1] / got[8]:.2f}x one row's throughput")
+    del c8
+    lines = ["decode step alone (what bounds the 8 streams' ratio): " + "; ".join(parts)]
+    step = getattr(model, "_np_step", None)
+    if step is None or not cpu_qmatmul.q8_available():
+        return lines
+    rng = np.random.default_rng(0)
+    out = []
+    for name, lin in (("gate/up", step.layers[0][8]), ("down", step.layers[0][10])):
+        p = getattr(lin, "parts", [None])[0]
+        if p is None or p.fmt != "Q4_1" or p.qs.shape[0] % 8:
+            continue
+        N, K = p.qs.shape[0], p.qs.shape[1] * 32
+        got = {}
+        x8 = cpu_qmatmul.interleave_q41(p.qs, p.d, p.m)
+        for fmt, arrs in (("Q4_1", (p.qs, p.d, p.m)), (cpu_qmatmul.X8_FORMAT, x8)):
+            for rows in (1, 8):
+                x = rng.standard_normal((rows, K)).astype(np.float32)
+                o = np.empty((rows, N), np.float32)
+                ts = []
+                for _ in range(40 if quick else 200):
+                    t = time.perf_counter()
+                    cpu_qmatmul.matmul_q8(fmt, x, *arrs, out=o)
+                    ts.append(time.perf_counter() - t)
+                got[fmt, rows] = sorted(ts)[len(ts) // 2] * 1e6
+        out.append(f"{name} ({N} x {K}) Q4_1 {got['Q4_1', 1]:.1f} / {got['Q4_1', 8]:.1f} us = "
+                   f"{8 * got['Q4_1', 1] / got['Q4_1', 8]:.2f}x, Q4_1x8 {got['Q4_1x8', 1]:.1f} / "
+                   f"{got['Q4_1x8', 8]:.1f} us = {8 * got['Q4_1x8', 1] / got['Q4_1x8', 8]:.2f}x")
+    if out:
+        lines.append("the products alone, 1 / 8 rows of activations (8 rows' throughput over one's): "
+                     + "; ".join(out))
+    return lines
+
+
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -223,6 +284,7 @@ def main() -> int:
             "people who live beside it, from fishermen to sailors and ")
     prompt = tok.encode(text * 2, add_special_tokens=False)[:32]
     assert len(prompt) == 32
+    bounds = _batch_bounds(model, prompt, args.quick)  # before any other thread runs the kernels
 
     # -- batch 1: ours vs transformers ---------------------------------------------------------
     svc = LLMService(lambda: m, max_slots=8, max_len=2048)
@@ -301,6 +363,7 @@ def main() -> int:
     r8 = agg / single_tps
     print(f"8 concurrent requests: {agg:.1f} tok/s aggregate vs {single_tps:.1f} tok/s single stream -> "
           f"{r8:.2f}x [target >= 4x: {_verdict(r8 >= 4)}]")
+    print("\n".join(bounds))
     print(f"cache bytes: {svc.cache_bytes() / 1e6:.0f} MB allocated for {svc.stats()['pools']['full']['slots']} "
           f"slots x 2048 tokens ({kv_tok} B/token fp32)")
     svc.close()
