@@ -168,6 +168,7 @@ def _batch_bounds(model, prompt: list[int], quick: bool) -> list[str]:  # noqa: 
         return lines
     rng = np.random.default_rng(0)
     out = []
+    # NumpyStep.layers[i]: (l1w, l1b, wqkv, bqkv, wo, bo, l2w, l2b, w13, b13, w2, b2)
     for name, lin in (("gate/up", step.layers[0][8]), ("down", step.layers[0][10])):
         p = getattr(lin, "parts", [None])[0]
         if p is None or p.fmt != "Q4_1" or p.qs.shape[0] % 8:

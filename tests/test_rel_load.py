@@ -164,7 +164,7 @@ def test_http_load_mixed_clients(tmp_path):
     p99 = cheap[max(0, int(len(cheap) * 0.99) - 1)] if cheap else float("nan")
     p50 = cheap[len(cheap) // 2] if cheap else float("nan")
     print(f"\nload: {len(log)} calls in {wall:.1f} s, outcomes {outcomes}; cheap tools p50 {p50:.1f} ms, "
-          f"p99 {p99:.1f} ms (generations of 160 tokens back to back beside them, median {long_s:.1f} s); "
+          f"p99 {p99:.1f} ms (generations of up to 160 tokens back to back beside them, median {long_s:.1f} s); "
           f"rss {base['rss'] / 1e6:.0f} -> {after['rss'] / 1e6:.0f} MB, threads "
           f"{base['threads']} -> {after['threads']}, fds {base['fds']} -> {after['fds']}")
     assert len(log) == 400
@@ -172,8 +172,8 @@ def test_http_load_mixed_clients(tmp_path):
     assert outcomes.get("error", 0) == 0, [x for x in log if x[2] == "error"][:5]
     # cheap tools run beside the device worker, not queued behind it (queued, they would wait half a generation
     # on average): even their slowest calls take a small fraction of one of the generations that hold the device
-    # meanwhile (a ratio: these 2 shared cores are
-    # too noisy for a fixed number of milliseconds; the figures above are printed for the record)
+    # meanwhile (a ratio: these 2 shared cores are too noisy for a fixed number of milliseconds; the figures above
+    # are printed for the record)
     assert p99 < 1000 * long_s / 4, f"p99 of cheap tools {p99:.1f} ms vs a {long_s:.1f} s generation"
     assert after["rss"] <= base["rss"] * 1.05
     assert after["threads"] <= base["threads"] * 1.05 + 1
